@@ -1,0 +1,121 @@
+// Package testenv starts the real parts tests run against: an embedded etcd
+// per test and one process-wide S3 gateway (versitygw allows one per
+// process) with a fresh bucket per test. Nothing here is a fake.
+//
+// The gateway changes the process working directory (see package s3gw):
+// tests that read files must resolve absolute paths before calling S3.
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bucketlb/bucketlb/pkg/etcdembed"
+	"github.com/bucketlb/bucketlb/pkg/s3gw"
+)
+
+// Etcd starts a fresh embedded etcd for the test and returns it with a
+// connected client. Both are closed when the test ends.
+func Etcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal"})
+	if err != nil {
+		t.Fatalf("start embedded etcd: %v", err)
+	}
+	t.Cleanup(srv.Close)
+	return srv, EtcdClient(t, srv.Endpoint)
+}
+
+// EtcdClient connects a new client to endpoint, closed when the test ends.
+func EtcdClient(t testing.TB, endpoint string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   []string{endpoint},
+		DialTimeout: 5 * time.Second,
+		Logger:      nil,
+	})
+	if err != nil {
+		t.Fatalf("etcd client: %v", err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+var (
+	gwOnce    sync.Once
+	gw        *s3gw.Gateway
+	gwTLS     bool
+	gwErr     error
+	bucketSeq atomic.Int64
+)
+
+// S3 returns the process-wide plain-HTTP gateway, starting it on first use.
+func S3(t testing.TB) *s3gw.Gateway { return shared(t, false) }
+
+// S3TLS returns the process-wide gateway served over HTTPS with a
+// self-signed certificate (Gateway.CAFile). A test binary uses either S3 or
+// S3TLS, never both: versitygw runs once per process.
+func S3TLS(t testing.TB) *s3gw.Gateway { return shared(t, true) }
+
+func shared(t testing.TB, tls bool) *s3gw.Gateway {
+	t.Helper()
+	gwOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "bucketlb-s3gw-")
+		if err != nil {
+			gwErr = err
+			return
+		}
+		gwTLS = tls
+		gw, gwErr = s3gw.Start(context.Background(), s3gw.Options{Dir: dir, TLS: tls})
+	})
+	if gwErr != nil {
+		t.Fatalf("start s3 gateway: %v", gwErr)
+	}
+	if gwTLS != tls {
+		t.Fatalf("this test binary already runs the gateway with TLS=%v; versitygw allows one gateway per process", gwTLS)
+	}
+	return gw
+}
+
+// NewBucketName returns a bucket name unique within the process, valid
+// under S3 naming rules.
+func NewBucketName(t testing.TB) string {
+	name := strings.ToLower(t.Name())
+	var b strings.Builder
+	for _, r := range name {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	s := strings.Trim(b.String(), "-")
+	if len(s) > 40 {
+		s = s[:40]
+	}
+	return fmt.Sprintf("t%d-%s", bucketSeq.Add(1), strings.Trim(s, "-"))
+}
+
+// NewBucket creates a fresh bucket on g through the S3 API and returns its
+// name.
+func NewBucket(t testing.TB, g *s3gw.Gateway) string {
+	t.Helper()
+	name := NewBucketName(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := g.CreateBucket(ctx, name); err != nil {
+		t.Fatalf("create bucket %s: %v", name, err)
+	}
+	return name
+}
