@@ -923,6 +923,98 @@ func (x *ReportOutcomeResponse) GetCooldownUntil() *timestamppb.Timestamp {
 	return nil
 }
 
+// LookupBucketRequest names a bucket.
+type LookupBucketRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Bucket identifier.
+	BucketId      string `protobuf:"bytes,1,opt,name=bucket_id,json=bucketId,proto3" json:"bucket_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LookupBucketRequest) Reset() {
+	*x = LookupBucketRequest{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupBucketRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupBucketRequest) ProtoMessage() {}
+
+func (x *LookupBucketRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupBucketRequest.ProtoReflect.Descriptor instead.
+func (*LookupBucketRequest) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *LookupBucketRequest) GetBucketId() string {
+	if x != nil {
+		return x.BucketId
+	}
+	return ""
+}
+
+// LookupBucketResponse says where the bucket lives.
+type LookupBucketResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The bucket.
+	Bucket        *BucketTarget `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LookupBucketResponse) Reset() {
+	*x = LookupBucketResponse{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupBucketResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupBucketResponse) ProtoMessage() {}
+
+func (x *LookupBucketResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupBucketResponse.ProtoReflect.Descriptor instead.
+func (*LookupBucketResponse) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *LookupBucketResponse) GetBucket() *BucketTarget {
+	if x != nil {
+		return x.Bucket
+	}
+	return nil
+}
+
 var File_bucketlb_allocator_v1_allocator_proto protoreflect.FileDescriptor
 
 const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
@@ -983,7 +1075,11 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x15ReportOutcomeResponse\x12!\n" +
 	"\fhealth_score\x18\x01 \x01(\x05R\vhealthScore\x121\n" +
 	"\x14consecutive_failures\x18\x02 \x01(\x05R\x13consecutiveFailures\x12A\n" +
-	"\x0ecooldown_until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\rcooldownUntil*\xc5\x01\n" +
+	"\x0ecooldown_until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\rcooldownUntil\"2\n" +
+	"\x13LookupBucketRequest\x12\x1b\n" +
+	"\tbucket_id\x18\x01 \x01(\tR\bbucketId\"S\n" +
+	"\x14LookupBucketResponse\x12;\n" +
+	"\x06bucket\x18\x01 \x01(\v2#.bucketlb.allocator.v1.BucketTargetR\x06bucket*\xc5\x01\n" +
 	"\bStrategy\x12\x18\n" +
 	"\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17STRATEGY_PRIORITY_FIRST\x10\x01\x12\x17\n" +
@@ -997,13 +1093,14 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x0fOUTCOME_SUCCESS\x10\x01\x12\x11\n" +
 	"\rOUTCOME_ERROR\x10\x02\x12\x15\n" +
 	"\x11OUTCOME_THROTTLED\x10\x03\x12\x13\n" +
-	"\x0fOUTCOME_TIMEOUT\x10\x042\xe0\x03\n" +
+	"\x0fOUTCOME_TIMEOUT\x10\x042\xc9\x04\n" +
 	"\x10AllocatorService\x12[\n" +
 	"\bAllocate\x12&.bucketlb.allocator.v1.AllocateRequest\x1a'.bucketlb.allocator.v1.AllocateResponse\x12R\n" +
 	"\x05Renew\x12#.bucketlb.allocator.v1.RenewRequest\x1a$.bucketlb.allocator.v1.RenewResponse\x12U\n" +
 	"\x06Commit\x12$.bucketlb.allocator.v1.CommitRequest\x1a%.bucketlb.allocator.v1.CommitResponse\x12X\n" +
 	"\aRelease\x12%.bucketlb.allocator.v1.ReleaseRequest\x1a&.bucketlb.allocator.v1.ReleaseResponse\x12j\n" +
-	"\rReportOutcome\x12+.bucketlb.allocator.v1.ReportOutcomeRequest\x1a,.bucketlb.allocator.v1.ReportOutcomeResponseB\xe9\x01\n" +
+	"\rReportOutcome\x12+.bucketlb.allocator.v1.ReportOutcomeRequest\x1a,.bucketlb.allocator.v1.ReportOutcomeResponse\x12g\n" +
+	"\fLookupBucket\x12*.bucketlb.allocator.v1.LookupBucketRequest\x1a+.bucketlb.allocator.v1.LookupBucketResponseB\xe9\x01\n" +
 	"\x19com.bucketlb.allocator.v1B\x0eAllocatorProtoP\x01ZFgithub.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1;allocatorv1\xa2\x02\x03BAX\xaa\x02\x15Bucketlb.Allocator.V1\xca\x02\x15Bucketlb\\Allocator\\V1\xe2\x02!Bucketlb\\Allocator\\V1\\GPBMetadata\xea\x02\x17Bucketlb::Allocator::V1b\x06proto3"
 
 var (
@@ -1019,7 +1116,7 @@ func file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP() []byte {
 }
 
 var file_bucketlb_allocator_v1_allocator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_bucketlb_allocator_v1_allocator_proto_goTypes = []any{
 	(Strategy)(0),                 // 0: bucketlb.allocator.v1.Strategy
 	(Outcome)(0),                  // 1: bucketlb.allocator.v1.Outcome
@@ -1034,32 +1131,37 @@ var file_bucketlb_allocator_v1_allocator_proto_goTypes = []any{
 	(*ReleaseResponse)(nil),       // 10: bucketlb.allocator.v1.ReleaseResponse
 	(*ReportOutcomeRequest)(nil),  // 11: bucketlb.allocator.v1.ReportOutcomeRequest
 	(*ReportOutcomeResponse)(nil), // 12: bucketlb.allocator.v1.ReportOutcomeResponse
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
+	(*LookupBucketRequest)(nil),   // 13: bucketlb.allocator.v1.LookupBucketRequest
+	(*LookupBucketResponse)(nil),  // 14: bucketlb.allocator.v1.LookupBucketResponse
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
 }
 var file_bucketlb_allocator_v1_allocator_proto_depIdxs = []int32{
 	0,  // 0: bucketlb.allocator.v1.AllocateRequest.strategy:type_name -> bucketlb.allocator.v1.Strategy
 	2,  // 1: bucketlb.allocator.v1.AllocateResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	13, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	13, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
+	15, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	15, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
 	1,  // 4: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
-	14, // 5: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
-	13, // 6: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
-	3,  // 7: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
-	5,  // 8: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
-	7,  // 9: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
-	9,  // 10: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
-	11, // 11: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
-	4,  // 12: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
-	6,  // 13: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
-	8,  // 14: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
-	10, // 15: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
-	12, // 16: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
-	12, // [12:17] is the sub-list for method output_type
-	7,  // [7:12] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	16, // 5: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
+	15, // 6: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
+	2,  // 7: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
+	3,  // 8: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
+	5,  // 9: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
+	7,  // 10: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
+	9,  // 11: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
+	11, // 12: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
+	13, // 13: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
+	4,  // 14: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
+	6,  // 15: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
+	8,  // 16: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
+	10, // 17: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
+	12, // 18: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
+	14, // 19: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
+	14, // [14:20] is the sub-list for method output_type
+	8,  // [8:14] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_bucketlb_allocator_v1_allocator_proto_init() }
@@ -1073,7 +1175,7 @@ func file_bucketlb_allocator_v1_allocator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_bucketlb_allocator_v1_allocator_proto_rawDesc), len(file_bucketlb_allocator_v1_allocator_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

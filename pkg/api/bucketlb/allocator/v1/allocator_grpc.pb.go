@@ -24,6 +24,7 @@ const (
 	AllocatorService_Commit_FullMethodName        = "/bucketlb.allocator.v1.AllocatorService/Commit"
 	AllocatorService_Release_FullMethodName       = "/bucketlb.allocator.v1.AllocatorService/Release"
 	AllocatorService_ReportOutcome_FullMethodName = "/bucketlb.allocator.v1.AllocatorService/ReportOutcome"
+	AllocatorService_LookupBucket_FullMethodName  = "/bucketlb.allocator.v1.AllocatorService/LookupBucket"
 )
 
 // AllocatorServiceClient is the client API for AllocatorService service.
@@ -52,6 +53,9 @@ type AllocatorServiceClient interface {
 	// ReportOutcome feeds the shared health model with the result of one
 	// request against a bucket.
 	ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error)
+	// LookupBucket returns where a bucket lives, so the upload service can
+	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
+	LookupBucket(ctx context.Context, in *LookupBucketRequest, opts ...grpc.CallOption) (*LookupBucketResponse, error)
 }
 
 type allocatorServiceClient struct {
@@ -112,6 +116,16 @@ func (c *allocatorServiceClient) ReportOutcome(ctx context.Context, in *ReportOu
 	return out, nil
 }
 
+func (c *allocatorServiceClient) LookupBucket(ctx context.Context, in *LookupBucketRequest, opts ...grpc.CallOption) (*LookupBucketResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LookupBucketResponse)
+	err := c.cc.Invoke(ctx, AllocatorService_LookupBucket_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AllocatorServiceServer is the server API for AllocatorService service.
 // All implementations must embed UnimplementedAllocatorServiceServer
 // for forward compatibility.
@@ -138,6 +152,9 @@ type AllocatorServiceServer interface {
 	// ReportOutcome feeds the shared health model with the result of one
 	// request against a bucket.
 	ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error)
+	// LookupBucket returns where a bucket lives, so the upload service can
+	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
+	LookupBucket(context.Context, *LookupBucketRequest) (*LookupBucketResponse, error)
 	mustEmbedUnimplementedAllocatorServiceServer()
 }
 
@@ -162,6 +179,9 @@ func (UnimplementedAllocatorServiceServer) Release(context.Context, *ReleaseRequ
 }
 func (UnimplementedAllocatorServiceServer) ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportOutcome not implemented")
+}
+func (UnimplementedAllocatorServiceServer) LookupBucket(context.Context, *LookupBucketRequest) (*LookupBucketResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LookupBucket not implemented")
 }
 func (UnimplementedAllocatorServiceServer) mustEmbedUnimplementedAllocatorServiceServer() {}
 func (UnimplementedAllocatorServiceServer) testEmbeddedByValue()                          {}
@@ -274,6 +294,24 @@ func _AllocatorService_ReportOutcome_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AllocatorService_LookupBucket_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LookupBucketRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AllocatorServiceServer).LookupBucket(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AllocatorService_LookupBucket_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AllocatorServiceServer).LookupBucket(ctx, req.(*LookupBucketRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AllocatorService_ServiceDesc is the grpc.ServiceDesc for AllocatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -300,6 +338,10 @@ var AllocatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReportOutcome",
 			Handler:    _AllocatorService_ReportOutcome_Handler,
+		},
+		{
+			MethodName: "LookupBucket",
+			Handler:    _AllocatorService_LookupBucket_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
