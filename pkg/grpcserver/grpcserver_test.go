@@ -1,0 +1,105 @@
+package grpcserver_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+)
+
+func start(t *testing.T, opts grpcserver.Options) (*grpcserver.Server, *grpc.ClientConn, context.CancelFunc, <-chan error) {
+	t.Helper()
+	opts.Logger = slog.New(slog.DiscardHandler)
+	s := grpcserver.New(opts)
+	s.GRPC.RegisterService(&panicDesc, struct{}{})
+	s.SetServing("test.Panic")
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, lis) }()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); conn.Close() })
+	return s, conn, cancel, done
+}
+
+// A stream that is still open at shutdown first sees NOT_SERVING, and the
+// server stops within StopTimeout even though the stream never ends.
+func TestShutdownOrder(t *testing.T) {
+	_, conn, cancel, done := start(t, grpcserver.Options{StopTimeout: 300 * time.Millisecond})
+	ctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer ccancel()
+	hc := healthpb.NewHealthClient(conn)
+	resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "test.Panic"})
+	if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("check before shutdown: %v %v", resp, err)
+	}
+	w, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{Service: "test.Panic"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := w.Recv(); err != nil || m.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("first watch message: %v %v", m, err)
+	}
+	cancel()
+	m, err := w.Recv()
+	if err != nil {
+		t.Fatalf("watch ended before NOT_SERVING was sent: %v", err)
+	}
+	if m.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("status after shutdown began = %v, want NOT_SERVING", m.Status)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Serve returned %v, want nil after context shutdown", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Serve did not return after StopTimeout")
+	}
+}
+
+func TestPanicBecomesInternal(t *testing.T) {
+	_, conn, _, _ := start(t, grpcserver.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := conn.Invoke(ctx, "/test.Panic/Boom", &emptypb.Empty{}, &emptypb.Empty{})
+	if status.Code(err) != codes.Internal {
+		t.Fatalf("code = %v, want Internal (err %v)", status.Code(err), err)
+	}
+	// The server survives the panic.
+	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("server unusable after panic: %v", err)
+	}
+}
+
+var panicDesc = grpc.ServiceDesc{
+	ServiceName: "test.Panic",
+	HandlerType: (*any)(nil),
+	Methods: []grpc.MethodDesc{{
+		MethodName: "Boom",
+		Handler: func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+			in := new(emptypb.Empty)
+			if err := dec(in); err != nil {
+				return nil, err
+			}
+			h := func(ctx context.Context, req any) (any, error) { panic("boom") }
+			return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: "/test.Panic/Boom"}, h)
+		},
+	}},
+}
