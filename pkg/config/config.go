@@ -1,0 +1,351 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+)
+
+// File is the whole configuration file. Each service reads its section.
+type File struct {
+	Allocator Allocator `json:"allocator"`
+	Upload    Upload    `json:"upload"`
+	Buckets   []Bucket  `json:"buckets"`
+}
+
+// Allocator configures the control plane.
+type Allocator struct {
+	// Listen is the gRPC listen address.
+	Listen string `json:"listen"`
+	// EtcdEndpoints are etcd client URLs.
+	EtcdEndpoints []string `json:"etcdEndpoints"`
+	// ReservationTTL is how long a reservation lives without renewal.
+	ReservationTTL Duration `json:"reservationTTL"`
+	// Strategy is the default placement strategy, e.g. "priority-first".
+	Strategy string `json:"strategy"`
+	// PeriodResetDay is the day of month (1–28, UTC) usage resets.
+	PeriodResetDay int `json:"periodResetDay"`
+	// AdminTokenFile holds the admin bearer token; BUCKETLB_ADMIN_TOKEN wins.
+	AdminTokenFile string `json:"adminTokenFile"`
+	// StopTimeout bounds graceful shutdown.
+	StopTimeout Duration `json:"stopTimeout"`
+}
+
+// Upload configures the data plane.
+type Upload struct {
+	// Listen is the gRPC listen address.
+	Listen string `json:"listen"`
+	// AllocatorAddr is the allocator's gRPC target, e.g. dns:///allocator:7001.
+	AllocatorAddr string `json:"allocatorAddr"`
+	// MaxObjectSize is the largest accepted object.
+	MaxObjectSize ByteSize `json:"maxObjectSize"`
+	// AllowedContentTypes is the content-type allowlist; empty means the
+	// built-in default (images and common documents).
+	AllowedContentTypes []string `json:"allowedContentTypes"`
+	// MaxBucketAttempts bounds failover across buckets per upload.
+	MaxBucketAttempts int `json:"maxBucketAttempts"`
+	// CredentialsDir holds mounted secrets: <dir>/<ref>/access_key_id and
+	// secret_access_key. Environment variables <REF>_ACCESS_KEY_ID and
+	// <REF>_SECRET_ACCESS_KEY are used when it is empty or lacks a ref.
+	CredentialsDir string `json:"credentialsDir"`
+	// CAFile is an extra PEM bundle to trust for S3 endpoints.
+	CAFile string `json:"caFile"`
+	// StopTimeout bounds graceful shutdown; keep it longer than a typical
+	// upload and shorter than the pod's termination grace period.
+	StopTimeout Duration `json:"stopTimeout"`
+}
+
+// Bucket is one bucket seed as written in YAML.
+type Bucket struct {
+	ID             string   `json:"id"`
+	Name           string   `json:"name"`
+	Endpoint       string   `json:"endpoint"`
+	AccountID      string   `json:"accountId"`
+	Region         string   `json:"region"`
+	CredentialsRef string   `json:"credentialsRef"`
+	PublicURL      string   `json:"publicUrl"`
+	MonthlyLimit   ByteSize `json:"monthlyLimit"`
+	Priority       int32    `json:"priority"`
+	Weight         int32    `json:"weight"`
+	State          string   `json:"state"`
+	PathStyle      bool     `json:"pathStyle"`
+}
+
+// Defaults returns the configuration used when nothing is set.
+func Defaults() File {
+	return File{
+		Allocator: Allocator{
+			Listen:         "127.0.0.1:7001",
+			EtcdEndpoints:  []string{"http://127.0.0.1:2379"},
+			ReservationTTL: Duration(30 * time.Second),
+			Strategy:       "priority-first",
+			PeriodResetDay: 1,
+			StopTimeout:    Duration(20 * time.Second),
+		},
+		Upload: Upload{
+			Listen:            "127.0.0.1:7002",
+			AllocatorAddr:     "127.0.0.1:7001",
+			MaxObjectSize:     5 << 30,
+			MaxBucketAttempts: 3,
+			StopTimeout:       Duration(60 * time.Second),
+		},
+	}
+}
+
+// Load reads the YAML file at path (none when path is empty) over the
+// defaults, then applies environment overrides and R2_BUCKETS seeds, and
+// validates the result. env is os.Getenv in production.
+func Load(path string, env func(string) string) (*File, error) {
+	f := Defaults()
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("config: read %s: %w", path, err)
+		}
+		if err := yaml.UnmarshalStrict(data, &f); err != nil {
+			return nil, fmt.Errorf("config: parse %s: %w", path, err)
+		}
+	}
+	if err := f.applyEnv(env); err != nil {
+		return nil, err
+	}
+	envBuckets, err := BucketsFromEnv(env)
+	if err != nil {
+		return nil, err
+	}
+	f.Buckets = append(f.Buckets, envBuckets...)
+	if err := f.Validate(); err != nil {
+		return nil, err
+	}
+	return &f, nil
+}
+
+func (f *File) applyEnv(env func(string) string) error {
+	set := func(name string, dst *string) {
+		if v := env(name); v != "" {
+			*dst = v
+		}
+	}
+	set("BUCKETLB_ALLOCATOR_LISTEN", &f.Allocator.Listen)
+	set("BUCKETLB_STRATEGY", &f.Allocator.Strategy)
+	set("BUCKETLB_ADMIN_TOKEN_FILE", &f.Allocator.AdminTokenFile)
+	set("BUCKETLB_UPLOAD_LISTEN", &f.Upload.Listen)
+	set("BUCKETLB_ALLOCATOR_ADDR", &f.Upload.AllocatorAddr)
+	set("BUCKETLB_CREDENTIALS_DIR", &f.Upload.CredentialsDir)
+	set("BUCKETLB_CA_FILE", &f.Upload.CAFile)
+	if v := env("BUCKETLB_ETCD_ENDPOINTS"); v != "" {
+		f.Allocator.EtcdEndpoints = splitList(v)
+	}
+	if v := env("BUCKETLB_MAX_OBJECT_SIZE"); v != "" {
+		n, err := ParseByteSize(v)
+		if err != nil {
+			return fmt.Errorf("config: BUCKETLB_MAX_OBJECT_SIZE: %w", err)
+		}
+		f.Upload.MaxObjectSize = ByteSize(n)
+	}
+	if v := env("BUCKETLB_ALLOWED_CONTENT_TYPES"); v != "" {
+		f.Upload.AllowedContentTypes = splitList(v)
+	}
+	return nil
+}
+
+// Validate reports the first invalid field with a sentence naming it.
+func (f *File) Validate() error {
+	var errs []error
+	if len(f.Allocator.EtcdEndpoints) == 0 {
+		errs = append(errs, errors.New("allocator.etcdEndpoints: at least one etcd endpoint is required"))
+	}
+	if d := f.Allocator.PeriodResetDay; d < 1 || d > 28 {
+		errs = append(errs, fmt.Errorf("allocator.periodResetDay: %d is not a day between 1 and 28", d))
+	}
+	if f.Allocator.ReservationTTL.D() < 2*time.Second {
+		errs = append(errs, fmt.Errorf("allocator.reservationTTL: %s is shorter than etcd's 2s minimum lease", f.Allocator.ReservationTTL.D()))
+	}
+	if f.Upload.MaxObjectSize <= 0 {
+		errs = append(errs, errors.New("upload.maxObjectSize: must be positive"))
+	}
+	if f.Upload.MaxBucketAttempts < 1 {
+		errs = append(errs, errors.New("upload.maxBucketAttempts: must be at least 1"))
+	}
+	seen := map[string]bool{}
+	for i, b := range f.Buckets {
+		if _, err := b.Spec(); err != nil {
+			errs = append(errs, fmt.Errorf("buckets[%d]: %w", i, err))
+			continue
+		}
+		if seen[b.ID] {
+			errs = append(errs, fmt.Errorf("buckets[%d].id: %q is used by another bucket", i, b.ID))
+		}
+		seen[b.ID] = true
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+// ValidateSpec checks a bucket spec as stored in etcd or sent by an admin.
+func ValidateSpec(s *adminv1.BucketSpec) error {
+	switch {
+	case !idPattern.MatchString(s.GetId()):
+		return fmt.Errorf("id: %q must be 1–63 characters of a-z, 0-9 and '-'", s.GetId())
+	case s.GetName() == "":
+		return fmt.Errorf("name: bucket %q needs an S3 bucket name", s.GetId())
+	case s.GetEndpoint() == "" && s.GetAccountId() == "":
+		return fmt.Errorf("endpoint: bucket %q needs an endpoint URL or an R2 account id", s.GetId())
+	case s.GetMonthlyLimitBytes() <= 0:
+		return fmt.Errorf("monthlyLimit: bucket %q needs a positive monthly limit", s.GetId())
+	case s.GetWeight() < 0:
+		return fmt.Errorf("weight: bucket %q has negative weight %d", s.GetId(), s.GetWeight())
+	case s.GetCredentialsRef() == "":
+		return fmt.Errorf("credentialsRef: bucket %q needs a credentials reference", s.GetId())
+	}
+	return nil
+}
+
+// Spec converts the YAML form to the API form, filling R2 defaults.
+func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
+	s := &adminv1.BucketSpec{
+		Id:                b.ID,
+		Name:              b.Name,
+		Endpoint:          b.Endpoint,
+		AccountId:         b.AccountID,
+		Region:            b.Region,
+		CredentialsRef:    b.CredentialsRef,
+		PublicUrl:         b.PublicURL,
+		MonthlyLimitBytes: int64(b.MonthlyLimit),
+		Priority:          b.Priority,
+		Weight:            b.Weight,
+		PathStyle:         b.PathStyle,
+	}
+	state, err := ParseState(b.State)
+	if err != nil {
+		return nil, err
+	}
+	s.State = state
+	FillDefaults(s)
+	if err := ValidateSpec(s); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// FillDefaults sets R2 defaults: endpoint from account id, region "auto",
+// weight 1, state ACTIVE.
+func FillDefaults(s *adminv1.BucketSpec) {
+	if s.Endpoint == "" && s.AccountId != "" {
+		s.Endpoint = "https://" + s.AccountId + ".r2.cloudflarestorage.com"
+	}
+	if s.Region == "" {
+		s.Region = "auto"
+	}
+	if s.Weight == 0 {
+		s.Weight = 1
+	}
+	if s.State == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
+		s.State = adminv1.BucketState_BUCKET_STATE_ACTIVE
+	}
+}
+
+// ParseState reads "active", "draining" or "disabled" (empty = active).
+func ParseState(v string) (adminv1.BucketState, error) {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "", "active":
+		return adminv1.BucketState_BUCKET_STATE_ACTIVE, nil
+	case "draining":
+		return adminv1.BucketState_BUCKET_STATE_DRAINING, nil
+	case "disabled":
+		return adminv1.BucketState_BUCKET_STATE_DISABLED, nil
+	}
+	return 0, fmt.Errorf("state: %q is not one of active, draining, disabled", v)
+}
+
+// Specs converts every YAML bucket.
+func (f *File) Specs() ([]*adminv1.BucketSpec, error) {
+	out := make([]*adminv1.BucketSpec, 0, len(f.Buckets))
+	for i, b := range f.Buckets {
+		s, err := b.Spec()
+		if err != nil {
+			return nil, fmt.Errorf("config: buckets[%d]: %w", i, err)
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// BucketsFromEnv reads the seed system's format: R2_BUCKETS=bucket1,bucket2
+// and for each entry R2_<ENTRY>_NAME, _ACCOUNT_ID, _PUBLIC_URL,
+// _MONTHLY_LIMIT (GB, decimal: 1 GB = 10^9 bytes, the smaller unit, so the
+// budget never exceeds the provider's), _PRIORITY, plus bucketlb's
+// optional _ENDPOINT, _WEIGHT and _PATH_STYLE. Credentials stay in the
+// environment: the spec's credentials_ref is "R2_<ENTRY>", resolved to
+// R2_<ENTRY>_ACCESS_KEY_ID and R2_<ENTRY>_SECRET_ACCESS_KEY.
+func BucketsFromEnv(env func(string) string) ([]Bucket, error) {
+	list := env("R2_BUCKETS")
+	if list == "" {
+		return nil, nil
+	}
+	var out []Bucket
+	for _, entry := range splitList(list) {
+		prefix := "R2_" + strings.ToUpper(strings.ReplaceAll(entry, "-", "_"))
+		get := func(suffix string) string { return strings.TrimSpace(env(prefix + "_" + suffix)) }
+		b := Bucket{
+			ID:             strings.ToLower(strings.ReplaceAll(entry, "_", "-")),
+			Name:           get("NAME"),
+			AccountID:      get("ACCOUNT_ID"),
+			Endpoint:       get("ENDPOINT"),
+			PublicURL:      get("PUBLIC_URL"),
+			CredentialsRef: prefix,
+		}
+		if b.Name == "" {
+			return nil, fmt.Errorf("config: %s_NAME is required for %q listed in R2_BUCKETS", prefix, entry)
+		}
+		if v := get("MONTHLY_LIMIT"); v != "" {
+			gb, err := strconv.ParseFloat(v, 64)
+			if err != nil || gb <= 0 {
+				return nil, fmt.Errorf("config: %s_MONTHLY_LIMIT: %q is not a positive number of GB", prefix, v)
+			}
+			b.MonthlyLimit = ByteSize(gb * 1e9)
+		} else {
+			b.MonthlyLimit = 10 * 1e9 // R2's free tier: 10 GB-month
+		}
+		for suffix, dst := range map[string]*int32{"PRIORITY": &b.Priority, "WEIGHT": &b.Weight} {
+			if v := get(suffix); v != "" {
+				n, err := strconv.ParseInt(v, 10, 32)
+				if err != nil {
+					return nil, fmt.Errorf("config: %s_%s: %q is not an integer", prefix, suffix, v)
+				}
+				*dst = int32(n)
+			}
+		}
+		if v := get("PATH_STYLE"); v != "" {
+			ps, err := strconv.ParseBool(v)
+			if err != nil {
+				return nil, fmt.Errorf("config: %s_PATH_STYLE: %q is not true or false", prefix, v)
+			}
+			b.PathStyle = ps
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+func splitList(v string) []string {
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}

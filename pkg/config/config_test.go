@@ -1,0 +1,161 @@
+package config_test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	"github.com/bucketlb/bucketlb/pkg/config"
+)
+
+func envOf(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestSeedEnvFormat(t *testing.T) {
+	env := envOf(map[string]string{
+		"R2_BUCKETS":                   "bucket1, bucket2",
+		"R2_BUCKET1_NAME":              "media-a",
+		"R2_BUCKET1_ACCOUNT_ID":        "acc123",
+		"R2_BUCKET1_ACCESS_KEY_ID":     "AKIDSECRETISH",
+		"R2_BUCKET1_SECRET_ACCESS_KEY": "super-secret",
+		"R2_BUCKET1_PUBLIC_URL":        "https://cdn.example.com",
+		"R2_BUCKET1_MONTHLY_LIMIT":     "2.5",
+		"R2_BUCKET1_PRIORITY":          "1",
+		"R2_BUCKET2_NAME":              "media-b",
+		"R2_BUCKET2_ACCOUNT_ID":        "acc456",
+		"R2_BUCKET2_PRIORITY":          "2",
+	})
+	f, err := config.Load("", env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	specs, err := f.Specs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(specs) != 2 {
+		t.Fatalf("got %d buckets, want 2", len(specs))
+	}
+	b1 := specs[0]
+	if b1.Id != "bucket1" || b1.Name != "media-a" || b1.Endpoint != "https://acc123.r2.cloudflarestorage.com" ||
+		b1.Region != "auto" || b1.MonthlyLimitBytes != 2_500_000_000 || b1.Priority != 1 ||
+		b1.CredentialsRef != "R2_BUCKET1" || b1.PublicUrl != "https://cdn.example.com" ||
+		b1.State != adminv1.BucketState_BUCKET_STATE_ACTIVE || b1.Weight != 1 {
+		t.Fatalf("bucket1 spec = %v", b1)
+	}
+	if specs[1].MonthlyLimitBytes != 10_000_000_000 {
+		t.Fatalf("default limit = %d, want R2 free tier 10 GB", specs[1].MonthlyLimitBytes)
+	}
+	// Secrets never become part of a spec.
+	for _, s := range specs {
+		if strings.Contains(s.String(), "super-secret") || strings.Contains(s.String(), "AKIDSECRETISH") {
+			t.Fatalf("spec carries a secret: %v", s)
+		}
+	}
+}
+
+func TestYAMLAndOverrides(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "bucketlb.yaml")
+	yaml := `
+allocator:
+  reservationTTL: 45s
+  strategy: least-used
+upload:
+  maxObjectSize: 512MiB
+buckets:
+  - id: local-a
+    name: a
+    endpoint: http://127.0.0.1:9000
+    credentialsRef: LOCAL
+    monthlyLimit: 1GB
+    pathStyle: true
+    state: draining
+`
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := config.Load(path, envOf(map[string]string{"BUCKETLB_ETCD_ENDPOINTS": "http://e1:2379,http://e2:2379"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Allocator.ReservationTTL.D() != 45*time.Second || f.Allocator.Strategy != "least-used" {
+		t.Fatalf("allocator = %+v", f.Allocator)
+	}
+	if f.Upload.MaxObjectSize != 512<<20 {
+		t.Fatalf("maxObjectSize = %d", f.Upload.MaxObjectSize)
+	}
+	if len(f.Allocator.EtcdEndpoints) != 2 {
+		t.Fatalf("env override of etcd endpoints ignored: %v", f.Allocator.EtcdEndpoints)
+	}
+	specs, err := f.Specs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := specs[0]; s.MonthlyLimitBytes != 1e9 || !s.PathStyle || s.State != adminv1.BucketState_BUCKET_STATE_DRAINING {
+		t.Fatalf("spec = %v", s)
+	}
+}
+
+func TestInvalidConfigNamesTheField(t *testing.T) {
+	cases := []struct {
+		name, yaml, wantField string
+	}{
+		{"unknown field", "allocator:\n  listn: x\n", "listn"},
+		{"bad size", "upload:\n  maxObjectSize: lots\n", "lots"},
+		{"bad duration", "allocator:\n  reservationTTL: soon\n", "soon"},
+		{"short ttl", "allocator:\n  reservationTTL: 1s\n", "reservationTTL"},
+		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
+		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},
+		{"bad bucket id", "buckets:\n  - {id: 'A B', name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "id"},
+		{"duplicate id", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n  - {id: a, name: b, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "used by another bucket"},
+		{"bad state", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1, state: sleepy}\n", "state"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "c.yaml")
+			if err := os.WriteFile(path, []byte(tc.yaml), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err := config.Load(path, envOf(nil))
+			if err == nil {
+				t.Fatal("Load accepted invalid config")
+			}
+			if !strings.Contains(err.Error(), tc.wantField) {
+				t.Fatalf("error %q does not name %q", err, tc.wantField)
+			}
+		})
+	}
+}
+
+func TestSeedEnvErrors(t *testing.T) {
+	cases := map[string]map[string]string{
+		"missing name": {"R2_BUCKETS": "b1"},
+		"bad limit":    {"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a", "R2_B1_MONTHLY_LIMIT": "ten"},
+		"bad priority": {"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a", "R2_B1_PRIORITY": "first"},
+	}
+	for name, env := range cases {
+		t.Run(name, func(t *testing.T) {
+			if _, err := config.Load("", envOf(env)); err == nil {
+				t.Fatal("accepted invalid R2_* environment")
+			}
+		})
+	}
+}
+
+func TestParseByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"1048576": 1 << 20, "512MiB": 512 << 20, "10GB": 10e9, "5 GiB": 5 << 30, "1.5KB": 1500, "7b": 7} {
+		got, err := config.ParseByteSize(in)
+		if err != nil || got != want {
+			t.Errorf("ParseByteSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "x", "-1", "10XB"} {
+		if _, err := config.ParseByteSize(bad); err == nil {
+			t.Errorf("ParseByteSize(%q) accepted", bad)
+		}
+	}
+}
