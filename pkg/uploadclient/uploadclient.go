@@ -1,0 +1,141 @@
+// Package uploadclient streams files to the UploadService and reads them
+// back: the client side the CLI, tests and benchmarks share.
+package uploadclient
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"google.golang.org/protobuf/proto"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+)
+
+// DefaultChunkSize is the data carried per message: big enough to keep
+// per-message overhead low, far below gRPC's 4 MiB receive limit.
+const DefaultChunkSize = 256 << 10
+
+// Options tune one upload.
+type Options struct {
+	// ChunkSize is the bytes per message; DefaultChunkSize when zero.
+	ChunkSize int
+	// Progress, if set, is called with the bytes sent after each chunk.
+	Progress func(sent int64)
+}
+
+// Upload sends hdr then the bytes of r. hdr.Size must be the exact length.
+func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, r io.Reader, opts Options) (*uploadv1.UploadResponse, error) {
+	if opts.ChunkSize <= 0 {
+		opts.ChunkSize = DefaultChunkSize
+	}
+	stream, err := c.Upload(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open upload stream: %w", err)
+	}
+	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
+		return nil, closeWith(stream, fmt.Errorf("send header: %w", err))
+	}
+	buf := make([]byte, opts.ChunkSize)
+	var sent int64
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			// The message is marshalled inside Send, so buf may be reused.
+			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: buf[:n]}}); err != nil {
+				// Send reports io.EOF when the server already ended the
+				// stream; its status comes from CloseAndRecv.
+				return nil, closeWith(stream, fmt.Errorf("send chunk: %w", err))
+			}
+			sent += int64(n)
+			if opts.Progress != nil {
+				opts.Progress(sent)
+			}
+		}
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			break
+		}
+		if rerr != nil {
+			return nil, fmt.Errorf("read input: %w", rerr)
+		}
+	}
+	return stream.CloseAndRecv()
+}
+
+func closeWith(stream uploadv1.UploadService_UploadClient, err error) error {
+	if _, serr := stream.CloseAndRecv(); serr != nil {
+		return serr // the server's status explains more than the send error
+	}
+	return err
+}
+
+// UploadFile uploads a file. The header's size is filled from the file and,
+// unless the caller set one, its sha256 from a first read pass, so the
+// server verifies the bytes end to end.
+func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string, hdr *uploadv1.UploadHeader, opts Options) (*uploadv1.UploadResponse, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	hdr = proto.Clone(hdr).(*uploadv1.UploadHeader)
+	hdr.Size = st.Size()
+	if hdr.Sha256 == "" {
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			return nil, fmt.Errorf("hash %s: %w", path, err)
+		}
+		hdr.Sha256 = hex.EncodeToString(h.Sum(nil))
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return nil, err
+		}
+	}
+	return Upload(ctx, c, hdr, f, opts)
+}
+
+// Get streams an object into w and returns its info. It verifies that the
+// number of bytes received matches what the server announced.
+func Get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest, w io.Writer, progress func(int64)) (*uploadv1.ObjectInfo, error) {
+	stream, err := c.GetObject(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	info := first.GetInfo()
+	if info == nil {
+		return nil, errors.New("server sent data before object info")
+	}
+	var got int64
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return info, err
+		}
+		n, err := w.Write(msg.GetChunk())
+		if err != nil {
+			return info, fmt.Errorf("write output: %w", err)
+		}
+		got += int64(n)
+		if progress != nil {
+			progress(got)
+		}
+	}
+	if got != info.GetContentLength() {
+		return info, fmt.Errorf("received %d bytes, server announced %d", got, info.GetContentLength())
+	}
+	return info, nil
+}

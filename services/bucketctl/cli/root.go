@@ -1,0 +1,103 @@
+// Package cli holds bucketctl's commands.
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+)
+
+// Default addresses match `bucketctl dev`.
+const (
+	defaultUploadAddr    = "127.0.0.1:7002"
+	defaultAllocatorAddr = "127.0.0.1:7001"
+)
+
+type globals struct {
+	uploadAddr    string
+	allocatorAddr string
+	token         string
+	tokenFile     string
+	timeout       time.Duration
+	out, errOut   io.Writer
+}
+
+// NewRoot builds the command tree writing to out and errOut.
+func NewRoot(out, errOut io.Writer) *cobra.Command {
+	g := &globals{out: out, errOut: errOut}
+	root := &cobra.Command{
+		Use:           "bucketctl",
+		Short:         "Upload to, read from and administer bucketlb",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(out)
+	root.SetErr(errOut)
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.uploadAddr, "upload-addr", envOr("BUCKETLB_UPLOAD_ADDR", defaultUploadAddr), "upload service gRPC address (env BUCKETLB_UPLOAD_ADDR)")
+	pf.StringVar(&g.allocatorAddr, "allocator-addr", envOr("BUCKETLB_ALLOCATOR_ADDR", defaultAllocatorAddr), "allocator service gRPC address, for admin commands (env BUCKETLB_ALLOCATOR_ADDR)")
+	pf.StringVar(&g.tokenFile, "token-file", envOr("BUCKETLB_ADMIN_TOKEN_FILE", filepath.Join(".data", "admin-token")), "file holding the admin token (env BUCKETLB_ADMIN_TOKEN_FILE)")
+	pf.DurationVar(&g.timeout, "timeout", 0, "overall deadline for the command (0 = none for transfers, 10s for admin calls)")
+	g.token = os.Getenv("BUCKETLB_ADMIN_TOKEN")
+
+	root.AddCommand(
+		newDevCmd(g),
+		newUploadCmd(g),
+		newGetCmd(g),
+		newDeleteCmd(g),
+		newStatusCmd(g),
+		newBucketsCmd(g),
+	)
+	return root
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func dial(addr string) (*grpc.ClientConn, error) {
+	// Plain text: bucketlb runs inside the cluster network (or loopback in
+	// dev); TLS between services is the mesh's or the deployment's concern.
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+// adminContext adds the bearer token and a deadline.
+func (g *globals) adminContext(ctx context.Context) (context.Context, context.CancelFunc, error) {
+	tok := g.token
+	if tok == "" {
+		data, err := os.ReadFile(g.tokenFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("no admin token: set BUCKETLB_ADMIN_TOKEN or --token-file (%w)", err)
+		}
+		tok = strings.TrimSpace(string(data))
+	}
+	timeout := g.timeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok), cancel, nil
+}
+
+func (g *globals) transferContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if g.timeout > 0 {
+		return context.WithTimeout(ctx, g.timeout)
+	}
+	return context.WithCancel(ctx)
+}

@@ -1,0 +1,211 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"os"
+	"path/filepath"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+)
+
+func newUploadCmd(g *globals) *cobra.Command {
+	var (
+		key, contentType, affinity, idem string
+		quiet                             bool
+	)
+	cmd := &cobra.Command{
+		Use:   "upload FILE...",
+		Short: "Upload files; prints one JSON result per file",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if key != "" && len(args) > 1 {
+				return fmt.Errorf("--key names one object; give one file")
+			}
+			conn, err := dial(g.uploadAddr)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			client := uploadv1.NewUploadServiceClient(conn)
+			ctx, cancel := g.transferContext(cmd.Context())
+			defer cancel()
+			enc := json.NewEncoder(g.out)
+			enc.SetIndent("", "  ")
+			for _, path := range args {
+				ct := contentType
+				if ct == "" {
+					ct, err = guessContentType(path)
+					if err != nil {
+						return err
+					}
+				}
+				st, err := os.Stat(path)
+				if err != nil {
+					return err
+				}
+				bar := newBar(st.Size(), filepath.Base(path), g.errOut, quiet)
+				hdr := &uploadv1.UploadHeader{
+					Key: key, NameHint: filepath.Base(path), ContentType: ct,
+					AffinityKey: affinity, IdempotencyKey: idem,
+				}
+				resp, err := uploadclient.UploadFile(ctx, client, path, hdr, uploadclient.Options{
+					Progress: func(n int64) { _ = bar.Set64(n) },
+				})
+				_ = bar.Finish()
+				if err != nil {
+					return fmt.Errorf("upload %s: %w", path, err)
+				}
+				if err := enc.Encode(resultJSON(resp)); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&key, "key", "", "object key (default: generated from the file name)")
+	f.StringVar(&contentType, "content-type", "", "content type (default: from extension, else sniffed)")
+	f.StringVar(&affinity, "affinity", "", "affinity key: equal keys land on the same bucket")
+	f.StringVar(&idem, "idempotency-key", "", "retry-safe key: a repeat returns the first result")
+	f.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	return cmd
+}
+
+func resultJSON(r *uploadv1.UploadResponse) map[string]any {
+	return map[string]any{
+		"bucket_id": r.GetBucketId(), "bucket_name": r.GetBucketName(), "key": r.GetKey(),
+		"size": r.GetSize(), "sha256": r.GetSha256(), "etag": r.GetEtag(),
+		"public_url": r.GetPublicUrl(), "replayed": r.GetReplayed(),
+	}
+}
+
+func guessContentType(path string) (string, error) {
+	if ct := mime.TypeByExtension(filepath.Ext(path)); ct != "" {
+		return ct, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	head := make([]byte, 512)
+	n, err := io.ReadFull(f, head)
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return "", err
+	}
+	return http.DetectContentType(head[:n]), nil
+}
+
+func newBar(size int64, label string, w io.Writer, quiet bool) *progressbar.ProgressBar {
+	if quiet {
+		return progressbar.DefaultBytesSilent(size, label)
+	}
+	return progressbar.NewOptions64(size,
+		progressbar.OptionSetWriter(w),
+		progressbar.OptionSetDescription(label),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionShowTotalBytes(true),
+		progressbar.OptionThrottle(100_000_000),
+		progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }),
+		progressbar.OptionFullWidth(),
+	)
+}
+
+func newGetCmd(g *globals) *cobra.Command {
+	var (
+		output        string
+		offset, limit int64
+		quiet         bool
+	)
+	cmd := &cobra.Command{
+		Use:   "get BUCKET_ID KEY",
+		Short: "Download an object (to stdout, or -o FILE)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			conn, err := dial(g.uploadAddr)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			ctx, cancel := g.transferContext(cmd.Context())
+			defer cancel()
+			var w io.Writer = g.out
+			var file *os.File
+			if output != "" && output != "-" {
+				// Write to a temporary file and rename, so a failed
+				// download never leaves a truncated file under the name.
+				file, err = os.CreateTemp(filepath.Dir(output), ".bucketctl-get-*")
+				if err != nil {
+					return err
+				}
+				defer os.Remove(file.Name())
+				defer file.Close()
+				w = file
+			}
+			var bar *progressbar.ProgressBar
+			progress := func(n int64) {
+				if bar != nil {
+					_ = bar.Set64(n)
+				}
+			}
+			if file != nil && !quiet {
+				bar = newBar(-1, args[1], g.errOut, false)
+			}
+			info, err := uploadclient.Get(ctx, uploadv1.NewUploadServiceClient(conn),
+				&uploadv1.GetObjectRequest{BucketId: args[0], Key: args[1], Offset: offset, Length: limit}, w, progress)
+			if bar != nil {
+				_ = bar.Finish()
+			}
+			if err != nil {
+				return fmt.Errorf("get %s/%s: %w", args[0], args[1], err)
+			}
+			if file != nil {
+				if err := file.Close(); err != nil {
+					return err
+				}
+				if err := os.Rename(file.Name(), output); err != nil {
+					return err
+				}
+				fmt.Fprintf(g.errOut, "wrote %d bytes (%s) to %s\n", info.GetContentLength(), info.GetContentType(), output)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&output, "output", "o", "", "write to FILE instead of stdout")
+	f.Int64Var(&offset, "offset", 0, "first byte to read")
+	f.Int64Var(&limit, "length", 0, "bytes to read (0 = to the end)")
+	f.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	return cmd
+}
+
+func newDeleteCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "delete BUCKET_ID KEY",
+		Short: "Delete an object",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			conn, err := dial(g.uploadAddr)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			ctx, cancel := g.transferContext(cmd.Context())
+			defer cancel()
+			_, err = uploadv1.NewUploadServiceClient(conn).DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: args[0], Key: args[1]})
+			if err != nil {
+				return fmt.Errorf("delete %s/%s: %w", args[0], args[1], err)
+			}
+			fmt.Fprintf(g.out, "deleted %s/%s\n", args[0], args[1])
+			return nil
+		},
+	}
+}
