@@ -19,7 +19,7 @@ import (
 func newUploadCmd(g *globals) *cobra.Command {
 	var (
 		key, contentType, affinity, idem string
-		quiet                             bool
+		quiet                            bool
 	)
 	cmd := &cobra.Command{
 		Use:   "upload FILE...",
