@@ -1,0 +1,18 @@
+package ledger
+
+import "errors"
+
+// Domain errors; the allocator maps them to gRPC codes in one place.
+var (
+	// ErrNoRoom: the bucket cannot hold the requested bytes this period.
+	ErrNoRoom = errors.New("bucket has no room for the requested bytes")
+	// ErrBucketNotFound: no bucket with that id.
+	ErrBucketNotFound = errors.New("bucket not found")
+	// ErrReservationLost: the reservation expired and could not be
+	// re-established against current capacity.
+	ErrReservationLost = errors.New("reservation expired and the bucket has no room to grant it again")
+	// ErrConflict: too many concurrent writers; retry later.
+	ErrConflict = errors.New("too many concurrent updates; retry")
+	// ErrInvalid: a request that can never succeed as given.
+	ErrInvalid = errors.New("invalid request")
+)
