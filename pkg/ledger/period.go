@@ -28,4 +28,6 @@ func PeriodAt(t time.Time, resetDay int) Period {
 	return Period{Name: name, Start: start, End: start.AddDate(0, 1, 0)}
 }
 
-func (p Period) String() string { return fmt.Sprintf("%s [%s, %s)", p.Name, p.Start.Format(time.DateOnly), p.End.Format(time.DateOnly)) }
+func (p Period) String() string {
+	return fmt.Sprintf("%s [%s, %s)", p.Name, p.Start.Format(time.DateOnly), p.End.Format(time.DateOnly))
+}
