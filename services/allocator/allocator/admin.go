@@ -1,0 +1,156 @@
+package allocator
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	"github.com/bucketlb/bucketlb/pkg/config"
+)
+
+// ListBuckets implements AdminService.
+func (s *Server) ListBuckets(ctx context.Context, _ *adminv1.ListBucketsRequest) (*adminv1.ListBucketsResponse, error) {
+	specs, _, err := s.ledger.ListBuckets(ctx)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &adminv1.ListBucketsResponse{Buckets: specs}, nil
+}
+
+// GetBucket implements AdminService.
+func (s *Server) GetBucket(ctx context.Context, req *adminv1.GetBucketRequest) (*adminv1.GetBucketResponse, error) {
+	b, err := s.ledger.GetBucket(ctx, req.GetId())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &adminv1.GetBucketResponse{Bucket: b}, nil
+}
+
+// PutBucket implements AdminService.
+func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (*adminv1.PutBucketResponse, error) {
+	if req.GetBucket() == nil {
+		return nil, toStatus(ctx, fmt.Errorf("%w: bucket is required", errInvalid))
+	}
+	spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
+	config.FillDefaults(spec)
+	if err := config.ValidateSpec(spec); err != nil {
+		return nil, toStatus(ctx, fmt.Errorf("%w: %v", errInvalid, err))
+	}
+	if err := s.ledger.PutBucket(ctx, spec); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	s.log.Info("bucket stored", "bucket", spec.GetId(), "state", spec.GetState().String())
+	return &adminv1.PutBucketResponse{Bucket: spec}, nil
+}
+
+// DeleteBucket implements AdminService.
+func (s *Server) DeleteBucket(ctx context.Context, req *adminv1.DeleteBucketRequest) (*adminv1.DeleteBucketResponse, error) {
+	if err := s.ledger.DeleteBucket(ctx, req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	s.log.Info("bucket deleted", "bucket", req.GetId())
+	return &adminv1.DeleteBucketResponse{}, nil
+}
+
+// SetBucketState implements AdminService.
+func (s *Server) SetBucketState(ctx context.Context, req *adminv1.SetBucketStateRequest) (*adminv1.SetBucketStateResponse, error) {
+	if req.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
+		return nil, toStatus(ctx, fmt.Errorf("%w: state must be ACTIVE, DRAINING or DISABLED", errInvalid))
+	}
+	b, err := s.ledger.UpdateBucket(ctx, req.GetId(), func(b *adminv1.BucketSpec) { b.State = req.GetState() })
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	s.log.Info("bucket state changed", "bucket", b.GetId(), "state", b.GetState().String())
+	return &adminv1.SetBucketStateResponse{Bucket: b}, nil
+}
+
+// ResetHealth implements AdminService.
+func (s *Server) ResetHealth(ctx context.Context, req *adminv1.ResetHealthRequest) (*adminv1.ResetHealthResponse, error) {
+	if _, err := s.ledger.GetBucket(ctx, req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	if err := s.health.Reset(ctx, req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &adminv1.ResetHealthResponse{}, nil
+}
+
+// ResetUsage implements AdminService.
+func (s *Server) ResetUsage(ctx context.Context, req *adminv1.ResetUsageRequest) (*adminv1.ResetUsageResponse, error) {
+	prev, err := s.setUsage(ctx, req.GetId(), 0)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &adminv1.ResetUsageResponse{PreviousUsedBytes: prev}, nil
+}
+
+// CorrectUsage implements AdminService.
+func (s *Server) CorrectUsage(ctx context.Context, req *adminv1.CorrectUsageRequest) (*adminv1.CorrectUsageResponse, error) {
+	if req.GetUsedBytes() < 0 {
+		return nil, toStatus(ctx, fmt.Errorf("%w: used_bytes cannot be negative", errInvalid))
+	}
+	prev, err := s.setUsage(ctx, req.GetId(), req.GetUsedBytes())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &adminv1.CorrectUsageResponse{PreviousUsedBytes: prev}, nil
+}
+
+func (s *Server) setUsage(ctx context.Context, id string, used int64) (int64, error) {
+	if _, err := s.ledger.GetBucket(ctx, id); err != nil {
+		return 0, err
+	}
+	prev, err := s.ledger.SetUsage(ctx, id, used)
+	if err == nil {
+		s.log.Info("bucket usage set by admin", "bucket", id, "previous_bytes", prev, "bytes", used)
+	}
+	return prev, err
+}
+
+// GetStatus implements AdminService.
+func (s *Server) GetStatus(ctx context.Context, _ *adminv1.GetStatusRequest) (*adminv1.GetStatusResponse, error) {
+	specs, _, err := s.ledger.ListBuckets(ctx)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	usage, period, err := s.ledger.Usages(ctx)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	now := s.cfg.Now()
+	policy := s.health.Policy()
+	out := &adminv1.GetStatusResponse{
+		Period: period.Name, PeriodStart: timestamppb.New(period.Start), PeriodEnd: timestamppb.New(period.End),
+	}
+	for _, b := range specs {
+		u := usage[b.GetId()]
+		rec, _ := s.health.Cached(b.GetId())
+		st := &adminv1.BucketStatus{
+			Bucket: b, LimitBytes: b.GetMonthlyLimitBytes(), UsedBytes: u.Used, ReservedBytes: u.Reserved,
+			UtilizationPercent:  percent(u.Used+u.Reserved, b.GetMonthlyLimitBytes()),
+			HealthScore:         int32(rec.Score()),
+			ConsecutiveFailures: int32(rec.Failures),
+			CoolingDown:         rec.CoolingDown(now, policy),
+		}
+		if st.CoolingDown {
+			st.CooldownUntil = timestamppb.New(rec.CooldownUntil)
+		}
+		out.Buckets = append(out.Buckets, st)
+		out.TotalLimitBytes += b.GetMonthlyLimitBytes()
+		out.TotalUsedBytes += u.Used
+		out.TotalReservedBytes += u.Reserved
+	}
+	out.TotalUtilizationPercent = percent(out.TotalUsedBytes+out.TotalReservedBytes, out.TotalLimitBytes)
+	return out, nil
+}
+
+func percent(n, d int64) float64 {
+	if d <= 0 {
+		return 0
+	}
+	return float64(n) * 100 / float64(d)
+}

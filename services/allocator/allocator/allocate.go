@@ -1,0 +1,161 @@
+package allocator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/placement"
+)
+
+// Allocate implements AllocatorService.
+func (s *Server) Allocate(ctx context.Context, req *allocatorv1.AllocateRequest) (*allocatorv1.AllocateResponse, error) {
+	res, b, err := s.allocate(ctx, req)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.AllocateResponse{
+		ReservationId: res.ID, Bucket: target(b), ReservedBytes: res.Size,
+		ExpiresAt: timestamppb.New(res.ExpiresAt), Period: res.Period,
+	}, nil
+}
+
+func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest) (*ledger.Reservation, *adminv1.BucketSpec, error) {
+	if req.GetSize() <= 0 {
+		return nil, nil, fmt.Errorf("%w: size must be a positive number of bytes, got %d", errInvalid, req.GetSize())
+	}
+	kind := req.GetStrategy()
+	if kind == allocatorv1.Strategy_STRATEGY_UNSPECIFIED {
+		kind = s.cfg.Strategy
+	}
+	strategy, ok := s.strategies[kind]
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: unknown strategy %v", errInvalid, kind)
+	}
+	usage, _, err := s.ledger.Usages(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := s.cfg.Now()
+	policy := s.health.Policy()
+	var cands []placement.Candidate
+	specs := map[string]*adminv1.BucketSpec{}
+	healthyExists := false
+	for _, b := range sortedBuckets(s.bucketMap()) {
+		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE || slices.Contains(req.GetExcludeBucketIds(), b.GetId()) {
+			continue
+		}
+		rec, _ := s.health.Cached(b.GetId())
+		if rec.CoolingDown(now, policy) {
+			continue
+		}
+		healthyExists = true
+		u := usage[b.GetId()]
+		if u.Used+u.Reserved+req.GetSize() > b.GetMonthlyLimitBytes() {
+			continue
+		}
+		specs[b.GetId()] = b
+		cands = append(cands, placement.Candidate{
+			ID: b.GetId(), Priority: b.GetPriority(), Weight: b.GetWeight(),
+			LimitBytes: b.GetMonthlyLimitBytes(), UsedBytes: u.Used + u.Reserved, LatencyEWMA: rec.Latency(),
+		})
+	}
+	if !healthyExists {
+		return nil, nil, errNoHealthyBucket
+	}
+	ranked := strategy.Rank(placement.Request{Size: req.GetSize(), AffinityKey: req.GetAffinityKey()}, cands)
+	for _, c := range ranked {
+		b := specs[c.ID]
+		// Half-open buckets admit exactly one trial across all replicas.
+		if ok, err := s.health.Admit(ctx, c.ID); err != nil {
+			return nil, nil, err
+		} else if !ok {
+			continue
+		}
+		res, err := s.ledger.Reserve(ctx, b, req.GetSize(), s.cfg.ReservationTTL)
+		if errors.Is(err, ledger.ErrNoRoom) {
+			continue // another replica took the room meanwhile
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		return res, b, nil
+	}
+	return nil, nil, errNoRoom
+}
+
+// Renew implements AllocatorService.
+func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*allocatorv1.RenewResponse, error) {
+	b, err := s.bucket(ctx, req.GetBucketId())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	exp, re, err := s.ledger.Renew(ctx, b, req.GetReservationId(), req.GetReservedBytes(), s.cfg.ReservationTTL)
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	if re {
+		s.log.Info("re-established a lapsed reservation", "reservation", req.GetReservationId(), "bucket", b.GetId())
+	}
+	return &allocatorv1.RenewResponse{ExpiresAt: timestamppb.New(exp), Reestablished: re}, nil
+}
+
+// Commit implements AllocatorService.
+func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*allocatorv1.CommitResponse, error) {
+	if req.GetReservedBytes() > 0 && req.GetSize() > req.GetReservedBytes() {
+		return nil, toStatus(ctx, fmt.Errorf("%w: committed size %d exceeds the %d bytes reserved", errInvalid, req.GetSize(), req.GetReservedBytes()))
+	}
+	b, err := s.bucket(ctx, req.GetBucketId())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	res, err := s.ledger.Commit(ctx, b, req.GetReservationId(), req.GetSize())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: res.UsedAfter}, nil
+}
+
+// Release implements AllocatorService.
+func (s *Server) Release(ctx context.Context, req *allocatorv1.ReleaseRequest) (*allocatorv1.ReleaseResponse, error) {
+	if err := s.ledger.Release(ctx, req.GetBucketId(), req.GetReservationId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.ReleaseResponse{}, nil
+}
+
+// ReportOutcome implements AllocatorService.
+func (s *Server) ReportOutcome(ctx context.Context, req *allocatorv1.ReportOutcomeRequest) (*allocatorv1.ReportOutcomeResponse, error) {
+	if req.GetOutcome() == allocatorv1.Outcome_OUTCOME_UNSPECIFIED || req.GetBucketId() == "" {
+		return nil, toStatus(ctx, fmt.Errorf("%w: bucket_id and outcome are required", errInvalid))
+	}
+	ok := req.GetOutcome() == allocatorv1.Outcome_OUTCOME_SUCCESS
+	rec, err := s.health.Report(ctx, req.GetBucketId(), ok, req.GetLatency().AsDuration())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	if !ok {
+		s.log.Warn("bucket request failed", "bucket", req.GetBucketId(), "outcome", req.GetOutcome().String(),
+			"error", req.GetError(), "consecutive_failures", rec.Failures)
+	}
+	out := &allocatorv1.ReportOutcomeResponse{HealthScore: int32(rec.Score()), ConsecutiveFailures: int32(rec.Failures)}
+	if rec.CoolingDown(s.cfg.Now(), s.health.Policy()) {
+		out.CooldownUntil = timestamppb.New(rec.CooldownUntil)
+	}
+	return out, nil
+}
+
+// LookupBucket implements AllocatorService.
+func (s *Server) LookupBucket(ctx context.Context, req *allocatorv1.LookupBucketRequest) (*allocatorv1.LookupBucketResponse, error) {
+	b, err := s.bucket(ctx, req.GetBucketId())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.LookupBucketResponse{Bucket: target(b)}, nil
+}

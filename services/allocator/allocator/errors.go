@@ -1,0 +1,62 @@
+package allocator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/bucketlb/bucketlb/pkg/ledger"
+)
+
+// Domain errors of this package.
+var (
+	errNoHealthyBucket = errors.New("no healthy bucket can take uploads right now")
+	errNoRoom          = errors.New("no bucket has room for this many bytes this period")
+	errInvalid         = errors.New("invalid request")
+)
+
+// toStatus is the ONE place where domain errors become gRPC statuses.
+// ctx is the caller's: when it ended, its own code is returned.
+func toStatus(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	switch {
+	case errors.Is(err, ledger.ErrInvalid), errors.Is(err, errInvalid):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ledger.ErrBucketNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errNoRoom):
+		return withRetry(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit", time.Minute)
+	case errors.Is(err, ledger.ErrReservationLost):
+		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
+	case errors.Is(err, errNoHealthyBucket):
+		return withRetry(codes.Unavailable, err.Error()+"; every eligible bucket is cooling down or excluded", 5*time.Second)
+	case errors.Is(err, ledger.ErrConflict):
+		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		errors.Is(err, rpctypes.ErrNoLeader), errors.Is(err, rpctypes.ErrTimeout),
+		status.Code(err) == codes.Unavailable:
+		// etcd did not answer in time: fail closed rather than guess.
+		return withRetry(codes.Unavailable, "the allocator cannot reach etcd; retry shortly", time.Second)
+	}
+	return status.Error(codes.Internal, fmt.Sprintf("allocator internal error: %v", err))
+}
+
+func withRetry(c codes.Code, msg string, after time.Duration) error {
+	st, err := status.New(c, msg).WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(after)})
+	if err != nil {
+		return status.Error(c, msg)
+	}
+	return st.Err()
+}

@@ -1,0 +1,180 @@
+package allocator
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/health"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/placement"
+)
+
+// Config configures an allocator replica.
+type Config struct {
+	// Buckets are seeds written to etcd once per cluster.
+	Buckets []*adminv1.BucketSpec
+	// AdminToken guards the AdminService. Required.
+	AdminToken string
+	// ReservationTTL is a reservation's life without renewal; default 30s.
+	ReservationTTL time.Duration
+	// Strategy is the default placement strategy.
+	Strategy allocatorv1.Strategy
+	// ResetDay is the UTC day of month usage resets; default 1.
+	ResetDay int
+	// Prefix of all etcd keys; default "/bucketlb/".
+	Prefix string
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+	// Health tunes cooldowns.
+	Health health.Policy
+	// Rand seeds the random strategies; nil picks a random seed.
+	Rand *rand.Rand
+}
+
+// Server is one allocator replica.
+type Server struct {
+	allocatorv1.UnsafeAllocatorServiceServer
+	adminv1.UnsafeAdminServiceServer
+
+	cfg        Config
+	log        *slog.Logger
+	ledger     *ledger.Ledger
+	health     *health.Store
+	auth       *auth.Bearer
+	strategies map[allocatorv1.Strategy]placement.Strategy
+
+	buckets atomic.Pointer[map[string]*adminv1.BucketSpec]
+	ready   chan struct{}
+	once    sync.Once
+}
+
+// New builds a replica and seeds the configured buckets once per cluster.
+func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger) (*Server, error) {
+	if cfg.AdminToken == "" {
+		return nil, fmt.Errorf("allocator: an admin token is required")
+	}
+	if cfg.ReservationTTL == 0 {
+		cfg.ReservationTTL = 30 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Strategy == allocatorv1.Strategy_STRATEGY_UNSPECIFIED {
+		cfg.Strategy = allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST
+	}
+	s := &Server{
+		cfg:        cfg,
+		log:        log,
+		ledger:     ledger.New(cli, ledger.Options{Prefix: cfg.Prefix, ResetDay: cfg.ResetDay, Now: cfg.Now}),
+		health:     health.NewStore(cli, cfg.Prefix, cfg.Now, cfg.Health),
+		auth:       auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", cfg.AdminToken),
+		strategies: map[allocatorv1.Strategy]placement.Strategy{},
+		ready:      make(chan struct{}),
+	}
+	for k := range allocatorv1.Strategy_name {
+		kind := allocatorv1.Strategy(k)
+		st, err := placement.New(kind, cfg.Rand)
+		if err != nil {
+			return nil, err
+		}
+		s.strategies[kind] = st
+	}
+	if len(cfg.Buckets) > 0 {
+		wrote, err := s.ledger.SeedBuckets(ctx, cfg.Buckets)
+		if err != nil {
+			return nil, fmt.Errorf("allocator: seed buckets: %w", err)
+		}
+		if wrote {
+			log.Info("seeded buckets from configuration", "count", len(cfg.Buckets))
+		}
+	}
+	specs, _, err := s.ledger.ListBuckets(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("allocator: load buckets: %w", err)
+	}
+	s.setBuckets(specs)
+	return s, nil
+}
+
+// Register adds the AllocatorService and AdminService to r.
+func (s *Server) Register(r grpc.ServiceRegistrar) {
+	allocatorv1.RegisterAllocatorServiceServer(r, s)
+	adminv1.RegisterAdminServiceServer(r, s)
+}
+
+// Interceptors return the admin authentication interceptors; install them
+// on the gRPC server that serves Register's services.
+func (s *Server) Interceptors() (grpc.UnaryServerInterceptor, grpc.StreamServerInterceptor) {
+	return s.auth.Unary, s.auth.Stream
+}
+
+// Run keeps the bucket and health caches current until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		_ = s.ledger.WatchBuckets(ctx, s.setBuckets)
+	}()
+	go func() {
+		defer wg.Done()
+		_ = s.health.Run(ctx)
+	}()
+	wg.Wait()
+	return nil
+}
+
+// Close releases nothing yet; it exists so callers stop replicas uniformly.
+func (s *Server) Close() error { return nil }
+
+func (s *Server) setBuckets(specs []*adminv1.BucketSpec) {
+	m := make(map[string]*adminv1.BucketSpec, len(specs))
+	for _, b := range specs {
+		m[b.GetId()] = b
+	}
+	s.buckets.Store(&m)
+}
+
+func (s *Server) bucketMap() map[string]*adminv1.BucketSpec {
+	if p := s.buckets.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// bucket returns a spec from the cache, falling back to etcd for a bucket
+// created a moment ago on another replica.
+func (s *Server) bucket(ctx context.Context, id string) (*adminv1.BucketSpec, error) {
+	if b, ok := s.bucketMap()[id]; ok {
+		return b, nil
+	}
+	return s.ledger.GetBucket(ctx, id)
+}
+
+func sortedBuckets(m map[string]*adminv1.BucketSpec) []*adminv1.BucketSpec {
+	out := make([]*adminv1.BucketSpec, 0, len(m))
+	for _, b := range m {
+		out = append(out, b)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GetId() < out[j].GetId() })
+	return out
+}
+
+func target(b *adminv1.BucketSpec) *allocatorv1.BucketTarget {
+	return &allocatorv1.BucketTarget{
+		Id: b.GetId(), Name: b.GetName(), Endpoint: b.GetEndpoint(), Region: b.GetRegion(),
+		CredentialsRef: b.GetCredentialsRef(), PublicUrl: b.GetPublicUrl(), PathStyle: b.GetPathStyle(),
+	}
+}

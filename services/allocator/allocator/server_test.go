@@ -1,0 +1,274 @@
+package allocator_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/etcdembed"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+)
+
+const token = "test-admin-token"
+
+type replica struct {
+	alloc allocatorv1.AllocatorServiceClient
+	admin adminv1.AdminServiceClient
+}
+
+func spec(id string, prio int32, limit int64) *adminv1.BucketSpec {
+	return &adminv1.BucketSpec{Id: id, Name: id, Endpoint: "http://127.0.0.1:1", Region: "auto", CredentialsRef: "R",
+		MonthlyLimitBytes: limit, Priority: prio, Weight: 1, State: adminv1.BucketState_BUCKET_STATE_ACTIVE}
+}
+
+// startReplica runs an allocator on its own etcd client and gRPC server.
+func startReplica(t *testing.T, cli *clientv3.Client, cfg allocator.Config) replica {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	cfg.AdminToken = token
+	log := slog.New(slog.DiscardHandler)
+	a, err := allocator.New(ctx, cli, cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unary, stream := a.Interceptors()
+	srv := grpcserver.New(grpcserver.Options{Logger: log, StopTimeout: time.Second,
+		UnaryInterceptors: []grpc.UnaryServerInterceptor{unary}, StreamInterceptors: []grpc.StreamServerInterceptor{stream}})
+	a.Register(srv.GRPC)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{}, 2)
+	go func() { _ = a.Run(ctx); done <- struct{}{} }()
+	go func() { _ = srv.Serve(ctx, lis); done <- struct{}{} }()
+	t.Cleanup(func() { cancel(); <-done; <-done })
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(conn)}
+}
+
+func adminCtx(ctx context.Context, tok string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
+}
+
+func used(t *testing.T, r replica, id string) (int64, int64) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := r.admin.GetStatus(adminCtx(ctx, token), &adminv1.GetStatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range st.GetBuckets() {
+		if b.GetBucket().GetId() == id {
+			return b.GetUsedBytes(), b.GetReservedBytes()
+		}
+	}
+	t.Fatalf("bucket %s not in status", id)
+	return 0, 0
+}
+
+func TestAllocateCommitRelease(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000), spec("p2", 2, 5000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	a1, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 800})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a1.GetBucket().GetId() != "p1" {
+		t.Fatalf("priority-first chose %s, want p1", a1.GetBucket().GetId())
+	}
+	// p1 has only 200 left: the next 800 go to p2.
+	a2, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 800})
+	if err != nil || a2.GetBucket().GetId() != "p2" {
+		t.Fatalf("second allocation: %v %v, want p2", a2.GetBucket().GetId(), err)
+	}
+	c := &allocatorv1.CommitRequest{ReservationId: a1.GetReservationId(), BucketId: "p1", ReservedBytes: 800, Size: 700}
+	cr, err := r.alloc.Commit(ctx, c)
+	if err != nil || cr.GetAlreadyCommitted() || cr.GetUsedBytes() != 700 {
+		t.Fatalf("commit: %v %v", cr, err)
+	}
+	cr2, err := r.alloc.Commit(ctx, c)
+	if err != nil || !cr2.GetAlreadyCommitted() || cr2.GetUsedBytes() != 700 {
+		t.Fatalf("retried commit: %v %v, want the same answer flagged", cr2, err)
+	}
+	if _, err := r.alloc.Release(ctx, &allocatorv1.ReleaseRequest{ReservationId: a2.GetReservationId(), BucketId: "p2"}); err != nil {
+		t.Fatal(err)
+	}
+	if u, res := used(t, r, "p1"); u != 700 || res != 0 {
+		t.Fatalf("p1 used %d reserved %d, want 700/0", u, res)
+	}
+	if u, res := used(t, r, "p2"); u != 0 || res != 0 {
+		t.Fatalf("p2 used %d reserved %d after release, want 0/0", u, res)
+	}
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 6000})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("oversized allocation: %v, want ResourceExhausted", err)
+	}
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 0})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("zero-size allocation: %v, want InvalidArgument", err)
+	}
+	// Excluding p1 and p2 leaves no bucket.
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1, ExcludeBucketIds: []string{"p1", "p2"}})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("all excluded: %v, want Unavailable", err)
+	}
+}
+
+func TestAdminAuthAndVerbs(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	other := startReplica(t, cli, allocator.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := r.admin.GetStatus(ctx, &adminv1.GetStatusRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("no token: %v, want Unauthenticated", err)
+	}
+	if _, err := r.admin.GetStatus(adminCtx(ctx, "wrong"), &adminv1.GetStatusRequest{}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("wrong token: %v, want PermissionDenied", err)
+	}
+	actx := adminCtx(ctx, token)
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "Bad Id"}}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("invalid spec: %v, want InvalidArgument", err)
+	}
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: spec("p0", 0, 1000)}); err != nil {
+		t.Fatal(err)
+	}
+	// The other replica picks the new bucket up through its watch.
+	deadline := time.Now().Add(time.Second)
+	for {
+		a, err := other.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+		if err == nil && a.GetBucket().GetId() == "p0" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("bucket added through admin not used by another replica within 1s (got %v, %v)", a.GetBucket().GetId(), err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p0", State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(time.Second)
+	for {
+		a, err := other.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+		if err == nil && a.GetBucket().GetId() == "p1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("draining bucket still takes uploads on another replica after 1s (%v, %v)", a.GetBucket().GetId(), err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := r.admin.CorrectUsage(actx, &adminv1.CorrectUsageRequest{Id: "p1", UsedBytes: 123}); err != nil {
+		t.Fatal(err)
+	}
+	if u, _ := used(t, r, "p1"); u != 123 {
+		t.Fatalf("usage after correction = %d", u)
+	}
+	if prev, err := r.admin.ResetUsage(actx, &adminv1.ResetUsageRequest{Id: "p1"}); err != nil || prev.GetPreviousUsedBytes() != 123 {
+		t.Fatalf("reset: %v %v", prev, err)
+	}
+	if _, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: "nope"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("unknown bucket: %v, want NotFound", err)
+	}
+	if _, err := r.admin.DeleteBucket(actx, &adminv1.DeleteBucketRequest{Id: "p0"}); err != nil {
+		t.Fatal(err)
+	}
+	list, err := r.admin.ListBuckets(actx, &adminv1.ListBucketsRequest{})
+	if err != nil || len(list.GetBuckets()) != 1 {
+		t.Fatalf("list after delete: %v %v", list, err)
+	}
+}
+
+// Three failures cool a bucket down on every replica; traffic moves on.
+func TestReportedFailuresCoolDownEverywhere(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	buckets := []*adminv1.BucketSpec{spec("p1", 1, 1000), spec("p2", 2, 1000)}
+	r1 := startReplica(t, cli, allocator.Config{Buckets: buckets})
+	r2 := startReplica(t, cli, allocator.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := 0; i < 3; i++ {
+		if _, err := r1.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		a, err := r2.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+		if err == nil && a.GetBucket().GetId() == "p2" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica 2 still allocates on the cooling bucket: %v %v", a.GetBucket().GetId(), err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Without etcd the allocator refuses within 2 s (fail closed) and recovers
+// by itself when etcd is back.
+func TestFailClosedWithoutEtcd(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: dir, LogLevel: "fatal"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := srv.Endpoint[len("http://"):]
+	cli := testenv.EtcdClient(t, srv.Endpoint)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	start := time.Now()
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("allocate without etcd: %v, want Unavailable", err)
+	}
+	if d := time.Since(start); d > 2500*time.Millisecond {
+		t.Fatalf("refusal took %s, want about 2 s at most", d)
+	}
+	srv2, err := etcdembed.Start(ctx, etcdembed.Options{Dir: dir, ClientAddr: addr, LogLevel: "fatal"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("allocator did not recover after etcd returned: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
