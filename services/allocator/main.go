@@ -1,0 +1,118 @@
+// Command allocator runs bucketlb's control plane: it picks buckets,
+// reserves capacity in etcd, records usage once and serves the admin API.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/placement"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+)
+
+func main() {
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	if err := run(log); err != nil {
+		log.Error("allocator stopped", "error", err.Error())
+		os.Exit(1)
+	}
+}
+
+func run(log *slog.Logger) error {
+	cfgPath := flag.String("config", "", "YAML config file (optional; BUCKETLB_* and R2_* environment variables override)")
+	listen := flag.String("listen", "", "gRPC listen address (overrides allocator.listen)")
+	flag.Parse()
+
+	cfg, err := config.Load(*cfgPath, os.Getenv)
+	if err != nil {
+		return err
+	}
+	if *listen != "" {
+		cfg.Allocator.Listen = *listen
+	}
+	token, err := auth.LoadToken("BUCKETLB_ADMIN_TOKEN", cfg.Allocator.AdminTokenFile)
+	if err != nil {
+		return err
+	}
+	strategy, err := placement.Parse(cfg.Allocator.Strategy)
+	if err != nil {
+		return fmt.Errorf("config: allocator.strategy: %w", err)
+	}
+	specs, err := cfg.Specs()
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   cfg.Allocator.EtcdEndpoints,
+		DialTimeout: 5 * time.Second,
+		Logger:      zap.NewNop(),
+	})
+	if err != nil {
+		return fmt.Errorf("etcd client: %w", err)
+	}
+	// The etcd client outlives the servers that use it.
+	defer cli.Close()
+
+	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	alloc, err := allocator.New(startCtx, cli, allocator.Config{
+		Buckets:        specs,
+		AdminToken:     token,
+		ReservationTTL: cfg.Allocator.ReservationTTL.D(),
+		Strategy:       strategy,
+		ResetDay:       cfg.Allocator.PeriodResetDay,
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer alloc.Close()
+
+	unary, stream := alloc.Interceptors()
+	srv := grpcserver.New(grpcserver.Options{
+		Logger:             log,
+		DrainDelay:         2 * time.Second,
+		StopTimeout:        cfg.Allocator.StopTimeout.D(),
+		MaxConnectionAge:   5 * time.Minute,
+		UnaryInterceptors:  []grpc.UnaryServerInterceptor{unary},
+		StreamInterceptors: []grpc.StreamServerInterceptor{stream},
+	})
+	alloc.Register(srv.GRPC)
+	srv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
+	lis, err := net.Listen("tcp", cfg.Allocator.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	log.Info("allocator serving", "addr", lis.Addr().String(), "etcd", cfg.Allocator.EtcdEndpoints, "strategy", cfg.Allocator.Strategy)
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); _ = alloc.Run(ctx) }()
+	serveErr := srv.Serve(ctx, lis)
+	stop()
+	wg.Wait()
+	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
+		return serveErr
+	}
+	log.Info("allocator stopped cleanly")
+	return nil
+}
