@@ -1,0 +1,81 @@
+// Package mimecheck enforces the content-type allowlist against both the
+// type a client declares and the type sniffed from the object's first bytes.
+package mimecheck
+
+import (
+	"fmt"
+	"mime"
+	"strings"
+
+	"github.com/gabriel-vasile/mimetype"
+)
+
+// SniffLen is how many leading bytes the detector needs at most.
+const SniffLen = 3072
+
+// DefaultAllowed are images and common documents.
+var DefaultAllowed = []string{
+	"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/heic", "image/tiff", "image/bmp", "image/svg+xml",
+	"application/pdf", "text/plain", "text/csv", "text/markdown", "application/json",
+	"application/msword", "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+	"application/vnd.ms-excel", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+	"application/vnd.ms-powerpoint", "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+	"application/vnd.oasis.opendocument.text", "application/vnd.oasis.opendocument.spreadsheet",
+}
+
+// generic types say nothing about the content; data that sniffs as one of
+// them is accepted under any allowed, compatible declared type.
+var generic = map[string]bool{"application/octet-stream": true, "text/plain": true}
+
+// Checker holds an allowlist.
+type Checker struct{ allowed map[string]bool }
+
+// New returns a checker for the given types (DefaultAllowed when empty).
+func New(allowed []string) *Checker {
+	if len(allowed) == 0 {
+		allowed = DefaultAllowed
+	}
+	m := map[string]bool{}
+	for _, a := range allowed {
+		m[base(a)] = true
+	}
+	return &Checker{allowed: m}
+}
+
+func base(ct string) string {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return strings.ToLower(strings.TrimSpace(ct))
+	}
+	return mt
+}
+
+// CheckDeclared rejects a declared type outside the allowlist.
+func (c *Checker) CheckDeclared(declared string) error {
+	if declared == "" {
+		return fmt.Errorf("content type is required")
+	}
+	if !c.allowed[base(declared)] {
+		return fmt.Errorf("content type %q is not allowed here", base(declared))
+	}
+	return nil
+}
+
+// CheckData rejects data whose sniffed type contradicts the declared one
+// or is itself not allowed (an executable declared as an image, say).
+func (c *Checker) CheckData(declared string, head []byte) error {
+	m := mimetype.Detect(head)
+	sniffed := base(m.String())
+	// Text formats the detector cannot tell apart (CSV, Markdown) sniff as
+	// text/plain; accept them under any declared text type.
+	if !m.Is(base(declared)) && !(sniffed == "text/plain" && isText(declared)) {
+		return fmt.Errorf("declared content type %q but the data looks like %q", base(declared), sniffed)
+	}
+	if !c.allowed[sniffed] && !generic[sniffed] {
+		return fmt.Errorf("the data looks like %q, which is not allowed here", sniffed)
+	}
+	return nil
+}
+
+func isText(ct string) bool { return strings.HasPrefix(base(ct), "text/") || base(ct) == "application/json" }
+

@@ -1,0 +1,75 @@
+// Package objectkey validates client-chosen object keys and builds
+// collision-free keys from file names.
+package objectkey
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"path"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// MaxLen is the S3 key limit in bytes.
+const MaxLen = 1024
+
+// Validate checks a key against bucketlb's rules: valid UTF-8, 1–1024
+// bytes, no leading "/", no "." or ".." path segment, no control characters.
+func Validate(key string) error {
+	switch {
+	case key == "":
+		return errors.New("object key is empty")
+	case len(key) > MaxLen:
+		return fmt.Errorf("object key is %d bytes; the limit is %d", len(key), MaxLen)
+	case !utf8.ValidString(key):
+		return errors.New("object key is not valid UTF-8")
+	case strings.HasPrefix(key, "/"):
+		return errors.New("object key must not start with \"/\"")
+	}
+	for _, r := range key {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("object key contains control character %U", r)
+		}
+	}
+	for _, seg := range strings.Split(key, "/") {
+		if seg == ".." || seg == "." {
+			return fmt.Errorf("object key contains a %q path segment", seg)
+		}
+	}
+	return nil
+}
+
+// FromName builds a key "<yyyy>/<mm>/<dd>/<random>-<name>" from a file
+// name hint. The 128-bit random part makes keys collision-free, which R2's
+// one-write-per-second-per-key limit also asks for.
+func FromName(name string, now time.Time) string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	return fmt.Sprintf("%s/%s-%s", now.UTC().Format("2006/01/02"), hex.EncodeToString(b), sanitize(name))
+}
+
+// sanitize keeps the base name's letters, digits, '.', '-' and '_'.
+func sanitize(name string) string {
+	name = path.Base(strings.ReplaceAll(name, "\\", "/"))
+	var sb strings.Builder
+	for _, r := range name {
+		switch {
+		case r < utf8.RuneSelf && (unicode.IsLetter(r) || unicode.IsDigit(r)), r == '.', r == '-', r == '_':
+			sb.WriteRune(r)
+		default:
+			sb.WriteByte('_')
+		}
+		if sb.Len() >= 128 {
+			break
+		}
+	}
+	s := strings.Trim(sb.String(), ".")
+	if s == "" {
+		return "object"
+	}
+	return s
+}

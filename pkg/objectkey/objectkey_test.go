@@ -1,0 +1,56 @@
+package objectkey_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/objectkey"
+)
+
+func TestValidate(t *testing.T) {
+	good := []string{"a", "photos/2026/cat.png", "with space/ü.txt", "a..b/c", strings.Repeat("k", 1024)}
+	for _, k := range good {
+		if err := objectkey.Validate(k); err != nil {
+			t.Errorf("Validate(%q) = %v, want ok", k, err)
+		}
+	}
+	bad := map[string]string{
+		"empty":         "",
+		"leading slash": "/etc/passwd",
+		"dotdot":        "a/../b",
+		"dotdot first":  "../b",
+		"dot segment":   "a/./b",
+		"newline":       "a\nb",
+		"nul":           "a\x00b",
+		"del":           "a\x7fb",
+		"too long":      strings.Repeat("k", 1025),
+		"bad utf8":      "a\xffb",
+	}
+	for name, k := range bad {
+		if err := objectkey.Validate(k); err == nil {
+			t.Errorf("%s: Validate(%q) accepted", name, k)
+		}
+	}
+}
+
+func TestFromName(t *testing.T) {
+	now := time.Date(2026, 11, 25, 0, 0, 0, 0, time.UTC)
+	seen := map[string]bool{}
+	for i := 0; i < 1000; i++ {
+		k := objectkey.FromName("../../My Photo (1).PNG", now)
+		if err := objectkey.Validate(k); err != nil {
+			t.Fatalf("generated key %q invalid: %v", k, err)
+		}
+		if !strings.HasPrefix(k, "2026/11/25/") || !strings.HasSuffix(k, "-My_Photo__1_.PNG") {
+			t.Fatalf("key %q lacks the date prefix or sanitized name", k)
+		}
+		if seen[k] {
+			t.Fatalf("duplicate key %q", k)
+		}
+		seen[k] = true
+	}
+	if k := objectkey.FromName("", now); !strings.HasSuffix(k, "-object") {
+		t.Fatalf("empty name gave %q", k)
+	}
+}
