@@ -77,5 +77,6 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	return nil
 }
 
-func isText(ct string) bool { return strings.HasPrefix(base(ct), "text/") || base(ct) == "application/json" }
-
+func isText(ct string) bool {
+	return strings.HasPrefix(base(ct), "text/") || base(ct) == "application/json"
+}

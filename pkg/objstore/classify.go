@@ -1,0 +1,80 @@
+package objstore
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/aws/smithy-go"
+)
+
+// Failure classifies an S3 error for failover and health.
+type Failure int
+
+const (
+	// NotBucketFault: the request itself was wrong (4xx), or it was
+	// cancelled by our caller; another bucket would not help.
+	NotBucketFault Failure = iota
+	// BucketError: 5xx, connection reset or refused — try another bucket.
+	BucketError
+	// BucketThrottled: 429 (R2's throttling, which the SDK's retryer does
+	// not treat as retryable) or 503 SlowDown.
+	BucketThrottled
+	// BucketTimeout: the bucket did not answer in time.
+	BucketTimeout
+)
+
+// Classify tells whether err is the bucket's fault and how. callerCtx is
+// the request's context: its own cancellation is never the bucket's fault.
+func Classify(callerCtx context.Context, err error) Failure {
+	if err == nil || callerCtx.Err() != nil {
+		return NotBucketFault
+	}
+	var re *awshttp.ResponseError
+	if errors.As(err, &re) {
+		code := re.HTTPStatusCode()
+		switch {
+		case code == http.StatusTooManyRequests:
+			return BucketThrottled
+		case code == http.StatusServiceUnavailable:
+			return BucketThrottled
+		case code >= 500:
+			return BucketError
+		case code == http.StatusRequestTimeout:
+			return BucketTimeout
+		case code >= 400:
+			return NotBucketFault
+		}
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return BucketTimeout
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return BucketTimeout
+	}
+	// Resets, refused connections, truncated responses and the like.
+	return BucketError
+}
+
+// IsNotFound reports a missing key, bucket or upload.
+func IsNotFound(err error) bool {
+	var nk *types.NoSuchKey
+	var nu *types.NoSuchUpload
+	var nf *types.NotFound
+	if errors.As(err, &nk) || errors.As(err, &nu) || errors.As(err, &nf) {
+		return true
+	}
+	var ae smithy.APIError
+	if errors.As(err, &ae) {
+		switch ae.ErrorCode() {
+		case "NoSuchKey", "NoSuchUpload", "NotFound", "NoSuchBucket":
+			return true
+		}
+	}
+	var re *awshttp.ResponseError
+	return errors.As(err, &re) && re.HTTPStatusCode() == http.StatusNotFound
+}

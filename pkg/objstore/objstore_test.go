@@ -1,0 +1,113 @@
+package objstore_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+)
+
+func bucket(t *testing.T) *objstore.Bucket {
+	t.Helper()
+	g := testenv.S3(t)
+	name := testenv.NewBucket(t, g)
+	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func random(t *testing.T, n int) []byte {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestPutGetRangeDelete(t *testing.T) {
+	b := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	data := random(t, 100_000)
+	if _, err := b.Put(ctx, objstore.PutInput{Key: "k/1", ContentType: "application/octet-stream", Metadata: map[string]string{"a": "b"}}, data); err != nil {
+		t.Fatal(err)
+	}
+	body, info, err := b.Get(ctx, "k/1", 10, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(body)
+	body.Close()
+	if !bytes.Equal(got, data[10:110]) || info.Size != int64(len(data)) || info.ContentLength != 100 {
+		t.Fatalf("range read %d bytes, info %+v", len(got), info)
+	}
+	if err := b.Delete(ctx, "k/1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Head(ctx, "k/1"); !objstore.IsNotFound(err) {
+		t.Fatalf("head after delete: %v, want not found", err)
+	}
+	if err := b.Delete(ctx, "k/1"); err != nil {
+		t.Fatalf("deleting an absent key must succeed: %v", err)
+	}
+}
+
+// The gateway enforces S3's part rules, so this also proves our parts are
+// acceptable: equal 5 MiB parts and a smaller last one.
+func TestMultipart(t *testing.T) {
+	b := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const part = 5 << 20
+	data := random(t, 2*part+1234)
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var parts []objstore.Part
+	for i := 0; i*part < len(data); i++ {
+		end := min(len(data), (i+1)*part)
+		etag, err := b.UploadPart(ctx, "mp", id, int32(i+1), data[i*part:end])
+		if err != nil {
+			t.Fatal(err)
+		}
+		parts = append(parts, objstore.Part{Number: int32(i + 1), ETag: etag})
+	}
+	if _, err := b.CompleteMultipart(ctx, "mp", id, parts); err != nil {
+		t.Fatal(err)
+	}
+	body, _, err := b.Get(ctx, "mp", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(body)
+	body.Close()
+	if !bytes.Equal(got, data) {
+		t.Fatalf("multipart object differs: %d bytes", len(got))
+	}
+	// A small non-last part is rejected by the server: S3's rule.
+	id2, _ := b.CreateMultipart(ctx, objstore.PutInput{Key: "small", ContentType: "application/octet-stream"})
+	e1, _ := b.UploadPart(ctx, "small", id2, 1, data[:1000])
+	e2, _ := b.UploadPart(ctx, "small", id2, 2, data[:1000])
+	if _, err := b.CompleteMultipart(ctx, "small", id2, []objstore.Part{{1, e1}, {2, e2}}); err == nil {
+		t.Fatal("server accepted a 1000-byte non-last part")
+	}
+	if err := b.AbortMultipart(ctx, "small", id2); err != nil {
+		t.Fatal(err)
+	}
+	if c := objstore.Classify(ctx, errors.New("connection reset by peer")); c != objstore.BucketError {
+		t.Fatalf("reset classified as %v", c)
+	}
+}

@@ -1,0 +1,311 @@
+package objstore
+
+import (
+	"bytes"
+	"context"
+	"crypto/md5"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+)
+
+// Target says where a bucket lives (mirrors allocatorv1.BucketTarget so
+// this package does not depend on the API).
+type Target struct {
+	ID, Name, Endpoint, Region, CredentialsRef string
+	PathStyle                                  bool
+}
+
+// Options configure a Store.
+type Options struct {
+	Credentials Credentials
+	// CAFile is an extra PEM bundle to trust (self-signed dev gateway).
+	CAFile string
+	// SDKDefaultChecksums keeps aws-sdk-go-v2's default request checksums
+	// (CRC32 aws-chunked trailers). Off, checksums are sent only when an
+	// operation requires them, plus our own Content-MD5: the setting that
+	// works with every S3 server including R2 (see FIELD-NOTES).
+	SDKDefaultChecksums bool
+	// MaxConnsPerHost sizes the shared connection pool; default 64.
+	MaxConnsPerHost int
+	// CallTimeout bounds small calls (head, create, complete, delete);
+	// default 30s. DataTimeout bounds calls carrying a body; default 5m.
+	CallTimeout, DataTimeout time.Duration
+	// HTTPClient overrides the shared HTTP client (fault-injection tests).
+	HTTPClient aws.HTTPClient
+}
+
+// Store hands out cached bucket handles.
+type Store struct {
+	opts Options
+	http aws.HTTPClient
+
+	mu      sync.Mutex
+	clients map[clientKey]*s3.Client
+}
+
+type clientKey struct {
+	endpoint, region, ref string
+	pathStyle            bool
+}
+
+// New builds a store with one shared HTTP client.
+func New(opts Options) (*Store, error) {
+	if opts.Credentials == nil {
+		return nil, errors.New("objstore: credentials resolver is required")
+	}
+	if opts.MaxConnsPerHost == 0 {
+		opts.MaxConnsPerHost = 64
+	}
+	if opts.CallTimeout == 0 {
+		opts.CallTimeout = 30 * time.Second
+	}
+	if opts.DataTimeout == 0 {
+		opts.DataTimeout = 5 * time.Minute
+	}
+	hc := opts.HTTPClient
+	if hc == nil {
+		var pool *x509.CertPool
+		if opts.CAFile != "" {
+			pem, err := os.ReadFile(opts.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("objstore: read CA file: %w", err)
+			}
+			if pool, err = x509.SystemCertPool(); err != nil || pool == nil {
+				pool = x509.NewCertPool()
+			}
+			if !pool.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("objstore: no certificate in %s", opts.CAFile)
+			}
+		}
+		// A BuildableClient keeps AWS_CA_BUNDLE working for users who set it.
+		hc = awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) {
+			tr.MaxIdleConnsPerHost = opts.MaxConnsPerHost
+			tr.MaxIdleConns = 4 * opts.MaxConnsPerHost
+			tr.IdleConnTimeout = 90 * time.Second
+			if pool != nil {
+				tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+			}
+		})
+	}
+	return &Store{opts: opts, http: hc, clients: map[clientKey]*s3.Client{}}, nil
+}
+
+func (s *Store) client(t Target) (*s3.Client, error) {
+	k := clientKey{t.Endpoint, t.Region, t.CredentialsRef, t.PathStyle}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.clients[k]; ok {
+		return c, nil
+	}
+	cr, err := s.opts.Credentials.Resolve(t.CredentialsRef)
+	if err != nil {
+		return nil, err
+	}
+	region := t.Region
+	if region == "" {
+		region = "auto"
+	}
+	o := s3.Options{
+		Region:       region,
+		BaseEndpoint: aws.String(t.Endpoint),
+		Credentials:  credentials.NewStaticCredentialsProvider(cr.AccessKeyID, cr.SecretAccessKey, ""),
+		UsePathStyle: t.PathStyle,
+		HTTPClient:   s.http,
+		// bucketlb fails over to another bucket itself, so the SDK tries
+		// each request at most twice, and without the shared retry quota
+		// that empties under sustained failure ("retry quota exceeded").
+		Retryer: retry.NewStandard(func(o *retry.StandardOptions) {
+			o.MaxAttempts = 2
+			o.RateLimiter = ratelimit.None
+		}),
+	}
+	if !s.opts.SDKDefaultChecksums {
+		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired
+		o.ResponseChecksumValidation = aws.ResponseChecksumValidationWhenRequired
+	}
+	c := s3.New(o)
+	s.clients[k] = c
+	return c, nil
+}
+
+// Bucket is a handle on one bucket.
+type Bucket struct {
+	s      *Store
+	c      *s3.Client
+	Target Target
+}
+
+// Bucket returns a handle; clients are cached per account and credentials.
+func (s *Store) Bucket(t Target) (*Bucket, error) {
+	c, err := s.client(t)
+	if err != nil {
+		return nil, err
+	}
+	return &Bucket{s: s, c: c, Target: t}, nil
+}
+
+func contentMD5(b []byte) *string {
+	sum := md5.Sum(b)
+	return aws.String(base64.StdEncoding.EncodeToString(sum[:]))
+}
+
+// PutInput describes an object write.
+type PutInput struct {
+	Key, ContentType string
+	Metadata         map[string]string
+}
+
+// Put writes body in one PUT and returns the ETag.
+func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
+	defer cancel()
+	out, err := b.c.PutObject(ctx, &s3.PutObjectInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), Body: bytes.NewReader(body),
+		ContentLength: aws.Int64(int64(len(body))), ContentType: aws.String(in.ContentType),
+		ContentMD5: contentMD5(body), Metadata: in.Metadata,
+	})
+	if err != nil {
+		return "", fmt.Errorf("put %s/%s: %w", b.Target.Name, in.Key, err)
+	}
+	return aws.ToString(out.ETag), nil
+}
+
+// CreateMultipart starts a multipart upload.
+func (b *Bucket) CreateMultipart(ctx context.Context, in PutInput) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
+	defer cancel()
+	out, err := b.c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), ContentType: aws.String(in.ContentType), Metadata: in.Metadata,
+	})
+	if err != nil {
+		return "", fmt.Errorf("create multipart %s/%s: %w", b.Target.Name, in.Key, err)
+	}
+	return aws.ToString(out.UploadId), nil
+}
+
+// UploadPart writes part number n (from 1) and returns its ETag.
+func (b *Bucket) UploadPart(ctx context.Context, key, uploadID string, n int32, body []byte) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
+	defer cancel()
+	out, err := b.c.UploadPart(ctx, &s3.UploadPartInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID), PartNumber: aws.Int32(n),
+		Body: bytes.NewReader(body), ContentLength: aws.Int64(int64(len(body))), ContentMD5: contentMD5(body),
+	})
+	if err != nil {
+		return "", fmt.Errorf("upload part %d of %s/%s: %w", n, b.Target.Name, key, err)
+	}
+	return aws.ToString(out.ETag), nil
+}
+
+// Part is a completed part.
+type Part struct {
+	Number int32
+	ETag   string
+}
+
+// CompleteMultipart finishes an upload and returns the object's ETag.
+func (b *Bucket) CompleteMultipart(ctx context.Context, key, uploadID string, parts []Part) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
+	defer cancel()
+	cp := make([]types.CompletedPart, len(parts))
+	for i, p := range parts {
+		cp[i] = types.CompletedPart{PartNumber: aws.Int32(p.Number), ETag: aws.String(p.ETag)}
+	}
+	out, err := b.c.CompleteMultipartUpload(ctx, &s3.CompleteMultipartUploadInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID),
+		MultipartUpload: &types.CompletedMultipartUpload{Parts: cp},
+	})
+	if err != nil {
+		return "", fmt.Errorf("complete multipart %s/%s: %w", b.Target.Name, key, err)
+	}
+	return aws.ToString(out.ETag), nil
+}
+
+// AbortMultipart discards an upload's parts. It runs even when ctx has
+// ended: cleanup must not be skipped because the client went away.
+func (b *Bucket) AbortMultipart(ctx context.Context, key, uploadID string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.s.opts.CallTimeout)
+	defer cancel()
+	_, err := b.c.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID),
+	})
+	if err != nil && !IsNotFound(err) {
+		return fmt.Errorf("abort multipart %s/%s: %w", b.Target.Name, key, err)
+	}
+	return nil
+}
+
+// Delete removes an object; absent objects are not an error. Like Abort
+// it outlives ctx's cancellation.
+func (b *Bucket) Delete(ctx context.Context, key string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.s.opts.CallTimeout)
+	defer cancel()
+	_, err := b.c.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)})
+	if err != nil && !IsNotFound(err) {
+		return fmt.Errorf("delete %s/%s: %w", b.Target.Name, key, err)
+	}
+	return nil
+}
+
+// ObjectInfo describes a stored object.
+type ObjectInfo struct {
+	Size, ContentLength int64
+	ContentType, ETag   string
+	Metadata            map[string]string
+}
+
+// Get opens an object, optionally a range [offset, offset+length).
+// length 0 means to the end. The caller closes the body.
+func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.ReadCloser, ObjectInfo, error) {
+	in := &s3.GetObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)}
+	if offset > 0 || length > 0 {
+		r := fmt.Sprintf("bytes=%d-", offset)
+		if length > 0 {
+			r = fmt.Sprintf("bytes=%d-%d", offset, offset+length-1)
+		}
+		in.Range = aws.String(r)
+	}
+	out, err := b.c.GetObject(ctx, in)
+	if err != nil {
+		return nil, ObjectInfo{}, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
+	}
+	info := ObjectInfo{
+		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
+		ETag: aws.ToString(out.ETag), Metadata: out.Metadata, Size: aws.ToInt64(out.ContentLength),
+	}
+	if out.ContentRange != nil { // "bytes a-b/size"
+		var a, bb, size int64
+		if _, err := fmt.Sscanf(*out.ContentRange, "bytes %d-%d/%d", &a, &bb, &size); err == nil {
+			info.Size = size
+		}
+	}
+	return out.Body, info, nil
+}
+
+// Head returns an object's info.
+func (b *Bucket) Head(ctx context.Context, key string) (ObjectInfo, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
+	defer cancel()
+	out, err := b.c.HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)})
+	if err != nil {
+		return ObjectInfo{}, fmt.Errorf("head %s/%s: %w", b.Target.Name, key, err)
+	}
+	n := aws.ToInt64(out.ContentLength)
+	return ObjectInfo{Size: n, ContentLength: n, ContentType: aws.ToString(out.ContentType), ETag: aws.ToString(out.ETag), Metadata: out.Metadata}, nil
+}
