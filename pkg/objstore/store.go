@@ -61,7 +61,7 @@ type Store struct {
 
 type clientKey struct {
 	endpoint, region, ref string
-	pathStyle            bool
+	pathStyle             bool
 }
 
 // New builds a store with one shared HTTP client.

@@ -2,16 +2,99 @@ package cli
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 )
 
 func newDevCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var (
+		opts     devstack.Options
+		logLevel string
+	)
+	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run etcd, the allocator, the upload service and 3 local S3 buckets in one process",
+		Long: `dev starts the whole system with embedded defaults: an embedded etcd server, the
+allocator and the upload service on loopback gRPC ports, and three S3 buckets served by
+an in-process versitygw gateway that keeps objects on disk. Data persists in --data-dir
+across restarts. Ctrl-C stops everything cleanly.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return fmt.Errorf("dev stack not wired yet")
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level: %w", err)
+			}
+			opts.Logger = slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: level}))
+			ctx := cmd.Context()
+			st, err := devstack.Start(ctx, opts)
+			if err != nil {
+				return err
+			}
+			printBanner(g.out, st)
+			<-ctx.Done()
+			fmt.Fprintln(g.errOut, "\nstopping: draining gRPC servers, then S3 gateway and etcd...")
+			if err := st.Close(); err != nil {
+				return err
+			}
+			if err := st.Err(); err != nil {
+				return err
+			}
+			fmt.Fprintln(g.errOut, "stopped cleanly")
+			return nil
 		},
 	}
+	f := cmd.Flags()
+	f.StringVar(&opts.DataDir, "data-dir", ".data", "directory for etcd data, bucket contents and the admin token")
+	f.StringVar(&opts.EtcdAddr, "etcd-addr", "127.0.0.1:23790", "embedded etcd client address")
+	f.StringVar(&opts.AllocatorAddr, "allocator-listen", "127.0.0.1:7001", "allocator gRPC listen address")
+	f.StringVar(&opts.UploadAddr, "upload-listen", "127.0.0.1:7002", "upload service gRPC listen address")
+	f.StringVar(&opts.S3Addr, "s3-listen", "127.0.0.1:7070", "local S3 gateway listen address")
+	f.BoolVar(&opts.S3TLS, "s3-tls", false, "serve the local S3 gateway over HTTPS (self-signed)")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func printBanner(w io.Writer, st *devstack.Stack) {
+	names := make([]string, 0, len(st.Buckets))
+	for _, b := range st.Buckets {
+		names = append(names, fmt.Sprintf("%s (priority %d, limit %s)", b.GetName(), b.GetPriority(), human(b.GetMonthlyLimitBytes())))
+	}
+	cwdNote := ""
+	if wd, err := os.Getwd(); err == nil && !strings.HasPrefix(st.TokenFile, wd) {
+		cwdNote = " (outside the current directory)"
+	}
+	fmt.Fprintf(w, `
+bucketlb dev stack is running. Ctrl-C stops it.
+
+  upload service   %s   (gRPC, reflection on)
+  allocator/admin  %s   (gRPC, reflection on)
+  etcd             %s
+  local S3         %s   access key %s, secret %s, region %s, path style
+  buckets          %s
+  admin token      %s   (stored in %s%s)
+
+Try it (second shell, from the repository root):
+  head -c 20M /dev/urandom > /tmp/big.bin
+  bin/bucketctl upload /tmp/big.bin
+  bin/bucketctl get <bucket_id> <key> -o /tmp/back.bin && sha256sum /tmp/big.bin /tmp/back.bin
+  bin/bucketctl status
+
+  make grpcurl   # installs bin/grpcurl
+  bin/grpcurl -plaintext %s list
+  bin/grpcurl -plaintext -H "authorization: Bearer $(cat %s)" %s bucketlb.admin.v1.AdminService/GetStatus
+
+Look inside the buckets with any S3 tool, e.g.
+  AWS_ACCESS_KEY_ID=%s AWS_SECRET_ACCESS_KEY=%s aws --endpoint-url %s s3 ls s3://%s
+`,
+		st.UploadAddr, st.AllocatorAddr, st.Etcd.Endpoint,
+		st.S3.Endpoint, st.S3.AccessKey, st.S3.SecretKey, st.S3.Region,
+		strings.Join(names, ", "), st.AdminToken, st.TokenFile, cwdNote,
+		st.UploadAddr, st.TokenFile, st.AllocatorAddr,
+		st.S3.AccessKey, st.S3.SecretKey, st.S3.Endpoint, st.Buckets[0].GetName())
 }

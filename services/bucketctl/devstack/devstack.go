@@ -1,0 +1,235 @@
+// Package devstack runs all of bucketlb in one process with real parts:
+// an embedded etcd server, the allocator, the upload service and a local
+// S3 gateway (versitygw over a directory) holding three buckets. It is what
+// `bucketctl dev` runs, and what the end-to-end tests start.
+package devstack
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	"github.com/bucketlb/bucketlb/pkg/etcdembed"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/s3gw"
+)
+
+// CredentialsRef names the dev gateway's credentials in bucket specs.
+const CredentialsRef = "DEV_S3"
+
+// Options configure the stack. Zero values give `bucketctl dev` defaults;
+// tests pass "127.0.0.1:0" addresses and a temporary DataDir.
+type Options struct {
+	// DataDir keeps etcd data, bucket contents and the admin token, so a
+	// restarted stack finds its objects and usage again.
+	DataDir string
+	// Listen addresses.
+	EtcdAddr, AllocatorAddr, UploadAddr, S3Addr string
+	// S3TLS serves the local S3 endpoint over HTTPS with a self-signed
+	// certificate; the upload service then uses the SDK's default checksums
+	// over TLS, the path R2 clients take.
+	S3TLS bool
+	// Buckets overrides the three default buckets.
+	Buckets []*adminv1.BucketSpec
+	// ReservationTTL overrides the allocator's reservation lifetime.
+	ReservationTTL time.Duration
+	// Logger receives the services' logs.
+	Logger *slog.Logger
+}
+
+// Stack is a running dev system.
+type Stack struct {
+	Etcd          *etcdembed.Server
+	S3            *s3gw.Gateway
+	EtcdClient    *clientv3.Client
+	AllocatorAddr string
+	UploadAddr    string
+	AdminToken    string
+	TokenFile     string
+	Buckets       []*adminv1.BucketSpec
+
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errMu   sync.Mutex
+	runErr  error
+	closers []func() error
+}
+
+// DefaultBuckets are three buckets with different priorities and small
+// monthly limits, so spill-over to the next bucket is easy to see.
+func DefaultBuckets(endpoint string) []*adminv1.BucketSpec {
+	mk := func(id string, prio int32, limit int64) *adminv1.BucketSpec {
+		return &adminv1.BucketSpec{
+			Id: id, Name: id, Endpoint: endpoint, Region: s3gw.Region,
+			CredentialsRef: CredentialsRef, MonthlyLimitBytes: limit, Priority: prio,
+			Weight: 1, State: adminv1.BucketState_BUCKET_STATE_ACTIVE, PathStyle: true,
+		}
+	}
+	return []*adminv1.BucketSpec{
+		mk("dev-hot", 1, 64<<20),
+		mk("dev-warm", 2, 256<<20),
+		mk("dev-cold", 3, 1<<30),
+	}
+}
+
+func (o *Options) defaults() error {
+	if o.DataDir == "" {
+		o.DataDir = ".data"
+	}
+	// Absolute before anything starts: the S3 gateway changes the working
+	// directory (see package s3gw).
+	abs, err := filepath.Abs(o.DataDir)
+	if err != nil {
+		return fmt.Errorf("devstack: data dir: %w", err)
+	}
+	o.DataDir = abs
+	def := func(p *string, v string) {
+		if *p == "" {
+			*p = v
+		}
+	}
+	def(&o.EtcdAddr, "127.0.0.1:23790")
+	def(&o.AllocatorAddr, "127.0.0.1:7001")
+	def(&o.UploadAddr, "127.0.0.1:7002")
+	def(&o.S3Addr, "127.0.0.1:7070")
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return nil
+}
+
+// loadToken returns the admin token kept in dir, creating it on first use.
+func loadToken(dir string) (token, file string, err error) {
+	file = filepath.Join(dir, "admin-token")
+	if data, err := os.ReadFile(file); err == nil && len(strings.TrimSpace(string(data))) > 0 {
+		return strings.TrimSpace(string(data)), file, nil
+	}
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return "", "", err
+	}
+	token = hex.EncodeToString(b)
+	if err := os.WriteFile(file, []byte(token+"\n"), 0o600); err != nil {
+		return "", "", fmt.Errorf("devstack: write admin token: %w", err)
+	}
+	return token, file, nil
+}
+
+// Start brings the whole stack up and returns when every part serves.
+func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
+	if err := opts.defaults(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(opts.DataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("devstack: create data dir: %w", err)
+	}
+	s := &Stack{}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	if s.AdminToken, s.TokenFile, err = loadToken(opts.DataDir); err != nil {
+		return nil, err
+	}
+
+	s.Etcd, err = etcdembed.Start(ctx, etcdembed.Options{Dir: filepath.Join(opts.DataDir, "etcd"), ClientAddr: opts.EtcdAddr, LogLevel: "fatal"})
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, func() error { s.Etcd.Close(); return nil })
+	s.EtcdClient, err = clientv3.New(clientv3.Config{Endpoints: []string{s.Etcd.Endpoint}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("devstack: etcd client: %w", err)
+	}
+	s.closers = append(s.closers, s.EtcdClient.Close)
+
+	s.S3, err = s3gw.Start(ctx, s3gw.Options{Dir: filepath.Join(opts.DataDir, "s3"), Addr: opts.S3Addr, TLS: opts.S3TLS})
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, s.S3.Close)
+
+	s.Buckets = opts.Buckets
+	if s.Buckets == nil {
+		s.Buckets = DefaultBuckets(s.S3.Endpoint)
+	}
+	for _, b := range s.Buckets {
+		if err := s.S3.CreateBucket(ctx, b.GetName()); err != nil {
+			return nil, err
+		}
+	}
+
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.cancel = cancel
+	if err := s.startServices(runCtx, opts); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// listenAndServe starts srv on addr in the background and returns the
+// bound address.
+func (s *Stack) listenAndServe(ctx context.Context, addr string, srv *grpcserver.Server) (string, error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", fmt.Errorf("devstack: listen %s: %w", addr, err)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := srv.Serve(ctx, lis); err != nil {
+			s.setErr(err)
+		}
+	}()
+	return lis.Addr().String(), nil
+}
+
+func (s *Stack) setErr(err error) {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	if s.runErr == nil {
+		s.runErr = err
+	}
+}
+
+// Err returns the first error a background part reported, if any.
+func (s *Stack) Err() error {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	return s.runErr
+}
+
+// Dial connects a plain-text gRPC client to addr.
+func Dial(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+}
+
+// Close stops the services (gracefully), then the gateway and etcd.
+func (s *Stack) Close() error {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+	var errs []error
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		if err := s.closers[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

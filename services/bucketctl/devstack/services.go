@@ -1,0 +1,74 @@
+package devstack
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/mimecheck"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// startServices runs the allocator and the upload service on their own
+// gRPC servers, wired to each other over real loopback gRPC.
+func (s *Stack) startServices(ctx context.Context, opts Options) error {
+	log := opts.Logger
+	alloc, err := allocator.New(ctx, s.EtcdClient, allocator.Config{
+		Buckets:        s.Buckets,
+		AdminToken:     s.AdminToken,
+		ReservationTTL: opts.ReservationTTL,
+	}, log.With("service", "allocator"))
+	if err != nil {
+		return fmt.Errorf("devstack: allocator: %w", err)
+	}
+	s.closers = append(s.closers, alloc.Close)
+	unary, stream := alloc.Interceptors()
+	asrv := grpcserver.New(grpcserver.Options{
+		Logger: log.With("service", "allocator"), StopTimeout: 5 * time.Second,
+		UnaryInterceptors: []grpc.UnaryServerInterceptor{unary}, StreamInterceptors: []grpc.StreamServerInterceptor{stream},
+	})
+	alloc.Register(asrv.GRPC)
+	asrv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := alloc.Run(ctx); err != nil {
+			s.setErr(fmt.Errorf("allocator: %w", err))
+		}
+	}()
+	if s.AllocatorAddr, err = s.listenAndServe(ctx, opts.AllocatorAddr, asrv); err != nil {
+		return err
+	}
+
+	conn, err := Dial(s.AllocatorAddr)
+	if err != nil {
+		return fmt.Errorf("devstack: dial allocator: %w", err)
+	}
+	s.closers = append(s.closers, conn.Close)
+	up, err := uploader.New(uploader.Config{
+		Credentials: objstore.StaticCredentials{CredentialsRef: {s.S3.AccessKey, s.S3.SecretKey}},
+		CAFile:      s.S3.CAFile,
+		// Over TLS keep the SDK's default checksums: the path R2 clients take.
+		SDKDefaultChecksums: opts.S3TLS,
+		// The dev stack also takes arbitrary binary files (e.g. random test
+		// data); production keeps the images-and-documents default.
+		AllowedContentTypes: append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...),
+	}, allocatorv1.NewAllocatorServiceClient(conn), log.With("service", "upload"))
+	if err != nil {
+		return fmt.Errorf("devstack: upload service: %w", err)
+	}
+	s.closers = append(s.closers, up.Close)
+	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second})
+	up.Register(usrv.GRPC)
+	usrv.SetServing("bucketlb.upload.v1.UploadService")
+	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv); err != nil {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,52 @@
+package uploader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Domain errors. The first three are the client's fault.
+var (
+	errBadRequest  = errors.New("bad upload request")
+	errUnsupported = errors.New("not supported")
+	errNotFound    = errors.New("not found")
+	errBucket      = errors.New("bucket failed")
+)
+
+func badRequest(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", errBadRequest, fmt.Sprintf(format, a...))
+}
+
+// toStatus is the one place where errors become gRPC statuses. Statuses
+// from the allocator pass through unchanged: they already say what to do.
+func toStatus(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	var msg string
+	switch {
+	case errors.Is(err, errBadRequest):
+		msg = err.Error()
+		return status.Error(codes.InvalidArgument, msg[len(errBadRequest.Error())+2:])
+	case errors.Is(err, errUnsupported):
+		return status.Error(codes.Unimplemented, err.Error())
+	case errors.Is(err, errNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errBucket):
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
+		return err
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	}
+	return status.Error(codes.Internal, "upload service internal error: "+err.Error())
+}

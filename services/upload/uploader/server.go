@@ -1,0 +1,241 @@
+package uploader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/mimecheck"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+)
+
+// Allocator is what the upload service needs of the control plane.
+type Allocator interface {
+	Allocate(ctx context.Context, in *allocatorv1.AllocateRequest, opts ...grpc.CallOption) (*allocatorv1.AllocateResponse, error)
+	Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error)
+	Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error)
+	Release(ctx context.Context, in *allocatorv1.ReleaseRequest, opts ...grpc.CallOption) (*allocatorv1.ReleaseResponse, error)
+	ReportOutcome(ctx context.Context, in *allocatorv1.ReportOutcomeRequest, opts ...grpc.CallOption) (*allocatorv1.ReportOutcomeResponse, error)
+	LookupBucket(ctx context.Context, in *allocatorv1.LookupBucketRequest, opts ...grpc.CallOption) (*allocatorv1.LookupBucketResponse, error)
+}
+
+var _ Allocator = allocatorv1.AllocatorServiceClient(nil)
+
+// Config configures the upload service.
+type Config struct {
+	// MaxObjectSize is the largest accepted object; default 5 GiB.
+	MaxObjectSize int64
+	// AllowedContentTypes is the allowlist; empty means mimecheck.DefaultAllowed.
+	AllowedContentTypes []string
+	// PartSize is the smallest multipart part; objects up to one part go
+	// in one PUT. Default 8 MiB (S3's floor is 5 MiB).
+	PartSize int64
+	// MaxBucketAttempts bounds failover of small objects; default 3.
+	MaxBucketAttempts int
+	// PartAttempts bounds retries of one part on the same bucket; default 3.
+	PartAttempts int
+	// BackoffBase is the first failover backoff; default 50ms.
+	BackoffBase time.Duration
+	// Credentials resolve bucket credentials_ref. Required.
+	Credentials objstore.Credentials
+	// CAFile is an extra PEM bundle for S3 endpoints.
+	CAFile string
+	// SDKDefaultChecksums keeps the SDK's default request checksums.
+	SDKDefaultChecksums bool
+	// HTTPClient overrides the S3 HTTP client (tests).
+	HTTPClient aws.HTTPClient
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Server implements UploadService.
+type Server struct {
+	uploadv1.UnsafeUploadServiceServer
+
+	cfg   Config
+	alloc Allocator
+	store *objstore.Store
+	mime  *mimecheck.Checker
+	log   *slog.Logger
+}
+
+// New builds the service.
+func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
+	if cfg.MaxObjectSize == 0 {
+		cfg.MaxObjectSize = 5 << 30
+	}
+	if cfg.PartSize == 0 {
+		cfg.PartSize = 8 << 20
+	}
+	if cfg.PartSize < 5<<20 {
+		return nil, fmt.Errorf("uploader: part size %d is below S3's 5 MiB minimum", cfg.PartSize)
+	}
+	if cfg.MaxBucketAttempts == 0 {
+		cfg.MaxBucketAttempts = 3
+	}
+	if cfg.PartAttempts == 0 {
+		cfg.PartAttempts = 3
+	}
+	if cfg.BackoffBase == 0 {
+		cfg.BackoffBase = 50 * time.Millisecond
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	store, err := objstore.New(objstore.Options{
+		Credentials: cfg.Credentials, CAFile: cfg.CAFile, SDKDefaultChecksums: cfg.SDKDefaultChecksums, HTTPClient: cfg.HTTPClient,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log}, nil
+}
+
+// Register adds the UploadService to r.
+func (s *Server) Register(r grpc.ServiceRegistrar) { uploadv1.RegisterUploadServiceServer(r, s) }
+
+// Close releases nothing yet; it exists so callers stop services uniformly.
+func (s *Server) Close() error { return nil }
+
+func bucketTarget(t *allocatorv1.BucketTarget) objstore.Target {
+	return objstore.Target{ID: t.GetId(), Name: t.GetName(), Endpoint: t.GetEndpoint(), Region: t.GetRegion(),
+		CredentialsRef: t.GetCredentialsRef(), PathStyle: t.GetPathStyle()}
+}
+
+// report feeds the shared health model; failures to report are logged
+// only, since health is advisory.
+func (s *Server) report(ctx context.Context, bucketID string, err error, f objstore.Failure, latency time.Duration) {
+	out := allocatorv1.Outcome_OUTCOME_SUCCESS
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+		switch f {
+		case objstore.NotBucketFault:
+			return // our request or our caller, not the bucket
+		case objstore.BucketThrottled:
+			out = allocatorv1.Outcome_OUTCOME_THROTTLED
+		case objstore.BucketTimeout:
+			out = allocatorv1.Outcome_OUTCOME_TIMEOUT
+		default:
+			out = allocatorv1.Outcome_OUTCOME_ERROR
+		}
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if _, rerr := s.alloc.ReportOutcome(rctx, &allocatorv1.ReportOutcomeRequest{
+		BucketId: bucketID, Outcome: out, Latency: durationpb.New(latency), Error: msg,
+	}); rerr != nil {
+		s.log.Warn("could not report bucket outcome", "bucket", bucketID, "error", rerr.Error())
+	}
+}
+
+// release returns a reservation's capacity, even after the client left.
+func (s *Server) release(ctx context.Context, a *allocatorv1.AllocateResponse) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, err := s.alloc.Release(rctx, &allocatorv1.ReleaseRequest{ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId()}); err != nil {
+		// The reservation's lease returns the capacity within its TTL.
+		s.log.Warn("release failed; capacity returns when the reservation expires", "reservation", a.GetReservationId(), "error", err.Error())
+	}
+}
+
+// backoff waits base·2^attempt with full jitter, or until ctx ends.
+func (s *Server) backoff(ctx context.Context, attempt int) error {
+	d := s.cfg.BackoffBase << min(attempt, 6)
+	d = d/2 + time.Duration(rand.Int64N(int64(d)))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// GetObject implements UploadService.
+func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.UploadService_GetObjectServer) error {
+	ctx := stream.Context()
+	if req.GetOffset() < 0 || req.GetLength() < 0 {
+		return toStatus(ctx, badRequest("offset and length must not be negative"))
+	}
+	b, err := s.lookup(ctx, req.GetBucketId(), req.GetKey())
+	if err != nil {
+		return toStatus(ctx, err)
+	}
+	body, info, err := b.Get(ctx, req.GetKey(), req.GetOffset(), req.GetLength())
+	if err != nil {
+		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
+	}
+	defer body.Close()
+	if err := stream.Send(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
+		BucketId: req.GetBucketId(), Key: req.GetKey(), Size: info.Size, ContentType: info.ContentType,
+		Etag: info.ETag, Metadata: info.Metadata, ContentLength: info.ContentLength,
+	}}}); err != nil {
+		return err
+	}
+	buf := make([]byte, 256<<10)
+	for {
+		n, rerr := io.ReadFull(body, buf)
+		if n > 0 {
+			if err := stream.Send(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Chunk{Chunk: buf[:n]}}); err != nil {
+				return err
+			}
+		}
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if rerr != nil {
+			return toStatus(ctx, fmt.Errorf("%w: reading %s from bucket %s broke off: %v", errBucket, req.GetKey(), req.GetBucketId(), rerr))
+		}
+	}
+}
+
+// DeleteObject implements UploadService. Deleting does not return
+// capacity: the monthly budget counts bytes written in the period.
+func (s *Server) DeleteObject(ctx context.Context, req *uploadv1.DeleteObjectRequest) (*uploadv1.DeleteObjectResponse, error) {
+	b, err := s.lookup(ctx, req.GetBucketId(), req.GetKey())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	if err := b.Delete(ctx, req.GetKey()); err != nil {
+		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "delete"))
+	}
+	return &uploadv1.DeleteObjectResponse{}, nil
+}
+
+// QueryUpload implements UploadService.
+func (s *Server) QueryUpload(ctx context.Context, req *uploadv1.QueryUploadRequest) (*uploadv1.QueryUploadResponse, error) {
+	return nil, toStatus(ctx, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported))
+}
+
+func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bucket, error) {
+	if bucketID == "" || key == "" {
+		return nil, badRequest("bucket_id and key are required")
+	}
+	resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
+	if err != nil {
+		return nil, err
+	}
+	return s.store.Bucket(bucketTarget(resp.GetBucket()))
+}
+
+func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, err error, op string) error {
+	if objstore.IsNotFound(err) {
+		return fmt.Errorf("%w: no such object in bucket %s", errNotFound, b.Target.ID)
+	}
+	if f := objstore.Classify(ctx, err); f != objstore.NotBucketFault {
+		return fmt.Errorf("%w: could not %s in bucket %s: %v", errBucket, op, b.Target.ID, err)
+	}
+	return fmt.Errorf("%s in bucket %s: %w", op, b.Target.ID, err)
+}

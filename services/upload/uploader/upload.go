@@ -1,0 +1,435 @@
+package uploader
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/mimecheck"
+	"github.com/bucketlb/bucketlb/pkg/objectkey"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+)
+
+var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// upload is the state of one Upload call.
+type upload struct {
+	hdr    *uploadv1.UploadHeader
+	key    string
+	size   int64
+	in     objstore.PutInput
+	reader *chunkReader
+	head   []byte // first bytes, already read for sniffing
+}
+
+// Upload implements UploadService.
+func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
+	ctx := stream.Context()
+	resp, err := s.upload(ctx, stream)
+	if err != nil {
+		st := toStatus(ctx, err)
+		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message())
+		return st
+	}
+	return stream.SendAndClose(resp)
+}
+
+func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer) (*uploadv1.UploadResponse, error) {
+	first, err := stream.Recv()
+	if errors.Is(err, io.EOF) {
+		return nil, badRequest("the stream ended before a header; send a header as the first message")
+	}
+	if err != nil {
+		return nil, err
+	}
+	hdr := first.GetHeader()
+	if hdr == nil {
+		return nil, badRequest("the first message must be a header, but it was a data chunk")
+	}
+	u, err := s.validate(hdr)
+	if err != nil {
+		return nil, err
+	}
+	u.reader = &chunkReader{stream: stream, size: u.size}
+	u.head = make([]byte, min(u.size, mimecheck.SniffLen))
+	if err := u.reader.fill(u.head); err != nil {
+		return nil, err
+	}
+	if err := s.mime.CheckData(hdr.GetContentType(), u.head); err != nil {
+		return nil, badRequest("%v", err)
+	}
+	if u.size <= s.cfg.PartSize {
+		return s.uploadSmall(ctx, u)
+	}
+	return s.uploadLarge(ctx, u)
+}
+
+func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
+	switch {
+	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
+		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
+	case hdr.GetIdempotencyKey() != "":
+		return nil, fmt.Errorf("%w: idempotency keys are not enabled on this server yet", errUnsupported)
+	case hdr.GetSize() <= 0:
+		return nil, badRequest("the header must declare the object's size in bytes (got %d)", hdr.GetSize())
+	case hdr.GetSize() > s.cfg.MaxObjectSize:
+		return nil, badRequest("the object is %d bytes; this service accepts at most %d", hdr.GetSize(), s.cfg.MaxObjectSize)
+	case hdr.GetSha256() != "" && !sha256Hex.MatchString(hdr.GetSha256()):
+		return nil, badRequest("sha256 must be 64 lowercase hex characters")
+	}
+	if err := s.mime.CheckDeclared(hdr.GetContentType()); err != nil {
+		return nil, badRequest("%v", err)
+	}
+	key := hdr.GetKey()
+	if key == "" {
+		if hdr.GetNameHint() == "" {
+			return nil, badRequest("give a key or a name_hint to build one from")
+		}
+		key = objectkey.FromName(hdr.GetNameHint(), s.cfg.Now())
+	}
+	if err := objectkey.Validate(key); err != nil {
+		return nil, badRequest("%v", err)
+	}
+	for k := range hdr.GetMetadata() {
+		if k == "" || strings.ContainsAny(k, " \t\r\n:") {
+			return nil, badRequest("metadata key %q is not a valid header name", k)
+		}
+	}
+	return &upload{
+		hdr: hdr, key: key, size: hdr.GetSize(),
+		in: objstore.PutInput{Key: key, ContentType: hdr.GetContentType(), Metadata: hdr.GetMetadata()},
+	}, nil
+}
+
+func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*allocatorv1.AllocateResponse, error) {
+	return s.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{
+		Size: u.size, AffinityKey: u.hdr.GetAffinityKey(), ExcludeBucketIds: exclude,
+	})
+}
+
+// uploadSmall buffers the object once and PUTs it, failing over to the
+// next bucket the allocator picks when a bucket fails.
+func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
+	body := make([]byte, u.size)
+	copy(body, u.head)
+	if err := u.reader.fill(body[len(u.head):]); err != nil {
+		return nil, err
+	}
+	if err := u.reader.Finish(); err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(body)
+	digest := hex.EncodeToString(sum[:])
+	// Checked before anything is stored: a mismatch leaves nothing behind.
+	if want := u.hdr.GetSha256(); want != "" && want != digest {
+		return nil, badRequest("sha256 of the received data is %s but the header declared %s", digest, want)
+	}
+	var exclude []string
+	var lastErr error
+	for attempt := 0; attempt < s.cfg.MaxBucketAttempts; attempt++ {
+		if attempt > 0 {
+			if err := s.backoff(ctx, attempt-1); err != nil {
+				return nil, err
+			}
+		}
+		a, err := s.allocate(ctx, u, exclude)
+		if err != nil {
+			if lastErr != nil && status.Code(err) != codes.InvalidArgument {
+				return nil, fmt.Errorf("%w: %d bucket(s) failed (last: %v) and no other bucket is available: %v", errBucket, attempt, lastErr, status.Convert(err).Message())
+			}
+			return nil, err
+		}
+		b, err := s.store.Bucket(bucketTarget(a.GetBucket()))
+		if err != nil {
+			s.release(ctx, a)
+			return nil, err
+		}
+		start := time.Now()
+		etag, err := b.Put(ctx, u.in, body)
+		f := objstore.Classify(ctx, err)
+		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(start))
+		if err == nil {
+			return s.commit(ctx, u, a, b, etag, digest, func() { _ = b.Delete(ctx, u.key) })
+		}
+		s.release(ctx, a)
+		if f == objstore.NotBucketFault {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, fmt.Errorf("bucket %s rejected the object: %w", a.GetBucket().GetId(), err)
+		}
+		s.log.Warn("bucket failed; trying another", "bucket", a.GetBucket().GetId(), "attempt", attempt+1, "error", err.Error())
+		lastErr = err
+		exclude = append(exclude, a.GetBucket().GetId())
+	}
+	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
+}
+
+// commit records usage and answers; if it cannot, it removes the object
+// (undo) and returns the capacity, so a client never sees success for
+// bytes that are not counted, nor leaves uncounted bytes behind.
+func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, etag, digest string, undo func()) (*uploadv1.UploadResponse, error) {
+	req := &allocatorv1.CommitRequest{
+		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
+		Size: u.size, Key: u.key, Etag: etag, Sha256: digest,
+	}
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if ctx.Err() != nil {
+			break
+		}
+		// Commit is idempotent, so an ambiguous failure is simply retried.
+		if _, err = s.alloc.Commit(ctx, req); err == nil {
+			return &uploadv1.UploadResponse{
+				BucketId: a.GetBucket().GetId(), BucketName: a.GetBucket().GetName(), Key: u.key,
+				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: digest, Etag: etag,
+			}, nil
+		}
+		if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
+			break
+		}
+		if s.backoff(ctx, attempt) != nil {
+			break
+		}
+	}
+	undo()
+	s.release(ctx, a)
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	return nil, fmt.Errorf("%w: the object was written but its usage could not be recorded, so it was removed: %v", errBucket, status.Convert(err).Message())
+}
+
+func publicURL(base, key string) string {
+	if base == "" {
+		return ""
+	}
+	return strings.TrimSuffix(base, "/") + "/" + key
+}
+
+// partSize keeps every part equal (R2 rejects unequal parts) and within
+// S3's 10,000-part limit, rounded up to whole MiB.
+func (s *Server) partSize(size int64) int64 {
+	p := s.cfg.PartSize
+	if min := (size + 9999) / 10000; min > p {
+		p = (min + (1<<20 - 1)) &^ (1<<20 - 1)
+	}
+	return p
+}
+
+// uploadLarge streams a multipart upload with equal parts: one part being
+// filled from the stream while at most one more is in flight, so memory
+// stays at two parts per stream.
+func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
+	partSize := s.partSize(u.size)
+	a, b, mpID, err := s.startMultipart(ctx, u)
+	if err != nil {
+		return nil, err
+	}
+	bucketID := a.GetBucket().GetId()
+	abort := func() {
+		if err := b.AbortMultipart(ctx, u.key, mpID); err != nil {
+			s.log.Warn("abort failed; the bucket's lifecycle rule removes the parts", "bucket", bucketID, "key", u.key, "error", err.Error())
+		}
+	}
+	fail := func(err error) (*uploadv1.UploadResponse, error) {
+		abort()
+		s.release(ctx, a)
+		return nil, err
+	}
+
+	upCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	renewDone := s.keepRenewing(upCtx, a, cancel)
+	defer renewDone()
+
+	h := sha256.New()
+	nParts := int((u.size + partSize - 1) / partSize)
+	parts := make([]objstore.Part, nParts)
+	free := make(chan []byte, 2)
+	free <- make([]byte, partSize)
+	free <- make([]byte, partSize)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var partErr error
+	start := time.Now()
+	headLeft := u.head
+	for i := 0; i < nParts; i++ {
+		var buf []byte
+		select {
+		case buf = <-free:
+		case <-upCtx.Done():
+		}
+		if buf == nil {
+			break
+		}
+		n := min(partSize, u.size-int64(i)*partSize)
+		buf = buf[:n]
+		c := copy(buf, headLeft)
+		headLeft = headLeft[c:]
+		if err := u.reader.fill(buf[c:]); err != nil {
+			cancel(err)
+			break
+		}
+		hashWrite(h, buf)
+		wg.Add(1)
+		go func(num int32, data []byte) {
+			defer wg.Done()
+			etag, err := s.uploadPart(upCtx, b, u.key, mpID, num, data)
+			if err != nil {
+				once.Do(func() { partErr = err })
+				cancel(err)
+				return
+			}
+			parts[num-1] = objstore.Part{Number: num, ETag: etag}
+			free <- data[:cap(data)]
+		}(int32(i+1), buf)
+	}
+	wg.Wait()
+	if upCtx.Err() != nil {
+		cause := context.Cause(upCtx)
+		switch {
+		case ctx.Err() != nil:
+			return fail(ctx.Err())
+		case errors.Is(cause, errBadRequest), errors.Is(cause, errBucket):
+			return fail(cause)
+		case partErr != nil:
+			return fail(fmt.Errorf("%w: bucket %s failed during the upload, which was aborted; retry the upload: %v", errBucket, bucketID, partErr))
+		}
+		return fail(cause)
+	}
+	if err := u.reader.Finish(); err != nil {
+		return fail(err)
+	}
+	digest := hex.EncodeToString(h.Sum(nil))
+	if want := u.hdr.GetSha256(); want != "" && want != digest {
+		return fail(badRequest("sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
+	}
+	etag, err := b.CompleteMultipart(ctx, u.key, mpID, parts)
+	f := objstore.Classify(ctx, err)
+	s.report(ctx, bucketID, err, f, time.Since(start)/time.Duration(nParts+1))
+	if err != nil {
+		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
+	}
+	renewDone()
+	return s.commit(ctx, u, a, b, etag, digest, func() { _ = b.Delete(ctx, u.key) })
+}
+
+func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }
+
+// startMultipart allocates and creates the multipart upload, failing over
+// to other buckets: no part has been sent yet, so nothing is lost.
+func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.AllocateResponse, *objstore.Bucket, string, error) {
+	var exclude []string
+	var lastErr error
+	for attempt := 0; attempt < s.cfg.MaxBucketAttempts; attempt++ {
+		if attempt > 0 {
+			if err := s.backoff(ctx, attempt-1); err != nil {
+				return nil, nil, "", err
+			}
+		}
+		a, err := s.allocate(ctx, u, exclude)
+		if err != nil {
+			if lastErr != nil {
+				return nil, nil, "", fmt.Errorf("%w: %d bucket(s) failed (last: %v) and no other is available: %v", errBucket, attempt, lastErr, status.Convert(err).Message())
+			}
+			return nil, nil, "", err
+		}
+		b, err := s.store.Bucket(bucketTarget(a.GetBucket()))
+		if err != nil {
+			s.release(ctx, a)
+			return nil, nil, "", err
+		}
+		t0 := time.Now()
+		id, err := b.CreateMultipart(ctx, u.in)
+		f := objstore.Classify(ctx, err)
+		if err == nil {
+			return a, b, id, nil
+		}
+		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
+		s.release(ctx, a)
+		if f == objstore.NotBucketFault {
+			return nil, nil, "", err
+		}
+		lastErr = err
+		exclude = append(exclude, a.GetBucket().GetId())
+	}
+	return nil, nil, "", fmt.Errorf("%w: could not start the upload on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
+}
+
+// uploadPart retries one part on the same bucket with backoff.
+func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte) (string, error) {
+	var err error
+	for attempt := 0; attempt < s.cfg.PartAttempts; attempt++ {
+		if attempt > 0 {
+			if berr := s.backoff(ctx, attempt-1); berr != nil {
+				return "", berr
+			}
+		}
+		t0 := time.Now()
+		var etag string
+		etag, err = b.UploadPart(ctx, key, mpID, num, data)
+		if err == nil {
+			return etag, nil
+		}
+		f := objstore.Classify(ctx, err)
+		s.report(ctx, b.Target.ID, err, f, time.Since(t0))
+		if f == objstore.NotBucketFault {
+			return "", err
+		}
+	}
+	return "", err
+}
+
+// keepRenewing renews the reservation every third of its lifetime until
+// stopped. If the allocator says the reservation is lost, it cancels the
+// upload: bytes no live reservation covers must not be committed.
+func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, cancel context.CancelCauseFunc) func() {
+	ttl := time.Until(a.GetExpiresAt().AsTime())
+	if ttl <= 0 {
+		ttl = 3 * time.Second
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(max(ttl/3, 500*time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+			_, err := s.alloc.Renew(rctx, &allocatorv1.RenewRequest{
+				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
+			})
+			rcancel()
+			if status.Code(err) == codes.FailedPrecondition {
+				cancel(fmt.Errorf("%w: the reservation for this upload lapsed and the bucket has no room to grant it again", errBucket))
+				return
+			}
+			if err != nil {
+				s.log.Warn("renew failed; will retry", "reservation", a.GetReservationId(), "error", err.Error())
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(stop); <-done }) }
+}
