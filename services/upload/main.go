@@ -1,0 +1,92 @@
+// Command upload runs bucketlb's data plane: clients stream files to it
+// over gRPC and it stores them in the bucket the allocator picks.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+func main() {
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	if err := run(log); err != nil {
+		log.Error("upload service stopped", "error", err.Error())
+		os.Exit(1)
+	}
+}
+
+func run(log *slog.Logger) error {
+	cfgPath := flag.String("config", "", "YAML config file (optional; BUCKETLB_* environment variables override)")
+	listen := flag.String("listen", "", "gRPC listen address (overrides upload.listen)")
+	flag.Parse()
+
+	cfg, err := config.Load(*cfgPath, os.Getenv)
+	if err != nil {
+		return err
+	}
+	if *listen != "" {
+		cfg.Upload.Listen = *listen
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	// round_robin over a headless Service's addresses (dns:///allocator:7001)
+	// balances calls, not connections.
+	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
+	)
+	if err != nil {
+		return fmt.Errorf("allocator client: %w", err)
+	}
+	defer conn.Close()
+
+	up, err := uploader.New(uploader.Config{
+		MaxObjectSize:       int64(cfg.Upload.MaxObjectSize),
+		AllowedContentTypes: cfg.Upload.AllowedContentTypes,
+		MaxBucketAttempts:   cfg.Upload.MaxBucketAttempts,
+		Credentials:         objstore.EnvCredentials{Dir: cfg.Upload.CredentialsDir},
+		CAFile:              cfg.Upload.CAFile,
+	}, allocatorv1.NewAllocatorServiceClient(conn), log)
+	if err != nil {
+		return err
+	}
+	defer up.Close()
+
+	srv := grpcserver.New(grpcserver.Options{
+		Logger:           log,
+		DrainDelay:       2 * time.Second,
+		StopTimeout:      cfg.Upload.StopTimeout.D(),
+		MaxConnectionAge: 10 * time.Minute,
+	})
+	up.Register(srv.GRPC)
+	srv.SetServing("bucketlb.upload.v1.UploadService")
+	lis, err := net.Listen("tcp", cfg.Upload.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	log.Info("upload service serving", "addr", lis.Addr().String(), "allocator", cfg.Upload.AllocatorAddr)
+	if err := srv.Serve(ctx, lis); err != nil {
+		return err
+	}
+	log.Info("upload service stopped cleanly")
+	return nil
+}
