@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -65,10 +64,6 @@ func printBanner(w io.Writer, st *devstack.Stack) {
 	for _, b := range st.Buckets {
 		names = append(names, fmt.Sprintf("%s (priority %d, limit %s)", b.GetName(), b.GetPriority(), human(b.GetMonthlyLimitBytes())))
 	}
-	cwdNote := ""
-	if wd, err := os.Getwd(); err == nil && !strings.HasPrefix(st.TokenFile, wd) {
-		cwdNote = " (outside the current directory)"
-	}
 	fmt.Fprintf(w, `
 bucketlb dev stack is running. Ctrl-C stops it.
 
@@ -77,7 +72,7 @@ bucketlb dev stack is running. Ctrl-C stops it.
   etcd             %s
   local S3         %s   access key %s, secret %s, region %s, path style
   buckets          %s
-  admin token      %s   (stored in %s%s)
+  admin token      %s   (stored in %s)
 
 Try it (second shell, from the repository root):
   head -c 20M /dev/urandom > /tmp/big.bin
@@ -94,7 +89,7 @@ Look inside the buckets with any S3 tool, e.g.
 `,
 		st.UploadAddr, st.AllocatorAddr, st.Etcd.Endpoint,
 		st.S3.Endpoint, st.S3.AccessKey, st.S3.SecretKey, st.S3.Region,
-		strings.Join(names, ", "), st.AdminToken, st.TokenFile, cwdNote,
+		strings.Join(names, ", "), st.AdminToken, st.TokenFile,
 		st.UploadAddr, st.TokenFile, st.AllocatorAddr,
 		st.S3.AccessKey, st.S3.SecretKey, st.S3.Endpoint, st.Buckets[0].GetName())
 }
