@@ -26,6 +26,8 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
 // CredentialsRef names the dev gateway's credentials in bucket specs.
@@ -49,6 +51,11 @@ type Options struct {
 	ReservationTTL time.Duration
 	// Logger receives the services' logs.
 	Logger *slog.Logger
+	// Endpoint, if set, rewrites the S3 endpoint of each default bucket;
+	// fault tests put a fault-injecting proxy in front of one bucket.
+	Endpoint func(bucketID, gatewayEndpoint string) string
+	// Tune adjusts the services' configuration before they start.
+	Tune func(*allocator.Config, *uploader.Config)
 }
 
 // Stack is a running dev system.
@@ -167,6 +174,11 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 	s.Buckets = opts.Buckets
 	if s.Buckets == nil {
 		s.Buckets = DefaultBuckets(s.S3.Endpoint)
+		if opts.Endpoint != nil {
+			for _, b := range s.Buckets {
+				b.Endpoint = opts.Endpoint(b.GetId(), s.S3.Endpoint)
+			}
+		}
 	}
 	for _, b := range s.Buckets {
 		if err := s.S3.CreateBucket(ctx, b.GetName()); err != nil {

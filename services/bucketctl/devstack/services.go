@@ -19,11 +19,24 @@ import (
 // gRPC servers, wired to each other over real loopback gRPC.
 func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	log := opts.Logger
-	alloc, err := allocator.New(ctx, s.EtcdClient, allocator.Config{
+	acfg := allocator.Config{
 		Buckets:        s.Buckets,
 		AdminToken:     s.AdminToken,
 		ReservationTTL: opts.ReservationTTL,
-	}, log.With("service", "allocator"))
+	}
+	ucfg := uploader.Config{
+		Credentials: objstore.StaticCredentials{CredentialsRef: {s.S3.AccessKey, s.S3.SecretKey}},
+		CAFile:      s.S3.CAFile,
+		// Over TLS keep the SDK's default checksums: the path R2 clients take.
+		SDKDefaultChecksums: opts.S3TLS,
+		// The dev stack also takes arbitrary binary files (e.g. random test
+		// data); production keeps the images-and-documents default.
+		AllowedContentTypes: append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...),
+	}
+	if opts.Tune != nil {
+		opts.Tune(&acfg, &ucfg)
+	}
+	alloc, err := allocator.New(ctx, s.EtcdClient, acfg, log.With("service", "allocator"))
 	if err != nil {
 		return fmt.Errorf("devstack: allocator: %w", err)
 	}
@@ -51,15 +64,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		return fmt.Errorf("devstack: dial allocator: %w", err)
 	}
 	s.closers = append(s.closers, conn.Close)
-	up, err := uploader.New(uploader.Config{
-		Credentials: objstore.StaticCredentials{CredentialsRef: {s.S3.AccessKey, s.S3.SecretKey}},
-		CAFile:      s.S3.CAFile,
-		// Over TLS keep the SDK's default checksums: the path R2 clients take.
-		SDKDefaultChecksums: opts.S3TLS,
-		// The dev stack also takes arbitrary binary files (e.g. random test
-		// data); production keeps the images-and-documents default.
-		AllowedContentTypes: append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...),
-	}, allocatorv1.NewAllocatorServiceClient(conn), log.With("service", "upload"))
+	up, err := uploader.New(ucfg, allocatorv1.NewAllocatorServiceClient(conn), log.With("service", "upload"))
 	if err != nil {
 		return fmt.Errorf("devstack: upload service: %w", err)
 	}

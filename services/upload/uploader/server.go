@@ -52,6 +52,9 @@ type Config struct {
 	CAFile string
 	// SDKDefaultChecksums keeps the SDK's default request checksums.
 	SDKDefaultChecksums bool
+	// CallTimeout and DataTimeout bound each S3 call without and with a
+	// body; defaults 30s and 5m.
+	CallTimeout, DataTimeout time.Duration
 	// HTTPClient overrides the S3 HTTP client (tests).
 	HTTPClient aws.HTTPClient
 	// Now is the clock; default time.Now.
@@ -94,6 +97,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	store, err := objstore.New(objstore.Options{
 		Credentials: cfg.Credentials, CAFile: cfg.CAFile, SDKDefaultChecksums: cfg.SDKDefaultChecksums, HTTPClient: cfg.HTTPClient,
+		CallTimeout: cfg.CallTimeout, DataTimeout: cfg.DataTimeout,
 	})
 	if err != nil {
 		return nil, err

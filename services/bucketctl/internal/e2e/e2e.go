@@ -11,6 +11,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -36,14 +37,21 @@ type Env struct {
 
 // Start runs a dev stack on OS-chosen loopback ports in a temp dir.
 func Start(t *testing.T, tls bool) *Env {
+	return StartWith(t, devstack.Options{S3TLS: tls})
+}
+
+// StartWith runs a dev stack with opts, forcing OS-chosen loopback ports
+// and a temp data dir.
+func StartWith(t *testing.T, opts devstack.Options) *Env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	st, err := devstack.Start(ctx, devstack.Options{
-		DataDir:  t.TempDir(),
-		EtcdAddr: "127.0.0.1:0", AllocatorAddr: "127.0.0.1:0", UploadAddr: "127.0.0.1:0", S3Addr: "127.0.0.1:0",
-		S3TLS: tls,
-	})
+	opts.DataDir = t.TempDir()
+	opts.EtcdAddr, opts.AllocatorAddr, opts.UploadAddr, opts.S3Addr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	st, err := devstack.Start(ctx, opts)
 	if err != nil {
 		t.Fatalf("start dev stack: %v", err)
 	}

@@ -1,0 +1,138 @@
+// Package faultproxy is an HTTP reverse proxy that injects faults in
+// front of one S3 endpoint, so tests can make a single bucket fail while
+// the others work: 5xx answers, connection resets, stalls and throttling.
+// It also counts requests by method, which benchmarks use to show how
+// many billable S3 operations an upload costs.
+package faultproxy
+
+import (
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Mode is the fault injected.
+type Mode int32
+
+const (
+	// Pass forwards every request.
+	Pass Mode = iota
+	// Error5xx answers 500 InternalError.
+	Error5xx
+	// Reset closes the connection without an answer.
+	Reset
+	// Stall holds the request until the client gives up or StallFor ends.
+	Stall
+	// Throttle answers 429 like R2 does.
+	Throttle
+)
+
+// Proxy is a running fault-injecting proxy.
+type Proxy struct {
+	srv      *httptest.Server
+	mode     atomic.Int32
+	StallFor time.Duration
+
+	mu     sync.Mutex
+	counts map[string]int
+}
+
+// New starts a proxy on 127.0.0.1 in front of target (e.g. the gateway).
+func New(target string) (*Proxy, error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{StallFor: time.Minute, counts: map[string]int{}}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.Transport = &http.Transport{MaxIdleConnsPerHost: 64, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}
+	// Keep the Host header the client signed (SigV4 signs it).
+	director := rp.Director
+	rp.Director = func(r *http.Request) {
+		host := r.Host
+		director(r)
+		r.Host = host
+	}
+	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.count(r)
+		switch Mode(p.mode.Load()) {
+		case Error5xx:
+			w.Header().Set("Content-Type", "application/xml")
+			w.WriteHeader(http.StatusInternalServerError)
+			_, _ = w.Write([]byte(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>injected</Message></Error>`))
+			return
+		case Throttle:
+			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		case Reset:
+			if hj, ok := w.(http.Hijacker); ok {
+				if conn, _, err := hj.Hijack(); err == nil {
+					if tc, ok := conn.(*net.TCPConn); ok {
+						_ = tc.SetLinger(0) // RST instead of FIN
+					}
+					conn.Close()
+					return
+				}
+			}
+			panic(http.ErrAbortHandler)
+		case Stall:
+			select {
+			case <-r.Context().Done():
+			case <-time.After(p.StallFor):
+			}
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	return p, nil
+}
+
+// URL is the proxy's base URL.
+func (p *Proxy) URL() string { return p.srv.URL }
+
+// Set switches the fault mode; it applies to the next request.
+func (p *Proxy) Set(m Mode) { p.mode.Store(int32(m)) }
+
+// Close stops the proxy.
+func (p *Proxy) Close() { p.srv.CloseClientConnections(); p.srv.Close() }
+
+func (p *Proxy) count(r *http.Request) {
+	op := r.Method
+	q := r.URL.Query()
+	switch {
+	case r.Method == http.MethodPut && q.Has("partNumber"):
+		op = "UploadPart"
+	case r.Method == http.MethodPost && q.Has("uploads"):
+		op = "CreateMultipartUpload"
+	case r.Method == http.MethodPost && q.Has("uploadId"):
+		op = "CompleteMultipartUpload"
+	case r.Method == http.MethodDelete && q.Has("uploadId"):
+		op = "AbortMultipartUpload"
+	case r.Method == http.MethodPut:
+		op = "PutObject"
+	case r.Method == http.MethodGet:
+		op = "GetObject"
+	case r.Method == http.MethodHead:
+		op = "HeadObject"
+	case r.Method == http.MethodDelete:
+		op = "DeleteObject"
+	}
+	p.mu.Lock()
+	p.counts[op]++
+	p.mu.Unlock()
+}
+
+// Counts returns requests seen per S3 operation, and resets the counters.
+func (p *Proxy) Counts() map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c := p.counts
+	p.counts = map[string]int{}
+	return c
+}

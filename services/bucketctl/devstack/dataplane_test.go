@@ -1,0 +1,328 @@
+package devstack_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
+	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+func randomBytes(t *testing.T, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func hexSHA(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func put(ctx context.Context, env *e2e.Env, data []byte, hdr *uploadv1.UploadHeader) (*uploadv1.UploadResponse, error) {
+	if hdr == nil {
+		hdr = &uploadv1.UploadHeader{}
+	}
+	if hdr.NameHint == "" && hdr.Key == "" {
+		hdr.NameHint = "f.bin"
+	}
+	if hdr.ContentType == "" {
+		hdr.ContentType = "application/octet-stream"
+	}
+	if hdr.Size == 0 {
+		hdr.Size = int64(len(data))
+	}
+	return uploadclient.Upload(ctx, env.Upload, hdr, bytes.NewReader(data), uploadclient.Options{})
+}
+
+// The seed system's load test: 100 concurrent uploads, all readable with
+// matching sha256, and usage equal to the sum of their sizes.
+func TestHundredConcurrentUploads(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	usedBefore, _ := env.Usage(t)
+	type result struct {
+		resp *uploadv1.UploadResponse
+		sha  string
+	}
+	results := make([]result, 100)
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			size := 1024 + (i*7919)%(256<<10)
+			if i%25 == 0 {
+				size = 9 << 20 // a few multipart uploads in the mix
+			}
+			data := randomBytes(t, size)
+			resp, err := put(ctx, env, data, &uploadv1.UploadHeader{Sha256: hexSHA(data)})
+			if err != nil {
+				t.Errorf("upload %d: %v", i, err)
+				return
+			}
+			results[i] = result{resp, hexSHA(data)}
+		}(i)
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	sum := int64(0)
+	for i, r := range results {
+		var back bytes.Buffer
+		if _, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: r.resp.GetBucketId(), Key: r.resp.GetKey()}, &back, nil); err != nil {
+			t.Fatalf("get %d: %v", i, err)
+		}
+		if hexSHA(back.Bytes()) != r.sha {
+			t.Fatalf("object %d reads back differently", i)
+		}
+		sum += r.resp.GetSize()
+	}
+	used, reserved := env.Usage(t)
+	grew := int64(0)
+	for id, u := range used {
+		grew += u - usedBefore[id]
+	}
+	if grew != sum {
+		t.Fatalf("usage grew by %d, want the sum of sizes %d", grew, sum)
+	}
+	e2e.WaitNoReservations(t, env, reserved)
+}
+
+// A fault-injecting proxy in front of the priority-1 bucket: uploads keep
+// succeeding on the other buckets, and after 3 failures the bucket cools
+// down for every replica.
+func TestFailoverAndCooldown(t *testing.T) {
+	modes := []struct {
+		name string
+		mode faultproxy.Mode
+	}{
+		{"5xx", faultproxy.Error5xx},
+		{"connection reset", faultproxy.Reset},
+		{"throttled 429", faultproxy.Throttle},
+		{"stall", faultproxy.Stall},
+	}
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			var proxy *faultproxy.Proxy
+			env := e2e.StartWith(t, devstack.Options{
+				Endpoint: func(id, gw string) string {
+					if id != "dev-hot" {
+						return gw
+					}
+					p, err := faultproxy.New(gw)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(p.Close)
+					p.StallFor = 2 * time.Second
+					proxy = p
+					return p.URL()
+				},
+				Tune: func(_ *allocator.Config, u *uploader.Config) {
+					u.DataTimeout, u.CallTimeout = 500*time.Millisecond, 500*time.Millisecond
+					u.BackoffBase = time.Millisecond
+				},
+			})
+			proxy.Set(m.mode)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			for i := 0; i < 5; i++ {
+				data := randomBytes(t, 10_000)
+				resp, err := put(ctx, env, data, nil)
+				if err != nil {
+					t.Fatalf("upload %d failed despite healthy buckets: %v", i, err)
+				}
+				if resp.GetBucketId() == "dev-hot" {
+					t.Fatalf("upload %d landed on the failing bucket", i)
+				}
+			}
+			st, err := env.Admin.GetStatus(env.AdminCtx(ctx), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, b := range st.GetBuckets() {
+				if b.GetBucket().GetId() == "dev-hot" {
+					if !b.GetCoolingDown() || b.GetConsecutiveFailures() != 3 || b.GetHealthScore() >= 50 {
+						t.Fatalf("dev-hot: cooling=%v failures=%d score=%d; want cooling after exactly 3 failures, score < 50",
+							b.GetCoolingDown(), b.GetConsecutiveFailures(), b.GetHealthScore())
+					}
+				}
+			}
+			if objects, multiparts := env.ObjectCount(t); objects != 5 || multiparts != 0 {
+				t.Fatalf("%d objects and %d open multipart uploads, want exactly the 5 uploaded and none open", objects, multiparts)
+			}
+		})
+	}
+}
+
+// A client that cancels mid-stream leaves no object, no open multipart
+// upload, and gets its capacity back.
+func TestCancelMidStream(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	for _, size := range []int{1 << 20, 40 << 20} {
+		t.Run(fmt.Sprintf("%d bytes", size), func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			stream, err := env.Upload.Upload(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+				NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(size)}}}); err != nil {
+				t.Fatal(err)
+			}
+			chunk := randomBytes(t, 256<<10)
+			for sent := 0; sent < size*3/4; sent += len(chunk) {
+				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cancel()
+			deadline := time.Now().Add(15 * time.Second)
+			for {
+				objects, multiparts := env.ObjectCount(t)
+				_, reserved := env.Usage(t)
+				total := int64(0)
+				for _, r := range reserved {
+					total += r
+				}
+				if objects == 0 && multiparts == 0 && total == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("after cancel: %d objects, %d open multipart uploads, %d bytes reserved", objects, multiparts, total)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			used, _ := env.Usage(t)
+			for id, u := range used {
+				if u != 0 {
+					t.Fatalf("bucket %s counts %d bytes of a cancelled upload", id, u)
+				}
+			}
+		})
+	}
+}
+
+// Bad input: the right code, nothing stored, usage unchanged.
+func TestBadInputTable(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{Tune: func(_ *allocator.Config, u *uploader.Config) { u.MaxObjectSize = 32 << 20 }})
+	png := []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89")
+	big := randomBytes(t, 20<<20)
+	elf := append([]byte("\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00"), randomBytes(t, 100)...)
+	wrongSHA := hexSHA([]byte("something else"))
+	cases := []struct {
+		name string
+		data []byte
+		hdr  *uploadv1.UploadHeader
+		want codes.Code
+	}{
+		{"leading slash key", png, &uploadv1.UploadHeader{Key: "/abs.png", ContentType: "image/png"}, codes.InvalidArgument},
+		{"dotdot key", png, &uploadv1.UploadHeader{Key: "a/../b.png", ContentType: "image/png"}, codes.InvalidArgument},
+		{"control char key", png, &uploadv1.UploadHeader{Key: "a\x01.png", ContentType: "image/png"}, codes.InvalidArgument},
+		{"type not allowed", elf, &uploadv1.UploadHeader{ContentType: "application/x-msdownload"}, codes.InvalidArgument},
+		{"executable posing as binary", elf, &uploadv1.UploadHeader{ContentType: "application/octet-stream"}, codes.InvalidArgument},
+		{"text posing as png", []byte("just some text, not an image"), &uploadv1.UploadHeader{ContentType: "image/png"}, codes.InvalidArgument},
+		{"checksum mismatch small", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: wrongSHA}, codes.InvalidArgument},
+		{"checksum mismatch multipart", big, &uploadv1.UploadHeader{Sha256: wrongSHA}, codes.InvalidArgument},
+		{"malformed checksum", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: "xyz"}, codes.InvalidArgument},
+		{"too large", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: 64 << 20}, codes.InvalidArgument},
+		{"negative size", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: -1}, codes.InvalidArgument},
+		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument},
+		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented},
+	}
+	usedBefore, _ := env.Usage(t)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_, err := put(ctx, env, tc.data, tc.hdr)
+			if status.Code(err) != tc.want {
+				t.Fatalf("code %v (%v), want %v", status.Code(err), err, tc.want)
+			}
+			if len(status.Convert(err).Message()) < 15 {
+				t.Fatalf("message %q is not a sentence", status.Convert(err).Message())
+			}
+		})
+	}
+	objects, multiparts := env.ObjectCount(t)
+	if objects != 0 || multiparts != 0 {
+		t.Fatalf("bad input left %d objects and %d open multipart uploads", objects, multiparts)
+	}
+	used, reserved := env.Usage(t)
+	for id, u := range used {
+		if u != usedBefore[id] {
+			t.Fatalf("usage of %s changed on bad input: %d -> %d", id, usedBefore[id], u)
+		}
+	}
+	e2e.WaitNoReservations(t, env, reserved)
+}
+
+// R2 bills every PUT, part and list as a Class A operation: a small
+// upload costs exactly one PUT, a large one parts + 2.
+func TestS3RequestsPerUpload(t *testing.T) {
+	proxies := map[string]*faultproxy.Proxy{}
+	env := e2e.StartWith(t, devstack.Options{Endpoint: func(id, gw string) string {
+		p, err := faultproxy.New(gw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Close)
+		proxies[id] = p
+		return p.URL()
+	}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	count := func() map[string]int {
+		all := map[string]int{}
+		for _, p := range proxies {
+			for op, n := range p.Counts() {
+				all[op] += n
+			}
+		}
+		return all
+	}
+	count()
+	if _, err := put(ctx, env, randomBytes(t, 1024), nil); err != nil {
+		t.Fatal(err)
+	}
+	if c := count(); len(c) != 1 || c["PutObject"] != 1 {
+		t.Fatalf("small upload made S3 requests %v, want exactly one PutObject", c)
+	}
+	data := randomBytes(t, 20<<20) // 3 parts of 8 MiB
+	if _, err := put(ctx, env, data, nil); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{"CreateMultipartUpload": 1, "UploadPart": 3, "CompleteMultipartUpload": 1}
+	c := count()
+	if len(c) != len(want) {
+		t.Fatalf("large upload made S3 requests %v, want %v", c, want)
+	}
+	for op, n := range want {
+		if c[op] != n {
+			t.Fatalf("large upload made S3 requests %v, want %v", c, want)
+		}
+	}
+	_ = allocatorv1.Outcome_OUTCOME_SUCCESS
+}
