@@ -61,6 +61,10 @@ type Upload struct {
 	// StopTimeout bounds graceful shutdown; keep it longer than a typical
 	// upload and shorter than the pod's termination grace period.
 	StopTimeout Duration `json:"stopTimeout"`
+	// RateLimit is calls per second per client (0 disables); RateBurst
+	// the bucket size.
+	RateLimit float64 `json:"rateLimit"`
+	RateBurst int     `json:"rateBurst"`
 }
 
 // Bucket is one bucket seed as written in YAML.
@@ -96,6 +100,8 @@ func Defaults() File {
 			MaxObjectSize:     5 << 30,
 			MaxBucketAttempts: 3,
 			StopTimeout:       Duration(60 * time.Second),
+			RateLimit:         50,
+			RateBurst:         100,
 		},
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -71,12 +72,18 @@ func run(log *slog.Logger) error {
 	}
 	defer up.Close()
 
-	srv := grpcserver.New(grpcserver.Options{
+	opts := grpcserver.Options{
 		Logger:           log,
 		DrainDelay:       2 * time.Second,
 		StopTimeout:      cfg.Upload.StopTimeout.D(),
 		MaxConnectionAge: 10 * time.Minute,
-	})
+	}
+	if cfg.Upload.RateLimit > 0 {
+		lim := ratelimit.New(cfg.Upload.RateLimit, max(cfg.Upload.RateBurst, 1), nil)
+		opts.UnaryInterceptors = append(opts.UnaryInterceptors, lim.Unary)
+		opts.StreamInterceptors = append(opts.StreamInterceptors, lim.Stream)
+	}
+	srv := grpcserver.New(opts)
 	up.Register(srv.GRPC)
 	srv.SetServing("bucketlb.upload.v1.UploadService")
 	lis, err := net.Listen("tcp", cfg.Upload.Listen)
