@@ -36,7 +36,7 @@ func spec(id string, prio int32, limit int64) *adminv1.BucketSpec {
 }
 
 // startReplica runs an allocator on its own etcd client and gRPC server.
-func startReplica(t *testing.T, cli *clientv3.Client, cfg allocator.Config) replica {
+func startReplica(t testing.TB, cli *clientv3.Client, cfg allocator.Config) replica {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
