@@ -24,7 +24,7 @@ import (
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
-func randomBytes(t *testing.T, n int) []byte {
+func randomBytes(t testing.TB, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {

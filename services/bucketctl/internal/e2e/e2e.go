@@ -36,13 +36,13 @@ type Env struct {
 }
 
 // Start runs a dev stack on OS-chosen loopback ports in a temp dir.
-func Start(t *testing.T, tls bool) *Env {
+func Start(t testing.TB, tls bool) *Env {
 	return StartWith(t, devstack.Options{S3TLS: tls})
 }
 
 // StartWith runs a dev stack with opts, forcing OS-chosen loopback ports
 // and a temp data dir.
-func StartWith(t *testing.T, opts devstack.Options) *Env {
+func StartWith(t testing.TB, opts devstack.Options) *Env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -86,7 +86,7 @@ func (e *Env) AdminCtx(ctx context.Context) context.Context {
 }
 
 // Usage returns committed and reserved bytes per bucket id.
-func (e *Env) Usage(t *testing.T) (used, reserved map[string]int64) {
+func (e *Env) Usage(t testing.TB) (used, reserved map[string]int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -104,7 +104,7 @@ func (e *Env) Usage(t *testing.T) (used, reserved map[string]int64) {
 
 // ObjectCount counts objects and open multipart uploads over all buckets,
 // read straight from the gateway.
-func (e *Env) ObjectCount(t *testing.T) (objects, multiparts int) {
+func (e *Env) ObjectCount(t testing.TB) (objects, multiparts int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -1,0 +1,147 @@
+package devstack_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
+	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+func runFor(workers int, d time.Duration, fn func(w int) error) (float64, []time.Duration, error) {
+	var mu sync.Mutex
+	var lat []time.Duration
+	var firstErr error
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				t0 := time.Now()
+				err := fn(w)
+				mu.Lock()
+				if err != nil && firstErr == nil {
+					firstErr = err
+				}
+				if err == nil {
+					lat = append(lat, time.Since(t0))
+				}
+				mu.Unlock()
+				if err != nil {
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	return float64(len(lat)) / time.Since(start).Seconds(), lat, firstErr
+}
+
+func q(lat []time.Duration, p float64) time.Duration {
+	if len(lat) == 0 {
+		return 0
+	}
+	return lat[min(len(lat)-1, int(float64(len(lat))*p))]
+}
+
+// BenchmarkUploadPath compares the service with direct aws-sdk-go-v2 calls
+// to the same local S3 gateway in the same run: 256 MiB multipart
+// throughput, and 1 KiB uploads/s and latency at 16 concurrent clients.
+func BenchmarkUploadPath(b *testing.B) {
+	env := e2e.StartWith(b, devstack.Options{Tune: func(a *allocator.Config, _ *uploader.Config) {
+		for _, bk := range a.Buckets {
+			bk.MonthlyLimitBytes = 1 << 40
+		}
+	}})
+	ctx := context.Background()
+	gw := env.Stack.S3
+	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {gw.AccessKey, gw.SecretKey}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	direct, err := store.Bucket(objstore.Target{ID: "dev-cold", Name: "dev-cold", Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+
+	// Large: 256 MiB, 8 MiB parts, 2 in flight on both sides.
+	big := randomBytes(b, 256<<20)
+	const part = 8 << 20
+	t0 := time.Now()
+	id, err := direct.CreateMultipart(ctx, objstore.PutInput{Key: "bench/direct", ContentType: "application/octet-stream"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	parts := make([]objstore.Part, len(big)/part)
+	sem := make(chan struct{}, 2)
+	var wg sync.WaitGroup
+	for i := range parts {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			etag, err := direct.UploadPart(ctx, "bench/direct", id, int32(i+1), big[i*part:(i+1)*part])
+			if err != nil {
+				b.Error(err)
+			}
+			parts[i] = objstore.Part{Number: int32(i + 1), ETag: etag}
+		}(i)
+	}
+	wg.Wait()
+	if _, err := direct.CompleteMultipart(ctx, "bench/direct", id, parts); err != nil {
+		b.Fatal(err)
+	}
+	directMBs := float64(len(big)) / (1 << 20) / time.Since(t0).Seconds()
+	t0 = time.Now()
+	if _, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(big))},
+		bytes.NewReader(big), uploadclient.Options{ChunkSize: 1 << 20}); err != nil {
+		b.Fatal(err)
+	}
+	serviceMBs := float64(len(big)) / (1 << 20) / time.Since(t0).Seconds()
+
+	// Small: 1 KiB at c=16.
+	small := randomBytes(b, 1024)
+	const dur = 4 * time.Second
+	directRate, directLat, err := runFor(16, dur, func(w int) error {
+		_, err := direct.Put(ctx, objstore.PutInput{Key: fmt.Sprintf("bench/small/%d/%d", w, time.Now().UnixNano()), ContentType: "application/octet-stream"}, small)
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	svcRate, svcLat, err := runFor(16, dur, func(w int) error {
+		_, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: 1024},
+			bytes.NewReader(small), uploadclient.Options{})
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "\nupload path vs direct SDK, same gateway, same run\tdirect\tservice\tratio\t")
+	fmt.Fprintf(tw, "256 MiB multipart, MB/s\t%.0f\t%.0f\t%.2fx\t\n", directMBs, serviceMBs, serviceMBs/directMBs)
+	fmt.Fprintf(tw, "1 KiB uploads/s at c=16\t%.0f\t%.0f\t%.2fx\t\n", directRate, svcRate, svcRate/directRate)
+	fmt.Fprintf(tw, "1 KiB p50 latency\t%s\t%s\t+%s\t\n", q(directLat, .5).Round(10*time.Microsecond), q(svcLat, .5).Round(10*time.Microsecond), (q(svcLat, .5) - q(directLat, .5)).Round(10*time.Microsecond))
+	fmt.Fprintf(tw, "1 KiB p99 latency\t%s\t%s\t+%s\t\n", q(directLat, .99).Round(10*time.Microsecond), q(svcLat, .99).Round(10*time.Microsecond), (q(svcLat, .99) - q(directLat, .99)).Round(10*time.Microsecond))
+	tw.Flush()
+	b.ReportMetric(serviceMBs/directMBs, "large-ratio")
+	b.ReportMetric(svcRate/directRate, "small-ratio")
+}
