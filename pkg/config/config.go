@@ -37,6 +37,12 @@ type Allocator struct {
 	AdminTokenFile string `json:"adminTokenFile"`
 	// StopTimeout bounds graceful shutdown.
 	StopTimeout Duration `json:"stopTimeout"`
+	// ProbeBuckets lets the elected replica HEAD every bucket each
+	// ProbeInterval; it then needs the buckets' credentials like the
+	// upload service (environment or CredentialsDir).
+	ProbeBuckets   bool     `json:"probeBuckets"`
+	ProbeInterval  Duration `json:"probeInterval"`
+	CredentialsDir string   `json:"credentialsDir"`
 }
 
 // Upload configures the data plane.
@@ -93,6 +99,7 @@ func Defaults() File {
 			Strategy:       "priority-first",
 			PeriodResetDay: 1,
 			StopTimeout:    Duration(20 * time.Second),
+			ProbeInterval:  Duration(30 * time.Second),
 		},
 		Upload: Upload{
 			Listen:            "127.0.0.1:7002",

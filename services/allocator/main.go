@@ -22,6 +22,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/placement"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
@@ -75,13 +76,22 @@ func run(log *slog.Logger) error {
 
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	alloc, err := allocator.New(startCtx, cli, allocator.Config{
+	acfg := allocator.Config{
 		Buckets:        specs,
 		AdminToken:     token,
 		ReservationTTL: cfg.Allocator.ReservationTTL.D(),
 		Strategy:       strategy,
 		ResetDay:       cfg.Allocator.PeriodResetDay,
-	}, log)
+		ProbeEvery:     cfg.Allocator.ProbeInterval.D(),
+	}
+	if cfg.Allocator.ProbeBuckets {
+		store, err := objstore.New(objstore.Options{Credentials: objstore.EnvCredentials{Dir: cfg.Allocator.CredentialsDir}, CAFile: cfg.Upload.CAFile})
+		if err != nil {
+			return err
+		}
+		acfg.Prober = allocator.StoreProber{Store: store}
+	}
+	alloc, err := allocator.New(startCtx, cli, acfg, log)
 	if err != nil {
 		return err
 	}

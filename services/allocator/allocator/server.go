@@ -17,6 +17,7 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/health"
+	"github.com/bucketlb/bucketlb/pkg/leader"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/placement"
 )
@@ -41,6 +42,13 @@ type Config struct {
 	Health health.Policy
 	// Rand seeds the random strategies; nil picks a random seed.
 	Rand *rand.Rand
+	// Prober, if set, lets the elected leader probe buckets every
+	// ProbeEvery (default 30s), each probe bounded by ProbeTimeout
+	// (default 5s).
+	Prober                   Prober
+	ProbeEvery, ProbeTimeout time.Duration
+	// Identity names this replica in the leader election; default random.
+	Identity string
 }
 
 // Server is one allocator replica.
@@ -56,8 +64,7 @@ type Server struct {
 	strategies map[allocatorv1.Strategy]placement.Strategy
 
 	buckets atomic.Pointer[map[string]*adminv1.BucketSpec]
-	ready   chan struct{}
-	once    sync.Once
+	elector *leader.Elector
 }
 
 // New builds a replica and seeds the configured buckets once per cluster.
@@ -81,8 +88,26 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		health:     health.NewStore(cli, cfg.Prefix, cfg.Now, cfg.Health),
 		auth:       auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", cfg.AdminToken),
 		strategies: map[allocatorv1.Strategy]placement.Strategy{},
-		ready:      make(chan struct{}),
 	}
+	if cfg.ProbeEvery == 0 {
+		cfg.ProbeEvery = 30 * time.Second
+	}
+	if cfg.ProbeTimeout == 0 {
+		cfg.ProbeTimeout = 5 * time.Second
+	}
+	if cfg.Identity == "" {
+		cfg.Identity = ledger.NewReservationID()
+	}
+	s.cfg = cfg
+	var jobs []leader.Job
+	if cfg.Prober != nil {
+		jobs = append(jobs, leader.Job{Name: "probe", Every: cfg.ProbeEvery, Run: s.probeAll})
+	}
+	prefix := cfg.Prefix
+	if prefix == "" {
+		prefix = "/bucketlb/"
+	}
+	s.elector = leader.New(cli, prefix+"leader", cfg.Identity, 5, jobs, log)
 	for k := range allocatorv1.Strategy_name {
 		kind := allocatorv1.Strategy(k)
 		st, err := placement.New(kind, cfg.Rand)
@@ -123,7 +148,11 @@ func (s *Server) Interceptors() (grpc.UnaryServerInterceptor, grpc.StreamServerI
 // Run keeps the bucket and health caches current until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		_ = s.elector.Run(ctx)
+	}()
 	go func() {
 		defer wg.Done()
 		_ = s.ledger.WatchBuckets(ctx, s.setBuckets)
@@ -136,8 +165,12 @@ func (s *Server) Run(ctx context.Context) error {
 	return nil
 }
 
-// Close releases nothing yet; it exists so callers stop replicas uniformly.
+// Close releases nothing beyond what Run stops; it exists so callers stop
+// replicas uniformly.
 func (s *Server) Close() error { return nil }
+
+// Leading reports whether this replica runs the periodic jobs.
+func (s *Server) Leading() bool { return s.elector.Leading() }
 
 func (s *Server) setBuckets(specs []*adminv1.BucketSpec) {
 	m := make(map[string]*adminv1.BucketSpec, len(specs))

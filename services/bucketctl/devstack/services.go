@@ -33,6 +33,11 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		// data); production keeps the images-and-documents default.
 		AllowedContentTypes: append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...),
 	}
+	probeStore, err := objstore.New(objstore.Options{Credentials: ucfg.Credentials, CAFile: s.S3.CAFile})
+	if err != nil {
+		return err
+	}
+	acfg.Prober = allocator.StoreProber{Store: probeStore}
 	if opts.Tune != nil {
 		opts.Tune(&acfg, &ucfg)
 	}
