@@ -3,6 +3,7 @@ package ledger
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -75,6 +76,12 @@ func (l *Ledger) usagePrefix(period string) string { return l.opts.Prefix + "usa
 func (l *Ledger) resPrefix(bucket string) string   { return l.opts.Prefix + "res/" + bucket + "/" }
 func (l *Ledger) resKey(bucket, id string) string  { return l.resPrefix(bucket) + id }
 func (l *Ledger) commitKey(id string) string       { return l.opts.Prefix + "commits/" + id }
+
+// idemKey hashes the client's key: any bytes, bounded length.
+func (l *Ledger) idemKey(k string) string {
+	sum := sha256.Sum256([]byte(k))
+	return l.opts.Prefix + "idem/" + hex.EncodeToString(sum[:])
+}
 
 // Prefix returns the key prefix (for tests replaying history).
 func (l *Ledger) Prefix() string { return l.opts.Prefix }
@@ -260,6 +267,31 @@ type CommitResult struct {
 	Size             int64  `json:"size"`
 	UsedAfter        int64  `json:"used_after"`
 	AlreadyCommitted bool   `json:"-"`
+	// DuplicateOf is set when another commit recorded the same idempotency
+	// key first; this one was not applied.
+	DuplicateOf []byte `json:"-"`
+}
+
+// Idempotency ties a commit to a client's idempotency key: Record (the
+// upload's result) is stored with the usage in one transaction, and a
+// second commit under the same key is refused with the first record.
+type Idempotency struct {
+	Key    string
+	Record []byte
+}
+
+// UploadRecord returns the record stored for an idempotency key.
+func (l *Ledger) UploadRecord(ctx context.Context, key string) ([]byte, bool, error) {
+	ctx, cancel := l.ctx(ctx)
+	defer cancel()
+	resp, err := l.cli.Get(ctx, l.idemKey(key))
+	if err != nil {
+		return nil, false, fmt.Errorf("ledger: read idempotency record: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, false, nil
+	}
+	return resp.Kvs[0].Value, true, nil
 }
 
 // NewReservationID returns a random id that is safe in keys.
@@ -455,7 +487,7 @@ func (l *Ledger) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID st
 // has lapsed, the bytes are committed only if the bucket still has room
 // for them, checked in the same transaction; otherwise ErrReservationLost
 // and nothing is recorded.
-func (l *Ledger) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64) (CommitResult, error) {
+func (l *Ledger) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
 	if resID == "" || actual < 0 {
 		return CommitResult{}, fmt.Errorf("%w: reservation id and a non-negative size are required", ErrInvalid)
 	}
@@ -496,23 +528,42 @@ func (l *Ledger) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID s
 		}
 		res := CommitResult{Period: period, Size: actual, UsedAfter: st.used + actual}
 		marker, _ := json.Marshal(res)
-		cctx, cancel := l.ctx(ctx)
-		defer cancel()
-		resp, err := l.cli.Txn(cctx).If(cmps...).Then(
+		ops := []clientv3.Op{
 			clientv3.OpPut(l.usageKey(period, id), strconv.FormatInt(st.used+actual, 10)),
 			clientv3.OpDelete(l.resKey(id, resID)),
 			clientv3.OpPut(l.commitKey(resID), string(marker), clientv3.WithLease(lease)),
-		).Commit()
+		}
+		var elseOps []clientv3.Op
+		if idem != nil && idem.Key != "" {
+			k := l.idemKey(idem.Key)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+			ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(lease)))
+			elseOps = append(elseOps, clientv3.OpGet(k))
+		}
+		cctx, cancel := l.ctx(ctx)
+		defer cancel()
+		resp, err := l.cli.Txn(cctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
 		if err != nil {
 			// Ambiguous: the next attempt reads the marker if it applied.
 			return false, fmt.Errorf("ledger: commit: %w", err)
 		}
 		if resp.Succeeded {
 			out = res
+			return true, nil
 		}
-		return resp.Succeeded, nil
+		if len(elseOps) > 0 {
+			if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+				// Another upload under this key won; ours must not count.
+				// (Our own earlier attempt would have left its marker.)
+				if _, mine, err := l.readMarker(ctx, resID); err == nil && !mine {
+					out = CommitResult{DuplicateOf: kvs[0].Value}
+					return true, nil
+				}
+			}
+		}
+		return false, nil
 	})
-	if err != nil || out.AlreadyCommitted {
+	if err != nil || out.AlreadyCommitted || out.DuplicateOf != nil {
 		l.revoke(ctx, lease)
 	}
 	return out, err

@@ -38,11 +38,11 @@ func TestReserveCommitRelease(t *testing.T) {
 	if _, err := l.Reserve(ctx, b, 500, 10*time.Second); !errors.Is(err, ledger.ErrNoRoom) {
 		t.Fatalf("second reserve over limit: err %v, want ErrNoRoom", err)
 	}
-	res, err := l.Commit(ctx, b, r1.ID, 550)
+	res, err := l.Commit(ctx, b, r1.ID, 550, nil)
 	if err != nil || res.UsedAfter != 550 || res.AlreadyCommitted {
 		t.Fatalf("commit = %+v, %v", res, err)
 	}
-	again, err := l.Commit(ctx, b, r1.ID, 550)
+	again, err := l.Commit(ctx, b, r1.ID, 550, nil)
 	if err != nil || !again.AlreadyCommitted || again.UsedAfter != 550 {
 		t.Fatalf("retried commit = %+v, %v; want the first answer, flagged", again, err)
 	}
@@ -123,7 +123,7 @@ func TestLeaseExpiryAndRenewal(t *testing.T) {
 	if _, _, err := l.Renew(ctx, b, kept.ID, 300, ttl); !errors.Is(err, ledger.ErrReservationLost) {
 		t.Fatalf("renew of a lapsed reservation with no room: %v, want ErrReservationLost", err)
 	}
-	if _, err := l.Commit(ctx, b, kept.ID, 300); !errors.Is(err, ledger.ErrReservationLost) {
+	if _, err := l.Commit(ctx, b, kept.ID, 300, nil); !errors.Is(err, ledger.ErrReservationLost) {
 		t.Fatalf("commit of a lapsed reservation with no room: %v, want ErrReservationLost", err)
 	}
 	// With room, a lapsed reservation is re-established.
@@ -196,11 +196,11 @@ func TestNoOvercommitHistory(t *testing.T) {
 					// Commit through a different ledger half the time, and
 					// retry it once: exactly-once must hold.
 					cl := ledgers[rnd.IntN(len(ledgers))]
-					if _, err := cl.Commit(ctx, b, r.ID, actual); err != nil {
+					if _, err := cl.Commit(ctx, b, r.ID, actual, nil); err != nil {
 						t.Errorf("commit: %v", err)
 						continue
 					}
-					if res, err := l.Commit(ctx, b, r.ID, actual); err != nil || !res.AlreadyCommitted {
+					if res, err := l.Commit(ctx, b, r.ID, actual, nil); err != nil || !res.AlreadyCommitted {
 						t.Errorf("retried commit: %+v %v", res, err)
 					}
 					v, _ := committed.Load(b.Id)

@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
+
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -115,11 +118,55 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
-	res, err := s.ledger.Commit(ctx, b, req.GetReservationId(), req.GetSize())
+	var idem *ledger.Idempotency
+	if k := req.GetIdempotencyKey(); k != "" {
+		rec, err := protojson.Marshal(&allocatorv1.UploadRecord{
+			BucketId: b.GetId(), BucketName: b.GetName(), Key: req.GetKey(), PublicUrl: publicURL(b.GetPublicUrl(), req.GetKey()),
+			Size: req.GetSize(), Sha256: req.GetSha256(), Etag: req.GetEtag(),
+		})
+		if err != nil {
+			return nil, toStatus(ctx, err)
+		}
+		idem = &ledger.Idempotency{Key: k, Record: rec}
+	}
+	res, err := s.ledger.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	if res.DuplicateOf != nil {
+		first := &allocatorv1.UploadRecord{}
+		if err := protojson.Unmarshal(res.DuplicateOf, first); err != nil {
+			return nil, toStatus(ctx, err)
+		}
+		return &allocatorv1.CommitResponse{DuplicateOf: first}, nil
+	}
 	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: res.UsedAfter}, nil
+}
+
+// GetUploadRecord implements AllocatorService.
+func (s *Server) GetUploadRecord(ctx context.Context, req *allocatorv1.GetUploadRecordRequest) (*allocatorv1.GetUploadRecordResponse, error) {
+	if req.GetIdempotencyKey() == "" {
+		return nil, toStatus(ctx, fmt.Errorf("%w: idempotency_key is required", errInvalid))
+	}
+	data, ok, err := s.ledger.UploadRecord(ctx, req.GetIdempotencyKey())
+	if err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	if !ok {
+		return nil, toStatus(ctx, errNoRecord)
+	}
+	rec := &allocatorv1.UploadRecord{}
+	if err := protojson.Unmarshal(data, rec); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.GetUploadRecordResponse{Record: rec}, nil
+}
+
+func publicURL(base, key string) string {
+	if base == "" {
+		return ""
+	}
+	return strings.TrimSuffix(base, "/") + "/" + key
 }
 
 // Release implements AllocatorService.

@@ -20,6 +20,7 @@ var (
 	errNoHealthyBucket = errors.New("no healthy bucket can take uploads right now")
 	errNoRoom          = errors.New("no bucket has room for this many bytes this period")
 	errInvalid         = errors.New("invalid request")
+	errNoRecord        = errors.New("no upload is recorded under this idempotency key")
 )
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
@@ -34,7 +35,7 @@ func toStatus(ctx context.Context, err error) error {
 	switch {
 	case errors.Is(err, ledger.ErrInvalid), errors.Is(err, errInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, ledger.ErrBucketNotFound):
+	case errors.Is(err, ledger.ErrBucketNotFound), errors.Is(err, errNoRecord):
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, errNoRoom):
 		return withRetry(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit", time.Minute)

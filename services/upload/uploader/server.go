@@ -27,6 +27,7 @@ type Allocator interface {
 	Release(ctx context.Context, in *allocatorv1.ReleaseRequest, opts ...grpc.CallOption) (*allocatorv1.ReleaseResponse, error)
 	ReportOutcome(ctx context.Context, in *allocatorv1.ReportOutcomeRequest, opts ...grpc.CallOption) (*allocatorv1.ReportOutcomeResponse, error)
 	LookupBucket(ctx context.Context, in *allocatorv1.LookupBucketRequest, opts ...grpc.CallOption) (*allocatorv1.LookupBucketResponse, error)
+	GetUploadRecord(ctx context.Context, in *allocatorv1.GetUploadRecordRequest, opts ...grpc.CallOption) (*allocatorv1.GetUploadRecordResponse, error)
 }
 
 var _ Allocator = allocatorv1.AllocatorServiceClient(nil)

@@ -63,6 +63,16 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err != nil {
 		return nil, err
 	}
+	if k := hdr.GetIdempotencyKey(); k != "" {
+		rec, err := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: k})
+		if err == nil {
+			// Answer at once; the client's remaining chunks are discarded.
+			return replay(rec.GetRecord()), nil
+		}
+		if status.Code(err) != codes.NotFound {
+			return nil, err
+		}
+	}
 	u.reader = &chunkReader{stream: stream, size: u.size}
 	u.head = make([]byte, min(u.size, mimecheck.SniffLen))
 	if err := u.reader.fill(u.head); err != nil {
@@ -81,8 +91,8 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	switch {
 	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
-	case hdr.GetIdempotencyKey() != "":
-		return nil, fmt.Errorf("%w: idempotency keys are not enabled on this server yet", errUnsupported)
+	case len(hdr.GetIdempotencyKey()) > 256:
+		return nil, badRequest("the idempotency key is longer than 256 bytes")
 	case hdr.GetSize() <= 0:
 		return nil, badRequest("the header must declare the object's size in bytes (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
@@ -184,7 +194,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, etag, digest string, undo func()) (*uploadv1.UploadResponse, error) {
 	req := &allocatorv1.CommitRequest{
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
-		Size: u.size, Key: u.key, Etag: etag, Sha256: digest,
+		Size: u.size, Key: u.key, Etag: etag, Sha256: digest, IdempotencyKey: u.hdr.GetIdempotencyKey(),
 	}
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
@@ -192,7 +202,14 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 			break
 		}
 		// Commit is idempotent, so an ambiguous failure is simply retried.
-		if _, err = s.alloc.Commit(ctx, req); err == nil {
+		var cr *allocatorv1.CommitResponse
+		if cr, err = s.alloc.Commit(ctx, req); err == nil && cr.GetDuplicateOf() != nil {
+			// A concurrent upload with the same idempotency key won.
+			undo()
+			s.release(ctx, a)
+			return replay(cr.GetDuplicateOf()), nil
+		}
+		if err == nil {
 			return &uploadv1.UploadResponse{
 				BucketId: a.GetBucket().GetId(), BucketName: a.GetBucket().GetName(), Key: u.key,
 				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: digest, Etag: etag,
@@ -211,6 +228,13 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		return nil, ctx.Err()
 	}
 	return nil, fmt.Errorf("%w: the object was written but its usage could not be recorded, so it was removed: %v", errBucket, status.Convert(err).Message())
+}
+
+func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {
+	return &uploadv1.UploadResponse{
+		BucketId: r.GetBucketId(), BucketName: r.GetBucketName(), Key: r.GetKey(), PublicUrl: r.GetPublicUrl(),
+		Size: r.GetSize(), Sha256: r.GetSha256(), Etag: r.GetEtag(), Replayed: true,
+	}
 }
 
 func publicURL(base, key string) string {

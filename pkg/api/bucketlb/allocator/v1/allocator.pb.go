@@ -546,9 +546,12 @@ type CommitRequest struct {
 	// ETag returned by the bucket.
 	Etag string `protobuf:"bytes,6,opt,name=etag,proto3" json:"etag,omitempty"`
 	// Lowercase hex SHA-256 of the object.
-	Sha256        string `protobuf:"bytes,7,opt,name=sha256,proto3" json:"sha256,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Sha256 string `protobuf:"bytes,7,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// Optional idempotency key of the upload. Its record is written in the
+	// same transaction as the usage, so an upload is counted once per key.
+	IdempotencyKey string `protobuf:"bytes,8,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CommitRequest) Reset() {
@@ -630,6 +633,13 @@ func (x *CommitRequest) GetSha256() string {
 	return ""
 }
 
+func (x *CommitRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
 // CommitResponse confirms the commit.
 type CommitResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -638,7 +648,11 @@ type CommitResponse struct {
 	// Usage period the bytes were counted in.
 	Period string `protobuf:"bytes,2,opt,name=period,proto3" json:"period,omitempty"`
 	// Bucket usage in bytes for the period after this commit.
-	UsedBytes     int64 `protobuf:"varint,3,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	UsedBytes int64 `protobuf:"varint,3,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
+	// Set when another upload with the same idempotency key committed
+	// first: this commit was NOT applied; the caller removes its object,
+	// releases the reservation and answers with this record.
+	DuplicateOf   *UploadRecord `protobuf:"bytes,4,opt,name=duplicate_of,json=duplicateOf,proto3" json:"duplicate_of,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -694,6 +708,205 @@ func (x *CommitResponse) GetUsedBytes() int64 {
 	return 0
 }
 
+func (x *CommitResponse) GetDuplicateOf() *UploadRecord {
+	if x != nil {
+		return x.DuplicateOf
+	}
+	return nil
+}
+
+// UploadRecord is the stored result of a committed upload.
+type UploadRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Bucket identifier.
+	BucketId string `protobuf:"bytes,1,opt,name=bucket_id,json=bucketId,proto3" json:"bucket_id,omitempty"`
+	// S3 bucket name.
+	BucketName string `protobuf:"bytes,2,opt,name=bucket_name,json=bucketName,proto3" json:"bucket_name,omitempty"`
+	// Object key.
+	Key string `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	// Public URL of the object, if the bucket has one.
+	PublicUrl string `protobuf:"bytes,4,opt,name=public_url,json=publicUrl,proto3" json:"public_url,omitempty"`
+	// Size in bytes.
+	Size int64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	// Lowercase hex SHA-256.
+	Sha256 string `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// ETag from the bucket.
+	Etag          string `protobuf:"bytes,7,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadRecord) Reset() {
+	*x = UploadRecord{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadRecord) ProtoMessage() {}
+
+func (x *UploadRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadRecord.ProtoReflect.Descriptor instead.
+func (*UploadRecord) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *UploadRecord) GetBucketId() string {
+	if x != nil {
+		return x.BucketId
+	}
+	return ""
+}
+
+func (x *UploadRecord) GetBucketName() string {
+	if x != nil {
+		return x.BucketName
+	}
+	return ""
+}
+
+func (x *UploadRecord) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *UploadRecord) GetPublicUrl() string {
+	if x != nil {
+		return x.PublicUrl
+	}
+	return ""
+}
+
+func (x *UploadRecord) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *UploadRecord) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *UploadRecord) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// GetUploadRecordRequest names an idempotency key.
+type GetUploadRecordRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The client's idempotency key.
+	IdempotencyKey string `protobuf:"bytes,1,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GetUploadRecordRequest) Reset() {
+	*x = GetUploadRecordRequest{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetUploadRecordRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetUploadRecordRequest) ProtoMessage() {}
+
+func (x *GetUploadRecordRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetUploadRecordRequest.ProtoReflect.Descriptor instead.
+func (*GetUploadRecordRequest) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *GetUploadRecordRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+// GetUploadRecordResponse holds the recorded result.
+type GetUploadRecordResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The first upload's result.
+	Record        *UploadRecord `protobuf:"bytes,1,opt,name=record,proto3" json:"record,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetUploadRecordResponse) Reset() {
+	*x = GetUploadRecordResponse{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetUploadRecordResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetUploadRecordResponse) ProtoMessage() {}
+
+func (x *GetUploadRecordResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetUploadRecordResponse.ProtoReflect.Descriptor instead.
+func (*GetUploadRecordResponse) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *GetUploadRecordResponse) GetRecord() *UploadRecord {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
 // ReleaseRequest ends a reservation without usage.
 type ReleaseRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -707,7 +920,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +932,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +945,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{7}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReleaseRequest) GetReservationId() string {
@@ -758,7 +971,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -770,7 +983,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -783,7 +996,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{8}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{11}
 }
 
 // ReportOutcomeRequest reports one request's result.
@@ -803,7 +1016,7 @@ type ReportOutcomeRequest struct {
 
 func (x *ReportOutcomeRequest) Reset() {
 	*x = ReportOutcomeRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -815,7 +1028,7 @@ func (x *ReportOutcomeRequest) String() string {
 func (*ReportOutcomeRequest) ProtoMessage() {}
 
 func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -828,7 +1041,7 @@ func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{9}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReportOutcomeRequest) GetBucketId() string {
@@ -874,7 +1087,7 @@ type ReportOutcomeResponse struct {
 
 func (x *ReportOutcomeResponse) Reset() {
 	*x = ReportOutcomeResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +1099,7 @@ func (x *ReportOutcomeResponse) String() string {
 func (*ReportOutcomeResponse) ProtoMessage() {}
 
 func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +1112,7 @@ func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{10}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReportOutcomeResponse) GetHealthScore() int32 {
@@ -934,7 +1147,7 @@ type LookupBucketRequest struct {
 
 func (x *LookupBucketRequest) Reset() {
 	*x = LookupBucketRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -946,7 +1159,7 @@ func (x *LookupBucketRequest) String() string {
 func (*LookupBucketRequest) ProtoMessage() {}
 
 func (x *LookupBucketRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -959,7 +1172,7 @@ func (x *LookupBucketRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupBucketRequest.ProtoReflect.Descriptor instead.
 func (*LookupBucketRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{11}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LookupBucketRequest) GetBucketId() string {
@@ -980,7 +1193,7 @@ type LookupBucketResponse struct {
 
 func (x *LookupBucketResponse) Reset() {
 	*x = LookupBucketResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -992,7 +1205,7 @@ func (x *LookupBucketResponse) String() string {
 func (*LookupBucketResponse) ProtoMessage() {}
 
 func (x *LookupBucketResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1005,7 +1218,7 @@ func (x *LookupBucketResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupBucketResponse.ProtoReflect.Descriptor instead.
 func (*LookupBucketResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{12}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LookupBucketResponse) GetBucket() *BucketTarget {
@@ -1049,7 +1262,7 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\rRenewResponse\x129\n" +
 	"\n" +
 	"expires_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12$\n" +
-	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xcc\x01\n" +
+	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xf5\x01\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\x12%\n" +
@@ -1057,12 +1270,28 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x04size\x18\x04 \x01(\x03R\x04size\x12\x10\n" +
 	"\x03key\x18\x05 \x01(\tR\x03key\x12\x12\n" +
 	"\x04etag\x18\x06 \x01(\tR\x04etag\x12\x16\n" +
-	"\x06sha256\x18\a \x01(\tR\x06sha256\"t\n" +
+	"\x06sha256\x18\a \x01(\tR\x06sha256\x12'\n" +
+	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\"\xbc\x01\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\x11already_committed\x18\x01 \x01(\bR\x10alreadyCommitted\x12\x16\n" +
 	"\x06period\x18\x02 \x01(\tR\x06period\x12\x1d\n" +
 	"\n" +
-	"used_bytes\x18\x03 \x01(\x03R\tusedBytes\"T\n" +
+	"used_bytes\x18\x03 \x01(\x03R\tusedBytes\x12F\n" +
+	"\fduplicate_of\x18\x04 \x01(\v2#.bucketlb.allocator.v1.UploadRecordR\vduplicateOf\"\xbd\x01\n" +
+	"\fUploadRecord\x12\x1b\n" +
+	"\tbucket_id\x18\x01 \x01(\tR\bbucketId\x12\x1f\n" +
+	"\vbucket_name\x18\x02 \x01(\tR\n" +
+	"bucketName\x12\x10\n" +
+	"\x03key\x18\x03 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"public_url\x18\x04 \x01(\tR\tpublicUrl\x12\x12\n" +
+	"\x04size\x18\x05 \x01(\x03R\x04size\x12\x16\n" +
+	"\x06sha256\x18\x06 \x01(\tR\x06sha256\x12\x12\n" +
+	"\x04etag\x18\a \x01(\tR\x04etag\"A\n" +
+	"\x16GetUploadRecordRequest\x12'\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0eidempotencyKey\"V\n" +
+	"\x17GetUploadRecordResponse\x12;\n" +
+	"\x06record\x18\x01 \x01(\v2#.bucketlb.allocator.v1.UploadRecordR\x06record\"T\n" +
 	"\x0eReleaseRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\"\x11\n" +
@@ -1093,14 +1322,15 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x0fOUTCOME_SUCCESS\x10\x01\x12\x11\n" +
 	"\rOUTCOME_ERROR\x10\x02\x12\x15\n" +
 	"\x11OUTCOME_THROTTLED\x10\x03\x12\x13\n" +
-	"\x0fOUTCOME_TIMEOUT\x10\x042\xc9\x04\n" +
+	"\x0fOUTCOME_TIMEOUT\x10\x042\xbb\x05\n" +
 	"\x10AllocatorService\x12[\n" +
 	"\bAllocate\x12&.bucketlb.allocator.v1.AllocateRequest\x1a'.bucketlb.allocator.v1.AllocateResponse\x12R\n" +
 	"\x05Renew\x12#.bucketlb.allocator.v1.RenewRequest\x1a$.bucketlb.allocator.v1.RenewResponse\x12U\n" +
 	"\x06Commit\x12$.bucketlb.allocator.v1.CommitRequest\x1a%.bucketlb.allocator.v1.CommitResponse\x12X\n" +
 	"\aRelease\x12%.bucketlb.allocator.v1.ReleaseRequest\x1a&.bucketlb.allocator.v1.ReleaseResponse\x12j\n" +
 	"\rReportOutcome\x12+.bucketlb.allocator.v1.ReportOutcomeRequest\x1a,.bucketlb.allocator.v1.ReportOutcomeResponse\x12g\n" +
-	"\fLookupBucket\x12*.bucketlb.allocator.v1.LookupBucketRequest\x1a+.bucketlb.allocator.v1.LookupBucketResponseB\xe9\x01\n" +
+	"\fLookupBucket\x12*.bucketlb.allocator.v1.LookupBucketRequest\x1a+.bucketlb.allocator.v1.LookupBucketResponse\x12p\n" +
+	"\x0fGetUploadRecord\x12-.bucketlb.allocator.v1.GetUploadRecordRequest\x1a..bucketlb.allocator.v1.GetUploadRecordResponseB\xe9\x01\n" +
 	"\x19com.bucketlb.allocator.v1B\x0eAllocatorProtoP\x01ZFgithub.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1;allocatorv1\xa2\x02\x03BAX\xaa\x02\x15Bucketlb.Allocator.V1\xca\x02\x15Bucketlb\\Allocator\\V1\xe2\x02!Bucketlb\\Allocator\\V1\\GPBMetadata\xea\x02\x17Bucketlb::Allocator::V1b\x06proto3"
 
 var (
@@ -1116,52 +1346,59 @@ func file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP() []byte {
 }
 
 var file_bucketlb_allocator_v1_allocator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_bucketlb_allocator_v1_allocator_proto_goTypes = []any{
-	(Strategy)(0),                 // 0: bucketlb.allocator.v1.Strategy
-	(Outcome)(0),                  // 1: bucketlb.allocator.v1.Outcome
-	(*BucketTarget)(nil),          // 2: bucketlb.allocator.v1.BucketTarget
-	(*AllocateRequest)(nil),       // 3: bucketlb.allocator.v1.AllocateRequest
-	(*AllocateResponse)(nil),      // 4: bucketlb.allocator.v1.AllocateResponse
-	(*RenewRequest)(nil),          // 5: bucketlb.allocator.v1.RenewRequest
-	(*RenewResponse)(nil),         // 6: bucketlb.allocator.v1.RenewResponse
-	(*CommitRequest)(nil),         // 7: bucketlb.allocator.v1.CommitRequest
-	(*CommitResponse)(nil),        // 8: bucketlb.allocator.v1.CommitResponse
-	(*ReleaseRequest)(nil),        // 9: bucketlb.allocator.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),       // 10: bucketlb.allocator.v1.ReleaseResponse
-	(*ReportOutcomeRequest)(nil),  // 11: bucketlb.allocator.v1.ReportOutcomeRequest
-	(*ReportOutcomeResponse)(nil), // 12: bucketlb.allocator.v1.ReportOutcomeResponse
-	(*LookupBucketRequest)(nil),   // 13: bucketlb.allocator.v1.LookupBucketRequest
-	(*LookupBucketResponse)(nil),  // 14: bucketlb.allocator.v1.LookupBucketResponse
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
+	(Strategy)(0),                   // 0: bucketlb.allocator.v1.Strategy
+	(Outcome)(0),                    // 1: bucketlb.allocator.v1.Outcome
+	(*BucketTarget)(nil),            // 2: bucketlb.allocator.v1.BucketTarget
+	(*AllocateRequest)(nil),         // 3: bucketlb.allocator.v1.AllocateRequest
+	(*AllocateResponse)(nil),        // 4: bucketlb.allocator.v1.AllocateResponse
+	(*RenewRequest)(nil),            // 5: bucketlb.allocator.v1.RenewRequest
+	(*RenewResponse)(nil),           // 6: bucketlb.allocator.v1.RenewResponse
+	(*CommitRequest)(nil),           // 7: bucketlb.allocator.v1.CommitRequest
+	(*CommitResponse)(nil),          // 8: bucketlb.allocator.v1.CommitResponse
+	(*UploadRecord)(nil),            // 9: bucketlb.allocator.v1.UploadRecord
+	(*GetUploadRecordRequest)(nil),  // 10: bucketlb.allocator.v1.GetUploadRecordRequest
+	(*GetUploadRecordResponse)(nil), // 11: bucketlb.allocator.v1.GetUploadRecordResponse
+	(*ReleaseRequest)(nil),          // 12: bucketlb.allocator.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),         // 13: bucketlb.allocator.v1.ReleaseResponse
+	(*ReportOutcomeRequest)(nil),    // 14: bucketlb.allocator.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),   // 15: bucketlb.allocator.v1.ReportOutcomeResponse
+	(*LookupBucketRequest)(nil),     // 16: bucketlb.allocator.v1.LookupBucketRequest
+	(*LookupBucketResponse)(nil),    // 17: bucketlb.allocator.v1.LookupBucketResponse
+	(*timestamppb.Timestamp)(nil),   // 18: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 19: google.protobuf.Duration
 }
 var file_bucketlb_allocator_v1_allocator_proto_depIdxs = []int32{
 	0,  // 0: bucketlb.allocator.v1.AllocateRequest.strategy:type_name -> bucketlb.allocator.v1.Strategy
 	2,  // 1: bucketlb.allocator.v1.AllocateResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	15, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	15, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 4: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
-	16, // 5: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
-	15, // 6: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
-	2,  // 7: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	3,  // 8: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
-	5,  // 9: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
-	7,  // 10: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
-	9,  // 11: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
-	11, // 12: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
-	13, // 13: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
-	4,  // 14: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
-	6,  // 15: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
-	8,  // 16: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
-	10, // 17: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
-	12, // 18: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
-	14, // 19: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
-	14, // [14:20] is the sub-list for method output_type
-	8,  // [8:14] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	18, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	18, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
+	9,  // 4: bucketlb.allocator.v1.CommitResponse.duplicate_of:type_name -> bucketlb.allocator.v1.UploadRecord
+	9,  // 5: bucketlb.allocator.v1.GetUploadRecordResponse.record:type_name -> bucketlb.allocator.v1.UploadRecord
+	1,  // 6: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
+	19, // 7: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
+	18, // 8: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
+	2,  // 9: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
+	3,  // 10: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
+	5,  // 11: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
+	7,  // 12: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
+	12, // 13: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
+	14, // 14: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
+	16, // 15: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
+	10, // 16: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:input_type -> bucketlb.allocator.v1.GetUploadRecordRequest
+	4,  // 17: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
+	6,  // 18: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
+	8,  // 19: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
+	13, // 20: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
+	15, // 21: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
+	17, // 22: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
+	11, // 23: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:output_type -> bucketlb.allocator.v1.GetUploadRecordResponse
+	17, // [17:24] is the sub-list for method output_type
+	10, // [10:17] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_bucketlb_allocator_v1_allocator_proto_init() }
@@ -1175,7 +1412,7 @@ func file_bucketlb_allocator_v1_allocator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_bucketlb_allocator_v1_allocator_proto_rawDesc), len(file_bucketlb_allocator_v1_allocator_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

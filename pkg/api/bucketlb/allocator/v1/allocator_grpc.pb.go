@@ -19,12 +19,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AllocatorService_Allocate_FullMethodName      = "/bucketlb.allocator.v1.AllocatorService/Allocate"
-	AllocatorService_Renew_FullMethodName         = "/bucketlb.allocator.v1.AllocatorService/Renew"
-	AllocatorService_Commit_FullMethodName        = "/bucketlb.allocator.v1.AllocatorService/Commit"
-	AllocatorService_Release_FullMethodName       = "/bucketlb.allocator.v1.AllocatorService/Release"
-	AllocatorService_ReportOutcome_FullMethodName = "/bucketlb.allocator.v1.AllocatorService/ReportOutcome"
-	AllocatorService_LookupBucket_FullMethodName  = "/bucketlb.allocator.v1.AllocatorService/LookupBucket"
+	AllocatorService_Allocate_FullMethodName        = "/bucketlb.allocator.v1.AllocatorService/Allocate"
+	AllocatorService_Renew_FullMethodName           = "/bucketlb.allocator.v1.AllocatorService/Renew"
+	AllocatorService_Commit_FullMethodName          = "/bucketlb.allocator.v1.AllocatorService/Commit"
+	AllocatorService_Release_FullMethodName         = "/bucketlb.allocator.v1.AllocatorService/Release"
+	AllocatorService_ReportOutcome_FullMethodName   = "/bucketlb.allocator.v1.AllocatorService/ReportOutcome"
+	AllocatorService_LookupBucket_FullMethodName    = "/bucketlb.allocator.v1.AllocatorService/LookupBucket"
+	AllocatorService_GetUploadRecord_FullMethodName = "/bucketlb.allocator.v1.AllocatorService/GetUploadRecord"
 )
 
 // AllocatorServiceClient is the client API for AllocatorService service.
@@ -56,6 +57,9 @@ type AllocatorServiceClient interface {
 	// LookupBucket returns where a bucket lives, so the upload service can
 	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
 	LookupBucket(ctx context.Context, in *LookupBucketRequest, opts ...grpc.CallOption) (*LookupBucketResponse, error)
+	// GetUploadRecord returns the result recorded for an idempotency key, so
+	// a retried upload can answer with the first result. NOT_FOUND if none.
+	GetUploadRecord(ctx context.Context, in *GetUploadRecordRequest, opts ...grpc.CallOption) (*GetUploadRecordResponse, error)
 }
 
 type allocatorServiceClient struct {
@@ -126,6 +130,16 @@ func (c *allocatorServiceClient) LookupBucket(ctx context.Context, in *LookupBuc
 	return out, nil
 }
 
+func (c *allocatorServiceClient) GetUploadRecord(ctx context.Context, in *GetUploadRecordRequest, opts ...grpc.CallOption) (*GetUploadRecordResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetUploadRecordResponse)
+	err := c.cc.Invoke(ctx, AllocatorService_GetUploadRecord_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AllocatorServiceServer is the server API for AllocatorService service.
 // All implementations must embed UnimplementedAllocatorServiceServer
 // for forward compatibility.
@@ -155,6 +169,9 @@ type AllocatorServiceServer interface {
 	// LookupBucket returns where a bucket lives, so the upload service can
 	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
 	LookupBucket(context.Context, *LookupBucketRequest) (*LookupBucketResponse, error)
+	// GetUploadRecord returns the result recorded for an idempotency key, so
+	// a retried upload can answer with the first result. NOT_FOUND if none.
+	GetUploadRecord(context.Context, *GetUploadRecordRequest) (*GetUploadRecordResponse, error)
 	mustEmbedUnimplementedAllocatorServiceServer()
 }
 
@@ -182,6 +199,9 @@ func (UnimplementedAllocatorServiceServer) ReportOutcome(context.Context, *Repor
 }
 func (UnimplementedAllocatorServiceServer) LookupBucket(context.Context, *LookupBucketRequest) (*LookupBucketResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LookupBucket not implemented")
+}
+func (UnimplementedAllocatorServiceServer) GetUploadRecord(context.Context, *GetUploadRecordRequest) (*GetUploadRecordResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetUploadRecord not implemented")
 }
 func (UnimplementedAllocatorServiceServer) mustEmbedUnimplementedAllocatorServiceServer() {}
 func (UnimplementedAllocatorServiceServer) testEmbeddedByValue()                          {}
@@ -312,6 +332,24 @@ func _AllocatorService_LookupBucket_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AllocatorService_GetUploadRecord_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetUploadRecordRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AllocatorServiceServer).GetUploadRecord(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AllocatorService_GetUploadRecord_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AllocatorServiceServer).GetUploadRecord(ctx, req.(*GetUploadRecordRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AllocatorService_ServiceDesc is the grpc.ServiceDesc for AllocatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -342,6 +380,10 @@ var AllocatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LookupBucket",
 			Handler:    _AllocatorService_LookupBucket_Handler,
+		},
+		{
+			MethodName: "GetUploadRecord",
+			Handler:    _AllocatorService_GetUploadRecord_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
