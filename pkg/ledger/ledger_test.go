@@ -2,20 +2,17 @@ package ledger_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"math/rand/v2"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/ledger/ledgertest"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
 
@@ -219,69 +216,11 @@ func TestNoOvercommitHistory(t *testing.T) {
 	}
 
 	// Replay the whole history.
-	l0 := ledgers[0]
-	period := l0.Period().Name
-	usagePrefix := l0.Prefix() + "usage/" + period + "/"
-	resPrefix := l0.Prefix() + "res/"
-	head, err := cli0.Get(ctx, "x")
+	used, revisions, err := ledgertest.Replay(ctx, cli0, ledgers[0].Prefix(), ledgers[0].Period().Name, limits)
 	if err != nil {
 		t.Fatal(err)
 	}
-	used := map[string]int64{}
-	res := map[string]int64{} // key -> size
-	resBucket := map[string]string{}
-	check := func(rev int64) {
-		reserved := map[string]int64{}
-		for k, s := range res {
-			reserved[resBucket[k]] += s
-		}
-		for id, lim := range limits {
-			if used[id]+reserved[id] > lim {
-				t.Fatalf("revision %d: bucket %s used %d + reserved %d > limit %d", rev, id, used[id], reserved[id], lim)
-			}
-		}
-	}
-	wctx, wcancel := context.WithCancel(ctx)
-	defer wcancel()
-	wch := cli0.Watch(wctx, l0.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(1))
-	var lastRev int64
-	revisions := 0
-	for lastRev < head.Header.Revision {
-		wr, ok := <-wch
-		if !ok || wr.Err() != nil {
-			t.Fatalf("history watch ended: %v", wr.Err())
-		}
-		for _, ev := range wr.Events {
-			rev := ev.Kv.ModRevision
-			if rev != lastRev && lastRev != 0 {
-				check(lastRev)
-				revisions++
-			}
-			lastRev = rev
-			key := string(ev.Kv.Key)
-			switch {
-			case strings.HasPrefix(key, usagePrefix):
-				n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
-				used[strings.TrimPrefix(key, usagePrefix)] = n
-			case strings.HasPrefix(key, resPrefix):
-				if ev.Type == clientv3.EventTypeDelete {
-					delete(res, key)
-					continue
-				}
-				var v struct{ Size int64 }
-				if err := json.Unmarshal(ev.Kv.Value, &v); err != nil {
-					t.Fatal(err)
-				}
-				b, _, _ := strings.Cut(strings.TrimPrefix(key, resPrefix), "/")
-				res[key], resBucket[key] = v.Size, b
-			}
-		}
-		if len(wr.Events) == 0 {
-			lastRev = max(lastRev, wr.Header.Revision)
-		}
-	}
-	check(lastRev)
-	t.Logf("replayed %d revisions", revisions+1)
+	t.Logf("replayed %d revisions", revisions)
 	for _, b := range buckets {
 		v, _ := committed.Load(b.Id)
 		if used[b.Id] != v.(*atomic.Int64).Load() {
