@@ -18,7 +18,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
-	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
@@ -52,8 +51,9 @@ type Options struct {
 
 // Store hands out cached bucket handles.
 type Store struct {
-	opts Options
-	http aws.HTTPClient
+	opts      Options
+	http      aws.HTTPClient
+	transport *http.Transport
 
 	mu      sync.Mutex
 	clients map[clientKey]*s3.Client
@@ -79,31 +79,49 @@ func New(opts Options) (*Store, error) {
 		opts.DataTimeout = 5 * time.Minute
 	}
 	hc := opts.HTTPClient
+	var tr *http.Transport
 	if hc == nil {
-		var pool *x509.CertPool
-		if opts.CAFile != "" {
-			pem, err := os.ReadFile(opts.CAFile)
-			if err != nil {
-				return nil, fmt.Errorf("objstore: read CA file: %w", err)
-			}
-			if pool, err = x509.SystemCertPool(); err != nil || pool == nil {
-				pool = x509.NewCertPool()
-			}
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("objstore: no certificate in %s", opts.CAFile)
-			}
+		pool, err := rootCAs(opts.CAFile)
+		if err != nil {
+			return nil, err
 		}
-		// A BuildableClient keeps AWS_CA_BUNDLE working for users who set it.
-		hc = awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) {
-			tr.MaxIdleConnsPerHost = opts.MaxConnsPerHost
-			tr.MaxIdleConns = 4 * opts.MaxConnsPerHost
-			tr.IdleConnTimeout = 90 * time.Second
-			if pool != nil {
-				tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-			}
-		})
+		tr = http.DefaultTransport.(*http.Transport).Clone()
+		tr.MaxIdleConnsPerHost = opts.MaxConnsPerHost
+		tr.MaxIdleConns = 4 * opts.MaxConnsPerHost
+		tr.IdleConnTimeout = 90 * time.Second
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		hc = &http.Client{Transport: tr}
 	}
-	return &Store{opts: opts, http: hc, clients: map[clientKey]*s3.Client{}}, nil
+	return &Store{opts: opts, http: hc, transport: tr, clients: map[clientKey]*s3.Client{}}, nil
+}
+
+// rootCAs is the system pool plus AWS_CA_BUNDLE (honoured like the SDK's
+// default config does) plus caFile.
+func rootCAs(caFile string) (*x509.CertPool, error) {
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	for _, f := range []string{os.Getenv("AWS_CA_BUNDLE"), caFile} {
+		if f == "" {
+			continue
+		}
+		pem, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("objstore: read CA bundle: %w", err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("objstore: no certificate in %s", f)
+		}
+	}
+	return pool, nil
+}
+
+// Close drops idle connections, so servers can shut down promptly.
+func (s *Store) Close() {
+	if s.transport != nil {
+		s.transport.CloseIdleConnections()
+	}
 }
 
 func (s *Store) client(t Target) (*s3.Client, error) {

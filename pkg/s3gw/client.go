@@ -10,30 +10,30 @@ import (
 	"os"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/smithy-go"
 )
 
 // HTTPClient returns an HTTP client that trusts the gateway's certificate
-// when TLS is on.
-func (g *Gateway) HTTPClient() (*awshttp.BuildableClient, error) {
-	hc := awshttp.NewBuildableClient()
-	if g.CAFile == "" {
-		return hc, nil
-	}
-	pemBytes, err := os.ReadFile(g.CAFile)
-	if err != nil {
-		return nil, fmt.Errorf("s3gw: read CA: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pemBytes) {
-		return nil, fmt.Errorf("s3gw: no certificate in %s", g.CAFile)
-	}
-	return hc.WithTransportOptions(func(tr *http.Transport) {
+// when TLS is on. Its idle connections are closed when the gateway stops.
+func (g *Gateway) HTTPClient() (*http.Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if g.CAFile != "" {
+		pemBytes, err := os.ReadFile(g.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("s3gw: read CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemBytes) {
+			return nil, fmt.Errorf("s3gw: no certificate in %s", g.CAFile)
+		}
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	}), nil
+	}
+	g.mu.Lock()
+	g.transports = append(g.transports, tr)
+	g.mu.Unlock()
+	return &http.Client{Transport: tr}, nil
 }
 
 // Client returns a plain aws-sdk-go-v2 S3 client for the gateway's root

@@ -20,8 +20,10 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/versity/versitygw/backend/meta"
@@ -60,6 +62,9 @@ type Gateway struct {
 
 	cancel context.CancelFunc
 	done   chan error
+
+	mu         sync.Mutex
+	transports []*http.Transport // of clients handed out, closed first
 }
 
 // Default credentials of the dev gateway. They guard only a loopback port.
@@ -136,14 +141,19 @@ func Start(ctx context.Context, opts Options) (*Gateway, error) {
 
 // Close stops the gateway and waits for it to exit.
 func (g *Gateway) Close() error {
+	g.mu.Lock()
+	for _, tr := range g.transports {
+		tr.CloseIdleConnections()
+	}
+	g.mu.Unlock()
 	g.cancel()
 	select {
 	case err := <-g.done:
 		if err != nil && !errors.Is(err, context.Canceled) {
 			return fmt.Errorf("s3gw: stop: %w", err)
 		}
-	case <-time.After(10 * time.Second):
-		return errors.New("s3gw: gateway did not stop within 10s")
+	case <-time.After(30 * time.Second):
+		return errors.New("s3gw: gateway did not stop within 30s")
 	}
 	return nil
 }

@@ -37,6 +37,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
+	s.closers = append(s.closers, func() error { probeStore.Close(); return nil })
 	acfg.Prober = allocator.StoreProber{Store: probeStore}
 	if opts.Tune != nil {
 		opts.Tune(&acfg, &ucfg)

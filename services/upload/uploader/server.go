@@ -109,8 +109,8 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 // Register adds the UploadService to r.
 func (s *Server) Register(r grpc.ServiceRegistrar) { uploadv1.RegisterUploadServiceServer(r, s) }
 
-// Close releases nothing yet; it exists so callers stop services uniformly.
-func (s *Server) Close() error { return nil }
+// Close drops idle S3 connections.
+func (s *Server) Close() error { s.store.Close(); return nil }
 
 func bucketTarget(t *allocatorv1.BucketTarget) objstore.Target {
 	return objstore.Target{ID: t.GetId(), Name: t.GetName(), Endpoint: t.GetEndpoint(), Region: t.GetRegion(),
