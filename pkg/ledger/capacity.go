@@ -1,0 +1,775 @@
+package ledger
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+)
+
+// Capacity is one allocator replica's view of the ledger with capacity
+// blocks (DESIGN "Mechanism"). The replica holds, per bucket, a block of
+// the bucket's free capacity under its own lease, taken with one
+// compare-and-put against every other block and all committed usage.
+// Reservations are carved inside the block without compares and written
+// in batches; committed bytes go to the replica's own usage shard. So the
+// hot bucket has no hot key, and at every revision
+//
+//	base usage + Σ usage shards + Σ blocks ≤ monthly limit.
+//
+// Reservation keys live under the replica's lease: if the replica dies,
+// its blocks and reservations vanish within one lease TTL and a Renew or
+// Commit on another replica re-establishes them against current capacity.
+// The granting replica enforces each reservation's own TTL.
+type Capacity struct {
+	l        *Ledger
+	id       string
+	leaseTTL time.Duration
+	log      *slog.Logger
+
+	mu      sync.Mutex
+	lease   clientv3.LeaseID
+	buckets map[string]*bucketCap
+	ready   chan struct{}
+
+	writes chan *write
+}
+
+type bucketCap struct {
+	mu       sync.Mutex // serializes this replica's block and shard writes
+	block    int64      // bytes held by our block key
+	blockRev int64      // its mod revision: every write of ours compares it,
+	// because another replica may shrink our block to commit one of our
+	// reservations when it has no room of its own
+	carved   int64  // bytes of our live reservations
+	shard    int64  // our committed bytes this period
+	shardRev int64  // mod revision of our shard key (0: absent)
+	shardOf  string // period of shard
+	res      map[string]*localRes
+	touched  time.Time
+}
+
+type localRes struct {
+	size int64
+	exp  time.Time
+}
+
+// idleBlock is how long a block's unused capacity stays with a replica
+// that stopped allocating before it goes back to the bucket.
+const idleBlock = 500 * time.Millisecond
+
+type resRecord struct {
+	Size    int64     `json:"size"`
+	Replica string    `json:"replica"`
+	Expires time.Time `json:"expires"`
+}
+
+type write struct {
+	op   clientv3.Op
+	done chan error
+}
+
+func (l *Ledger) blockPrefix(bucket string) string { return l.opts.Prefix + "blocks/" + bucket + "/" }
+func (l *Ledger) shardPrefix(period, bucket string) string {
+	return l.opts.Prefix + "ushard/" + period + "/" + bucket + "/"
+}
+
+// NewCapacity returns the replica's capacity manager; call Run.
+func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog.Logger) *Capacity {
+	if leaseTTL < 2*time.Second {
+		leaseTTL = 10 * time.Second
+	}
+	return &Capacity{l: l, id: replicaID, leaseTTL: leaseTTL, log: log,
+		buckets: map[string]*bucketCap{}, ready: make(chan struct{}), writes: make(chan *write, 4096)}
+}
+
+// Run keeps the replica lease alive, batches reservation writes, watches
+// reservations changed by other replicas and expires our own, until ctx
+// ends. Losing the lease drops every local block and reservation.
+func (c *Capacity) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.writer(ctx) }()
+	go func() { defer wg.Done(); c.janitor(ctx) }()
+	for ctx.Err() == nil {
+		if err := c.term(ctx); err != nil && ctx.Err() == nil {
+			c.log.Warn("capacity lease lost; starting over", "error", err.Error())
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	wg.Wait()
+	return nil
+}
+
+func (c *Capacity) term(ctx context.Context) error {
+	gctx, cancel := c.l.ctx(ctx)
+	g, err := c.l.cli.Grant(gctx, int64(c.leaseTTL/time.Second))
+	cancel()
+	if err != nil {
+		return err
+	}
+	kctx, kcancel := context.WithCancel(ctx)
+	defer kcancel()
+	ka, err := c.l.cli.KeepAlive(kctx, g.ID)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.lease = g.ID
+	c.buckets = map[string]*bucketCap{}
+	select {
+	case <-c.ready:
+	default:
+		close(c.ready)
+	}
+	c.mu.Unlock()
+	var wcancel context.CancelFunc
+	defer func() { wcancel() }()
+	var watch clientv3.WatchChan
+	rewatch := func() {
+		var wctx context.Context
+		wctx, wcancel = context.WithCancel(clientv3.WithRequireLeader(ctx))
+		// One stream for reservations and blocks keeps their events in
+		// revision order: a commit that shrank our block and deleted our
+		// reservation is applied to both at once.
+		watch = c.l.cli.Watch(wctx, c.l.opts.Prefix, clientv3.WithPrefix())
+	}
+	rewatch()
+	defer func() {
+		c.mu.Lock()
+		c.lease = 0
+		c.buckets = map[string]*bucketCap{}
+		c.mu.Unlock()
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		_, _ = c.l.cli.Revoke(rctx, g.ID) // hand the capacity back now
+		rcancel()
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-ka:
+			if !ok {
+				return errors.New("keepalive channel closed")
+			}
+		case wr, ok := <-watch:
+			if !ok || wr.Err() != nil {
+				// Missed events only delay frees: re-watch from now.
+				wcancel()
+				rewatch()
+				continue
+			}
+			c.apply(wr.Events)
+		}
+	}
+}
+
+// apply follows reservations that other replicas renewed, committed or
+// released.
+func (c *Capacity) apply(evs []*clientv3.Event) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, ev := range evs {
+		key := string(ev.Kv.Key)
+		if rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"blocks/"); ok {
+			bucket, owner, _ := strings.Cut(rest, "/")
+			if bc := c.buckets[bucket]; bc != nil && owner == c.id {
+				bc.mu.Lock()
+				if ev.Kv.ModRevision > bc.blockRev {
+					// Another replica shrank our block to commit one of our
+					// reservations.
+					bc.block, _ = strconv.ParseInt(string(ev.Kv.Value), 10, 64)
+					if ev.Type == clientv3.EventTypeDelete {
+						bc.block = 0
+					}
+					bc.blockRev = ev.Kv.ModRevision
+				}
+				bc.mu.Unlock()
+			}
+			continue
+		}
+		rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"res/")
+		if !ok {
+			continue
+		}
+		bucket, id, _ := strings.Cut(rest, "/")
+		bc := c.buckets[bucket]
+		if bc == nil {
+			continue
+		}
+		bc.mu.Lock()
+		if r, ok := bc.res[id]; ok {
+			if ev.Type == clientv3.EventTypeDelete {
+				delete(bc.res, id)
+				bc.carved -= r.size
+			} else {
+				var rec resRecord
+				if json.Unmarshal(ev.Kv.Value, &rec) == nil && rec.Replica == c.id && rec.Expires.After(r.exp) {
+					r.exp = rec.Expires
+				}
+			}
+		}
+		bc.mu.Unlock()
+	}
+}
+
+func (c *Capacity) wait(ctx context.Context) (clientv3.LeaseID, error) {
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.lease == 0 {
+		return 0, fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
+	}
+	return c.lease, nil
+}
+
+func (c *Capacity) bucket(id string) *bucketCap {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	bc := c.buckets[id]
+	if bc == nil {
+		bc = &bucketCap{res: map[string]*localRes{}}
+		c.buckets[id] = bc
+	}
+	return bc
+}
+
+// writer batches reservation puts and deletes into transactions without
+// compares: they are carved inside our block, so no other writer can make
+// them overcommit.
+func (c *Capacity) writer(ctx context.Context) {
+	for {
+		var batch []*write
+		select {
+		case <-ctx.Done():
+			return
+		case w := <-c.writes:
+			batch = append(batch, w)
+		}
+	fill:
+		for len(batch) < 100 {
+			select {
+			case w := <-c.writes:
+				batch = append(batch, w)
+			default:
+				break fill
+			}
+		}
+		ops := make([]clientv3.Op, len(batch))
+		for i, w := range batch {
+			ops[i] = w.op
+		}
+		tctx, cancel := c.l.ctx(ctx)
+		_, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
+		cancel()
+		for _, w := range batch {
+			w.done <- err
+		}
+	}
+}
+
+func (c *Capacity) submit(ctx context.Context, op clientv3.Op) error {
+	w := &write{op: op, done: make(chan error, 1)}
+	select {
+	case c.writes <- w:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-w.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// grow takes more of the bucket's free capacity into our block: one
+// compare-and-put against all blocks and all usage of the period.
+// Called with bc.mu held.
+func (c *Capacity) grow(ctx context.Context, bucket *adminv1.BucketSpec, bc *bucketCap, need int64, lease clientv3.LeaseID) error {
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	limit := bucket.GetMonthlyLimitBytes()
+	for attempt := 0; attempt < 100; attempt++ {
+		rctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Txn(rctx).Then(
+			clientv3.OpGet(c.l.usageKey(period, id)),
+			clientv3.OpGet(c.l.shardPrefix(period, id), clientv3.WithPrefix()),
+			clientv3.OpGet(c.l.blockPrefix(id), clientv3.WithPrefix()),
+		).Commit()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("ledger: read capacity of %s: %w", id, err)
+		}
+		rev := resp.Header.Revision
+		var used, held, usageRev int64
+		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			used, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+			usageRev = kvs[0].ModRevision
+		}
+		myShardKey := c.l.shardPrefix(period, id) + c.id
+		bc.shard, bc.shardRev, bc.shardOf = 0, 0, period
+		for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+			used += n
+			if string(kv.Key) == myShardKey {
+				bc.shard, bc.shardRev = n, kv.ModRevision
+			}
+		}
+		myBlock := c.l.blockPrefix(id) + c.id
+		bc.block, bc.blockRev = 0, 0
+		for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+			held += n
+			if string(kv.Key) == myBlock {
+				bc.block, bc.blockRev = n, kv.ModRevision
+			}
+		}
+		free := limit - used - held
+		want := need - (bc.block - bc.carved)
+		if want <= 0 {
+			return nil
+		}
+		if free < want {
+			return ErrNoRoom
+		}
+		// Take a share of what is free, shrinking as capacity runs out,
+		// so one replica cannot starve the others near the limit.
+		take := max(want, min(free/8, 64<<20))
+		resp2, err := c.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
+				clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
+				clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
+			},
+			clientv3.OpPut(myBlock, strconv.FormatInt(bc.block+take, 10), clientv3.WithLease(lease)))
+		if err != nil {
+			return err
+		}
+		if resp2.Succeeded {
+			bc.block += take
+			bc.blockRev = resp2.Header.Revision
+			return nil
+		}
+	}
+	return ErrConflict
+}
+
+func (c *Capacity) txn(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (*clientv3.TxnResponse, error) {
+	tctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	resp, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("ledger: capacity write: %w", err)
+	}
+	return resp, nil
+}
+
+// carve takes size bytes from our block for a reservation id (growing the
+// block when needed) and writes its key.
+func (c *Capacity) carve(ctx context.Context, bucket *adminv1.BucketSpec, id string, size int64, ttl time.Duration) (*Reservation, error) {
+	if size <= 0 {
+		return nil, fmt.Errorf("%w: size must be positive", ErrInvalid)
+	}
+	if size > bucket.GetMonthlyLimitBytes() {
+		return nil, ErrNoRoom
+	}
+	lease, err := c.wait(ctx)
+	if err != nil {
+		return nil, err
+	}
+	bc := c.bucket(bucket.GetId())
+	bc.mu.Lock()
+	if bc.block-bc.carved < size {
+		if err := c.grow(ctx, bucket, bc, size, lease); err != nil {
+			bc.mu.Unlock()
+			return nil, err
+		}
+	}
+	exp := c.l.opts.Now().Add(ttl)
+	bc.carved += size
+	bc.res[id] = &localRes{size: size, exp: exp}
+	bc.touched = time.Now()
+	bc.mu.Unlock()
+	val, _ := json.Marshal(resRecord{Size: size, Replica: c.id, Expires: exp})
+	if err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(lease))); err != nil {
+		// The put may have applied; the janitor expires it with its TTL.
+		return nil, fmt.Errorf("ledger: write reservation: %w", err)
+	}
+	return &Reservation{ID: id, BucketID: bucket.GetId(), Size: size, Period: c.l.Period().Name, LeaseID: lease, ExpiresAt: exp}, nil
+}
+
+// Reserve grants size bytes on bucket for ttl, or ErrNoRoom.
+func (c *Capacity) Reserve(ctx context.Context, bucket *adminv1.BucketSpec, size int64, ttl time.Duration) (*Reservation, error) {
+	return c.carve(ctx, bucket, NewReservationID(), size, ttl)
+}
+
+// Renew extends a live reservation (on any replica), or re-establishes a
+// vanished one from this replica's block, or ErrReservationLost.
+func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID string, size int64, ttl time.Duration) (time.Time, bool, error) {
+	if resID == "" || size <= 0 {
+		return time.Time{}, false, fmt.Errorf("%w: reservation id and reserved bytes are required", ErrInvalid)
+	}
+	key := c.l.resKey(bucket.GetId(), resID)
+	for attempt := 0; attempt < 10; attempt++ {
+		gctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Get(gctx, key)
+		cancel()
+		if err != nil {
+			return time.Time{}, false, fmt.Errorf("ledger: read reservation: %w", err)
+		}
+		if len(resp.Kvs) == 0 {
+			break
+		}
+		kv := resp.Kvs[0]
+		var rec resRecord
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			return time.Time{}, false, err
+		}
+		rec.Expires = c.l.opts.Now().Add(ttl)
+		val, _ := json.Marshal(rec)
+		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)},
+			clientv3.OpPut(key, string(val), clientv3.WithLease(clientv3.LeaseID(kv.Lease))))
+		if err != nil {
+			return time.Time{}, false, err
+		}
+		if tr.Succeeded {
+			if rec.Replica == c.id {
+				bc := c.bucket(bucket.GetId())
+				bc.mu.Lock()
+				if r, ok := bc.res[resID]; ok {
+					r.exp = rec.Expires
+				}
+				bc.mu.Unlock()
+			}
+			return rec.Expires, false, nil
+		}
+	}
+	r, err := c.carve(ctx, bucket, resID, size, ttl)
+	if errors.Is(err, ErrNoRoom) {
+		return time.Time{}, false, ErrReservationLost
+	}
+	if err != nil {
+		return time.Time{}, false, err
+	}
+	return r.ExpiresAt, true, nil
+}
+
+// Commit records actual bytes for a reservation exactly once. The bytes
+// leave our block and enter our usage shard in one transaction; when the
+// reservation belongs to another replica (or vanished), the bytes are
+// taken from our own block instead, so the sum never grows.
+func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
+	if resID == "" || actual < 0 {
+		return CommitResult{}, fmt.Errorf("%w: reservation id and a non-negative size are required", ErrInvalid)
+	}
+	lease, err := c.wait(ctx)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	markerLease, err := c.l.grant(ctx, c.l.opts.CommitMarkerTTL)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	out, err := c.commit(ctx, bucket, resID, actual, idem, lease, markerLease)
+	if err != nil || out.AlreadyCommitted || out.DuplicateOf != nil {
+		c.l.revoke(ctx, markerLease)
+	}
+	return out, err
+}
+
+func (c *Capacity) commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, lease, markerLease clientv3.LeaseID) (CommitResult, error) {
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	bc := c.bucket(id)
+	for attempt := 0; attempt < 50; attempt++ {
+		if prev, ok, err := c.l.readMarker(ctx, resID); err != nil || ok {
+			prev.AlreadyCommitted = ok
+			return prev, err
+		}
+		gctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Get(gctx, c.l.resKey(id, resID))
+		cancel()
+		if err != nil {
+			return CommitResult{}, fmt.Errorf("ledger: read reservation: %w", err)
+		}
+		var rec resRecord
+		exists := len(resp.Kvs) > 0 && json.Unmarshal(resp.Kvs[0].Value, &rec) == nil
+		if exists && actual > rec.Size {
+			return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, rec.Size)
+		}
+		bc.mu.Lock()
+		mine := exists && rec.Replica == c.id && bc.res[resID] != nil
+		// Bytes to take out of our block: the reservation's own when it is
+		// ours; otherwise fresh capacity for the actual bytes.
+		take := actual
+		if mine {
+			take = rec.Size
+		} else if bc.block-bc.carved < actual {
+			if err := c.grow(ctx, bucket, bc, actual, lease); err != nil {
+				bc.mu.Unlock()
+				if errors.Is(err, ErrNoRoom) {
+					if exists {
+						// No room of our own: move the bytes out of the
+						// owner's block instead.
+						res, done, err := c.commitFromOwner(ctx, bucket, resID, actual, rec, resp.Kvs[0].ModRevision, idem, markerLease)
+						if err != nil || done {
+							return res, err
+						}
+						continue
+					}
+					return CommitResult{}, ErrReservationLost
+				}
+				return CommitResult{}, err
+			}
+		}
+		if bc.shardOf != period {
+			c.resync(ctx, bc, period, id)
+		}
+		res := CommitResult{Period: period, Size: actual}
+		marker, _ := json.Marshal(res)
+		shardKey := c.l.shardPrefix(period, id) + c.id
+		blockKey := c.l.blockPrefix(id) + c.id
+		cmps := []clientv3.Cmp{
+			clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(resID)), "=", 0),
+			// An admin may have reset usage: never write back a stale shard.
+			clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
+			clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev),
+		}
+		ops := []clientv3.Op{
+			clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+actual, 10)),
+			clientv3.OpPut(blockKey, strconv.FormatInt(bc.block-take, 10), clientv3.WithLease(lease)),
+			clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(markerLease)),
+		}
+		if exists {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, resID)), "=", resp.Kvs[0].ModRevision))
+			ops = append(ops, clientv3.OpDelete(c.l.resKey(id, resID)))
+		}
+		var elseOps []clientv3.Op
+		if idem != nil && idem.Key != "" {
+			k := c.l.idemKey(idem.Key)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+			ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(markerLease)))
+			elseOps = append(elseOps, clientv3.OpGet(k))
+		}
+		tctx, cancel := c.l.ctx(ctx)
+		tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
+		cancel()
+		if err != nil {
+			// Ambiguous: resync our keys and let the marker tell.
+			c.resync(ctx, bc, period, id)
+			bc.mu.Unlock()
+			continue
+		}
+		if tr.Succeeded {
+			bc.shard += actual
+			bc.shardRev = tr.Header.Revision
+			bc.blockRev = tr.Header.Revision
+			bc.block -= take
+			if mine {
+				bc.carved -= rec.Size
+				delete(bc.res, resID)
+			}
+			bc.touched = time.Now()
+			bc.mu.Unlock()
+			return res, nil
+		}
+		c.resync(ctx, bc, period, id)
+		bc.mu.Unlock()
+		if len(elseOps) > 0 {
+			if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+				if _, ours, err := c.l.readMarker(ctx, resID); err == nil && !ours {
+					return CommitResult{DuplicateOf: kvs[0].Value}, nil
+				}
+			}
+		}
+	}
+	return CommitResult{}, ErrConflict
+}
+
+// commitFromOwner commits another replica's reservation by moving its
+// bytes from the owner's block into our shard, compared on the owner's
+// block revision (the owner compares it on every write too). done=false
+// means a compare failed: the caller starts over.
+func (c *Capacity) commitFromOwner(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, bool, error) {
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	ownerKey := c.l.blockPrefix(id) + rec.Replica
+	gctx, cancel := c.l.ctx(ctx)
+	resp, err := c.l.cli.Get(gctx, ownerKey)
+	cancel()
+	if err != nil {
+		return CommitResult{}, false, fmt.Errorf("ledger: read owner block: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return CommitResult{}, false, nil // owner gone: its reservation will vanish too
+	}
+	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
+	bc := c.bucket(id)
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	if bc.shardOf != period {
+		c.resync(ctx, bc, period, id)
+	}
+	shardKey := c.l.shardPrefix(period, id) + c.id
+	res := CommitResult{Period: period, Size: actual}
+	marker, _ := json.Marshal(res)
+	cmps := []clientv3.Cmp{
+		clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(resID)), "=", 0),
+		clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
+		clientv3.Compare(clientv3.ModRevision(ownerKey), "=", resp.Kvs[0].ModRevision),
+		clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, resID)), "=", resRev),
+	}
+	ops := []clientv3.Op{
+		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+actual, 10)),
+		clientv3.OpPut(ownerKey, strconv.FormatInt(ownerBlock-rec.Size, 10), clientv3.WithLease(clientv3.LeaseID(resp.Kvs[0].Lease))),
+		clientv3.OpDelete(c.l.resKey(id, resID)),
+		clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(markerLease)),
+	}
+	if idem != nil && idem.Key != "" {
+		k := c.l.idemKey(idem.Key)
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+		ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(markerLease)))
+	}
+	tr, err := c.txn(ctx, cmps, ops...)
+	if err != nil || !tr.Succeeded {
+		c.resync(ctx, bc, period, id)
+		return CommitResult{}, false, nil
+	}
+	bc.shard += actual
+	bc.shardRev = tr.Header.Revision
+	return res, true, nil
+}
+
+// resync re-reads our block and shard after an ambiguous write.
+func (c *Capacity) resync(ctx context.Context, bc *bucketCap, period, id string) {
+	gctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	resp, err := c.l.cli.Txn(gctx).Then(
+		clientv3.OpGet(c.l.blockPrefix(id)+c.id),
+		clientv3.OpGet(c.l.shardPrefix(period, id)+c.id),
+	).Commit()
+	if err != nil {
+		return
+	}
+	bc.block, bc.blockRev, bc.shard, bc.shardRev, bc.shardOf = 0, 0, 0, 0, period
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		bc.block, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		bc.blockRev = kvs[0].ModRevision
+	}
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		bc.shard, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		bc.shardRev = kvs[0].ModRevision
+	}
+}
+
+// Release ends a reservation without usage; absent ones succeed.
+func (c *Capacity) Release(ctx context.Context, bucketID, resID string) error {
+	if resID == "" {
+		return fmt.Errorf("%w: reservation id is required", ErrInvalid)
+	}
+	bc := c.bucket(bucketID)
+	bc.mu.Lock()
+	r, mine := bc.res[resID]
+	bc.mu.Unlock()
+	if err := c.submit(ctx, clientv3.OpDelete(c.l.resKey(bucketID, resID))); err != nil {
+		return fmt.Errorf("ledger: release: %w", err)
+	}
+	if mine {
+		// Freed only after the delete applied, so keys never exceed the block.
+		bc.mu.Lock()
+		if _, still := bc.res[resID]; still {
+			delete(bc.res, resID)
+			bc.carved -= r.size
+		}
+		bc.mu.Unlock()
+	}
+	return nil
+}
+
+// janitor expires our reservations whose holders stopped renewing, and
+// hands idle block capacity back so other replicas can use it.
+func (c *Capacity) janitor(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		lease := c.lease
+		ids := make([]string, 0, len(c.buckets))
+		for id := range c.buckets {
+			ids = append(ids, id)
+		}
+		c.mu.Unlock()
+		if lease == 0 {
+			continue
+		}
+		now := c.l.opts.Now()
+		for _, id := range ids {
+			bc := c.bucket(id)
+			bc.mu.Lock()
+			for rid, r := range bc.res {
+				if now.After(r.exp) {
+					key := c.l.resKey(id, rid)
+					// Another replica may have renewed it a moment ago: delete
+					// only if its expiry in etcd has passed too.
+					gctx, cancel := c.l.ctx(ctx)
+					resp, err := c.l.cli.Get(gctx, key)
+					cancel()
+					if err != nil {
+						continue
+					}
+					if len(resp.Kvs) > 0 {
+						var rec resRecord
+						if json.Unmarshal(resp.Kvs[0].Value, &rec) == nil && rec.Expires.After(now) {
+							r.exp = rec.Expires
+							continue
+						}
+						tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", resp.Kvs[0].ModRevision)}, clientv3.OpDelete(key))
+						if err != nil || !tr.Succeeded {
+							continue
+						}
+					}
+					delete(bc.res, rid)
+					bc.carved -= r.size
+				}
+			}
+			if bc.block > bc.carved && time.Since(bc.touched) > idleBlock {
+				blockKey := c.l.blockPrefix(id) + c.id
+				var op clientv3.Op
+				if bc.carved == 0 {
+					op = clientv3.OpDelete(blockKey)
+				} else {
+					op = clientv3.OpPut(blockKey, strconv.FormatInt(bc.carved, 10), clientv3.WithLease(lease))
+				}
+				tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev)}, op)
+				if err == nil && tr.Succeeded {
+					bc.block, bc.blockRev = bc.carved, tr.Header.Revision
+				} else {
+					c.resync(ctx, bc, c.l.Period().Name, id)
+				}
+			}
+			bc.mu.Unlock()
+		}
+	}
+}
