@@ -1,34 +1,35 @@
-// Package placement holds the strategies that choose a bucket among the
-// eligible ones. Eligibility (ACTIVE, not cooling down, room for the size)
-// is decided by the caller; a strategy only orders candidates.
 package placement
 
 import (
-	"cmp"
 	"fmt"
-	"hash/fnv"
 	"math"
 	"math/rand/v2"
-	"slices"
 	"sync"
 	"time"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 )
 
-// Candidate is an eligible bucket.
+// Candidate is an eligible bucket and what strategies may look at.
 type Candidate struct {
-	ID                    string
-	Priority, Weight      int32
-	LimitBytes, UsedBytes int64 // used includes reserved
-	LatencyEWMA           time.Duration
+	ID               string
+	Priority, Weight int32 // lower Priority wins; Weight ≤ 0 counts as 1
+	LimitBytes       int64 // monthly limit; ≤ 0 sorts last by usage
+	// UsedBytes are committed bytes and ReservedBytes live reservations; a
+	// caller that only knows their sum may put it all in UsedBytes.
+	UsedBytes, ReservedBytes int64
+	// LatencyEWMA is the bucket's recent latency; zero means not measured
+	// yet, which latency-aware placement treats as fastest so a new bucket
+	// gets measured.
+	LatencyEWMA time.Duration
 }
 
-func (c Candidate) utilization() float64 {
+// Utilization is (used+reserved)/limit, +Inf without a limit.
+func (c Candidate) Utilization() float64 {
 	if c.LimitBytes <= 0 {
 		return math.Inf(1)
 	}
-	return float64(c.UsedBytes) / float64(c.LimitBytes)
+	return float64(c.UsedBytes+c.ReservedBytes) / float64(c.LimitBytes)
 }
 
 // Request carries what a strategy may look at.
@@ -38,12 +39,24 @@ type Request struct {
 }
 
 // Strategy orders candidates: the first is the choice, the rest are
-// fallbacks in order (used when a reservation on the first fails).
+// fallbacks in order. Rank returns a new slice holding every candidate
+// once and never modifies cands. Implementations are safe for concurrent
+// use.
 type Strategy interface {
 	Rank(req Request, cands []Candidate) []Candidate
 }
 
-// New returns the strategy for kind. rnd may be nil (a random source).
+// Pick returns s's first choice, or false when there is no candidate.
+func Pick(s Strategy, req Request, cands []Candidate) (Candidate, bool) {
+	if len(cands) == 0 {
+		return Candidate{}, false
+	}
+	return s.Rank(req, cands)[0], true
+}
+
+// New returns the strategy for kind; UNSPECIFIED means priority-first.
+// rnd drives the random strategies and may be nil (a randomly seeded
+// source); it is only used under a lock, so one source may be shared.
 func New(kind allocatorv1.Strategy, rnd *rand.Rand) (Strategy, error) {
 	if rnd == nil {
 		rnd = rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
@@ -66,7 +79,9 @@ func New(kind allocatorv1.Strategy, rnd *rand.Rand) (Strategy, error) {
 	return nil, fmt.Errorf("placement: unknown strategy %v", kind)
 }
 
-// Parse maps a config name like "priority-first" to a strategy kind.
+// Parse maps a configuration name like "priority-first" to a strategy
+// kind. The empty name means priority-first; "wrr" is accepted for
+// weighted-round-robin.
 func Parse(name string) (allocatorv1.Strategy, error) {
 	switch name {
 	case "", "priority-first":
@@ -82,9 +97,11 @@ func Parse(name string) (allocatorv1.Strategy, error) {
 	case "random":
 		return allocatorv1.Strategy_STRATEGY_RANDOM, nil
 	}
-	return 0, fmt.Errorf("placement: %q is not one of priority-first, least-used, weighted-round-robin, affinity, latency-aware, random", name)
+	return 0, fmt.Errorf("placement: strategy %q is not one of priority-first, least-used, weighted-round-robin, affinity, latency-aware, random", name)
 }
 
+// lockedRand shares one *rand.Rand (not safe for concurrent use) between
+// goroutines.
 type lockedRand struct {
 	mu sync.Mutex
 	r  *rand.Rand
@@ -94,154 +111,4 @@ func (l *lockedRand) perm(n int) []int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.r.Perm(n)
-}
-
-// PriorityFirst prefers the lowest priority number, then the least used.
-type PriorityFirst struct{}
-
-// Rank implements Strategy.
-func (PriorityFirst) Rank(_ Request, cands []Candidate) []Candidate {
-	out := slices.Clone(cands)
-	slices.SortStableFunc(out, func(a, b Candidate) int {
-		if c := cmp.Compare(a.Priority, b.Priority); c != 0 {
-			return c
-		}
-		if c := cmp.Compare(a.utilization(), b.utilization()); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.ID, b.ID)
-	})
-	return out
-}
-
-// LeastUsed prefers the lowest (used+reserved)/limit.
-type LeastUsed struct{}
-
-// Rank implements Strategy.
-func (LeastUsed) Rank(_ Request, cands []Candidate) []Candidate {
-	out := slices.Clone(cands)
-	slices.SortStableFunc(out, func(a, b Candidate) int {
-		if c := cmp.Compare(a.utilization(), b.utilization()); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.ID, b.ID)
-	})
-	return out
-}
-
-// WeightedRoundRobin is nginx's smooth weighted round robin. Each replica
-// runs its own; since each one's sequence follows the weights exactly over
-// every cycle, the union across replicas does too, within one cycle per
-// replica.
-type WeightedRoundRobin struct {
-	mu      sync.Mutex
-	current map[string]int64
-}
-
-// NewWeightedRoundRobin returns an empty balancer.
-func NewWeightedRoundRobin() *WeightedRoundRobin {
-	return &WeightedRoundRobin{current: map[string]int64{}}
-}
-
-// Rank implements Strategy.
-func (w *WeightedRoundRobin) Rank(_ Request, cands []Candidate) []Candidate {
-	if len(cands) == 0 {
-		return nil
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	var total int64
-	best := -1
-	for i, c := range cands {
-		wt := int64(max(c.Weight, 1))
-		total += wt
-		w.current[c.ID] += wt
-		if best < 0 || w.current[c.ID] > w.current[cands[best].ID] {
-			best = i
-		}
-	}
-	w.current[cands[best].ID] -= total
-	out := make([]Candidate, 0, len(cands))
-	out = append(out, cands[best])
-	rest := slices.Clone(cands)
-	rest = slices.Delete(rest, best, best+1)
-	slices.SortStableFunc(rest, func(a, b Candidate) int { return cmp.Compare(w.current[b.ID], w.current[a.ID]) })
-	return append(out, rest...)
-}
-
-// Affinity ranks by rendezvous (highest random weight) hashing of the
-// affinity key: a key keeps its bucket while that bucket is eligible, and
-// removing a bucket moves only the keys that were on it. Requests without
-// a key use Fallback.
-type Affinity struct{ Fallback Strategy }
-
-// Rank implements Strategy.
-func (a Affinity) Rank(req Request, cands []Candidate) []Candidate {
-	if req.AffinityKey == "" {
-		return a.Fallback.Rank(req, cands)
-	}
-	type scored struct {
-		c Candidate
-		s uint64
-	}
-	sc := make([]scored, len(cands))
-	for i, c := range cands {
-		h := fnv.New64a()
-		h.Write([]byte(c.ID))
-		h.Write([]byte{0})
-		h.Write([]byte(req.AffinityKey))
-		sc[i] = scored{c, mix(h.Sum64())}
-	}
-	slices.SortFunc(sc, func(x, y scored) int { return cmp.Compare(y.s, x.s) })
-	out := make([]Candidate, len(sc))
-	for i, s := range sc {
-		out[i] = s.c
-	}
-	return out
-}
-
-// mix is splitmix64's finalizer: FNV's low bits are weak for short keys.
-func mix(x uint64) uint64 {
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	x ^= x >> 31
-	return x
-}
-
-// LatencyAware picks two candidates at random and prefers the one with
-// the lower EWMA latency (power of two choices): it follows fast buckets
-// without stampeding onto the single fastest one.
-type LatencyAware struct{ rnd *lockedRand }
-
-// Rank implements Strategy.
-func (l *LatencyAware) Rank(_ Request, cands []Candidate) []Candidate {
-	if len(cands) < 2 {
-		return slices.Clone(cands)
-	}
-	p := l.rnd.perm(len(cands))
-	out := make([]Candidate, 0, len(cands))
-	a, b := cands[p[0]], cands[p[1]]
-	if b.LatencyEWMA < a.LatencyEWMA {
-		a, b = b, a
-	}
-	out = append(out, a, b)
-	for _, i := range p[2:] {
-		out = append(out, cands[i])
-	}
-	return out
-}
-
-// Random picks uniformly.
-type Random struct{ rnd *lockedRand }
-
-// Rank implements Strategy.
-func (r *Random) Rank(_ Request, cands []Candidate) []Candidate {
-	p := r.rnd.perm(len(cands))
-	out := make([]Candidate, len(cands))
-	for i, j := range p {
-		out[i] = cands[j]
-	}
-	return out
 }
