@@ -41,7 +41,30 @@ type Capacity struct {
 	buckets map[string]*bucketCap
 	ready   chan struct{}
 
-	writes chan *write
+	writes  chan *write
+	stopped chan struct{} // closed when Run returns
+
+	mleaseMu sync.Mutex
+	mlease   clientv3.LeaseID
+	mleaseAt time.Time
+}
+
+// markerLease returns the lease commit markers and idempotency records
+// hang on: one per replica, replaced hourly, each living CommitMarkerTTL,
+// so a marker outlives its commit by at least CommitMarkerTTL − 1h without
+// a lease grant per commit.
+func (c *Capacity) markerLease(ctx context.Context) (clientv3.LeaseID, error) {
+	c.mleaseMu.Lock()
+	defer c.mleaseMu.Unlock()
+	if c.mlease != 0 && time.Since(c.mleaseAt) < time.Hour {
+		return c.mlease, nil
+	}
+	id, err := c.l.grant(ctx, c.l.opts.CommitMarkerTTL)
+	if err != nil {
+		return 0, err
+	}
+	c.mlease, c.mleaseAt = id, time.Now()
+	return id, nil
 }
 
 type bucketCap struct {
@@ -56,6 +79,9 @@ type bucketCap struct {
 	shardOf  string // period of shard
 	res      map[string]*localRes
 	touched  time.Time
+
+	queueOnce sync.Once
+	queue     chan *pendingCommit // see enqueue
 }
 
 type localRes struct {
@@ -78,7 +104,7 @@ type write struct {
 	done chan error
 }
 
-func (l *Ledger) blockPrefix(bucket string) string { return l.opts.Prefix + "blocks/" + bucket + "/" }
+func (l *Ledger) blockPrefix(bucket string) string { return l.opts.Prefix + "cap/blocks/" + bucket + "/" }
 func (l *Ledger) shardPrefix(period, bucket string) string {
 	return l.opts.Prefix + "ushard/" + period + "/" + bucket + "/"
 }
@@ -89,13 +115,14 @@ func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog
 		leaseTTL = 10 * time.Second
 	}
 	return &Capacity{l: l, id: replicaID, leaseTTL: leaseTTL, log: log,
-		buckets: map[string]*bucketCap{}, ready: make(chan struct{}), writes: make(chan *write, 4096)}
+		buckets: map[string]*bucketCap{}, ready: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{})}
 }
 
 // Run keeps the replica lease alive, batches reservation writes, watches
 // reservations changed by other replicas and expires our own, until ctx
 // ends. Losing the lease drops every local block and reservation.
 func (c *Capacity) Run(ctx context.Context) error {
+	defer close(c.stopped)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); c.writer(ctx) }()
@@ -144,7 +171,7 @@ func (c *Capacity) term(ctx context.Context) error {
 		// One stream for reservations and blocks keeps their events in
 		// revision order: a commit that shrank our block and deleted our
 		// reservation is applied to both at once.
-		watch = c.l.cli.Watch(wctx, c.l.opts.Prefix, clientv3.WithPrefix())
+		watch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"cap/", clientv3.WithPrefix())
 	}
 	rewatch()
 	defer func() {
@@ -183,7 +210,7 @@ func (c *Capacity) apply(evs []*clientv3.Event) {
 	defer c.mu.Unlock()
 	for _, ev := range evs {
 		key := string(ev.Kv.Key)
-		if rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"blocks/"); ok {
+		if rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/blocks/"); ok {
 			bucket, owner, _ := strings.Cut(rest, "/")
 			if bc := c.buckets[bucket]; bc != nil && owner == c.id {
 				bc.mu.Lock()
@@ -200,7 +227,7 @@ func (c *Capacity) apply(evs []*clientv3.Event) {
 			}
 			continue
 		}
-		rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"res/")
+		rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/res/")
 		if !ok {
 			continue
 		}
@@ -483,124 +510,244 @@ func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID
 	if err != nil {
 		return CommitResult{}, err
 	}
-	markerLease, err := c.l.grant(ctx, c.l.opts.CommitMarkerTTL)
+	markerLease, err := c.markerLease(ctx)
 	if err != nil {
 		return CommitResult{}, err
 	}
-	out, err := c.commit(ctx, bucket, resID, actual, idem, lease, markerLease)
-	if err != nil || out.AlreadyCommitted || out.DuplicateOf != nil {
-		c.l.revoke(ctx, markerLease)
-	}
-	return out, err
+	return c.commit(ctx, bucket, resID, actual, idem, lease, markerLease)
 }
 
 func (c *Capacity) commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, lease, markerLease clientv3.LeaseID) (CommitResult, error) {
 	id := bucket.GetId()
-	period := c.l.Period().Name
 	bc := c.bucket(id)
 	for attempt := 0; attempt < 50; attempt++ {
-		if prev, ok, err := c.l.readMarker(ctx, resID); err != nil || ok {
-			prev.AlreadyCommitted = ok
-			return prev, err
-		}
+		// The marker and the reservation in one read.
 		gctx, cancel := c.l.ctx(ctx)
-		resp, err := c.l.cli.Get(gctx, c.l.resKey(id, resID))
+		both, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(c.l.commitKey(resID)), clientv3.OpGet(c.l.resKey(id, resID))).Commit()
 		cancel()
 		if err != nil {
 			return CommitResult{}, fmt.Errorf("ledger: read reservation: %w", err)
 		}
-		var rec resRecord
-		exists := len(resp.Kvs) > 0 && json.Unmarshal(resp.Kvs[0].Value, &rec) == nil
-		if exists && actual > rec.Size {
-			return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, rec.Size)
+		if kvs := both.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			var prev CommitResult
+			if err := json.Unmarshal(kvs[0].Value, &prev); err != nil {
+				return CommitResult{}, fmt.Errorf("ledger: decode commit marker: %w", err)
+			}
+			prev.AlreadyCommitted = true
+			return prev, nil
+		}
+		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, lease: lease, markerLease: markerLease, done: make(chan commitOutcome, 1)}
+		if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && json.Unmarshal(kvs[0].Value, &p.rec) == nil {
+			p.exists, p.resRev = true, kvs[0].ModRevision
+			if actual > p.rec.Size {
+				return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, p.rec.Size)
+			}
+		}
+		out, err := c.enqueue(ctx, bc, p)
+		if err != nil {
+			return CommitResult{}, err
+		}
+		switch {
+		case out.err != nil:
+			return CommitResult{}, out.err
+		case out.ok:
+			return out.res, nil
+		case out.dup != nil:
+			return CommitResult{DuplicateOf: out.dup}, nil
+		case out.noRoom && p.exists:
+			// No room of our own: move the bytes out of the owner's block.
+			res, done, err := c.commitFromOwner(ctx, bucket, resID, actual, p.rec, p.resRev, idem, markerLease)
+			if err != nil || done {
+				return res, err
+			}
+		case out.noRoom:
+			return CommitResult{}, ErrReservationLost
+		}
+		// A compare failed: read again and retry.
+	}
+	return CommitResult{}, ErrConflict
+}
+
+// pendingCommit waits in a bucket's commit queue.
+type pendingCommit struct {
+	bucket             *adminv1.BucketSpec
+	resID              string
+	actual             int64
+	idem               *Idempotency
+	rec                resRecord
+	exists             bool
+	resRev             int64
+	lease, markerLease clientv3.LeaseID
+	done               chan commitOutcome
+
+	take int64 // bytes leaving our block, set by the worker
+	mine bool
+}
+
+type commitOutcome struct {
+	ok     bool
+	res    CommitResult
+	dup    []byte
+	noRoom bool
+	err    error
+}
+
+// enqueue hands p to the bucket's committer, which batches concurrent
+// commits of this replica into one transaction: the usage shard and the
+// block are this replica's own keys, so commits on a hot bucket do not
+// contend with other replicas at all.
+func (c *Capacity) enqueue(ctx context.Context, bc *bucketCap, p *pendingCommit) (commitOutcome, error) {
+	bc.queueOnce.Do(func() {
+		bc.queue = make(chan *pendingCommit, 1024)
+		go c.committer(bc)
+	})
+	select {
+	case bc.queue <- p:
+	case <-ctx.Done():
+		return commitOutcome{}, ctx.Err()
+	}
+	select {
+	case out := <-p.done:
+		return out, nil
+	case <-ctx.Done():
+		return commitOutcome{}, ctx.Err()
+	}
+}
+
+func (c *Capacity) committer(bc *bucketCap) {
+	for {
+		var p *pendingCommit
+		select {
+		case p = <-bc.queue:
+		case <-c.stopped:
+			return
+		}
+		batch := []*pendingCommit{p}
+	fill:
+		for len(batch) < 40 {
+			select {
+			case q := <-bc.queue:
+				batch = append(batch, q)
+			default:
+				break fill
+			}
 		}
 		bc.mu.Lock()
-		mine := exists && rec.Replica == c.id && bc.res[resID] != nil
-		// Bytes to take out of our block: the reservation's own when it is
-		// ours; otherwise fresh capacity for the actual bytes.
-		take := actual
-		if mine {
-			take = rec.Size
-		} else if bc.block-bc.carved < actual {
-			if err := c.grow(ctx, bucket, bc, actual, lease); err != nil {
-				bc.mu.Unlock()
-				if errors.Is(err, ErrNoRoom) {
-					if exists {
-						// No room of our own: move the bytes out of the
-						// owner's block instead.
-						res, done, err := c.commitFromOwner(ctx, bucket, resID, actual, rec, resp.Kvs[0].ModRevision, idem, markerLease)
-						if err != nil || done {
-							return res, err
-						}
-						continue
-					}
-					return CommitResult{}, ErrReservationLost
-				}
-				return CommitResult{}, err
-			}
-		}
-		if bc.shardOf != period {
-			c.resync(ctx, bc, period, id)
-		}
-		res := CommitResult{Period: period, Size: actual}
-		marker, _ := json.Marshal(res)
-		shardKey := c.l.shardPrefix(period, id) + c.id
-		blockKey := c.l.blockPrefix(id) + c.id
-		cmps := []clientv3.Cmp{
-			clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(resID)), "=", 0),
-			// An admin may have reset usage: never write back a stale shard.
-			clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
-			clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev),
-		}
-		ops := []clientv3.Op{
-			clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+actual, 10)),
-			clientv3.OpPut(blockKey, strconv.FormatInt(bc.block-take, 10), clientv3.WithLease(lease)),
-			clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(markerLease)),
-		}
-		if exists {
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, resID)), "=", resp.Kvs[0].ModRevision))
-			ops = append(ops, clientv3.OpDelete(c.l.resKey(id, resID)))
-		}
-		var elseOps []clientv3.Op
-		if idem != nil && idem.Key != "" {
-			k := c.l.idemKey(idem.Key)
-			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
-			ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(markerLease)))
-			elseOps = append(elseOps, clientv3.OpGet(k))
-		}
-		tctx, cancel := c.l.ctx(ctx)
-		tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
-		cancel()
-		if err != nil {
-			// Ambiguous: resync our keys and let the marker tell.
-			c.resync(ctx, bc, period, id)
-			bc.mu.Unlock()
-			continue
-		}
-		if tr.Succeeded {
-			bc.shard += actual
-			bc.shardRev = tr.Header.Revision
-			bc.blockRev = tr.Header.Revision
-			bc.block -= take
-			if mine {
-				bc.carved -= rec.Size
-				delete(bc.res, resID)
-			}
-			bc.touched = time.Now()
-			bc.mu.Unlock()
-			return res, nil
-		}
-		c.resync(ctx, bc, period, id)
+		c.commitBatch(context.Background(), bc, batch)
 		bc.mu.Unlock()
-		if len(elseOps) > 0 {
-			if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-				if _, ours, err := c.l.readMarker(ctx, resID); err == nil && !ours {
-					return CommitResult{DuplicateOf: kvs[0].Value}, nil
+	}
+}
+
+// commitBatch runs with bc.mu held and answers every pending commit.
+func (c *Capacity) commitBatch(ctx context.Context, bc *bucketCap, batch []*pendingCommit) {
+	bucket := batch[0].bucket
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	if bc.shardOf != period {
+		c.resync(ctx, bc, period, id)
+	}
+	// Bytes for reservations that are not ours come from our block's free
+	// part; grow it once for the whole batch.
+	var need int64
+	for _, p := range batch {
+		p.mine = p.exists && p.rec.Replica == c.id && bc.res[p.resID] != nil
+		p.take = p.actual
+		if p.mine {
+			p.take = p.rec.Size
+		} else {
+			need += p.actual
+		}
+	}
+	if need > bc.block-bc.carved {
+		if err := c.grow(ctx, bucket, bc, need, batch[0].lease); err != nil {
+			kept := batch[:0]
+			for _, p := range batch {
+				if p.mine {
+					kept = append(kept, p)
+					continue
 				}
+				if errors.Is(err, ErrNoRoom) {
+					p.done <- commitOutcome{noRoom: true}
+				} else {
+					p.done <- commitOutcome{err: err}
+				}
+			}
+			batch = kept
+			if len(batch) == 0 {
+				return
 			}
 		}
 	}
-	return CommitResult{}, ErrConflict
+	shardKey := c.l.shardPrefix(period, id) + c.id
+	blockKey := c.l.blockPrefix(id) + c.id
+	var sum, take int64
+	cmps := []clientv3.Cmp{
+		// An admin may have reset usage: never write back a stale shard.
+		clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
+		clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev),
+	}
+	var ops, elseOps []clientv3.Op
+	for _, p := range batch {
+		sum += p.actual
+		take += p.take
+		marker, _ := json.Marshal(CommitResult{Period: period, Size: p.actual})
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(p.resID)), "=", 0))
+		ops = append(ops, clientv3.OpPut(c.l.commitKey(p.resID), string(marker), clientv3.WithLease(p.markerLease)))
+		if p.exists {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, p.resID)), "=", p.resRev))
+			ops = append(ops, clientv3.OpDelete(c.l.resKey(id, p.resID)))
+		}
+		if p.idem != nil && p.idem.Key != "" {
+			k := c.l.idemKey(p.idem.Key)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+			ops = append(ops, clientv3.OpPut(k, string(p.idem.Record), clientv3.WithLease(p.markerLease)))
+			if len(batch) == 1 {
+				elseOps = append(elseOps, clientv3.OpGet(k))
+			}
+		}
+	}
+	ops = append(ops,
+		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+sum, 10)),
+		clientv3.OpPut(blockKey, strconv.FormatInt(bc.block-take, 10), clientv3.WithLease(batch[0].lease)))
+	tctx, cancel := c.l.ctx(ctx)
+	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
+	cancel()
+	if err == nil && tr.Succeeded {
+		bc.shard += sum
+		bc.block -= take
+		bc.shardRev, bc.blockRev = tr.Header.Revision, tr.Header.Revision
+		bc.touched = time.Now()
+		for _, p := range batch {
+			if p.mine {
+				if r, ok := bc.res[p.resID]; ok {
+					bc.carved -= r.size
+					delete(bc.res, p.resID)
+				}
+			}
+			p.done <- commitOutcome{ok: true, res: CommitResult{Period: period, Size: p.actual}}
+		}
+		return
+	}
+	// Ambiguous or a compare failed: resync our keys; the callers re-read
+	// the markers, so an applied commit is reported, not repeated.
+	c.resync(ctx, bc, period, id)
+	if err == nil && len(batch) > 1 {
+		for _, p := range batch { // isolate the one that failed
+			c.commitBatch(ctx, bc, []*pendingCommit{p})
+		}
+		return
+	}
+	if err == nil && len(elseOps) > 0 {
+		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			if _, ours, merr := c.l.readMarker(ctx, batch[0].resID); merr == nil && !ours {
+				batch[0].done <- commitOutcome{dup: kvs[0].Value}
+				return
+			}
+		}
+	}
+	for _, p := range batch {
+		p.done <- commitOutcome{}
+	}
 }
 
 // commitFromOwner commits another replica's reservation by moving its

@@ -9,9 +9,9 @@
 //	seeded                               set once the config's buckets were written
 //	usage/<period>/<bucket>              admin-set base usage, decimal bytes
 //	ushard/<period>/<bucket>/<replica>   bytes committed through one replica
-//	blocks/<bucket>/<replica>            bytes of free capacity a replica holds,
+//	cap/blocks/<bucket>/<replica>        bytes of free capacity a replica holds,
 //	                                     under the replica's lease
-//	res/<bucket>/<reservation>           {size, replica, expires}, carved inside
+//	cap/res/<bucket>/<reservation>       {size, replica, expires}, carved inside
 //	                                     the replica's block, under its lease
 //	commits/<reservation>                commit marker; makes Commit exactly-once
 //	idem/<sha256(idempotency key)>       first upload's result, written with the

@@ -71,7 +71,7 @@ func (l *Ledger) usageKey(period, bucket string) string {
 	return l.opts.Prefix + "usage/" + period + "/" + bucket
 }
 func (l *Ledger) usagePrefix(period string) string { return l.opts.Prefix + "usage/" + period + "/" }
-func (l *Ledger) resPrefix(bucket string) string   { return l.opts.Prefix + "res/" + bucket + "/" }
+func (l *Ledger) resPrefix(bucket string) string   { return l.opts.Prefix + "cap/res/" + bucket + "/" }
 func (l *Ledger) resKey(bucket, id string) string  { return l.resPrefix(bucket) + id }
 func (l *Ledger) commitKey(id string) string       { return l.opts.Prefix + "commits/" + id }
 
@@ -347,8 +347,8 @@ func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 	resp, err := l.cli.Txn(ctx).Then(
 		clientv3.OpGet(l.usagePrefix(p.Name), clientv3.WithPrefix()),
 		clientv3.OpGet(l.opts.Prefix+"ushard/"+p.Name+"/", clientv3.WithPrefix()),
-		clientv3.OpGet(l.opts.Prefix+"blocks/", clientv3.WithPrefix()),
-		clientv3.OpGet(l.opts.Prefix+"res/", clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+		clientv3.OpGet(l.opts.Prefix+"cap/blocks/", clientv3.WithPrefix()),
+		clientv3.OpGet(l.opts.Prefix+"cap/res/", clientv3.WithPrefix(), clientv3.WithKeysOnly()),
 	).Commit()
 	if err != nil {
 		return nil, p, fmt.Errorf("ledger: read usage: %w", err)
@@ -370,11 +370,11 @@ func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 	}
 	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
 		n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
-		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"blocks/"), "/")
+		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"cap/blocks/"), "/")
 		add(b, func(u *Usage) { u.Reserved += n })
 	}
 	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
-		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"res/"), "/")
+		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"cap/res/"), "/")
 		add(b, func(u *Usage) { u.Reservations++ })
 	}
 	return out, p, nil

@@ -26,8 +26,8 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 	}
 	usagePrefix := prefix + "usage/" + period + "/"
 	shardPrefix := prefix + "ushard/" + period + "/"
-	blockPrefix := prefix + "blocks/"
-	resPrefix := prefix + "res/"
+	blockPrefix := prefix + "cap/blocks/"
+	resPrefix := prefix + "cap/res/"
 	base := map[string]int64{}
 	shards := map[string]int64{} // key -> bytes
 	blocks := map[string]int64{} // key -> bytes

@@ -75,6 +75,7 @@ func BenchmarkUploadPath(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(store.Close)
 	direct, err := store.Bucket(objstore.Target{ID: "dev-cold", Name: "dev-cold", Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
 	if err != nil {
 		b.Fatal(err)
