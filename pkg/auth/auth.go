@@ -1,5 +1,3 @@
-// Package auth guards gRPC methods with a static bearer token, compared in
-// constant time. The token is never logged.
 package auth
 
 import (
@@ -18,7 +16,8 @@ import (
 )
 
 // LoadToken returns the token from the environment variable envName, or
-// else from file. Empty both is an error: the admin API must not run open.
+// else from file, trimmed of surrounding white space. Neither set is an
+// error: the admin API must not run open. Errors never contain the token.
 func LoadToken(envName, file string) (string, error) {
 	if v := strings.TrimSpace(os.Getenv(envName)); v != "" {
 		return v, nil
@@ -38,18 +37,22 @@ func LoadToken(envName, file string) (string, error) {
 }
 
 // Bearer checks "authorization: Bearer <token>" on methods whose full name
-// starts with Prefix (e.g. "/bucketlb.admin.v1.AdminService/").
+// starts with a prefix (e.g. "/bucketlb.admin.v1.AdminService/").
 type Bearer struct {
 	prefix string
 	sum    [32]byte
+	open   bool // a token is configured
 }
 
-// NewBearer guards methods under prefix with token.
+// NewBearer guards methods under prefix with token. An empty token makes
+// every guarded call fail.
 func NewBearer(prefix, token string) *Bearer {
-	return &Bearer{prefix: prefix, sum: sha256.Sum256([]byte(token))}
+	return &Bearer{prefix: prefix, sum: sha256.Sum256([]byte(token)), open: token != ""}
 }
 
-func (b *Bearer) check(ctx context.Context, method string) error {
+// Check returns nil when method is not guarded or ctx carries the token,
+// and otherwise a gRPC status error (UNAUTHENTICATED or PERMISSION_DENIED).
+func (b *Bearer) Check(ctx context.Context, method string) error {
 	if !strings.HasPrefix(method, b.prefix) {
 		return nil
 	}
@@ -58,21 +61,21 @@ func (b *Bearer) check(ctx context.Context, method string) error {
 	if len(vals) == 0 {
 		return status.Error(codes.Unauthenticated, "this admin call needs an \"authorization: Bearer <token>\" header")
 	}
-	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
-	if !ok {
+	scheme, tok, ok := strings.Cut(strings.TrimSpace(vals[0]), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
 		return status.Error(codes.Unauthenticated, "the authorization header must have the form \"Bearer <token>\"")
 	}
 	// Hashing first makes the comparison constant-time in the length too.
 	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	if subtle.ConstantTimeCompare(got[:], b.sum[:]) != 1 {
-		return status.Error(codes.PermissionDenied, "the admin token is not valid")
+	if subtle.ConstantTimeCompare(got[:], b.sum[:]) != 1 || !b.open {
+		return status.Error(codes.PermissionDenied, "the admin token is not valid; check the token this server was configured with")
 	}
 	return nil
 }
 
 // Unary is the unary server interceptor.
 func (b *Bearer) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	if err := b.check(ctx, info.FullMethod); err != nil {
+	if err := b.Check(ctx, info.FullMethod); err != nil {
 		return nil, err
 	}
 	return h(ctx, req)
@@ -80,7 +83,7 @@ func (b *Bearer) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 
 // Stream is the stream server interceptor.
 func (b *Bearer) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	if err := b.check(ss.Context(), info.FullMethod); err != nil {
+	if err := b.Check(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}
 	return h(srv, ss)

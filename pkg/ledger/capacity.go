@@ -104,7 +104,9 @@ type write struct {
 	done chan error
 }
 
-func (l *Ledger) blockPrefix(bucket string) string { return l.opts.Prefix + "cap/blocks/" + bucket + "/" }
+func (l *Ledger) blockPrefix(bucket string) string {
+	return l.opts.Prefix + "cap/blocks/" + bucket + "/"
+}
 func (l *Ledger) shardPrefix(period, bucket string) string {
 	return l.opts.Prefix + "ushard/" + period + "/" + bucket + "/"
 }

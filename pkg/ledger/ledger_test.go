@@ -315,3 +315,53 @@ func TestPeriod(t *testing.T) {
 		}
 	}
 }
+
+// Invariant 2 when the granting replica dies: its block and reservations
+// vanish with its lease (within the TTL), the capacity returns, and a
+// Renew or Commit on another replica re-establishes the reservation
+// against current capacity.
+func TestGrantingReplicaDies(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	b := bucket("b1", 1000)
+
+	// The doomed replica gets its own client, closed to simulate a crash:
+	// no revoke reaches etcd, the lease has to expire.
+	doomedCli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	doomedLedger := ledger.New(doomedCli, ledger.Options{})
+	doomed := doomedLedger.NewCapacity("doomed", 2*time.Second, slog.New(slog.DiscardHandler))
+	dctx, dcancel := context.WithCancel(context.Background())
+	ddone := make(chan struct{})
+	go func() { _ = doomed.Run(dctx); close(ddone) }()
+
+	l, other := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "survivor")
+	r, err := doomed.Reserve(ctx, b, 400, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Reserve(ctx, b, 700, time.Minute); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("700 more bytes fit beside a 400-byte reservation in a 1000-byte bucket: %v", err)
+	}
+	doomedCli.Close()
+	dcancel()
+	<-ddone
+	start := time.Now()
+	poll(t, 10*time.Second, "the dead replica's block to expire", func() bool {
+		return usage(t, l, "b1").Reserved == 0 && usage(t, l, "b1").Reservations == 0
+	})
+	t.Logf("dead replica's capacity returned after %s", time.Since(start).Round(10*time.Millisecond))
+	exp, re, err := other.Renew(ctx, b, r.ID, 400, time.Minute)
+	if err != nil || !re || exp.IsZero() {
+		t.Fatalf("renew on the survivor: reestablished=%v err=%v, want re-established", re, err)
+	}
+	if _, err := other.Commit(ctx, b, r.ID, 350, nil); err != nil {
+		t.Fatal(err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 350 {
+		t.Fatalf("usage %d, want 350", u.Used)
+	}
+}
