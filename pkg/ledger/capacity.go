@@ -87,6 +87,10 @@ type bucketCap struct {
 type localRes struct {
 	size int64
 	exp  time.Time
+	// written is set once the reservation's put is known to have applied.
+	// Until then the janitor must not drop it: a late put would otherwise
+	// land outside the block.
+	written bool
 }
 
 // idleBlock is how long a block's unused capacity stays with a replica
@@ -437,8 +441,18 @@ func (c *Capacity) carve(ctx context.Context, bucket *adminv1.BucketSpec, id str
 	bc.touched = time.Now()
 	bc.mu.Unlock()
 	val, _ := json.Marshal(resRecord{Size: size, Replica: c.id, Expires: exp})
-	if err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(lease))); err != nil {
-		// The put may have applied; the janitor expires it with its TTL.
+	err = c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(lease)))
+	bc.mu.Lock()
+	if r, ok := bc.res[id]; ok {
+		r.written = true
+		if err != nil {
+			// Ambiguous: the put may still apply. Hold the bytes well past
+			// any plausible late apply before the janitor may drop them.
+			r.exp = c.l.opts.Now().Add(ttl + 2*time.Minute)
+		}
+	}
+	bc.mu.Unlock()
+	if err != nil {
 		return nil, fmt.Errorf("ledger: write reservation: %w", err)
 	}
 	return &Reservation{ID: id, BucketID: bucket.GetId(), Size: size, Period: c.l.Period().Name, LeaseID: lease, ExpiresAt: exp}, nil
@@ -878,7 +892,7 @@ func (c *Capacity) janitor(ctx context.Context) {
 			bc := c.bucket(id)
 			bc.mu.Lock()
 			for rid, r := range bc.res {
-				if now.After(r.exp) {
+				if r.written && now.After(r.exp) {
 					key := c.l.resKey(id, rid)
 					// Another replica may have renewed it a moment ago: delete
 					// only if its expiry in etcd has passed too.
