@@ -2,30 +2,70 @@ package health_test
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/health"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
 
+// clock is the injected clock: tests move time by minutes without waiting.
 type clock struct{ ns atomic.Int64 }
 
-func (c *clock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func newClock() *clock {
+	c := &clock{}
+	c.ns.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+func (c *clock) Now() time.Time          { return time.Unix(0, c.ns.Load()).UTC() }
 func (c *clock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
+// run starts s.Run until the test ends and waits for it to return.
+func run(t *testing.T, s *health.Store) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// Two replicas on separate etcd clients: three failures on A cool the
+// bucket down on B too; after the cooldown exactly one of 16 concurrent
+// callers spread over both replicas gets the trial; a failed trial cools
+// down longer; a good one restores full traffic everywhere.
 func TestSharedCooldownAndSingleTrial(t *testing.T) {
 	srv, cliA := testenv.Etcd(t)
 	cliB := testenv.EtcdClient(t, srv.Endpoint)
-	clk := &clock{}
-	clk.ns.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
-	a := health.NewStore(cliA, "", clk.now, health.Policy{})
-	b := health.NewStore(cliB, "", clk.now, health.Policy{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go b.Run(ctx)
+	clk := newClock()
+	a := health.NewStore(cliA, "", clk.Now, health.Policy{})
+	b := health.NewStore(cliB, "", clk.Now, health.Policy{})
+	run(t, a)
+	run(t, b)
+	ctx := testCtx(t)
 	p := a.Policy()
 
 	for i := 0; i < 2; i++ {
@@ -33,73 +73,317 @@ func TestSharedCooldownAndSingleTrial(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if ok, _ := a.Admit(ctx, "x"); !ok {
-		t.Fatal("2 failures must not stop traffic")
+	waitFor(t, "B sees 2 failures", func() bool { r, _ := b.Cached("x"); return r.Failures == 2 })
+	if ok, err := b.Admit(ctx, "x"); err != nil || !ok {
+		t.Fatalf("2 failures must not stop traffic: %v, %v", ok, err)
 	}
 	r, err := a.Report(ctx, "x", false, 10*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := clk.now().Add(15 * time.Minute); !r.CooldownUntil.Equal(want) {
+	if want := clk.Now().Add(15 * time.Minute); !r.CooldownUntil.Equal(want) {
 		t.Fatalf("cooldown until %v, want %v (3 × 5 min)", r.CooldownUntil, want)
 	}
-	// Replica B sees the cooldown through its watch.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if rb, ok := b.Cached("x"); ok && rb.CoolingDown(clk.now(), p) {
-			break
+	waitFor(t, "B sees the cooldown", func() bool { return b.Snapshot()["x"].CoolingDown(clk.Now(), p) })
+	for _, s := range []*health.Store{a, b} {
+		if ok, err := s.Admit(ctx, "x"); err != nil || ok {
+			t.Fatalf("traffic admitted during cooldown: %v, %v", ok, err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("replica B never saw the cooldown")
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
+	clk.advance(15*time.Minute - time.Second)
 	if ok, _ := b.Admit(ctx, "x"); ok {
-		t.Fatal("replica B admitted traffic during cooldown")
+		t.Fatal("admitted a second before the cooldown ends")
 	}
 
-	// After the cooldown exactly one of many concurrent callers on both
-	// replicas gets the trial.
-	clk.advance(15*time.Minute + time.Second)
+	clk.advance(2 * time.Second)
+	if got := concurrentAdmits(ctx, 16, a, b); got != 1 {
+		t.Fatalf("%d trials admitted after cooldown, want exactly 1", got)
+	}
+	// The trial fails: 4 failures, 20 min.
+	r, err = b.Report(ctx, "x", false, 10*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := clk.Now().Add(20 * time.Minute); r.Failures != 4 || !r.CooldownUntil.Equal(want) {
+		t.Fatalf("after a failed trial: %d failures, cooldown until %v; want 4 and %v", r.Failures, r.CooldownUntil, want)
+	}
+	waitFor(t, "A sees the longer cooldown", func() bool { r, _ := a.Cached("x"); return r.Failures == 4 })
+	if ok, _ := a.Admit(ctx, "x"); ok {
+		t.Fatal("admitted right after a failed trial")
+	}
+	clk.advance(20 * time.Minute)
+	if got := concurrentAdmits(ctx, 16, a, b); got != 1 {
+		t.Fatalf("%d trials admitted after the second cooldown, want exactly 1", got)
+	}
+	if r, err = a.Report(ctx, "x", true, 10*time.Millisecond); err != nil || r.Failures != 0 || !r.CooldownUntil.IsZero() {
+		t.Fatalf("after a good trial: %+v, %v", r, err)
+	}
+	waitFor(t, "B sees the recovery", func() bool { r, _ := b.Cached("x"); return r.Failures == 0 })
+	if got := concurrentAdmits(ctx, 16, a, b); got != 16 {
+		t.Fatalf("%d of 16 admitted after a good trial, want full traffic", got)
+	}
+}
+
+func concurrentAdmits(ctx context.Context, n int, stores ...*health.Store) int {
 	var admitted atomic.Int32
 	var wg sync.WaitGroup
-	for i := 0; i < 16; i++ {
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
 		wg.Add(1)
 		go func(s *health.Store) {
 			defer wg.Done()
+			<-start
 			if ok, err := s.Admit(ctx, "x"); err == nil && ok {
 				admitted.Add(1)
+			}
+		}(stores[i%len(stores)])
+	}
+	close(start)
+	wg.Wait()
+	return int(admitted.Load())
+}
+
+// The cooldown schedule: min(30 min, failures × 5 min) from the third
+// consecutive failure, through etcd.
+func TestCooldownSchedule(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{})
+	ctx := testCtx(t)
+	want := []time.Duration{0, 0, 15 * time.Minute, 20 * time.Minute, 25 * time.Minute, 30 * time.Minute, 30 * time.Minute, 30 * time.Minute}
+	for i, w := range want {
+		failures := i + 1
+		t.Run(fmt.Sprintf("%d failures", failures), func(t *testing.T) {
+			r, err := s.Report(ctx, "x", false, time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Failures != failures || s.Policy().Cooldown(failures) != w {
+				t.Fatalf("failures %d, policy cooldown %v; want %d, %v", r.Failures, s.Policy().Cooldown(failures), failures, w)
+			}
+			if w == 0 {
+				if !r.CooldownUntil.IsZero() || r.CoolingDown(clk.Now(), s.Policy()) {
+					t.Fatalf("cooling down after %d failures", failures)
+				}
+				return
+			}
+			if got := r.CooldownUntil.Sub(clk.Now()); got != w {
+				t.Fatalf("cooldown %v, want %v", got, w)
+			}
+		})
+	}
+}
+
+// A claimed trial that is never reported (its caller died) expires after
+// TrialTimeout; then exactly one new trial is admitted.
+func TestAbandonedTrialExpires(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{TrialTimeout: time.Minute})
+	ctx := testCtx(t)
+	for i := 0; i < 3; i++ {
+		if _, err := s.Report(ctx, "x", false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clk.advance(15 * time.Minute)
+	if got := concurrentAdmits(ctx, 8, s); got != 1 {
+		t.Fatalf("%d trials, want 1", got)
+	}
+	clk.advance(59 * time.Second)
+	if got := concurrentAdmits(ctx, 8, s); got != 0 {
+		t.Fatalf("%d trials while the first is still out, want 0", got)
+	}
+	clk.advance(time.Second)
+	if got := concurrentAdmits(ctx, 8, s); got != 1 {
+		t.Fatalf("%d trials after the first expired, want 1", got)
+	}
+}
+
+// Concurrent failure reports from two replicas are all counted: the
+// compare-and-put retries lose no update.
+func TestConcurrentReportsAllCount(t *testing.T) {
+	srv, cliA := testenv.Etcd(t)
+	cliB := testenv.EtcdClient(t, srv.Endpoint)
+	clk := newClock()
+	pol := health.Policy{Window: 100}
+	a := health.NewStore(cliA, "", clk.Now, pol)
+	b := health.NewStore(cliB, "", clk.Now, pol)
+	run(t, b) // one with a cache (stale starting values), one without
+	ctx := testCtx(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := 0; i < 40; i++ {
+		wg.Add(1)
+		go func(s *health.Store) {
+			defer wg.Done()
+			if _, err := s.Report(ctx, "x", false, time.Millisecond); err != nil {
+				errs <- err
 			}
 		}([]*health.Store{a, b}[i%2])
 	}
 	wg.Wait()
-	if admitted.Load() != 1 {
-		t.Fatalf("%d trials admitted after cooldown, want exactly 1", admitted.Load())
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
 	}
-	// The trial fails: a longer cooldown (4 × 5 min).
-	r, _ = a.Report(ctx, "x", false, 10*time.Millisecond)
-	if want := clk.now().Add(20 * time.Minute); !r.CooldownUntil.Equal(want) {
-		t.Fatalf("cooldown after failed trial until %v, want %v", r.CooldownUntil, want)
+	r := readRecord(t, cliA, "x")
+	if r.Failures != 40 || len(r.Recent) != 40 {
+		t.Fatalf("after 40 concurrent failures: failures %d, window %d", r.Failures, len(r.Recent))
 	}
-	// Cooldown is capped at 30 min.
+}
+
+// While Run is running, successes on a healthy bucket are batched: 200
+// reports from 8 goroutines cost far fewer than 200 writes, none is lost,
+// and the other replica sees them. A failure is written at once, after
+// the buffered successes.
+func TestSuccessesAreBatched(t *testing.T) {
+	srv, cliA := testenv.Etcd(t)
+	cliB := testenv.EtcdClient(t, srv.Endpoint)
+	clk := newClock()
+	pol := health.Policy{Window: 1000, FlushEvery: 20 * time.Millisecond}
+	a := health.NewStore(cliA, "", clk.Now, pol)
+	b := health.NewStore(cliB, "", clk.Now, pol)
+	run(t, a)
+	run(t, b)
+	ctx := testCtx(t)
+	// Wait until A's cache is synced (it sees B's write): from then on, a
+	// success on a healthy bucket is buffered.
+	if _, err := b.Report(ctx, "other", false, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "A's cache is synced", func() bool { _, ok := a.Cached("other"); return ok })
+	start := revision(t, cliA)
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 25; i++ {
+				if r, err := a.Report(ctx, "x", true, 100*time.Millisecond); err != nil || r.Failures != 0 {
+					t.Errorf("Report: %+v, %v", r, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	waitFor(t, "B sees all 200 successes", func() bool { return len(b.Snapshot()["x"].Recent) == 200 })
+	writes := revision(t, cliA) - start
+	t.Logf("200 successes took %d etcd writes", writes)
+	if writes > 40 {
+		t.Fatalf("200 successes took %d etcd writes; batching is not working", writes)
+	}
+	r, err := a.Report(ctx, "x", false, 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := readRecord(t, cliA, "x")
+	if stored.Failures != 1 || len(stored.Recent) != 201 || stored.Recent[200] || r.Failures != 1 {
+		t.Fatalf("failure not written at once after the successes: stored %d failures, window %d", stored.Failures, len(stored.Recent))
+	}
+	if got := stored.Latency(); got != 100*time.Millisecond {
+		t.Fatalf("latency EWMA %v, want 100ms", got)
+	}
+	// With a failure on record, a success is written at once and clears it.
+	if _, err := a.Report(ctx, "x", true, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if stored := readRecord(t, cliA, "x"); stored.Failures != 0 || len(stored.Recent) != 202 {
+		t.Fatalf("success after a failure not written at once: %d failures, window %d", stored.Failures, len(stored.Recent))
+	}
+}
+
+// Without Run nothing would flush a batch, so every report is written.
+func TestWithoutRunReportsAreWritten(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	s := health.NewStore(cli, "", nil, health.Policy{})
+	ctx := testCtx(t)
 	for i := 0; i < 5; i++ {
-		r, _ = a.Report(ctx, "x", false, 0)
-	}
-	if want := clk.now().Add(30 * time.Minute); !r.CooldownUntil.Equal(want) {
-		t.Fatalf("cooldown until %v, want cap %v", r.CooldownUntil, want)
-	}
-	clk.advance(31 * time.Minute)
-	if ok, _ := b.Admit(ctx, "x"); !ok {
-		t.Fatal("trial not admitted after the capped cooldown")
-	}
-	r, _ = b.Report(ctx, "x", true, 10*time.Millisecond)
-	if r.Failures != 0 {
-		t.Fatalf("failures after a good trial = %d", r.Failures)
-	}
-	for i := 0; i < 4; i++ {
-		if ok, _ := a.Admit(ctx, "x"); !ok {
-			t.Fatal("full traffic did not return after a successful trial")
+		if _, err := s.Report(ctx, "x", true, time.Duration(i)*100*time.Millisecond); err != nil {
+			t.Fatal(err)
 		}
+	}
+	r := readRecord(t, cli, "x")
+	// EWMA over 0,100,200,300,400 ms with α = 0.2, the first sample taken as is
+	// (0 counts as "no sample yet", so 100 ms starts it).
+	if len(r.Recent) != 5 || r.Score() != 100 {
+		t.Fatalf("window %d score %d, want 5 and 100", len(r.Recent), r.Score())
+	}
+	if want := 0.8*(0.8*100+0.2*200)*0.8 + 0.8*0.2*300 + 0.2*400; abs(r.LatencyMS-want) > 1e-6 {
+		t.Fatalf("latency EWMA %.3f ms, want %.3f", r.LatencyMS, want)
+	}
+}
+
+func abs(f float64) float64 {
+	if f < 0 {
+		return -f
+	}
+	return f
+}
+
+// Healthy and cooling buckets are answered from the watch-fed cache:
+// Admit keeps answering with etcd stopped.
+func TestAdmitAnswersFromCache(t *testing.T) {
+	ectx, ecancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer ecancel()
+	// Started here rather than by testenv.Etcd: the test stops it itself.
+	srv, err := etcdembed.Start(ectx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli := testenv.EtcdClient(t, srv.Endpoint)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{})
+	w := health.NewStore(cli, "", clk.Now, health.Policy{}) // writes, so s learns only through Run
+	ctx := testCtx(t)
+	for i := 0; i < 3; i++ {
+		if _, err := w.Report(ctx, "sick", false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, s)
+	waitFor(t, "the cache is loaded", func() bool { _, ok := s.Cached("sick"); return ok })
+	srv.Close()
+	for _, tc := range []struct {
+		bucket string
+		want   bool
+	}{{"fresh", true}, {"sick", false}} {
+		actx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		ok, err := s.Admit(actx, tc.bucket)
+		cancel()
+		if err != nil || ok != tc.want {
+			t.Fatalf("Admit(%s) with etcd down = %v, %v; want %v from the cache", tc.bucket, ok, err, tc.want)
+		}
+	}
+}
+
+// Reset clears a bucket on every replica.
+func TestResetClearsEverywhere(t *testing.T) {
+	srv, cliA := testenv.Etcd(t)
+	cliB := testenv.EtcdClient(t, srv.Endpoint)
+	clk := newClock()
+	a := health.NewStore(cliA, "/t/", clk.Now, health.Policy{})
+	b := health.NewStore(cliB, "/t/", clk.Now, health.Policy{})
+	run(t, b)
+	ctx := testCtx(t)
+	for i := 0; i < 5; i++ {
+		if _, err := a.Report(ctx, "x", false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "B sees the cooldown", func() bool { r, _ := b.Cached("x"); return r.CoolingDown(clk.Now(), b.Policy()) })
+	if err := a.Reset(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "B sees the reset", func() bool { _, ok := b.Snapshot()["x"]; return !ok })
+	for _, s := range []*health.Store{a, b} {
+		if ok, err := s.Admit(ctx, "x"); err != nil || !ok {
+			t.Fatalf("Admit after reset = %v, %v", ok, err)
+		}
+	}
+	if r, _ := b.Cached("x"); r.Score() != 100 {
+		t.Fatalf("score after reset %d", r.Score())
 	}
 }
 
@@ -113,7 +397,9 @@ func TestScore(t *testing.T) {
 		{"fresh", nil, 0, 100},
 		{"all good fast", []bool{true, true, true, true}, 20, 100},
 		{"half failing", []bool{true, false, true, false}, 20, 50},
+		{"all good, 1.1 s", []bool{true, true}, 1100, 85},
 		{"all good but slow", []bool{true, true}, 2000, 70},
+		{"all good, slower still", []bool{true, true}, 9000, 70},
 		{"dead", []bool{false, false}, 5000, 0},
 	}
 	for _, tc := range cases {
@@ -121,4 +407,31 @@ func TestScore(t *testing.T) {
 			t.Errorf("%s: score %d, want %d", tc.name, got, tc.want)
 		}
 	}
+}
+
+func revision(t *testing.T, cli *clientv3.Client) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, "/nothing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+// readRecord reads a record from etcd with a store that has no cache.
+func readRecord(t *testing.T, cli *clientv3.Client, bucket string) health.Record {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, "/bucketlb/health/"+bucket)
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("read %s: %v (%d keys)", bucket, err, len(resp.Kvs))
+	}
+	var r health.Record
+	if err := jsonUnmarshal(resp.Kvs[0].Value, &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
 }

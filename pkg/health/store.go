@@ -1,0 +1,214 @@
+package health
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ErrContended means a record kept changing under every attempt to update
+// it; the outcome was not recorded.
+var ErrContended = errors.New("health: too many concurrent updates")
+
+// maxAttempts bounds compare-and-put retries of one update.
+const maxAttempts = 64
+
+// opTimeout bounds each etcd call, so a caller without a deadline does not
+// hang while etcd is unreachable.
+const opTimeout = 2 * time.Second
+
+// Store reads and writes health records, with a watch-fed cache (Run).
+// It is safe for concurrent use.
+type Store struct {
+	cli    *clientv3.Client
+	prefix string
+	now    func() time.Time
+	policy Policy
+
+	mu      sync.Mutex
+	cache   map[string]entry // bucket → last known record, newest revision wins
+	synced  bool             // Run has loaded the prefix and is watching it
+	pending map[string]*batch
+}
+
+// entry is a cached record at the key's mod revision; deleted marks a
+// tombstone so that an older event cannot bring a reset record back.
+type entry struct {
+	rec     Record
+	rev     int64
+	deleted bool
+}
+
+// NewStore returns a store for keys under prefix (default "/bucketlb/").
+// now is the clock; nil means time.Now.
+func NewStore(cli *clientv3.Client, prefix string, now func() time.Time, policy Policy) *Store {
+	if prefix == "" {
+		prefix = "/bucketlb/"
+	}
+	if now == nil {
+		now = time.Now
+	}
+	policy.defaults()
+	return &Store{
+		cli: cli, prefix: prefix + "health/", now: now, policy: policy,
+		cache: map[string]entry{}, pending: map[string]*batch{},
+	}
+}
+
+// Policy returns the effective policy (defaults filled in).
+func (s *Store) Policy() Policy { return s.policy }
+
+// Now returns the store's clock reading.
+func (s *Store) Now() time.Time { return s.now() }
+
+func (s *Store) key(bucket string) string { return s.prefix + bucket }
+
+func decode(kv *mvccpb.KeyValue) (Record, int64, error) {
+	if kv == nil {
+		return Record{}, 0, nil
+	}
+	var r Record
+	if err := json.Unmarshal(kv.Value, &r); err != nil {
+		return Record{}, 0, fmt.Errorf("health: decode %s: %w", kv.Key, err)
+	}
+	return r, kv.ModRevision, nil
+}
+
+func (s *Store) get(ctx context.Context, bucket string) (Record, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	resp, err := s.cli.Get(ctx, s.key(bucket))
+	if err != nil {
+		return Record{}, 0, fmt.Errorf("health: read %s: %w", bucket, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return Record{}, 0, nil
+	}
+	return decode(resp.Kvs[0])
+}
+
+// update applies fn to the current record and writes the result with a
+// compare on the mod revision, retrying on conflict. fn returns false to
+// skip the write (update then returns the record fn saw). fn may run
+// several times and must not keep r. The starting value comes from the
+// cache when it is synced (a stale one just costs a conflict), else from
+// etcd.
+func (s *Store) update(ctx context.Context, bucket string, fn func(r *Record) bool) (Record, bool, error) {
+	r, rev, ok := s.syncedEntry(bucket)
+	if !ok {
+		var err error
+		if r, rev, err = s.get(ctx, bucket); err != nil {
+			return Record{}, false, err
+		}
+	}
+	key := s.key(bucket)
+	for attempt := 0; attempt < maxAttempts; attempt++ {
+		next := r.clone()
+		if !fn(&next) {
+			return r, false, nil
+		}
+		data, err := json.Marshal(next)
+		if err != nil {
+			return Record{}, false, fmt.Errorf("health: encode %s: %w", bucket, err)
+		}
+		cctx, cancel := context.WithTimeout(ctx, opTimeout)
+		resp, err := s.cli.Txn(cctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
+			Then(clientv3.OpPut(key, string(data))).Else(clientv3.OpGet(key)).Commit()
+		cancel()
+		if err != nil {
+			// Ambiguous: the write may have applied. Not retried, so an
+			// outcome counts at most once.
+			return Record{}, false, fmt.Errorf("health: write %s: %w", bucket, err)
+		}
+		if resp.Succeeded {
+			s.remember(bucket, next, resp.Header.Revision)
+			return next, true, nil
+		}
+		var kv *mvccpb.KeyValue
+		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
+			kv = kvs[0]
+		}
+		if r, rev, err = decode(kv); err != nil {
+			return Record{}, false, err
+		}
+	}
+	return Record{}, false, fmt.Errorf("%w of %s", ErrContended, bucket)
+}
+
+// Report records one outcome of a request to bucket (ok = success) and
+// returns the bucket's record as this replica now knows it. At the
+// threshold of consecutive failures the bucket cools down for every
+// replica. Successes on a healthy bucket are batched (see the package
+// documentation); everything else is written before Report returns.
+// A failed write is not retried by Report; callers should not retry it
+// either (the write may have applied).
+func (s *Store) Report(ctx context.Context, bucket string, ok bool, latency time.Duration) (Record, error) {
+	if ok {
+		if r, buffered := s.buffer(bucket, latency); buffered {
+			return r, nil
+		}
+	}
+	now := s.now()
+	b := s.takeBatch(bucket)
+	r, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		b.applyTo(r, s.policy.Window)
+		r.apply(ok, latency, now, s.policy)
+		return true
+	})
+	return r, err
+}
+
+// Admit decides whether one request may go to bucket now: always when
+// healthy, never while cooling down, and when half-open only for the
+// single caller (on any replica) that claims the trial. The caller that
+// is admitted to a half-open bucket must Report the outcome.
+//
+// Healthy and cooling buckets are answered from the cache when Run is
+// running; claiming a trial is a compare-and-put in etcd.
+func (s *Store) Admit(ctx context.Context, bucket string) (bool, error) {
+	now := s.now()
+	if r, known := s.lookup(bucket); known {
+		if r.Healthy(s.policy) {
+			return true, nil
+		}
+		if r.CoolingDown(now, s.policy) {
+			return false, nil
+		}
+	}
+	fresh, won, err := s.update(ctx, bucket, func(r *Record) bool {
+		if r.Healthy(s.policy) || r.CoolingDown(now, s.policy) {
+			return false
+		}
+		if now.Before(r.TrialUntil) {
+			return false // another caller holds the trial
+		}
+		r.TrialUntil = now.Add(s.policy.TrialTimeout)
+		return true
+	})
+	if err != nil {
+		return false, err
+	}
+	return won || fresh.Healthy(s.policy), nil
+}
+
+// Reset clears a bucket's health on every replica: no failures, no
+// cooldown, a fresh score.
+func (s *Store) Reset(ctx context.Context, bucket string) error {
+	cctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	resp, err := s.cli.Delete(cctx, s.key(bucket))
+	if err != nil {
+		return fmt.Errorf("health: reset %s: %w", bucket, err)
+	}
+	s.mu.Lock()
+	delete(s.pending, bucket)
+	s.mu.Unlock()
+	s.forget(bucket, resp.Header.Revision)
+	return nil
+}
