@@ -14,10 +14,8 @@ import (
 
 // Replay reads the history of prefix from revision 1 up to the current
 // revision and checks, after every revision, that each bucket's committed
-// usage in period (base + shards) plus the capacity blocks held by
-// replicas stays within its limit, and that each replica's live
-// reservations fit in its block. It returns the final usage per bucket
-// and the number of revisions checked.
+// usage in period plus its live reservations stays within its limit. It
+// returns the final usage per bucket and the number of revisions checked.
 // Run it before etcd compacts (tests do not enable compaction that fast).
 func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, limits map[string]int64) (map[string]int64, int, error) {
 	head, err := cli.Get(ctx, prefix+"\x00")
@@ -25,46 +23,18 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 		return nil, 0, err
 	}
 	usagePrefix := prefix + "usage/" + period + "/"
-	shardPrefix := prefix + "ushard/" + period + "/"
-	blockPrefix := prefix + "cap/blocks/"
-	resPrefix := prefix + "cap/res/"
-	base := map[string]int64{}
-	shards := map[string]int64{} // key -> bytes
-	blocks := map[string]int64{} // key -> bytes
-	type resv struct {
-		size            int64
-		bucket, replica string
-	}
-	res := map[string]resv{}
-	bucketOf := func(rest string) string { b, _, _ := strings.Cut(rest, "/"); return b }
-	usedOf := func() map[string]int64 {
-		used := map[string]int64{}
-		for b, n := range base {
-			used[b] += n
-		}
-		for k, n := range shards {
-			used[bucketOf(strings.TrimPrefix(k, shardPrefix))] += n
-		}
-		return used
-	}
+	resPrefix := prefix + "res/"
+	used := map[string]int64{}
+	res := map[string]int64{}
+	resBucket := map[string]string{}
 	check := func(rev int64) error {
-		used := usedOf()
-		held := map[string]int64{}
-		for k, n := range blocks {
-			held[bucketOf(strings.TrimPrefix(k, blockPrefix))] += n
-		}
-		carved := map[string]int64{} // bucket/replica -> bytes
-		for _, r := range res {
-			carved[r.bucket+"/"+r.replica] += r.size
+		reserved := map[string]int64{}
+		for k, s := range res {
+			reserved[resBucket[k]] += s
 		}
 		for id, lim := range limits {
-			if used[id]+held[id] > lim {
-				return fmt.Errorf("revision %d: bucket %s used %d + held in blocks %d > limit %d", rev, id, used[id], held[id], lim)
-			}
-		}
-		for br, n := range carved {
-			if n > blocks[blockPrefix+br] {
-				return fmt.Errorf("revision %d: reservations of %s total %d > its block %d", rev, br, n, blocks[blockPrefix+br])
+			if used[id]+reserved[id] > lim {
+				return fmt.Errorf("revision %d: bucket %s used %d + reserved %d > limit %d", rev, id, used[id], reserved[id], lim)
 			}
 		}
 		return nil
@@ -89,37 +59,21 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 			}
 			lastRev = rev
 			key := string(ev.Kv.Key)
-			n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
-			del := ev.Type == clientv3.EventTypeDelete
 			switch {
 			case strings.HasPrefix(key, usagePrefix):
-				base[strings.TrimPrefix(key, usagePrefix)] = n
-				if del {
-					delete(base, strings.TrimPrefix(key, usagePrefix))
-				}
-			case strings.HasPrefix(key, shardPrefix):
-				shards[key] = n
-				if del {
-					delete(shards, key)
-				}
-			case strings.HasPrefix(key, blockPrefix):
-				blocks[key] = n
-				if del {
-					delete(blocks, key)
-				}
+				n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
+				used[strings.TrimPrefix(key, usagePrefix)] = n
 			case strings.HasPrefix(key, resPrefix):
-				if del {
+				if ev.Type == clientv3.EventTypeDelete {
 					delete(res, key)
 					continue
 				}
-				var v struct {
-					Size    int64  `json:"size"`
-					Replica string `json:"replica"`
-				}
+				var v struct{ Size int64 }
 				if err := json.Unmarshal(ev.Kv.Value, &v); err != nil {
 					return nil, revisions, err
 				}
-				res[key] = resv{v.Size, bucketOf(strings.TrimPrefix(key, resPrefix)), v.Replica}
+				b, _, _ := strings.Cut(strings.TrimPrefix(key, resPrefix), "/")
+				res[key], resBucket[key] = v.Size, b
 			}
 		}
 		if len(wr.Events) == 0 {
@@ -129,5 +83,5 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 	if err := check(lastRev); err != nil {
 		return nil, revisions, err
 	}
-	return usedOf(), revisions + 1, nil
+	return used, revisions + 1, nil
 }
