@@ -1,12 +1,9 @@
-// Package leader elects one replica through etcd (concurrency.Election)
-// and runs periodic jobs only while it leads. When its session is lost
-// (lease expired, etcd partitioned away) it stops acting at once and
-// campaigns again; on shutdown it resigns so another replica takes over
-// without waiting for the lease to expire.
 package leader
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -16,7 +13,9 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-// Job is a periodic task of the leader.
+// Job is a periodic task of the leader. Run is called once when this
+// replica becomes leader and then every Every, never concurrently with
+// itself; its context ends when leadership does.
 type Job struct {
 	Name  string
 	Every time.Duration
@@ -34,54 +33,115 @@ type Elector struct {
 	leading  atomic.Bool
 }
 
-// New returns an elector for the election under key. ttl is the session
-// lease in seconds: how long a dead leader keeps leading.
+// retryWait is the pause between terms that ended in an error.
+const retryWait = time.Second
+
+// New returns an elector for the election under key. identity names this
+// replica in the election. ttl is the session lease in seconds (minimum 2):
+// how long a dead leader keeps leading. log may be nil.
 func New(cli *clientv3.Client, key, identity string, ttl int, jobs []Job, log *slog.Logger) *Elector {
 	if ttl < 2 {
 		ttl = 2
 	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	return &Elector{cli: cli, key: key, identity: identity, ttl: ttl, jobs: jobs, log: log}
 }
 
-// Leading reports whether this replica currently leads.
+// Leading reports whether this replica currently leads. Once it reports
+// false after leading, every job has returned.
 func (e *Elector) Leading() bool { return e.leading.Load() }
 
-// Run campaigns until ctx ends.
+// Run campaigns, leads and campaigns again after a lost session, until ctx
+// ends. It returns nil when ctx ends, after resigning.
 func (e *Elector) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		if err := e.term(ctx); err != nil && ctx.Err() == nil {
-			e.log.Warn("leader election interrupted; campaigning again", "error", err.Error())
+			e.log.Warn("leader election interrupted; campaigning again", "identity", e.identity, "error", err.Error())
 			select {
 			case <-ctx.Done():
-			case <-time.After(time.Second):
+			case <-time.After(retryWait):
 			}
 		}
 	}
 	return nil
 }
 
-// term is one session: campaign, lead until the session or ctx ends.
+// term is one session: campaign, then lead until the session or ctx ends.
 func (e *Elector) term(ctx context.Context) error {
-	sess, err := concurrency.NewSession(e.cli, concurrency.WithTTL(e.ttl), concurrency.WithContext(ctx))
+	gctx, cancel := context.WithTimeout(ctx, time.Duration(e.ttl)*time.Second)
+	lease, err := e.cli.Grant(gctx, int64(e.ttl))
+	cancel()
 	if err != nil {
-		return err
+		return fmt.Errorf("leader: grant session lease: %w", err)
 	}
-	defer sess.Close()
+	// The session outlives ctx so that Close can still revoke the lease on
+	// shutdown; it is closed when the term ends.
+	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer scancel()
+	sess, err := concurrency.NewSession(e.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(e.ttl), concurrency.WithContext(sctx))
+	if err != nil {
+		return fmt.Errorf("leader: session: %w", err)
+	}
+	defer sess.Close() // revokes the lease, bounded by the TTL
 	el := concurrency.NewElection(sess, e.key)
-	if err := el.Campaign(ctx, e.identity); err != nil {
-		return err
+	// Campaign until elected, ctx ends or the session is lost.
+	cctx, ccancel := context.WithCancel(ctx)
+	defer ccancel()
+	go func() {
+		select {
+		case <-sess.Done():
+			ccancel()
+		case <-cctx.Done():
+		}
+	}()
+	if err := el.Campaign(cctx, e.identity); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("leader: campaign: %w", err)
 	}
-	e.leading.Store(true)
-	e.log.Info("became leader; running periodic jobs", "identity", e.identity)
+	// Campaign can return after the session died while it waited; make
+	// sure our key is still there, under our lease.
+	vctx, vcancel := context.WithTimeout(ctx, time.Duration(e.ttl)*time.Second)
+	resp, err := e.cli.Get(vctx, el.Key())
+	vcancel()
+	if err != nil {
+		return fmt.Errorf("leader: verify election key: %w", err)
+	}
+	if len(resp.Kvs) == 0 || resp.Kvs[0].Lease != int64(sess.Lease()) {
+		return errors.New("leader: session lost while campaigning")
+	}
+	e.lead(ctx, sess)
+	if ctx.Err() != nil {
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer rcancel()
+		if err := el.Resign(rctx); err != nil {
+			e.log.Warn("could not resign leadership; another replica takes over when the lease expires", "identity", e.identity, "error", err.Error())
+		}
+		return nil
+	}
+	return errors.New("leader: session lost; another replica may lead now")
+}
+
+// lead runs the jobs until ctx ends or the session is lost.
+func (e *Elector) lead(ctx context.Context, sess *concurrency.Session) {
+	e.log.Info("became leader; running periodic jobs", "identity", e.identity, "jobs", len(e.jobs))
 	jctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	e.leading.Store(true)
 	for _, j := range e.jobs {
 		wg.Add(1)
-		go func(j Job) {
+		go func() {
 			defer wg.Done()
-			t := time.NewTicker(j.Every)
+			every := j.Every
+			if every <= 0 {
+				every = time.Minute
+			}
+			t := time.NewTicker(every)
 			defer t.Stop()
-			for {
+			for jctx.Err() == nil {
 				j.Run(jctx)
 				select {
 				case <-jctx.Done():
@@ -89,7 +149,7 @@ func (e *Elector) term(ctx context.Context) error {
 				case <-t.C:
 				}
 			}
-		}(j)
+		}()
 	}
 	select {
 	case <-ctx.Done():
@@ -98,9 +158,5 @@ func (e *Elector) term(ctx context.Context) error {
 	cancel()
 	wg.Wait()
 	e.leading.Store(false)
-	rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer rcancel()
-	_ = el.Resign(rctx)
 	e.log.Info("stopped leading", "identity", e.identity)
-	return nil
 }
