@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/ledger/ledgertest"
