@@ -10,7 +10,6 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/health"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
@@ -325,17 +324,12 @@ func abs(f float64) float64 {
 // Healthy and cooling buckets are answered from the watch-fed cache:
 // Admit keeps answering with etcd stopped.
 func TestAdmitAnswersFromCache(t *testing.T) {
-	ectx, ecancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer ecancel()
-	// Started here rather than by testenv.Etcd: the test stops it itself.
-	srv, err := etcdembed.Start(ectx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli := testenv.EtcdClient(t, srv.Endpoint)
+	srv, direct := testenv.Etcd(t)
+	proxy := newCutter(t, srv.Endpoint)
+	cli := testenv.EtcdClient(t, proxy.endpoint())
 	clk := newClock()
 	s := health.NewStore(cli, "", clk.Now, health.Policy{})
-	w := health.NewStore(cli, "", clk.Now, health.Policy{}) // writes, so s learns only through Run
+	w := health.NewStore(direct, "", clk.Now, health.Policy{}) // writes, so s learns only through Run
 	ctx := testCtx(t)
 	for i := 0; i < 3; i++ {
 		if _, err := w.Report(ctx, "sick", false, 0); err != nil {
@@ -344,7 +338,12 @@ func TestAdmitAnswersFromCache(t *testing.T) {
 	}
 	run(t, s)
 	waitFor(t, "the cache is loaded", func() bool { _, ok := s.Cached("sick"); return ok })
-	srv.Close()
+	proxy.cut()
+	gctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	if _, err := cli.Get(gctx, "/"); err == nil {
+		t.Fatal("etcd still reachable through the cut proxy")
+	}
+	cancel()
 	for _, tc := range []struct {
 		bucket string
 		want   bool
@@ -353,8 +352,15 @@ func TestAdmitAnswersFromCache(t *testing.T) {
 		ok, err := s.Admit(actx, tc.bucket)
 		cancel()
 		if err != nil || ok != tc.want {
-			t.Fatalf("Admit(%s) with etcd down = %v, %v; want %v from the cache", tc.bucket, ok, err, tc.want)
+			t.Fatalf("Admit(%s) with etcd unreachable = %v, %v; want %v from the cache", tc.bucket, ok, err, tc.want)
 		}
+	}
+	// A half-open bucket needs etcd to claim its trial: fail, don't guess.
+	clk.advance(time.Hour)
+	actx, acancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer acancel()
+	if ok, err := s.Admit(actx, "sick"); err == nil || ok {
+		t.Fatalf("Admit of a half-open bucket with etcd unreachable = %v, %v; want an error", ok, err)
 	}
 }
 
