@@ -23,7 +23,10 @@
 // on conflict, with the fresh value returned by the failed transaction
 // itself, so a conflict costs one round trip). A write whose outcome is
 // ambiguous (timeout, connection lost) is not retried: an outcome is
-// recorded at most once. Health is advisory; capacity (package ledger) is
+// recorded at most once. Concurrent reports of one replica for one bucket
+// are written together in one such transaction (group commit), so a burst
+// of failures on a dying hot bucket does not become dozens of callers
+// conflicting on one key. Health is advisory; capacity (package ledger) is
 // what must be exact.
 //
 // # Cache and the hot path

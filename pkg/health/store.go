@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -35,6 +36,7 @@ type Store struct {
 	cache   map[string]entry // bucket → last known record, newest revision wins
 	synced  bool             // Run has loaded the prefix and is watching it
 	pending map[string]*batch
+	queues  map[string]*queue // outcomes waiting to be written, per bucket
 }
 
 // entry is a cached record at the key's mod revision; deleted marks a
@@ -57,7 +59,7 @@ func NewStore(cli *clientv3.Client, prefix string, now func() time.Time, policy 
 	policy.defaults()
 	return &Store{
 		cli: cli, prefix: prefix + "health/", now: now, policy: policy,
-		cache: map[string]entry{}, pending: map[string]*batch{},
+		cache: map[string]entry{}, pending: map[string]*batch{}, queues: map[string]*queue{},
 	}
 }
 
@@ -130,6 +132,10 @@ func (s *Store) update(ctx context.Context, bucket string, fn func(r *Record) bo
 			s.remember(bucket, next, resp.Header.Revision)
 			return next, true, nil
 		}
+		if attempt >= 2 {
+			// Replicas keep colliding: spread them out a little.
+			time.Sleep(rand.N(time.Duration(attempt) * time.Millisecond))
+		}
 		var kv *mvccpb.KeyValue
 		if kvs := resp.Responses[0].GetResponseRange().GetKvs(); len(kvs) > 0 {
 			kv = kvs[0]
@@ -154,14 +160,7 @@ func (s *Store) Report(ctx context.Context, bucket string, ok bool, latency time
 			return r, nil
 		}
 	}
-	now := s.now()
-	b := s.takeBatch(bucket)
-	r, _, err := s.update(ctx, bucket, func(r *Record) bool {
-		b.applyTo(r, s.policy.Window)
-		r.apply(ok, latency, now, s.policy)
-		return true
-	})
-	return r, err
+	return s.write(ctx, bucket, &outcome{ok: ok, latency: latency, at: s.now()})
 }
 
 // Admit decides whether one request may go to bucket now: always when
@@ -211,4 +210,76 @@ func (s *Store) Reset(ctx context.Context, bucket string) error {
 	s.mu.Unlock()
 	s.forget(bucket, resp.Header.Revision)
 	return nil
+}
+
+// outcome is one reported result waiting to be written.
+type outcome struct {
+	ok      bool
+	latency time.Duration
+	at      time.Time
+	done    chan struct{}
+	rec     Record
+	err     error
+}
+
+// queue holds a bucket's outcomes waiting for the writer.
+type queue struct {
+	waiting []*outcome
+	writing bool
+}
+
+// write records o through the bucket's queue: concurrent reports of one
+// replica are written together in one compare-and-put (group commit), so
+// a burst of failures (every upload on a dying bucket fails at once) does
+// not turn into dozens of callers conflicting on one key.
+func (s *Store) write(ctx context.Context, bucket string, o *outcome) (Record, error) {
+	o.done = make(chan struct{})
+	s.mu.Lock()
+	q := s.queues[bucket]
+	if q == nil {
+		q = &queue{}
+		s.queues[bucket] = q
+	}
+	q.waiting = append(q.waiting, o)
+	start := !q.writing
+	q.writing = true
+	s.mu.Unlock()
+	if start {
+		s.drain(context.WithoutCancel(ctx), bucket, q)
+	}
+	select {
+	case <-o.done:
+		return o.rec, o.err
+	case <-ctx.Done():
+		// The outcome is still written; the caller just stops waiting.
+		return Record{}, ctx.Err()
+	}
+}
+
+// drain writes everything queued for bucket in one update, then hands the
+// queue to a new goroutine if more arrived meanwhile.
+func (s *Store) drain(ctx context.Context, bucket string, q *queue) {
+	s.mu.Lock()
+	group := q.waiting
+	q.waiting = nil
+	s.mu.Unlock()
+	b := s.takeBatch(bucket)
+	rec, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		b.applyTo(r, s.policy.Window)
+		for _, o := range group {
+			r.apply(o.ok, o.latency, o.at, s.policy)
+		}
+		return true
+	})
+	for _, o := range group {
+		o.rec, o.err = rec, err
+		close(o.done)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(q.waiting) == 0 {
+		q.writing = false
+		return
+	}
+	go s.drain(ctx, bucket, q)
 }
