@@ -17,7 +17,7 @@ func TestWatchAfterCompaction(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	w := NewStore(cli, "", nil, Policy{FlushEvery: -1})
+	w := NewStore(cli, "", nil, Policy{FlushEvery: -1, FailureThreshold: 100}) // no cooldown: every failure counts
 	for i := 0; i < 4; i++ {
 		if _, err := w.Report(ctx, "x", false, 0); err != nil {
 			t.Fatal(err)

@@ -11,7 +11,11 @@
 // replica wins. The trial's success (any success, in fact) restores full
 // traffic; its failure counts one more consecutive failure and starts a
 // longer cooldown. A trial never reported (its caller died) expires after
-// TrialTimeout, and the next Admit may claim a new one.
+// TrialTimeout, and the next Admit may claim a new one. Outcomes reported
+// while a bucket cools down (requests admitted before it began) count in
+// the score only: they neither end nor lengthen the cooldown, which thus
+// does not depend on how many requests were in flight when the bucket
+// broke.
 //
 // The score (0–100) is the success ratio over the last Window outcomes,
 // less up to 30 points for an EWMA latency between 200 ms and 2 s.

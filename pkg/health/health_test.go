@@ -143,7 +143,8 @@ func concurrentAdmits(ctx context.Context, n int, stores ...*health.Store) int {
 }
 
 // The cooldown schedule: min(30 min, failures × 5 min) from the third
-// consecutive failure, through etcd.
+// consecutive failure, each further failure being a failed trial after
+// the previous cooldown, through etcd.
 func TestCooldownSchedule(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	clk := newClock()
@@ -169,7 +170,40 @@ func TestCooldownSchedule(t *testing.T) {
 			if got := r.CooldownUntil.Sub(clk.Now()); got != w {
 				t.Fatalf("cooldown %v, want %v", got, w)
 			}
+			clk.advance(w) // the cooldown ends; the next failure is the trial's
 		})
+	}
+}
+
+// Outcomes of requests still in flight when the cooldown began count in
+// the score but neither end nor lengthen the cooldown.
+func TestOutcomesDuringCooldownKeepIt(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{})
+	ctx := testCtx(t)
+	var r health.Record
+	var err error
+	for i := 0; i < 3; i++ {
+		if r, err = s.Report(ctx, "x", false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	until := r.CooldownUntil
+	clk.advance(time.Minute)
+	for i, ok := range []bool{false, false, true, false, true} {
+		if r, err = s.Report(ctx, "x", ok, 0); err != nil {
+			t.Fatal(err)
+		}
+		if r.Failures != 3 || !r.CooldownUntil.Equal(until) || len(r.Recent) != 4+i {
+			t.Fatalf("outcome %d during cooldown changed it: failures %d, until %v (want 3, %v), window %d", i, r.Failures, r.CooldownUntil, until, len(r.Recent))
+		}
+	}
+	if ok, _ := s.Admit(ctx, "x"); ok {
+		t.Fatal("a success during cooldown ended it")
+	}
+	if r.Score() != 25 {
+		t.Fatalf("score %d, want 25 (2 of 8 recent outcomes succeeded)", r.Score())
 	}
 }
 
@@ -200,7 +234,7 @@ func TestAbandonedTrialExpires(t *testing.T) {
 }
 
 // 64 concurrent failure reports from two replicas (a dying hot bucket)
-// are all counted and none fails: reports of one replica are written
+// are all recorded, none fails, and the cooldown is the one for 3 failures: reports of one replica are written
 // together, and compare-and-put conflicts between replicas are retried.
 func TestConcurrentReportsAllCount(t *testing.T) {
 	srv, cliA := testenv.Etcd(t)
@@ -233,8 +267,13 @@ func TestConcurrentReportsAllCount(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := readRecord(t, cliA, "x")
-	if r.Failures != n || len(r.Recent) != n {
-		t.Fatalf("after %d concurrent failures: failures %d, window %d", n, r.Failures, len(r.Recent))
+	// Every outcome is in the window (a lost update would drop one); the
+	// first three started the cooldown, the rest happened during it.
+	if r.Failures != 3 || len(r.Recent) != n || !r.CoolingDown(clk.Now(), a.Policy()) {
+		t.Fatalf("after %d concurrent failures: failures %d, window %d, cooling %v", n, r.Failures, len(r.Recent), r.CoolingDown(clk.Now(), a.Policy()))
+	}
+	if want := clk.Now().Add(15 * time.Minute); !r.CooldownUntil.Equal(want) {
+		t.Fatalf("cooldown until %v, want %v: concurrency must not lengthen it", r.CooldownUntil, want)
 	}
 	t.Logf("%d concurrent failure reports took %d etcd writes", n, revision(t, cliA)-rev0)
 }

@@ -116,9 +116,16 @@ func (r *Record) observe(ok bool, latency time.Duration, window int) {
 	}
 }
 
-// apply records one outcome at now: observe, then failures and cooldown.
+// apply records one outcome at now: observe, then failures and cooldown
+// unless the bucket is cooling down.
 func (r *Record) apply(ok bool, latency time.Duration, now time.Time, p Policy) {
 	r.observe(ok, latency, p.Window)
+	if r.CoolingDown(now, p) {
+		// A request let through before the cooldown began: its outcome
+		// feeds the score but neither ends nor lengthens the cooldown, so
+		// the cooldown does not depend on how many requests were in flight.
+		return
+	}
 	r.TrialUntil = time.Time{}
 	if ok {
 		r.Failures, r.CooldownUntil = 0, time.Time{}
