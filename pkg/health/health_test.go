@@ -233,6 +233,38 @@ func TestAbandonedTrialExpires(t *testing.T) {
 	}
 }
 
+// An abandoned trial (the request was never sent) can be claimed again at
+// once by another replica.
+func TestAbandonedTrialIsReclaimed(t *testing.T) {
+	srv, cliA := testenv.Etcd(t)
+	clk := newClock()
+	a := health.NewStore(cliA, "", clk.Now, health.Policy{})
+	b := health.NewStore(testenv.EtcdClient(t, srv.Endpoint), "", clk.Now, health.Policy{})
+	ctx := testCtx(t)
+	for i := 0; i < 3; i++ {
+		if _, err := a.Report(ctx, "x", false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clk.advance(15 * time.Minute)
+	if ok, err := a.Admit(ctx, "x"); err != nil || !ok {
+		t.Fatalf("first trial: %v, %v", ok, err)
+	}
+	if ok, _ := b.Admit(ctx, "x"); ok {
+		t.Fatal("second trial admitted while the first is out")
+	}
+	if err := a.AbandonTrial(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if got := concurrentAdmits(ctx, 8, a, b); got != 1 {
+		t.Fatalf("%d trials after the first was abandoned, want 1", got)
+	}
+	r := readRecord(t, cliA, "x")
+	if r.Failures != 3 || !r.HalfOpen(clk.Now(), a.Policy()) {
+		t.Fatalf("abandoning changed the record: %+v", r)
+	}
+}
+
 // 64 concurrent failure reports from two replicas (a dying hot bucket)
 // are all recorded, none fails, and the cooldown is the one for 3 failures: reports of one replica are written
 // together, and compare-and-put conflicts between replicas are retried.

@@ -283,3 +283,18 @@ func (s *Store) drain(ctx context.Context, bucket string, q *queue) {
 	}
 	go s.drain(ctx, bucket, q)
 }
+
+// AbandonTrial gives back a half-open trial that Admit granted but that
+// was never sent (e.g. the reservation on the bucket failed), so that the
+// next Admit may claim it at once instead of after TrialTimeout. Only the
+// caller Admit admitted may call it, and only before reporting an outcome.
+func (s *Store) AbandonTrial(ctx context.Context, bucket string) error {
+	_, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		if r.TrialUntil.IsZero() {
+			return false
+		}
+		r.TrialUntil = time.Time{}
+		return true
+	})
+	return err
+}

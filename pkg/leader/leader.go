@@ -160,3 +160,19 @@ func (e *Elector) lead(ctx context.Context, sess *concurrency.Session) {
 	e.leading.Store(false)
 	e.log.Info("stopped leading", "identity", e.identity)
 }
+
+// Leader returns the identity of the replica that leads now, or "" when
+// none does; any replica may ask (e.g. for an admin status page).
+func (e *Elector) Leader(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	// Election keys are <key>/<lease>; the oldest one leads.
+	resp, err := e.cli.Get(ctx, e.key+"/", clientv3.WithFirstCreate()...)
+	if err != nil {
+		return "", fmt.Errorf("leader: read election: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return "", nil
+	}
+	return string(resp.Kvs[0].Value), nil
+}

@@ -117,10 +117,12 @@ func TestOneLeaderAndGracefulHandover(t *testing.T) {
 			t.Fatalf("follower %d ran the leader's jobs", i)
 		}
 	}
+	assertLeader(t, cs[(first+1)%3], fmt.Sprint("r", first))
 	t0 := time.Now()
 	cs[first].cancel()
 	<-cs[first].done
 	second := waitLeader(t, cs, first, 3*time.Second)
+	assertLeader(t, cs[first], fmt.Sprint("r", second))
 	t.Logf("handover after resign took %v", time.Since(t0).Round(time.Millisecond))
 	if cs[first].el.Leading() || cs[first].active.Load() {
 		t.Fatal("the stopped replica still leads")
@@ -165,4 +167,15 @@ func TestStopsActingWhenSessionLost(t *testing.T) {
 	jobsStopped(t, cs[first])
 	next := waitLeader(t, cs, -1, 10*time.Second)
 	waitUntil(t, "the next leader runs its jobs", 5*time.Second, func() bool { return cs[next].active.Load() })
+}
+
+// assertLeader checks that c (any replica, even a stopped one) names want
+// as the leader.
+func assertLeader(t *testing.T, c *candidate, want string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if got, err := c.el.Leader(ctx); err != nil || got != want {
+		t.Fatalf("Leader() = %q, %v; want %q", got, err, want)
+	}
 }
