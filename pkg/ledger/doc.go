@@ -1,29 +1,42 @@
 // Package ledger keeps bucketlb's shared state in etcd: bucket specs,
-// committed usage per bucket and period, and leased reservations. Every
-// allocator replica uses it; etcd transactions make them agree.
+// committed usage per bucket and period, capacity blocks and leased
+// reservations. Every allocator replica uses it; etcd transactions make
+// them agree.
 //
 // Key schema (all under a configurable prefix, default "/bucketlb/"):
 //
-//	buckets/<bucket>               BucketSpec as protojson
-//	seeded                         set once the config's buckets were written
-//	usage/<period>/<bucket>        committed bytes, decimal
-//	res/<bucket>/<reservation>     reserved bytes (JSON), attached to the
-//	                               reservation's own lease: a holder that
-//	                               stops renewing loses it within its TTL
-//	commits/<reservation>          commit marker (JSON result), attached to a
-//	                               long lease; makes Commit exactly-once
+//	buckets/<bucket>                     BucketSpec as protojson
+//	seeded                               set once the config's buckets were written
+//	usage/<period>/<bucket>              admin-set base usage, decimal bytes
+//	ushard/<period>/<bucket>/<replica>   bytes committed through one replica
+//	cap/blocks/<bucket>/<owner>          bytes of free capacity a replica holds,
+//	                                     under the replica's lease; owner is
+//	                                     "<replica>.<lease id hex>", one per
+//	                                     lease term
+//	cap/res/<bucket>/<reservation>       {size, replica: owner, expires}, carved
+//	                                     inside the owner's block, under its lease
+//	commits/<reservation>                commit marker; makes Commit exactly-once
+//	idem/<sha256(idempotency key)>       first upload's result, written with the
+//	                                     usage in the commit transaction
 //
-// Invariant (no overcommit): for every bucket, usage of the current period
-// plus the bytes of all live reservations never exceeds the monthly limit,
-// at every etcd revision. Reserve and the re-establishing paths of Renew and
-// Commit check capacity and write in ONE transaction that compares the
-// usage key's and the whole reservation prefix's mod revisions against
-// the revision the check was made at, so a concurrent writer forces a
-// re-read instead of an overcommit. Commit moves a reservation's bytes
-// into usage in one transaction guarded by the commit marker.
+// Invariant (no overcommit): for every bucket, base usage plus all usage
+// shards plus all blocks never exceeds the monthly limit, at every etcd
+// revision. A block only grows by a compare-and-put guarded by the mod
+// revisions of every usage key and every block of the bucket; a commit
+// moves bytes from the committing replica's block into its own shard in
+// one transaction, so the sum never grows. Reservations are carved inside
+// blocks without compares (in batches), so the hot bucket has no hot key.
+//
+// Each replica keeps a local view of its block (bytes, mod revision, and
+// the revision at which it was last known) and of the reservations carved
+// in it. A reservation is dropped from the view only together with a view
+// of the block at least as new as the reservation's deletion, because
+// another replica may have committed it by shrinking the block in the same
+// transaction; watch events older than what a read already showed are
+// ignored, so a lagging watch can never resurrect a block that is gone.
 //
 // Every write is idempotent by construction (etcd write errors may be
-// ambiguous): a retried Reserve creates a new reservation only under a new
-// id, a retried Commit finds its marker and returns the recorded answer,
+// ambiguous): a retried Commit finds its marker and returns the recorded
+// answer; ambiguous block or shard writes are followed by a re-read;
 // Release deletes a key that may already be gone.
 package ledger

@@ -3,6 +3,8 @@ package ledger_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -13,6 +15,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/ledger/ledgertest"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 func bucket(id string, limit int64) *adminv1.BucketSpec {
@@ -20,123 +23,167 @@ func bucket(id string, limit int64) *adminv1.BucketSpec {
 		State: adminv1.BucketState_BUCKET_STATE_ACTIVE}
 }
 
-func TestReserveCommitRelease(t *testing.T) {
-	_, cli := testenv.Etcd(t)
+// replicaCap starts a capacity manager for one replica on cli.
+func replicaCap(t *testing.T, cli *clientv3.Client, id string) (*ledger.Ledger, *ledger.Capacity) {
+	t.Helper()
 	l := ledger.New(cli, ledger.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	b := bucket("b1", 1000)
+	c := l.NewCapacity(id, 2*time.Second, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = c.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return l, c
+}
 
-	r1, err := l.Reserve(ctx, b, 600, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Reserve(ctx, b, 500, 10*time.Second); !errors.Is(err, ledger.ErrNoRoom) {
-		t.Fatalf("second reserve over limit: err %v, want ErrNoRoom", err)
-	}
-	res, err := l.Commit(ctx, b, r1.ID, 550, nil)
-	if err != nil || res.UsedAfter != 550 || res.AlreadyCommitted {
-		t.Fatalf("commit = %+v, %v", res, err)
-	}
-	again, err := l.Commit(ctx, b, r1.ID, 550, nil)
-	if err != nil || !again.AlreadyCommitted || again.UsedAfter != 550 {
-		t.Fatalf("retried commit = %+v, %v; want the first answer, flagged", again, err)
-	}
-	r2, err := l.Reserve(ctx, b, 450, 10*time.Second)
-	if err != nil {
-		t.Fatalf("reserve the remaining 450: %v", err)
-	}
-	if err := l.Release(ctx, b.Id, r2.ID); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Release(ctx, b.Id, r2.ID); err != nil {
-		t.Fatalf("second release must succeed: %v", err)
-	}
+func usage(t *testing.T, l *ledger.Ledger, id string) ledger.Usage {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	u, _, err := l.Usages(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if u["b1"].Used != 550 || u["b1"].Reserved != 0 {
-		t.Fatalf("usage = %+v, want used 550 reserved 0", u["b1"])
+	return u[id]
+}
+
+// poll retries cond every 10 ms until it holds or the deadline passes.
+func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestReserveCommitRelease(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, c := replicaCap(t, cli, "r1")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 1000)
+
+	r1, err := c.Reserve(ctx, b, 600, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Reserve(ctx, b, 500, 10*time.Second); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("second reserve over limit: err %v, want ErrNoRoom", err)
+	}
+	res, err := c.Commit(ctx, b, r1.ID, 550, nil)
+	if err != nil || res.AlreadyCommitted {
+		t.Fatalf("commit = %+v, %v", res, err)
+	}
+	again, err := c.Commit(ctx, b, r1.ID, 550, nil)
+	if err != nil || !again.AlreadyCommitted {
+		t.Fatalf("retried commit = %+v, %v; want the first answer, flagged", again, err)
+	}
+	r2, err := c.Reserve(ctx, b, 450, 10*time.Second)
+	if err != nil {
+		t.Fatalf("reserve the remaining 450: %v", err)
+	}
+	if _, err := c.Commit(ctx, b, r2.ID, 451, nil); !errors.Is(err, ledger.ErrInvalid) {
+		t.Fatalf("commit above the reservation: %v, want ErrInvalid", err)
+	}
+	if err := c.Release(ctx, b.Id, r2.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Release(ctx, b.Id, r2.ID); err != nil {
+		t.Fatalf("second release must succeed: %v", err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 550 || u.Reservations != 0 {
+		t.Fatalf("usage = %+v, want used 550 and no reservations", u)
+	}
+	// Idle block capacity goes back to the bucket.
+	poll(t, 5*time.Second, "idle block to be returned", func() bool { return usage(t, l, "b1").Reserved == 0 })
+	// An admin reset is not undone by the replica's next commit.
+	if prev, err := l.SetUsage(ctx, "b1", 0); err != nil || prev != 550 {
+		t.Fatalf("SetUsage: prev %d, %v", prev, err)
+	}
+	r3, err := c.Reserve(ctx, b, 100, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Commit(ctx, b, r3.ID, 100, nil); err != nil {
+		t.Fatal(err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 100 {
+		t.Fatalf("usage after reset and one commit = %d, want 100", u.Used)
 	}
 }
 
 // A holder that stops renewing loses its reservation within the TTL; a
 // holder that renews keeps it past several TTLs; a lapsed reservation is
-// re-established on Renew only if there is room.
+// re-established on Renew only if there is room. Renewals and commits may
+// reach any replica.
 func TestLeaseExpiryAndRenewal(t *testing.T) {
-	_, cli := testenv.Etcd(t)
-	l := ledger.New(cli, ledger.Options{})
+	srv, cli := testenv.Etcd(t)
+	l, c := replicaCap(t, cli, "r1")
+	_, other := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "r2")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	b := bucket("b1", 1000)
 	const ttl = 2 * time.Second
 
-	kept, err := l.Reserve(ctx, b, 300, ttl)
+	kept, err := c.Reserve(ctx, b, 300, ttl)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dropped, err := l.Reserve(ctx, b, 700, ttl)
-	if err != nil {
+	if _, err := c.Reserve(ctx, b, 700, ttl); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	// Renew `kept` every ttl/3 until `dropped` is gone, then for 3 more TTLs.
-	for {
-		if _, re, err := l.Renew(ctx, b, kept.ID, 300, ttl); err != nil || re {
+	for usage(t, l, "b1").Reservations != 1 {
+		// Renew through the other replica: the owner must honour it.
+		if _, re, err := other.Renew(ctx, b, kept.ID, 300, ttl); err != nil || re {
 			t.Fatalf("renew: reestablished=%v err=%v", re, err)
 		}
-		u, _, err := l.Usages(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if u["b1"].Reserved == 300 {
-			break
-		}
 		if time.Since(start) > 4*ttl {
-			t.Fatalf("abandoned reservation still held after %s (reserved %d)", time.Since(start), u["b1"].Reserved)
+			t.Fatal("abandoned reservation still held after 4 TTLs")
 		}
-		time.Sleep(ttl / 3) // renewal cadence of a live holder
+		time.Sleep(ttl / 4) // renewal cadence of a live holder
 	}
-	// Capacity came back: 700 fits again.
-	other, err := l.Reserve(ctx, b, 700, 30*time.Second)
-	if err != nil {
-		t.Fatalf("capacity of the expired reservation did not return: %v", err)
+	if _, err := c.Reserve(ctx, b, 700, 30*time.Second); err != nil {
+		t.Fatalf("capacity of the expired reservation did not return: %v (usage %+v)", err, usage(t, l, "b1"))
 	}
-	for i := 0; i < 9; i++ { // 3 TTLs of renewals
-		if _, re, err := l.Renew(ctx, b, kept.ID, 300, ttl); err != nil || re {
+	for i := 0; i < 12; i++ { // 3 TTLs of renewals
+		if _, re, err := c.Renew(ctx, b, kept.ID, 300, ttl); err != nil || re {
 			t.Fatalf("renew %d: reestablished=%v err=%v", i, re, err)
 		}
-		time.Sleep(ttl / 3)
+		time.Sleep(ttl / 4)
 	}
-	// Let `kept` lapse while `other` holds the rest: it cannot come back.
-	if err := l.Release(ctx, b.Id, kept.ID); err != nil {
+	if err := c.Release(ctx, b.Id, kept.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.Reserve(ctx, b, 300, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := l.Renew(ctx, b, kept.ID, 300, ttl); !errors.Is(err, ledger.ErrReservationLost) {
+	// The released bytes sit in the first replica's block until it has
+	// been idle for a moment, then any replica can take them.
+	var filler *ledger.Reservation
+	poll(t, 5*time.Second, "released capacity to reach the other replica", func() bool {
+		var err error
+		filler, err = other.Reserve(ctx, b, 300, 30*time.Second)
+		return err == nil
+	})
+	if _, _, err := c.Renew(ctx, b, kept.ID, 300, ttl); !errors.Is(err, ledger.ErrReservationLost) {
 		t.Fatalf("renew of a lapsed reservation with no room: %v, want ErrReservationLost", err)
 	}
-	if _, err := l.Commit(ctx, b, kept.ID, 300, nil); !errors.Is(err, ledger.ErrReservationLost) {
+	if _, err := other.Commit(ctx, b, kept.ID, 300, nil); !errors.Is(err, ledger.ErrReservationLost) {
 		t.Fatalf("commit of a lapsed reservation with no room: %v, want ErrReservationLost", err)
 	}
-	// With room, a lapsed reservation is re-established.
-	if err := l.Release(ctx, b.Id, other.ID); err != nil {
+	if err := other.Release(ctx, b.Id, filler.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, re, err := l.Renew(ctx, b, kept.ID, 300, ttl); err != nil || !re {
+	if _, re, err := other.Renew(ctx, b, kept.ID, 300, ttl); err != nil || !re {
 		t.Fatalf("renew with room: reestablished=%v err=%v, want re-established", re, err)
 	}
-	_ = dropped
 }
 
-// Invariant 1 under races: 4 ledgers on their own clients, 64 callers,
-// random sizes against small limits, commits, releases and abandoned
-// reservations whose leases expire. Then replay etcd's history from
-// revision 1 and check used + reserved <= limit at every revision, and
-// that final usage equals the sum of committed sizes.
+// Invariant 1 under races: 4 replicas on their own clients, 64 callers,
+// random sizes against small limits, commits through other replicas,
+// releases and abandoned reservations whose TTLs expire. Replaying etcd's
+// history checks usage + blocks <= limit at every revision, and that
+// final usage equals the sum of committed sizes.
 func TestNoOvercommitHistory(t *testing.T) {
 	srv, cli0 := testenv.Etcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -146,9 +193,12 @@ func TestNoOvercommitHistory(t *testing.T) {
 	for _, b := range buckets {
 		limits[b.Id] = b.MonthlyLimitBytes
 	}
-	var ledgers []*ledger.Ledger
+	var caps []*ledger.Capacity
+	var l0 *ledger.Ledger
 	for i := 0; i < 4; i++ {
-		ledgers = append(ledgers, ledger.New(testenv.EtcdClient(t, srv.Endpoint), ledger.Options{}))
+		l, c := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), fmt.Sprint("r", i))
+		caps = append(caps, c)
+		l0 = l
 	}
 	var committed sync.Map // bucket -> *atomic.Int64
 	for _, b := range buckets {
@@ -162,16 +212,16 @@ func TestNoOvercommitHistory(t *testing.T) {
 		go func(c int) {
 			defer wg.Done()
 			rnd := rand.New(rand.NewPCG(uint64(c), 99))
-			l := ledgers[c%len(ledgers)]
+			cp := caps[c%len(caps)]
 			for i := 0; i < perCaller && ctx.Err() == nil; i++ {
 				b := buckets[rnd.IntN(len(buckets))]
 				size := 500 + rnd.Int64N(4000)
 				ttl := 30 * time.Second
 				abandon := rnd.IntN(10) == 0
 				if abandon {
-					ttl = 2 * time.Second
+					ttl = time.Second
 				}
-				r, err := l.Reserve(ctx, b, size, ttl)
+				r, err := cp.Reserve(ctx, b, size, ttl)
 				if errors.Is(err, ledger.ErrNoRoom) {
 					full.Add(1)
 					continue
@@ -184,19 +234,17 @@ func TestNoOvercommitHistory(t *testing.T) {
 				switch {
 				case abandon:
 				case rnd.IntN(3) == 0:
-					if err := l.Release(ctx, b.Id, r.ID); err != nil {
+					if err := caps[rnd.IntN(len(caps))].Release(ctx, b.Id, r.ID); err != nil {
 						t.Errorf("release: %v", err)
 					}
 				default:
 					actual := size - rnd.Int64N(size/2)
-					// Commit through a different ledger half the time, and
-					// retry it once: exactly-once must hold.
-					cl := ledgers[rnd.IntN(len(ledgers))]
+					cl := caps[rnd.IntN(len(caps))]
 					if _, err := cl.Commit(ctx, b, r.ID, actual, nil); err != nil {
 						t.Errorf("commit: %v", err)
 						continue
 					}
-					if res, err := l.Commit(ctx, b, r.ID, actual, nil); err != nil || !res.AlreadyCommitted {
+					if res, err := cp.Commit(ctx, b, r.ID, actual, nil); err != nil || !res.AlreadyCommitted {
 						t.Errorf("retried commit: %+v %v", res, err)
 					}
 					v, _ := committed.Load(b.Id)
@@ -215,7 +263,7 @@ func TestNoOvercommitHistory(t *testing.T) {
 	}
 
 	// Replay the whole history.
-	used, revisions, err := ledgertest.Replay(ctx, cli0, ledgers[0].Prefix(), ledgers[0].Period().Name, limits)
+	used, revisions, err := ledgertest.Replay(ctx, cli0, l0.Prefix(), l0.Period().Name, limits)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,5 +313,55 @@ func TestPeriod(t *testing.T) {
 		if got := ledger.PeriodAt(at, tc.day).Name; got != tc.want {
 			t.Errorf("PeriodAt(%s, %d) = %s, want %s", tc.at, tc.day, got, tc.want)
 		}
+	}
+}
+
+// Invariant 2 when the granting replica dies: its block and reservations
+// vanish with its lease (within the TTL), the capacity returns, and a
+// Renew or Commit on another replica re-establishes the reservation
+// against current capacity.
+func TestGrantingReplicaDies(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	b := bucket("b1", 1000)
+
+	// The doomed replica gets its own client, closed to simulate a crash:
+	// no revoke reaches etcd, the lease has to expire.
+	doomedCli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	doomedLedger := ledger.New(doomedCli, ledger.Options{})
+	doomed := doomedLedger.NewCapacity("doomed", 2*time.Second, slog.New(slog.DiscardHandler))
+	dctx, dcancel := context.WithCancel(context.Background())
+	ddone := make(chan struct{})
+	go func() { _ = doomed.Run(dctx); close(ddone) }()
+
+	l, other := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "survivor")
+	r, err := doomed.Reserve(ctx, b, 400, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Reserve(ctx, b, 700, time.Minute); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("700 more bytes fit beside a 400-byte reservation in a 1000-byte bucket: %v", err)
+	}
+	doomedCli.Close()
+	dcancel()
+	<-ddone
+	start := time.Now()
+	poll(t, 10*time.Second, "the dead replica's block to expire", func() bool {
+		return usage(t, l, "b1").Reserved == 0 && usage(t, l, "b1").Reservations == 0
+	})
+	t.Logf("dead replica's capacity returned after %s", time.Since(start).Round(10*time.Millisecond))
+	exp, re, err := other.Renew(ctx, b, r.ID, 400, time.Minute)
+	if err != nil || !re || exp.IsZero() {
+		t.Fatalf("renew on the survivor: reestablished=%v err=%v, want re-established", re, err)
+	}
+	if _, err := other.Commit(ctx, b, r.ID, 350, nil); err != nil {
+		t.Fatal(err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 350 {
+		t.Fatalf("usage %d, want 350", u.Used)
 	}
 }

@@ -14,8 +14,10 @@ import (
 
 // Replay reads the history of prefix from revision 1 up to the current
 // revision and checks, after every revision, that each bucket's committed
-// usage in period plus its live reservations stays within its limit. It
-// returns the final usage per bucket and the number of revisions checked.
+// usage in period (base + shards) plus the capacity blocks held by
+// replicas stays within its limit, and that each replica's live
+// reservations fit in its block. It returns the final usage per bucket
+// and the number of revisions checked.
 // Run it before etcd compacts (tests do not enable compaction that fast).
 func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, limits map[string]int64) (map[string]int64, int, error) {
 	head, err := cli.Get(ctx, prefix+"\x00")
@@ -23,18 +25,46 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 		return nil, 0, err
 	}
 	usagePrefix := prefix + "usage/" + period + "/"
-	resPrefix := prefix + "res/"
-	used := map[string]int64{}
-	res := map[string]int64{}
-	resBucket := map[string]string{}
+	shardPrefix := prefix + "ushard/" + period + "/"
+	blockPrefix := prefix + "cap/blocks/"
+	resPrefix := prefix + "cap/res/"
+	base := map[string]int64{}
+	shards := map[string]int64{} // key -> bytes
+	blocks := map[string]int64{} // key -> bytes
+	type resv struct {
+		size            int64
+		bucket, replica string
+	}
+	res := map[string]resv{}
+	bucketOf := func(rest string) string { b, _, _ := strings.Cut(rest, "/"); return b }
+	usedOf := func() map[string]int64 {
+		used := map[string]int64{}
+		for b, n := range base {
+			used[b] += n
+		}
+		for k, n := range shards {
+			used[bucketOf(strings.TrimPrefix(k, shardPrefix))] += n
+		}
+		return used
+	}
 	check := func(rev int64) error {
-		reserved := map[string]int64{}
-		for k, s := range res {
-			reserved[resBucket[k]] += s
+		used := usedOf()
+		held := map[string]int64{}
+		for k, n := range blocks {
+			held[bucketOf(strings.TrimPrefix(k, blockPrefix))] += n
+		}
+		carved := map[string]int64{} // bucket/replica -> bytes
+		for _, r := range res {
+			carved[r.bucket+"/"+r.replica] += r.size
 		}
 		for id, lim := range limits {
-			if used[id]+reserved[id] > lim {
-				return fmt.Errorf("revision %d: bucket %s used %d + reserved %d > limit %d", rev, id, used[id], reserved[id], lim)
+			if used[id]+held[id] > lim {
+				return fmt.Errorf("revision %d: bucket %s used %d + held in blocks %d > limit %d", rev, id, used[id], held[id], lim)
+			}
+		}
+		for br, n := range carved {
+			if n > blocks[blockPrefix+br] {
+				return fmt.Errorf("revision %d: reservations of %s total %d > its block %d", rev, br, n, blocks[blockPrefix+br])
 			}
 		}
 		return nil
@@ -59,21 +89,37 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 			}
 			lastRev = rev
 			key := string(ev.Kv.Key)
+			n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
+			del := ev.Type == clientv3.EventTypeDelete
 			switch {
 			case strings.HasPrefix(key, usagePrefix):
-				n, _ := strconv.ParseInt(string(ev.Kv.Value), 10, 64)
-				used[strings.TrimPrefix(key, usagePrefix)] = n
+				base[strings.TrimPrefix(key, usagePrefix)] = n
+				if del {
+					delete(base, strings.TrimPrefix(key, usagePrefix))
+				}
+			case strings.HasPrefix(key, shardPrefix):
+				shards[key] = n
+				if del {
+					delete(shards, key)
+				}
+			case strings.HasPrefix(key, blockPrefix):
+				blocks[key] = n
+				if del {
+					delete(blocks, key)
+				}
 			case strings.HasPrefix(key, resPrefix):
-				if ev.Type == clientv3.EventTypeDelete {
+				if del {
 					delete(res, key)
 					continue
 				}
-				var v struct{ Size int64 }
+				var v struct {
+					Size    int64  `json:"size"`
+					Replica string `json:"replica"`
+				}
 				if err := json.Unmarshal(ev.Kv.Value, &v); err != nil {
 					return nil, revisions, err
 				}
-				b, _, _ := strings.Cut(strings.TrimPrefix(key, resPrefix), "/")
-				res[key], resBucket[key] = v.Size, b
+				res[key] = resv{v.Size, bucketOf(strings.TrimPrefix(key, resPrefix)), v.Replica}
 			}
 		}
 		if len(wr.Events) == 0 {
@@ -83,5 +129,5 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 	if err := check(lastRev); err != nil {
 		return nil, revisions, err
 	}
-	return used, revisions + 1, nil
+	return usedOf(), revisions + 1, nil
 }

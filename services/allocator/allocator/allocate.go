@@ -41,7 +41,7 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: unknown strategy %v", errInvalid, kind)
 	}
-	usage, _, err := s.ledger.Usages(ctx)
+	usage, err := s.usages(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -60,7 +60,9 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		}
 		healthyExists = true
 		u := usage[b.GetId()]
-		if u.Used+u.Reserved+req.GetSize() > b.GetMonthlyLimitBytes() {
+		// Committed bytes alone decide here: capacity held in blocks may be
+		// this replica's own. Reserve enforces the exact limit.
+		if u.Used+req.GetSize() > b.GetMonthlyLimitBytes() {
 			continue
 		}
 		specs[b.GetId()] = b
@@ -81,7 +83,7 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		} else if !ok {
 			continue
 		}
-		res, err := s.ledger.Reserve(ctx, b, req.GetSize(), s.cfg.ReservationTTL)
+		res, err := s.capacity.Reserve(ctx, b, req.GetSize(), s.cfg.ReservationTTL)
 		if errors.Is(err, ledger.ErrNoRoom) {
 			continue // another replica took the room meanwhile
 		}
@@ -99,7 +101,7 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
-	exp, re, err := s.ledger.Renew(ctx, b, req.GetReservationId(), req.GetReservedBytes(), s.cfg.ReservationTTL)
+	exp, re, err := s.capacity.Renew(ctx, b, req.GetReservationId(), req.GetReservedBytes(), s.cfg.ReservationTTL)
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
@@ -129,7 +131,7 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 		}
 		idem = &ledger.Idempotency{Key: k, Record: rec}
 	}
-	res, err := s.ledger.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
+	res, err := s.capacity.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
@@ -140,7 +142,11 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 		}
 		return &allocatorv1.CommitResponse{DuplicateOf: first}, nil
 	}
-	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: res.UsedAfter}, nil
+	used := res.Size
+	if v := s.usage.Load(); v != nil {
+		used += v.usage[b.GetId()].Used
+	}
+	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: used}, nil
 }
 
 // GetUploadRecord implements AllocatorService.
@@ -171,7 +177,7 @@ func publicURL(base, key string) string {
 
 // Release implements AllocatorService.
 func (s *Server) Release(ctx context.Context, req *allocatorv1.ReleaseRequest) (*allocatorv1.ReleaseResponse, error) {
-	if err := s.ledger.Release(ctx, req.GetBucketId(), req.GetReservationId()); err != nil {
+	if err := s.capacity.Release(ctx, req.GetBucketId(), req.GetReservationId()); err != nil {
 		return nil, toStatus(ctx, err)
 	}
 	return &allocatorv1.ReleaseResponse{}, nil

@@ -47,8 +47,12 @@ type Config struct {
 	// (default 5s).
 	Prober                   Prober
 	ProbeEvery, ProbeTimeout time.Duration
-	// Identity names this replica in the leader election; default random.
+	// Identity names this replica in the leader election and in its
+	// capacity blocks; default random.
 	Identity string
+	// ReplicaLeaseTTL bounds how long a dead replica's capacity blocks and
+	// reservations outlive it; default 10s.
+	ReplicaLeaseTTL time.Duration
 }
 
 // Server is one allocator replica.
@@ -63,8 +67,17 @@ type Server struct {
 	auth       *auth.Bearer
 	strategies map[allocatorv1.Strategy]placement.Strategy
 
-	buckets atomic.Pointer[map[string]*adminv1.BucketSpec]
-	elector *leader.Elector
+	buckets  atomic.Pointer[map[string]*adminv1.BucketSpec]
+	elector  *leader.Elector
+	capacity *ledger.Capacity
+	usage    atomic.Pointer[usageView]
+}
+
+// usageView is a recent read of every bucket's usage, for placement. The
+// ledger enforces capacity exactly; placement only needs an estimate.
+type usageView struct {
+	at    time.Time
+	usage map[string]ledger.Usage
 }
 
 // New builds a replica and seeds the configured buckets once per cluster.
@@ -108,6 +121,7 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		prefix = "/bucketlb/"
 	}
 	s.elector = leader.New(cli, prefix+"leader", cfg.Identity, 5, jobs, log)
+	s.capacity = s.ledger.NewCapacity(cfg.Identity, cfg.ReplicaLeaseTTL, log)
 	for k := range allocatorv1.Strategy_name {
 		kind := allocatorv1.Strategy(k)
 		st, err := placement.New(kind, cfg.Rand)
@@ -148,7 +162,15 @@ func (s *Server) Interceptors() (grpc.UnaryServerInterceptor, grpc.StreamServerI
 // Run keeps the bucket and health caches current until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(5)
+	go func() {
+		defer wg.Done()
+		_ = s.capacity.Run(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		s.refreshUsage(ctx)
+	}()
 	go func() {
 		defer wg.Done()
 		_ = s.elector.Run(ctx)
@@ -171,6 +193,36 @@ func (s *Server) Close() error { return nil }
 
 // Leading reports whether this replica runs the periodic jobs.
 func (s *Server) Leading() bool { return s.elector.Leading() }
+
+// refreshUsage keeps the placement estimate recent.
+func (s *Server) refreshUsage(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if u, _, err := s.ledger.Usages(ctx); err == nil {
+			s.usage.Store(&usageView{at: time.Now(), usage: u})
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// usages returns the placement estimate, reading etcd when it is stale
+// (which also makes Allocate fail closed while etcd is unreachable).
+func (s *Server) usages(ctx context.Context) (map[string]ledger.Usage, error) {
+	if v := s.usage.Load(); v != nil && time.Since(v.at) < 2*time.Second {
+		return v.usage, nil
+	}
+	u, _, err := s.ledger.Usages(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.usage.Store(&usageView{at: time.Now(), usage: u})
+	return u, nil
+}
 
 func (s *Server) setBuckets(specs []*adminv1.BucketSpec) {
 	m := make(map[string]*adminv1.BucketSpec, len(specs))

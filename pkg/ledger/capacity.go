@@ -1,0 +1,1046 @@
+package ledger
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+)
+
+// Capacity is one allocator replica's view of the ledger with capacity
+// blocks (DESIGN "Mechanism"). The replica holds, per bucket, a block of
+// the bucket's free capacity under its own lease, taken with one
+// compare-and-put against every other block and all committed usage.
+// Reservations are carved inside the block without compares and written
+// in batches; committed bytes go to the replica's own usage shard. So the
+// hot bucket has no hot key, and at every revision
+//
+//	base usage + Σ usage shards + Σ blocks ≤ monthly limit.
+//
+// Reservation keys live under the replica's lease: if the replica dies,
+// its blocks and reservations vanish within one lease TTL and a Renew or
+// Commit on another replica re-establishes them against current capacity.
+// The granting replica enforces each reservation's own TTL.
+type Capacity struct {
+	l        *Ledger
+	id       string
+	leaseTTL time.Duration
+	log      *slog.Logger
+
+	mu    sync.Mutex
+	cur   *term // nil while the replica holds no lease
+	ready chan struct{}
+
+	writes  chan *write
+	stopped chan struct{} // closed when Run returns
+
+	mleaseMu sync.Mutex
+	mlease   clientv3.LeaseID
+	mleaseAt time.Time
+}
+
+// markerLease returns the lease commit markers and idempotency records
+// hang on: one per replica, replaced hourly, each living CommitMarkerTTL,
+// so a marker outlives its commit by at least CommitMarkerTTL − 1h without
+// a lease grant per commit.
+func (c *Capacity) markerLease(ctx context.Context) (clientv3.LeaseID, error) {
+	c.mleaseMu.Lock()
+	defer c.mleaseMu.Unlock()
+	if c.mlease != 0 && time.Since(c.mleaseAt) < time.Hour {
+		return c.mlease, nil
+	}
+	id, err := c.l.grant(ctx, c.l.opts.CommitMarkerTTL)
+	if err != nil {
+		return 0, err
+	}
+	c.mlease, c.mleaseAt = id, time.Now()
+	return id, nil
+}
+
+// term is one life of the replica's lease. Blocks and reservations are
+// named after the term (owner), not only the replica: if a lost lease
+// could not be revoked, its keys live on until it expires, and a new term
+// must neither adopt that block nor miss those reservations. Every
+// operation works on the term it started in, so a late write of an old
+// term lands in the old term's own block and state.
+type term struct {
+	lease clientv3.LeaseID
+	owner string        // replica id + "." + lease, names blocks and reservations
+	done  chan struct{} // closed when the term ends
+
+	mu      sync.Mutex
+	buckets map[string]*bucketCap
+}
+
+func (t *term) bucket(id string) *bucketCap {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	bc := t.buckets[id]
+	if bc == nil {
+		bc = &bucketCap{res: map[string]*localRes{}}
+		t.buckets[id] = bc
+	}
+	return bc
+}
+
+func (t *term) lookup(id string) *bucketCap {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.buckets[id]
+}
+
+func (t *term) bucketIDs() []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ids := make([]string, 0, len(t.buckets))
+	for id := range t.buckets {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// errLeaseLost ends operations of a term whose lease is gone.
+var errLeaseLost = fmt.Errorf("allocator replica lost its etcd lease: %w", ErrConflict)
+
+type bucketCap struct {
+	mu       sync.Mutex // serializes this replica's block and shard writes
+	block    int64      // bytes held by our block key
+	blockRev int64      // its mod revision (0: absent): every write of ours
+	// compares it, because another replica may shrink our block to commit
+	// one of our reservations when it has no room of its own
+	blockSeen int64  // revision at which block/blockRev were last known true
+	carved    int64  // bytes of our live reservations
+	shard     int64  // our committed bytes this period
+	shardRev  int64  // mod revision of our shard key (0: absent)
+	shardOf   string // period of shard
+	res       map[string]*localRes
+	touched   time.Time
+
+	queueOnce sync.Once
+	queue     chan *pendingCommit // see enqueue
+}
+
+type localRes struct {
+	size int64
+	exp  time.Time
+	// written is set once the reservation's put returned. Until then the
+	// janitor must not drop it: a late put would otherwise land outside
+	// the block.
+	written bool
+	// rev is the revision the put applied at (0: unknown, the put failed
+	// ambiguously). Deletions older than rev concern an earlier
+	// reservation with the same id and must not free this one.
+	rev int64
+}
+
+// idleBlock is how long a block's unused capacity stays with a replica
+// that stopped allocating before it goes back to the bucket.
+const idleBlock = 500 * time.Millisecond
+
+type resRecord struct {
+	Size    int64     `json:"size"`
+	Replica string    `json:"replica"`
+	Expires time.Time `json:"expires"`
+}
+
+type write struct {
+	op   clientv3.Op
+	done chan writeResult
+}
+
+type writeResult struct {
+	rev int64
+	err error
+}
+
+func (l *Ledger) blockPrefix(bucket string) string {
+	return l.opts.Prefix + "cap/blocks/" + bucket + "/"
+}
+func (l *Ledger) shardPrefix(period, bucket string) string {
+	return l.opts.Prefix + "ushard/" + period + "/" + bucket + "/"
+}
+
+// NewCapacity returns the replica's capacity manager; call Run.
+func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog.Logger) *Capacity {
+	if leaseTTL < 2*time.Second {
+		leaseTTL = 10 * time.Second
+	}
+	return &Capacity{l: l, id: replicaID, leaseTTL: leaseTTL, log: log,
+		ready: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{})}
+}
+
+// Run keeps the replica lease alive, batches reservation writes, watches
+// reservations changed by other replicas and expires our own, until ctx
+// ends. Losing the lease drops every local block and reservation.
+func (c *Capacity) Run(ctx context.Context) error {
+	defer close(c.stopped)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.writer(ctx) }()
+	go func() { defer wg.Done(); c.janitor(ctx) }()
+	for ctx.Err() == nil {
+		if err := c.term(ctx); err != nil && ctx.Err() == nil {
+			c.log.Warn("capacity lease lost; starting over", "error", err.Error())
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	wg.Wait()
+	return nil
+}
+
+func (c *Capacity) term(ctx context.Context) error {
+	gctx, cancel := c.l.ctx(ctx)
+	g, err := c.l.cli.Grant(gctx, int64(c.leaseTTL/time.Second))
+	cancel()
+	if err != nil {
+		return err
+	}
+	kctx, kcancel := context.WithCancel(ctx)
+	defer kcancel()
+	ka, err := c.l.cli.KeepAlive(kctx, g.ID)
+	if err != nil {
+		return err
+	}
+	t := &term{lease: g.ID, owner: c.id + "." + strconv.FormatInt(int64(g.ID), 16),
+		done: make(chan struct{}), buckets: map[string]*bucketCap{}}
+	// Watch before serving: every change to our keys made by others after
+	// the first allocation of this term is then seen.
+	var wcancel context.CancelFunc
+	defer func() { wcancel() }()
+	var watch clientv3.WatchChan
+	rewatch := func() {
+		var wctx context.Context
+		wctx, wcancel = context.WithCancel(clientv3.WithRequireLeader(ctx))
+		// One stream for reservations and blocks keeps their events in
+		// revision order: a commit that shrank our block and deleted our
+		// reservation is applied to both at once.
+		watch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"cap/", clientv3.WithPrefix())
+	}
+	rewatch()
+	c.mu.Lock()
+	c.cur = t
+	select {
+	case <-c.ready:
+	default:
+		close(c.ready)
+	}
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.cur = nil
+		c.mu.Unlock()
+		close(t.done)
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		_, _ = c.l.cli.Revoke(rctx, g.ID) // hand the capacity back now
+		rcancel()
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-ka:
+			if !ok {
+				return errors.New("keepalive channel closed")
+			}
+		case wr, ok := <-watch:
+			if !ok || wr.Err() != nil {
+				// Missed events only delay frees (the janitor catches up):
+				// re-watch from now.
+				wcancel()
+				rewatch()
+				continue
+			}
+			c.apply(t, wr.Events)
+		}
+	}
+}
+
+// observeBlock records our block as read at revision rev, unless we
+// already know a later state.
+func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
+	if rev <= bc.blockSeen {
+		return
+	}
+	bc.block, bc.blockRev = 0, 0
+	if len(kvs) > 0 {
+		bc.block, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		bc.blockRev = kvs[0].ModRevision
+	}
+	bc.blockSeen = rev
+}
+
+// forget drops a local reservation whose key is gone as of revision rev,
+// with our block known at rev or later. Called with bc.mu held.
+func forget(bc *bucketCap, id string, rev int64) {
+	r, ok := bc.res[id]
+	if !ok || (r.rev != 0 && r.rev >= rev) || (r.rev == 0 && !r.written) {
+		return // a newer reservation under the same id, or its put is in flight
+	}
+	delete(bc.res, id)
+	bc.carved -= r.size
+}
+
+// apply follows our block and reservations as other replicas change them
+// (renew, commit, release). Events come in revision order; a commit that
+// shrank our block and deleted our reservation arrives as one revision,
+// block first.
+func (c *Capacity) apply(t *term, evs []*clientv3.Event) {
+	for _, ev := range evs {
+		key := string(ev.Kv.Key)
+		if rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/blocks/"); ok {
+			bucket, owner, _ := strings.Cut(rest, "/")
+			if owner != t.owner {
+				continue
+			}
+			bc := t.lookup(bucket)
+			if bc == nil {
+				continue
+			}
+			bc.mu.Lock()
+			if ev.Type == clientv3.EventTypeDelete {
+				observeBlock(bc, nil, ev.Kv.ModRevision)
+			} else {
+				observeBlock(bc, []*mvccpb.KeyValue{ev.Kv}, ev.Kv.ModRevision)
+			}
+			bc.mu.Unlock()
+			continue
+		}
+		rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/res/")
+		if !ok {
+			continue
+		}
+		bucket, id, _ := strings.Cut(rest, "/")
+		bc := t.lookup(bucket)
+		if bc == nil {
+			continue
+		}
+		bc.mu.Lock()
+		if ev.Type == clientv3.EventTypeDelete {
+			// Our block at this revision is known: a commit that took the
+			// bytes from it wrote it in this same revision, event first.
+			forget(bc, id, ev.Kv.ModRevision)
+		} else if r, ok := bc.res[id]; ok {
+			var rec resRecord
+			if json.Unmarshal(ev.Kv.Value, &rec) == nil && rec.Replica == t.owner && rec.Expires.After(r.exp) {
+				r.exp = rec.Expires
+			}
+		}
+		bc.mu.Unlock()
+	}
+}
+
+// current returns the live term, or nil.
+func (c *Capacity) current() *term {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cur
+}
+
+// wait returns the live term once the replica has its first lease.
+func (c *Capacity) wait(ctx context.Context) (*term, error) {
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if t := c.current(); t != nil {
+		return t, nil
+	}
+	return nil, fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
+}
+
+// writer batches reservation puts into transactions without compares:
+// they are carved inside our block, so no other writer can make them
+// overcommit.
+func (c *Capacity) writer(ctx context.Context) {
+	for {
+		var batch []*write
+		select {
+		case <-ctx.Done():
+			return
+		case w := <-c.writes:
+			batch = append(batch, w)
+		}
+	fill:
+		for len(batch) < 100 {
+			select {
+			case w := <-c.writes:
+				batch = append(batch, w)
+			default:
+				break fill
+			}
+		}
+		ops := make([]clientv3.Op, len(batch))
+		for i, w := range batch {
+			ops[i] = w.op
+		}
+		tctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
+		cancel()
+		var rev int64
+		if err == nil {
+			rev = resp.Header.Revision
+		}
+		for _, w := range batch {
+			w.done <- writeResult{rev: rev, err: err}
+		}
+	}
+}
+
+func (c *Capacity) submit(ctx context.Context, op clientv3.Op) (int64, error) {
+	w := &write{op: op, done: make(chan writeResult, 1)}
+	select {
+	case c.writes <- w:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	select {
+	case r := <-w.done:
+		return r.rev, r.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+// grow takes more of the bucket's free capacity into our block: one
+// compare-and-put against all blocks and all usage of the period.
+// Called with bc.mu held.
+func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec, bc *bucketCap, need int64) error {
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	limit := bucket.GetMonthlyLimitBytes()
+	for attempt := 0; attempt < 100; attempt++ {
+		rctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Txn(rctx).Then(
+			clientv3.OpGet(c.l.usageKey(period, id)),
+			clientv3.OpGet(c.l.shardPrefix(period, id), clientv3.WithPrefix()),
+			clientv3.OpGet(c.l.blockPrefix(id), clientv3.WithPrefix()),
+		).Commit()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("ledger: read capacity of %s: %w", id, err)
+		}
+		rev := resp.Header.Revision
+		var used, held, usageRev int64
+		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			used, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+			usageRev = kvs[0].ModRevision
+		}
+		myShardKey := c.l.shardPrefix(period, id) + c.id
+		bc.shard, bc.shardRev, bc.shardOf = 0, 0, period
+		for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+			used += n
+			if string(kv.Key) == myShardKey {
+				bc.shard, bc.shardRev = n, kv.ModRevision
+			}
+		}
+		myBlock := c.l.blockPrefix(id) + t.owner
+		var mine []*mvccpb.KeyValue
+		for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+			held += n
+			if string(kv.Key) == myBlock {
+				mine = []*mvccpb.KeyValue{kv}
+			}
+		}
+		observeBlock(bc, mine, rev)
+		free := limit - used - held
+		want := need - (bc.block - bc.carved)
+		if want <= 0 {
+			return nil
+		}
+		if free < want {
+			return ErrNoRoom
+		}
+		// Take a share of what is free, shrinking as capacity runs out,
+		// so one replica cannot starve the others near the limit.
+		take := max(want, min(free/8, 64<<20))
+		resp2, err := c.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
+				clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
+				clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
+			},
+			clientv3.OpPut(myBlock, strconv.FormatInt(bc.block+take, 10), clientv3.WithLease(t.lease)))
+		if err != nil {
+			return err
+		}
+		if resp2.Succeeded {
+			bc.block += take
+			bc.blockRev, bc.blockSeen = resp2.Header.Revision, resp2.Header.Revision
+			return nil
+		}
+	}
+	return ErrConflict
+}
+
+func (c *Capacity) txn(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op) (*clientv3.TxnResponse, error) {
+	tctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	resp, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("ledger: capacity write: %w", err)
+	}
+	return resp, nil
+}
+
+// carve takes size bytes from our block for a reservation id (growing the
+// block when needed) and writes its key.
+func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpec, id string, size int64, ttl time.Duration) (*Reservation, error) {
+	if size <= 0 {
+		return nil, fmt.Errorf("%w: size must be positive", ErrInvalid)
+	}
+	if size > bucket.GetMonthlyLimitBytes() {
+		return nil, ErrNoRoom
+	}
+	bc := t.bucket(bucket.GetId())
+	bc.mu.Lock()
+	if _, dup := bc.res[id]; dup {
+		bc.mu.Unlock()
+		return nil, fmt.Errorf("%w: reservation %s is already held here", ErrConflict, id)
+	}
+	if bc.block-bc.carved < size {
+		if err := c.grow(ctx, t, bucket, bc, size); err != nil {
+			bc.mu.Unlock()
+			return nil, err
+		}
+	}
+	exp := c.l.opts.Now().Add(ttl)
+	r := &localRes{size: size, exp: exp}
+	bc.carved += size
+	bc.res[id] = r
+	bc.touched = time.Now()
+	bc.mu.Unlock()
+	val, _ := json.Marshal(resRecord{Size: size, Replica: t.owner, Expires: exp})
+	rev, err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(t.lease)))
+	bc.mu.Lock()
+	r.written, r.rev = true, rev
+	if err != nil {
+		// Ambiguous: the put may still apply. Hold the bytes well past
+		// any plausible late apply before the janitor may drop them.
+		r.exp = c.l.opts.Now().Add(ttl + 2*time.Minute)
+	}
+	bc.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("ledger: write reservation: %w", err)
+	}
+	return &Reservation{ID: id, BucketID: bucket.GetId(), Size: size, Period: c.l.Period().Name, LeaseID: t.lease, ExpiresAt: exp}, nil
+}
+
+// Reserve grants size bytes on bucket for ttl, or ErrNoRoom.
+func (c *Capacity) Reserve(ctx context.Context, bucket *adminv1.BucketSpec, size int64, ttl time.Duration) (*Reservation, error) {
+	t, err := c.wait(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return c.carve(ctx, t, bucket, NewReservationID(), size, ttl)
+}
+
+// Renew extends a live reservation (on any replica), or re-establishes a
+// vanished one from this replica's block, or ErrReservationLost.
+func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID string, size int64, ttl time.Duration) (time.Time, bool, error) {
+	if resID == "" || size <= 0 {
+		return time.Time{}, false, fmt.Errorf("%w: reservation id and reserved bytes are required", ErrInvalid)
+	}
+	t, err := c.wait(ctx)
+	if err != nil {
+		return time.Time{}, false, err
+	}
+	key := c.l.resKey(bucket.GetId(), resID)
+	for attempt := 0; attempt < 10; attempt++ {
+		gctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Get(gctx, key)
+		cancel()
+		if err != nil {
+			return time.Time{}, false, fmt.Errorf("ledger: read reservation: %w", err)
+		}
+		if len(resp.Kvs) == 0 {
+			break
+		}
+		kv := resp.Kvs[0]
+		var rec resRecord
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			return time.Time{}, false, err
+		}
+		rec.Expires = c.l.opts.Now().Add(ttl)
+		val, _ := json.Marshal(rec)
+		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)},
+			clientv3.OpPut(key, string(val), clientv3.WithLease(clientv3.LeaseID(kv.Lease))))
+		if err != nil {
+			return time.Time{}, false, err
+		}
+		if tr.Succeeded {
+			if rec.Replica == t.owner {
+				bc := t.bucket(bucket.GetId())
+				bc.mu.Lock()
+				if r, ok := bc.res[resID]; ok {
+					r.exp = rec.Expires
+				}
+				bc.mu.Unlock()
+			}
+			return rec.Expires, false, nil
+		}
+	}
+	r, err := c.carve(ctx, t, bucket, resID, size, ttl)
+	if errors.Is(err, ErrNoRoom) {
+		return time.Time{}, false, ErrReservationLost
+	}
+	if err != nil {
+		return time.Time{}, false, err
+	}
+	return r.ExpiresAt, true, nil
+}
+
+// Commit records actual bytes for a reservation exactly once. The bytes
+// leave our block and enter our usage shard in one transaction; when the
+// reservation belongs to another replica (or vanished), the bytes are
+// taken from our own block instead, so the sum never grows.
+func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
+	if resID == "" || actual < 0 {
+		return CommitResult{}, fmt.Errorf("%w: reservation id and a non-negative size are required", ErrInvalid)
+	}
+	t, err := c.wait(ctx)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	markerLease, err := c.markerLease(ctx)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	return c.commit(ctx, t, bucket, resID, actual, idem, markerLease)
+}
+
+func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, error) {
+	id := bucket.GetId()
+	bc := t.bucket(id)
+	for attempt := 0; attempt < 50; attempt++ {
+		// The marker and the reservation in one read.
+		gctx, cancel := c.l.ctx(ctx)
+		both, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(c.l.commitKey(resID)), clientv3.OpGet(c.l.resKey(id, resID))).Commit()
+		cancel()
+		if err != nil {
+			return CommitResult{}, fmt.Errorf("ledger: read reservation: %w", err)
+		}
+		if kvs := both.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			var prev CommitResult
+			if err := json.Unmarshal(kvs[0].Value, &prev); err != nil {
+				return CommitResult{}, fmt.Errorf("ledger: decode commit marker: %w", err)
+			}
+			prev.AlreadyCommitted = true
+			return prev, nil
+		}
+		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, markerLease: markerLease, done: make(chan commitOutcome, 1)}
+		if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && json.Unmarshal(kvs[0].Value, &p.rec) == nil {
+			p.exists, p.resRev = true, kvs[0].ModRevision
+			if actual > p.rec.Size {
+				return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, p.rec.Size)
+			}
+		}
+		out, err := c.enqueue(ctx, t, bc, p)
+		if err != nil {
+			return CommitResult{}, err
+		}
+		switch {
+		case out.err != nil:
+			return CommitResult{}, out.err
+		case out.ok:
+			return out.res, nil
+		case out.dup != nil:
+			return CommitResult{DuplicateOf: out.dup}, nil
+		case out.noRoom && p.exists:
+			// No room of our own: move the bytes out of the owner's block.
+			res, done, err := c.commitFromOwner(ctx, t, bucket, resID, actual, p.rec, p.resRev, idem, markerLease)
+			if err != nil || done {
+				return res, err
+			}
+		case out.noRoom:
+			return CommitResult{}, ErrReservationLost
+		}
+		// A compare failed: read again and retry.
+	}
+	return CommitResult{}, ErrConflict
+}
+
+// pendingCommit waits in a bucket's commit queue.
+type pendingCommit struct {
+	bucket      *adminv1.BucketSpec
+	resID       string
+	actual      int64
+	idem        *Idempotency
+	rec         resRecord
+	exists      bool
+	resRev      int64
+	markerLease clientv3.LeaseID
+	done        chan commitOutcome
+
+	take int64 // bytes leaving our block, set by the worker
+	mine bool
+}
+
+type commitOutcome struct {
+	ok     bool
+	res    CommitResult
+	dup    []byte
+	noRoom bool
+	err    error
+}
+
+// enqueue hands p to the bucket's committer, which batches concurrent
+// commits of this replica into one transaction: the usage shard and the
+// block are this replica's own keys, so commits on a hot bucket do not
+// contend with other replicas at all.
+func (c *Capacity) enqueue(ctx context.Context, t *term, bc *bucketCap, p *pendingCommit) (commitOutcome, error) {
+	bc.queueOnce.Do(func() {
+		bc.queue = make(chan *pendingCommit, 1024)
+		go c.committer(t, bc)
+	})
+	select {
+	case bc.queue <- p:
+	case <-t.done:
+		return commitOutcome{}, errLeaseLost
+	case <-ctx.Done():
+		return commitOutcome{}, ctx.Err()
+	}
+	select {
+	case out := <-p.done:
+		return out, nil
+	case <-t.done:
+		return commitOutcome{}, errLeaseLost
+	case <-ctx.Done():
+		return commitOutcome{}, ctx.Err()
+	}
+}
+
+func (c *Capacity) committer(t *term, bc *bucketCap) {
+	for {
+		var p *pendingCommit
+		select {
+		case p = <-bc.queue:
+		case <-t.done:
+			return
+		case <-c.stopped:
+			return
+		}
+		batch := []*pendingCommit{p}
+	fill:
+		for len(batch) < 40 {
+			select {
+			case q := <-bc.queue:
+				batch = append(batch, q)
+			default:
+				break fill
+			}
+		}
+		bc.mu.Lock()
+		c.commitBatch(context.Background(), t, bc, batch)
+		bc.mu.Unlock()
+	}
+}
+
+// commitBatch runs with bc.mu held and answers every pending commit.
+func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batch []*pendingCommit) {
+	bucket := batch[0].bucket
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	if bc.shardOf != period {
+		c.resync(ctx, t, bc, period, id)
+	}
+	// Bytes for reservations that are not ours come from our block's free
+	// part; grow it once for the whole batch.
+	var need int64
+	for _, p := range batch {
+		r := bc.res[p.resID]
+		p.mine = p.exists && p.rec.Replica == t.owner && r != nil && r.size == p.rec.Size
+		p.take = p.actual
+		if p.mine {
+			p.take = p.rec.Size
+		} else {
+			need += p.actual
+		}
+	}
+	if need > bc.block-bc.carved {
+		if err := c.grow(ctx, t, bucket, bc, need); err != nil {
+			kept := batch[:0]
+			for _, p := range batch {
+				if p.mine {
+					kept = append(kept, p)
+					continue
+				}
+				if errors.Is(err, ErrNoRoom) {
+					p.done <- commitOutcome{noRoom: true}
+				} else {
+					p.done <- commitOutcome{err: err}
+				}
+			}
+			batch = kept
+			if len(batch) == 0 {
+				return
+			}
+		}
+	}
+	shardKey := c.l.shardPrefix(period, id) + c.id
+	blockKey := c.l.blockPrefix(id) + t.owner
+	var sum, take int64
+	cmps := []clientv3.Cmp{
+		// An admin may have reset usage: never write back a stale shard.
+		clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
+		clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev),
+	}
+	var ops, elseOps []clientv3.Op
+	for _, p := range batch {
+		sum += p.actual
+		take += p.take
+		marker, _ := json.Marshal(CommitResult{Period: period, Size: p.actual})
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(p.resID)), "=", 0))
+		ops = append(ops, clientv3.OpPut(c.l.commitKey(p.resID), string(marker), clientv3.WithLease(p.markerLease)))
+		if p.exists {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, p.resID)), "=", p.resRev))
+			ops = append(ops, clientv3.OpDelete(c.l.resKey(id, p.resID)))
+		}
+		if p.idem != nil && p.idem.Key != "" {
+			k := c.l.idemKey(p.idem.Key)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+			ops = append(ops, clientv3.OpPut(k, string(p.idem.Record), clientv3.WithLease(p.markerLease)))
+			if len(batch) == 1 {
+				elseOps = append(elseOps, clientv3.OpGet(k))
+			}
+		}
+	}
+	ops = append(ops,
+		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+sum, 10)),
+		clientv3.OpPut(blockKey, strconv.FormatInt(bc.block-take, 10), clientv3.WithLease(t.lease)))
+	tctx, cancel := c.l.ctx(ctx)
+	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
+	cancel()
+	if err == nil && tr.Succeeded {
+		rev := tr.Header.Revision
+		bc.shard += sum
+		bc.block -= take
+		bc.shardRev, bc.blockRev, bc.blockSeen = rev, rev, rev
+		bc.touched = time.Now()
+		for _, p := range batch {
+			if p.mine {
+				forget(bc, p.resID, rev)
+			}
+			p.done <- commitOutcome{ok: true, res: CommitResult{Period: period, Size: p.actual}}
+		}
+		return
+	}
+	// Ambiguous or a compare failed: resync our keys; the callers re-read
+	// the markers, so an applied commit is reported, not repeated.
+	c.resync(ctx, t, bc, period, id)
+	if err == nil && len(batch) > 1 {
+		for _, p := range batch { // isolate the one that failed
+			c.commitBatch(ctx, t, bc, []*pendingCommit{p})
+		}
+		return
+	}
+	if err == nil && len(elseOps) > 0 {
+		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			if _, ours, merr := c.l.readMarker(ctx, batch[0].resID); merr == nil && !ours {
+				batch[0].done <- commitOutcome{dup: kvs[0].Value}
+				return
+			}
+		}
+	}
+	for _, p := range batch {
+		p.done <- commitOutcome{}
+	}
+}
+
+// commitFromOwner commits another replica's reservation by moving its
+// bytes from the owner's block into our shard, compared on the owner's
+// block revision (the owner compares it on every write too). done=false
+// means a compare failed: the caller starts over.
+func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, bool, error) {
+	id := bucket.GetId()
+	period := c.l.Period().Name
+	ownerKey := c.l.blockPrefix(id) + rec.Replica
+	gctx, cancel := c.l.ctx(ctx)
+	resp, err := c.l.cli.Get(gctx, ownerKey)
+	cancel()
+	if err != nil {
+		return CommitResult{}, false, fmt.Errorf("ledger: read owner block: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return CommitResult{}, false, nil // owner gone: its reservation will vanish too
+	}
+	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
+	bc := t.bucket(id)
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	if bc.shardOf != period {
+		c.resync(ctx, t, bc, period, id)
+	}
+	shardKey := c.l.shardPrefix(period, id) + c.id
+	res := CommitResult{Period: period, Size: actual}
+	marker, _ := json.Marshal(res)
+	cmps := []clientv3.Cmp{
+		clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(resID)), "=", 0),
+		clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
+		clientv3.Compare(clientv3.ModRevision(ownerKey), "=", resp.Kvs[0].ModRevision),
+		clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, resID)), "=", resRev),
+	}
+	ops := []clientv3.Op{
+		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+actual, 10)),
+		clientv3.OpPut(ownerKey, strconv.FormatInt(ownerBlock-rec.Size, 10), clientv3.WithLease(clientv3.LeaseID(resp.Kvs[0].Lease))),
+		clientv3.OpDelete(c.l.resKey(id, resID)),
+		clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(markerLease)),
+	}
+	if idem != nil && idem.Key != "" {
+		k := c.l.idemKey(idem.Key)
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+		ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(markerLease)))
+	}
+	tr, err := c.txn(ctx, cmps, ops...)
+	if err != nil || !tr.Succeeded {
+		c.resync(ctx, t, bc, period, id)
+		return CommitResult{}, false, nil
+	}
+	bc.shard += actual
+	bc.shardRev = tr.Header.Revision
+	return res, true, nil
+}
+
+// resync re-reads our block and shard after an ambiguous write.
+func (c *Capacity) resync(ctx context.Context, t *term, bc *bucketCap, period, id string) {
+	gctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	resp, err := c.l.cli.Txn(gctx).Then(
+		clientv3.OpGet(c.l.blockPrefix(id)+t.owner),
+		clientv3.OpGet(c.l.shardPrefix(period, id)+c.id),
+	).Commit()
+	if err != nil {
+		return
+	}
+	observeBlock(bc, resp.Responses[0].GetResponseRange().Kvs, resp.Header.Revision)
+	bc.shard, bc.shardRev, bc.shardOf = 0, 0, period
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		bc.shard, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+		bc.shardRev = kvs[0].ModRevision
+	}
+}
+
+// Release ends a reservation without usage; absent ones succeed. The
+// delete and a read of our block share one revision: if another replica
+// committed the reservation a moment ago (shrinking our block), the local
+// view learns the smaller block before it frees the bytes.
+func (c *Capacity) Release(ctx context.Context, bucketID, resID string) error {
+	if resID == "" {
+		return fmt.Errorf("%w: reservation id is required", ErrInvalid)
+	}
+	t := c.current()
+	ops := []clientv3.Op{clientv3.OpDelete(c.l.resKey(bucketID, resID))}
+	if t != nil {
+		ops = append(ops, clientv3.OpGet(c.l.blockPrefix(bucketID)+t.owner))
+	}
+	tctx, cancel := c.l.ctx(ctx)
+	resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("ledger: release: %w", err)
+	}
+	if t != nil {
+		bc := t.bucket(bucketID)
+		bc.mu.Lock()
+		if _, mine := bc.res[resID]; mine {
+			observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
+			forget(bc, resID, resp.Header.Revision)
+		}
+		bc.mu.Unlock()
+	}
+	return nil
+}
+
+// janitor expires our reservations whose holders stopped renewing, and
+// hands idle block capacity back so other replicas can use it.
+func (c *Capacity) janitor(ctx context.Context) {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if t := c.current(); t != nil {
+			for _, id := range t.bucketIDs() {
+				c.sweep(ctx, t, id)
+			}
+		}
+	}
+}
+
+func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
+	bc := t.bucket(id)
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	blockKey := c.l.blockPrefix(id) + t.owner
+	now := c.l.opts.Now()
+	for rid, r := range bc.res {
+		if !r.written || !now.After(r.exp) {
+			continue
+		}
+		key := c.l.resKey(id, rid)
+		// Another replica may have renewed it a moment ago: delete only if
+		// its expiry in etcd has passed too. Read our block at the same
+		// revision: if the key is gone because another replica committed
+		// it from our block, the smaller block must be known first.
+		gctx, cancel := c.l.ctx(ctx)
+		resp, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(key), clientv3.OpGet(blockKey)).Commit()
+		cancel()
+		if err != nil {
+			return
+		}
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
+			forget(bc, rid, resp.Header.Revision)
+			continue
+		}
+		var rec resRecord
+		if json.Unmarshal(kvs[0].Value, &rec) == nil && rec.Expires.After(now) {
+			r.exp = rec.Expires
+			continue
+		}
+		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kvs[0].ModRevision)}, clientv3.OpDelete(key))
+		if err != nil || !tr.Succeeded {
+			continue
+		}
+		// The key existed unchanged until our delete: nobody committed it
+		// from our block.
+		forget(bc, rid, tr.Header.Revision)
+	}
+	if bc.block > bc.carved && time.Since(bc.touched) > idleBlock {
+		var op clientv3.Op
+		if bc.carved == 0 {
+			op = clientv3.OpDelete(blockKey)
+		} else {
+			op = clientv3.OpPut(blockKey, strconv.FormatInt(bc.carved, 10), clientv3.WithLease(t.lease))
+		}
+		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev)}, op)
+		if err == nil && tr.Succeeded {
+			rev := tr.Header.Revision
+			bc.block, bc.blockRev, bc.blockSeen = bc.carved, rev, rev
+			if bc.carved == 0 {
+				bc.blockRev = 0
+			}
+		} else {
+			c.resync(ctx, t, bc, c.l.Period().Name, id)
+		}
+	}
+}
