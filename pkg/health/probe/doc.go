@@ -1,0 +1,17 @@
+// Package probe is the leader's active health check: it asks every bucket
+// whether it answers, through a small Prober interface, and reports the
+// outcomes to the shared health model (package health).
+//
+// A probe follows the same gate as traffic (health.Store.Admit): healthy
+// buckets are probed to keep their score and latency current; buckets
+// cooling down are left alone until their cooldown runs out; a half-open
+// bucket is probed only by claiming its single trial, so a probe can be the
+// trial that restores full traffic (or, failing, starts a longer cooldown)
+// without waiting for an upload to take the risk.
+//
+// HeadProber probes through package objstore with a HEAD of a fixed key,
+// a Class B operation on R2 (far cheaper than a PUT); "not found" still
+// proves the bucket answers.
+//
+// Job.Run fits leader.Job's Run, so only the elected replica probes.
+package probe
