@@ -9,6 +9,8 @@ BUF_VERSION := v1.75.0
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 GRPCURL_VERSION := v1.9.4
+# v5.8.3+ needs Go 1.27.
+KUSTOMIZE_VERSION := v5.8.2
 
 MODULES := ./pkg/... ./services/allocator/... ./services/upload/... ./services/bucketctl/...
 GO_TEST_FLAGS ?= -race -count=1 -timeout 20m
@@ -27,6 +29,8 @@ $(BIN)/protoc-gen-go-grpc:
 	GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 $(BIN)/grpcurl:
 	GOBIN=$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+$(BIN)/kustomize:
+	GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
 .PHONY: tools
 tools: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc ## Install the pinned build tools into ./bin.
@@ -57,8 +61,13 @@ lint: tools ## buf lint, gofmt and go vet.
 breaking: tools ## Check proto/ for breaking changes against the main branch.
 	$(BIN)/buf breaking --against '.git#branch=main'
 
+.PHONY: manifests-check
+manifests-check: $(BIN)/kustomize ## Build both kustomize overlays.
+	$(BIN)/kustomize build deployments/overlays/dev >/dev/null
+	$(BIN)/kustomize build deployments/overlays/production >/dev/null
+
 .PHONY: test
-test: proto-check lint ## Install tools, check generated code and lint, run every test with -race.
+test: proto-check lint manifests-check ## Install tools, check generated code, lint and manifests, run every test with -race.
 	go test $(GO_TEST_FLAGS) $(MODULES)
 
 .PHONY: bench
