@@ -1,0 +1,264 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// ScopeName is the instrumentation scope of the bucketlb instruments
+// (the otel_scope_name label in Prometheus).
+const ScopeName = "github.com/bucketlb/bucketlb/pkg/telemetry"
+
+// Outcome label values. Dashboards and alerts depend on this exact set;
+// Outcome maps an error onto it.
+const (
+	// OutcomeOK: the call did what was asked.
+	OutcomeOK = "ok"
+	// OutcomeReplay: an earlier identical call's result was returned
+	// (idempotency key or content hash); nothing new was stored.
+	OutcomeReplay = "replay"
+	// OutcomeRejected: the caller's fault (INVALID_ARGUMENT,
+	// FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, OUT_OF_RANGE,
+	// UNAUTHENTICATED, PERMISSION_DENIED). Left out of success ratios.
+	OutcomeRejected = "rejected"
+	// OutcomeCanceled: the caller went away (CANCELED). Left out of
+	// success ratios.
+	OutcomeCanceled = "canceled"
+	// OutcomeExhausted: no bucket has room, or a rate limit hit
+	// (RESOURCE_EXHAUSTED). Counts as a failure.
+	OutcomeExhausted = "exhausted"
+	// OutcomeUnavailable: etcd, the allocator or every bucket unreachable,
+	// or a deadline passed (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED).
+	OutcomeUnavailable = "unavailable"
+	// OutcomeFailed: anything else (INTERNAL, UNKNOWN, DATA_LOSS, ...).
+	OutcomeFailed = "failed"
+)
+
+// Outcome classifies err for the outcome label: nil is OutcomeOK; gRPC
+// status errors (also wrapped ones) by code; context errors as canceled
+// or unavailable; anything else as failed.
+func Outcome(err error) string {
+	if err == nil {
+		return OutcomeOK
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return OutcomeCanceled
+	case errors.Is(err, context.DeadlineExceeded):
+		return OutcomeUnavailable
+	}
+	s, ok := status.FromError(err)
+	if !ok {
+		return OutcomeFailed
+	}
+	switch s.Code() {
+	case codes.OK:
+		return OutcomeOK
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.NotFound, codes.AlreadyExists,
+		codes.OutOfRange, codes.Unauthenticated, codes.PermissionDenied:
+		return OutcomeRejected
+	case codes.Canceled:
+		return OutcomeCanceled
+	case codes.ResourceExhausted:
+		return OutcomeExhausted
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Aborted:
+		return OutcomeUnavailable
+	default:
+		return OutcomeFailed
+	}
+}
+
+// Metrics are the bucketlb domain instruments. Every method is safe on a
+// nil *Metrics (it records nothing), so components can take an optional
+// *Metrics without checks. Attribute values must stay bounded: bucket ids
+// and the Outcome constants, never object keys or client ids.
+type Metrics struct {
+	meter metric.Meter
+
+	uploads        metric.Int64Counter
+	uploadBytes    metric.Int64Counter
+	uploadDuration metric.Float64Histogram
+	uploadStreams  metric.Int64UpDownCounter
+	failovers      metric.Int64Counter
+	reservations   metric.Int64Counter
+	commits        metric.Int64Counter
+	panics         metric.Int64Counter
+
+	bucketUsed     metric.Int64ObservableGauge
+	bucketReserved metric.Int64ObservableGauge
+	bucketLimit    metric.Int64ObservableGauge
+	bucketHealth   metric.Float64ObservableGauge
+	bucketFailures metric.Int64ObservableGauge
+	bucketCooling  metric.Int64ObservableGauge
+	bucketState    metric.Int64ObservableGauge
+	etcdUp         metric.Int64ObservableGauge
+	leader         metric.Int64ObservableGauge
+}
+
+// NewMetrics creates the instruments on mp. New calls it for the
+// Telemetry's own provider; tests of other packages may call it with any
+// provider.
+func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
+	m := &Metrics{meter: mp.Meter(ScopeName)}
+	mt := m.meter
+	var errs []error
+	check := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	var err error
+
+	m.uploads, err = mt.Int64Counter("bucketlb.uploads",
+		metric.WithDescription("Finished Upload calls by outcome."), metric.WithUnit("{upload}"))
+	check(err)
+	m.uploadBytes, err = mt.Int64Counter("bucketlb.upload.bytes",
+		metric.WithDescription("Bytes received in finished Upload calls, by the bucket that took them and outcome."), metric.WithUnit("By"))
+	check(err)
+	m.uploadDuration, err = mt.Float64Histogram("bucketlb.upload.duration",
+		metric.WithDescription("Duration of Upload calls from header to response, by outcome."), metric.WithUnit("s"),
+		metric.WithExplicitBucketBoundaries(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+	check(err)
+	m.uploadStreams, err = mt.Int64UpDownCounter("bucketlb.upload.active_streams",
+		metric.WithDescription("Upload streams in progress on this replica (an HPA signal better than CPU)."), metric.WithUnit("{stream}"))
+	check(err)
+	m.failovers, err = mt.Int64Counter("bucketlb.upload.failovers",
+		metric.WithDescription("Uploads moved away from a bucket that failed mid-upload, by the bucket left."), metric.WithUnit("{failover}"))
+	check(err)
+	m.reservations, err = mt.Int64Counter("bucketlb.allocator.reservations",
+		metric.WithDescription("Allocate calls by the bucket chosen (empty when none) and outcome."), metric.WithUnit("{reservation}"))
+	check(err)
+	m.commits, err = mt.Int64Counter("bucketlb.allocator.commits",
+		metric.WithDescription("Commit calls by bucket and outcome (replay: already committed)."), metric.WithUnit("{commit}"))
+	check(err)
+	m.panics, err = mt.Int64Counter("bucketlb.grpc.panics",
+		metric.WithDescription("Handler panics turned into INTERNAL, by gRPC method."), metric.WithUnit("{panic}"))
+	check(err)
+
+	m.bucketUsed, err = mt.Int64ObservableGauge("bucketlb.bucket.used",
+		metric.WithDescription("Bytes committed to the bucket in the current period."), metric.WithUnit("By"))
+	check(err)
+	m.bucketReserved, err = mt.Int64ObservableGauge("bucketlb.bucket.reserved",
+		metric.WithDescription("Bytes held by live reservations on the bucket."), metric.WithUnit("By"))
+	check(err)
+	m.bucketLimit, err = mt.Int64ObservableGauge("bucketlb.bucket.limit",
+		metric.WithDescription("The bucket's monthly byte budget."), metric.WithUnit("By"))
+	check(err)
+	m.bucketHealth, err = mt.Float64ObservableGauge("bucketlb.bucket.health_score",
+		metric.WithDescription("Health score 0-100 from recent outcomes and latency."))
+	check(err)
+	m.bucketFailures, err = mt.Int64ObservableGauge("bucketlb.bucket.consecutive_failures",
+		metric.WithDescription("Failures in a row reported for the bucket."))
+	check(err)
+	m.bucketCooling, err = mt.Int64ObservableGauge("bucketlb.bucket.cooling_down",
+		metric.WithDescription("1 while the bucket is in cooldown after repeated failures, else 0."))
+	check(err)
+	m.bucketState, err = mt.Int64ObservableGauge("bucketlb.bucket.state",
+		metric.WithDescription("1 for the bucket's current admin state (active, draining, disabled), 0 for the others."))
+	check(err)
+	m.etcdUp, err = mt.Int64ObservableGauge("bucketlb.etcd.up",
+		metric.WithDescription("1 when this allocator replica reaches etcd with quorum, else 0."))
+	check(err)
+	m.leader, err = mt.Int64ObservableGauge("bucketlb.allocator.leader",
+		metric.WithDescription("1 on the allocator replica elected to run the periodic jobs, else 0."))
+	check(err)
+
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("telemetry: create instruments: %w", errors.Join(errs...))
+	}
+	return m, nil
+}
+
+// Upload describes one finished Upload call for RecordUpload.
+type Upload struct {
+	// Bucket is the id of the bucket that took the object; empty when
+	// none did.
+	Bucket string
+	// Bytes received from the client.
+	Bytes int64
+	// Duration from the header to the response.
+	Duration time.Duration
+	// Replay is true when an earlier identical upload's result was returned.
+	Replay bool
+	// Err is the error returned to the client (a gRPC status), nil on success.
+	Err error
+}
+
+// RecordUpload counts a finished Upload call (upload service, once per
+// call, where the status is returned).
+func (m *Metrics) RecordUpload(ctx context.Context, u Upload) {
+	if m == nil {
+		return
+	}
+	outcome := Outcome(u.Err)
+	if outcome == OutcomeOK && u.Replay {
+		outcome = OutcomeReplay
+	}
+	byOutcome := metric.WithAttributeSet(attribute.NewSet(attribute.String("outcome", outcome)))
+	m.uploads.Add(ctx, 1, byOutcome)
+	m.uploadDuration.Record(ctx, u.Duration.Seconds(), byOutcome)
+	if u.Bytes > 0 {
+		m.uploadBytes.Add(ctx, u.Bytes, metric.WithAttributes(
+			attribute.String("bucket", u.Bucket), attribute.String("outcome", outcome)))
+	}
+}
+
+// TrackUploadStream counts an Upload stream in progress until the returned
+// function is called (upload service: call it when the stream starts and
+// defer the result).
+func (m *Metrics) TrackUploadStream(ctx context.Context) (done func()) {
+	if m == nil {
+		return func() {}
+	}
+	m.uploadStreams.Add(ctx, 1)
+	return func() { m.uploadStreams.Add(context.WithoutCancel(ctx), -1) }
+}
+
+// RecordFailover counts an upload that left bucket after a failure there
+// (upload service).
+func (m *Metrics) RecordFailover(ctx context.Context, bucket string) {
+	if m == nil {
+		return
+	}
+	m.failovers.Add(ctx, 1, metric.WithAttributes(attribute.String("bucket", bucket)))
+}
+
+// RecordReservation counts an Allocate call: the bucket chosen (empty on
+// error) and the error returned (allocator service).
+func (m *Metrics) RecordReservation(ctx context.Context, bucket string, err error) {
+	if m == nil {
+		return
+	}
+	m.reservations.Add(ctx, 1, metric.WithAttributes(
+		attribute.String("bucket", bucket), attribute.String("outcome", Outcome(err))))
+}
+
+// RecordCommit counts a Commit call; replay is true when the reservation
+// was already committed (allocator service).
+func (m *Metrics) RecordCommit(ctx context.Context, bucket string, replay bool, err error) {
+	if m == nil {
+		return
+	}
+	outcome := Outcome(err)
+	if outcome == OutcomeOK && replay {
+		outcome = OutcomeReplay
+	}
+	m.commits.Add(ctx, 1, metric.WithAttributes(
+		attribute.String("bucket", bucket), attribute.String("outcome", outcome)))
+}
+
+// RecordPanic counts a handler panic recovered into INTERNAL; method is
+// the gRPC full method name (every server).
+func (m *Metrics) RecordPanic(ctx context.Context, method string) {
+	if m == nil {
+		return
+	}
+	m.panics.Add(ctx, 1, metric.WithAttributes(attribute.String("rpc.method", method)))
+}
