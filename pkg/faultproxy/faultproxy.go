@@ -6,6 +6,7 @@
 package faultproxy
 
 import (
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -30,6 +31,10 @@ const (
 	Stall
 	// Throttle answers 429 like R2 does.
 	Throttle
+	// LoseResponse forwards the request, so the write lands, then resets
+	// the connection instead of answering: the ambiguous failure a client
+	// sees when a response is lost on the way back.
+	LoseResponse
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -37,6 +42,9 @@ type Proxy struct {
 	srv      *httptest.Server
 	mode     atomic.Int32
 	StallFor time.Duration
+
+	closed    chan struct{}
+	closeOnce sync.Once
 
 	mu     sync.Mutex
 	counts map[string]int
@@ -48,7 +56,7 @@ func New(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{StallFor: time.Minute, counts: map[string]int{}}
+	p := &Proxy{StallFor: time.Minute, counts: map[string]int{}, closed: make(chan struct{})}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.Transport = &http.Transport{MaxIdleConnsPerHost: 64, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}
 	// Keep the Host header the client signed (SigV4 signs it).
@@ -70,20 +78,22 @@ func New(target string) (*Proxy, error) {
 			w.WriteHeader(http.StatusTooManyRequests)
 			return
 		case Reset:
-			if hj, ok := w.(http.Hijacker); ok {
-				if conn, _, err := hj.Hijack(); err == nil {
-					if tc, ok := conn.(*net.TCPConn); ok {
-						_ = tc.SetLinger(0) // RST instead of FIN
-					}
-					conn.Close()
-					return
-				}
-			}
-			panic(http.ErrAbortHandler)
+			reset(w)
+			return
+		case LoseResponse:
+			rp.ServeHTTP(httptest.NewRecorder(), r)
+			reset(w)
+			return
 		case Stall:
+			// Read the body first: the server notices a client that gave
+			// up only once the request body is consumed.
+			_, _ = io.Copy(io.Discard, r.Body)
+			t := time.NewTimer(p.StallFor)
+			defer t.Stop()
 			select {
 			case <-r.Context().Done():
-			case <-time.After(p.StallFor):
+			case <-p.closed:
+			case <-t.C:
 			}
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
@@ -93,6 +103,20 @@ func New(target string) (*Proxy, error) {
 	return p, nil
 }
 
+// reset closes the client's connection with a TCP RST and no answer.
+func reset(w http.ResponseWriter) {
+	if hj, ok := w.(http.Hijacker); ok {
+		if conn, _, err := hj.Hijack(); err == nil {
+			if tc, ok := conn.(*net.TCPConn); ok {
+				_ = tc.SetLinger(0) // RST instead of FIN
+			}
+			conn.Close()
+			return
+		}
+	}
+	panic(http.ErrAbortHandler)
+}
+
 // URL is the proxy's base URL.
 func (p *Proxy) URL() string { return p.srv.URL }
 
@@ -100,7 +124,11 @@ func (p *Proxy) URL() string { return p.srv.URL }
 func (p *Proxy) Set(m Mode) { p.mode.Store(int32(m)) }
 
 // Close stops the proxy.
-func (p *Proxy) Close() { p.srv.CloseClientConnections(); p.srv.Close() }
+func (p *Proxy) Close() {
+	p.closeOnce.Do(func() { close(p.closed) })
+	p.srv.CloseClientConnections()
+	p.srv.Close()
+}
 
 func (p *Proxy) count(r *http.Request) {
 	op := r.Method

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
@@ -58,6 +59,32 @@ func Classify(callerCtx context.Context, err error) Failure {
 	}
 	// Resets, refused connections, truncated responses and the like.
 	return BucketError
+}
+
+// MayHaveLanded reports whether a failed write may still have been
+// applied: no HTTP answer arrived (timeout, reset, lost response). A 5xx or
+// 429 answer means the server did not store it, and then a cleanup delete
+// would be wrong: with a client-chosen key it would remove an older object.
+func MayHaveLanded(err error) bool {
+	if err == nil {
+		return false
+	}
+	// The SDK wraps transport failures in a ResponseError too, with
+	// status 0: only a real status code means the server answered.
+	var re *awshttp.ResponseError
+	return !errors.As(err, &re) || re.HTTPStatusCode() < 100
+}
+
+// noThrottleRetry tells the SDK's retryer never to retry a throttled
+// request; other errors are left to its usual checks.
+func noThrottleRetry(err error) aws.Ternary {
+	var re *awshttp.ResponseError
+	if errors.As(err, &re) {
+		if c := re.HTTPStatusCode(); c == http.StatusTooManyRequests || c == http.StatusServiceUnavailable {
+			return aws.FalseTernary
+		}
+	}
+	return aws.UnknownTernary
 }
 
 // IsNotFound reports a missing key, bucket or upload.

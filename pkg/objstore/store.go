@@ -30,6 +30,13 @@ type Target struct {
 	PathStyle                                  bool
 }
 
+// R2Endpoint is Cloudflare R2's S3 endpoint for an account. It is per
+// account, not per bucket: the bucket is a request parameter, so every
+// bucket of an account shares one client.
+func R2Endpoint(accountID string) string {
+	return "https://" + accountID + ".r2.cloudflarestorage.com"
+}
+
 // Options configure a Store.
 type Options struct {
 	Credentials Credentials
@@ -89,6 +96,9 @@ func New(opts Options) (*Store, error) {
 		tr.MaxIdleConnsPerHost = opts.MaxConnsPerHost
 		tr.MaxIdleConns = 4 * opts.MaxConnsPerHost
 		tr.IdleConnTimeout = 90 * time.Second
+		// A bucket that accepts the request and then says nothing (a stall)
+		// fails fast enough for failover; Get bodies stream past this.
+		tr.ResponseHeaderTimeout = opts.CallTimeout
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		hc = &http.Client{Transport: tr}
 	}
@@ -148,9 +158,12 @@ func (s *Store) client(t Target) (*s3.Client, error) {
 		// bucketlb fails over to another bucket itself, so the SDK tries
 		// each request at most twice, and without the shared retry quota
 		// that empties under sustained failure ("retry quota exceeded").
+		// Throttling (429, 503 SlowDown) is not retried at all: waiting on
+		// a busy bucket only makes it busier, another bucket is the answer.
 		Retryer: retry.NewStandard(func(o *retry.StandardOptions) {
 			o.MaxAttempts = 2
 			o.RateLimiter = ratelimit.None
+			o.Retryables = append([]retry.IsErrorRetryable{retry.IsErrorRetryableFunc(noThrottleRetry)}, o.Retryables...)
 		}),
 	}
 	if !s.opts.SDKDefaultChecksums {

@@ -1,0 +1,101 @@
+package faultproxy_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+)
+
+// Each mode fails the way it says, switching applies to the next request,
+// LoseResponse still delivers the request to the backend, and requests are
+// counted by S3 operation.
+func TestModesAndCounts(t *testing.T) {
+	var hits atomic.Int32
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		_, _ = io.Copy(io.Discard, r.Body)
+		_, _ = w.Write([]byte("ok"))
+	}))
+	defer backend.Close()
+	p, err := faultproxy.New(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.StallFor = 10 * time.Second
+	hc := &http.Client{Transport: &http.Transport{}}
+	defer hc.CloseIdleConnections()
+	do := func(method, path string, timeout time.Duration) (int, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, method, p.URL()+path, strings.NewReader("body"))
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}
+
+	cases := []struct {
+		mode      faultproxy.Mode
+		code      int
+		wantErr   bool
+		reachesS3 bool
+	}{
+		{faultproxy.Pass, 200, false, true},
+		{faultproxy.Error5xx, 500, false, false},
+		{faultproxy.Throttle, 429, false, false},
+		{faultproxy.Reset, 0, true, false},
+		{faultproxy.LoseResponse, 0, true, true},
+		{faultproxy.Stall, 0, true, false},
+	}
+	for _, tc := range cases {
+		p.Set(tc.mode)
+		before := hits.Load()
+		code, err := do(http.MethodPut, "/b/k", 300*time.Millisecond)
+		if (err != nil) != tc.wantErr || code != tc.code {
+			t.Fatalf("mode %d: code %d err %v, want code %d err=%v", tc.mode, code, err, tc.code, tc.wantErr)
+		}
+		if tc.mode == faultproxy.Stall && !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("stall: %v, want the client's deadline", err)
+		}
+		if got := hits.Load() > before; got != tc.reachesS3 {
+			t.Fatalf("mode %d: backend reached=%v, want %v", tc.mode, got, tc.reachesS3)
+		}
+	}
+	p.Set(faultproxy.Pass)
+	p.Counts()
+	for _, r := range []struct{ method, path string }{
+		{http.MethodPut, "/b/k"}, {http.MethodPost, "/b/k?uploads"}, {http.MethodPut, "/b/k?partNumber=1&uploadId=x"},
+		{http.MethodPut, "/b/k?partNumber=2&uploadId=x"}, {http.MethodPost, "/b/k?uploadId=x"},
+		{http.MethodDelete, "/b/k?uploadId=y"}, {http.MethodGet, "/b/k"}, {http.MethodHead, "/b/k"}, {http.MethodDelete, "/b/k"},
+	} {
+		if _, err := do(r.method, r.path, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := map[string]int{"PutObject": 1, "CreateMultipartUpload": 1, "UploadPart": 2, "CompleteMultipartUpload": 1,
+		"AbortMultipartUpload": 1, "GetObject": 1, "HeadObject": 1, "DeleteObject": 1}
+	got := p.Counts()
+	for op, n := range want {
+		if got[op] != n {
+			t.Fatalf("counts %v, want %v", got, want)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("counts %v, want %v", got, want)
+	}
+	if len(p.Counts()) != 0 {
+		t.Fatal("Counts did not reset")
+	}
+}

@@ -1,0 +1,9 @@
+package objstore
+
+// Test-only views of unexported state.
+
+// SameClient reports whether two handles share one s3.Client.
+func SameClient(a, b *Bucket) bool { return a.c == b.c }
+
+// ClientRegion is the signing region of a handle's client.
+func ClientRegion(b *Bucket) string { return b.c.Options().Region }
