@@ -174,6 +174,13 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		if err == nil {
 			return s.commit(ctx, u, a, b, etag, digest, func() { _ = b.Delete(ctx, u.key) })
 		}
+		if objstore.MayHaveLanded(err) {
+			// The PUT may have been applied with its answer lost: remove
+			// it, so the bucket holds no object its usage does not count.
+			if derr := b.Delete(ctx, u.key); derr != nil {
+				s.log.Warn("could not remove a possibly written object", "bucket", a.GetBucket().GetId(), "key", u.key, "error", derr.Error())
+			}
+		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
 			if ctx.Err() != nil {
@@ -346,6 +353,13 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	f := objstore.Classify(ctx, err)
 	s.report(ctx, bucketID, err, f, time.Since(start)/time.Duration(nParts+1))
 	if err != nil {
+		if objstore.MayHaveLanded(err) {
+			// Completed with the answer lost: abort finds no upload, so
+			// remove the object itself.
+			if derr := b.Delete(ctx, u.key); derr != nil {
+				s.log.Warn("could not remove a possibly completed object", "bucket", bucketID, "key", u.key, "error", derr.Error())
+			}
+		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
 	renewDone()

@@ -1,0 +1,49 @@
+package uploader_test
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"testing"
+	"time"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// The preferred bucket stores each PUT but its answers are lost (the most
+// ambiguous failure). Uploads still succeed on the next bucket, and the
+// preferred bucket is left with no object that its usage does not count.
+func TestLostResponsesLeaveNoOrphans(t *testing.T) {
+	st := startStack(t, 2, func(c *uploader.Config) { c.DataTimeout, c.CallTimeout = 2*time.Second, 2*time.Second })
+	first, second := st.Buckets[0].GetId(), st.Buckets[1].GetId()
+	st.Proxies[first].Set(faultproxy.LoseResponse)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var total int64
+	for i := 0; i < 2; i++ {
+		data := make([]byte, 10_000+i)
+		_, _ = rand.Read(data)
+		sum := sha256.Sum256(data)
+		resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream",
+			Size: int64(len(data)), Sha256: hex.EncodeToString(sum[:])}, data)
+		if err != nil {
+			t.Fatalf("upload %d: %v", i, err)
+		}
+		if resp.GetBucketId() != second {
+			t.Fatalf("upload %d landed on %s, want the healthy %s", i, resp.GetBucketId(), second)
+		}
+		total += int64(len(data))
+	}
+	objects, multiparts := st.objects(t)
+	if objects[first] != 0 || objects[second] != 2 || multiparts[first]+multiparts[second] != 0 {
+		t.Fatalf("objects %v, open multipart uploads %v; want none left on %s and 2 on %s", objects, multiparts, first, second)
+	}
+	used, _ := st.usage(t)
+	if used[first] != 0 || used[second] != total {
+		t.Fatalf("usage %v, want 0 on %s and %d on %s", used, first, total, second)
+	}
+	st.waitNoReservations(t)
+}
