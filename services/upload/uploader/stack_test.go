@@ -38,7 +38,7 @@ type stack struct {
 	Proxies map[string]*faultproxy.Proxy
 }
 
-func serve(t *testing.T, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
+func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -58,14 +58,26 @@ func serve(t *testing.T, register func(grpc.ServiceRegistrar), opts ...grpc.Serv
 
 // startStack starts buckets with priorities 1..n (the first is preferred)
 // and lets tune adjust the upload config.
-func startStack(t *testing.T, n int, tune func(*uploader.Config)) *stack {
+func startStack(t testing.TB, n int, tune func(*uploader.Config)) *stack {
+	t.Helper()
+	g := testenv.S3(t)
+	var endpoints []string
+	for i := 0; i < n; i++ {
+		endpoints = append(endpoints, g.Endpoint)
+	}
+	return startStackAt(t, endpoints, tune)
+}
+
+// startStackAt is startStack with each bucket's upstream endpoint given
+// (the gateway, or a sink for benchmarks).
+func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config)) *stack {
 	t.Helper()
 	g := testenv.S3(t)
 	_, etcd := testenv.Etcd(t)
 	st := &stack{Proxies: map[string]*faultproxy.Proxy{}}
-	for i := 0; i < n; i++ {
+	for i, upstream := range endpoints {
 		name := testenv.NewBucket(t, g)
-		p, err := faultproxy.New(g.Endpoint)
+		p, err := faultproxy.New(upstream)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -73,7 +85,7 @@ func startStack(t *testing.T, n int, tune func(*uploader.Config)) *stack {
 		st.Proxies[name] = p
 		st.Buckets = append(st.Buckets, &adminv1.BucketSpec{
 			Id: name, Name: name, Endpoint: p.URL(), Region: g.Region, CredentialsRef: "GW",
-			MonthlyLimitBytes: 1 << 30, Priority: int32(i + 1), Weight: 1,
+			MonthlyLimitBytes: 1 << 40, Priority: int32(i + 1), Weight: 1,
 			State: adminv1.BucketState_BUCKET_STATE_ACTIVE, PathStyle: true,
 		})
 	}
@@ -116,7 +128,7 @@ func (st *stack) adminCtx(ctx context.Context) context.Context {
 }
 
 // usage returns used and reserved bytes per bucket id.
-func (st *stack) usage(t *testing.T) (used, reserved map[string]int64) {
+func (st *stack) usage(t testing.TB) (used, reserved map[string]int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -133,7 +145,7 @@ func (st *stack) usage(t *testing.T) (used, reserved map[string]int64) {
 }
 
 // objects counts objects and open multipart uploads per bucket.
-func (st *stack) objects(t *testing.T) (objects, multiparts map[string]int) {
+func (st *stack) objects(t testing.TB) (objects, multiparts map[string]int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -154,7 +166,7 @@ func (st *stack) objects(t *testing.T) (objects, multiparts map[string]int) {
 }
 
 // waitNoReservations polls until every reservation is gone.
-func (st *stack) waitNoReservations(t *testing.T) {
+func (st *stack) waitNoReservations(t testing.TB) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for {

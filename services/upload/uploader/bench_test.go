@@ -1,0 +1,205 @@
+package uploader_test
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// sinkS3 answers the S3 calls an upload makes and discards every body, so
+// a benchmark against it measures the service's own overhead, not storage.
+func sinkS3(tb testing.TB) string {
+	var ids atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		q := r.URL.Query()
+		w.Header().Set("ETag", `"0123456789abcdef0123456789abcdef"`)
+		switch {
+		case r.Method == http.MethodPost && q.Has("uploads"):
+			fmt.Fprintf(w, `<?xml version="1.0" encoding="UTF-8"?><InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><UploadId>u%d</UploadId></InitiateMultipartUploadResult>`, ids.Add(1))
+		case r.Method == http.MethodPost && q.Has("uploadId"):
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><CompleteMultipartUploadResult><ETag>"0123456789abcdef0123456789abcdef-2"</ETag></CompleteMultipartUploadResult>`)
+		case r.Method == http.MethodDelete:
+			w.WriteHeader(http.StatusNoContent)
+		}
+	}))
+	tb.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// directMultipart writes data with 8 MiB parts, two in flight, as a
+// well-written direct SDK client would.
+func directMultipart(ctx context.Context, b *objstore.Bucket, key string, data []byte) error {
+	const part = 8 << 20
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"})
+	if err != nil {
+		return err
+	}
+	parts := make([]objstore.Part, (len(data)+part-1)/part)
+	sem := make(chan struct{}, 2)
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	for i := range parts {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			etag, err := b.UploadPart(ctx, key, id, int32(i+1), data[i*part:min(len(data), (i+1)*part)])
+			if err != nil {
+				failed.Store(err)
+			}
+			parts[i] = objstore.Part{Number: int32(i + 1), ETag: etag}
+		}(i)
+	}
+	wg.Wait()
+	if err, _ := failed.Load().(error); err != nil {
+		return err
+	}
+	_, err = b.CompleteMultipart(ctx, key, id, parts)
+	return err
+}
+
+// peakLiveHeap runs fn and meanwhile collects garbage every few
+// milliseconds, so each sample is the live heap; it returns the highest
+// live heap seen above the level before fn. Slow: measure throughput in a
+// separate run.
+func peakLiveHeap(fn func() error) (uint64, error) {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	base := ms.HeapAlloc
+	var peak uint64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		for {
+			runtime.GC()
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			if m.HeapAlloc > base {
+				peak = max(peak, m.HeapAlloc-base)
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	err := fn()
+	close(stop)
+	<-done
+	return peak, err
+}
+
+// BenchmarkServiceOverhead: 256 MiB through the service vs direct SDK
+// multipart to a sink S3 endpoint that discards bodies (the service's own
+// overhead), S3 requests per upload as R2 would bill them, peak heap per
+// large upload, and the heap cost of idle upload streams.
+func BenchmarkServiceOverhead(b *testing.B) {
+	const size = 256 << 20
+	st := startStackAt(b, []string{sinkS3(b)}, nil)
+	g := testenv.S3(b)
+	proxy := st.Proxies[st.Buckets[0].GetId()]
+	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"GW": {g.AccessKey, g.SecretKey}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer store.Close()
+	spec := st.Buckets[0]
+	direct, err := store.Bucket(objstore.Target{ID: spec.GetId(), Name: spec.GetName(), Endpoint: spec.GetEndpoint(), Region: spec.GetRegion(), CredentialsRef: "GW", PathStyle: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	hdr := func(n int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: int64(n)}
+	}
+
+	t0 := time.Now()
+	if err := directMultipart(ctx, direct, "direct", data); err != nil {
+		b.Fatal(err)
+	}
+	directMBs := float64(size) / (1 << 20) / time.Since(t0).Seconds()
+	proxy.Counts()
+	t0 = time.Now()
+	if _, err := send(ctx, st.Upload, hdr(size), data); err != nil {
+		b.Fatal(err)
+	}
+	serviceMBs := float64(size) / (1 << 20) / time.Since(t0).Seconds()
+	largeOps := proxy.Counts()
+	heap, err := peakLiveHeap(func() error { _, err := send(ctx, st.Upload, hdr(size), data); return err })
+	if err != nil {
+		b.Fatal(err)
+	}
+	proxy.Counts()
+	if _, err := send(ctx, st.Upload, hdr(1024), data[:1024]); err != nil {
+		b.Fatal(err)
+	}
+	smallOps := proxy.Counts()
+
+	// 1,000 idle streams: header sent, no data yet.
+	const idle = 1000
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	ictx, icancel := context.WithCancel(ctx)
+	for i := 0; i < idle; i++ {
+		s, err := st.Upload.Upload(ictx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr(1 << 20)}}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // let the server take up every header
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	icancel()
+	idleMiB := float64(after.HeapAlloc-min(after.HeapAlloc, before.HeapAlloc)) / (1 << 20)
+
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "\nupload service vs direct SDK to a sink S3 endpoint\tbaseline\tservice\tratio\t")
+	fmt.Fprintf(tw, "256 MiB multipart, MB/s (goal >= 0.6x)\t%.0f\t%.0f\t%.2fx\t\n", directMBs, serviceMBs, serviceMBs/directMBs)
+	fmt.Fprintf(tw, "peak live heap, one 256 MiB upload, client+server (goal <= 2 parts + 1 MiB = 17 MiB)\t17.0 MiB\t%.1f MiB\t%.2fx\t\n", float64(heap)/(1<<20), float64(heap)/(17<<20))
+	fmt.Fprintf(tw, "heap of %d idle upload streams, client+server (goal <= 64 MiB)\t64.0 MiB\t%.1f MiB\t%.2fx\t\n", idle, idleMiB, idleMiB/64)
+	fmt.Fprintf(tw, "S3 requests, 1 KiB upload (goal exactly 1 PUT)\t1\t%d %v\t\t\n", total(smallOps), smallOps)
+	fmt.Fprintf(tw, "S3 requests, 256 MiB upload (goal parts+2 = %d)\t%d\t%d %v\t\t\n", size/(8<<20)+2, size/(8<<20)+2, total(largeOps), largeOps)
+	tw.Flush()
+	b.ReportMetric(serviceMBs/directMBs, "sink-ratio")
+	b.ReportMetric(float64(heap)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(total(smallOps)), "s3-ops-small")
+	b.ReportMetric(float64(total(largeOps)), "s3-ops-large")
+	_ = uploader.Config{}
+}
+
+func total(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
