@@ -194,8 +194,8 @@ func send(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.Upl
 	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
 		return stream.CloseAndRecv()
 	}
-	for off := 0; off < len(data); off += 64 << 10 {
-		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(len(data), off+64<<10)]}}); err != nil {
+	for off := 0; off < len(data); off += 1 << 20 {
+		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(len(data), off+1<<20)]}}); err != nil {
 			return stream.CloseAndRecv()
 		}
 	}
