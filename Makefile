@@ -83,3 +83,14 @@ build: ## Build the three binaries into ./bin.
 .PHONY: run
 run: build ## Start the whole system locally (embedded etcd, both services, 3 local S3 buckets).
 	$(BIN)/bucketctl dev --data-dir $(DATA_DIR)
+
+KUSTOMIZE_VERSION := v5.8.2
+
+.PHONY: deploy-check
+deploy-check: ## Build the kustomize overlays, parse dashboard/rules JSON+YAML, check manifests and metric names.
+	@test -x $(BIN)/kustomize || GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	for overlay in dev production; do \
+	  $(BIN)/kustomize build deployments/overlays/$$overlay > /dev/null; \
+	  echo "deployments/overlays/$$overlay: builds"; done
+	python3 -c 'import json,sys; json.load(open(sys.argv[1]))' deployments/monitoring/grafana-dashboard.json
+	BUCKETLB_KUSTOMIZE=$(BIN)/kustomize go test -count=1 -run 'TestDeployment|TestOverlayManifests' ./pkg/telemetry/
