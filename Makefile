@@ -87,10 +87,11 @@ run: build ## Start the whole system locally (embedded etcd, both services, 3 lo
 KUSTOMIZE_VERSION := v5.8.2
 
 .PHONY: deploy-check
-deploy-check: ## Build the kustomize overlays, parse dashboard/rules JSON+YAML, check manifests and metric names.
+deploy-check: ## Build the kustomize overlays, parse dashboard/rules (JSON, YAML, PromQL), check manifests and metric names.
 	@test -x $(BIN)/kustomize || GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 	for overlay in dev production; do \
 	  $(BIN)/kustomize build deployments/overlays/$$overlay > /dev/null; \
 	  echo "deployments/overlays/$$overlay: builds"; done
 	python3 -c 'import json,sys; json.load(open(sys.argv[1]))' deployments/monitoring/grafana-dashboard.json
+	cd deployments/tools/promqlcheck && GOWORK=off go run . ../../monitoring/bucketlb.rules.yaml ../../monitoring/grafana-dashboard.json
 	BUCKETLB_KUSTOMIZE=$(BIN)/kustomize go test -count=1 -run 'TestDeployment|TestOverlayManifests' ./pkg/telemetry/
