@@ -43,6 +43,7 @@ type Proxy struct {
 	mode     atomic.Int32
 	StallFor time.Duration
 
+	only      atomic.Value // string: the S3 operation faults apply to; "" = all
 	closed    chan struct{}
 	closeOnce sync.Once
 
@@ -67,8 +68,12 @@ func New(target string) (*Proxy, error) {
 		r.Host = host
 	}
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p.count(r)
-		switch Mode(p.mode.Load()) {
+		op := p.count(r)
+		mode := Mode(p.mode.Load())
+		if only, _ := p.only.Load().(string); only != "" && only != op {
+			mode = Pass
+		}
+		switch mode {
 		case Error5xx:
 			w.Header().Set("Content-Type", "application/xml")
 			w.WriteHeader(http.StatusInternalServerError)
@@ -120,8 +125,12 @@ func reset(w http.ResponseWriter) {
 // URL is the proxy's base URL.
 func (p *Proxy) URL() string { return p.srv.URL }
 
-// Set switches the fault mode; it applies to the next request.
-func (p *Proxy) Set(m Mode) { p.mode.Store(int32(m)) }
+// Set switches the fault mode for every request; it applies to the next
+// request.
+func (p *Proxy) Set(m Mode) {
+	p.only.Store("")
+	p.mode.Store(int32(m))
+}
 
 // Close stops the proxy.
 func (p *Proxy) Close() {
@@ -130,7 +139,15 @@ func (p *Proxy) Close() {
 	p.srv.Close()
 }
 
-func (p *Proxy) count(r *http.Request) {
+// SetFor switches the fault mode for one S3 operation only (as named by
+// Counts, e.g. "CompleteMultipartUpload"); every other request passes.
+func (p *Proxy) SetFor(op string, m Mode) {
+	p.only.Store(op)
+	p.mode.Store(int32(m))
+}
+
+// count records r under its S3 operation name and returns that name.
+func (p *Proxy) count(r *http.Request) string {
 	op := r.Method
 	q := r.URL.Query()
 	switch {
@@ -154,6 +171,7 @@ func (p *Proxy) count(r *http.Request) {
 	p.mu.Lock()
 	p.counts[op]++
 	p.mu.Unlock()
+	return op
 }
 
 // Counts returns requests seen per S3 operation, and resets the counters.

@@ -99,3 +99,35 @@ func TestModesAndCounts(t *testing.T) {
 		t.Fatal("Counts did not reset")
 	}
 }
+
+// SetFor limits faults to one S3 operation.
+func TestSetForOneOperation(t *testing.T) {
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok")) }))
+	defer backend.Close()
+	p, err := faultproxy.New(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.SetFor("CompleteMultipartUpload", faultproxy.Error5xx)
+	code := func(method, path string) int {
+		req, _ := http.NewRequest(method, p.URL()+path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if c := code(http.MethodPut, "/b/k?partNumber=1&uploadId=x"); c != 200 {
+		t.Fatalf("UploadPart got %d while only Complete fails", c)
+	}
+	if c := code(http.MethodPost, "/b/k?uploadId=x"); c != 500 {
+		t.Fatalf("Complete got %d, want 500", c)
+	}
+	p.Set(faultproxy.Error5xx)
+	if c := code(http.MethodGet, "/b/k"); c != 500 {
+		t.Fatalf("Set after SetFor must apply to all requests; got %d", c)
+	}
+	http.DefaultClient.CloseIdleConnections()
+}

@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -44,6 +47,32 @@ func TestLostResponsesLeaveNoOrphans(t *testing.T) {
 	used, _ := st.usage(t)
 	if used[first] != 0 || used[second] != total {
 		t.Fatalf("usage %v, want 0 on %s and %d on %s", used, first, total, second)
+	}
+	st.waitNoReservations(t)
+}
+
+// The answer to CompleteMultipartUpload is lost, so the object exists but
+// the service cannot know it completed (the SDK's retry then finds no such
+// upload). The upload fails UNAVAILABLE and leaves no object, no open
+// multipart upload, no usage and no reservation.
+func TestLostCompleteLeavesNothing(t *testing.T) {
+	st := startStack(t, 1, nil)
+	id := st.Buckets[0].GetId()
+	st.Proxies[id].SetFor("CompleteMultipartUpload", faultproxy.LoseResponse)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := make([]byte, 9<<20) // two parts
+	_, _ = rand.Read(data)
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("upload with a lost Complete: %v, want Unavailable", err)
+	}
+	objects, multiparts := st.objects(t)
+	if objects[id] != 0 || multiparts[id] != 0 {
+		t.Fatalf("%d objects and %d open multipart uploads left, want none", objects[id], multiparts[id])
+	}
+	if used, _ := st.usage(t); used[id] != 0 {
+		t.Fatalf("usage %d after a failed upload", used[id])
 	}
 	st.waitNoReservations(t)
 }

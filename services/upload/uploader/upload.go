@@ -353,9 +353,10 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	f := objstore.Classify(ctx, err)
 	s.report(ctx, bucketID, err, f, time.Since(start)/time.Duration(nParts+1))
 	if err != nil {
-		if objstore.MayHaveLanded(err) {
-			// Completed with the answer lost: abort finds no upload, so
-			// remove the object itself.
+		if objstore.MayHaveLanded(err) || objstore.IsNotFound(err) {
+			// Completed with the answer lost (a retried Complete then
+			// finds no such upload): abort cannot help, so remove the
+			// object itself.
 			if derr := b.Delete(ctx, u.key); derr != nil {
 				s.log.Warn("could not remove a possibly completed object", "bucket", bucketID, "key", u.key, "error", derr.Error())
 			}
