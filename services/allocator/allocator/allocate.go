@@ -84,6 +84,15 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 			continue
 		}
 		res, err := s.capacity.Reserve(ctx, b, req.GetSize(), s.cfg.ReservationTTL)
+		if err != nil {
+			// A half-open trial we claimed but cannot use goes back at once
+			// instead of blocking the bucket until the trial times out.
+			if rec, _ := s.health.Cached(c.ID); rec.HalfOpen(s.cfg.Now(), policy) {
+				if aerr := s.health.AbandonTrial(context.WithoutCancel(ctx), c.ID); aerr != nil {
+					s.log.Warn("could not give back a half-open trial", "bucket", c.ID, "error", aerr.Error())
+				}
+			}
+		}
 		if errors.Is(err, ledger.ErrNoRoom) {
 			continue // another replica took the room meanwhile
 		}

@@ -647,7 +647,8 @@ type CommitResponse struct {
 	AlreadyCommitted bool `protobuf:"varint,1,opt,name=already_committed,json=alreadyCommitted,proto3" json:"already_committed,omitempty"`
 	// Usage period the bytes were counted in.
 	Period string `protobuf:"bytes,2,opt,name=period,proto3" json:"period,omitempty"`
-	// Bucket usage in bytes for the period after this commit.
+	// Bucket usage in bytes for the period after this commit, as this
+	// replica last saw it (may lag by a moment).
 	UsedBytes int64 `protobuf:"varint,3,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
 	// Set when another upload with the same idempotency key committed
 	// first: this commit was NOT applied; the caller removes its object,
