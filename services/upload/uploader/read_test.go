@@ -1,0 +1,109 @@
+package uploader_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+)
+
+// read collects a GetObject stream: the info message, then chunks.
+func read(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest) (*uploadv1.ObjectInfo, []byte, error) {
+	stream, err := c.GetObject(ctx, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	var info *uploadv1.ObjectInfo
+	var buf bytes.Buffer
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			return info, buf.Bytes(), nil
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		if i := msg.GetInfo(); i != nil {
+			info = i
+		}
+		buf.Write(msg.GetChunk())
+	}
+}
+
+// GetObject by bucket id + key, whole and by range; DeleteObject; then
+// NOT_FOUND for the deleted key and an unknown bucket, INVALID_ARGUMENT for
+// a negative range. Usage stays: a delete does not give back the period's
+// budget (the provider counts bytes written).
+func TestGetRangeAndDelete(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := make([]byte, 600_000)
+	_, _ = rand.Read(data)
+	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "r.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}
+	info, got, err := read(ctx, st.Upload, req)
+	if err != nil || !bytes.Equal(got, data) || info.GetSize() != int64(len(data)) {
+		t.Fatalf("whole read: %d bytes, info %v, err %v", len(got), info, err)
+	}
+	info, got, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: 300_000, Length: 1000})
+	if err != nil || !bytes.Equal(got, data[300_000:301_000]) || info.GetSize() != int64(len(data)) || info.GetContentLength() != 1000 {
+		t.Fatalf("range read: %d bytes, info %v, err %v", len(got), info, err)
+	}
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: -1}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("negative offset: %v, want InvalidArgument", err)
+	}
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: "no-such-bucket", Key: resp.GetKey()}); status.Code(err) != codes.NotFound {
+		t.Fatalf("unknown bucket: %v, want NotFound", err)
+	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := read(ctx, st.Upload, req); status.Code(err) != codes.NotFound {
+		t.Fatalf("read after delete: %v, want NotFound", err)
+	}
+	if used, _ := st.usage(t); used[resp.GetBucketId()] != int64(len(data)) {
+		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[resp.GetBucketId()], len(data))
+	}
+}
+
+// Every part upload fails on the only bucket: parts are retried, then the
+// multipart upload is aborted, the reservation released, and the client
+// told UNAVAILABLE (retryable).
+func TestPartFailureAborts(t *testing.T) {
+	st := startStack(t, 1, nil)
+	id := st.Buckets[0].GetId()
+	st.Proxies[id].SetFor("UploadPart", faultproxy.Error5xx)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := make([]byte, 9<<20)
+	_, _ = rand.Read(data)
+	st.Proxies[id].Counts()
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "p.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("upload with failing parts: %v, want Unavailable", err)
+	}
+	counts := st.Proxies[id].Counts()
+	if counts["UploadPart"] < 3 || counts["AbortMultipartUpload"] != 1 || counts["CompleteMultipartUpload"] != 0 {
+		t.Fatalf("S3 requests %v: want part retries, one abort, no complete", counts)
+	}
+	objects, multiparts := st.objects(t)
+	if objects[id] != 0 || multiparts[id] != 0 {
+		t.Fatalf("%d objects and %d open multipart uploads left, want none", objects[id], multiparts[id])
+	}
+	if used, _ := st.usage(t); used[id] != 0 {
+		t.Fatalf("usage %d after a failed upload", used[id])
+	}
+	st.waitNoReservations(t)
+}
