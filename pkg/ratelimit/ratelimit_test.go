@@ -74,3 +74,56 @@ func TestPerClientBucketsOverGRPC(t *testing.T) {
 		t.Fatalf("after 1s a token is back: %v", err)
 	}
 }
+
+// Streams take one token each at the start (an upload is one stream), and
+// the refusal carries RESOURCE_EXHAUSTED with RetryInfo; identity from the
+// peer IP when no client id is sent.
+func TestStreamInterceptorByPeerIP(t *testing.T) {
+	clk := &clock{}
+	clk.ns.Store(time.Now().UnixNano())
+	lim := ratelimit.New(0.5, 1, clk.now) // one stream, then one per 2s
+	srv := grpc.NewServer(grpc.StreamInterceptor(lim.Stream))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	defer srv.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	watch := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := healthpb.NewHealthClient(conn).Watch(ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			return err
+		}
+		_, err = s.Recv()
+		return err
+	}
+	if err := watch(); err != nil {
+		t.Fatalf("first stream: %v", err)
+	}
+	err = watch()
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("second stream: %v, want ResourceExhausted", err)
+	}
+	var delay time.Duration
+	for _, d := range status.Convert(err).Details() {
+		if r, ok := d.(*errdetails.RetryInfo); ok {
+			delay = r.GetRetryDelay().AsDuration()
+		}
+	}
+	if delay <= time.Second || delay > 2*time.Second {
+		t.Fatalf("retry delay %v, want (1s, 2s]", delay)
+	}
+	clk.ns.Add(int64(delay))
+	if err := watch(); err != nil {
+		t.Fatalf("after the advertised delay: %v", err)
+	}
+}
