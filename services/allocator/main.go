@@ -24,8 +24,12 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/placement"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
 
 func main() {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
@@ -37,6 +41,7 @@ func main() {
 
 func run(log *slog.Logger) error {
 	cfgPath := flag.String("config", "", "YAML config file (optional; BUCKETLB_* and R2_* environment variables override)")
+	metricsListen := flag.String("metrics-listen", ":9090", "HTTP address for /metrics and /healthz (empty disables)")
 	listen := flag.String("listen", "", "gRPC listen address (overrides allocator.listen)")
 	flag.Parse()
 
@@ -62,6 +67,23 @@ func run(log *slog.Logger) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	tel, err := telemetry.New(ctx, telemetry.Options{
+		ServiceName: "bucketlb-allocator", Version: version, Logger: log,
+		OTLPEndpoint: os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+	})
+	if err != nil {
+		return err
+	}
+	// Shut down after the servers that record through it have stopped.
+	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
+	if *metricsListen != "" {
+		mlis, err := net.Listen("tcp", *metricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics listen: %w", err)
+		}
+		go func() { _ = tel.Serve(ctx, mlis) }()
+	}
 
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   cfg.Allocator.EtcdEndpoints,
@@ -103,6 +125,7 @@ func run(log *slog.Logger) error {
 		DrainDelay:         2 * time.Second,
 		StopTimeout:        cfg.Allocator.StopTimeout.D(),
 		MaxConnectionAge:   5 * time.Minute,
+		ServerOptions:      tel.ServerOptions(),
 		UnaryInterceptors:  []grpc.UnaryServerInterceptor{unary},
 		StreamInterceptors: []grpc.StreamServerInterceptor{stream},
 	})

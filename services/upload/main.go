@@ -22,8 +22,12 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/ratelimit"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
 
 func main() {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
@@ -35,6 +39,7 @@ func main() {
 
 func run(log *slog.Logger) error {
 	cfgPath := flag.String("config", "", "YAML config file (optional; BUCKETLB_* environment variables override)")
+	metricsListen := flag.String("metrics-listen", ":9090", "HTTP address for /metrics and /healthz (empty disables)")
 	listen := flag.String("listen", "", "gRPC listen address (overrides upload.listen)")
 	flag.Parse()
 
@@ -48,13 +53,30 @@ func run(log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	tel, err := telemetry.New(ctx, telemetry.Options{
+		ServiceName: "bucketlb-upload", Version: version, Logger: log,
+		OTLPEndpoint: os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+	})
+	if err != nil {
+		return err
+	}
+	// Shut down after the servers that record through it have stopped.
+	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
+	if *metricsListen != "" {
+		mlis, err := net.Listen("tcp", *metricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics listen: %w", err)
+		}
+		go func() { _ = tel.Serve(ctx, mlis) }()
+	}
+
 	// round_robin over a headless Service's addresses (dns:///allocator:7001)
 	// balances calls, not connections.
-	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr,
+	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr, append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
-	)
+	}, tel.DialOptions()...)...)
 	if err != nil {
 		return fmt.Errorf("allocator client: %w", err)
 	}
@@ -77,6 +99,7 @@ func run(log *slog.Logger) error {
 		DrainDelay:       2 * time.Second,
 		StopTimeout:      cfg.Upload.StopTimeout.D(),
 		MaxConnectionAge: 10 * time.Minute,
+		ServerOptions:    tel.ServerOptions(),
 	}
 	if cfg.Upload.RateLimit > 0 {
 		lim := ratelimit.New(cfg.Upload.RateLimit, max(cfg.Upload.RateBurst, 1), nil)
