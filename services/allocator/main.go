@@ -105,6 +105,7 @@ func run(log *slog.Logger) error {
 		Strategy:       strategy,
 		ResetDay:       cfg.Allocator.PeriodResetDay,
 		ProbeEvery:     cfg.Allocator.ProbeInterval.D(),
+		Metrics:        tel.Metrics(),
 	}
 	if cfg.Allocator.ProbeBuckets {
 		store, err := objstore.New(objstore.Options{Credentials: objstore.EnvCredentials{Dir: cfg.Allocator.CredentialsDir}, CAFile: cfg.Upload.CAFile})

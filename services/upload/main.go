@@ -88,6 +88,7 @@ func run(log *slog.Logger) error {
 		MaxBucketAttempts:   cfg.Upload.MaxBucketAttempts,
 		Credentials:         objstore.EnvCredentials{Dir: cfg.Upload.CredentialsDir},
 		CAFile:              cfg.Upload.CAFile,
+		Metrics:             tel.Metrics(),
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
 	if err != nil {
 		return err

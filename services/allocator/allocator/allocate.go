@@ -20,6 +20,7 @@ import (
 // Allocate implements AllocatorService.
 func (s *Server) Allocate(ctx context.Context, req *allocatorv1.AllocateRequest) (*allocatorv1.AllocateResponse, error) {
 	res, b, err := s.allocate(ctx, req)
+	s.cfg.Metrics.RecordReservation(ctx, b.GetId(), err)
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
@@ -141,6 +142,7 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 		idem = &ledger.Idempotency{Key: k, Record: rec}
 	}
 	res, err := s.capacity.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
+	s.cfg.Metrics.RecordCommit(ctx, b.GetId(), res.AlreadyCommitted || res.DuplicateOf != nil, err)
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}

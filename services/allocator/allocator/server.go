@@ -20,6 +20,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/leader"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/placement"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
 
 // Config configures an allocator replica.
@@ -50,6 +51,8 @@ type Config struct {
 	// Identity names this replica in the leader election and in its
 	// capacity blocks; default random.
 	Identity string
+	// Metrics records reservations and commits; nil records nothing.
+	Metrics *telemetry.Metrics
 	// ReplicaLeaseTTL bounds how long a dead replica's capacity blocks and
 	// reservations outlive it; default 10s.
 	ReplicaLeaseTTL time.Duration

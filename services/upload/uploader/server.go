@@ -17,6 +17,7 @@ import (
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
 
 // Allocator is what the upload service needs of the control plane.
@@ -60,6 +61,8 @@ type Config struct {
 	HTTPClient aws.HTTPClient
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// Metrics records uploads and failovers; nil records nothing.
+	Metrics *telemetry.Metrics
 }
 
 // Server implements UploadService.

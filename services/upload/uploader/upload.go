@@ -21,6 +21,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
 
 var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
@@ -38,12 +39,18 @@ type upload struct {
 // Upload implements UploadService.
 func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	ctx := stream.Context()
+	defer s.cfg.Metrics.TrackUploadStream(ctx)()
+	start := time.Now()
 	resp, err := s.upload(ctx, stream)
 	if err != nil {
 		st := toStatus(ctx, err)
 		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message())
+		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st})
 		return st
 	}
+	s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{
+		Bucket: resp.GetBucketId(), Bytes: resp.GetSize(), Duration: time.Since(start), Replay: resp.GetReplayed(),
+	})
 	return stream.SendAndClose(resp)
 }
 
@@ -191,6 +198,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		s.log.Warn("bucket failed; trying another", "bucket", a.GetBucket().GetId(), "attempt", attempt+1, "error", err.Error())
 		lastErr = err
 		exclude = append(exclude, a.GetBucket().GetId())
+		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId())
 	}
 	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
@@ -405,6 +413,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 		}
 		lastErr = err
 		exclude = append(exclude, a.GetBucket().GetId())
+		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId())
 	}
 	return nil, nil, "", fmt.Errorf("%w: could not start the upload on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
