@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -67,4 +68,28 @@ type slogPrinter struct{ log *slog.Logger }
 
 func (p slogPrinter) Println(v ...any) {
 	p.log.Error("metrics handler", "error", fmt.Sprint(v...))
+}
+
+// StartService is what a service main needs: telemetry for service,
+// traces exported when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, and
+// /metrics and /healthz served on metricsAddr (empty: not served) until
+// ctx ends. The caller calls Shutdown after its servers have stopped.
+func StartService(ctx context.Context, service, version, metricsAddr string, log *slog.Logger) (*Telemetry, error) {
+	t, err := New(ctx, Options{
+		ServiceName: service, Version: version, Logger: log,
+		OTLPEndpoint: os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	if metricsAddr == "" {
+		return t, nil
+	}
+	lis, err := net.Listen("tcp", metricsAddr)
+	if err != nil {
+		_ = t.Shutdown(ctx)
+		return nil, fmt.Errorf("telemetry: metrics listen: %w", err)
+	}
+	go func() { _ = t.Serve(ctx, lis) }()
+	return t, nil
 }

@@ -53,22 +53,12 @@ func run(log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	tel, err := telemetry.New(ctx, telemetry.Options{
-		ServiceName: "bucketlb-upload", Version: version, Logger: log,
-		OTLPEndpoint: os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-	})
+	tel, err := telemetry.StartService(ctx, "bucketlb-upload", version, *metricsListen, log)
 	if err != nil {
 		return err
 	}
 	// Shut down after the servers that record through it have stopped.
 	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
-	if *metricsListen != "" {
-		mlis, err := net.Listen("tcp", *metricsListen)
-		if err != nil {
-			return fmt.Errorf("metrics listen: %w", err)
-		}
-		go func() { _ = tel.Serve(ctx, mlis) }()
-	}
 
 	// round_robin over a headless Service's addresses (dns:///allocator:7001)
 	// balances calls, not connections.
