@@ -102,7 +102,7 @@ func run(log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		acfg.Prober = allocator.StoreProber{Store: store}
+		acfg.ProbeStore = store
 	}
 	alloc, err := allocator.New(startCtx, cli, acfg, log)
 	if err != nil {

@@ -26,7 +26,7 @@ func TestLeaderProbesBuckets(t *testing.T) {
 	alive.Name, alive.Endpoint, alive.PathStyle, alive.Region = name, gw.Endpoint, true, gw.Region
 	dead := spec("dead", 1, 1000)
 	dead.Endpoint = "http://127.0.0.1:1" // nothing listens there
-	cfg := allocator.Config{Buckets: []*adminv1.BucketSpec{alive, dead}, Prober: allocator.StoreProber{Store: store}, ProbeEvery: 20 * time.Millisecond}
+	cfg := allocator.Config{Buckets: []*adminv1.BucketSpec{alive, dead}, ProbeStore: store, ProbeEvery: 20 * time.Millisecond}
 	r1 := startReplica(t, cli, cfg)
 	startReplica(t, testenv.EtcdClient(t, cli.Endpoints()[0]), cfg) // a second replica: only one leader probes
 

@@ -17,8 +17,10 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/health"
+	"github.com/bucketlb/bucketlb/pkg/health/probe"
 	"github.com/bucketlb/bucketlb/pkg/leader"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/placement"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
@@ -43,10 +45,11 @@ type Config struct {
 	Health health.Policy
 	// Rand seeds the random strategies; nil picks a random seed.
 	Rand *rand.Rand
-	// Prober, if set, lets the elected leader probe buckets every
-	// ProbeEvery (default 30s), each probe bounded by ProbeTimeout
-	// (default 5s).
-	Prober                   Prober
+	// ProbeStore, if set, lets the elected leader HEAD every bucket that
+	// is not DISABLED through it every ProbeEvery (default 30s), each probe
+	// bounded by ProbeTimeout (default 5s). It needs the buckets'
+	// credentials, like the upload service.
+	ProbeStore               *objstore.Store
 	ProbeEvery, ProbeTimeout time.Duration
 	// Identity names this replica in the leader election and in its
 	// capacity blocks; default random.
@@ -108,16 +111,20 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	if cfg.ProbeEvery == 0 {
 		cfg.ProbeEvery = 30 * time.Second
 	}
-	if cfg.ProbeTimeout == 0 {
-		cfg.ProbeTimeout = 5 * time.Second
-	}
 	if cfg.Identity == "" {
 		cfg.Identity = ledger.NewReservationID()
 	}
 	s.cfg = cfg
 	var jobs []leader.Job
-	if cfg.Prober != nil {
-		jobs = append(jobs, leader.Job{Name: "probe", Every: cfg.ProbeEvery, Run: s.probeAll})
+	if cfg.ProbeStore != nil {
+		job := &probe.Job{
+			Health:  s.health,
+			Prober:  probe.HeadProber{Store: cfg.ProbeStore, Target: s.probeTarget},
+			Buckets: s.probeBuckets,
+			Timeout: cfg.ProbeTimeout,
+			Log:     log,
+		}
+		jobs = append(jobs, leader.Job{Name: "probe", Every: cfg.ProbeEvery, Run: job.Run})
 	}
 	prefix := cfg.Prefix
 	if prefix == "" {
@@ -258,6 +265,26 @@ func sortedBuckets(m map[string]*adminv1.BucketSpec) []*adminv1.BucketSpec {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].GetId() < out[j].GetId() })
 	return out
+}
+
+// probeBuckets lists the buckets the leader probes: all but DISABLED ones.
+func (s *Server) probeBuckets() []string {
+	var ids []string
+	for _, b := range sortedBuckets(s.bucketMap()) {
+		if b.GetState() != adminv1.BucketState_BUCKET_STATE_DISABLED {
+			ids = append(ids, b.GetId())
+		}
+	}
+	return ids
+}
+
+func (s *Server) probeTarget(id string) (objstore.Target, bool) {
+	b, ok := s.bucketMap()[id]
+	if !ok {
+		return objstore.Target{}, false
+	}
+	return objstore.Target{ID: b.GetId(), Name: b.GetName(), Endpoint: b.GetEndpoint(), Region: b.GetRegion(),
+		CredentialsRef: b.GetCredentialsRef(), PathStyle: b.GetPathStyle()}, true
 }
 
 func target(b *adminv1.BucketSpec) *allocatorv1.BucketTarget {

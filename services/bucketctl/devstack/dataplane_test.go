@@ -141,7 +141,7 @@ func TestFailoverAndCooldown(t *testing.T) {
 					return p.URL()
 				},
 				Tune: func(a *allocator.Config, u *uploader.Config) {
-					a.Prober = nil // count only the uploads' failures
+					a.ProbeStore = nil // count only the uploads' failures
 					u.DataTimeout, u.CallTimeout = 500*time.Millisecond, 500*time.Millisecond
 					u.BackoffBase = time.Millisecond
 				},
@@ -292,7 +292,7 @@ func TestS3RequestsPerUpload(t *testing.T) {
 		t.Cleanup(p.Close)
 		proxies[id] = p
 		return p.URL()
-	}, Tune: func(a *allocator.Config, _ *uploader.Config) { a.Prober = nil }})
+	}, Tune: func(a *allocator.Config, _ *uploader.Config) { a.ProbeStore = nil }})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	count := func() map[string]int {

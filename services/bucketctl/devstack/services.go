@@ -38,7 +38,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		return err
 	}
 	s.closers = append(s.closers, func() error { probeStore.Close(); return nil })
-	acfg.Prober = allocator.StoreProber{Store: probeStore}
+	acfg.ProbeStore = probeStore
 	if opts.Tune != nil {
 		opts.Tune(&acfg, &ucfg)
 	}
