@@ -17,8 +17,15 @@ var (
 	errBucket      = errors.New("bucket failed")
 )
 
+// badRequestError carries the sentence the client sees; it matches
+// errBadRequest so callers can test for the class with errors.Is.
+type badRequestError struct{ msg string }
+
+func (e *badRequestError) Error() string        { return e.msg }
+func (e *badRequestError) Is(target error) bool { return target == errBadRequest }
+
 func badRequest(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", errBadRequest, fmt.Sprintf(format, a...))
+	return &badRequestError{msg: fmt.Sprintf(format, a...)}
 }
 
 // toStatus is the one place where errors become gRPC statuses. Statuses
@@ -30,11 +37,10 @@ func toStatus(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return status.FromContextError(ctx.Err()).Err()
 	}
-	var msg string
+	var bad *badRequestError
 	switch {
-	case errors.Is(err, errBadRequest):
-		msg = err.Error()
-		return status.Error(codes.InvalidArgument, msg[len(errBadRequest.Error())+2:])
+	case errors.As(err, &bad):
+		return status.Error(codes.InvalidArgument, bad.msg)
 	case errors.Is(err, errUnsupported):
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):
