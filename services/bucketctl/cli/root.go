@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 )
 
 // Default addresses match `bucketctl dev`.
@@ -95,9 +97,16 @@ func (g *globals) adminContext(ctx context.Context) (context.Context, context.Ca
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok), cancel, nil
 }
 
-func (g *globals) transferContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	if g.timeout > 0 {
-		return context.WithTimeout(ctx, g.timeout)
+// uploadClient dials the upload service and applies --timeout (none by
+// default: transfers take as long as they take). Call done when finished.
+func (g *globals) uploadClient(ctx context.Context) (context.Context, uploadv1.UploadServiceClient, func(), error) {
+	conn, err := dial(g.uploadAddr)
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	return context.WithCancel(ctx)
+	cancel := func() {}
+	if g.timeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, g.timeout)
+	}
+	return ctx, uploadv1.NewUploadServiceClient(conn), func() { cancel(); conn.Close() }, nil
 }

@@ -29,14 +29,11 @@ func newUploadCmd(g *globals) *cobra.Command {
 			if key != "" && len(args) > 1 {
 				return fmt.Errorf("--key names one object; give one file")
 			}
-			conn, err := dial(g.uploadAddr)
+			ctx, client, done, err := g.uploadClient(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			client := uploadv1.NewUploadServiceClient(conn)
-			ctx, cancel := g.transferContext(cmd.Context())
-			defer cancel()
+			defer done()
 			enc := json.NewEncoder(g.out)
 			enc.SetIndent("", "  ")
 			for _, path := range args {
@@ -130,13 +127,11 @@ func newGetCmd(g *globals) *cobra.Command {
 		Short: "Download an object (to stdout, or -o FILE)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, err := dial(g.uploadAddr)
+			ctx, client, done, err := g.uploadClient(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := g.transferContext(cmd.Context())
-			defer cancel()
+			defer done()
 			var w io.Writer = g.out
 			var file *os.File
 			if output != "" && output != "-" {
@@ -159,7 +154,7 @@ func newGetCmd(g *globals) *cobra.Command {
 			if file != nil && !quiet {
 				bar = newBar(-1, args[1], g.errOut, false)
 			}
-			info, err := uploadclient.Get(ctx, uploadv1.NewUploadServiceClient(conn),
+			info, err := uploadclient.Get(ctx, client,
 				&uploadv1.GetObjectRequest{BucketId: args[0], Key: args[1], Offset: offset, Length: limit}, w, progress)
 			if bar != nil {
 				_ = bar.Finish()
@@ -193,14 +188,12 @@ func newDeleteCmd(g *globals) *cobra.Command {
 		Short: "Delete an object",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			conn, err := dial(g.uploadAddr)
+			ctx, client, done, err := g.uploadClient(cmd.Context())
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
-			ctx, cancel := g.transferContext(cmd.Context())
-			defer cancel()
-			_, err = uploadv1.NewUploadServiceClient(conn).DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: args[0], Key: args[1]})
+			defer done()
+			_, err = client.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: args[0], Key: args[1]})
 			if err != nil {
 				return fmt.Errorf("delete %s/%s: %w", args[0], args[1], err)
 			}
