@@ -38,7 +38,7 @@ func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.U
 		return nil, fmt.Errorf("open upload stream: %w", err)
 	}
 	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
-		return nil, closeWith(stream, fmt.Errorf("send header: %w", err))
+		return closeWith(stream, fmt.Errorf("send header: %w", err))
 	}
 	buf := make([]byte, opts.ChunkSize)
 	var sent int64
@@ -48,8 +48,8 @@ func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.U
 			// The message is marshalled inside Send, so buf may be reused.
 			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: buf[:n]}}); err != nil {
 				// Send reports io.EOF when the server already ended the
-				// stream; its status comes from CloseAndRecv.
-				return nil, closeWith(stream, fmt.Errorf("send chunk: %w", err))
+				// stream; its answer comes from CloseAndRecv.
+				return closeWith(stream, fmt.Errorf("send chunk: %w", err))
 			}
 			sent += int64(n)
 			if opts.Progress != nil {
@@ -66,11 +66,18 @@ func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.U
 	return stream.CloseAndRecv()
 }
 
-func closeWith(stream uploadv1.UploadService_UploadClient, err error) error {
-	if _, serr := stream.CloseAndRecv(); serr != nil {
-		return serr // the server's status explains more than the send error
+// closeWith collects the server's answer after a failed Send. The server
+// may have answered early on purpose (a replayed idempotency key needs no
+// data), so a response wins; else its status explains more than sendErr.
+func closeWith(stream uploadv1.UploadService_UploadClient, sendErr error) (*uploadv1.UploadResponse, error) {
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		return nil, err
 	}
-	return err
+	if resp != nil {
+		return resp, nil
+	}
+	return nil, sendErr
 }
 
 // UploadFile uploads a file. The header's size is filled from the file and,
