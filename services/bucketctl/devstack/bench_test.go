@@ -82,7 +82,7 @@ func BenchmarkUploadPath(b *testing.B) {
 	}
 
 	// Large: 256 MiB, 8 MiB parts, 2 in flight on both sides.
-	big := randomBytes(b, 256<<20)
+	big := e2e.RandomBytes(b, 256<<20)
 	const part = 8 << 20
 	t0 := time.Now()
 	id, err := direct.CreateMultipart(ctx, objstore.PutInput{Key: "bench/direct", ContentType: "application/octet-stream"})
@@ -118,7 +118,7 @@ func BenchmarkUploadPath(b *testing.B) {
 	serviceMBs := float64(len(big)) / (1 << 20) / time.Since(t0).Seconds()
 
 	// Small: 1 KiB at c=16.
-	small := randomBytes(b, 1024)
+	small := e2e.RandomBytes(b, 1024)
 	const dur = 4 * time.Second
 	directRate, directLat, err := runFor(16, dur, func(w int) error {
 		_, err := direct.Put(ctx, objstore.PutInput{Key: fmt.Sprintf("bench/small/%d/%d", w, time.Now().UnixNano()), ContentType: "application/octet-stream"}, small)

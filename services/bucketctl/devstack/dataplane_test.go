@@ -3,9 +3,6 @@ package devstack_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"sync"
 	"testing"
@@ -23,20 +20,6 @@ import (
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
-
-func randomBytes(t testing.TB, n int) []byte {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func hexSHA(b []byte) string {
-	s := sha256.Sum256(b)
-	return hex.EncodeToString(s[:])
-}
 
 func put(ctx context.Context, env *e2e.Env, data []byte, hdr *uploadv1.UploadHeader) (*uploadv1.UploadResponse, error) {
 	if hdr == nil {
@@ -75,13 +58,13 @@ func TestHundredConcurrentUploads(t *testing.T) {
 			if i%25 == 0 {
 				size = 9 << 20 // a few multipart uploads in the mix
 			}
-			data := randomBytes(t, size)
-			resp, err := put(ctx, env, data, &uploadv1.UploadHeader{Sha256: hexSHA(data)})
+			data := e2e.RandomBytes(t, size)
+			resp, err := put(ctx, env, data, &uploadv1.UploadHeader{Sha256: e2e.HexSHA(data)})
 			if err != nil {
 				t.Errorf("upload %d: %v", i, err)
 				return
 			}
-			results[i] = result{resp, hexSHA(data)}
+			results[i] = result{resp, e2e.HexSHA(data)}
 		}(i)
 	}
 	wg.Wait()
@@ -94,7 +77,7 @@ func TestHundredConcurrentUploads(t *testing.T) {
 		if _, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: r.resp.GetBucketId(), Key: r.resp.GetKey()}, &back, nil); err != nil {
 			t.Fatalf("get %d: %v", i, err)
 		}
-		if hexSHA(back.Bytes()) != r.sha {
+		if e2e.HexSHA(back.Bytes()) != r.sha {
 			t.Fatalf("object %d reads back differently", i)
 		}
 		sum += r.resp.GetSize()
@@ -150,7 +133,7 @@ func TestFailoverAndCooldown(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			for i := 0; i < 5; i++ {
-				data := randomBytes(t, 10_000)
+				data := e2e.RandomBytes(t, 10_000)
 				resp, err := put(ctx, env, data, nil)
 				if err != nil {
 					t.Fatalf("upload %d failed despite healthy buckets: %v", i, err)
@@ -193,7 +176,7 @@ func TestCancelMidStream(t *testing.T) {
 				NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(size)}}}); err != nil {
 				t.Fatal(err)
 			}
-			chunk := randomBytes(t, 256<<10)
+			chunk := e2e.RandomBytes(t, 256<<10)
 			for sent := 0; sent < size*3/4; sent += len(chunk) {
 				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}}); err != nil {
 					t.Fatal(err)
@@ -230,9 +213,9 @@ func TestCancelMidStream(t *testing.T) {
 func TestBadInputTable(t *testing.T) {
 	env := e2e.StartWith(t, devstack.Options{Tune: func(_ *allocator.Config, u *uploader.Config) { u.MaxObjectSize = 32 << 20 }})
 	png := []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89")
-	big := randomBytes(t, 20<<20)
-	elf := append([]byte("\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00"), randomBytes(t, 100)...)
-	wrongSHA := hexSHA([]byte("something else"))
+	big := e2e.RandomBytes(t, 20<<20)
+	elf := append([]byte("\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00"), e2e.RandomBytes(t, 100)...)
+	wrongSHA := e2e.HexSHA([]byte("something else"))
 	cases := []struct {
 		name string
 		data []byte
@@ -305,13 +288,13 @@ func TestS3RequestsPerUpload(t *testing.T) {
 		return all
 	}
 	count()
-	if _, err := put(ctx, env, randomBytes(t, 1024), nil); err != nil {
+	if _, err := put(ctx, env, e2e.RandomBytes(t, 1024), nil); err != nil {
 		t.Fatal(err)
 	}
 	if c := count(); len(c) != 1 || c["PutObject"] != 1 {
 		t.Fatalf("small upload made S3 requests %v, want exactly one PutObject", c)
 	}
-	data := randomBytes(t, 20<<20) // 3 parts of 8 MiB
+	data := e2e.RandomBytes(t, 20<<20) // 3 parts of 8 MiB
 	if _, err := put(ctx, env, data, nil); err != nil {
 		t.Fatal(err)
 	}

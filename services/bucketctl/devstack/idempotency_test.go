@@ -17,7 +17,7 @@ func TestIdempotencyKey(t *testing.T) {
 	env := e2e.StartWith(t, devstack.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := randomBytes(t, 50_000)
+	data := e2e.RandomBytes(t, 50_000)
 
 	first, err := put(ctx, env, data, &uploadv1.UploadHeader{IdempotencyKey: "order-1"})
 	if err != nil || first.GetReplayed() {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"io"
 	"testing"
 	"time"
 
@@ -13,29 +12,17 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 )
 
-// read collects a GetObject stream: the info message, then chunks.
+// read collects a GetObject stream: the info message, then the data.
 func read(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest) (*uploadv1.ObjectInfo, []byte, error) {
-	stream, err := c.GetObject(ctx, req)
+	var buf bytes.Buffer
+	info, err := uploadclient.Get(ctx, c, req, &buf, nil)
 	if err != nil {
 		return nil, nil, err
 	}
-	var info *uploadv1.ObjectInfo
-	var buf bytes.Buffer
-	for {
-		msg, err := stream.Recv()
-		if err == io.EOF {
-			return info, buf.Bytes(), nil
-		}
-		if err != nil {
-			return nil, nil, err
-		}
-		if i := msg.GetInfo(); i != nil {
-			info = i
-		}
-		buf.Write(msg.GetChunk())
-	}
+	return info, buf.Bytes(), nil
 }
 
 // GetObject by bucket id + key, whole and by range; DeleteObject; then

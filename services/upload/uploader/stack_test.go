@@ -1,6 +1,7 @@
 package uploader_test
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -185,19 +187,7 @@ func (st *stack) waitNoReservations(t testing.TB) {
 	}
 }
 
-// send streams one upload in 64 KiB chunks.
+// send streams one upload in 1 MiB chunks.
 func send(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) (*uploadv1.UploadResponse, error) {
-	stream, err := c.Upload(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
-		return stream.CloseAndRecv()
-	}
-	for off := 0; off < len(data); off += 1 << 20 {
-		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(len(data), off+1<<20)]}}); err != nil {
-			return stream.CloseAndRecv()
-		}
-	}
-	return stream.CloseAndRecv()
+	return uploadclient.Upload(ctx, c, hdr, bytes.NewReader(data), uploadclient.Options{ChunkSize: 1 << 20})
 }

@@ -123,7 +123,8 @@ func (e *Env) ObjectCount(t testing.TB) (objects, multiparts int) {
 	return objects, multiparts
 }
 
-func randomBytes(t *testing.T, n int) []byte {
+// RandomBytes returns n random bytes.
+func RandomBytes(t testing.TB, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
@@ -132,7 +133,8 @@ func randomBytes(t *testing.T, n int) []byte {
 	return b
 }
 
-func hexSHA(b []byte) string {
+// HexSHA is the lowercase hex SHA-256 of b.
+func HexSHA(b []byte) string {
 	s := sha256.Sum256(b)
 	return hex.EncodeToString(s[:])
 }
@@ -143,8 +145,8 @@ func RoundTrip(t *testing.T, e *Env) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	usedBefore, _ := e.Usage(t)
-	data := randomBytes(t, 20<<20)
-	want := hexSHA(data)
+	data := RandomBytes(t, 20<<20)
+	want := HexSHA(data)
 	resp, err := uploadclient.Upload(ctx, e.Upload, &uploadv1.UploadHeader{
 		NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data)), Sha256: want,
 	}, bytes.NewReader(data), uploadclient.Options{})
@@ -164,7 +166,7 @@ func RoundTrip(t *testing.T, e *Env) {
 	if err != nil {
 		t.Fatalf("get: %v", err)
 	}
-	if got := hexSHA(back.Bytes()); got != want || info.GetSize() != int64(len(data)) {
+	if got := HexSHA(back.Bytes()); got != want || info.GetSize() != int64(len(data)) {
 		t.Fatalf("read back %d bytes sha256 %s, want %d bytes %s", back.Len(), got, len(data), want)
 	}
 
@@ -175,7 +177,7 @@ func RoundTrip(t *testing.T, e *Env) {
 	}
 	raw, err := io.ReadAll(obj.Body)
 	obj.Body.Close()
-	if err != nil || hexSHA(raw) != want {
+	if err != nil || HexSHA(raw) != want {
 		t.Fatalf("object in bucket differs: %d bytes, err %v", len(raw), err)
 	}
 
