@@ -4,10 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"slices"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -20,45 +17,6 @@ import (
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
 
-// phase runs fn from workers goroutines for about d and returns the rate
-// of successful calls and their latencies.
-func phase(workers int, d time.Duration, fn func(w, i int) error) (float64, []time.Duration, int) {
-	var mu sync.Mutex
-	var lat []time.Duration
-	var fails atomic.Int64
-	deadline := time.Now().Add(d)
-	start := time.Now()
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			var mine []time.Duration
-			for i := 0; time.Now().Before(deadline); i++ {
-				t0 := time.Now()
-				if err := fn(w, i); err != nil {
-					fails.Add(1)
-					continue
-				}
-				mine = append(mine, time.Since(t0))
-			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			mu.Unlock()
-		}(w)
-	}
-	wg.Wait()
-	slices.Sort(lat)
-	return float64(len(lat)) / time.Since(start).Seconds(), lat, int(fails.Load())
-}
-
-func pct(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	return lat[min(len(lat)-1, int(float64(len(lat))*p))]
-}
-
 // BenchmarkAllocator prints allocations/s on one hot bucket and over 16
 // buckets, and allocate+commit cycles/s, beside two baselines measured on
 // the same embedded etcd in the same run: plain Put with 64 writers and a
@@ -68,11 +26,11 @@ func BenchmarkAllocator(b *testing.B) {
 	const d = 4 * time.Second
 	ctx := context.Background()
 
-	putRate, putLat, _ := phase(64, d, func(w, i int) error {
+	put := testenv.Load(64, d, func(w, i int) error {
 		_, err := cli.Put(ctx, fmt.Sprintf("/bench/put/%d/%d", w, i), "x")
 		return err
 	})
-	casRate, casLat, _ := phase(32, d, func(w, i int) error {
+	cas := testenv.Load(32, d, func(w, i int) error {
 		for {
 			g, err := cli.Get(ctx, "/bench/cas")
 			if err != nil {
@@ -94,19 +52,19 @@ func BenchmarkAllocator(b *testing.B) {
 		}
 	})
 
-	hot := []*adminv1.BucketSpec{spec("hot", 1, 1<<60)}
-	var spread []*adminv1.BucketSpec
+	hotBucket := []*adminv1.BucketSpec{spec("hot", 1, 1<<60)}
+	var spreadBuckets []*adminv1.BucketSpec
 	for i := 0; i < 16; i++ {
-		spread = append(spread, spec(fmt.Sprintf("s%02d", i), 1, 1<<60))
+		spreadBuckets = append(spreadBuckets, spec(fmt.Sprintf("s%02d", i), 1, 1<<60))
 	}
-	run := func(prefix string, buckets []*adminv1.BucketSpec, strategy allocatorv1.Strategy, commit bool) (float64, []time.Duration, int) {
+	run := func(prefix string, buckets []*adminv1.BucketSpec, strategy allocatorv1.Strategy, commit bool) testenv.LoadResult {
 		var replicas []replica
 		for r := 0; r < 4; r++ {
 			replicas = append(replicas, startReplica(b, testenv.EtcdClient(b, srv.Endpoint), allocator.Config{
 				Buckets: buckets, Prefix: prefix, Strategy: strategy, ReservationTTL: time.Minute,
 			}))
 		}
-		return phase(64, d, func(w, i int) error {
+		return testenv.Load(64, d, func(w, i int) error {
 			rp := replicas[w%4]
 			a, err := rp.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1024})
 			if err != nil || !commit {
@@ -116,22 +74,23 @@ func BenchmarkAllocator(b *testing.B) {
 			return err
 		})
 	}
-	hotRate, hotLat, hotFails := run("/bench/hot/", hot, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, false)
-	spreadRate, spreadLat, spreadFails := run("/bench/spread/", spread, allocatorv1.Strategy_STRATEGY_RANDOM, false)
-	cycleRate, cycleLat, cycleFails := run("/bench/cycle/", hot, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, true)
+	hot := run("/bench/hot/", hotBucket, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, false)
+	spread := run("/bench/spread/", spreadBuckets, allocatorv1.Strategy_STRATEGY_RANDOM, false)
+	cycle := run("/bench/cycle/", hotBucket, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, true)
 
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "\nallocator on embedded etcd (fsync on)\tops/s\tp50\tp99\tvs Put\terrors\t")
-	row := func(name string, rate float64, lat []time.Duration, fails int) {
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%.2fx\t%d\t\n", name, rate, pct(lat, .5).Round(10*time.Microsecond), pct(lat, .99).Round(10*time.Microsecond), rate/putRate, fails)
+	row := func(name string, r testenv.LoadResult) {
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%.2fx\t%d\t\n", name, r.Rate, r.Quantile(.5).Round(10*time.Microsecond),
+			r.Quantile(.99).Round(10*time.Microsecond), r.Rate/put.Rate, r.Errors)
 	}
-	row("baseline: plain Put, 64 writers", putRate, putLat, 0)
-	row("baseline: 1-key CAS, 32 writers", casRate, casLat, 0)
-	row("allocate, hot bucket, 4x16", hotRate, hotLat, hotFails)
-	row("allocate, 16 buckets, 4x16", spreadRate, spreadLat, spreadFails)
-	row("allocate+commit, hot bucket", cycleRate, cycleLat, cycleFails)
+	row("baseline: plain Put, 64 writers", put)
+	row("baseline: 1-key CAS, 32 writers", cas)
+	row("allocate, hot bucket, 4x16", hot)
+	row("allocate, 16 buckets, 4x16", spread)
+	row("allocate+commit, hot bucket", cycle)
 	tw.Flush()
-	b.ReportMetric(hotRate/putRate, "hot-alloc/put")
-	b.ReportMetric(cycleRate/putRate, "hot-cycle/put")
-	b.ReportMetric(spreadRate/putRate, "spread-alloc/put")
+	b.ReportMetric(hot.Rate/put.Rate, "hot-alloc/put")
+	b.ReportMetric(cycle.Rate/put.Rate, "hot-cycle/put")
+	b.ReportMetric(spread.Rate/put.Rate, "spread-alloc/put")
 }

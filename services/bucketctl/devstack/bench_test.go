@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"slices"
 	"sync"
 	"testing"
 	"text/tabwriter"
@@ -13,52 +12,13 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
-
-func runFor(workers int, d time.Duration, fn func(w int) error) (float64, []time.Duration, error) {
-	var mu sync.Mutex
-	var lat []time.Duration
-	var firstErr error
-	deadline := time.Now().Add(d)
-	start := time.Now()
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			for time.Now().Before(deadline) {
-				t0 := time.Now()
-				err := fn(w)
-				mu.Lock()
-				if err != nil && firstErr == nil {
-					firstErr = err
-				}
-				if err == nil {
-					lat = append(lat, time.Since(t0))
-				}
-				mu.Unlock()
-				if err != nil {
-					return
-				}
-			}
-		}(w)
-	}
-	wg.Wait()
-	slices.Sort(lat)
-	return float64(len(lat)) / time.Since(start).Seconds(), lat, firstErr
-}
-
-func q(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	return lat[min(len(lat)-1, int(float64(len(lat))*p))]
-}
 
 // BenchmarkUploadPath compares the service with direct aws-sdk-go-v2 calls
 // to the same local S3 gateway in the same run: 256 MiB multipart
@@ -120,29 +80,31 @@ func BenchmarkUploadPath(b *testing.B) {
 	// Small: 1 KiB at c=16.
 	small := e2e.RandomBytes(b, 1024)
 	const dur = 4 * time.Second
-	directRate, directLat, err := runFor(16, dur, func(w int) error {
+	direct1k := testenv.Load(16, dur, func(w, _ int) error {
 		_, err := direct.Put(ctx, objstore.PutInput{Key: fmt.Sprintf("bench/small/%d/%d", w, time.Now().UnixNano()), ContentType: "application/octet-stream"}, small)
 		return err
 	})
-	if err != nil {
-		b.Fatal(err)
+	if direct1k.FirstErr != nil {
+		b.Fatal(direct1k.FirstErr)
 	}
-	svcRate, svcLat, err := runFor(16, dur, func(w int) error {
+	svc1k := testenv.Load(16, dur, func(w, _ int) error {
 		_, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: 1024},
 			bytes.NewReader(small), uploadclient.Options{})
 		return err
 	})
-	if err != nil {
-		b.Fatal(err)
+	if svc1k.FirstErr != nil {
+		b.Fatal(svc1k.FirstErr)
 	}
 
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "\nupload path vs direct SDK, same gateway, same run\tdirect\tservice\tratio\t")
 	fmt.Fprintf(tw, "256 MiB multipart, MB/s\t%.0f\t%.0f\t%.2fx\t\n", directMBs, serviceMBs, serviceMBs/directMBs)
-	fmt.Fprintf(tw, "1 KiB uploads/s at c=16\t%.0f\t%.0f\t%.2fx\t\n", directRate, svcRate, svcRate/directRate)
-	fmt.Fprintf(tw, "1 KiB p50 latency\t%s\t%s\t+%s\t\n", q(directLat, .5).Round(10*time.Microsecond), q(svcLat, .5).Round(10*time.Microsecond), (q(svcLat, .5) - q(directLat, .5)).Round(10*time.Microsecond))
-	fmt.Fprintf(tw, "1 KiB p99 latency\t%s\t%s\t+%s\t\n", q(directLat, .99).Round(10*time.Microsecond), q(svcLat, .99).Round(10*time.Microsecond), (q(svcLat, .99) - q(directLat, .99)).Round(10*time.Microsecond))
+	fmt.Fprintf(tw, "1 KiB uploads/s at c=16\t%.0f\t%.0f\t%.2fx\t\n", direct1k.Rate, svc1k.Rate, svc1k.Rate/direct1k.Rate)
+	for _, p := range []float64{.5, .99} {
+		d, s := direct1k.Quantile(p), svc1k.Quantile(p)
+		fmt.Fprintf(tw, "1 KiB p%.0f latency\t%s\t%s\t+%s\t\n", p*100, d.Round(10*time.Microsecond), s.Round(10*time.Microsecond), (s - d).Round(10*time.Microsecond))
+	}
 	tw.Flush()
 	b.ReportMetric(serviceMBs/directMBs, "large-ratio")
-	b.ReportMetric(svcRate/directRate, "small-ratio")
+	b.ReportMetric(svc1k.Rate/direct1k.Rate, "small-ratio")
 }

@@ -1,0 +1,67 @@
+package testenv
+
+import (
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// LoadResult is what a closed-loop load run measured.
+type LoadResult struct {
+	// Rate is successful calls per second.
+	Rate float64
+	// Latencies of successful calls, sorted.
+	Latencies []time.Duration
+	// Errors counts failed calls; FirstErr is the first of them.
+	Errors   int
+	FirstErr error
+}
+
+// Quantile returns the latency at q (0–1), or 0 without samples.
+func (r LoadResult) Quantile(q float64) time.Duration {
+	if len(r.Latencies) == 0 {
+		return 0
+	}
+	return r.Latencies[min(len(r.Latencies)-1, int(float64(len(r.Latencies))*q))]
+}
+
+// Load runs fn from workers goroutines, each calling it back to back with
+// its worker index and call number, for about d. Benchmarks use it to
+// measure a rate and its latencies against a baseline in the same run.
+func Load(workers int, d time.Duration, fn func(worker, call int) error) LoadResult {
+	var (
+		mu       sync.Mutex
+		lat      []time.Duration
+		errs     atomic.Int64
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			var mine []time.Duration
+			for i := 0; time.Now().Before(deadline); i++ {
+				t0 := time.Now()
+				if err := fn(w, i); err != nil {
+					if errs.Add(1) == 1 {
+						mu.Lock()
+						firstErr = err
+						mu.Unlock()
+					}
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		}(w)
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	return LoadResult{Rate: float64(len(lat)) / time.Since(start).Seconds(), Latencies: lat, Errors: int(errs.Load()), FirstErr: firstErr}
+}
