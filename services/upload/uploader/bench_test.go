@@ -2,7 +2,6 @@ package uploader_test
 
 import (
 	"context"
-	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
@@ -132,8 +131,7 @@ func BenchmarkServiceOverhead(b *testing.B) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	data := make([]byte, size)
-	_, _ = rand.Read(data)
+	data := testenv.OpaqueBytes(b, size)
 	hdr := func(n int) *uploadv1.UploadHeader {
 		return &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: int64(n)}
 	}

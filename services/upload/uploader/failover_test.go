@@ -2,7 +2,6 @@ package uploader_test
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -27,8 +27,7 @@ func TestLostResponsesLeaveNoOrphans(t *testing.T) {
 	defer cancel()
 	var total int64
 	for i := 0; i < 2; i++ {
-		data := make([]byte, 10_000+i)
-		_, _ = rand.Read(data)
+		data := testenv.OpaqueBytes(t, 10_000+i)
 		sum := sha256.Sum256(data)
 		resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream",
 			Size: int64(len(data)), Sha256: hex.EncodeToString(sum[:])}, data)
@@ -61,8 +60,7 @@ func TestLostCompleteLeavesNothing(t *testing.T) {
 	st.Proxies[id].SetFor("CompleteMultipartUpload", faultproxy.LoseResponse)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := make([]byte, 9<<20) // two parts
-	_, _ = rand.Read(data)
+	data := testenv.OpaqueBytes(t, 9<<20) // two parts
 	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("upload with a lost Complete: %v, want Unavailable", err)

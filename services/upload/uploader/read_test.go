@@ -3,7 +3,6 @@ package uploader_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"testing"
 	"time"
 
@@ -12,6 +11,7 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 )
 
@@ -33,8 +33,7 @@ func TestGetRangeAndDelete(t *testing.T) {
 	st := startStack(t, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := make([]byte, 600_000)
-	_, _ = rand.Read(data)
+	data := testenv.OpaqueBytes(t, 600_000)
 	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "r.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 	if err != nil {
 		t.Fatal(err)
@@ -74,8 +73,7 @@ func TestPartFailureAborts(t *testing.T) {
 	st.Proxies[id].SetFor("UploadPart", faultproxy.Error5xx)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := make([]byte, 9<<20)
-	_, _ = rand.Read(data)
+	data := testenv.OpaqueBytes(t, 9<<20)
 	st.Proxies[id].Counts()
 	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "p.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 	if status.Code(err) != codes.Unavailable {

@@ -7,7 +7,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
@@ -23,6 +22,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 )
@@ -123,14 +123,10 @@ func (e *Env) ObjectCount(t testing.TB) (objects, multiparts int) {
 	return objects, multiparts
 }
 
-// RandomBytes returns n random bytes.
+// RandomBytes returns n random bytes that sniff as application/octet-stream.
 func RandomBytes(t testing.TB, n int) []byte {
 	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return testenv.OpaqueBytes(t, n)
 }
 
 // HexSHA is the lowercase hex SHA-256 of b.
