@@ -143,12 +143,16 @@ type localRes struct {
 	rev int64
 }
 
+// writers is how many reservation batches one replica keeps in flight.
+const writers = 4
+
 // idleBlock is how long a block's unused capacity stays with a replica
 // that stopped allocating before it goes back to the bucket.
 const idleBlock = 500 * time.Millisecond
 
 type resRecord struct {
 	Size    int64     `json:"size"`
+	Bucket  string    `json:"bucket"`
 	Replica string    `json:"replica"`
 	Expires time.Time `json:"expires"`
 }
@@ -185,9 +189,13 @@ func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog
 func (c *Capacity) Run(ctx context.Context) error {
 	defer close(c.stopped)
 	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); c.writer(ctx) }()
-	go func() { defer wg.Done(); c.janitor(ctx) }()
+	// Several writers keep several batches in flight: etcd fsyncs many
+	// proposals at once, so one writer waiting for each round trip would
+	// leave most of its throughput unused.
+	for range writers {
+		wg.Go(func() { c.writer(ctx) })
+	}
+	wg.Go(func() { c.janitor(ctx) })
 	for ctx.Err() == nil {
 		if err := c.term(ctx); err != nil && ctx.Err() == nil {
 			c.log.Warn("capacity lease lost; starting over", "error", err.Error())
@@ -214,20 +222,20 @@ func (c *Capacity) term(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	t := &term{lease: g.ID, owner: c.id + "." + strconv.FormatInt(int64(g.ID), 16),
+	t := &term{lease: g.ID, owner: keySafe(c.id) + "." + strconv.FormatInt(int64(g.ID), 16),
 		done: make(chan struct{}), buckets: map[string]*bucketCap{}}
-	// Watch before serving: every change to our keys made by others after
-	// the first allocation of this term is then seen.
+	// Watch before serving: every deletion of this term's reservations by
+	// others after its first allocation is then seen. Only our own keys,
+	// and only deletions: renewals elsewhere are re-read when they matter
+	// (expiry, a failed commit compare), and every put of the hot bucket
+	// sent to every replica would cost etcd more than the puts themselves.
 	var wcancel context.CancelFunc
 	defer func() { wcancel() }()
 	var watch clientv3.WatchChan
 	rewatch := func() {
 		var wctx context.Context
 		wctx, wcancel = context.WithCancel(clientv3.WithRequireLeader(ctx))
-		// One stream for reservations and blocks keeps their events in
-		// revision order: a commit that shrank our block and deleted our
-		// reservation is applied to both at once.
-		watch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"cap/", clientv3.WithPrefix())
+		watch = c.l.cli.Watch(wctx, c.l.ownerResPrefix(t.owner), clientv3.WithPrefix(), clientv3.WithFilterPut())
 	}
 	rewatch()
 	c.mu.Lock()
@@ -263,7 +271,7 @@ func (c *Capacity) term(ctx context.Context) error {
 				rewatch()
 				continue
 			}
-			c.apply(t, wr.Events)
+			c.apply(ctx, t, wr.Events)
 		}
 	}
 }
@@ -293,49 +301,36 @@ func forget(bc *bucketCap, id string, rev int64) {
 	bc.carved -= r.size
 }
 
-// apply follows our block and reservations as other replicas change them
-// (renew, commit, release). Events come in revision order; a commit that
-// shrank our block and deleted our reservation arrives as one revision,
-// block first.
-func (c *Capacity) apply(t *term, evs []*clientv3.Event) {
+// apply follows deletions of our reservations. Ours are already gone from
+// the view (we forget before the event arrives); one still there was
+// committed or released by another replica. A commit from another replica
+// may have taken its bytes out of our block in the same transaction, so
+// the block is read again (at a revision at least as new as the deletion)
+// before the bytes are freed. If that read fails, the reservation stays
+// until the janitor finds its key gone.
+func (c *Capacity) apply(ctx context.Context, t *term, evs []*clientv3.Event) {
+	prefix := c.l.ownerResPrefix(t.owner)
 	for _, ev := range evs {
-		key := string(ev.Kv.Key)
-		if rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/blocks/"); ok {
-			bucket, owner, _ := strings.Cut(rest, "/")
-			if owner != t.owner {
-				continue
-			}
-			bc := t.lookup(bucket)
-			if bc == nil {
-				continue
-			}
-			bc.mu.Lock()
-			if ev.Type == clientv3.EventTypeDelete {
-				observeBlock(bc, nil, ev.Kv.ModRevision)
-			} else {
-				observeBlock(bc, []*mvccpb.KeyValue{ev.Kv}, ev.Kv.ModRevision)
-			}
-			bc.mu.Unlock()
+		if ev.Type != clientv3.EventTypeDelete {
 			continue
 		}
-		rest, ok := strings.CutPrefix(key, c.l.opts.Prefix+"cap/res/")
+		bucket, rnd, ok := strings.Cut(strings.TrimPrefix(string(ev.Kv.Key), prefix), "/")
 		if !ok {
 			continue
 		}
-		bucket, id, _ := strings.Cut(rest, "/")
 		bc := t.lookup(bucket)
 		if bc == nil {
 			continue
 		}
+		id := t.owner + "~" + rnd
 		bc.mu.Lock()
-		if ev.Type == clientv3.EventTypeDelete {
-			// Our block at this revision is known: a commit that took the
-			// bytes from it wrote it in this same revision, event first.
-			forget(bc, id, ev.Kv.ModRevision)
-		} else if r, ok := bc.res[id]; ok {
-			var rec resRecord
-			if json.Unmarshal(ev.Kv.Value, &rec) == nil && rec.Replica == t.owner && rec.Expires.After(r.exp) {
-				r.exp = rec.Expires
+		if r, ok := bc.res[id]; ok && r.written && (r.rev == 0 || r.rev < ev.Kv.ModRevision) {
+			gctx, cancel := c.l.ctx(ctx)
+			resp, err := c.l.cli.Get(gctx, c.l.blockPrefix(bucket)+t.owner)
+			cancel()
+			if err == nil {
+				observeBlock(bc, resp.Kvs, resp.Header.Revision)
+				forget(bc, id, ev.Kv.ModRevision)
 			}
 		}
 		bc.mu.Unlock()
@@ -525,7 +520,7 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	bc.res[id] = r
 	bc.touched = time.Now()
 	bc.mu.Unlock()
-	val, _ := json.Marshal(resRecord{Size: size, Replica: t.owner, Expires: exp})
+	val, _ := json.Marshal(resRecord{Size: size, Bucket: bucket.GetId(), Replica: t.owner, Expires: exp})
 	rev, err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(t.lease)))
 	bc.mu.Lock()
 	r.written, r.rev = true, rev
@@ -547,14 +542,14 @@ func (c *Capacity) Reserve(ctx context.Context, bucket *adminv1.BucketSpec, size
 	if err != nil {
 		return nil, err
 	}
-	return c.carve(ctx, t, bucket, NewReservationID(), size, ttl)
+	return c.carve(ctx, t, bucket, t.owner+"~"+NewReservationID(), size, ttl)
 }
 
 // Renew extends a live reservation (on any replica), or re-establishes a
 // vanished one from this replica's block, or ErrReservationLost.
 func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID string, size int64, ttl time.Duration) (time.Time, bool, error) {
-	if resID == "" || size <= 0 {
-		return time.Time{}, false, fmt.Errorf("%w: reservation id and reserved bytes are required", ErrInvalid)
+	if !validID(resID) || size <= 0 {
+		return time.Time{}, false, fmt.Errorf("%w: a valid reservation id and reserved bytes are required", ErrInvalid)
 	}
 	t, err := c.wait(ctx)
 	if err != nil {
@@ -589,6 +584,9 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 				bc.mu.Lock()
 				if r, ok := bc.res[resID]; ok {
 					r.exp = rec.Expires
+					if r.rev != 0 {
+						r.rev = max(r.rev, tr.Header.Revision)
+					}
 				}
 				bc.mu.Unlock()
 			}
@@ -610,8 +608,8 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 // reservation belongs to another replica (or vanished), the bytes are
 // taken from our own block instead, so the sum never grows.
 func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
-	if resID == "" || actual < 0 {
-		return CommitResult{}, fmt.Errorf("%w: reservation id and a non-negative size are required", ErrInvalid)
+	if !validID(resID) || actual < 0 {
+		return CommitResult{}, fmt.Errorf("%w: a valid reservation id and a non-negative size are required", ErrInvalid)
 	}
 	t, err := c.wait(ctx)
 	if err != nil {
@@ -628,27 +626,19 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 	id := bucket.GetId()
 	bc := t.bucket(id)
 	for attempt := 0; attempt < 50; attempt++ {
-		// The marker and the reservation in one read.
-		gctx, cancel := c.l.ctx(ctx)
-		both, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(c.l.commitKey(resID)), clientv3.OpGet(c.l.resKey(id, resID))).Commit()
-		cancel()
-		if err != nil {
-			return CommitResult{}, fmt.Errorf("ledger: read reservation: %w", err)
-		}
-		if kvs := both.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-			var prev CommitResult
-			if err := json.Unmarshal(kvs[0].Value, &prev); err != nil {
-				return CommitResult{}, fmt.Errorf("ledger: decode commit marker: %w", err)
-			}
-			prev.AlreadyCommitted = true
-			return prev, nil
-		}
 		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, markerLease: markerLease, done: make(chan commitOutcome, 1)}
-		if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && json.Unmarshal(kvs[0].Value, &p.rec) == nil {
-			p.exists, p.resRev = true, kvs[0].ModRevision
-			if actual > p.rec.Size {
-				return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, p.rec.Size)
+		// A reservation carved here is known with its revision: the commit
+		// transaction's compares (no marker yet, key unchanged) stand in
+		// for a linearizable read, which under write load waits tens of
+		// milliseconds for etcd to apply. Anything else reads first.
+		if attempt > 0 || !localReservation(t, bc, resID, p) {
+			done, prev, err := c.readForCommit(ctx, id, resID, p)
+			if err != nil || done {
+				return prev, err
 			}
+		}
+		if p.exists && actual > p.rec.Size {
+			return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d reserved", ErrInvalid, actual, p.rec.Size)
 		}
 		out, err := c.enqueue(ctx, t, bc, p)
 		if err != nil {
@@ -673,6 +663,43 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 		// A compare failed: read again and retry.
 	}
 	return CommitResult{}, ErrConflict
+}
+
+// localReservation fills p from this replica's view of its reservation,
+// when the view knows the revision the key was last written at.
+func localReservation(t *term, bc *bucketCap, resID string, p *pendingCommit) bool {
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	r, ok := bc.res[resID]
+	if !ok || !r.written || r.rev == 0 {
+		return false
+	}
+	p.exists, p.resRev = true, r.rev
+	p.rec = resRecord{Size: r.size, Replica: t.owner, Expires: r.exp}
+	return true
+}
+
+// readForCommit reads the commit marker and the reservation at one
+// revision; done reports a commit already recorded, with its answer.
+func (c *Capacity) readForCommit(ctx context.Context, bucketID, resID string, p *pendingCommit) (bool, CommitResult, error) {
+	gctx, cancel := c.l.ctx(ctx)
+	both, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(c.l.commitKey(resID)), clientv3.OpGet(c.l.resKey(bucketID, resID))).Commit()
+	cancel()
+	if err != nil {
+		return true, CommitResult{}, fmt.Errorf("ledger: read reservation: %w", err)
+	}
+	if kvs := both.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		var prev CommitResult
+		if err := json.Unmarshal(kvs[0].Value, &prev); err != nil {
+			return true, CommitResult{}, fmt.Errorf("ledger: decode commit marker: %w", err)
+		}
+		prev.AlreadyCommitted = true
+		return true, prev, nil
+	}
+	if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && json.Unmarshal(kvs[0].Value, &p.rec) == nil {
+		p.exists, p.resRev = true, kvs[0].ModRevision
+	}
+	return false, CommitResult{}, nil
 }
 
 // pendingCommit waits in a bucket's commit queue.
@@ -867,6 +894,12 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 // block revision (the owner compares it on every write too). done=false
 // means a compare failed: the caller starts over.
 func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, bool, error) {
+	if ownerOf(resID) != rec.Replica {
+		// A reservation re-established under another term's id is not
+		// under its owner's watch: the owner would not learn that its
+		// block shrank. Fail cleanly; the upload is aborted.
+		return CommitResult{}, true, ErrReservationLost
+	}
 	id := bucket.GetId()
 	period := c.l.Period().Name
 	ownerKey := c.l.blockPrefix(id) + rec.Replica
@@ -940,8 +973,8 @@ func (c *Capacity) resync(ctx context.Context, t *term, bc *bucketCap, period, i
 // committed the reservation a moment ago (shrinking our block), the local
 // view learns the smaller block before it frees the bytes.
 func (c *Capacity) Release(ctx context.Context, bucketID, resID string) error {
-	if resID == "" {
-		return fmt.Errorf("%w: reservation id is required", ErrInvalid)
+	if !validID(resID) {
+		return fmt.Errorf("%w: a valid reservation id is required", ErrInvalid)
 	}
 	t := c.current()
 	ops := []clientv3.Op{clientv3.OpDelete(c.l.resKey(bucketID, resID))}

@@ -13,8 +13,12 @@
 //	                                     under the replica's lease; owner is
 //	                                     "<replica>.<lease id hex>", one per
 //	                                     lease term
-//	cap/res/<bucket>/<reservation>       {size, replica: owner, expires}, carved
-//	                                     inside the owner's block, under its lease
+//	cap/res/<owner>/<bucket>/<random>    {size, bucket, replica: owner, expires},
+//	                                     carved inside the owner's block, under
+//	                                     its lease; the reservation id is
+//	                                     "<owner>~<random>", so any replica finds
+//	                                     the key, and each replica watches only
+//	                                     its own reservations
 //	commits/<reservation>                commit marker; makes Commit exactly-once
 //	idem/<sha256(idempotency key)>       first upload's result, written with the
 //	                                     usage in the commit transaction
@@ -32,8 +36,10 @@
 // in it. A reservation is dropped from the view only together with a view
 // of the block at least as new as the reservation's deletion, because
 // another replica may have committed it by shrinking the block in the same
-// transaction; watch events older than what a read already showed are
-// ignored, so a lagging watch can never resurrect a block that is gone.
+// transaction: a deletion seen on the watch is followed by a read of the
+// block before the bytes are freed. Only a reservation under its owner's
+// own key prefix may be committed out of the owner's block, so the owner
+// always sees that deletion.
 //
 // Every write is idempotent by construction (etcd write errors may be
 // ambiguous): a retried Commit finds its marker and returns the recorded

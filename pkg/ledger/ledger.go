@@ -71,9 +71,54 @@ func (l *Ledger) usageKey(period, bucket string) string {
 	return l.opts.Prefix + "usage/" + period + "/" + bucket
 }
 func (l *Ledger) usagePrefix(period string) string { return l.opts.Prefix + "usage/" + period + "/" }
-func (l *Ledger) resPrefix(bucket string) string   { return l.opts.Prefix + "cap/res/" + bucket + "/" }
-func (l *Ledger) resKey(bucket, id string) string  { return l.resPrefix(bucket) + id }
 func (l *Ledger) commitKey(id string) string       { return l.opts.Prefix + "commits/" + id }
+
+// Reservation keys are grouped by the term that carved them, so each
+// replica watches only its own reservations instead of every replica
+// receiving every reservation of the hot bucket. The id names its owner
+// ("<owner>~<random>"), so any replica finds the key from bucket and id.
+func (l *Ledger) ownerResPrefix(owner string) string { return l.opts.Prefix + "cap/res/" + owner + "/" }
+func (l *Ledger) resKey(bucket, id string) string {
+	owner, rnd, ok := strings.Cut(id, "~")
+	if !ok {
+		owner, rnd = "-", id
+	}
+	return l.ownerResPrefix(owner) + bucket + "/" + rnd
+}
+
+// ownerOf returns the term that carved reservation id ("" if it names none).
+func ownerOf(id string) string {
+	owner, _, ok := strings.Cut(id, "~")
+	if !ok {
+		return ""
+	}
+	return owner
+}
+
+// validID reports whether a reservation id from a caller can be used in a
+// key: ids this package makes, or any short run of key-safe characters.
+func validID(id string) bool {
+	if id == "" || len(id) > 256 {
+		return false
+	}
+	for _, r := range id {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' || r == '~') {
+			return false
+		}
+	}
+	return strings.Count(id, "~") <= 1
+}
+
+// keySafe maps a replica id to characters that cannot be confused with the
+// separators of reservation ids and keys.
+func keySafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
+			return r
+		}
+		return '_'
+	}, s)
+}
 
 // idemKey hashes the client's key: any bytes, bounded length.
 func (l *Ledger) idemKey(k string) string {
@@ -334,12 +379,14 @@ func (l *Ledger) readMarker(ctx context.Context, resID string) (CommitResult, bo
 // Usage is one bucket's accounting in a period.
 type Usage struct {
 	Used, Reserved int64
-	Reservations   int
 }
 
 // Usages returns, per bucket, committed bytes of the current period (base
 // plus every replica's shard) and bytes held in capacity blocks (which
-// contain all live reservations), read at one revision.
+// contain all live reservations), read at one revision. Reservation keys
+// are not read: every replica refreshes this several times a second, and
+// ranging over thousands of live reservations on the hot bucket would cost
+// etcd more than the allocations themselves.
 func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 	p := l.Period()
 	ctx, cancel := l.ctx(ctx)
@@ -348,7 +395,6 @@ func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 		clientv3.OpGet(l.usagePrefix(p.Name), clientv3.WithPrefix()),
 		clientv3.OpGet(l.opts.Prefix+"ushard/"+p.Name+"/", clientv3.WithPrefix()),
 		clientv3.OpGet(l.opts.Prefix+"cap/blocks/", clientv3.WithPrefix()),
-		clientv3.OpGet(l.opts.Prefix+"cap/res/", clientv3.WithPrefix(), clientv3.WithKeysOnly()),
 	).Commit()
 	if err != nil {
 		return nil, p, fmt.Errorf("ledger: read usage: %w", err)
@@ -373,11 +419,27 @@ func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"cap/blocks/"), "/")
 		add(b, func(u *Usage) { u.Reserved += n })
 	}
-	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
-		b, _, _ := strings.Cut(strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"cap/res/"), "/")
-		add(b, func(u *Usage) { u.Reservations++ })
-	}
 	return out, p, nil
+}
+
+// LiveReservations counts the reservation keys of a bucket (for operators
+// and tests; placement never needs it).
+func (l *Ledger) LiveReservations(ctx context.Context, bucketID string) (int64, error) {
+	ctx, cancel := l.ctx(ctx)
+	defer cancel()
+	resp, err := l.cli.Get(ctx, l.opts.Prefix+"cap/res/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return 0, fmt.Errorf("ledger: count reservations of %s: %w", bucketID, err)
+	}
+	var n int64
+	for _, kv := range resp.Kvs {
+		// cap/res/<owner>/<bucket>/<random>
+		rest := strings.TrimPrefix(string(kv.Key), l.opts.Prefix+"cap/res/")
+		if _, rest, ok := strings.Cut(rest, "/"); ok && strings.HasPrefix(rest, bucketID+"/") {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // SetUsage sets a bucket's committed usage for the current period and

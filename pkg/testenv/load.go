@@ -4,6 +4,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -16,6 +17,20 @@ type LoadResult struct {
 	// Errors counts failed calls; FirstErr is the first of them.
 	Errors   int
 	FirstErr error
+	// CPUPerOp is the whole process's CPU time (user + system) during the
+	// run divided by successful calls. In-process stacks share one
+	// process, so this is the cost of a call across every component: on a
+	// machine with few cores it says more than the rate does.
+	CPUPerOp time.Duration
+}
+
+// processCPU returns the CPU time this process has used so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // Quantile returns the latency at q (0–1), or 0 without samples.
@@ -38,7 +53,7 @@ func Load(workers int, d time.Duration, fn func(worker, call int) error) LoadRes
 		wg       sync.WaitGroup
 	)
 	deadline := time.Now().Add(d)
-	start := time.Now()
+	start, cpu0 := time.Now(), processCPU()
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
 		go func(w int) {
@@ -62,6 +77,11 @@ func Load(workers int, d time.Duration, fn func(worker, call int) error) LoadRes
 		}(w)
 	}
 	wg.Wait()
+	cpu := processCPU() - cpu0
 	slices.Sort(lat)
-	return LoadResult{Rate: float64(len(lat)) / time.Since(start).Seconds(), Latencies: lat, Errors: int(errs.Load()), FirstErr: firstErr}
+	r := LoadResult{Rate: float64(len(lat)) / time.Since(start).Seconds(), Latencies: lat, Errors: int(errs.Load()), FirstErr: firstErr}
+	if len(lat) > 0 {
+		r.CPUPerOp = cpu / time.Duration(len(lat))
+	}
+	return r
 }

@@ -114,12 +114,13 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 				}
 				var v struct {
 					Size    int64  `json:"size"`
+					Bucket  string `json:"bucket"`
 					Replica string `json:"replica"`
 				}
 				if err := json.Unmarshal(ev.Kv.Value, &v); err != nil {
 					return nil, revisions, err
 				}
-				res[key] = resv{v.Size, bucketOf(strings.TrimPrefix(key, resPrefix)), v.Replica}
+				res[key] = resv{v.Size, v.Bucket, v.Replica}
 			}
 		}
 		if len(wr.Events) == 0 {

@@ -3,6 +3,7 @@ package allocator_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"strconv"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
@@ -74,22 +76,51 @@ func BenchmarkAllocator(b *testing.B) {
 			return err
 		})
 	}
+	// The same work without the allocator's gRPC hop: 4 replicas' ledgers,
+	// each with its own etcd client, called in process.
+	direct := func(prefix string, commit bool) testenv.LoadResult {
+		var caps []*ledger.Capacity
+		for r := 0; r < 4; r++ {
+			l := ledger.New(testenv.EtcdClient(b, srv.Endpoint), ledger.Options{Prefix: prefix})
+			c := l.NewCapacity(fmt.Sprintf("r%d", r), 10*time.Second, slog.New(slog.DiscardHandler))
+			rctx, cancel := context.WithCancel(ctx)
+			done := make(chan struct{})
+			go func() { _ = c.Run(rctx); close(done) }()
+			b.Cleanup(func() { cancel(); <-done })
+			caps = append(caps, c)
+		}
+		return testenv.Load(64, d, func(w, i int) error {
+			c := caps[w%4]
+			res, err := c.Reserve(ctx, hotBucket[0], 1024, time.Minute)
+			if err != nil || !commit {
+				return err
+			}
+			_, err = c.Commit(ctx, hotBucket[0], res.ID, 1024, nil)
+			return err
+		})
+	}
+	ledgerHot := direct("/bench/ledger-hot/", false)
+	ledgerCycle := direct("/bench/ledger-cycle/", true)
 	hot := run("/bench/hot/", hotBucket, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, false)
 	spread := run("/bench/spread/", spreadBuckets, allocatorv1.Strategy_STRATEGY_RANDOM, false)
 	cycle := run("/bench/cycle/", hotBucket, allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST, true)
 
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "\nallocator on embedded etcd (fsync on)\tops/s\tp50\tp99\tvs Put\terrors\t")
+	fmt.Fprintln(tw, "\nallocator on embedded etcd (fsync on)\tops/s\tp50\tp99\tvs Put\tCPU/op\terrors\t")
 	row := func(name string, r testenv.LoadResult) {
-		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%.2fx\t%d\t\n", name, r.Rate, r.Quantile(.5).Round(10*time.Microsecond),
-			r.Quantile(.99).Round(10*time.Microsecond), r.Rate/put.Rate, r.Errors)
+		fmt.Fprintf(tw, "%s\t%.0f\t%s\t%s\t%.2fx\t%s\t%d\t\n", name, r.Rate, r.Quantile(.5).Round(10*time.Microsecond),
+			r.Quantile(.99).Round(10*time.Microsecond), r.Rate/put.Rate, r.CPUPerOp.Round(time.Microsecond), r.Errors)
 	}
 	row("baseline: plain Put, 64 writers", put)
 	row("baseline: 1-key CAS, 32 writers", cas)
-	row("allocate, hot bucket, 4x16", hot)
-	row("allocate, 16 buckets, 4x16", spread)
-	row("allocate+commit, hot bucket", cycle)
+	row("ledger reserve, hot bucket, 4x16", ledgerHot)
+	row("ledger reserve+commit, hot bucket", ledgerCycle)
+	row("gRPC allocate, hot bucket, 4x16", hot)
+	row("gRPC allocate, 16 buckets, 4x16", spread)
+	row("gRPC allocate+commit, hot bucket", cycle)
 	tw.Flush()
+	b.ReportMetric(ledgerHot.Rate/put.Rate, "ledger-hot/put")
+	b.ReportMetric(ledgerCycle.Rate/put.Rate, "ledger-cycle/put")
 	b.ReportMetric(hot.Rate/put.Rate, "hot-alloc/put")
 	b.ReportMetric(cycle.Rate/put.Rate, "hot-cycle/put")
 	b.ReportMetric(spread.Rate/put.Rate, "spread-alloc/put")
