@@ -118,7 +118,7 @@ func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config))
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
-	st.Upload = uploadv1.NewUploadServiceClient(serve(t, up.Register))
+	st.Upload = uploadv1.NewUploadServiceClient(serve(t, up.Register, uploader.ServerOptions()...))
 	if st.S3, err = g.Client(); err != nil {
 		t.Fatal(err)
 	}

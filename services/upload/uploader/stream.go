@@ -15,6 +15,7 @@ type chunkReader struct {
 	size    int64
 	read    int64
 	pending []byte
+	chunk   []byte // the message pending came from, released once read
 }
 
 func (r *chunkReader) Read(p []byte) (int, error) {
@@ -32,7 +33,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 		if msg.GetHeader() != nil {
 			return 0, badRequest("a second header arrived after %d bytes of data; send exactly one header first", r.read)
 		}
-		r.pending = msg.GetChunk()
+		r.pending, r.chunk = msg.GetChunk(), msg.GetChunk()
 	}
 	n := copy(p, r.pending)
 	if left := r.size - r.read; int64(n) > left {
@@ -40,6 +41,10 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	}
 	r.pending = r.pending[n:]
 	r.read += int64(n)
+	if len(r.pending) == 0 {
+		releaseChunk(r.chunk)
+		r.chunk = nil
+	}
 	return n, nil
 }
 

@@ -2,6 +2,7 @@ package uploader
 
 import (
 	"context"
+	"crypto/md5"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -306,6 +308,11 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	var partErr error
 	start := time.Now()
 	headLeft := u.head
+	// The whole-object sha256 runs beside the part's upload, not on the
+	// goroutine reading the stream: parts are hashed in order (each waits
+	// for the one before), and a buffer is reused once both are done.
+	hashed := make(chan struct{})
+	close(hashed)
 	for i := 0; i < nParts; i++ {
 		var buf []byte
 		select {
@@ -319,22 +326,38 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		buf = buf[:n]
 		c := copy(buf, headLeft)
 		headLeft = headLeft[c:]
-		if err := u.reader.fill(buf[c:]); err != nil {
+		md5sum, err := fillHashingMD5(u.reader, buf, c)
+		if err != nil {
 			cancel(err)
 			break
 		}
-		hashWrite(h, buf)
-		wg.Add(1)
+		var users atomic.Int32
+		users.Store(2)
+		done := func(data []byte) {
+			if users.Add(-1) == 0 {
+				free <- data[:cap(data)]
+			}
+		}
+		prev, mine := hashed, make(chan struct{})
+		hashed = mine
+		wg.Add(2)
+		go func(data []byte) {
+			defer wg.Done()
+			<-prev
+			hashWrite(h, data)
+			close(mine)
+			done(data)
+		}(buf)
 		go func(num int32, data []byte) {
 			defer wg.Done()
-			etag, err := s.uploadPart(upCtx, b, u.key, mpID, num, data)
+			etag, err := s.uploadPart(upCtx, b, u.key, mpID, num, data, <-md5sum)
 			if err != nil {
 				once.Do(func() { partErr = err })
 				cancel(err)
 				return
 			}
 			parts[num-1] = objstore.Part{Number: num, ETag: etag}
-			free <- data[:cap(data)]
+			done(data)
 		}(int32(i+1), buf)
 	}
 	wg.Wait()
@@ -376,6 +399,38 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 }
 
 func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }
+
+// md5Step is how much of a part arrives before the MD5 goroutine hashes it.
+const md5Step = 1 << 20
+
+// fillHashingMD5 fills buf[from:] from the stream while another goroutine
+// computes the MD5 of all of buf (which R2 wants as Content-MD5) a step
+// behind, so the digest is ready about when the last byte arrives instead
+// of costing the part's upload ~13 ms per 8 MiB afterwards.
+func fillHashingMD5(r *chunkReader, buf []byte, from int) (<-chan []byte, error) {
+	steps := make(chan []byte, len(buf)/md5Step+2)
+	sum := make(chan []byte, 1)
+	go func() {
+		h := md5.New()
+		for p := range steps {
+			hashWrite(h, p)
+		}
+		sum <- h.Sum(nil)
+	}()
+	defer close(steps)
+	if from > 0 {
+		steps <- buf[:from]
+	}
+	for off := from; off < len(buf); {
+		end := min(off+md5Step, len(buf))
+		if err := r.fill(buf[off:end]); err != nil {
+			return nil, err
+		}
+		steps <- buf[off:end]
+		off = end
+	}
+	return sum, nil
+}
 
 // startMultipart allocates and creates the multipart upload, failing over
 // to other buckets: no part has been sent yet, so nothing is lost.
@@ -419,7 +474,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 }
 
 // uploadPart retries one part on the same bucket with backoff.
-func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte) (string, error) {
+func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data, md5sum []byte) (string, error) {
 	var err error
 	for attempt := 0; attempt < s.cfg.PartAttempts; attempt++ {
 		if attempt > 0 {
@@ -429,7 +484,7 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 		}
 		t0 := time.Now()
 		var etag string
-		etag, err = b.UploadPart(ctx, key, mpID, num, data)
+		etag, err = b.UploadPartMD5(ctx, key, mpID, num, data, md5sum)
 		if err == nil {
 			return etag, nil
 		}
