@@ -113,9 +113,14 @@ func (t *term) bucketIDs() []string {
 var errLeaseLost = fmt.Errorf("allocator replica lost its etcd lease: %w", ErrConflict)
 
 type bucketCap struct {
-	mu       sync.Mutex // serializes this replica's block and shard writes
-	block    int64      // bytes held by our block key
-	blockRev int64      // its mod revision (0: absent): every write of ours
+	// wmu serializes this replica's writes of its block and shard keys
+	// (grow, commit, idle shrink); mu guards the fields below and is held
+	// only briefly, so reservations are carved while a commit transaction
+	// is in flight. Lock order: wmu, then mu.
+	wmu      sync.Mutex
+	mu       sync.Mutex
+	block    int64 // bytes held by our block key
+	blockRev int64 // its mod revision (0: absent): every write of ours
 	// compares it, because another replica may shrink our block to commit
 	// one of our reservations when it has no room of its own
 	blockSeen int64  // revision at which block/blockRev were last known true
@@ -413,7 +418,7 @@ func (c *Capacity) submit(ctx context.Context, op clientv3.Op) (int64, error) {
 
 // grow takes more of the bucket's free capacity into our block: one
 // compare-and-put against all blocks and all usage of the period.
-// Called with bc.mu held.
+// Called with bc.wmu and bc.mu held.
 func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec, bc *bucketCap, need int64) error {
 	id := bucket.GetId()
 	period := c.l.Period().Name
@@ -505,15 +510,23 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	}
 	bc := t.bucket(bucket.GetId())
 	bc.mu.Lock()
+	if bc.block-bc.carved < size {
+		// Growing writes our block: take the write lock first.
+		bc.mu.Unlock()
+		bc.wmu.Lock()
+		bc.mu.Lock()
+		if bc.block-bc.carved < size {
+			if err := c.grow(ctx, t, bucket, bc, size); err != nil {
+				bc.mu.Unlock()
+				bc.wmu.Unlock()
+				return nil, err
+			}
+		}
+		bc.wmu.Unlock()
+	}
 	if _, dup := bc.res[id]; dup {
 		bc.mu.Unlock()
 		return nil, fmt.Errorf("%w: reservation %s is already held here", ErrConflict, id)
-	}
-	if bc.block-bc.carved < size {
-		if err := c.grow(ctx, t, bucket, bc, size); err != nil {
-			bc.mu.Unlock()
-			return nil, err
-		}
 	}
 	exp := c.l.opts.Now().Add(ttl)
 	r := &localRes{size: size, exp: exp}
@@ -773,17 +786,22 @@ func (c *Capacity) committer(t *term, bc *bucketCap) {
 				break fill
 			}
 		}
-		bc.mu.Lock()
+		bc.wmu.Lock()
 		c.commitBatch(context.Background(), t, bc, batch)
-		bc.mu.Unlock()
+		bc.wmu.Unlock()
 	}
 }
 
-// commitBatch runs with bc.mu held and answers every pending commit.
+// commitBatch runs with bc.wmu held and answers every pending commit.
+// bc.mu is held only to prepare and to apply the result, not across the
+// transaction: meanwhile reservations are still carved from the block's
+// free part, minus the bytes this batch takes for reservations that are
+// not ours (held aside as carved until the transaction is decided).
 func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batch []*pendingCommit) {
 	bucket := batch[0].bucket
 	id := bucket.GetId()
 	period := c.l.Period().Name
+	bc.mu.Lock()
 	if bc.shardOf != period {
 		c.resync(ctx, t, bc, period, id)
 	}
@@ -803,6 +821,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	if need > bc.block-bc.carved {
 		if err := c.grow(ctx, t, bucket, bc, need); err != nil {
 			kept := batch[:0]
+			need = 0
 			for _, p := range batch {
 				if p.mine {
 					kept = append(kept, p)
@@ -816,17 +835,22 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 			}
 			batch = kept
 			if len(batch) == 0 {
+				bc.mu.Unlock()
 				return
 			}
 		}
 	}
+	bc.carved += need
+	block, blockRev, shard, shardRev := bc.block, bc.blockRev, bc.shard, bc.shardRev
+	bc.mu.Unlock()
+
 	shardKey := c.l.shardPrefix(period, id) + c.id
 	blockKey := c.l.blockPrefix(id) + t.owner
 	var sum, take int64
 	cmps := []clientv3.Cmp{
 		// An admin may have reset usage: never write back a stale shard.
-		clientv3.Compare(clientv3.ModRevision(shardKey), "=", bc.shardRev),
-		clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev),
+		clientv3.Compare(clientv3.ModRevision(shardKey), "=", shardRev),
+		clientv3.Compare(clientv3.ModRevision(blockKey), "=", blockRev),
 	}
 	var ops, elseOps []clientv3.Op
 	for _, p := range batch {
@@ -849,21 +873,32 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		}
 	}
 	ops = append(ops,
-		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+sum, 10)),
-		clientv3.OpPut(blockKey, strconv.FormatInt(bc.block-take, 10), clientv3.WithLease(t.lease)))
+		clientv3.OpPut(shardKey, strconv.FormatInt(shard+sum, 10)),
+		clientv3.OpPut(blockKey, strconv.FormatInt(block-take, 10), clientv3.WithLease(t.lease)))
 	tctx, cancel := c.l.ctx(ctx)
 	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
 	cancel()
+
+	bc.mu.Lock()
+	bc.carved -= need
 	if err == nil && tr.Succeeded {
 		rev := tr.Header.Revision
-		bc.shard += sum
-		bc.block -= take
-		bc.shardRev, bc.blockRev, bc.blockSeen = rev, rev, rev
+		bc.shard, bc.shardRev = shard+sum, rev
+		// Only our writes change our block while we hold wmu (another
+		// replica's would have failed this transaction's compare), so
+		// unless a read already showed it at rev or later, it is the
+		// snapshot minus what this batch took.
+		if rev > bc.blockSeen {
+			bc.block, bc.blockRev, bc.blockSeen = block-take, rev, rev
+		}
 		bc.touched = time.Now()
 		for _, p := range batch {
 			if p.mine {
 				forget(bc, p.resID, rev)
 			}
+		}
+		bc.mu.Unlock()
+		for _, p := range batch {
 			p.done <- commitOutcome{ok: true, res: CommitResult{Period: period, Size: p.actual}}
 		}
 		return
@@ -871,6 +906,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	// Ambiguous or a compare failed: resync our keys; the callers re-read
 	// the markers, so an applied commit is reported, not repeated.
 	c.resync(ctx, t, bc, period, id)
+	bc.mu.Unlock()
 	if err == nil && len(batch) > 1 {
 		for _, p := range batch { // isolate the one that failed
 			c.commitBatch(ctx, t, bc, []*pendingCommit{p})
@@ -915,6 +951,8 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	}
 	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
 	bc := t.bucket(id)
+	bc.wmu.Lock()
+	defer bc.wmu.Unlock()
 	bc.mu.Lock()
 	defer bc.mu.Unlock()
 	if bc.shardOf != period {
@@ -950,7 +988,8 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	return res, true, nil
 }
 
-// resync re-reads our block and shard after an ambiguous write.
+// resync re-reads our block and shard after an ambiguous write. Called
+// with bc.wmu and bc.mu held.
 func (c *Capacity) resync(ctx context.Context, t *term, bc *bucketCap, period, id string) {
 	gctx, cancel := c.l.ctx(ctx)
 	defer cancel()
@@ -1021,6 +1060,8 @@ func (c *Capacity) janitor(ctx context.Context) {
 
 func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 	bc := t.bucket(id)
+	bc.wmu.Lock()
+	defer bc.wmu.Unlock()
 	bc.mu.Lock()
 	defer bc.mu.Unlock()
 	blockKey := c.l.blockPrefix(id) + t.owner
