@@ -85,3 +85,32 @@ func Load(workers int, d time.Duration, fn func(worker, call int) error) LoadRes
 	}
 	return r
 }
+
+// Merge combines runs of the same load into one result, as if they had run
+// back to back. Benchmarks alternate short rounds of a baseline and the
+// system under test and merge each side's rounds, so drift during the run
+// (a gateway slowing as its directory fills, other work on the machine)
+// falls on both sides alike.
+func Merge(runs ...LoadResult) LoadResult {
+	var out LoadResult
+	var seconds float64
+	var cpu time.Duration
+	for _, r := range runs {
+		n := len(r.Latencies)
+		if r.Rate > 0 {
+			seconds += float64(n) / r.Rate
+		}
+		cpu += r.CPUPerOp * time.Duration(n)
+		out.Latencies = append(out.Latencies, r.Latencies...)
+		out.Errors += r.Errors
+		if out.FirstErr == nil {
+			out.FirstErr = r.FirstErr
+		}
+	}
+	slices.Sort(out.Latencies)
+	if n := len(out.Latencies); n > 0 {
+		out.Rate = float64(n) / seconds
+		out.CPUPerOp = cpu / time.Duration(n)
+	}
+	return out
+}

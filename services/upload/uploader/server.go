@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -74,7 +75,16 @@ type Server struct {
 	store *objstore.Store
 	mime  *mimecheck.Checker
 	log   *slog.Logger
+
+	// Successful outcomes are reported off the upload's path; these bound
+	// and track those reports.
+	reportSlots chan struct{}
+	reports     sync.WaitGroup
 }
+
+// maxBackgroundReports bounds success reports in flight; beyond it they
+// are sent inline, never dropped.
+const maxBackgroundReports = 256
 
 // New builds the service.
 func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
@@ -106,14 +116,20 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log}, nil
+	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
+		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }
 
 // Register adds the UploadService to r.
 func (s *Server) Register(r grpc.ServiceRegistrar) { uploadv1.RegisterUploadServiceServer(r, s) }
 
-// Close drops idle S3 connections.
-func (s *Server) Close() error { s.store.Close(); return nil }
+// Close waits for outcome reports still in flight and drops idle S3
+// connections.
+func (s *Server) Close() error {
+	s.reports.Wait()
+	s.store.Close()
+	return nil
+}
 
 func bucketTarget(t *allocatorv1.BucketTarget) objstore.Target {
 	return objstore.Target{ID: t.GetId(), Name: t.GetName(), Endpoint: t.GetEndpoint(), Region: t.GetRegion(),
@@ -138,12 +154,30 @@ func (s *Server) report(ctx context.Context, bucketID string, err error, f objst
 			out = allocatorv1.Outcome_OUTCOME_ERROR
 		}
 	}
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	req := &allocatorv1.ReportOutcomeRequest{BucketId: bucketID, Outcome: out, Latency: durationpb.New(latency), Error: msg}
+	ctx = context.WithoutCancel(ctx)
+	if err == nil {
+		// A success only feeds latency and the score: the upload need not
+		// wait a round trip to the allocator for it. Failures stay inline,
+		// so a failing bucket cools down before the next attempt.
+		select {
+		case s.reportSlots <- struct{}{}:
+			s.reports.Go(func() {
+				defer func() { <-s.reportSlots }()
+				s.sendReport(ctx, req)
+			})
+			return
+		default:
+		}
+	}
+	s.sendReport(ctx, req)
+}
+
+func (s *Server) sendReport(ctx context.Context, req *allocatorv1.ReportOutcomeRequest) {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if _, rerr := s.alloc.ReportOutcome(rctx, &allocatorv1.ReportOutcomeRequest{
-		BucketId: bucketID, Outcome: out, Latency: durationpb.New(latency), Error: msg,
-	}); rerr != nil {
-		s.log.Warn("could not report bucket outcome", "bucket", bucketID, "error", rerr.Error())
+	if _, err := s.alloc.ReportOutcome(rctx, req); err != nil {
+		s.log.Warn("could not report bucket outcome", "bucket", req.GetBucketId(), "error", err.Error())
 	}
 }
 
