@@ -1,22 +1,29 @@
 package uploader_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -152,6 +159,19 @@ func BenchmarkServiceOverhead(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// The server alone: the client runs in a child process (this test
+	// binary, as TestHelperUploadClient), so this process's heap is the
+	// upload service's (plus the allocator and the sink, which hold no
+	// upload data).
+	const concurrent = 4
+	client := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperUploadClient$", "-test.count=1")
+	client.Env = append(os.Environ(), helperAddrEnv+"="+st.UploadAddr, fmt.Sprintf("%s=%d", helperStreamsEnv, concurrent),
+		fmt.Sprintf("%s=%d", helperSizeEnv, 64<<20))
+	client.Stdout, client.Stderr = os.Stderr, os.Stderr
+	heapServer, err := peakLiveHeap(client.Run)
+	if err != nil {
+		b.Fatalf("upload client process: %v", err)
+	}
 	proxy.Counts()
 	if _, err := send(ctx, st.Upload, hdr(1024), data[:1024]); err != nil {
 		b.Fatal(err)
@@ -183,12 +203,14 @@ func BenchmarkServiceOverhead(b *testing.B) {
 	fmt.Fprintln(tw, "\nupload service vs direct SDK to a sink S3 endpoint\tbaseline\tservice\tratio\t")
 	fmt.Fprintf(tw, "256 MiB multipart, MB/s (goal >= 0.6x)\t%.0f\t%.0f\t%.2fx\t\n", directMBs, serviceMBs, serviceMBs/directMBs)
 	fmt.Fprintf(tw, "peak live heap, one 256 MiB upload, client+server (goal <= 2 parts + 1 MiB = 17 MiB)\t17.0 MiB\t%.1f MiB\t%.2fx\t\n", float64(heap)/(1<<20), float64(heap)/(17<<20))
+	fmt.Fprintf(tw, "peak live heap per upload, server only, %d concurrent 64 MiB uploads (goal <= 17 MiB)\t17.0 MiB\t%.1f MiB\t%.2fx\t\n", concurrent, float64(heapServer)/concurrent/(1<<20), float64(heapServer)/concurrent/(17<<20))
 	fmt.Fprintf(tw, "heap of %d idle upload streams, client+server (goal <= 64 MiB)\t64.0 MiB\t%.1f MiB\t%.2fx\t\n", idle, idleMiB, idleMiB/64)
 	fmt.Fprintf(tw, "S3 requests, 1 KiB upload (goal exactly 1 PUT)\t1\t%d %v\t\t\n", total(smallOps), smallOps)
 	fmt.Fprintf(tw, "S3 requests, 256 MiB upload (goal parts+2 = %d)\t%d\t%d %v\t\t\n", size/(8<<20)+2, size/(8<<20)+2, total(largeOps), largeOps)
 	tw.Flush()
 	b.ReportMetric(serviceMBs/directMBs, "sink-ratio")
 	b.ReportMetric(float64(heap)/(1<<20), "peak-heap-MiB")
+	b.ReportMetric(float64(heapServer)/concurrent/(1<<20), "server-heap-per-upload-MiB")
 	b.ReportMetric(float64(total(smallOps)), "s3-ops-small")
 	b.ReportMetric(float64(total(largeOps)), "s3-ops-large")
 	_ = uploader.Config{}
@@ -200,4 +222,41 @@ func total(m map[string]int) int {
 		n += v
 	}
 	return n
+}
+
+const (
+	helperAddrEnv    = "BUCKETLB_HELPER_UPLOAD_ADDR"
+	helperStreamsEnv = "BUCKETLB_HELPER_UPLOAD_STREAMS"
+	helperSizeEnv    = "BUCKETLB_HELPER_UPLOAD_SIZE"
+)
+
+// TestHelperUploadClient is not a test: BenchmarkServiceOverhead runs it in
+// a child process to upload from outside the measured heap.
+func TestHelperUploadClient(t *testing.T) {
+	addr := os.Getenv(helperAddrEnv)
+	if addr == "" {
+		t.Skip("runs only as BenchmarkServiceOverhead's client process")
+	}
+	streams, _ := strconv.Atoi(os.Getenv(helperStreamsEnv))
+	size, _ := strconv.Atoi(os.Getenv(helperSizeEnv))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := uploadv1.NewUploadServiceClient(conn)
+	data := testenv.OpaqueBytes(t, size)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	for range streams {
+		wg.Go(func() {
+			// The client's default chunk size, as services would send.
+			if _, err := uploadclient.Upload(ctx, c, &uploadv1.UploadHeader{NameHint: "h.bin", ContentType: "application/octet-stream", Size: int64(size)},
+				bytes.NewReader(data), uploadclient.Options{}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -1,6 +1,9 @@
 package uploader
 
 import (
+	"encoding/binary"
+	"io"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/encoding/proto"
@@ -10,10 +13,22 @@ import (
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 )
 
+// streamWindow is the most data a client may send ahead of what an upload
+// has read. Fixed windows turn off gRPC's bandwidth-delay estimate, which
+// grows them to 16 MiB: a stream waiting for its part buffer to free up
+// would then hold another 16 MiB of received chunks. 1 MiB keeps a stream
+// at two parts plus 1 MiB and is plenty on any network a data centre has.
+const streamWindow = 256 << 10
+
 // ServerOptions are the gRPC server options the upload service needs: a
-// codec that decodes data chunks into pooled buffers.
+// codec that decodes data chunks into pooled buffers, and bounded flow
+// control windows.
 func ServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.ForceServerCodecV2(chunkCodec{base: encoding.GetCodecV2(proto.Name)})}
+	return []grpc.ServerOption{
+		grpc.ForceServerCodecV2(chunkCodec{base: encoding.GetCodecV2(proto.Name)}),
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(16 * streamWindow),
+	}
 }
 
 // chunkField is UploadRequest's chunk field number.
@@ -36,20 +51,35 @@ func (c chunkCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	if !ok {
 		return c.base.Unmarshal(data, v)
 	}
-	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
-	defer buf.Free()
-	b := buf.ReadOnlyData()
-	if num, typ, n := protowire.ConsumeTag(b); n > 0 && num == chunkField && typ == protowire.BytesType {
-		if chunk, k := protowire.ConsumeBytes(b[n:]); k == len(b)-n {
-			p := mem.DefaultBufferPool().Get(len(chunk))
-			copy(*p, chunk)
-			m.Reset()
-			m.Payload = &uploadv1.UploadRequest_Chunk{Chunk: *p}
-			return nil
-		}
+	if chunk, ok := decodeChunk(data); ok {
+		m.Reset()
+		m.Payload = &uploadv1.UploadRequest_Chunk{Chunk: chunk}
+		return nil
 	}
 	// Headers and anything unusual: the standard decoder.
-	return c.base.Unmarshal(mem.BufferSlice{buf}, v)
+	return c.base.Unmarshal(data, v)
+}
+
+// decodeChunk copies a message that is exactly one chunk field from gRPC's
+// receive buffers straight into a pooled buffer (no contiguous copy of the
+// whole message first); ok is false for any other message.
+func decodeChunk(data mem.BufferSlice) (chunk []byte, ok bool) {
+	r := data.Reader()
+	defer r.Close()
+	tag, err := binary.ReadUvarint(r)
+	if err != nil || tag != uint64(protowire.EncodeTag(chunkField, protowire.BytesType)) {
+		return nil, false
+	}
+	n, err := binary.ReadUvarint(r)
+	if err != nil || n != uint64(r.Remaining()) {
+		return nil, false
+	}
+	p := mem.DefaultBufferPool().Get(int(n))
+	if _, err := io.ReadFull(r, *p); err != nil {
+		mem.DefaultBufferPool().Put(p)
+		return nil, false
+	}
+	return *p, true
 }
 
 // releaseChunk gives a chunk decoded by chunkCodec back to the pool once

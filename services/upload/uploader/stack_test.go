@@ -33,7 +33,8 @@ const adminToken = "test-admin-token"
 // each on its own real gRPC server on 127.0.0.1:0, over the process-wide
 // S3 gateway with one fresh bucket per entry, each behind a fault proxy.
 type stack struct {
-	Upload  uploadv1.UploadServiceClient
+	Upload     uploadv1.UploadServiceClient
+	UploadAddr string // host:port of the upload service
 	Admin   adminv1.AdminServiceClient
 	S3      *s3.Client
 	Buckets []*adminv1.BucketSpec
@@ -118,7 +119,8 @@ func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config))
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
-	st.Upload = uploadv1.NewUploadServiceClient(serve(t, up.Register, uploader.ServerOptions()...))
+	uconn := serve(t, up.Register, uploader.ServerOptions()...)
+	st.Upload, st.UploadAddr = uploadv1.NewUploadServiceClient(uconn), uconn.Target()
 	if st.S3, err = g.Client(); err != nil {
 		t.Fatal(err)
 	}
