@@ -35,10 +35,10 @@ const adminToken = "test-admin-token"
 type stack struct {
 	Upload     uploadv1.UploadServiceClient
 	UploadAddr string // host:port of the upload service
-	Admin   adminv1.AdminServiceClient
-	S3      *s3.Client
-	Buckets []*adminv1.BucketSpec
-	Proxies map[string]*faultproxy.Proxy
+	Admin      adminv1.AdminServiceClient
+	S3         *s3.Client
+	Buckets    []*adminv1.BucketSpec
+	Proxies    map[string]*faultproxy.Proxy
 }
 
 func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
