@@ -29,6 +29,10 @@ type Allocator struct {
 	EtcdEndpoints []string `json:"etcdEndpoints"`
 	// ReservationTTL is how long a reservation lives without renewal.
 	ReservationTTL Duration `json:"reservationTTL"`
+	// IdempotencyTTL is how long an upload's result answers retries with
+	// the same idempotency key. etcd keeps one key per such upload for
+	// this long: size it with the upload rate.
+	IdempotencyTTL Duration `json:"idempotencyTTL"`
 	// Strategy is the default placement strategy, e.g. "priority-first".
 	Strategy string `json:"strategy"`
 	// PeriodResetDay is the day of month (1–28, UTC) usage resets.
@@ -96,6 +100,7 @@ func Defaults() File {
 			Listen:         "127.0.0.1:7001",
 			EtcdEndpoints:  []string{"http://127.0.0.1:2379"},
 			ReservationTTL: Duration(30 * time.Second),
+			IdempotencyTTL: Duration(24 * time.Hour),
 			Strategy:       "priority-first",
 			PeriodResetDay: 1,
 			StopTimeout:    Duration(20 * time.Second),
@@ -178,6 +183,9 @@ func (f *File) Validate() error {
 	}
 	if d := f.Allocator.PeriodResetDay; d < 1 || d > 28 {
 		errs = append(errs, fmt.Errorf("allocator.periodResetDay: %d is not a day between 1 and 28", d))
+	}
+	if f.Allocator.IdempotencyTTL.D() < time.Minute {
+		errs = append(errs, fmt.Errorf("allocator.idempotencyTTL: %s is too short for a client to retry an upload (at least 1m)", f.Allocator.IdempotencyTTL.D()))
 	}
 	if f.Allocator.ReservationTTL.D() < 2*time.Second {
 		errs = append(errs, fmt.Errorf("allocator.reservationTTL: %s is shorter than etcd's 2s minimum lease", f.Allocator.ReservationTTL.D()))

@@ -44,27 +44,46 @@ type Capacity struct {
 	writes  chan *write
 	stopped chan struct{} // closed when Run returns
 
-	mleaseMu sync.Mutex
-	mlease   clientv3.LeaseID
-	mleaseAt time.Time
+	markers, idems rotatingLease
 }
 
-// markerLease returns the lease commit markers and idempotency records
-// hang on: one per replica, replaced hourly, each living CommitMarkerTTL,
-// so a marker outlives its commit by at least CommitMarkerTTL − 1h without
-// a lease grant per commit.
-func (c *Capacity) markerLease(ctx context.Context) (clientv3.LeaseID, error) {
-	c.mleaseMu.Lock()
-	defer c.mleaseMu.Unlock()
-	if c.mlease != 0 && time.Since(c.mleaseAt) < time.Hour {
-		return c.mlease, nil
+// rotatingLease is a lease many keys hang on, replaced every quarter of
+// its TTL, so each key lives between 3/4 of the TTL and the TTL without a
+// lease grant per key.
+type rotatingLease struct {
+	mu sync.Mutex
+	id clientv3.LeaseID
+	at time.Time
+}
+
+func (r *rotatingLease) get(ctx context.Context, l *Ledger, ttl time.Duration) (clientv3.LeaseID, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.id != 0 && time.Since(r.at) < ttl/4 {
+		return r.id, nil
 	}
-	id, err := c.l.grant(ctx, c.l.opts.CommitMarkerTTL)
+	id, err := l.grant(ctx, ttl)
 	if err != nil {
 		return 0, err
 	}
-	c.mlease, c.mleaseAt = id, time.Now()
+	r.id, r.at = id, time.Now()
 	return id, nil
+}
+
+// leases are what a commit's keys hang on: its marker, and the upload's
+// record when it carries an idempotency key.
+type leases struct{ marker, idem clientv3.LeaseID }
+
+func (c *Capacity) leasesFor(ctx context.Context, idem *Idempotency) (leases, error) {
+	var ls leases
+	var err error
+	if ls.marker, err = c.markers.get(ctx, c.l, c.l.opts.CommitMarkerTTL); err != nil {
+		return ls, err
+	}
+	if idem != nil && idem.Key != "" {
+		ls.idem, err = c.idems.get(ctx, c.l, c.l.opts.IdempotencyTTL)
+	}
+	return ls, err
 }
 
 // term is one life of the replica's lease. Blocks and reservations are
@@ -629,18 +648,18 @@ func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID
 	if err != nil {
 		return CommitResult{}, err
 	}
-	markerLease, err := c.markerLease(ctx)
+	ls, err := c.leasesFor(ctx, idem)
 	if err != nil {
 		return CommitResult{}, err
 	}
-	return c.commit(ctx, t, bucket, resID, actual, idem, markerLease)
+	return c.commit(ctx, t, bucket, resID, actual, idem, ls)
 }
 
-func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, error) {
+func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, ls leases) (CommitResult, error) {
 	id := bucket.GetId()
 	bc := t.bucket(id)
 	for attempt := 0; attempt < 50; attempt++ {
-		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, markerLease: markerLease, done: make(chan commitOutcome, 1)}
+		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, leases: ls, done: make(chan commitOutcome, 1)}
 		// A reservation carved here is known with its revision: the commit
 		// transaction's compares (no marker yet, key unchanged) stand in
 		// for a linearizable read, which under write load waits tens of
@@ -667,7 +686,7 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 			return CommitResult{DuplicateOf: out.dup}, nil
 		case out.noRoom && p.exists:
 			// No room of our own: move the bytes out of the owner's block.
-			res, done, err := c.commitFromOwner(ctx, t, bucket, resID, actual, p.rec, p.resRev, idem, markerLease)
+			res, done, err := c.commitFromOwner(ctx, t, bucket, resID, actual, p.rec, p.resRev, idem, ls)
 			if err != nil || done {
 				return res, err
 			}
@@ -718,15 +737,15 @@ func (c *Capacity) readForCommit(ctx context.Context, bucketID, resID string, p 
 
 // pendingCommit waits in a bucket's commit queue.
 type pendingCommit struct {
-	bucket      *adminv1.BucketSpec
-	resID       string
-	actual      int64
-	idem        *Idempotency
-	rec         resRecord
-	exists      bool
-	resRev      int64
-	markerLease clientv3.LeaseID
-	done        chan commitOutcome
+	bucket *adminv1.BucketSpec
+	resID  string
+	actual int64
+	idem   *Idempotency
+	rec    resRecord
+	exists bool
+	resRev int64
+	leases leases
+	done   chan commitOutcome
 
 	take int64 // bytes leaving our block, set by the worker
 	mine bool
@@ -858,7 +877,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		take += p.take
 		marker, _ := json.Marshal(CommitResult{Period: period, Size: p.actual})
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(c.l.commitKey(p.resID)), "=", 0))
-		ops = append(ops, clientv3.OpPut(c.l.commitKey(p.resID), string(marker), clientv3.WithLease(p.markerLease)))
+		ops = append(ops, clientv3.OpPut(c.l.commitKey(p.resID), string(marker), clientv3.WithLease(p.leases.marker)))
 		if p.exists {
 			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(c.l.resKey(id, p.resID)), "=", p.resRev))
 			ops = append(ops, clientv3.OpDelete(c.l.resKey(id, p.resID)))
@@ -866,7 +885,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		if p.idem != nil && p.idem.Key != "" {
 			k := c.l.idemKey(p.idem.Key)
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
-			ops = append(ops, clientv3.OpPut(k, string(p.idem.Record), clientv3.WithLease(p.markerLease)))
+			ops = append(ops, clientv3.OpPut(k, string(p.idem.Record), clientv3.WithLease(p.leases.idem)))
 			if len(batch) == 1 {
 				elseOps = append(elseOps, clientv3.OpGet(k))
 			}
@@ -930,7 +949,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 // bytes from the owner's block into our shard, compared on the owner's
 // block revision (the owner compares it on every write too). done=false
 // means a compare failed: the caller starts over.
-func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, markerLease clientv3.LeaseID) (CommitResult, bool, error) {
+func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, ls leases) (CommitResult, bool, error) {
 	if ownerOf(resID) != rec.Replica {
 		// A reservation re-established under another term's id is not
 		// under its owner's watch: the owner would not learn that its
@@ -971,12 +990,12 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		clientv3.OpPut(shardKey, strconv.FormatInt(bc.shard+actual, 10)),
 		clientv3.OpPut(ownerKey, strconv.FormatInt(ownerBlock-rec.Size, 10), clientv3.WithLease(clientv3.LeaseID(resp.Kvs[0].Lease))),
 		clientv3.OpDelete(c.l.resKey(id, resID)),
-		clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(markerLease)),
+		clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(ls.marker)),
 	}
 	if idem != nil && idem.Key != "" {
 		k := c.l.idemKey(idem.Key)
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
-		ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(markerLease)))
+		ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(ls.idem)))
 	}
 	tr, err := c.txn(ctx, cmps, ops...)
 	if err != nil || !tr.Succeeded {

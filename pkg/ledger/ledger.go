@@ -31,8 +31,13 @@ type Options struct {
 	// etcd indefinitely); default 2s.
 	OpTimeout time.Duration
 	// CommitMarkerTTL is how long commit markers are kept to answer
-	// retried commits; default 48h.
+	// retried commits; default 1h. etcd holds about commit rate × TTL
+	// markers (100 commits/s for 48 h would be 17 million keys, past its
+	// storage quota), and a commit is retried within seconds.
 	CommitMarkerTTL time.Duration
+	// IdempotencyTTL is how long an upload's result is kept for its
+	// idempotency key; default 24h. Only uploads that carry a key cost one.
+	IdempotencyTTL time.Duration
 }
 
 // Ledger is the etcd-backed capacity ledger.
@@ -56,7 +61,10 @@ func New(cli *clientv3.Client, opts Options) *Ledger {
 		opts.OpTimeout = 2 * time.Second
 	}
 	if opts.CommitMarkerTTL == 0 {
-		opts.CommitMarkerTTL = 48 * time.Hour
+		opts.CommitMarkerTTL = time.Hour
+	}
+	if opts.IdempotencyTTL == 0 {
+		opts.IdempotencyTTL = 24 * time.Hour
 	}
 	return &Ledger{cli: cli, opts: opts}
 }

@@ -26,7 +26,12 @@ func bucket(id string, limit int64) *adminv1.BucketSpec {
 // replicaCap starts a capacity manager for one replica on cli.
 func replicaCap(t *testing.T, cli *clientv3.Client, id string) (*ledger.Ledger, *ledger.Capacity) {
 	t.Helper()
-	l := ledger.New(cli, ledger.Options{})
+	return replicaCapWith(t, cli, id, ledger.Options{})
+}
+
+func replicaCapWith(t *testing.T, cli *clientv3.Client, id string, opts ledger.Options) (*ledger.Ledger, *ledger.Capacity) {
+	t.Helper()
+	l := ledger.New(cli, opts)
 	c := l.NewCapacity(id, 2*time.Second, slog.New(slog.DiscardHandler))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -374,5 +379,41 @@ func TestGrantingReplicaDies(t *testing.T) {
 	}
 	if u := usage(t, l, "b1"); u.Used != 350 {
 		t.Fatalf("usage %d, want 350", u.Used)
+	}
+}
+
+// TestCommitMarkersExpireBeforeIdempotencyRecords: commit markers (only
+// needed for a commit retried within seconds) leave etcd after their short
+// TTL, so their number stays bounded by rate × TTL, while the upload's
+// idempotency record stays for its own, longer TTL.
+func TestCommitMarkersExpireBeforeIdempotencyRecords(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, c := replicaCapWith(t, cli, "r1", ledger.Options{CommitMarkerTTL: 2 * time.Second, IdempotencyTTL: time.Hour})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 1000)
+	r, err := c.Reserve(ctx, b, 100, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Commit(ctx, b, r.ID, 100, &ledger.Idempotency{Key: "upload-1", Record: []byte(`{"size":100}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := c.Commit(ctx, b, r.ID, 100, nil); err != nil || !again.AlreadyCommitted {
+		t.Fatalf("retried commit = %+v, %v; want the first answer, flagged", again, err)
+	}
+	markers := func() int64 {
+		resp, err := cli.Get(ctx, "/bucketlb/commits/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Count
+	}
+	if n := markers(); n != 1 {
+		t.Fatalf("%d commit markers after one commit, want 1", n)
+	}
+	poll(t, 10*time.Second, "the commit marker to expire", func() bool { return markers() == 0 })
+	if rec, ok, err := l.UploadRecord(ctx, "upload-1"); err != nil || !ok || string(rec) != `{"size":100}` {
+		t.Fatalf("idempotency record after the marker expired: %q, %v, %v; want it kept", rec, ok, err)
 	}
 }

@@ -92,6 +92,7 @@ func run(log *slog.Logger) error {
 		Buckets:        specs,
 		AdminToken:     token,
 		ReservationTTL: cfg.Allocator.ReservationTTL.D(),
+		IdempotencyTTL: cfg.Allocator.IdempotencyTTL.D(),
 		Strategy:       strategy,
 		ResetDay:       cfg.Allocator.PeriodResetDay,
 		ProbeEvery:     cfg.Allocator.ProbeInterval.D(),

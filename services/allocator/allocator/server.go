@@ -33,6 +33,9 @@ type Config struct {
 	AdminToken string
 	// ReservationTTL is a reservation's life without renewal; default 30s.
 	ReservationTTL time.Duration
+	// CommitMarkerTTL and IdempotencyTTL keep commit markers and upload
+	// records; defaults in ledger.Options (1h, 24h).
+	CommitMarkerTTL, IdempotencyTTL time.Duration
 	// Strategy is the default placement strategy.
 	Strategy allocatorv1.Strategy
 	// ResetDay is the UTC day of month usage resets; default 1.
@@ -101,9 +104,10 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		cfg.Strategy = allocatorv1.Strategy_STRATEGY_PRIORITY_FIRST
 	}
 	s := &Server{
-		cfg:        cfg,
-		log:        log,
-		ledger:     ledger.New(cli, ledger.Options{Prefix: cfg.Prefix, ResetDay: cfg.ResetDay, Now: cfg.Now}),
+		cfg: cfg,
+		log: log,
+		ledger: ledger.New(cli, ledger.Options{Prefix: cfg.Prefix, ResetDay: cfg.ResetDay, Now: cfg.Now,
+			CommitMarkerTTL: cfg.CommitMarkerTTL, IdempotencyTTL: cfg.IdempotencyTTL}),
 		health:     health.NewStore(cli, cfg.Prefix, cfg.Now, cfg.Health),
 		auth:       auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", cfg.AdminToken),
 		strategies: map[allocatorv1.Strategy]placement.Strategy{},
