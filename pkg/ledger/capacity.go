@@ -167,6 +167,13 @@ type localRes struct {
 	rev int64
 }
 
+// batchLinger is how long a reservation or commit batch waits for more
+// after its first entry. Under load it makes batches several times larger
+// and etcd spends its CPU on fewer transactions (hot-bucket reservations
+// 1.06–1.2x -> 1.3–1.4x the plain Put rate); when idle it adds this much
+// to a transaction of a few milliseconds.
+const batchLinger = 300 * time.Microsecond
+
 // writers is how many reservation batches one replica keeps in flight.
 const writers = 1
 
@@ -394,15 +401,17 @@ func (c *Capacity) writer(ctx context.Context) {
 		case w := <-c.writes:
 			batch = append(batch, w)
 		}
+		linger := time.NewTimer(batchLinger)
 	fill:
 		for len(batch) < 100 {
 			select {
 			case w := <-c.writes:
 				batch = append(batch, w)
-			default:
+			case <-linger.C:
 				break fill
 			}
 		}
+		linger.Stop()
 		ops := make([]clientv3.Op, len(batch))
 		for i, w := range batch {
 			ops[i] = w.op
@@ -796,15 +805,17 @@ func (c *Capacity) committer(t *term, bc *bucketCap) {
 			return
 		}
 		batch := []*pendingCommit{p}
+		linger := time.NewTimer(batchLinger)
 	fill:
 		for len(batch) < 40 {
 			select {
 			case q := <-bc.queue:
 				batch = append(batch, q)
-			default:
+			case <-linger.C:
 				break fill
 			}
 		}
+		linger.Stop()
 		bc.wmu.Lock()
 		c.commitBatch(context.Background(), t, bc, batch)
 		bc.wmu.Unlock()
