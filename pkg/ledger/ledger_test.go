@@ -374,6 +374,17 @@ func TestGrantingReplicaDies(t *testing.T) {
 	if err != nil || !re || exp.IsZero() {
 		t.Fatalf("renew on the survivor: reestablished=%v err=%v, want re-established", re, err)
 	}
+	// The re-established reservation keeps the dead replica's id, so its
+	// key is not under the survivor's watch: a third replica with no room
+	// of its own must not commit it out of the survivor's block (the
+	// survivor would never learn its block shrank), and fails cleanly.
+	if _, err := other.Reserve(ctx, b, 600, time.Minute); err != nil {
+		t.Fatalf("fill the bucket: %v", err)
+	}
+	_, third := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "third")
+	if _, err := third.Commit(ctx, b, r.ID, 350, nil); !errors.Is(err, ledger.ErrReservationLost) {
+		t.Fatalf("commit of a re-established reservation on a replica without room: %v, want ErrReservationLost", err)
+	}
 	if _, err := other.Commit(ctx, b, r.ID, 350, nil); err != nil {
 		t.Fatal(err)
 	}
