@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sync"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -46,28 +45,7 @@ func BenchmarkUploadPath(b *testing.B) {
 	big := e2e.RandomBytes(b, 256<<20)
 	const part = 8 << 20
 	directLarge := func(key string) {
-		id, err := direct.CreateMultipart(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		parts := make([]objstore.Part, len(big)/part)
-		sem := make(chan struct{}, 2)
-		var wg sync.WaitGroup
-		for i := range parts {
-			sem <- struct{}{}
-			wg.Add(1)
-			go func(i int) {
-				defer wg.Done()
-				defer func() { <-sem }()
-				etag, err := direct.UploadPart(ctx, key, id, int32(i+1), big[i*part:(i+1)*part])
-				if err != nil {
-					b.Error(err)
-				}
-				parts[i] = objstore.Part{Number: int32(i + 1), ETag: etag}
-			}(i)
-		}
-		wg.Wait()
-		if _, err := direct.CompleteMultipart(ctx, key, id, parts); err != nil {
+		if err := testenv.DirectMultipart(ctx, direct, key, big, part); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -48,39 +48,6 @@ func sinkS3(tb testing.TB) string {
 	return srv.URL
 }
 
-// directMultipart writes data with 8 MiB parts, two in flight, as a
-// well-written direct SDK client would.
-func directMultipart(ctx context.Context, b *objstore.Bucket, key string, data []byte) error {
-	const part = 8 << 20
-	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"})
-	if err != nil {
-		return err
-	}
-	parts := make([]objstore.Part, (len(data)+part-1)/part)
-	sem := make(chan struct{}, 2)
-	var wg sync.WaitGroup
-	var failed atomic.Value
-	for i := range parts {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			defer func() { <-sem }()
-			etag, err := b.UploadPart(ctx, key, id, int32(i+1), data[i*part:min(len(data), (i+1)*part)])
-			if err != nil {
-				failed.Store(err)
-			}
-			parts[i] = objstore.Part{Number: int32(i + 1), ETag: etag}
-		}(i)
-	}
-	wg.Wait()
-	if err, _ := failed.Load().(error); err != nil {
-		return err
-	}
-	_, err = b.CompleteMultipart(ctx, key, id, parts)
-	return err
-}
-
 // peakLiveHeap runs fn and meanwhile collects garbage every few
 // milliseconds, so each sample is the live heap; it returns the highest
 // live heap seen above the level before fn. Slow: measure throughput in a
@@ -144,7 +111,7 @@ func BenchmarkServiceOverhead(b *testing.B) {
 	}
 
 	t0 := time.Now()
-	if err := directMultipart(ctx, direct, "direct", data); err != nil {
+	if err := testenv.DirectMultipart(ctx, direct, "direct", data, 8<<20); err != nil {
 		b.Fatal(err)
 	}
 	directMBs := float64(size) / (1 << 20) / time.Since(t0).Seconds()
