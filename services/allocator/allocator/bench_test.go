@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -66,6 +67,13 @@ func BenchmarkAllocator(b *testing.B) {
 				Buckets: buckets, Prefix: prefix, Strategy: strategy, ReservationTTL: time.Minute,
 			}))
 		}
+		// Each run's replicas stop when it ends: a later run must not
+		// pay for an earlier one's janitors and watches.
+		defer func() {
+			for _, rp := range replicas {
+				rp.stop()
+			}
+		}()
 		return testenv.Load(64, d, func(w, i int) error {
 			rp := replicas[w%4]
 			a, err := rp.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1024})
@@ -80,13 +88,13 @@ func BenchmarkAllocator(b *testing.B) {
 	// each with its own etcd client, called in process.
 	direct := func(prefix string, commit bool) testenv.LoadResult {
 		var caps []*ledger.Capacity
+		rctx, cancel := context.WithCancel(ctx)
+		var running sync.WaitGroup
+		defer func() { cancel(); running.Wait() }()
 		for r := 0; r < 4; r++ {
 			l := ledger.New(testenv.EtcdClient(b, srv.Endpoint), ledger.Options{Prefix: prefix})
 			c := l.NewCapacity(fmt.Sprintf("r%d", r), 10*time.Second, slog.New(slog.DiscardHandler))
-			rctx, cancel := context.WithCancel(ctx)
-			done := make(chan struct{})
-			go func() { _ = c.Run(rctx); close(done) }()
-			b.Cleanup(func() { cancel(); <-done })
+			running.Go(func() { _ = c.Run(rctx) })
 			caps = append(caps, c)
 		}
 		return testenv.Load(64, d, func(w, i int) error {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,6 +29,8 @@ const token = "test-admin-token"
 type replica struct {
 	alloc allocatorv1.AllocatorServiceClient
 	admin adminv1.AdminServiceClient
+	// stop shuts the replica down (also done at cleanup).
+	stop func()
 }
 
 func spec(id string, prio int32, limit int64) *adminv1.BucketSpec {
@@ -57,13 +60,14 @@ func startReplica(t testing.TB, cli *clientv3.Client, cfg allocator.Config) repl
 	done := make(chan struct{}, 2)
 	go func() { _ = a.Run(ctx); done <- struct{}{} }()
 	go func() { _ = srv.Serve(ctx, lis); done <- struct{}{} }()
-	t.Cleanup(func() { cancel(); <-done; <-done })
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(conn)}
+	stop := sync.OnceFunc(func() { conn.Close(); cancel(); <-done; <-done })
+	t.Cleanup(stop)
+	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(conn), stop: stop}
 }
 
 func adminCtx(ctx context.Context, tok string) context.Context {
