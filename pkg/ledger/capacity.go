@@ -165,6 +165,10 @@ type localRes struct {
 	// ambiguously). Deletions older than rev concern an earlier
 	// reservation with the same id and must not free this one.
 	rev int64
+	// ending is set while this replica's own commit or release of the
+	// reservation is in flight: its deletion on the watch is ours, and the
+	// writer forgets it, so apply need not read the block for it.
+	ending bool
 }
 
 // batchLinger is how long a reservation or commit batch waits for more
@@ -356,7 +360,7 @@ func (c *Capacity) apply(ctx context.Context, t *term, evs []*clientv3.Event) {
 		}
 		id := t.owner + "~" + rnd
 		bc.mu.Lock()
-		if r, ok := bc.res[id]; ok && r.written && (r.rev == 0 || r.rev < ev.Kv.ModRevision) {
+		if r, ok := bc.res[id]; ok && r.written && !r.ending && (r.rev == 0 || r.rev < ev.Kv.ModRevision) {
 			gctx, cancel := c.l.ctx(ctx)
 			resp, err := c.l.cli.Get(gctx, c.l.blockPrefix(bucket)+t.owner)
 			cancel()
@@ -844,6 +848,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		p.take = p.actual
 		if p.mine {
 			p.take = p.rec.Size
+			r.ending = true
 		} else {
 			need += p.actual
 		}
@@ -935,6 +940,11 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	}
 	// Ambiguous or a compare failed: resync our keys; the callers re-read
 	// the markers, so an applied commit is reported, not repeated.
+	for _, p := range batch {
+		if r := bc.res[p.resID]; p.mine && r != nil {
+			r.ending = false
+		}
+	}
 	c.resync(ctx, t, bc, period, id)
 	bc.mu.Unlock()
 	if err == nil && len(batch) > 1 {
@@ -1048,23 +1058,33 @@ func (c *Capacity) Release(ctx context.Context, bucketID, resID string) error {
 	}
 	t := c.current()
 	ops := []clientv3.Op{clientv3.OpDelete(c.l.resKey(bucketID, resID))}
+	var bc *bucketCap
 	if t != nil {
 		ops = append(ops, clientv3.OpGet(c.l.blockPrefix(bucketID)+t.owner))
+		bc = t.bucket(bucketID)
+		bc.mu.Lock()
+		if r := bc.res[resID]; r != nil {
+			r.ending = true
+		}
+		bc.mu.Unlock()
 	}
 	tctx, cancel := c.l.ctx(ctx)
 	resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
 	cancel()
-	if err != nil {
-		return fmt.Errorf("ledger: release: %w", err)
-	}
-	if t != nil {
-		bc := t.bucket(bucketID)
+	if bc != nil {
 		bc.mu.Lock()
-		if _, mine := bc.res[resID]; mine {
-			observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
-			forget(bc, resID, resp.Header.Revision)
+		if r := bc.res[resID]; r != nil {
+			if err == nil {
+				observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
+				forget(bc, resID, resp.Header.Revision)
+			} else {
+				r.ending = false
+			}
 		}
 		bc.mu.Unlock()
+	}
+	if err != nil {
+		return fmt.Errorf("ledger: release: %w", err)
 	}
 	return nil
 }
