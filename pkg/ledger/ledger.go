@@ -11,6 +11,7 @@ import (
 	mrand "math/rand/v2"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -44,6 +45,9 @@ type Options struct {
 type Ledger struct {
 	cli  *clientv3.Client
 	opts Options
+	// period caches the current period: every reservation and commit
+	// needs its name, and formatting dates showed up in profiles.
+	period atomic.Pointer[Period]
 }
 
 // New returns a ledger over cli.
@@ -70,7 +74,15 @@ func New(cli *clientv3.Client, opts Options) *Ledger {
 }
 
 // Period returns the current usage period.
-func (l *Ledger) Period() Period { return PeriodAt(l.opts.Now(), l.opts.ResetDay) }
+func (l *Ledger) Period() Period {
+	now := l.opts.Now()
+	if p := l.period.Load(); p != nil && !now.Before(p.Start) && now.Before(p.End) {
+		return *p
+	}
+	p := PeriodAt(now, l.opts.ResetDay)
+	l.period.Store(&p)
+	return p
+}
 
 func (l *Ledger) bucketKey(id string) string { return l.opts.Prefix + "buckets/" + id }
 func (l *Ledger) bucketsPrefix() string      { return l.opts.Prefix + "buckets/" }
