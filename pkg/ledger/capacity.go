@@ -185,11 +185,37 @@ const writers = 1
 // that stopped allocating before it goes back to the bucket.
 const idleBlock = 500 * time.Millisecond
 
+// resRecord is a reservation key's value. It is written once per
+// reservation on the hot path, so it is plain text, not JSON:
+// "<size> <expires, unix ns> <replica holding the bytes> <bucket>".
 type resRecord struct {
-	Size    int64     `json:"size"`
-	Bucket  string    `json:"bucket"`
-	Replica string    `json:"replica"`
-	Expires time.Time `json:"expires"`
+	Size    int64
+	Bucket  string
+	Replica string
+	Expires time.Time
+}
+
+func (r resRecord) encode() string {
+	return strconv.FormatInt(r.Size, 10) + " " + strconv.FormatInt(r.Expires.UnixNano(), 10) + " " + r.Replica + " " + r.Bucket
+}
+
+func decodeRes(v []byte) (resRecord, error) {
+	f := strings.SplitN(string(v), " ", 4)
+	if len(f) == 4 {
+		size, err1 := strconv.ParseInt(f[0], 10, 64)
+		exp, err2 := strconv.ParseInt(f[1], 10, 64)
+		if err1 == nil && err2 == nil {
+			return resRecord{Size: size, Expires: time.Unix(0, exp).UTC(), Replica: f[2], Bucket: f[3]}, nil
+		}
+	}
+	return resRecord{}, fmt.Errorf("ledger: malformed reservation record %q", v)
+}
+
+// ParseReservation decodes a reservation key's value: its bytes, its
+// bucket and the replica term whose block holds them (history checks).
+func ParseReservation(v []byte) (size int64, bucket, replica string, err error) {
+	r, err := decodeRes(v)
+	return r.Size, r.Bucket, r.Replica, err
 }
 
 type write struct {
@@ -566,8 +592,8 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	bc.res[id] = r
 	bc.touched = time.Now()
 	bc.mu.Unlock()
-	val, _ := json.Marshal(resRecord{Size: size, Bucket: bucket.GetId(), Replica: t.owner, Expires: exp})
-	rev, err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), string(val), clientv3.WithLease(t.lease)))
+	val := resRecord{Size: size, Bucket: bucket.GetId(), Replica: t.owner, Expires: exp}.encode()
+	rev, err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), val, clientv3.WithLease(t.lease)))
 	bc.mu.Lock()
 	r.written, r.rev = true, rev
 	if err != nil {
@@ -613,14 +639,14 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 			break
 		}
 		kv := resp.Kvs[0]
-		var rec resRecord
-		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+		rec, err := decodeRes(kv.Value)
+		if err != nil {
 			return time.Time{}, false, err
 		}
 		rec.Expires = c.l.opts.Now().Add(ttl)
-		val, _ := json.Marshal(rec)
+		val := rec.encode()
 		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)},
-			clientv3.OpPut(key, string(val), clientv3.WithLease(clientv3.LeaseID(kv.Lease))))
+			clientv3.OpPut(key, val, clientv3.WithLease(clientv3.LeaseID(kv.Lease))))
 		if err != nil {
 			return time.Time{}, false, err
 		}
@@ -742,8 +768,10 @@ func (c *Capacity) readForCommit(ctx context.Context, bucketID, resID string, p 
 		prev.AlreadyCommitted = true
 		return true, prev, nil
 	}
-	if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && json.Unmarshal(kvs[0].Value, &p.rec) == nil {
-		p.exists, p.resRev = true, kvs[0].ModRevision
+	if kvs := both.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		if rec, err := decodeRes(kvs[0].Value); err == nil {
+			p.rec, p.exists, p.resRev = rec, true, kvs[0].ModRevision
+		}
 	}
 	return false, CommitResult{}, nil
 }
@@ -1137,8 +1165,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 			forget(bc, rid, resp.Header.Revision)
 			continue
 		}
-		var rec resRecord
-		if json.Unmarshal(kvs[0].Value, &rec) == nil && rec.Expires.After(now) {
+		if rec, err := decodeRes(kvs[0].Value); err == nil && rec.Expires.After(now) {
 			r.exp = rec.Expires
 			continue
 		}

@@ -4,12 +4,13 @@ package ledgertest
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 )
 
 // Replay reads the history of prefix from revision 1 up to the current
@@ -112,15 +113,11 @@ func Replay(ctx context.Context, cli *clientv3.Client, prefix, period string, li
 					delete(res, key)
 					continue
 				}
-				var v struct {
-					Size    int64  `json:"size"`
-					Bucket  string `json:"bucket"`
-					Replica string `json:"replica"`
-				}
-				if err := json.Unmarshal(ev.Kv.Value, &v); err != nil {
+				size, bucket, replica, err := ledger.ParseReservation(ev.Kv.Value)
+				if err != nil {
 					return nil, revisions, err
 				}
-				res[key] = resv{v.Size, v.Bucket, v.Replica}
+				res[key] = resv{size, bucket, replica}
 			}
 		}
 		if len(wr.Events) == 0 {
