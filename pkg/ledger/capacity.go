@@ -177,16 +177,12 @@ type localRes struct {
 // 1.06–1.2x -> 1.5–1.6x the plain Put rate in BenchmarkAllocator).
 const batchLinger = 300 * time.Microsecond
 
-// gather adds to batch what is queued on ch, up to max entries. With
-// linger it also waits up to batchLinger for more; callers linger only
-// when their previous batch had company, so a lone request is not delayed.
-func gather[T any](ch <-chan T, batch []T, max int, linger bool) []T {
+// gather adds to batch what is queued on ch, up to max entries. It waits
+// up to batchLinger for more only while the batch is smaller than the
+// previous one (prev): the callers of the last batch usually come straight
+// back, so a full batch goes at once and a lone request is not delayed.
+func gather[T any](ch <-chan T, batch []T, max, prev int) []T {
 	var deadline <-chan time.Time
-	if linger {
-		t := time.NewTimer(batchLinger)
-		defer t.Stop()
-		deadline = t.C
-	}
 	for len(batch) < max {
 		select {
 		case x := <-ch:
@@ -194,8 +190,13 @@ func gather[T any](ch <-chan T, batch []T, max int, linger bool) []T {
 			continue
 		default:
 		}
-		if deadline == nil {
+		if len(batch) >= prev {
 			return batch
+		}
+		if deadline == nil {
+			t := time.NewTimer(batchLinger)
+			defer t.Stop()
+			deadline = t.C
 		}
 		select {
 		case x := <-ch:
@@ -461,7 +462,7 @@ func (c *Capacity) writer(ctx context.Context) {
 		case w := <-c.writes:
 			batch = append(batch, w)
 		}
-		batch = gather(c.writes, batch, 100, prev > 1)
+		batch = gather(c.writes, batch, 100, prev)
 		prev = len(batch)
 		ops := make([]clientv3.Op, len(batch))
 		for i, w := range batch {
@@ -858,7 +859,7 @@ func (c *Capacity) committer(t *term, bc *bucketCap) {
 		case <-c.stopped:
 			return
 		}
-		batch := gather(bc.queue, []*pendingCommit{p}, 40, prev > 1)
+		batch := gather(bc.queue, []*pendingCommit{p}, 40, prev)
 		prev = len(batch)
 		bc.wmu.Lock()
 		c.commitBatch(context.Background(), t, bc, batch)
