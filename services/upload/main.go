@@ -90,7 +90,7 @@ func run(log *slog.Logger) error {
 		DrainDelay:       2 * time.Second,
 		StopTimeout:      cfg.Upload.StopTimeout.D(),
 		MaxConnectionAge: 10 * time.Minute,
-		ServerOptions:    append(tel.ServerOptions(), uploader.ServerOptions()...),
+		ServerOptions:    append(tel.ServerOptions(), up.ServerOptions()...),
 	}
 	if cfg.Upload.RateLimit > 0 {
 		lim := ratelimit.New(cfg.Upload.RateLimit, max(cfg.Upload.RateBurst, 1), nil)

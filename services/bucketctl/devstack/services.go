@@ -75,7 +75,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		return fmt.Errorf("devstack: upload service: %w", err)
 	}
 	s.closers = append(s.closers, up.Close)
-	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: uploader.ServerOptions()})
+	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: up.ServerOptions()})
 	up.Register(usrv.GRPC)
 	usrv.SetServing("bucketlb.upload.v1.UploadService")
 	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv); err != nil {

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"testing"
 
-	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	protolib "google.golang.org/protobuf/proto"
@@ -18,7 +16,7 @@ import (
 // one buffer or split across several, and a decoded chunk does not alias
 // the wire buffer (gRPC reuses it once Unmarshal returns).
 func TestChunkCodecDecodesLikeProto(t *testing.T) {
-	c := chunkCodec{base: encoding.GetCodecV2(proto.Name)}
+	c := newChunkCodec()
 	big := bytes.Repeat([]byte("0123456789abcdef"), 16<<10) // 256 KiB
 	msgs := []*uploadv1.UploadRequest{
 		{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{Key: "a/b.bin", Size: 7, ContentType: "image/png"}}},
@@ -69,5 +67,52 @@ func TestChunkCodecDecodesLikeProto(t *testing.T) {
 	// Bad wire data is an error, not a panic.
 	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x12, 0xff})}, &uploadv1.UploadRequest{}); err == nil {
 		t.Fatal("truncated chunk decoded without error")
+	}
+}
+
+// TestChunkCodecDecodesIntoTarget: with a target registered for the
+// message, a chunk lands in the target's buffer (the part of it that does
+// not fit in a pooled rest), byte for byte, whatever the split of the wire
+// buffers; other messages decode as usual and leave the target unused.
+func TestChunkCodecDecodesIntoTarget(t *testing.T) {
+	c := newChunkCodec()
+	chunk := bytes.Repeat([]byte("0123456789abcdef"), 4<<10) // 64 KiB
+	wire, err := protolib.Marshal(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &uploadv1.UploadRequest{}
+	target := &chunkTarget{}
+	c.targets.Store(m, target)
+	for _, room := range []int{1, 512, len(chunk) - 1, len(chunk), 2 * len(chunk)} {
+		for _, split := range []int{1, 3, len(wire) / 2} {
+			dst := make([]byte, room)
+			*target = chunkTarget{dst: dst}
+			data := mem.BufferSlice{mem.SliceBuffer(wire[:split]), mem.SliceBuffer(wire[split:])}
+			if err := c.Unmarshal(data, m); err != nil {
+				t.Fatalf("room %d split %d: %v", room, split, err)
+			}
+			if !target.hit || target.n != min(room, len(chunk)) {
+				t.Fatalf("room %d split %d: hit %v, %d bytes in dst", room, split, target.hit, target.n)
+			}
+			got := append(append([]byte{}, dst[:target.n]...), target.rest...)
+			if !bytes.Equal(got, chunk) {
+				t.Fatalf("room %d split %d: decoded bytes differ from the chunk", room, split)
+			}
+			if m.GetChunk() != nil {
+				t.Fatalf("room %d split %d: the message also holds the chunk", room, split)
+			}
+		}
+	}
+	hdr := &uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{Key: "k", Size: 1}}}
+	if wire, err = protolib.Marshal(hdr); err != nil {
+		t.Fatal(err)
+	}
+	*target = chunkTarget{dst: make([]byte, 64)}
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(wire)}, m); err != nil {
+		t.Fatal(err)
+	}
+	if target.hit || !protolib.Equal(m, hdr) {
+		t.Fatalf("a header decoded as %v (target hit %v)", m, target.hit)
 	}
 }

@@ -75,6 +75,7 @@ type Server struct {
 	store *objstore.Store
 	mime  *mimecheck.Checker
 	log   *slog.Logger
+	codec *chunkCodec
 
 	// Successful outcomes are reported off the upload's path; these bound
 	// and track those reports.
@@ -117,6 +118,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
+		codec:       newChunkCodec(),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }
 

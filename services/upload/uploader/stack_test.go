@@ -119,7 +119,7 @@ func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config))
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
-	uconn := serve(t, up.Register, uploader.ServerOptions()...)
+	uconn := serve(t, up.Register, up.ServerOptions()...)
 	st.Upload, st.UploadAddr = uploadv1.NewUploadServiceClient(uconn), uconn.Target()
 	if st.S3, err = g.Client(); err != nil {
 		t.Fatal(err)

@@ -15,7 +15,25 @@ type chunkReader struct {
 	size    int64
 	read    int64
 	pending []byte
-	chunk   []byte // the message pending came from, released once read
+	chunk   []byte // the pooled buffer pending came from, released once read
+
+	// msg is received into for every chunk; when the server runs with its
+	// codec, target (registered for msg) lets the codec put a chunk's bytes
+	// straight into the buffer Read was given.
+	msg    *uploadv1.UploadRequest
+	target *chunkTarget
+	codec  *chunkCodec
+}
+
+func (s *Server) newChunkReader(stream uploadv1.UploadService_UploadServer, size int64) *chunkReader {
+	r := &chunkReader{stream: stream, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}}
+	s.codec.targets.Store(r.msg, r.target)
+	return r
+}
+
+// Close unregisters the reader from the codec.
+func (r *chunkReader) Close() {
+	r.codec.targets.Delete(r.msg)
 }
 
 func (r *chunkReader) Read(p []byte) (int, error) {
@@ -23,28 +41,46 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	for len(r.pending) == 0 {
-		msg, err := r.stream.Recv()
+		r.target.dst, r.target.hit = p, false
+		err := r.stream.RecvMsg(r.msg)
+		r.target.dst = nil
 		if errors.Is(err, io.EOF) {
 			return 0, badRequest("the stream ended after %d bytes but the header declared %d", r.read, r.size)
 		}
 		if err != nil {
 			return 0, err
 		}
-		if msg.GetHeader() != nil {
+		if r.msg.GetHeader() != nil {
 			return 0, badRequest("a second header arrived after %d bytes of data; send exactly one header first", r.read)
 		}
-		r.pending, r.chunk = msg.GetChunk(), msg.GetChunk()
+		if t := r.target; t.hit {
+			// The codec already wrote t.n bytes into p.
+			r.pending, r.chunk, t.rest = t.rest, nil, nil
+			if t.n > 0 {
+				return r.advance(t.n)
+			}
+			continue
+		}
+		r.pending, r.chunk = r.msg.GetChunk(), r.msg.GetChunk()
 	}
-	n := copy(p, r.pending)
-	if left := r.size - r.read; int64(n) > left {
-		return 0, badRequest("the stream carries more than the %d bytes the header declared", r.size)
+	n, err := r.advance(copy(p, r.pending))
+	if err != nil {
+		return 0, err
 	}
 	r.pending = r.pending[n:]
-	r.read += int64(n)
 	if len(r.pending) == 0 {
 		releaseChunk(r.chunk)
 		r.chunk = nil
 	}
+	return n, nil
+}
+
+// advance counts n bytes handed out, refusing any beyond the declared size.
+func (r *chunkReader) advance(n int) (int, error) {
+	if left := r.size - r.read; int64(n) > left {
+		return 0, badRequest("the stream carries more than the %d bytes the header declared", r.size)
+	}
+	r.read += int64(n)
 	return n, nil
 }
 
@@ -73,6 +109,12 @@ func (r *chunkReader) Finish() error {
 // fill reads exactly len(p) bytes.
 func (r *chunkReader) fill(p []byte) error {
 	_, err := io.ReadFull(r, p)
+	return r.short(err)
+}
+
+// short turns the end of the data before the declared size into the
+// client's error.
+func (r *chunkReader) short(err error) error {
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return badRequest("the stream ended after %d bytes but the header declared %d", r.read, r.size)
 	}

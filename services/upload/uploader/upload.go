@@ -82,7 +82,8 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 			return nil, err
 		}
 	}
-	u.reader = &chunkReader{stream: stream, size: u.size}
+	u.reader = s.newChunkReader(stream, u.size)
+	defer u.reader.Close()
 	u.head = make([]byte, min(u.size, mimecheck.SniffLen))
 	if err := u.reader.fill(u.head); err != nil {
 		return nil, err
@@ -400,15 +401,14 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 
 func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }
 
-// md5Step is how much of a part arrives before the MD5 goroutine hashes it.
-const md5Step = 1 << 20
-
 // fillHashingMD5 fills buf[from:] from the stream while another goroutine
-// computes the MD5 of all of buf (which R2 wants as Content-MD5) a step
+// computes the MD5 of all of buf (which R2 wants as Content-MD5) a read
 // behind, so the digest is ready about when the last byte arrives instead
-// of costing the part's upload ~13 ms per 8 MiB afterwards.
+// of costing the part's upload ~13 ms per 8 MiB afterwards. Each read asks
+// for the whole rest of the part, so the codec can put every chunk that
+// fits straight into buf.
 func fillHashingMD5(r *chunkReader, buf []byte, from int) (<-chan []byte, error) {
-	steps := make(chan []byte, len(buf)/md5Step+2)
+	steps := make(chan []byte, 64)
 	sum := make(chan []byte, 1)
 	go func() {
 		h := md5.New()
@@ -422,12 +422,12 @@ func fillHashingMD5(r *chunkReader, buf []byte, from int) (<-chan []byte, error)
 		steps <- buf[:from]
 	}
 	for off := from; off < len(buf); {
-		end := min(off+md5Step, len(buf))
-		if err := r.fill(buf[off:end]); err != nil {
-			return nil, err
+		n, err := r.Read(buf[off:])
+		if err != nil {
+			return nil, r.short(err)
 		}
-		steps <- buf[off:end]
-		off = end
+		steps <- buf[off : off+n]
+		off += n
 	}
 	return sum, nil
 }
