@@ -75,6 +75,13 @@ func startStack(t testing.TB, n int, tune func(*uploader.Config)) *stack {
 // (the gateway, or a sink for benchmarks).
 func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config)) *stack {
 	t.Helper()
+	return startStackWith(t, endpoints, nil, tune)
+}
+
+// startStackWith is startStackAt that also lets tuneAlloc adjust the
+// allocator's config.
+func startStackWith(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
+	t.Helper()
 	g := testenv.S3(t)
 	_, etcd := testenv.Etcd(t)
 	st := &stack{Proxies: map[string]*faultproxy.Proxy{}}
@@ -94,7 +101,11 @@ func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config))
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctx, cancel := context.WithCancel(context.Background())
-	alloc, err := allocator.New(ctx, etcd, allocator.Config{Buckets: st.Buckets, AdminToken: adminToken}, log)
+	acfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken}
+	if tuneAlloc != nil {
+		tuneAlloc(&acfg)
+	}
+	alloc, err := allocator.New(ctx, etcd, acfg, log)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
