@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -54,13 +55,22 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 	var mu sync.Mutex
 	stop := make(chan struct{})
 	sampled := make(chan struct{})
+	var sampleErr error
 	go func() {
 		defer close(sampled)
 		for {
-			used, reserved := st.usage(t)
-			mu.Lock()
-			samples = append(samples, sample{used[bucket], reserved[bucket]})
-			mu.Unlock()
+			resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+			if err != nil {
+				sampleErr = err // read after sampled is closed
+				return
+			}
+			for _, b := range resp.GetBuckets() {
+				if b.GetBucket().GetId() == bucket {
+					mu.Lock()
+					samples = append(samples, sample{b.GetUsedBytes(), b.GetReservedBytes()})
+					mu.Unlock()
+				}
+			}
 			select {
 			case <-stop:
 				return
@@ -75,6 +85,9 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 	<-sampled
 	if err != nil {
 		t.Fatal(err)
+	}
+	if sampleErr != nil {
+		t.Fatalf("GetStatus while uploading: %v", sampleErr)
 	}
 	if d := time.Since(start); d < 3*ttl {
 		t.Fatalf("the upload took %s; the test needs at least 3 TTLs (%s)", d, 3*ttl)
