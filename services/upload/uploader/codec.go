@@ -38,13 +38,12 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 const chunkField = protowire.Number(2)
 
 // chunkCodec is the proto codec, except that an UploadRequest carrying one
-// data chunk is copied from gRPC's receive buffers straight to where the
-// upload wants it: into the buffer a chunkReader is filling when it
-// registered a target for the message it receives into, else into a buffer
-// from gRPC's pool. Fresh 256 KiB allocations per message made the kernel
-// fault in and zero new pages, which cost more than everything else the
-// service does per byte; decoding into the part buffer also saves a copy
-// and keeps no pooled chunk per stream alive.
+// data chunk, received into a message a chunkReader registered a target
+// for, is copied from gRPC's receive buffers straight into the buffer the
+// reader is filling (a part buffer, or a small object's body): no
+// allocation and no extra copy per chunk. Fresh 256 KiB allocations per
+// message made the kernel fault in and zero new pages, which cost more
+// than everything else the service does per byte.
 type chunkCodec struct {
 	base encoding.CodecV2
 	// targets maps the *uploadv1.UploadRequest a chunkReader receives into
@@ -70,26 +69,23 @@ func (c *chunkCodec) Name() string { return proto.Name }
 func (c *chunkCodec) Marshal(v any) (mem.BufferSlice, error) { return c.base.Marshal(v) }
 
 func (c *chunkCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	m, ok := v.(*uploadv1.UploadRequest)
-	if !ok {
-		return c.base.Unmarshal(data, v)
+	if m, ok := v.(*uploadv1.UploadRequest); ok {
+		if x, ok := c.targets.Load(m); ok && decodeChunk(data, m, x.(*chunkTarget)) {
+			return nil
+		}
 	}
-	var t *chunkTarget
-	if x, ok := c.targets.Load(m); ok {
-		t = x.(*chunkTarget)
-	}
-	if decodeChunk(data, m, t) {
-		return nil
-	}
-	// Headers and anything unusual: the standard decoder.
+	// Headers, unregistered messages and anything unusual: the standard
+	// decoder.
 	return c.base.Unmarshal(data, v)
 }
 
-// decodeChunk decodes a message that is exactly one chunk field without a
-// contiguous copy of the whole message: into t.dst (and t.rest) when t has
-// room, else into a pooled buffer held by m. ok is false for any other
-// message.
+// decodeChunk decodes a message that is exactly one chunk field into t.dst
+// (and t.rest), without a contiguous copy of the whole message first. ok
+// is false for any other message, or when t has no room.
 func decodeChunk(data mem.BufferSlice, m *uploadv1.UploadRequest, t *chunkTarget) (ok bool) {
+	if len(t.dst) == 0 {
+		return false
+	}
 	r := data.Reader()
 	defer r.Close()
 	tag, err := binary.ReadUvarint(r)
@@ -100,51 +96,20 @@ func decodeChunk(data mem.BufferSlice, m *uploadv1.UploadRequest, t *chunkTarget
 	if err != nil || n != uint64(r.Remaining()) {
 		return false
 	}
-	if t != nil && len(t.dst) > 0 {
-		k := min(int(n), len(t.dst))
-		if _, err := io.ReadFull(r, t.dst[:k]); err != nil {
-			return false
-		}
-		// The rest is rare (the first chunk after the sniffed head, a
-		// chunk straddling two parts) and gets a buffer of its own size:
-		// gRPC's pool would hand out a 1 MiB one for it.
-		var rest []byte
-		if int(n) > k {
-			rest = make([]byte, int(n)-k)
-			if _, err := io.ReadFull(r, rest); err != nil {
-				return false
-			}
-		}
-		m.Reset()
-		t.hit, t.n, t.rest = true, k, rest
-		return true
-	}
-	chunk, ok := pooledCopy(r, int(n))
-	if !ok {
+	k := min(int(n), len(t.dst))
+	if _, err := io.ReadFull(r, t.dst[:k]); err != nil {
 		return false
 	}
+	// A rest is rare (the first chunk after the sniffed head, a chunk
+	// straddling two parts).
+	var rest []byte
+	if int(n) > k {
+		rest = make([]byte, int(n)-k)
+		if _, err := io.ReadFull(r, rest); err != nil {
+			return false
+		}
+	}
 	m.Reset()
-	m.Payload = &uploadv1.UploadRequest_Chunk{Chunk: chunk}
+	t.hit, t.n, t.rest = true, k, rest
 	return true
-}
-
-// pooledCopy reads n bytes from r into a buffer from gRPC's pool.
-func pooledCopy(r io.Reader, n int) ([]byte, bool) {
-	p := mem.DefaultBufferPool().Get(n)
-	if _, err := io.ReadFull(r, *p); err != nil {
-		mem.DefaultBufferPool().Put(p)
-		return nil, false
-	}
-	return *p, true
-}
-
-// releaseChunk gives a chunk decoded by chunkCodec back to the pool once
-// its bytes were copied out. Chunks from another codec (tests calling the
-// server directly) are simply collected.
-func releaseChunk(b []byte) {
-	if cap(b) == 0 {
-		return
-	}
-	b = b[:cap(b)]
-	mem.DefaultBufferPool().Put(&b)
 }

@@ -15,7 +15,6 @@ type chunkReader struct {
 	size    int64
 	read    int64
 	pending []byte
-	chunk   []byte // the pooled buffer pending came from, released once read
 
 	// msg is received into for every chunk; when the server runs with its
 	// codec, target (registered for msg) lets the codec put a chunk's bytes
@@ -55,23 +54,19 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 		}
 		if t := r.target; t.hit {
 			// The codec already wrote t.n bytes into p.
-			r.pending, r.chunk, t.rest = t.rest, nil, nil
+			r.pending, t.rest = t.rest, nil
 			if t.n > 0 {
 				return r.advance(t.n)
 			}
 			continue
 		}
-		r.pending, r.chunk = r.msg.GetChunk(), r.msg.GetChunk()
+		r.pending = r.msg.GetChunk()
 	}
 	n, err := r.advance(copy(p, r.pending))
 	if err != nil {
 		return 0, err
 	}
 	r.pending = r.pending[n:]
-	if len(r.pending) == 0 {
-		releaseChunk(r.chunk)
-		r.chunk = nil
-	}
 	return n, nil
 }
 
