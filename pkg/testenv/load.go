@@ -114,3 +114,17 @@ func Merge(runs ...LoadResult) LoadResult {
 	}
 	return out
 }
+
+// ABBA runs round r of a comparison: baseline then measured in rounds 0
+// and 3 of every four, measured then baseline in rounds 1 and 2. Drift
+// that grows over the run (etcd's history, a gateway's filling disk)
+// would otherwise always fall on whichever side goes second.
+func ABBA(r int, baseline, measured func()) {
+	if r%4 == 0 || r%4 == 3 {
+		baseline()
+		measured()
+		return
+	}
+	measured()
+	baseline()
+}

@@ -44,15 +44,9 @@ func BenchmarkAllocator(b *testing.B) {
 	paired := func(fn func(w, i int) error) (testenv.LoadResult, testenv.LoadResult) {
 		var xs, puts []testenv.LoadResult
 		for r := range rounds {
-			// AB BA: etcd slows as its history grows, so neither side
-			// always goes second.
-			if r%2 == 0 {
-				puts = append(puts, putLoad(round))
-				xs = append(xs, testenv.Load(64, round, fn))
-			} else {
-				xs = append(xs, testenv.Load(64, round, fn))
-				puts = append(puts, putLoad(round))
-			}
+			testenv.ABBA(r,
+				func() { puts = append(puts, putLoad(round)) },
+				func() { xs = append(xs, testenv.Load(64, round, fn)) })
 		}
 		allPuts = append(allPuts, puts...)
 		return testenv.Merge(xs...), testenv.Merge(puts...)

@@ -75,13 +75,9 @@ func BenchmarkUploadPath(b *testing.B) {
 	const largeRounds = 4
 	var directTime, serviceTime time.Duration
 	for round := 0; round < largeRounds; round++ {
-		if abba(round) {
-			directTime += directLarge(fmt.Sprintf("bench/direct/%d", round))
-			serviceTime += serviceLarge()
-		} else {
-			serviceTime += serviceLarge()
-			directTime += directLarge(fmt.Sprintf("bench/direct/%d", round))
-		}
+		testenv.ABBA(round,
+			func() { directTime += directLarge(fmt.Sprintf("bench/direct/%d", round)) },
+			func() { serviceTime += serviceLarge() })
 	}
 	directMBs := largeRounds * float64(len(big)) / (1 << 20) / directTime.Seconds()
 	serviceMBs := largeRounds * float64(len(big)) / (1 << 20) / serviceTime.Seconds()
@@ -90,26 +86,18 @@ func BenchmarkUploadPath(b *testing.B) {
 	small := e2e.RandomBytes(b, 1024)
 	var directRuns, serviceRuns []testenv.LoadResult
 	for round := 0; round < 4; round++ {
-		directRound := func() {
+		testenv.ABBA(round, func() {
 			directRuns = append(directRuns, testenv.Load(16, time.Second, func(w, i int) error {
 				_, err := direct.Put(ctx, objstore.PutInput{Key: fmt.Sprintf("bench/small/%d/%d/%d", round, w, i), ContentType: "application/octet-stream"}, small)
 				return err
 			}))
-		}
-		serviceRound := func() {
+		}, func() {
 			serviceRuns = append(serviceRuns, testenv.Load(16, time.Second, func(w, _ int) error {
 				_, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: 1024},
 					bytes.NewReader(small), uploadclient.Options{})
 				return err
 			}))
-		}
-		if abba(round) {
-			directRound()
-			serviceRound()
-		} else {
-			serviceRound()
-			directRound()
-		}
+		})
 	}
 	direct1k, svc1k := testenv.Merge(directRuns...), testenv.Merge(serviceRuns...)
 	if direct1k.FirstErr != nil {
@@ -131,8 +119,3 @@ func BenchmarkUploadPath(b *testing.B) {
 	b.ReportMetric(serviceMBs/directMBs, "large-ratio")
 	b.ReportMetric(svc1k.Rate/direct1k.Rate, "small-ratio")
 }
-
-// abba reports whether the baseline goes first in round r: rounds run
-// baseline-first, service-first, service-first, baseline-first, ..., so
-// drift over the run falls on both sides alike.
-func abba(r int) bool { return r%4 == 0 || r%4 == 3 }
