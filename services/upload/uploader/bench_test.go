@@ -90,7 +90,7 @@ func peakLiveHeap(fn func() error) (uint64, error) {
 // large upload, and the heap cost of idle upload streams.
 func BenchmarkServiceOverhead(b *testing.B) {
 	const size = 256 << 20
-	st := startStackAt(b, []string{sinkS3(b)}, nil)
+	st := startStackAt(b, []string{sinkS3(b)}, nil, nil)
 	g := testenv.S3(b)
 	proxy := st.Proxies[st.Buckets[0].GetId()]
 	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"GW": {g.AccessKey, g.SecretKey}}})

@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"sync"
 	"testing"
 	"time"
 
-	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -37,7 +35,7 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 // back while the upload is still running.
 func TestLongUploadKeepsItsReservation(t *testing.T) {
 	const ttl = 2 * time.Second
-	st := startStackWith(t, []string{testenv.S3(t).Endpoint},
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
 		func(c *allocator.Config) { c.ReservationTTL = ttl },
 		func(c *uploader.Config) { c.PartSize = 5 << 20 })
 	bucket := st.Buckets[0].GetId()
@@ -51,26 +49,20 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 	defer tick.Stop()
 
 	type sample struct{ used, reserved int64 }
+	// samples and sampleErr are read once sampled is closed.
 	var samples []sample
-	var mu sync.Mutex
+	var sampleErr error
 	stop := make(chan struct{})
 	sampled := make(chan struct{})
-	var sampleErr error
 	go func() {
 		defer close(sampled)
 		for {
-			resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+			used, reserved, err := st.status(ctx)
 			if err != nil {
-				sampleErr = err // read after sampled is closed
+				sampleErr = err
 				return
 			}
-			for _, b := range resp.GetBuckets() {
-				if b.GetBucket().GetId() == bucket {
-					mu.Lock()
-					samples = append(samples, sample{b.GetUsedBytes(), b.GetReservedBytes()})
-					mu.Unlock()
-				}
-			}
+			samples = append(samples, sample{used[bucket], reserved[bucket]})
 			select {
 			case <-stop:
 				return

@@ -68,19 +68,13 @@ func startStack(t testing.TB, n int, tune func(*uploader.Config)) *stack {
 	for i := 0; i < n; i++ {
 		endpoints = append(endpoints, g.Endpoint)
 	}
-	return startStackAt(t, endpoints, tune)
+	return startStackAt(t, endpoints, nil, tune)
 }
 
 // startStackAt is startStack with each bucket's upstream endpoint given
-// (the gateway, or a sink for benchmarks).
-func startStackAt(t testing.TB, endpoints []string, tune func(*uploader.Config)) *stack {
-	t.Helper()
-	return startStackWith(t, endpoints, nil, tune)
-}
-
-// startStackWith is startStackAt that also lets tuneAlloc adjust the
+// (the gateway, or a sink for benchmarks); tuneAlloc, if set, adjusts the
 // allocator's config.
-func startStackWith(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
+func startStackAt(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
 	t.Helper()
 	g := testenv.S3(t)
 	_, etcd := testenv.Etcd(t)
@@ -147,16 +141,25 @@ func (st *stack) usage(t testing.TB) (used, reserved map[string]int64) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+	used, reserved, err := st.status(ctx)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return used, reserved
+}
+
+// status is usage without failing the test, for goroutines.
+func (st *stack) status(ctx context.Context) (used, reserved map[string]int64, err error) {
+	resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+	if err != nil {
+		return nil, nil, err
 	}
 	used, reserved = map[string]int64{}, map[string]int64{}
 	for _, b := range resp.GetBuckets() {
 		used[b.GetBucket().GetId()] = b.GetUsedBytes()
 		reserved[b.GetBucket().GetId()] = b.GetReservedBytes()
 	}
-	return used, reserved
+	return used, reserved, nil
 }
 
 // objects counts objects and open multipart uploads per bucket.
