@@ -68,6 +68,10 @@ type Upload struct {
 	CredentialsDir string `json:"credentialsDir"`
 	// CAFile is an extra PEM bundle to trust for S3 endpoints.
 	CAFile string `json:"caFile"`
+	// BufferParts sends each multipart part only once whole, with a
+	// Content-MD5 the store checks, instead of streaming it and checking
+	// its ETag after (see uploader.Config.BufferParts).
+	BufferParts bool `json:"bufferParts"`
 	// StopTimeout bounds graceful shutdown; keep it longer than a typical
 	// upload and shorter than the pod's termination grace period.
 	StopTimeout Duration `json:"stopTimeout"`

@@ -35,6 +35,9 @@ const (
 	// the connection instead of answering: the ambiguous failure a client
 	// sees when a response is lost on the way back.
 	LoseResponse
+	// Corrupt forwards the request with one byte of its body flipped, as
+	// a bit flip on the way would.
+	Corrupt
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -44,6 +47,8 @@ type Proxy struct {
 	StallFor time.Duration
 
 	only      atomic.Value // string: the S3 operation faults apply to; "" = all
+	limited   atomic.Bool  // faults apply only while left > 0
+	left      atomic.Int64
 	closed    chan struct{}
 	closeOnce sync.Once
 
@@ -73,6 +78,9 @@ func New(target string) (*Proxy, error) {
 		if only, _ := p.only.Load().(string); only != "" && only != op {
 			mode = Pass
 		}
+		if mode != Pass && p.limited.Load() && p.left.Add(-1) < 0 {
+			mode = Pass
+		}
 		switch mode {
 		case Error5xx:
 			w.Header().Set("Content-Type", "application/xml")
@@ -85,6 +93,11 @@ func New(target string) (*Proxy, error) {
 		case Reset:
 			reset(w)
 			return
+		case Corrupt:
+			r.Body = struct {
+				io.Reader
+				io.Closer
+			}{&flipReader{r: r.Body, at: r.ContentLength / 2}, r.Body}
 		case LoseResponse:
 			rp.ServeHTTP(httptest.NewRecorder(), r)
 			reset(w)
@@ -108,6 +121,21 @@ func New(target string) (*Proxy, error) {
 	return p, nil
 }
 
+// flipReader flips the lowest bit of the byte at offset at.
+type flipReader struct {
+	r       io.Reader
+	at, off int64
+}
+
+func (f *flipReader) Read(p []byte) (int, error) {
+	n, err := f.r.Read(p)
+	if f.at >= f.off && f.at < f.off+int64(n) {
+		p[f.at-f.off] ^= 1
+	}
+	f.off += int64(n)
+	return n, err
+}
+
 // reset closes the client's connection with a TCP RST and no answer.
 func reset(w http.ResponseWriter) {
 	if hj, ok := w.(http.Hijacker); ok {
@@ -128,6 +156,7 @@ func (p *Proxy) URL() string { return p.srv.URL }
 // Set switches the fault mode for every request; it applies to the next
 // request.
 func (p *Proxy) Set(m Mode) {
+	p.limited.Store(false)
 	p.only.Store("")
 	p.mode.Store(int32(m))
 }
@@ -142,6 +171,15 @@ func (p *Proxy) Close() {
 // SetFor switches the fault mode for one S3 operation only (as named by
 // Counts, e.g. "CompleteMultipartUpload"); every other request passes.
 func (p *Proxy) SetFor(op string, m Mode) {
+	p.limited.Store(false)
+	p.only.Store(op)
+	p.mode.Store(int32(m))
+}
+
+// SetForNext is SetFor for the next n requests of op only; later ones pass.
+func (p *Proxy) SetForNext(op string, m Mode, n int) {
+	p.left.Store(int64(n))
+	p.limited.Store(true)
 	p.only.Store(op)
 	p.mode.Store(int32(m))
 }

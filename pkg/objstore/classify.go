@@ -46,6 +46,11 @@ func Classify(callerCtx context.Context, err error) Failure {
 			return BucketError
 		case code == http.StatusRequestTimeout:
 			return BucketTimeout
+		case badDigest(err):
+			// The bytes that arrived are not the bytes sent (their MD5
+			// was computed from our copy): the path corrupted them, and
+			// sending them again is the cure.
+			return BucketError
 		case code >= 400:
 			return NotBucketFault
 		}
@@ -59,6 +64,11 @@ func Classify(callerCtx context.Context, err error) Failure {
 	}
 	// Resets, refused connections, truncated responses and the like.
 	return BucketError
+}
+
+func badDigest(err error) bool {
+	var ae smithy.APIError
+	return errors.As(err, &ae) && ae.ErrorCode() == "BadDigest"
 }
 
 // MayHaveLanded reports whether a failed write may still have been

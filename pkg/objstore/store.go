@@ -7,11 +7,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -259,6 +261,40 @@ func (b *Bucket) UploadPartMD5(ctx context.Context, key, uploadID string, n int3
 		return "", fmt.Errorf("upload part %d of %s/%s: %w", n, b.Target.Name, key, err)
 	}
 	return aws.ToString(out.ETag), nil
+}
+
+// UploadPartStream writes part number n from body, which yields exactly
+// size bytes, while they are still arriving: the part's upload overlaps its
+// receipt instead of following it. No Content-MD5 can be sent ahead of
+// bytes not yet seen, so the caller compares the returned ETag with the
+// part's MD5 (PartETagMD5) and re-sends the part with Content-MD5 if they
+// differ. The body cannot be rewound, so the SDK does not retry; the
+// caller retries from its own copy of the part. body must not be an
+// *io.PipeReader: smithy sends those with chunked encoding and no length,
+// which R2 refuses (411).
+func (b *Bucket) UploadPartStream(ctx context.Context, key, uploadID string, n int32, body io.Reader, size int64) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
+	defer cancel()
+	out, err := b.c.UploadPart(ctx, &s3.UploadPartInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID), PartNumber: aws.Int32(n),
+		Body: body, ContentLength: aws.Int64(size),
+	}, unsignedPayload, func(o *s3.Options) { o.RetryMaxAttempts = 1 })
+	if err != nil {
+		return "", fmt.Errorf("upload part %d of %s/%s: %w", n, b.Target.Name, key, err)
+	}
+	return aws.ToString(out.ETag), nil
+}
+
+// PartETagMD5 returns the MD5 a part's ETag carries. R2 (for uploads since
+// June 2023), S3 without SSE-KMS and versitygw answer UploadPart with the
+// hex MD5 of the bytes they stored; ok is false for any other ETag, when
+// the store's ETags say nothing about the content.
+func PartETagMD5(etag string) (sum []byte, ok bool) {
+	sum, err := hex.DecodeString(strings.Trim(etag, `"`))
+	if err != nil || len(sum) != md5.Size {
+		return nil, false
+	}
+	return sum, true
 }
 
 // Part is a completed part.

@@ -78,6 +78,7 @@ func run(log *slog.Logger) error {
 		MaxBucketAttempts:   cfg.Upload.MaxBucketAttempts,
 		Credentials:         objstore.EnvCredentials{Dir: cfg.Upload.CredentialsDir},
 		CAFile:              cfg.Upload.CAFile,
+		BufferParts:         cfg.Upload.BufferParts,
 		Metrics:             tel.Metrics(),
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
 	if err != nil {

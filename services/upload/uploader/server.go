@@ -47,6 +47,16 @@ type Config struct {
 	MaxBucketAttempts int
 	// PartAttempts bounds retries of one part on the same bucket; default 3.
 	PartAttempts int
+	// BufferParts sends each part only once it is whole, with a
+	// Content-MD5 the store checks. Off (the default), a part's PUT starts
+	// with its first bytes and its ETag is checked against its MD5 after
+	// (a mismatch re-sends it with Content-MD5): two parts upload at once
+	// within the same two part buffers. Streaming is also off with
+	// SDKDefaultChecksums, whose trailers need a TLS endpoint.
+	BufferParts bool
+	// StreamStall is how long a streamed part waits for the client's next
+	// bytes before the rest of the upload goes buffered; default 1s.
+	StreamStall time.Duration
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
 	// Credentials resolve bucket credentials_ref. Required.
@@ -76,6 +86,9 @@ type Server struct {
 	mime  *mimecheck.Checker
 	log   *slog.Logger
 	codec *chunkCodec
+	// plainETags holds the ids of buckets whose part ETags turned out not
+	// to be MD5s: their parts are sent buffered, with Content-MD5.
+	plainETags sync.Map
 
 	// Successful outcomes are reported off the upload's path; these bound
 	// and track those reports.
@@ -103,6 +116,9 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	if cfg.PartAttempts == 0 {
 		cfg.PartAttempts = 3
+	}
+	if cfg.StreamStall == 0 {
+		cfg.StreamStall = time.Second
 	}
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 50 * time.Millisecond

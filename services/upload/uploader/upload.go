@@ -1,6 +1,7 @@
 package uploader
 
 import (
+	"bytes"
 	"context"
 	"crypto/md5"
 	"crypto/sha256"
@@ -272,9 +273,11 @@ func (s *Server) partSize(size int64) int64 {
 	return p
 }
 
-// uploadLarge streams a multipart upload with equal parts: one part being
-// filled from the stream while at most one more is in flight, so memory
-// stays at two parts per stream.
+// uploadLarge streams a multipart upload with equal parts in two part
+// buffers, so memory stays at two parts per stream. A part's PUT starts as
+// its first bytes arrive (sendPart), so while one part is still uploading
+// the next is already arriving and uploading too: two parts in flight, as
+// a client holding the whole object would have.
 func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
 	partSize := s.partSize(u.size)
 	a, b, mpID, err := s.startMultipart(ctx, u)
@@ -307,6 +310,9 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	var wg sync.WaitGroup
 	var once sync.Once
 	var partErr error
+	// Parts stream (see Config.BufferParts) until the client stalls one.
+	var buffered atomic.Bool
+	buffered.Store(!s.streamParts(bucketID))
 	start := time.Now()
 	headLeft := u.head
 	// The whole-object sha256 runs beside the part's upload, not on the
@@ -327,11 +333,6 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		buf = buf[:n]
 		c := copy(buf, headLeft)
 		headLeft = headLeft[c:]
-		md5sum, err := fillHashingMD5(u.reader, buf, c)
-		if err != nil {
-			cancel(err)
-			break
-		}
 		var users atomic.Int32
 		users.Store(2)
 		done := func(data []byte) {
@@ -339,19 +340,9 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 				free <- data[:cap(data)]
 			}
 		}
-		prev, mine := hashed, make(chan struct{})
-		hashed = mine
-		wg.Add(2)
-		go func(data []byte) {
+		send := func(num int32, data []byte, md5sum <-chan []byte, body *partBody) {
 			defer wg.Done()
-			<-prev
-			hashWrite(h, data)
-			close(mine)
-			done(data)
-		}(buf)
-		go func(num int32, data []byte) {
-			defer wg.Done()
-			etag, err := s.uploadPart(upCtx, b, u.key, mpID, num, data, <-md5sum)
+			etag, err := s.sendPart(upCtx, b, u.key, mpID, num, data, md5sum, body, &buffered)
 			if err != nil {
 				once.Do(func() { partErr = err })
 				cancel(err)
@@ -359,7 +350,36 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			}
 			parts[num-1] = objstore.Part{Number: num, ETag: etag}
 			done(data)
-		}(int32(i+1), buf)
+		}
+		md5sum := make(chan []byte, 1)
+		var body *partBody
+		if !buffered.Load() {
+			// The PUT starts now and reads the part as it arrives.
+			body = newPartBody(buf, c, s.cfg.StreamStall)
+			wg.Add(1)
+			go send(int32(i+1), buf, md5sum, body)
+		}
+		if err := fillHashingMD5(u.reader, buf, c, body, md5sum); err != nil {
+			if body != nil {
+				body.fail(err)
+			}
+			cancel(err)
+			break
+		}
+		prev, mine := hashed, make(chan struct{})
+		hashed = mine
+		wg.Add(1)
+		go func(data []byte) {
+			defer wg.Done()
+			<-prev
+			hashWrite(h, data)
+			close(mine)
+			done(data)
+		}(buf)
+		if body == nil {
+			wg.Add(1)
+			go send(int32(i+1), buf, md5sum, nil)
+		}
 	}
 	wg.Wait()
 	if upCtx.Err() != nil {
@@ -402,18 +422,24 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }
 
 // fillHashingMD5 fills buf[from:] from the stream while another goroutine
-// computes the MD5 of all of buf (which R2 wants as Content-MD5) a read
-// behind, so the digest is ready about when the last byte arrives instead
-// of costing the part's upload ~13 ms per 8 MiB afterwards. Each read asks
-// for the whole rest of the part, so the codec can put every chunk that
-// fits straight into buf.
-func fillHashingMD5(r *chunkReader, buf []byte, from int) (<-chan []byte, error) {
+// computes the MD5 of all of buf (which R2 wants as Content-MD5, and which
+// a streamed part's ETag must equal) a read behind, so the digest is ready
+// about when the last byte arrives instead of costing the part's upload
+// ~13 ms per 8 MiB afterwards. Each read asks for the whole rest of the
+// part, so the codec can put every chunk that fits straight into buf, and
+// is published to body (if the part streams). sum receives the digest, or
+// is closed without one if the fill fails.
+func fillHashingMD5(r *chunkReader, buf []byte, from int, body *partBody, sum chan<- []byte) error {
 	steps := make(chan []byte, 64)
-	sum := make(chan []byte, 1)
+	var failed atomic.Bool
 	go func() {
 		h := md5.New()
 		for p := range steps {
 			hashWrite(h, p)
+		}
+		if failed.Load() {
+			close(sum)
+			return
 		}
 		sum <- h.Sum(nil)
 	}()
@@ -424,12 +450,16 @@ func fillHashingMD5(r *chunkReader, buf []byte, from int) (<-chan []byte, error)
 	for off := from; off < len(buf); {
 		n, err := r.Read(buf[off:])
 		if err != nil {
-			return nil, r.short(err)
+			failed.Store(true)
+			return r.short(err)
 		}
 		steps <- buf[off : off+n]
 		off += n
+		if body != nil {
+			body.filledTo(off)
+		}
 	}
-	return sum, nil
+	return nil
 }
 
 // startMultipart allocates and creates the multipart upload, failing over
@@ -473,10 +503,71 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 	return nil, nil, "", fmt.Errorf("%w: could not start the upload on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
 
-// uploadPart retries one part on the same bucket with backoff.
-func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data, md5sum []byte) (string, error) {
+// streamParts says whether parts for this bucket may stream: not when the
+// operator asked for buffered parts, not with the SDK's trailer checksums,
+// and not for a bucket whose part ETags proved not to be MD5s.
+func (s *Server) streamParts(bucketID string) bool {
+	_, plain := s.plainETags.Load(bucketID)
+	return !s.cfg.BufferParts && !s.cfg.SDKDefaultChecksums && !plain
+}
+
+// sendPart uploads one part. Without body, the part is whole and goes
+// buffered. With body, its PUT reads the part while it arrives; once the
+// PUT is answered, the part's MD5 must equal the ETag, else the part is
+// sent again, buffered, with Content-MD5 for the store to check.
+func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte, md5sum <-chan []byte, body *partBody, buffered *atomic.Bool) (string, error) {
+	if body == nil {
+		sum, ok := <-md5sum
+		if !ok {
+			return "", context.Cause(ctx)
+		}
+		return s.uploadPart(ctx, b, key, mpID, num, data, sum, 0)
+	}
+	t0 := time.Now()
+	etag, err := b.UploadPartStream(ctx, key, mpID, num, body, int64(len(data)))
+	stalled := body.detach()
+	sum, ok := <-md5sum
+	if !ok {
+		// The stream broke: the reading goroutine ends the upload with
+		// the reason, which is the error to return.
+		<-ctx.Done()
+		return "", context.Cause(ctx)
+	}
+	if ctx.Err() != nil {
+		return "", context.Cause(ctx)
+	}
+	first := 0
+	switch got, isMD5 := objstore.PartETagMD5(etag); {
+	case err == nil && isMD5 && bytes.Equal(got, sum):
+		return etag, nil
+	case err == nil && !isMD5:
+		s.plainETags.Store(b.Target.ID, true)
+		buffered.Store(true)
+		s.log.Warn("bucket's part ETags are not MD5s; its parts go buffered with Content-MD5 from now on", "bucket", b.Target.ID, "etag", etag)
+	case err == nil:
+		first = 1
+		err = fmt.Errorf("part %d stored with ETag %s, but its MD5 is %x: corrupted on the way; sending it again with Content-MD5", num, etag, sum)
+		s.log.Warn("streamed part corrupted", "bucket", b.Target.ID, "key", key, "error", err.Error())
+		s.report(ctx, b.Target.ID, err, objstore.BucketError, time.Since(t0))
+	case stalled:
+		// The client's pace, not the bucket: the rest goes buffered.
+		buffered.Store(true)
+	default:
+		first = 1
+		f := objstore.Classify(ctx, err)
+		s.report(ctx, b.Target.ID, err, f, time.Since(t0))
+		if f == objstore.NotBucketFault {
+			return "", err
+		}
+	}
+	return s.uploadPart(ctx, b, key, mpID, num, data, sum, first)
+}
+
+// uploadPart retries one whole part on the same bucket with backoff,
+// attempts first..PartAttempts-1 (a failed streamed attempt was the first).
+func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data, md5sum []byte, first int) (string, error) {
 	var err error
-	for attempt := 0; attempt < s.cfg.PartAttempts; attempt++ {
+	for attempt := first; attempt < max(s.cfg.PartAttempts, first+1); attempt++ {
 		if attempt > 0 {
 			if berr := s.backoff(ctx, attempt-1); berr != nil {
 				return "", berr
