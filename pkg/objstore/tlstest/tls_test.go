@@ -3,6 +3,7 @@ package tlstest
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/rand"
 	"crypto/sha256"
 	"io"
@@ -88,4 +89,46 @@ func random(t *testing.T, n int) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// Over TLS with the production checksum setting (only where required), a
+// part streamed from a reader that cannot seek goes out with its length and
+// no trailer, and its ETag is its MD5: the upload service's streamed-part
+// path against an HTTPS endpoint such as R2.
+func TestStreamedPartOverTLS(t *testing.T) {
+	g := testenv.S3TLS(t)
+	name := testenv.NewBucket(t, g)
+	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}, CAFile: g.CAFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := random(t, 5<<20)
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "streamed", ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	etag, err := b.UploadPartStream(ctx, "streamed", id, 1, struct{ io.Reader }{bytes.NewReader(data)}, int64(len(data)))
+	if err != nil {
+		_ = b.AbortMultipart(ctx, "streamed", id)
+		t.Fatal(err)
+	}
+	if sum, ok := objstore.PartETagMD5(etag); !ok || !bytes.Equal(sum, md5sum(data)) {
+		t.Fatalf("etag %s is not the part's MD5", etag)
+	}
+	if _, err := b.CompleteMultipart(ctx, "streamed", id, []objstore.Part{{Number: 1, ETag: etag}}); err != nil {
+		t.Fatal(err)
+	}
+	readBack(ctx, t, b, "streamed", data)
+}
+
+func md5sum(b []byte) []byte {
+	s := md5.Sum(b)
+	return s[:]
 }
