@@ -26,6 +26,12 @@ type partBody struct {
 	stall time.Duration
 	off   int // the reader's position; only Read touches it
 
+	// arrived is closed once the part has bytes (or the fill failed): the
+	// PUT waits for it, so a client that sends a header and then idles
+	// holds no S3 request open.
+	arrived     chan struct{}
+	arrivedOnce sync.Once
+
 	mu      sync.Mutex
 	filled  int
 	err     error
@@ -33,8 +39,14 @@ type partBody struct {
 }
 
 func newPartBody(buf []byte, filled int, stall time.Duration) *partBody {
-	return &partBody{buf: buf, filled: filled, stall: stall, more: make(chan struct{}, 1)}
+	p := &partBody{buf: buf, filled: filled, stall: stall, more: make(chan struct{}, 1), arrived: make(chan struct{})}
+	if filled > 0 {
+		p.markArrived()
+	}
+	return p
 }
+
+func (p *partBody) markArrived() { p.arrivedOnce.Do(func() { close(p.arrived) }) }
 
 func (p *partBody) Read(b []byte) (int, error) {
 	var timer *time.Timer
@@ -76,6 +88,7 @@ func (p *partBody) filledTo(n int) {
 	p.mu.Lock()
 	p.filled = n
 	p.mu.Unlock()
+	p.markArrived()
 	p.wake()
 }
 
@@ -86,6 +99,7 @@ func (p *partBody) fail(err error) {
 		p.err = err
 	}
 	p.mu.Unlock()
+	p.markArrived()
 	p.wake()
 }
 

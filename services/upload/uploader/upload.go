@@ -523,6 +523,10 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 		}
 		return s.uploadPart(ctx, b, key, mpID, num, data, sum, 0)
 	}
+	select {
+	case <-body.arrived:
+	case <-ctx.Done():
+	}
 	t0 := time.Now()
 	etag, err := b.UploadPartStream(ctx, key, mpID, num, body, int64(len(data)))
 	stalled := body.detach()
