@@ -37,6 +37,24 @@ func random(t *testing.T, n int) []byte {
 	return b
 }
 
+// completeAndReadBack completes a multipart upload and checks the object
+// reads back as want.
+func completeAndReadBack(ctx context.Context, t *testing.T, b *objstore.Bucket, key, id string, parts []objstore.Part, want []byte) {
+	t.Helper()
+	if _, err := b.CompleteMultipart(ctx, key, id, parts); err != nil {
+		t.Fatal(err)
+	}
+	body, _, err := b.Get(ctx, key, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(body)
+	body.Close()
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s: object differs: %d bytes", key, len(got))
+	}
+}
+
 func TestPutGetRangeDelete(t *testing.T) {
 	b := bucket(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -86,18 +104,7 @@ func TestMultipart(t *testing.T) {
 		}
 		parts = append(parts, objstore.Part{Number: int32(i + 1), ETag: etag})
 	}
-	if _, err := b.CompleteMultipart(ctx, "mp", id, parts); err != nil {
-		t.Fatal(err)
-	}
-	body, _, err := b.Get(ctx, "mp", 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, _ := io.ReadAll(body)
-	body.Close()
-	if !bytes.Equal(got, data) {
-		t.Fatalf("multipart object differs: %d bytes", len(got))
-	}
+	completeAndReadBack(ctx, t, b, "mp", id, parts, data)
 	// A small non-last part is rejected by the server: S3's rule.
 	id2, _ := b.CreateMultipart(ctx, objstore.PutInput{Key: "small", ContentType: "application/octet-stream"})
 	e1, _ := b.UploadPart(ctx, "small", id2, 1, data[:1000])
@@ -149,18 +156,7 @@ func TestUploadPartStream(t *testing.T) {
 		}
 		parts = append(parts, objstore.Part{Number: int32(i + 1), ETag: etag})
 	}
-	if _, err := b.CompleteMultipart(ctx, "st", id, parts); err != nil {
-		t.Fatal(err)
-	}
-	body, _, err := b.Get(ctx, "st", 0, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, _ := io.ReadAll(body)
-	body.Close()
-	if !bytes.Equal(got, data) {
-		t.Fatalf("streamed object differs: %d bytes", len(got))
-	}
+	completeAndReadBack(ctx, t, b, "st", id, parts, data)
 	for _, etag := range []string{"", `"abc"`, `"0123456789abcdef0123456789abcdef-2"`, "zz23456789abcdef0123456789abcdef"} {
 		if _, ok := objstore.PartETagMD5(etag); ok {
 			t.Errorf("PartETagMD5(%q) claims an MD5", etag)

@@ -19,21 +19,7 @@ import (
 // framing would fail the sha256 comparison), and the store trusts the
 // gateway's self-signed CA from CAFile.
 func TestDefaultChecksumsOverTLS(t *testing.T) {
-	g := testenv.S3TLS(t)
-	name := testenv.NewBucket(t, g)
-	s, err := objstore.New(objstore.Options{
-		Credentials:         objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}},
-		CAFile:              g.CAFile,
-		SDKDefaultChecksums: true,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := tlsBucket(t, true)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
@@ -62,6 +48,28 @@ func TestDefaultChecksumsOverTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	readBack(ctx, t, b, "large", large)
+}
+
+// tlsBucket is a fresh bucket on the TLS gateway, trusted through CAFile,
+// with the SDK's default checksums or the production setting.
+func tlsBucket(t *testing.T, sdkDefaultChecksums bool) *objstore.Bucket {
+	t.Helper()
+	g := testenv.S3TLS(t)
+	name := testenv.NewBucket(t, g)
+	s, err := objstore.New(objstore.Options{
+		Credentials:         objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}},
+		CAFile:              g.CAFile,
+		SDKDefaultChecksums: sdkDefaultChecksums,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func readBack(ctx context.Context, t *testing.T, b *objstore.Bucket, key string, want []byte) {
@@ -96,17 +104,7 @@ func random(t *testing.T, n int) []byte {
 // no trailer, and its ETag is its MD5: the upload service's streamed-part
 // path against an HTTPS endpoint such as R2.
 func TestStreamedPartOverTLS(t *testing.T) {
-	g := testenv.S3TLS(t)
-	name := testenv.NewBucket(t, g)
-	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}, CAFile: g.CAFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := tlsBucket(t, false)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := random(t, 5<<20)

@@ -89,36 +89,48 @@ func BenchmarkUploadPath(b *testing.B) {
 	// costs it more than writes spread over many, so both sides must write
 	// the same shape of key for the comparison to be about the service.
 	small := e2e.RandomBytes(b, 1024)
-	var directRuns, serviceRuns []testenv.LoadResult
-	for round := 0; round < 4; round++ {
-		testenv.ABBA(round, func() {
-			directRuns = append(directRuns, testenv.Load(16, time.Second, func(w, i int) error {
-				_, err := direct.Put(ctx, objstore.PutInput{Key: objectkey.FromName("d.bin", time.Now()), ContentType: "application/octet-stream"}, small)
-				return err
-			}))
-		}, func() {
-			serviceRuns = append(serviceRuns, testenv.Load(16, time.Second, func(w, _ int) error {
-				_, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: 1024},
-					bytes.NewReader(small), uploadclient.Options{})
-				return err
-			}))
-		})
+	smallLoad := func(clients, rounds int) (directRes, serviceRes testenv.LoadResult) {
+		var directRuns, serviceRuns []testenv.LoadResult
+		for round := 0; round < rounds; round++ {
+			testenv.ABBA(round, func() {
+				directRuns = append(directRuns, testenv.Load(clients, time.Second, func(w, i int) error {
+					_, err := direct.Put(ctx, objstore.PutInput{Key: objectkey.FromName("d.bin", time.Now()), ContentType: "application/octet-stream"}, small)
+					return err
+				}))
+			}, func() {
+				serviceRuns = append(serviceRuns, testenv.Load(clients, time.Second, func(w, _ int) error {
+					_, err := uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: 1024},
+						bytes.NewReader(small), uploadclient.Options{})
+					return err
+				}))
+			})
+		}
+		directRes, serviceRes = testenv.Merge(directRuns...), testenv.Merge(serviceRuns...)
+		if directRes.FirstErr != nil {
+			b.Fatal(directRes.FirstErr)
+		}
+		if serviceRes.FirstErr != nil {
+			b.Fatal(serviceRes.FirstErr)
+		}
+		return directRes, serviceRes
 	}
-	direct1k, svc1k := testenv.Merge(directRuns...), testenv.Merge(serviceRuns...)
-	if direct1k.FirstErr != nil {
-		b.Fatal(direct1k.FirstErr)
-	}
-	if svc1k.FirstErr != nil {
-		b.Fatal(svc1k.FirstErr)
-	}
+	direct1k, svc1k := smallLoad(16, 4)
+	// One client: the same path without queueing for the 2 shared cores,
+	// which shows how much of the added latency is the path itself.
+	direct1, svc1 := smallLoad(1, 2)
 
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "\nupload path vs direct SDK, same gateway, same run\tdirect\tservice\tratio\t")
 	fmt.Fprintf(tw, "256 MiB multipart, MB/s\t%.0f\t%.0f\t%.2fx\t\n", directMBs, serviceMBs, serviceMBs/directMBs)
 	fmt.Fprintf(tw, "1 KiB uploads/s at c=16\t%.0f\t%.0f\t%.2fx\t\n", direct1k.Rate, svc1k.Rate, svc1k.Rate/direct1k.Rate)
-	for _, p := range []float64{.5, .99} {
-		d, s := direct1k.Quantile(p), svc1k.Quantile(p)
-		fmt.Fprintf(tw, "1 KiB p%.0f latency\t%s\t%s\t+%s\t\n", p*100, d.Round(10*time.Microsecond), s.Round(10*time.Microsecond), (s - d).Round(10*time.Microsecond))
+	for _, row := range []struct {
+		clients int
+		d, s    testenv.LoadResult
+	}{{16, direct1k, svc1k}, {1, direct1, svc1}} {
+		for _, p := range []float64{.5, .99} {
+			d, s := row.d.Quantile(p), row.s.Quantile(p)
+			fmt.Fprintf(tw, "1 KiB p%.0f latency at c=%d\t%s\t%s\t+%s\t\n", p*100, row.clients, d.Round(10*time.Microsecond), s.Round(10*time.Microsecond), (s - d).Round(10*time.Microsecond))
+		}
 	}
 	tw.Flush()
 	b.ReportMetric(serviceMBs/directMBs, "large-ratio")
