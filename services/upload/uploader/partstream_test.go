@@ -21,7 +21,8 @@ import (
 func TestCorruptedPartIsSentAgain(t *testing.T) {
 	for _, buffered := range []bool{false, true} {
 		t.Run(map[bool]string{false: "streamed", true: "buffered"}[buffered], func(t *testing.T) {
-			st := startStack(t, 1, func(c *uploader.Config) { c.PartSize, c.BufferParts = 5<<20, buffered })
+			// No stall may add a request: only the corruption does.
+			st := startStack(t, 1, func(c *uploader.Config) { c.PartSize, c.BufferParts, c.StreamStall = 5<<20, buffered, time.Minute })
 			id := st.Buckets[0].GetId()
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()

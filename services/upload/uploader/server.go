@@ -55,7 +55,8 @@ type Config struct {
 	// SDKDefaultChecksums, whose trailers need a TLS endpoint.
 	BufferParts bool
 	// StreamStall is how long a streamed part waits for the client's next
-	// bytes before the rest of the upload goes buffered; default 1s.
+	// bytes before the rest of the upload goes buffered; default 5s, long
+	// enough that only a client that really paused pays a resent part.
 	StreamStall time.Duration
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
@@ -118,7 +119,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 		cfg.PartAttempts = 3
 	}
 	if cfg.StreamStall == 0 {
-		cfg.StreamStall = time.Second
+		cfg.StreamStall = 5 * time.Second
 	}
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 50 * time.Millisecond
