@@ -14,31 +14,35 @@ import (
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
-// A part corrupted on the way to the bucket is caught and sent again, so
-// the object reads back intact: a streamed part by its ETag (the MD5 the
-// store computed) differing from the MD5 of the bytes received, a buffered
-// part by the store refusing its Content-MD5 (BadDigest).
-func TestCorruptedPartIsSentAgain(t *testing.T) {
+// A part that fails once on the way to the bucket is sent again, and the
+// object reads back intact. Corrupted: a streamed part is caught by its
+// ETag (the MD5 the store computed) differing from the MD5 of the bytes
+// received, a buffered part by the store refusing its Content-MD5
+// (BadDigest). Reset or 5xx: a streamed part, which the SDK cannot rewind,
+// is retried from the part buffer; a buffered one by the SDK itself.
+func TestFailedPartIsSentAgain(t *testing.T) {
 	for _, buffered := range []bool{false, true} {
 		t.Run(map[bool]string{false: "streamed", true: "buffered"}[buffered], func(t *testing.T) {
-			// No stall may add a request: only the corruption does.
+			// No stall may add a request: only the fault does.
 			st := startStack(t, 1, func(c *uploader.Config) { c.PartSize, c.BufferParts, c.StreamStall = 5<<20, buffered, time.Minute })
 			id := st.Buckets[0].GetId()
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			data := testenv.OpaqueBytes(t, 12<<20)
-			st.Proxies[id].Counts()
-			st.Proxies[id].SetForNext("UploadPart", faultproxy.Corrupt, 1)
-			resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if n := st.Proxies[id].Counts()["UploadPart"]; n != 4 {
-				t.Fatalf("%d UploadPart requests, want 4: 3 parts and the corrupted one again", n)
-			}
-			_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
-			if err != nil || !bytes.Equal(got, data) {
-				t.Fatalf("read back %d bytes (equal %v), err %v", len(got), bytes.Equal(got, data), err)
+			for _, fault := range []faultproxy.Mode{faultproxy.Corrupt, faultproxy.Reset, faultproxy.Error5xx} {
+				st.Proxies[id].Counts()
+				st.Proxies[id].SetForNext("UploadPart", fault, 1)
+				resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+				if err != nil {
+					t.Fatalf("fault %d: %v", fault, err)
+				}
+				if n := st.Proxies[id].Counts()["UploadPart"]; n != 4 {
+					t.Fatalf("fault %d: %d UploadPart requests, want 4: 3 parts and the failed one again", fault, n)
+				}
+				_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("fault %d: read back %d bytes (equal %v), err %v", fault, len(got), bytes.Equal(got, data), err)
+				}
 			}
 		})
 	}
