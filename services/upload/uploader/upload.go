@@ -516,10 +516,23 @@ func (s *Server) streamParts(bucketID string) bool {
 // PUT is answered, the part's MD5 must equal the ETag, else the part is
 // sent again, buffered, with Content-MD5 for the store to check.
 func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte, md5sum <-chan []byte, body *partBody, buffered *atomic.Bool) (string, error) {
-	if body == nil {
+	// The part's MD5, once all of it has arrived. Without one the stream
+	// broke: the reading goroutine ends the upload with the reason, which
+	// is then the error to return.
+	wholeMD5 := func() ([]byte, error) {
 		sum, ok := <-md5sum
 		if !ok {
-			return "", context.Cause(ctx)
+			<-ctx.Done()
+		}
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		return sum, nil
+	}
+	if body == nil {
+		sum, err := wholeMD5()
+		if err != nil {
+			return "", err
 		}
 		return s.uploadPart(ctx, b, key, mpID, num, data, sum, 0)
 	}
@@ -530,15 +543,9 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 	t0 := time.Now()
 	etag, err := b.UploadPartStream(ctx, key, mpID, num, body, int64(len(data)))
 	stalled := body.detach()
-	sum, ok := <-md5sum
-	if !ok {
-		// The stream broke: the reading goroutine ends the upload with
-		// the reason, which is the error to return.
-		<-ctx.Done()
-		return "", context.Cause(ctx)
-	}
-	if ctx.Err() != nil {
-		return "", context.Cause(ctx)
+	sum, cerr := wholeMD5()
+	if cerr != nil {
+		return "", cerr
 	}
 	first := 0
 	switch got, isMD5 := objstore.PartETagMD5(etag); {
