@@ -520,14 +520,15 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 	// broke: the reading goroutine ends the upload with the reason, which
 	// is then the error to return.
 	wholeMD5 := func() ([]byte, error) {
-		sum, ok := <-md5sum
-		if !ok {
+		select {
+		case sum, ok := <-md5sum:
+			if ok && ctx.Err() == nil {
+				return sum, nil
+			}
 			<-ctx.Done()
+		case <-ctx.Done():
 		}
-		if ctx.Err() != nil {
-			return nil, context.Cause(ctx)
-		}
-		return sum, nil
+		return nil, context.Cause(ctx)
 	}
 	if body == nil {
 		sum, err := wholeMD5()
