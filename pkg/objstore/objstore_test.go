@@ -7,6 +7,8 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -161,5 +163,41 @@ func TestUploadPartStream(t *testing.T) {
 		if _, ok := objstore.PartETagMD5(etag); ok {
 			t.Errorf("PartETagMD5(%q) claims an MD5", etag)
 		}
+	}
+}
+
+// R2 refuses a body without a length (411), so a streamed part must go out
+// with Content-Length, never chunked: checked on the wire by a recording
+// endpoint, since the gateway would accept either.
+func TestUploadPartStreamSendsLength(t *testing.T) {
+	type seen struct {
+		length int64
+		te     []string
+		n      int64
+	}
+	got := make(chan seen, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		got <- seen{r.ContentLength, r.TransferEncoding, n}
+		w.Header().Set("ETag", `"00000000000000000000000000000000"`)
+	}))
+	defer srv.Close()
+	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {"k", "s"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	b, err := s.Bucket(objstore.Target{ID: "b", Name: "b", Endpoint: srv.URL, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const size = 300_000
+	if _, err := b.UploadPartStream(ctx, "k", "u", 1, struct{ io.Reader }{bytes.NewReader(make([]byte, size))}, size); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-got; r.length != size || len(r.te) != 0 || r.n != size {
+		t.Fatalf("request had Content-Length %d, Transfer-Encoding %v, %d body bytes; want %d, none, %d", r.length, r.te, r.n, size, size)
 	}
 }
