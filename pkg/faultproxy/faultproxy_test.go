@@ -1,6 +1,7 @@
 package faultproxy_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -130,4 +131,44 @@ func TestSetForOneOperation(t *testing.T) {
 		t.Fatalf("Set after SetFor must apply to all requests; got %d", c)
 	}
 	http.DefaultClient.CloseIdleConnections()
+}
+
+// SetForNext faults only the next n requests of the operation; Corrupt
+// forwards the body with exactly one byte changed.
+func TestSetForNextAndCorrupt(t *testing.T) {
+	bodies := make(chan []byte, 4)
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies <- b
+	}))
+	defer backend.Close()
+	p, err := faultproxy.New(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	sent := []byte(strings.Repeat("0123456789", 100))
+	put := func() []byte {
+		req, _ := http.NewRequest(http.MethodPut, p.URL()+"/b/k?partNumber=1&uploadId=x", bytes.NewReader(sent))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return <-bodies
+	}
+	p.SetForNext("UploadPart", faultproxy.Corrupt, 1)
+	got := put()
+	diff := 0
+	for i := range got {
+		if got[i] != sent[i] {
+			diff++
+		}
+	}
+	if len(got) != len(sent) || diff != 1 {
+		t.Fatalf("corrupted body: %d bytes, %d differing; want %d bytes, 1 differing", len(got), diff, len(sent))
+	}
+	if got := put(); !bytes.Equal(got, sent) {
+		t.Fatal("the request after the limited fault was corrupted too")
+	}
 }
