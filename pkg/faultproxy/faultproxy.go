@@ -1,6 +1,7 @@
 // Package faultproxy is an HTTP reverse proxy that injects faults in
 // front of one S3 endpoint, so tests can make a single bucket fail while
-// the others work: 5xx answers, connection resets, stalls and throttling.
+// the others work: 5xx answers, connection resets, stalls, throttling and
+// corrupted request bodies.
 // It also counts requests by method, which benchmarks use to show how
 // many billable S3 operations an upload costs.
 package faultproxy
