@@ -195,9 +195,11 @@ func (s *Store) Bucket(t Target) (*Bucket, error) {
 }
 
 // unsignedPayload signs a data request's headers but not its body: the
-// body is covered by Content-MD5, which is itself a signed header, so
-// hashing every byte once more with SHA-256 for SigV4 adds CPU on the
-// hottest path and no protection (R2 is reached over TLS besides).
+// body is covered by Content-MD5, which is itself a signed header (a
+// streamed part by its ETag, checked against its MD5 after), so hashing
+// every byte once more with SHA-256 for SigV4 adds CPU on the hottest path
+// and no protection (R2 is reached over TLS besides). A streamed part could
+// not be hashed ahead of its bytes anyway.
 func unsignedPayload(o *s3.Options) {
 	o.APIOptions = append(o.APIOptions, v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
 }
