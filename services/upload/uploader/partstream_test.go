@@ -3,6 +3,7 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"testing"
 	"time"
@@ -39,10 +40,7 @@ func TestFailedPartIsSentAgain(t *testing.T) {
 				if n := st.Proxies[id].Counts()["UploadPart"]; n != 4 {
 					t.Fatalf("fault %d: %d UploadPart requests, want 4: 3 parts and the failed one again", fault, n)
 				}
-				_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
-				if err != nil || !bytes.Equal(got, data) {
-					t.Fatalf("fault %d: read back %d bytes (equal %v), err %v", fault, len(got), bytes.Equal(got, data), err)
-				}
+				readBack(ctx, t, st.Upload, resp, data, fmt.Sprintf("fault %d", fault))
 			}
 		})
 	}
@@ -95,10 +93,7 @@ func TestStalledClientFallsBackToBufferedParts(t *testing.T) {
 	if n := st.Proxies[id].Counts()["UploadPart"]; n < 4 {
 		t.Fatalf("%d UploadPart requests, want at least 4: the stalled part's PUT must be abandoned and the part sent again", n)
 	}
-	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
-	if err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("read back %d bytes (equal %v), err %v", len(got), bytes.Equal(got, data), err)
-	}
+	readBack(ctx, t, st.Upload, resp, data, "stalled upload")
 	if _, multiparts := st.objects(t); multiparts[id] != 0 {
 		t.Fatalf("%d open multipart uploads left", multiparts[id])
 	}

@@ -3,6 +3,7 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -23,6 +24,16 @@ func read(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.Get
 		return nil, nil, err
 	}
 	return info, buf.Bytes(), nil
+}
+
+// readBack fails the test unless the uploaded object reads back as want;
+// what names the case in the message.
+func readBack(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient, resp *uploadv1.UploadResponse, want []byte, what string) {
+	t.Helper()
+	_, got, err := read(ctx, c, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("%s: read back %d bytes (equal %v), err %v", what, len(got), bytes.Equal(got, want), err)
+	}
 }
 
 // GetObject by bucket id + key, whole and by range; DeleteObject; then
@@ -113,9 +124,6 @@ func TestOddChunkSizesReadBack(t *testing.T) {
 		if err != nil {
 			t.Fatalf("size %d chunk %d: %v", tc.size, tc.chunk, err)
 		}
-		_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
-		if err != nil || !bytes.Equal(got, data) {
-			t.Fatalf("size %d chunk %d: read back %d bytes (equal %v), err %v", tc.size, tc.chunk, len(got), bytes.Equal(got, data), err)
-		}
+		readBack(ctx, t, st.Upload, resp, data, fmt.Sprintf("size %d chunk %d", tc.size, tc.chunk))
 	}
 }
