@@ -18,11 +18,9 @@ import (
 // has read. Fixed windows turn off gRPC's bandwidth-delay estimate, which
 // grows them to 16 MiB: a stream waiting for its part buffer to free up
 // would then hold another 16 MiB of received chunks. 128 KiB keeps a
-// stream well within two parts plus 1 MiB (with 256 KiB, parts streaming to
-// the bucket put the peak at 16.6–17.05 MiB per upload in
-// BenchmarkServiceOverhead, 16.2–16.9 with 128 KiB) and still moves about
-// 250 MB/s per stream at a 0.5 ms round trip, more than one upload gets
-// into R2.
+// stream clearly within two parts plus 1 MiB (256 KiB touched the limit
+// once parts streamed) and still moves ~250 MB/s per stream at a 0.5 ms
+// round trip, more than one upload gets into R2.
 const streamWindow = 128 << 10
 
 // ServerOptions are the gRPC server options the upload service needs: a
