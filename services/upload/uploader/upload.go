@@ -340,25 +340,29 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 				free <- data[:cap(data)]
 			}
 		}
-		send := func(num int32, data []byte, md5sum <-chan []byte, body *partBody) {
+		md5sum := make(chan []byte, 1)
+		var body *partBody
+		if !buffered.Load() {
+			// The PUT starts with the part's first bytes and reads the rest
+			// as they arrive; a buffered part waits for all of them.
+			body = newPartBody(buf, c, s.cfg.StreamStall)
+		}
+		wg.Add(1)
+		go func(num int32, data []byte) {
 			defer wg.Done()
 			etag, err := s.sendPart(upCtx, b, u.key, mpID, num, data, md5sum, body, &buffered)
 			if err != nil {
-				once.Do(func() { partErr = err })
-				cancel(err)
+				// The upload's own end (a broken stream, another part's
+				// failure) is already recorded as its cause.
+				if err != context.Cause(upCtx) {
+					once.Do(func() { partErr = err })
+					cancel(err)
+				}
 				return
 			}
 			parts[num-1] = objstore.Part{Number: num, ETag: etag}
 			done(data)
-		}
-		md5sum := make(chan []byte, 1)
-		var body *partBody
-		if !buffered.Load() {
-			// The PUT starts now and reads the part as it arrives.
-			body = newPartBody(buf, c, s.cfg.StreamStall)
-			wg.Add(1)
-			go send(int32(i+1), buf, md5sum, body)
-		}
+		}(int32(i+1), buf)
 		if err := fillHashingMD5(u.reader, buf, c, body, md5sum); err != nil {
 			if body != nil {
 				body.fail(err)
@@ -376,10 +380,6 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			close(mine)
 			done(data)
 		}(buf)
-		if body == nil {
-			wg.Add(1)
-			go send(int32(i+1), buf, md5sum, nil)
-		}
 	}
 	wg.Wait()
 	if upCtx.Err() != nil {
@@ -511,10 +511,11 @@ func (s *Server) streamParts(bucketID string) bool {
 	return !s.cfg.BufferParts && !s.cfg.SDKDefaultChecksums && !plain
 }
 
-// sendPart uploads one part. Without body, the part is whole and goes
-// buffered. With body, its PUT reads the part while it arrives; once the
-// PUT is answered, the part's MD5 must equal the ETag, else the part is
-// sent again, buffered, with Content-MD5 for the store to check.
+// sendPart uploads one part. Without body, it waits for the whole part
+// and sends it buffered. With body, its PUT reads the part while it
+// arrives; once the PUT is answered, the part's MD5 must equal the ETag,
+// else the part is sent again, buffered, with Content-MD5 for the store to
+// check.
 func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte, md5sum <-chan []byte, body *partBody, buffered *atomic.Bool) (string, error) {
 	// The part's MD5, once all of it has arrived. Without one the stream
 	// broke: the reading goroutine ends the upload with the reason, which
