@@ -55,10 +55,34 @@ func EtcdClient(t testing.TB, endpoint string) *clientv3.Client {
 var (
 	gwOnce    sync.Once
 	gw        *s3gw.Gateway
+	gwDir     string
 	gwTLS     bool
 	gwErr     error
 	bucketSeq atomic.Int64
 )
+
+// Main runs a package's tests and then stops the process-wide gateway and
+// removes its directory, which no single test owns: without it every run
+// leaves the gateway's files in the temp directory. Use it as
+//
+//	func TestMain(m *testing.M) { testenv.Main(m) }
+func Main(m *testing.M) {
+	code := m.Run()
+	if gw != nil {
+		if err := gw.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv:", err)
+		}
+	}
+	if gwDir != "" {
+		// The TLS variant keeps its certificate beside the data directory.
+		for _, d := range []string{gwDir, gwDir + "-tls"} {
+			if err := os.RemoveAll(d); err != nil {
+				fmt.Fprintln(os.Stderr, "testenv: remove gateway directory:", err)
+			}
+		}
+	}
+	os.Exit(code)
+}
 
 // S3 returns the process-wide plain-HTTP gateway, starting it on first use.
 func S3(t testing.TB) *s3gw.Gateway { return shared(t, false) }
@@ -76,6 +100,7 @@ func shared(t testing.TB, tls bool) *s3gw.Gateway {
 			gwErr = err
 			return
 		}
+		gwDir = dir
 		gwTLS = tls
 		gw, gwErr = s3gw.Start(context.Background(), s3gw.Options{Dir: dir, TLS: tls})
 	})
