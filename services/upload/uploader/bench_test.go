@@ -164,7 +164,13 @@ func BenchmarkServiceOverhead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	time.Sleep(200 * time.Millisecond) // let the server take up every header
+	// Measure once the server has taken up every header.
+	for deadline := time.Now().Add(time.Minute); st.Server.WaitingStreams() < idle; {
+		if time.Now().After(deadline) {
+			b.Fatalf("only %d of %d idle streams reached the server within a minute", st.Server.WaitingStreams(), idle)
+		}
+		runtime.Gosched()
+	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)
 	icancel()

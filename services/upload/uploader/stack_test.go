@@ -39,6 +39,7 @@ type stack struct {
 	S3         *s3.Client
 	Buckets    []*adminv1.BucketSpec
 	Proxies    map[string]*faultproxy.Proxy
+	Server     *uploader.Server
 }
 
 func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
@@ -124,6 +125,7 @@ func startStackAt(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Co
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
+	st.Server = up
 	uconn := serve(t, up.Register, up.ServerOptions()...)
 	st.Upload, st.UploadAddr = uploadv1.NewUploadServiceClient(uconn), uconn.Target()
 	if st.S3, err = g.Client(); err != nil {

@@ -1,0 +1,10 @@
+package uploader
+
+// WaitingStreams counts the Upload streams whose header has been accepted
+// and which now wait for data (each has a chunk reader registered with
+// the codec), so tests can wait for streams to settle instead of sleeping.
+func (s *Server) WaitingStreams() int {
+	n := 0
+	s.codec.targets.Range(func(_, _ any) bool { n++; return true })
+	return n
+}
