@@ -34,6 +34,7 @@
 //	bucketlb_upload_bytes_total{bucket,outcome}      counter   RecordUpload (bytes received)
 //	bucketlb_upload_duration_seconds{outcome}        histogram RecordUpload
 //	bucketlb_upload_active_streams                   gauge     TrackUploadStream (HPA signal)
+//	bucketlb_upload_buffer_bytes                     gauge     TrackUploadBuffer (buffers held)
 //	bucketlb_upload_failovers_total{bucket}          counter   RecordFailover (bucket left)
 //
 // Recorded by the allocator service:

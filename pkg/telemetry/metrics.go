@@ -86,6 +86,7 @@ type Metrics struct {
 	uploadBytes    metric.Int64Counter
 	uploadDuration metric.Float64Histogram
 	uploadStreams  metric.Int64UpDownCounter
+	uploadBuffers  metric.Int64UpDownCounter
 	failovers      metric.Int64Counter
 	reservations   metric.Int64Counter
 	commits        metric.Int64Counter
@@ -128,6 +129,9 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	check(err)
 	m.uploadStreams, err = mt.Int64UpDownCounter("bucketlb.upload.active_streams",
 		metric.WithDescription("Upload streams in progress on this replica (an HPA signal better than CPU)."), metric.WithUnit("{stream}"))
+	check(err)
+	m.uploadBuffers, err = mt.Int64UpDownCounter("bucketlb.upload.buffer",
+		metric.WithDescription("Bytes of object and part buffers the uploads on this replica hold (bounded by upload.bufferBudget)."), metric.WithUnit("By"))
 	check(err)
 	m.failovers, err = mt.Int64Counter("bucketlb.upload.failovers",
 		metric.WithDescription("Uploads moved away from a bucket that failed mid-upload, by the bucket left."), metric.WithUnit("{failover}"))
@@ -219,6 +223,16 @@ func (m *Metrics) TrackUploadStream(ctx context.Context) (done func()) {
 	}
 	m.uploadStreams.Add(ctx, 1)
 	return func() { m.uploadStreams.Add(context.WithoutCancel(ctx), -1) }
+}
+
+// TrackUploadBuffer counts n bytes of upload buffers held until the
+// returned function is called (upload service).
+func (m *Metrics) TrackUploadBuffer(ctx context.Context, n int64) (done func()) {
+	if m == nil {
+		return func() {}
+	}
+	m.uploadBuffers.Add(ctx, n)
+	return func() { m.uploadBuffers.Add(context.WithoutCancel(ctx), -n) }
 }
 
 // RecordFailover counts an upload that left bucket after a failure there

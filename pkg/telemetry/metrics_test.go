@@ -30,6 +30,9 @@ func recordAll(t *testing.T, m *telemetry.Metrics) {
 	done := m.TrackUploadStream(ctx)
 	m.TrackUploadStream(ctx)()
 	_ = done // still in progress at the scrape
+	held := m.TrackUploadBuffer(ctx, 8<<20)
+	m.TrackUploadBuffer(ctx, 1024)()
+	_ = held
 	m.RecordFailover(ctx, "b2")
 	m.RecordReservation(ctx, "b1", nil)
 	m.RecordReservation(ctx, "b1", nil)
@@ -71,6 +74,7 @@ func TestMetricsScrapedOverHTTP(t *testing.T) {
 	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "", "outcome": "rejected"}, 10)
 	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "b2", "outcome": "unavailable"}, 700)
 	wantValue(t, fams, "bucketlb_upload_active_streams", nil, 1)
+	wantValue(t, fams, "bucketlb_upload_buffer_bytes", nil, 8<<20)
 	wantValue(t, fams, "bucketlb_upload_failovers_total", L{"bucket": "b2"}, 1)
 	wantValue(t, fams, "bucketlb_allocator_reservations_total", L{"bucket": "b1", "outcome": "ok"}, 2)
 	wantValue(t, fams, "bucketlb_allocator_reservations_total", L{"bucket": "", "outcome": "exhausted"}, 1)
