@@ -72,6 +72,13 @@ type Upload struct {
 	// Content-MD5 the store checks, instead of streaming it and checking
 	// its ETag after (see uploader.Config.BufferParts).
 	BufferParts bool `json:"bufferParts"`
+	// BufferBudget bounds the memory that object and part buffers of all
+	// uploads on a replica take at once; uploads beyond it wait for room.
+	// Keep it well under the container's memory limit.
+	BufferBudget ByteSize `json:"bufferBudget"`
+	// BufferWait is how long an upload waits for buffer room before it
+	// fails with UNAVAILABLE (retryable).
+	BufferWait Duration `json:"bufferWait"`
 	// StopTimeout bounds graceful shutdown; keep it longer than a typical
 	// upload and shorter than the pod's termination grace period.
 	StopTimeout Duration `json:"stopTimeout"`
@@ -97,6 +104,10 @@ type Bucket struct {
 	PathStyle      bool     `json:"pathStyle"`
 }
 
+// minBufferBudget holds one large upload's two parts at the default part
+// size.
+const minBufferBudget = 16 << 20
+
 // Defaults returns the configuration used when nothing is set.
 func Defaults() File {
 	return File{
@@ -115,6 +126,8 @@ func Defaults() File {
 			AllocatorAddr:     "127.0.0.1:7001",
 			MaxObjectSize:     5 << 30,
 			MaxBucketAttempts: 3,
+			BufferBudget:      512 << 20,
+			BufferWait:        Duration(10 * time.Second),
 			StopTimeout:       Duration(60 * time.Second),
 			RateLimit:         50,
 			RateBurst:         100,
@@ -199,6 +212,12 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.MaxBucketAttempts < 1 {
 		errs = append(errs, errors.New("upload.maxBucketAttempts: must be at least 1"))
+	}
+	if f.Upload.BufferBudget < minBufferBudget {
+		errs = append(errs, fmt.Errorf("upload.bufferBudget: %d bytes is less than one large upload's two 8 MiB part buffers (16MiB)", f.Upload.BufferBudget))
+	}
+	if f.Upload.BufferWait.D() <= 0 {
+		errs = append(errs, errors.New("upload.bufferWait: must be positive"))
 	}
 	seen := map[string]bool{}
 	for i, b := range f.Buckets {

@@ -66,6 +66,7 @@ allocator:
   strategy: least-used
 upload:
   maxObjectSize: 512MiB
+  bufferBudget: 1GiB
 buckets:
   - id: local-a
     name: a
@@ -85,8 +86,8 @@ buckets:
 	if f.Allocator.ReservationTTL.D() != 45*time.Second || f.Allocator.Strategy != "least-used" {
 		t.Fatalf("allocator = %+v", f.Allocator)
 	}
-	if f.Upload.MaxObjectSize != 512<<20 {
-		t.Fatalf("maxObjectSize = %d", f.Upload.MaxObjectSize)
+	if f.Upload.MaxObjectSize != 512<<20 || f.Upload.BufferBudget != 1<<30 || f.Upload.BufferWait.D() != 10*time.Second {
+		t.Fatalf("upload = %+v", f.Upload)
 	}
 	if len(f.Allocator.EtcdEndpoints) != 2 {
 		t.Fatalf("env override of etcd endpoints ignored: %v", f.Allocator.EtcdEndpoints)
@@ -108,6 +109,7 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"bad size", "upload:\n  maxObjectSize: lots\n", "lots"},
 		{"bad duration", "allocator:\n  reservationTTL: soon\n", "soon"},
 		{"short ttl", "allocator:\n  reservationTTL: 1s\n", "reservationTTL"},
+		{"small buffer budget", "upload:\n  bufferBudget: 4MiB\n", "bufferBudget"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
 		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},
 		{"bad bucket id", "buckets:\n  - {id: 'A B', name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "id"},

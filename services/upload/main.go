@@ -79,6 +79,8 @@ func run(log *slog.Logger) error {
 		Credentials:         objstore.EnvCredentials{Dir: cfg.Upload.CredentialsDir},
 		CAFile:              cfg.Upload.CAFile,
 		BufferParts:         cfg.Upload.BufferParts,
+		BufferBudget:        int64(cfg.Upload.BufferBudget),
+		BufferWait:          cfg.Upload.BufferWait.D(),
 		Metrics:             tel.Metrics(),
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
 	if err != nil {

@@ -8,3 +8,9 @@ func (s *Server) WaitingStreams() int {
 	s.codec.targets.Range(func(_, _ any) bool { n++; return true })
 	return n
 }
+
+// BufferPeak is the most upload buffer memory ever held at once.
+func (s *Server) BufferPeak() int64 { return s.buffers.peak.Load() }
+
+// BufferHeld is the upload buffer memory held now.
+func (s *Server) BufferHeld() int64 { return s.buffers.held.Load() }

@@ -58,6 +58,15 @@ type Config struct {
 	// bytes before the rest of the upload goes buffered; default 5s, long
 	// enough that only a client that really paused pays a resent part.
 	StreamStall time.Duration
+	// BufferBudget bounds the bytes of object and part buffers all uploads
+	// on this replica hold at once (a small object takes its size, a large
+	// one two parts); an upload beyond it waits for room before reading its
+	// data; one whose buffers exceed the whole budget waits for all of it.
+	// Keep it well under the process's memory limit. Default 512 MiB.
+	BufferBudget int64
+	// BufferWait is how long an upload waits for buffer room before it
+	// fails with UNAVAILABLE (retryable); default 10s.
+	BufferWait time.Duration
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
 	// Credentials resolve bucket credentials_ref. Required.
@@ -87,6 +96,8 @@ type Server struct {
 	mime  *mimecheck.Checker
 	log   *slog.Logger
 	codec *chunkCodec
+	// buffers bounds the memory that upload buffers take across streams.
+	buffers *bufferBudget
 	// plainETags holds the ids of buckets whose part ETags turned out not
 	// to be MD5s: their parts are sent buffered, with Content-MD5.
 	plainETags sync.Map
@@ -121,6 +132,12 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	if cfg.StreamStall == 0 {
 		cfg.StreamStall = 5 * time.Second
 	}
+	if cfg.BufferBudget == 0 {
+		cfg.BufferBudget = 512 << 20
+	}
+	if cfg.BufferWait == 0 {
+		cfg.BufferWait = 10 * time.Second
+	}
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 50 * time.Millisecond
 	}
@@ -136,6 +153,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
 		codec:       newChunkCodec(),
+		buffers:     newBufferBudget(cfg.BufferBudget, cfg.BufferWait, cfg.Metrics),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }
 

@@ -92,7 +92,17 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err := s.mime.CheckData(hdr.GetContentType(), u.head); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	if u.size <= s.cfg.PartSize {
+	small := u.size <= s.cfg.PartSize
+	need := u.size
+	if !small {
+		need = 2 * s.partSize(u.size) // the two part buffers
+	}
+	release, err := s.buffers.acquire(ctx, need)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if small {
 		return s.uploadSmall(ctx, u)
 	}
 	return s.uploadLarge(ctx, u)

@@ -1,0 +1,134 @@
+package uploader_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+const budgetPart = 5 << 20
+
+// Uploads beyond the buffer budget wait for room and then succeed: with
+// room for one large upload's two parts, six large and six small uploads
+// started at once all land intact, and the buffers held never exceed the
+// budget.
+func TestBufferBudgetQueuesUploads(t *testing.T) {
+	const budget = 2 * budgetPart
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, 2*time.Minute
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	data := make([][]byte, 12)
+	resps := make([]*uploadv1.UploadResponse, len(data))
+	errs := make([]error, len(data))
+	for i := range data {
+		size := 3*budgetPart - 1000 // three parts
+		if i%2 == 1 {
+			size = 300 << 10
+		}
+		data[i] = testenv.OpaqueBytes(t, size)
+		wg.Go(func() {
+			resps[i], errs[i] = send(ctx, st.Upload, &uploadv1.UploadHeader{Key: fmt.Sprintf("budget/%d.bin", i), ContentType: "application/octet-stream", Size: int64(size)}, data[i])
+		})
+	}
+	wg.Wait()
+	for i := range data {
+		if errs[i] != nil {
+			t.Fatalf("upload %d (%d bytes): %v", i, len(data[i]), errs[i])
+		}
+		readBack(ctx, t, st.Upload, resps[i], data[i], fmt.Sprintf("upload %d", i))
+	}
+	if peak := st.Server.BufferPeak(); peak <= 0 || peak > budget {
+		t.Fatalf("upload buffers peaked at %d bytes; want 0 < peak <= budget %d", peak, budget)
+	}
+	if held := st.Server.BufferHeld(); held != 0 {
+		t.Fatalf("%d bytes of upload buffers still held after every upload ended", held)
+	}
+}
+
+// When the budget stays full for BufferWait, an upload fails with
+// UNAVAILABLE and a retry delay before it reserves or stores anything, and
+// succeeds once the room is back.
+func TestBufferBudgetWaitRunsOut(t *testing.T) {
+	const budget = 2 * budgetPart
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, 200*time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// A large upload sends its first MiB and holds the whole budget.
+	holdCtx, release := context.WithCancel(ctx)
+	defer release()
+	stream, err := st.Upload.Upload(holdCtx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+		Key: "budget/holder.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: testenv.OpaqueBytes(t, 1<<20)}}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(15 * time.Second); st.Server.BufferHeld() != budget; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the holding upload has %d of %d budget bytes", st.Server.BufferHeld(), budget)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	usedBefore, _ := st.usage(t)
+	objectsBefore, _ := st.objects(t)
+
+	data := testenv.OpaqueBytes(t, 1024)
+	hdr := &uploadv1.UploadHeader{Key: "budget/late.bin", ContentType: "application/octet-stream", Size: int64(len(data))}
+	_, err = send(ctx, st.Upload, hdr, data)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("upload with the budget full: %v, want UNAVAILABLE", err)
+	}
+	var retry *errdetails.RetryInfo
+	for _, d := range status.Convert(err).Details() {
+		if r, ok := d.(*errdetails.RetryInfo); ok {
+			retry = r
+		}
+	}
+	if retry == nil || retry.GetRetryDelay().AsDuration() <= 0 {
+		t.Fatalf("UNAVAILABLE without a retry delay: %v", status.Convert(err).Details())
+	}
+	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != usedBefore[st.Buckets[0].GetId()] {
+		t.Fatalf("usage moved from %v to %v for an upload turned away", usedBefore, used)
+	}
+	if objects, _ := st.objects(t); objects[st.Buckets[0].GetId()] != objectsBefore[st.Buckets[0].GetId()] {
+		t.Fatalf("objects went from %v to %v for an upload turned away", objectsBefore, objects)
+	}
+
+	// The holder goes away; its room comes back and the retry lands.
+	release()
+	if _, err := stream.CloseAndRecv(); err == nil {
+		t.Fatal("the cancelled holding upload succeeded")
+	}
+	for deadline := time.Now().Add(15 * time.Second); st.Server.BufferHeld() != 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d budget bytes still held after the holder was cancelled", st.Server.BufferHeld())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil {
+		t.Fatalf("retry after the budget freed: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, data, "retried upload")
+	st.waitNoReservations(t)
+}
