@@ -79,6 +79,9 @@ type Upload struct {
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable).
 	BufferWait Duration `json:"bufferWait"`
+	// IdleTimeout abandons an upload whose client sends nothing for this
+	// long, returning its buffers and reservation.
+	IdleTimeout Duration `json:"idleTimeout"`
 	// StopTimeout bounds graceful shutdown; keep it longer than a typical
 	// upload and shorter than the pod's termination grace period.
 	StopTimeout Duration `json:"stopTimeout"`
@@ -128,6 +131,7 @@ func Defaults() File {
 			MaxBucketAttempts: 3,
 			BufferBudget:      512 << 20,
 			BufferWait:        Duration(10 * time.Second),
+			IdleTimeout:       Duration(time.Minute),
 			StopTimeout:       Duration(60 * time.Second),
 			RateLimit:         50,
 			RateBurst:         100,
@@ -218,6 +222,9 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.BufferWait.D() <= 0 {
 		errs = append(errs, errors.New("upload.bufferWait: must be positive"))
+	}
+	if f.Upload.IdleTimeout.D() <= 0 {
+		errs = append(errs, errors.New("upload.idleTimeout: must be positive"))
 	}
 	seen := map[string]bool{}
 	for i, b := range f.Buckets {

@@ -110,6 +110,7 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"bad duration", "allocator:\n  reservationTTL: soon\n", "soon"},
 		{"short ttl", "allocator:\n  reservationTTL: 1s\n", "reservationTTL"},
 		{"small buffer budget", "upload:\n  bufferBudget: 4MiB\n", "bufferBudget"},
+		{"no idle timeout", "upload:\n  idleTimeout: 0s\n", "idleTimeout"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
 		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},
 		{"bad bucket id", "buckets:\n  - {id: 'A B', name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "id"},

@@ -81,6 +81,7 @@ func run(log *slog.Logger) error {
 		BufferParts:         cfg.Upload.BufferParts,
 		BufferBudget:        int64(cfg.Upload.BufferBudget),
 		BufferWait:          cfg.Upload.BufferWait.D(),
+		IdleTimeout:         cfg.Upload.IdleTimeout.D(),
 		Metrics:             tel.Metrics(),
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
 	if err != nil {

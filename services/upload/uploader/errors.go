@@ -47,6 +47,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, errBucket):
 		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, errIdle):
+		return status.Error(codes.DeadlineExceeded, err.Error())
 	}
 	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
 		return err

@@ -67,6 +67,10 @@ type Config struct {
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable); default 10s.
 	BufferWait time.Duration
+	// IdleTimeout abandons an upload whose client sends nothing for this
+	// long (DEADLINE_EXCEEDED), returning its buffers and reservation and
+	// removing what it stored; default 1m.
+	IdleTimeout time.Duration
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
 	// Credentials resolve bucket credentials_ref. Required.
@@ -137,6 +141,9 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	if cfg.BufferWait == 0 {
 		cfg.BufferWait = 10 * time.Second
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = time.Minute
 	}
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 50 * time.Millisecond

@@ -2,16 +2,72 @@ package uploader
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"time"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 )
+
+// errIdle: the client sent nothing for the idle timeout.
+var errIdle = errors.New("client idle")
+
+// receiver receives an Upload stream's messages on a goroutine of its own,
+// so that a client which stops sending can be given up on: RecvMsg takes
+// no deadline, and a handler cannot cancel its own stream. Without it, a
+// stalled client would hold its buffers, its renewed reservation and an
+// open multipart upload for as long as its connection lives.
+type receiver struct {
+	stream uploadv1.UploadService_UploadServer
+	idle   time.Duration
+	ask    chan *uploadv1.UploadRequest
+	got    chan error // buffered: a receive that outlives its wait never blocks
+	timer  *time.Timer
+	broken error
+}
+
+func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration) *receiver {
+	r := &receiver{stream: stream, idle: idle, ask: make(chan *uploadv1.UploadRequest), got: make(chan error, 1)}
+	r.timer = time.NewTimer(idle)
+	r.timer.Stop()
+	go func() {
+		// Ends once close is called and the last receive returned, which
+		// the handler's return guarantees (gRPC then ends the stream).
+		for m := range r.ask {
+			r.got <- r.stream.RecvMsg(m)
+		}
+	}()
+	return r
+}
+
+// recv receives the next message into m, or fails with errIdle when none
+// arrives within the idle timeout. After that failure the receiver is
+// done (the abandoned receive may still write into m and its codec
+// target), and every later call fails the same way at once.
+func (r *receiver) recv(m *uploadv1.UploadRequest) error {
+	if r.broken != nil {
+		return r.broken
+	}
+	r.ask <- m
+	r.timer.Reset(r.idle)
+	defer r.timer.Stop()
+	select {
+	case err := <-r.got:
+		return err
+	case <-r.timer.C:
+		r.broken = fmt.Errorf("%w: nothing arrived from the client for %v, so the upload was abandoned and nothing was stored", errIdle, r.idle)
+		return r.broken
+	}
+}
+
+// close lets the receiving goroutine end.
+func (r *receiver) close() { close(r.ask) }
 
 // chunkReader reads an Upload stream's chunks as an io.Reader and enforces
 // the declared size: it never hands out more than size bytes, and
 // Finish checks that the client sent exactly that many.
 type chunkReader struct {
-	stream  uploadv1.UploadService_UploadServer
+	rcv     *receiver
 	size    int64
 	read    int64
 	pending []byte
@@ -24,8 +80,8 @@ type chunkReader struct {
 	codec  *chunkCodec
 }
 
-func (s *Server) newChunkReader(stream uploadv1.UploadService_UploadServer, size int64) *chunkReader {
-	r := &chunkReader{stream: stream, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}}
+func (s *Server) newChunkReader(rcv *receiver, size int64) *chunkReader {
+	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}}
 	s.codec.targets.Store(r.msg, r.target)
 	return r
 }
@@ -41,7 +97,11 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	}
 	for len(r.pending) == 0 {
 		r.target.dst, r.target.hit = p, false
-		err := r.stream.RecvMsg(r.msg)
+		err := r.rcv.recv(r.msg)
+		if errors.Is(err, errIdle) {
+			// The abandoned receive still owns the message and target.
+			return 0, err
+		}
 		r.target.dst = nil
 		if errors.Is(err, io.EOF) {
 			return 0, badRequest("the stream ended after %d bytes but the header declared %d", r.read, r.size)
@@ -84,8 +144,9 @@ func (r *chunkReader) Finish() error {
 	if len(r.pending) > 0 {
 		return badRequest("the stream carries more than the %d bytes the header declared", r.size)
 	}
+	msg := r.msg // its target is empty now, so the codec decodes it whole
 	for {
-		msg, err := r.stream.Recv()
+		err := r.rcv.recv(msg)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}

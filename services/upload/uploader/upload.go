@@ -58,7 +58,10 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 }
 
 func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer) (*uploadv1.UploadResponse, error) {
-	first, err := stream.Recv()
+	rcv := newReceiver(stream, s.cfg.IdleTimeout)
+	defer rcv.close()
+	first := &uploadv1.UploadRequest{}
+	err := rcv.recv(first)
 	if errors.Is(err, io.EOF) {
 		return nil, badRequest("the stream ended before a header; send a header as the first message")
 	}
@@ -83,7 +86,7 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 			return nil, err
 		}
 	}
-	u.reader = s.newChunkReader(stream, u.size)
+	u.reader = s.newChunkReader(rcv, u.size)
 	defer u.reader.Close()
 	u.head = make([]byte, min(u.size, mimecheck.SniffLen))
 	if err := u.reader.fill(u.head); err != nil {

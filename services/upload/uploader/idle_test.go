@@ -1,0 +1,75 @@
+package uploader_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// A client that stops sending is cut off after the idle timeout with
+// DEADLINE_EXCEEDED, whether it stalls before any data, inside a small
+// object or in the middle of a multipart upload; its reservation and
+// buffers return and nothing is left in the bucket.
+func TestIdleClientIsCutOff(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.IdleTimeout = 5<<20, idle
+	})
+	cases := []struct {
+		name       string
+		size, sent int
+	}{
+		{"header only", 1 << 20, 0},
+		{"small object", 1 << 20, 256 << 10},
+		{"multipart", 12 << 20, 7 << 20},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// The client's own deadline is far beyond the idle timeout, so
+			// the status can only come from the server giving up.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			stream, err := st.Upload.Upload(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+				Key: "idle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)}}}); err != nil {
+				t.Fatal(err)
+			}
+			data := testenv.OpaqueBytes(t, tc.size)
+			for off := 0; off < tc.sent; off += 1 << 20 {
+				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(off+1<<20, tc.sent)]}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// No CloseSend: the client is alive but sends nothing more.
+			err = stream.RecvMsg(&uploadv1.UploadResponse{})
+			if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
+				t.Fatalf("stalled upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
+			}
+			st.waitNoReservations(t)
+			for deadline := time.Now().Add(15 * time.Second); st.Server.BufferHeld() != 0; {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d bytes of upload buffers still held", st.Server.BufferHeld())
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			objects, multiparts := st.objects(t)
+			if id := st.Buckets[0].GetId(); objects[id] != 0 || multiparts[id] != 0 {
+				t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
+			}
+			if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != 0 {
+				t.Fatalf("an abandoned upload was counted: %v", used)
+			}
+		})
+	}
+}
