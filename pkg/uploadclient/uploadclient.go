@@ -4,13 +4,19 @@ package uploadclient
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"os"
+	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
@@ -26,7 +32,17 @@ type Options struct {
 	ChunkSize int
 	// Progress, if set, is called with the bytes sent after each chunk.
 	Progress func(sent int64)
+	// Retries is how often UploadFile tries again after an answer that
+	// invites it: UNAVAILABLE, or any status carrying RetryInfo (a rate
+	// limit, a replica whose buffers are full). 0 means 3; negative, none.
+	Retries int
+	// OnRetry, if set, is called before each retry with the failed
+	// attempt's number (from 1), its error and the wait before the next.
+	OnRetry func(attempt int, err error, wait time.Duration)
 }
+
+// maxRetryWait caps a server-suggested delay.
+const maxRetryWait = 30 * time.Second
 
 // Upload sends hdr then the bytes of r. hdr.Size must be the exact length.
 func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, r io.Reader, opts Options) (*uploadv1.UploadResponse, error) {
@@ -94,7 +110,9 @@ func closeWith(stream uploadv1.UploadService_UploadClient, sendErr error) (*uplo
 
 // UploadFile uploads a file. The header's size is filled from the file and,
 // unless the caller set one, its sha256 from a first read pass, so the
-// server verifies the bytes end to end.
+// server verifies the bytes end to end. Answers that invite it are retried
+// from the file's start (Options.Retries) under an idempotency key, made up
+// when the caller gave none, so the file is stored and counted once.
 func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string, hdr *uploadv1.UploadHeader, opts Options) (*uploadv1.UploadResponse, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -113,11 +131,55 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 			return nil, fmt.Errorf("hash %s: %w", path, err)
 		}
 		hdr.Sha256 = hex.EncodeToString(h.Sum(nil))
+	}
+	retries := opts.Retries
+	if retries == 0 {
+		retries = 3
+	}
+	if retries > 0 && hdr.IdempotencyKey == "" {
+		// A retry after a lost answer must not store the file twice.
+		hdr.IdempotencyKey = "uploadfile-" + rand.Text()
+	}
+	for attempt := 1; ; attempt++ {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return nil, err
 		}
+		resp, err := Upload(ctx, c, hdr, f, opts)
+		if err == nil {
+			return resp, nil
+		}
+		wait, ok := retryAfter(err, attempt)
+		if !ok || attempt > retries {
+			return nil, err
+		}
+		if opts.OnRetry != nil {
+			opts.OnRetry(attempt, err, wait)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("%w (while waiting to retry after: %v)", ctx.Err(), err)
+		case <-t.C:
+		}
 	}
-	return Upload(ctx, c, hdr, f, opts)
+}
+
+// retryAfter says whether err invites a retry, and after how long: the
+// server's RetryInfo when it sent one, else an exponential backoff with
+// jitter.
+func retryAfter(err error, attempt int) (time.Duration, bool) {
+	st, _ := status.FromError(err)
+	for _, d := range st.Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			return min(ri.GetRetryDelay().AsDuration(), maxRetryWait), true
+		}
+	}
+	if st.Code() != codes.Unavailable {
+		return 0, false
+	}
+	base := 250 * time.Millisecond << min(attempt-1, 6)
+	return base/2 + mrand.N(base), true
 }
 
 // Get streams an object into w and returns its info. It verifies that the

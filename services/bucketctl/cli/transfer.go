@@ -8,9 +8,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -55,6 +57,11 @@ func newUploadCmd(g *globals) *cobra.Command {
 				}
 				resp, err := uploadclient.UploadFile(ctx, client, path, hdr, uploadclient.Options{
 					Progress: func(n int64) { _ = bar.Set64(n) },
+					OnRetry: func(attempt int, err error, wait time.Duration) {
+						// The next attempt sends the file from its start.
+						bar.Reset()
+						fmt.Fprintf(g.errOut, "\nupload %s: attempt %d: %s; retrying in %v\n", path, attempt, status.Convert(err).Message(), wait.Round(time.Millisecond))
+					},
 				})
 				_ = bar.Finish()
 				if err != nil {

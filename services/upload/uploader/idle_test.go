@@ -57,12 +57,7 @@ func TestIdleClientIsCutOff(t *testing.T) {
 				t.Fatalf("stalled upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
 			}
 			st.waitNoReservations(t)
-			for deadline := time.Now().Add(15 * time.Second); st.Server.BufferHeld() != 0; {
-				if time.Now().After(deadline) {
-					t.Fatalf("%d bytes of upload buffers still held", st.Server.BufferHeld())
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
+			waitHeld(t, st, 0)
 			objects, multiparts := st.objects(t)
 			if id := st.Buckets[0].GetId(); objects[id] != 0 || multiparts[id] != 0 {
 				t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
