@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -66,5 +67,39 @@ func TestIdleClientIsCutOff(t *testing.T) {
 				t.Fatalf("an abandoned upload was counted: %v", used)
 			}
 		})
+	}
+}
+
+// The idle client is what ends the upload even when an earlier part's PUT
+// is still stuck at the bucket: that PUT then fails only because the
+// upload ended, and must not turn the answer into a bucket failure.
+func TestIdleClientWhilePartIsStuck(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.IdleTimeout, c.BufferParts = 5<<20, 300*time.Millisecond, true
+	})
+	st.Proxies[st.Buckets[0].GetId()].SetForNext("UploadPart", faultproxy.Stall, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream, err := st.Upload.Upload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+		Key: "idle/stuck-part", ContentType: "application/octet-stream", Size: 12 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	data := testenv.OpaqueBytes(t, 7<<20) // part 1 whole (its PUT stalls), part 2 begun
+	for off := 0; off < len(data); off += 1 << 20 {
+		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off : off+1<<20]}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = stream.RecvMsg(&uploadv1.UploadResponse{})
+	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
+		t.Fatalf("upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
+	}
+	st.waitNoReservations(t)
+	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 0 || multiparts[st.Buckets[0].GetId()] != 0 {
+		t.Fatalf("left behind: %v objects, %v open multipart uploads", objects, multiparts)
 	}
 }

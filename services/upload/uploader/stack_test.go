@@ -76,6 +76,14 @@ func startStack(t testing.TB, n int, tune func(*uploader.Config)) *stack {
 // (the gateway, or a sink for benchmarks); tuneAlloc, if set, adjusts the
 // allocator's config.
 func startStackAt(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
+	return startStackWrapped(t, endpoints, tuneAlloc, tune, nil)
+}
+
+// startStackWrapped is startStackAt with the upload service's allocator
+// client passed through wrap (when set), e.g. to hold a call's answer back,
+// and extra options for the upload service's gRPC server.
+func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config),
+	wrap func(uploader.Allocator) uploader.Allocator, uploadOpts ...grpc.ServerOption) *stack {
 	t.Helper()
 	g := testenv.S3(t)
 	_, etcd := testenv.Etcd(t)
@@ -120,13 +128,17 @@ func startStackAt(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Co
 	if tune != nil {
 		tune(&cfg)
 	}
-	up, err := uploader.New(cfg, allocatorv1.NewAllocatorServiceClient(aconn), log)
+	var client uploader.Allocator = allocatorv1.NewAllocatorServiceClient(aconn)
+	if wrap != nil {
+		client = wrap(client)
+	}
+	up, err := uploader.New(cfg, client, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
 	st.Server = up
-	uconn := serve(t, up.Register, up.ServerOptions()...)
+	uconn := serve(t, up.Register, append(up.ServerOptions(), uploadOpts...)...)
 	st.Upload, st.UploadAddr = uploadv1.NewUploadServiceClient(uconn), uconn.Target()
 	if st.S3, err = g.Client(); err != nil {
 		t.Fatal(err)

@@ -220,6 +220,10 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
 
+// commitTimeout bounds the Commit retries of one upload, which run on
+// after the client has gone.
+const commitTimeout = 30 * time.Second
+
 // commit records usage and answers; if it cannot, it removes the object
 // (undo) and returns the capacity, so a client never sees success for
 // bytes that are not counted, nor leaves uncounted bytes behind.
@@ -228,16 +232,22 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
 		Size: u.size, Key: u.key, Etag: etag, Sha256: digest, IdempotencyKey: u.hdr.GetIdempotencyKey(),
 	}
+	// The commit runs to its end even if the client goes away meanwhile: a
+	// Commit the allocator applied but whose answer was lost is settled by
+	// retrying it, never by removing an object whose bytes are counted.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
-		if ctx.Err() != nil {
-			break
-		}
 		// Commit is idempotent, so an ambiguous failure is simply retried.
 		var cr *allocatorv1.CommitResponse
-		if cr, err = s.alloc.Commit(ctx, req); err == nil && cr.GetDuplicateOf() != nil {
-			// A concurrent upload with the same idempotency key won.
-			undo()
+		if cr, err = s.alloc.Commit(cctx, req); err == nil && cr.GetDuplicateOf() != nil {
+			// A concurrent upload with the same idempotency key won. If it
+			// wrote the same key of the same bucket, this upload's bytes
+			// are the object its record names: they stay.
+			if dup := cr.GetDuplicateOf(); dup.GetBucketId() != a.GetBucket().GetId() || dup.GetKey() != u.key {
+				undo()
+			}
 			s.release(ctx, a)
 			return replay(cr.GetDuplicateOf()), nil
 		}
@@ -250,7 +260,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
 			break
 		}
-		if s.backoff(ctx, attempt) != nil {
+		if s.backoff(cctx, attempt) != nil {
 			break
 		}
 	}
@@ -334,6 +344,9 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	hashed := make(chan struct{})
 	close(hashed)
 	for i := 0; i < nParts; i++ {
+		if upCtx.Err() != nil {
+			break // a part failed: read no more of the client's data
+		}
 		var buf []byte
 		select {
 		case buf = <-free:
@@ -402,7 +415,9 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			return fail(ctx.Err())
 		case errors.Is(cause, errBadRequest), errors.Is(cause, errBucket):
 			return fail(cause)
-		case partErr != nil:
+		case partErr != nil && cause == partErr:
+			// A part failed first. (One that failed because the upload had
+			// already ended, e.g. the client went idle, is not the cause.)
 			return fail(fmt.Errorf("%w: bucket %s failed during the upload, which was aborted; retry the upload: %v", errBucket, bucketID, partErr))
 		}
 		return fail(cause)
