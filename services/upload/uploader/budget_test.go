@@ -113,17 +113,8 @@ func holdBudget(t *testing.T, st *stack, budget int64) (release func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	stream, err := st.Upload.Upload(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
-		Key: "budget/holder.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart}}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: testenv.OpaqueBytes(t, 1<<20)}}); err != nil {
-		t.Fatal(err)
-	}
+	openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "budget/holder.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart},
+		testenv.OpaqueBytes(t, 1<<20))
 	waitHeld(t, st, budget)
 	return func() {
 		cancel()

@@ -111,16 +111,7 @@ func TestIdempotentRaceKeepsTheObject(t *testing.T) {
 	hdr := &uploadv1.UploadHeader{Key: "race/same.bin", IdempotencyKey: "race-1", ContentType: "application/octet-stream", Size: int64(len(data))}
 
 	// The late upload passes the idempotency check, sends half, and waits.
-	late, err := st.Upload.Upload(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := late.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := late.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[:4096]}}); err != nil {
-		t.Fatal(err)
-	}
+	late := openUpload(ctx, t, st.Upload, hdr, data[:4096])
 	for deadline := time.Now().Add(15 * time.Second); st.Server.WaitingStreams() != 1; {
 		if time.Now().After(deadline) {
 			t.Fatal("the late upload did not get past its header")

@@ -38,22 +38,11 @@ func TestIdleClientIsCutOff(t *testing.T) {
 			// the status can only come from the server giving up.
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			stream, err := st.Upload.Upload(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
-				Key: "idle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)}}}); err != nil {
-				t.Fatal(err)
-			}
-			data := testenv.OpaqueBytes(t, tc.size)
-			for off := 0; off < tc.sent; off += 1 << 20 {
-				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(off+1<<20, tc.sent)]}}); err != nil {
-					t.Fatal(err)
-				}
-			}
+			stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{
+				Key: "idle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)},
+				testenv.OpaqueBytes(t, tc.sent))
 			// No CloseSend: the client is alive but sends nothing more.
-			err = stream.RecvMsg(&uploadv1.UploadResponse{})
+			err := stream.RecvMsg(&uploadv1.UploadResponse{})
 			if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
 				t.Fatalf("stalled upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
 			}
@@ -80,21 +69,10 @@ func TestIdleClientWhilePartIsStuck(t *testing.T) {
 	st.Proxies[st.Buckets[0].GetId()].SetForNext("UploadPart", faultproxy.Stall, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	stream, err := st.Upload.Upload(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
-		Key: "idle/stuck-part", ContentType: "application/octet-stream", Size: 12 << 20}}}); err != nil {
-		t.Fatal(err)
-	}
-	data := testenv.OpaqueBytes(t, 7<<20) // part 1 whole (its PUT stalls), part 2 begun
-	for off := 0; off < len(data); off += 1 << 20 {
-		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off : off+1<<20]}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	err = stream.RecvMsg(&uploadv1.UploadResponse{})
+	// Part 1 whole (its PUT stalls), part 2 begun.
+	stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "idle/stuck-part", ContentType: "application/octet-stream", Size: 12 << 20},
+		testenv.OpaqueBytes(t, 7<<20))
+	err := stream.RecvMsg(&uploadv1.UploadResponse{})
 	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
 		t.Fatalf("upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
 	}

@@ -221,3 +221,23 @@ func (st *stack) waitNoReservations(t testing.TB) {
 func send(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) (*uploadv1.UploadResponse, error) {
 	return uploadclient.Upload(ctx, c, hdr, bytes.NewReader(data), uploadclient.Options{ChunkSize: 1 << 20})
 }
+
+// openUpload opens an Upload stream and sends hdr, then data in 1 MiB
+// chunks, and leaves the stream open: the caller goes on, stalls or
+// abandons it.
+func openUpload(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) uploadv1.UploadService_UploadClient {
+	t.Helper()
+	stream, err := c.Upload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: hdr}}); err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(data); off += 1 << 20 {
+		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(off+1<<20, len(data))]}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return stream
+}
