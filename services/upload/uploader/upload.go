@@ -331,8 +331,6 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	free <- make([]byte, partSize)
 	free <- make([]byte, partSize)
 	var wg sync.WaitGroup
-	var once sync.Once
-	var partErr error
 	// Parts stream (see Config.BufferParts) until the client stalls one.
 	var buffered atomic.Bool
 	buffered.Store(!s.streamParts(bucketID))
@@ -378,12 +376,10 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			defer wg.Done()
 			etag, err := s.sendPart(upCtx, b, u.key, mpID, num, data, md5sum, body, &buffered)
 			if err != nil {
-				// The upload's own end (a broken stream, another part's
-				// failure) is already recorded as its cause.
-				if err != context.Cause(upCtx) {
-					once.Do(func() { partErr = err })
-					cancel(err)
-				}
+				// The first cause wins: a part that fails because the upload
+				// already ended (the client went idle, another part failed)
+				// changes nothing.
+				cancel(fmt.Errorf("%w: bucket %s failed during the upload, which was aborted; retry the upload: %v", errBucket, bucketID, err))
 				return
 			}
 			parts[num-1] = objstore.Part{Number: num, ETag: etag}
@@ -409,18 +405,10 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	}
 	wg.Wait()
 	if upCtx.Err() != nil {
-		cause := context.Cause(upCtx)
-		switch {
-		case ctx.Err() != nil:
+		if ctx.Err() != nil {
 			return fail(ctx.Err())
-		case errors.Is(cause, errBadRequest), errors.Is(cause, errBucket):
-			return fail(cause)
-		case partErr != nil && cause == partErr:
-			// A part failed first. (One that failed because the upload had
-			// already ended, e.g. the client went idle, is not the cause.)
-			return fail(fmt.Errorf("%w: bucket %s failed during the upload, which was aborted; retry the upload: %v", errBucket, bucketID, partErr))
 		}
-		return fail(cause)
+		return fail(context.Cause(upCtx))
 	}
 	if err := u.reader.Finish(); err != nil {
 		return fail(err)
