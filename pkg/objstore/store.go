@@ -252,15 +252,19 @@ func (b *Bucket) UploadPart(ctx context.Context, key, uploadID string, n int32, 
 // UploadPartMD5 is UploadPart with the body's MD5 already known, for a
 // caller that hashed the part while it was still arriving.
 func (b *Bucket) UploadPartMD5(ctx context.Context, key, uploadID string, n int32, body, md5sum []byte) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
-	defer cancel()
-	out, err := b.c.UploadPart(ctx, &s3.UploadPartInput{
+	return b.uploadPart(ctx, &s3.UploadPartInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID), PartNumber: aws.Int32(n),
 		Body: bytes.NewReader(body), ContentLength: aws.Int64(int64(len(body))),
 		ContentMD5: aws.String(base64.StdEncoding.EncodeToString(md5sum)),
 	}, unsignedPayload)
+}
+
+func (b *Bucket) uploadPart(ctx context.Context, in *s3.UploadPartInput, opts ...func(*s3.Options)) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
+	defer cancel()
+	out, err := b.c.UploadPart(ctx, in, opts...)
 	if err != nil {
-		return "", fmt.Errorf("upload part %d of %s/%s: %w", n, b.Target.Name, key, err)
+		return "", fmt.Errorf("upload part %d of %s/%s: %w", aws.ToInt32(in.PartNumber), b.Target.Name, aws.ToString(in.Key), err)
 	}
 	return aws.ToString(out.ETag), nil
 }
@@ -275,16 +279,10 @@ func (b *Bucket) UploadPartMD5(ctx context.Context, key, uploadID string, n int3
 // *io.PipeReader: smithy sends those with chunked encoding and no length,
 // which R2 refuses (411).
 func (b *Bucket) UploadPartStream(ctx context.Context, key, uploadID string, n int32, body io.Reader, size int64) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
-	defer cancel()
-	out, err := b.c.UploadPart(ctx, &s3.UploadPartInput{
+	return b.uploadPart(ctx, &s3.UploadPartInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID), PartNumber: aws.Int32(n),
 		Body: body, ContentLength: aws.Int64(size),
 	}, unsignedPayload, func(o *s3.Options) { o.RetryMaxAttempts = 1 })
-	if err != nil {
-		return "", fmt.Errorf("upload part %d of %s/%s: %w", n, b.Target.Name, key, err)
-	}
-	return aws.ToString(out.ETag), nil
 }
 
 // PartETagMD5 returns the MD5 a part's ETag carries. R2 (for uploads since
