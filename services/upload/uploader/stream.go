@@ -103,11 +103,8 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			return 0, err
 		}
 		r.target.dst = nil
-		if errors.Is(err, io.EOF) {
-			return 0, badRequest("the stream ended after %d bytes but the header declared %d", r.read, r.size)
-		}
 		if err != nil {
-			return 0, err
+			return 0, r.short(err)
 		}
 		if r.msg.GetHeader() != nil {
 			return 0, badRequest("a second header arrived after %d bytes of data; send exactly one header first", r.read)
@@ -144,7 +141,7 @@ func (r *chunkReader) Finish() error {
 	if len(r.pending) > 0 {
 		return badRequest("the stream carries more than the %d bytes the header declared", r.size)
 	}
-	msg := r.msg // its target is empty now, so the codec decodes it whole
+	msg := r.msg // its target is empty now: the codec decodes it whole
 	for {
 		err := r.rcv.recv(msg)
 		if errors.Is(err, io.EOF) {
