@@ -16,17 +16,26 @@ import (
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
-const budgetPart = 5 << 20
+const (
+	budgetPart = 5 << 20
+	budget     = 2 * budgetPart // one large upload's two parts
+)
+
+// budgetStack is a one-bucket stack whose buffer budget holds one large
+// upload, waiting up to wait for room.
+func budgetStack(t *testing.T, wait time.Duration) *stack {
+	t.Helper()
+	return startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, wait
+	})
+}
 
 // Uploads beyond the buffer budget wait for room and then succeed: with
 // room for one large upload's two parts, six large and six small uploads
 // started at once all land intact, and the buffers held never exceed the
 // budget.
 func TestBufferBudgetQueuesUploads(t *testing.T) {
-	const budget = 2 * budgetPart
-	st := startStack(t, 1, func(c *uploader.Config) {
-		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, 2*time.Minute
-	})
+	st := budgetStack(t, 2*time.Minute)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -62,15 +71,12 @@ func TestBufferBudgetQueuesUploads(t *testing.T) {
 // UNAVAILABLE and a retry delay before it reserves or stores anything, and
 // succeeds once the room is back.
 func TestBufferBudgetWaitRunsOut(t *testing.T) {
-	const budget = 2 * budgetPart
-	st := startStack(t, 1, func(c *uploader.Config) {
-		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, 200*time.Millisecond
-	})
+	st := budgetStack(t, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
 	// A large upload sends its first MiB and holds the whole budget.
-	release := holdBudget(t, st, budget)
+	release := holdBudget(t, st)
 	usedBefore, _ := st.usage(t)
 	objectsBefore, _ := st.objects(t)
 
@@ -109,7 +115,7 @@ func TestBufferBudgetWaitRunsOut(t *testing.T) {
 // holdBudget starts a large upload that sends its first MiB and then
 // waits, holding the whole buffer budget, until the returned function is
 // called; that function returns once the budget is free again.
-func holdBudget(t *testing.T, st *stack, budget int64) (release func()) {
+func holdBudget(t *testing.T, st *stack) (release func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)

@@ -13,20 +13,16 @@ import (
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
-	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
 // UploadFile retries an answer that asks for it (here UNAVAILABLE with a
 // retry delay from a replica whose buffers are full), after the delay the
 // server gave, and the file lands once.
 func TestUploadFileRetriesWhenBusy(t *testing.T) {
-	const budget = 2 * budgetPart
-	st := startStack(t, 1, func(c *uploader.Config) {
-		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, 100*time.Millisecond
-	})
+	st := budgetStack(t, 100*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	release := holdBudget(t, st, budget)
+	release := holdBudget(t, st)
 
 	data := testenv.OpaqueBytes(t, 4096)
 	path := filepath.Join(t.TempDir(), "f.bin")
