@@ -17,18 +17,27 @@ import (
 // written at once together with the batch.
 const maxBatch = 256
 
-// batch is a bucket's buffered successes, oldest first.
-type batch struct{ latencies []time.Duration }
+// batch is a bucket's buffered successes, oldest first, and view: the
+// cached record at revision rev with them applied. Keeping the view makes
+// each buffered success one window update rather than one per success
+// buffered before it.
+type batch struct {
+	latencies []time.Duration
+	view      Record
+	rev       int64
+	viewed    bool
+}
 
 // applyTo folds the successes into r's window and latency. They were
 // buffered while the bucket had no failures, so they do not reset failures
 // counted since.
 func (b *batch) applyTo(r *Record, window int) {
-	if b == nil {
+	if b == nil || len(b.latencies) == 0 {
 		return
 	}
+	r.Recent = pushed(r.Recent, true, len(b.latencies), window)
 	for _, l := range b.latencies {
-		r.observe(true, l, window)
+		r.observeLatency(l)
 	}
 }
 
@@ -133,11 +142,19 @@ func (s *Store) buffer(bucket string, latency time.Duration) (Record, bool) {
 		return Record{}, false
 	}
 	b.latencies = append(b.latencies, latency)
+	if b.viewed && b.rev == e.rev {
+		b.view.observe(true, latency, s.policy.Window)
+		return b.view, true
+	}
+	// The cache moved on (or this is the batch's first success): apply the
+	// whole batch to the current record. Windows are never written in
+	// place, so the cached record needs no copy.
 	r := Record{}
 	if !e.deleted {
-		r = e.rec.clone()
+		r = e.rec
 	}
 	b.applyTo(&r, s.policy.Window)
+	b.view, b.rev, b.viewed = r, e.rev, true
 	return r, true
 }
 

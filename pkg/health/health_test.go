@@ -371,6 +371,48 @@ func TestSuccessesAreBatched(t *testing.T) {
 	}
 }
 
+// The window slides by the right amount whether outcomes are written at
+// once, buffered one by one, or folded in as a whole batch when a failure
+// is written after them.
+func TestWindowSlidesAcrossBatches(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{Window: 4, FlushEvery: time.Hour})
+	run(t, s)
+	ctx := testCtx(t)
+	for _, ok := range []bool{false, true} { // with a failure on record, both are written at once
+		if _, err := s.Report(ctx, "x", ok, 10*time.Millisecond); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the cache holds the two outcomes", func() bool { r, ok := s.Cached("x"); return ok && len(r.Recent) == 2 })
+	want := [][]bool{{false, true, true}, {false, true, true, true}, {true, true, true, true}, {true, true, true, true}}
+	var last health.Record
+	for i, w := range want {
+		r, err := s.Report(ctx, "x", true, 10*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(r.Recent) != fmt.Sprint(w) {
+			t.Fatalf("buffered success %d: window %v, want %v", i+1, r.Recent, w)
+		}
+		last = r
+	}
+	if stored := readRecord(t, cli, "x"); len(stored.Recent) != 2 {
+		t.Fatalf("the successes were written at once (window %v); they should be buffered", stored.Recent)
+	}
+	if _, err := s.Report(ctx, "x", false, 10*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	stored := readRecord(t, cli, "x")
+	if fmt.Sprint(stored.Recent) != fmt.Sprint([]bool{true, true, true, false}) || stored.Failures != 1 {
+		t.Fatalf("after the batch and a failure: window %v, failures %d; want [true true true false], 1", stored.Recent, stored.Failures)
+	}
+	if last.Latency() != 10*time.Millisecond || stored.Latency() != 10*time.Millisecond {
+		t.Fatalf("latency EWMA %v buffered, %v stored; want 10ms", last.Latency(), stored.Latency())
+	}
+}
+
 // Without Run nothing would flush a batch, so every report is written.
 func TestWithoutRunReportsAreWritten(t *testing.T) {
 	_, cli := testenv.Etcd(t)

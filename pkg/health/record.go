@@ -104,16 +104,31 @@ func (r Record) clone() Record {
 // observe adds one outcome to the window and the latency EWMA; it does not
 // touch failures or cooldown.
 func (r *Record) observe(ok bool, latency time.Duration, window int) {
-	r.Recent = append(r.Recent, ok)
-	if over := len(r.Recent) - window; over > 0 {
-		r.Recent = slices.Clone(r.Recent[over:])
-	}
+	r.Recent = pushed(r.Recent, ok, 1, window)
+	r.observeLatency(latency)
+}
+
+func (r *Record) observeLatency(latency time.Duration) {
 	ms := float64(latency) / float64(time.Millisecond)
 	if r.LatencyMS == 0 {
 		r.LatencyMS = ms
 	} else {
 		r.LatencyMS = 0.8*r.LatencyMS + 0.2*ms
 	}
+}
+
+// pushed returns a new window: recent followed by n outcomes ok, keeping
+// the newest window. It always allocates and never writes to recent's
+// array, which copies of a record share.
+func pushed(recent []bool, ok bool, n, window int) []bool {
+	keep := min(len(recent)+n, window)
+	added := min(n, keep)
+	out := make([]bool, keep)
+	copy(out, recent[len(recent)-(keep-added):])
+	for i := keep - added; i < keep; i++ {
+		out[i] = ok
+	}
+	return out
 }
 
 // apply records one outcome at now: observe, then failures and cooldown
