@@ -40,6 +40,8 @@ type Options struct {
 	// DataDir keeps etcd data, bucket contents and the admin token, so a
 	// restarted stack finds its objects and usage again.
 	DataDir string
+	// S3Dir, if set, holds the bucket contents instead of DataDir/s3.
+	S3Dir string
 	// Listen addresses.
 	EtcdAddr, AllocatorAddr, UploadAddr, S3Addr string
 	// S3TLS serves the local S3 endpoint over HTTPS with a self-signed
@@ -105,6 +107,12 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("devstack: data dir: %w", err)
 	}
 	o.DataDir = abs
+	if o.S3Dir == "" {
+		o.S3Dir = filepath.Join(abs, "s3")
+	}
+	if o.S3Dir, err = filepath.Abs(o.S3Dir); err != nil {
+		return fmt.Errorf("devstack: s3 dir: %w", err)
+	}
 	def := func(p *string, v string) {
 		if *p == "" {
 			*p = v
@@ -166,7 +174,7 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 	}
 	s.closers = append(s.closers, s.EtcdClient.Close)
 
-	s.S3, err = s3gw.Start(ctx, s3gw.Options{Dir: filepath.Join(opts.DataDir, "s3"), Addr: opts.S3Addr, TLS: opts.S3TLS})
+	s.S3, err = s3gw.Start(ctx, s3gw.Options{Dir: opts.S3Dir, Addr: opts.S3Addr, TLS: opts.S3TLS})
 	if err != nil {
 		return nil, err
 	}
