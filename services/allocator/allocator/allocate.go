@@ -146,6 +146,13 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	if lat := req.GetWriteLatency(); lat != nil && !res.AlreadyCommitted {
+		// The write succeeded whatever the ledger answered; health is
+		// advisory, so a failure to record it does not fail the commit.
+		if _, herr := s.health.Report(context.WithoutCancel(ctx), b.GetId(), true, lat.AsDuration()); herr != nil {
+			s.log.Warn("could not record the write's success", "bucket", b.GetId(), "error", herr.Error())
+		}
+	}
 	if res.DuplicateOf != nil {
 		first := &allocatorv1.UploadRecord{}
 		if err := protojson.Unmarshal(res.DuplicateOf, first); err != nil {

@@ -247,6 +247,75 @@ func TestReportedFailuresCoolDownEverywhere(t *testing.T) {
 	}
 }
 
+// A Commit that carries the write's latency records the write as a success
+// for the bucket's health, once: a retried Commit records nothing again,
+// and a Commit without it records nothing at all.
+func TestCommitRecordsTheWrite(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	fail := func() *allocatorv1.ReportOutcomeResponse {
+		t.Helper()
+		out, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	commit := func(lat *durationpb.Duration) *allocatorv1.CommitRequest {
+		t.Helper()
+		a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 10, Size: 10, WriteLatency: lat}
+		if _, err := r.alloc.Commit(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	fail()
+	if out := fail(); out.GetConsecutiveFailures() != 2 {
+		t.Fatalf("after two failures: %d consecutive", out.GetConsecutiveFailures())
+	}
+	c := commit(durationpb.New(5 * time.Millisecond))
+	deadline := time.Now().Add(5 * time.Second)
+	for failures(t, r, "p1") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("a committed write did not clear the bucket's failures")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if cr, err := r.alloc.Commit(ctx, c); err != nil || !cr.GetAlreadyCommitted() {
+		t.Fatalf("retried commit: %v %v", cr, err)
+	}
+	commit(nil)
+	// A failure is written after everything recorded before it, so its
+	// answer shows the whole window: F F T F.
+	if out := fail(); out.GetHealthScore() != 25 || out.GetConsecutiveFailures() != 1 {
+		t.Fatalf("health score %d with %d consecutive failures, want 25 (one success in four) and 1: the write was recorded more or less than once",
+			out.GetHealthScore(), out.GetConsecutiveFailures())
+	}
+}
+
+func failures(t *testing.T, r replica, id string) int32 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := r.admin.GetStatus(adminCtx(ctx, token), &adminv1.GetStatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range st.GetBuckets() {
+		if b.GetBucket().GetId() == id {
+			return b.GetConsecutiveFailures()
+		}
+	}
+	t.Fatalf("bucket %s not in status", id)
+	return 0
+}
+
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers
 // by itself when etcd is back.
 func TestFailClosedWithoutEtcd(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -73,4 +74,53 @@ func TestLostCompleteLeavesNothing(t *testing.T) {
 		t.Fatalf("usage %d after a failed upload", used[id])
 	}
 	st.waitNoReservations(t)
+}
+
+// A small upload reports its successful PUT through its Commit rather than
+// a ReportOutcome call of its own: a bucket that failed once is back to
+// no consecutive failures after the next upload lands on it.
+func TestCommittedWriteCountsAsSuccess(t *testing.T) {
+	st := startStack(t, 2, nil)
+	first := st.Buckets[0].GetId()
+	st.Proxies[first].SetForNext("PutObject", faultproxy.Error5xx, 2) // the SDK tries twice
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream", Size: 1000}
+	data := testenv.OpaqueBytes(t, 1000)
+	if resp, err := send(ctx, st.Upload, hdr, data); err != nil || resp.GetBucketId() == first {
+		t.Fatalf("upload while %s fails: %v on %s", first, err, resp.GetBucketId())
+	}
+	waitFailures(t, st, first, 1)
+	if resp, err := send(ctx, st.Upload, hdr, data); err != nil || resp.GetBucketId() != first {
+		t.Fatalf("upload after the fault: %v on %s, want %s", err, resp.GetBucketId(), first)
+	}
+	waitFailures(t, st, first, 0)
+}
+
+// waitFailures polls the admin status until bucket shows want consecutive
+// failures.
+func waitFailures(t *testing.T, st *stack, bucket string, want int32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got int32 = -1
+		for _, b := range resp.GetBuckets() {
+			if b.GetBucket().GetId() == bucket {
+				got = b.GetConsecutiveFailures()
+			}
+		}
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s shows %d consecutive failures, want %d", bucket, got, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

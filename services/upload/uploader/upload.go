@@ -18,6 +18,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
@@ -193,11 +194,12 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		}
 		start := time.Now()
 		etag, err := b.Put(ctx, u.in, body)
-		f := objstore.Classify(ctx, err)
-		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(start))
+		took := time.Since(start)
 		if err == nil {
-			return s.commit(ctx, u, a, b, etag, digest, func() { _ = b.Delete(ctx, u.key) })
+			return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took}, func() { _ = b.Delete(ctx, u.key) })
 		}
+		f := objstore.Classify(ctx, err)
+		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
 			// The PUT may have been applied with its answer lost: remove
 			// it, so the bucket holds no object its usage does not count.
@@ -224,13 +226,24 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 // after the client has gone.
 const commitTimeout = 30 * time.Second
 
+// written is what a bucket answered to the write that stored an object.
+type written struct {
+	etag, sha256 string
+	took         time.Duration // per request, for the bucket's health
+}
+
 // commit records usage and answers; if it cannot, it removes the object
 // (undo) and returns the capacity, so a client never sees success for
-// bytes that are not counted, nor leaves uncounted bytes behind.
-func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, etag, digest string, undo func()) (*uploadv1.UploadResponse, error) {
+// bytes that are not counted, nor leaves uncounted bytes behind. The
+// Commit also carries the write's success to the health model, which
+// saves the hot path a ReportOutcome call; if no Commit gets through, the
+// success is reported on its own.
+func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, w written, undo func()) (*uploadv1.UploadResponse, error) {
+	etag, digest := w.etag, w.sha256
 	req := &allocatorv1.CommitRequest{
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
 		Size: u.size, Key: u.key, Etag: etag, Sha256: digest, IdempotencyKey: u.hdr.GetIdempotencyKey(),
+		WriteLatency: durationpb.New(w.took),
 	}
 	// The commit runs to its end even if the client goes away meanwhile: a
 	// Commit the allocator applied but whose answer was lost is settled by
@@ -266,6 +279,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 	}
 	undo()
 	s.release(ctx, a)
+	s.report(ctx, a.GetBucket().GetId(), nil, objstore.NotBucketFault, w.took)
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
@@ -418,9 +432,10 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return fail(badRequest("sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
 	}
 	etag, err := b.CompleteMultipart(ctx, u.key, mpID, parts)
-	f := objstore.Classify(ctx, err)
-	s.report(ctx, bucketID, err, f, time.Since(start)/time.Duration(nParts+1))
+	// Per request: the parts and the completion.
+	took := time.Since(start) / time.Duration(nParts+1)
 	if err != nil {
+		s.report(ctx, bucketID, err, objstore.Classify(ctx, err), took)
 		if objstore.MayHaveLanded(err) || objstore.IsNotFound(err) {
 			// Completed with the answer lost (a retried Complete then
 			// finds no such upload): abort cannot help, so remove the
@@ -432,7 +447,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
 	renewDone()
-	return s.commit(ctx, u, a, b, etag, digest, func() { _ = b.Delete(ctx, u.key) })
+	return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took}, func() { _ = b.Delete(ctx, u.key) })
 }
 
 func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }

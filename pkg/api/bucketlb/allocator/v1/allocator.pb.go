@@ -550,8 +550,13 @@ type CommitRequest struct {
 	// Optional idempotency key of the upload. Its record is written in the
 	// same transaction as the usage, so an upload is counted once per key.
 	IdempotencyKey string `protobuf:"bytes,8,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Optional: how long the write that stored the object took. When set,
+	// the allocator records it as a success outcome for the bucket, as
+	// ReportOutcome would, so the caller saves that call on its hot path.
+	// A commit already applied by an earlier call records nothing again.
+	WriteLatency  *durationpb.Duration `protobuf:"bytes,9,opt,name=write_latency,json=writeLatency,proto3" json:"write_latency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CommitRequest) Reset() {
@@ -638,6 +643,13 @@ func (x *CommitRequest) GetIdempotencyKey() string {
 		return x.IdempotencyKey
 	}
 	return ""
+}
+
+func (x *CommitRequest) GetWriteLatency() *durationpb.Duration {
+	if x != nil {
+		return x.WriteLatency
+	}
+	return nil
 }
 
 // CommitResponse confirms the commit.
@@ -1263,7 +1275,7 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\rRenewResponse\x129\n" +
 	"\n" +
 	"expires_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12$\n" +
-	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xf5\x01\n" +
+	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xb5\x02\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\x12%\n" +
@@ -1272,7 +1284,8 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x03key\x18\x05 \x01(\tR\x03key\x12\x12\n" +
 	"\x04etag\x18\x06 \x01(\tR\x04etag\x12\x16\n" +
 	"\x06sha256\x18\a \x01(\tR\x06sha256\x12'\n" +
-	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\"\xbc\x01\n" +
+	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\x12>\n" +
+	"\rwrite_latency\x18\t \x01(\v2\x19.google.protobuf.DurationR\fwriteLatency\"\xbc\x01\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\x11already_committed\x18\x01 \x01(\bR\x10alreadyCommitted\x12\x16\n" +
 	"\x06period\x18\x02 \x01(\tR\x06period\x12\x1d\n" +
@@ -1375,31 +1388,32 @@ var file_bucketlb_allocator_v1_allocator_proto_depIdxs = []int32{
 	2,  // 1: bucketlb.allocator.v1.AllocateResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
 	18, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
 	18, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
-	9,  // 4: bucketlb.allocator.v1.CommitResponse.duplicate_of:type_name -> bucketlb.allocator.v1.UploadRecord
-	9,  // 5: bucketlb.allocator.v1.GetUploadRecordResponse.record:type_name -> bucketlb.allocator.v1.UploadRecord
-	1,  // 6: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
-	19, // 7: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
-	18, // 8: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
-	2,  // 9: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	3,  // 10: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
-	5,  // 11: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
-	7,  // 12: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
-	12, // 13: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
-	14, // 14: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
-	16, // 15: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
-	10, // 16: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:input_type -> bucketlb.allocator.v1.GetUploadRecordRequest
-	4,  // 17: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
-	6,  // 18: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
-	8,  // 19: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
-	13, // 20: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
-	15, // 21: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
-	17, // 22: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
-	11, // 23: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:output_type -> bucketlb.allocator.v1.GetUploadRecordResponse
-	17, // [17:24] is the sub-list for method output_type
-	10, // [10:17] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	19, // 4: bucketlb.allocator.v1.CommitRequest.write_latency:type_name -> google.protobuf.Duration
+	9,  // 5: bucketlb.allocator.v1.CommitResponse.duplicate_of:type_name -> bucketlb.allocator.v1.UploadRecord
+	9,  // 6: bucketlb.allocator.v1.GetUploadRecordResponse.record:type_name -> bucketlb.allocator.v1.UploadRecord
+	1,  // 7: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
+	19, // 8: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
+	18, // 9: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
+	2,  // 10: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
+	3,  // 11: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
+	5,  // 12: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
+	7,  // 13: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
+	12, // 14: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
+	14, // 15: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
+	16, // 16: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
+	10, // 17: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:input_type -> bucketlb.allocator.v1.GetUploadRecordRequest
+	4,  // 18: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
+	6,  // 19: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
+	8,  // 20: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
+	13, // 21: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
+	15, // 22: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
+	17, // 23: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
+	11, // 24: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:output_type -> bucketlb.allocator.v1.GetUploadRecordResponse
+	18, // [18:25] is the sub-list for method output_type
+	11, // [11:18] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_bucketlb_allocator_v1_allocator_proto_init() }
