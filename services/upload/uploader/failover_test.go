@@ -1,12 +1,16 @@
 package uploader_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"io"
 	"testing"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -122,5 +126,76 @@ func waitFailures(t *testing.T, st *stack, bucket string, want int32) {
 			t.Fatalf("%s shows %d consecutive failures, want %d", bucket, got, want)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Under a client's key, the cleanup after a write whose answer never came
+// removes the object only if the write landed: a write that never reached
+// the bucket leaves the older object there intact, one that landed is
+// removed (its bytes are not counted). A small upload then lands on the
+// next bucket; a multipart one, its parts sent, fails UNAVAILABLE.
+func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
+	for _, tc := range []struct {
+		name, op string
+		size     int
+		failover bool
+	}{
+		{"put", "PutObject", 1000, true},
+		{"multipart", "CompleteMultipartUpload", 9 << 20, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := startStack(t, 2, func(c *uploader.Config) { c.DataTimeout, c.CallTimeout = 2*time.Second, 2*time.Second })
+			first, second := st.Buckets[0], st.Buckets[1].GetId()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			const key = "docs/report.bin"
+			hdr := &uploadv1.UploadHeader{Key: key, ContentType: "application/octet-stream", Size: int64(tc.size)}
+			older := testenv.OpaqueBytes(t, tc.size)
+			if resp, err := send(ctx, st.Upload, hdr, older); err != nil || resp.GetBucketId() != first.GetId() {
+				t.Fatalf("first upload: %v on %s", err, resp.GetBucketId())
+			}
+			stored := func() ([]byte, bool) {
+				t.Helper()
+				out, err := st.S3.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(first.GetName()), Key: aws.String(key)})
+				if err != nil {
+					return nil, false
+				}
+				defer out.Body.Close()
+				data, err := io.ReadAll(out.Body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return data, true
+			}
+
+			// The write never reaches the bucket: the older object stays.
+			st.Proxies[first.GetId()].SetFor(tc.op, faultproxy.Reset)
+			newer := testenv.OpaqueBytes(t, tc.size+1)[1:]
+			retry := func(fault string) {
+				t.Helper()
+				resp, err := send(ctx, st.Upload, hdr, newer)
+				if tc.failover && (err != nil || resp.GetBucketId() != second) {
+					t.Fatalf("upload while %s %s: %v on %s, want %s", tc.op, fault, err, resp.GetBucketId(), second)
+				}
+				if !tc.failover && status.Code(err) != codes.Unavailable {
+					t.Fatalf("upload while %s %s: %v, want Unavailable", tc.op, fault, err)
+				}
+			}
+			retry("resets")
+			if got, ok := stored(); !ok || !bytes.Equal(got, older) {
+				t.Fatalf("the older object under the client's key was removed (present %v) though the write never landed", ok)
+			}
+
+			// The write lands and its answer is lost: it is removed.
+			st.Proxies[first.GetId()].SetFor(tc.op, faultproxy.LoseResponse)
+			retry("loses answers")
+			if got, ok := stored(); ok {
+				t.Fatalf("a landed write whose usage is not counted is still there (%d bytes)", len(got))
+			}
+			if _, multiparts := st.objects(t); multiparts[first.GetId()] != 0 {
+				t.Fatalf("%d open multipart uploads left", multiparts[first.GetId()])
+			}
+			st.waitNoReservations(t)
+		})
 	}
 }

@@ -201,11 +201,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
-			// The PUT may have been applied with its answer lost: remove
-			// it, so the bucket holds no object its usage does not count.
-			if derr := b.Delete(ctx, u.key); derr != nil {
-				s.log.Warn("could not remove a possibly written object", "bucket", a.GetBucket().GetId(), "key", u.key, "error", derr.Error())
-			}
+			s.removeUnanswered(ctx, b, u, objstore.ObjectETag(body))
 		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
@@ -225,6 +221,23 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 // commitTimeout bounds the Commit retries of one upload, which run on
 // after the client has gone.
 const commitTimeout = 30 * time.Second
+
+// removeUnanswered removes what a write whose answer was lost may have
+// stored, so the bucket keeps no object its usage does not count. A key
+// the service generated belongs to this upload alone. Under a client's key
+// an older object may be there, which goes only if its ETag shows this
+// upload's bytes: if the write never landed, the older object stays.
+func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *upload, etag string) {
+	var err error
+	if u.hdr.GetKey() == "" {
+		err = b.Delete(ctx, u.key)
+	} else {
+		_, err = b.DeleteIfETag(ctx, u.key, etag)
+	}
+	if err != nil {
+		s.log.Warn("could not remove a possibly written object", "bucket", b.Target.ID, "key", u.key, "error", err.Error())
+	}
+}
 
 // written is what a bucket answered to the write that stored an object.
 type written struct {
@@ -440,9 +453,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			// Completed with the answer lost (a retried Complete then
 			// finds no such upload): abort cannot help, so remove the
 			// object itself.
-			if derr := b.Delete(ctx, u.key); derr != nil {
-				s.log.Warn("could not remove a possibly completed object", "bucket", bucketID, "key", u.key, "error", derr.Error())
-			}
+			s.removeUnanswered(ctx, b, u, objstore.MultipartETag(parts))
 		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
