@@ -4,8 +4,12 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/hex"
+	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
 )
 
 // ObjectETag is the ETag a store gives an object written with one PUT of
@@ -49,4 +53,35 @@ func (b *Bucket) DeleteIfETag(ctx context.Context, key, etag string) (bool, erro
 		return false, nil
 	}
 	return true, b.Delete(ctx, key)
+}
+
+// AbortUploads aborts every open multipart upload of exactly key and
+// returns how many it aborted. It cleans up after a CreateMultipartUpload
+// whose answer was lost, so only for a key no other writer uses: the
+// upload id is unknown, and any upload of the key is taken for it. Like
+// Delete it outlives ctx's cancellation.
+func (b *Bucket) AbortUploads(ctx context.Context, key string) (int, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.s.opts.CallTimeout)
+	defer cancel()
+	in := &s3.ListMultipartUploadsInput{Bucket: aws.String(b.Target.Name), Prefix: aws.String(key)}
+	aborted := 0
+	for {
+		out, err := b.c.ListMultipartUploads(ctx, in)
+		if err != nil {
+			return aborted, fmt.Errorf("list multipart uploads %s/%s: %w", b.Target.Name, key, err)
+		}
+		for _, u := range out.Uploads {
+			if aws.ToString(u.Key) != key {
+				continue
+			}
+			if err := b.AbortMultipart(ctx, key, aws.ToString(u.UploadId)); err != nil {
+				return aborted, err
+			}
+			aborted++
+		}
+		if !aws.ToBool(out.IsTruncated) {
+			return aborted, nil
+		}
+		in.KeyMarker, in.UploadIdMarker = out.NextKeyMarker, out.NextUploadIdMarker
+	}
 }

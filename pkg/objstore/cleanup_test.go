@@ -71,3 +71,27 @@ func TestDeleteIfETag(t *testing.T) {
 		t.Fatal("an ETag that is not an MD5 gave a multipart ETag")
 	}
 }
+
+// AbortUploads aborts the uploads of exactly its key, not those of keys it
+// is a prefix of.
+func TestAbortUploads(t *testing.T) {
+	b := bucket(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, key := range []string{"a", "a", "ab", "b"} {
+		if _, err := b.CreateMultipart(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := b.AbortUploads(ctx, "a"); err != nil || n != 2 {
+		t.Fatalf("aborted %d uploads of a (%v), want 2", n, err)
+	}
+	if n, err := b.AbortUploads(ctx, "a"); err != nil || n != 0 {
+		t.Fatalf("second pass aborted %d (%v), want 0", n, err)
+	}
+	for _, key := range []string{"ab", "b"} {
+		if n, err := b.AbortUploads(ctx, key); err != nil || n != 1 {
+			t.Fatalf("the upload of %s: aborted %d (%v), want 1 still open", key, n, err)
+		}
+	}
+}

@@ -199,3 +199,24 @@ func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
 		})
 	}
 }
+
+// CreateMultipartUpload lands but its answer is lost, so the service never
+// learns the upload id. The upload goes to the next bucket, and the
+// possibly created upload, under a key made for this upload alone, is
+// aborted: no open multipart upload is left on the first bucket.
+func TestLostCreateLeavesNoUpload(t *testing.T) {
+	st := startStack(t, 2, func(c *uploader.Config) { c.CallTimeout = 2 * time.Second })
+	first, second := st.Buckets[0].GetId(), st.Buckets[1].GetId()
+	st.Proxies[first].SetFor("CreateMultipartUpload", faultproxy.LoseResponse)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 9<<20)
+	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if err != nil || resp.GetBucketId() != second {
+		t.Fatalf("upload: %v on %s, want %s", err, resp.GetBucketId(), second)
+	}
+	if objects, multiparts := st.objects(t); objects[first] != 0 || multiparts[first] != 0 {
+		t.Fatalf("%d objects and %d open multipart uploads left on %s, want none", objects[first], multiparts[first], first)
+	}
+	st.waitNoReservations(t)
+}

@@ -534,6 +534,15 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			return a, b, id, nil
 		}
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
+		if objstore.MayHaveLanded(err) && u.hdr.GetKey() == "" {
+			// The upload may have been created with its id lost. The key
+			// was made for this upload alone, so whatever upload it has
+			// is this one's. Under a client's key another writer's upload
+			// may be open: that one is left to the bucket's lifecycle rule.
+			if _, aerr := b.AbortUploads(ctx, u.key); aerr != nil {
+				s.log.Warn("could not abort a possibly created upload", "bucket", a.GetBucket().GetId(), "key", u.key, "error", aerr.Error())
+			}
+		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
 			return nil, nil, "", err
