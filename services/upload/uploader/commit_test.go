@@ -1,12 +1,15 @@
 package uploader_test
 
 import (
+	"bytes"
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
@@ -138,4 +141,56 @@ func TestIdempotentRaceKeepsTheObject(t *testing.T) {
 	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != int64(len(data)) {
 		t.Fatalf("usage %v, want the object counted once", used)
 	}
+}
+
+// commitAnswersLost applies every Commit while switched on and loses the
+// answer, as an allocator behind a broken connection would.
+type commitAnswersLost struct {
+	uploader.Allocator
+	on atomic.Bool
+}
+
+func (c *commitAnswersLost) Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error) {
+	resp, err := c.Allocator.Commit(ctx, in, opts...)
+	if c.on.Load() {
+		return nil, status.Error(codes.Unavailable, "connection reset (test)")
+	}
+	return resp, err
+}
+
+// Every answer to an upload's Commit is lost, but the Commit applied and
+// recorded the object under the upload's idempotency key. The upload fails
+// UNAVAILABLE and keeps the object, so the retry with the key answers with
+// an object that is there, counted once (before, the object was removed
+// and the retry answered with an object that was gone).
+func TestUnansweredCommitKeepsTheRecordedObject(t *testing.T) {
+	lost := &commitAnswersLost{}
+	lost.on.Store(true)
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator {
+		lost.Allocator = a
+		return lost
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 4096)
+	hdr := &uploadv1.UploadHeader{NameHint: "r.bin", ContentType: "application/octet-stream", Size: int64(len(data)), IdempotencyKey: "unanswered-commit-1"}
+	if _, err := send(ctx, st.Upload, hdr, data); status.Code(err) != codes.Unavailable {
+		t.Fatalf("upload whose Commit answers are lost: %v, want Unavailable", err)
+	}
+	lost.on.Store(false)
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil || !resp.GetReplayed() {
+		t.Fatalf("retry with the key: %v (replayed %v), want the recorded result", err, resp.GetReplayed())
+	}
+	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the object the retry answered with: %d bytes, %v; want the uploaded bytes", len(got), err)
+	}
+	if objects, _ := st.objects(t); objects[resp.GetBucketId()] != 1 {
+		t.Fatalf("%d objects, want 1", objects[resp.GetBucketId()])
+	}
+	if used, _ := st.usage(t); used[resp.GetBucketId()] != int64(len(data)) {
+		t.Fatalf("usage %d, want %d counted once", used[resp.GetBucketId()], len(data))
+	}
+	st.waitNoReservations(t)
 }

@@ -220,7 +220,10 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 
 // commitTimeout bounds the Commit retries of one upload, which run on
 // after the client has gone.
-const commitTimeout = 30 * time.Second
+const (
+	commitTimeout  = 30 * time.Second
+	commitAttempts = 3
+)
 
 // removeUnanswered removes what a write whose answer was lost may have
 // stored, so the bucket keeps no object its usage does not count. A key
@@ -264,7 +267,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
 	defer cancel()
 	var err error
-	for attempt := 0; attempt < 3; attempt++ {
+	for attempt := 0; attempt < commitAttempts; attempt++ {
 		// Commit is idempotent, so an ambiguous failure is simply retried.
 		var cr *allocatorv1.CommitResponse
 		if cr, err = s.alloc.Commit(cctx, req); err == nil && cr.GetDuplicateOf() != nil {
@@ -283,20 +286,33 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: digest, Etag: etag,
 			}, nil
 		}
-		if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
-			break
-		}
-		if s.backoff(cctx, attempt) != nil {
+		if !unanswered(err) || attempt == commitAttempts-1 || s.backoff(cctx, attempt) != nil {
 			break
 		}
 	}
-	undo()
 	s.release(ctx, a)
 	s.report(ctx, a.GetBucket().GetId(), nil, objstore.NotBucketFault, w.took)
+	if unanswered(err) && u.hdr.GetIdempotencyKey() != "" {
+		// The allocator may have applied the Commit and recorded this
+		// object under the idempotency key; a retry with the key would
+		// then be answered with it, so it must not be removed. If the
+		// Commit did not apply, the object stays uncounted.
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, status.Errorf(codes.Unavailable, "the object was written but the allocator did not answer whether its usage was recorded (%s); retry with the same idempotency key for the result", status.Convert(err).Message())
+	}
+	undo()
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
 	return nil, fmt.Errorf("%w: the object was written but its usage could not be recorded, so it was removed: %v", errBucket, status.Convert(err).Message())
+}
+
+// unanswered reports an allocator call that may have been applied.
+func unanswered(err error) bool {
+	c := status.Code(err)
+	return c == codes.Unavailable || c == codes.DeadlineExceeded
 }
 
 func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {
