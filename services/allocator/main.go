@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -15,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/KimMachineGun/automemlimit/memlimit"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -45,6 +47,14 @@ func run(log *slog.Logger) error {
 	listen := flag.String("listen", "", "gRPC listen address (overrides allocator.listen)")
 	flag.Parse()
 
+	// The GC's soft limit at 90 % of the container's memory limit, unless
+	// GOMEMLIMIT is set: near it the GC works harder instead of the kernel
+	// killing the pod mid-upload. Outside a container there is no limit.
+	if limit, err := memlimit.Set(); err != nil {
+		log.Debug("no memory limit for the GC", "error", err.Error())
+	} else if limit < math.MaxInt64 {
+		log.Info("GC memory limit", "bytes", limit)
+	}
 	cfg, err := config.Load(*cfgPath, os.Getenv)
 	if err != nil {
 		return err

@@ -7,12 +7,14 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
 
+	"github.com/KimMachineGun/automemlimit/memlimit"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
@@ -43,6 +45,14 @@ func run(log *slog.Logger) error {
 	listen := flag.String("listen", "", "gRPC listen address (overrides upload.listen)")
 	flag.Parse()
 
+	// The GC's soft limit at 90 % of the container's memory limit, unless
+	// GOMEMLIMIT is set: near it the GC works harder instead of the kernel
+	// killing the pod mid-upload. Outside a container there is no limit.
+	if limit, err := memlimit.Set(); err != nil {
+		log.Debug("no memory limit for the GC", "error", err.Error())
+	} else if limit < math.MaxInt64 {
+		log.Info("GC memory limit", "bytes", limit)
+	}
 	cfg, err := config.Load(*cfgPath, os.Getenv)
 	if err != nil {
 		return err
