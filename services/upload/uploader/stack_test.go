@@ -35,11 +35,13 @@ const adminToken = "test-admin-token"
 type stack struct {
 	Upload     uploadv1.UploadServiceClient
 	UploadAddr string // host:port of the upload service
-	Admin      adminv1.AdminServiceClient
-	S3         *s3.Client
-	Buckets    []*adminv1.BucketSpec
-	Proxies    map[string]*faultproxy.Proxy
-	Server     *uploader.Server
+	// AllocatorAddr is host:port of the allocator.
+	AllocatorAddr string
+	Admin         adminv1.AdminServiceClient
+	S3            *s3.Client
+	Buckets       []*adminv1.BucketSpec
+	Proxies       map[string]*faultproxy.Proxy
+	Server        *uploader.Server
 }
 
 func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
@@ -118,7 +120,7 @@ func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocat
 	t.Cleanup(func() { cancel(); <-done; _ = alloc.Close() })
 	unary, streamI := alloc.Interceptors()
 	aconn := serve(t, alloc.Register, grpc.UnaryInterceptor(unary), grpc.StreamInterceptor(streamI))
-	st.Admin = adminv1.NewAdminServiceClient(aconn)
+	st.Admin, st.AllocatorAddr = adminv1.NewAdminServiceClient(aconn), aconn.Target()
 
 	cfg := uploader.Config{
 		Credentials:         objstore.StaticCredentials{"GW": {g.AccessKey, g.SecretKey}},
