@@ -76,6 +76,18 @@ func adminCtx(ctx context.Context, tok string) context.Context {
 
 func used(t *testing.T, r replica, id string) (int64, int64) {
 	t.Helper()
+	b := bucketStatus(t, r, id)
+	return b.GetUsedBytes(), b.GetReservedBytes()
+}
+
+func failures(t *testing.T, r replica, id string) int32 {
+	t.Helper()
+	return bucketStatus(t, r, id).GetConsecutiveFailures()
+}
+
+// bucketStatus returns bucket id's row of the admin status.
+func bucketStatus(t *testing.T, r replica, id string) *adminv1.BucketStatus {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	st, err := r.admin.GetStatus(adminCtx(ctx, token), &adminv1.GetStatusRequest{})
@@ -84,11 +96,11 @@ func used(t *testing.T, r replica, id string) (int64, int64) {
 	}
 	for _, b := range st.GetBuckets() {
 		if b.GetBucket().GetId() == id {
-			return b.GetUsedBytes(), b.GetReservedBytes()
+			return b
 		}
 	}
 	t.Fatalf("bucket %s not in status", id)
-	return 0, 0
+	return nil
 }
 
 func TestAllocateCommitRelease(t *testing.T) {
@@ -297,23 +309,6 @@ func TestCommitRecordsTheWrite(t *testing.T) {
 		t.Fatalf("health score %d with %d consecutive failures, want 25 (one success in four) and 1: the write was recorded more or less than once",
 			out.GetHealthScore(), out.GetConsecutiveFailures())
 	}
-}
-
-func failures(t *testing.T, r replica, id string) int32 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := r.admin.GetStatus(adminCtx(ctx, token), &adminv1.GetStatusRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, b := range st.GetBuckets() {
-		if b.GetBucket().GetId() == id {
-			return b.GetConsecutiveFailures()
-		}
-	}
-	t.Fatalf("bucket %s not in status", id)
-	return 0
 }
 
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers
