@@ -73,7 +73,8 @@ type Upload struct {
 	// its ETag after (see uploader.Config.BufferParts).
 	BufferParts bool `json:"bufferParts"`
 	// BufferBudget bounds the memory that object and part buffers of all
-	// uploads on a replica take at once; uploads beyond it wait for room.
+	// uploads (and the chunk buffers of reads) on a replica take at once;
+	// uploads and reads beyond it wait for room.
 	// Keep it well under the container's memory limit.
 	BufferBudget ByteSize `json:"bufferBudget"`
 	// BufferWait is how long an upload waits for buffer room before it

@@ -16,10 +16,11 @@ import (
 )
 
 // bufferBudget bounds the bytes of object and part buffers that all
-// uploads on this replica hold at once. Per stream memory is already two
-// parts; without a bound across streams a burst of large uploads would
-// push the process past its memory limit, and the OOM kill would fail
-// every upload on the replica, not just the excess. An upload takes its
+// uploads (and reads) on this replica hold at once. Per stream memory is
+// already two parts; without a bound across streams a burst of large
+// uploads would push the process past its memory limit, and the OOM kill
+// would fail every upload on the replica, not just the excess. An upload
+// takes its
 // whole share before its first buffer, so none waits holding a part of it
 // (no deadlock), and while it waits its data stays in gRPC flow control.
 type bufferBudget struct {

@@ -1,6 +1,7 @@
 package uploader_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"sync"
@@ -86,13 +87,7 @@ func TestBufferBudgetWaitRunsOut(t *testing.T) {
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("upload with the budget full: %v, want UNAVAILABLE", err)
 	}
-	var retry *errdetails.RetryInfo
-	for _, d := range status.Convert(err).Details() {
-		if r, ok := d.(*errdetails.RetryInfo); ok {
-			retry = r
-		}
-	}
-	if retry == nil || retry.GetRetryDelay().AsDuration() <= 0 {
+	if !hasRetryInfo(err) {
 		t.Fatalf("UNAVAILABLE without a retry delay: %v", status.Convert(err).Details())
 	}
 	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != usedBefore[st.Buckets[0].GetId()] {
@@ -137,4 +132,38 @@ func waitHeld(t *testing.T, st *stack, want int64) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// Reads share the buffer budget: with the budget full, GetObject waits and
+// then answers UNAVAILABLE with a retry delay; once the room is back it
+// reads, and gives its share back when done.
+func TestBufferBudgetCoversReads(t *testing.T) {
+	st := budgetStack(t, 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1024)
+	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "budget/read.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := holdBudget(t, st)
+	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}
+	_, _, err = read(ctx, st.Upload, req)
+	if status.Code(err) != codes.Unavailable || !hasRetryInfo(err) {
+		t.Fatalf("read with the budget full: %v, want UNAVAILABLE with a retry delay", err)
+	}
+	release()
+	if _, got, err := read(ctx, st.Upload, req); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read after the budget freed: %d bytes, %v", len(got), err)
+	}
+	waitHeld(t, st, 0)
+}
+
+func hasRetryInfo(err error) bool {
+	for _, d := range status.Convert(err).Details() {
+		if r, ok := d.(*errdetails.RetryInfo); ok && r.GetRetryDelay().AsDuration() > 0 {
+			return true
+		}
+	}
+	return false
 }

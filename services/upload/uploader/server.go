@@ -60,8 +60,9 @@ type Config struct {
 	StreamStall time.Duration
 	// BufferBudget bounds the bytes of object and part buffers all uploads
 	// on this replica hold at once (a small object takes its size, a large
-	// one two parts); an upload beyond it waits for room before reading its
-	// data; one whose buffers exceed the whole budget waits for all of it.
+	// one two parts, a GetObject 512 KiB); an upload beyond it waits for
+	// room before reading its data; one whose buffers exceed the whole
+	// budget waits for all of it.
 	// Keep it well under the process's memory limit. Default 512 MiB.
 	BufferBudget int64
 	// BufferWait is how long an upload waits for buffer room before it
@@ -249,6 +250,9 @@ func (s *Server) backoff(ctx context.Context, attempt int) error {
 	}
 }
 
+// getChunk is the size of the chunks GetObject sends.
+const getChunk = 256 << 10
+
 // GetObject implements UploadService.
 func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.UploadService_GetObjectServer) error {
 	ctx := stream.Context()
@@ -259,6 +263,14 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	if err != nil {
 		return toStatus(ctx, err)
 	}
+	// A read holds its chunk buffer and the message gRPC is sending: many
+	// slow readers at once would otherwise grow memory past the budget
+	// that uploads keep to.
+	release, err := s.buffers.acquire(ctx, 2*getChunk)
+	if err != nil {
+		return toStatus(ctx, err)
+	}
+	defer release()
 	body, info, err := b.Get(ctx, req.GetKey(), req.GetOffset(), req.GetLength())
 	if err != nil {
 		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
@@ -270,7 +282,7 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	}}}); err != nil {
 		return err
 	}
-	buf := make([]byte, 256<<10)
+	buf := make([]byte, getChunk)
 	for {
 		n, rerr := io.ReadFull(body, buf)
 		if n > 0 {
