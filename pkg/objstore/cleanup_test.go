@@ -8,47 +8,40 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 )
 
-// The ETags the store gives a PUT and a completed multipart upload are the
-// ones computed from the bytes; DeleteIfETag removes an object only when
-// its ETag says it holds those bytes.
-func TestDeleteIfETag(t *testing.T) {
+// DeleteIf removes an object only when match accepts what a HEAD shows;
+// user metadata written with one PUT or a multipart upload comes back in
+// the HEAD, which is what the upload service matches on.
+func TestDeleteIf(t *testing.T) {
 	b := bucket(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	older, newer := random(t, 1000), random(t, 1000)
-	put := func(key string, data []byte) string {
-		t.Helper()
-		etag, err := b.Put(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"}, data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return etag
+	writtenBy := func(id string) func(objstore.ObjectInfo) bool {
+		return func(info objstore.ObjectInfo) bool { return info.Metadata["write-id"] == id }
 	}
-	if etag := put("k", older); etag != `"`+objstore.ObjectETag(older)+`"` {
-		t.Fatalf("PUT ETag %s, computed %s", etag, objstore.ObjectETag(older))
+	in := objstore.PutInput{Key: "k", ContentType: "application/octet-stream", Metadata: map[string]string{"write-id": "first"}}
+	if _, err := b.Put(ctx, in, random(t, 1000)); err != nil {
+		t.Fatal(err)
 	}
-	if deleted, err := b.DeleteIfETag(ctx, "k", objstore.ObjectETag(newer)); err != nil || deleted {
-		t.Fatalf("delete with another object's ETag: deleted %v, %v", deleted, err)
+	if deleted, err := b.DeleteIf(ctx, "k", writtenBy("second")); err != nil || deleted {
+		t.Fatalf("delete of another write's object: deleted %v, %v", deleted, err)
 	}
 	if _, err := b.Head(ctx, "k"); err != nil {
 		t.Fatalf("the older object is gone: %v", err)
 	}
-	if deleted, err := b.DeleteIfETag(ctx, "k", ""); err != nil || deleted {
-		t.Fatalf("delete with no ETag: deleted %v, %v", deleted, err)
-	}
-	if deleted, err := b.DeleteIfETag(ctx, "k", objstore.ObjectETag(older)); err != nil || !deleted {
-		t.Fatalf("delete with the object's ETag: deleted %v, %v", deleted, err)
+	if deleted, err := b.DeleteIf(ctx, "k", writtenBy("first")); err != nil || !deleted {
+		t.Fatalf("delete of the write's own object: deleted %v, %v", deleted, err)
 	}
 	if _, err := b.Head(ctx, "k"); !objstore.IsNotFound(err) {
 		t.Fatalf("head after delete: %v", err)
 	}
-	if deleted, err := b.DeleteIfETag(ctx, "k", objstore.ObjectETag(older)); err != nil || deleted {
+	if deleted, err := b.DeleteIf(ctx, "k", writtenBy("first")); err != nil || deleted {
 		t.Fatalf("delete of an absent key: deleted %v, %v", deleted, err)
 	}
 
 	const part = 5 << 20
 	data := random(t, part+10)
-	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"})
+	in = objstore.PutInput{Key: "mp", ContentType: "application/octet-stream", Metadata: map[string]string{"write-id": "mp"}}
+	id, err := b.CreateMultipart(ctx, in)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,15 +53,11 @@ func TestDeleteIfETag(t *testing.T) {
 		}
 		parts = append(parts, objstore.Part{Number: int32(i + 1), ETag: etag})
 	}
-	etag, err := b.CompleteMultipart(ctx, "mp", id, parts)
-	if err != nil {
+	if _, err := b.CompleteMultipart(ctx, "mp", id, parts); err != nil {
 		t.Fatal(err)
 	}
-	if want := `"` + objstore.MultipartETag(parts) + `"`; etag != want {
-		t.Fatalf("multipart ETag %s, computed %s", etag, want)
-	}
-	if objstore.MultipartETag([]objstore.Part{{Number: 1, ETag: `"not-an-md5"`}}) != "" {
-		t.Fatal("an ETag that is not an MD5 gave a multipart ETag")
+	if deleted, err := b.DeleteIf(ctx, "mp", writtenBy("mp")); err != nil || !deleted {
+		t.Fatalf("delete of a completed multipart upload by its metadata: deleted %v, %v", deleted, err)
 	}
 }
 

@@ -235,6 +235,7 @@ func TestBadInputTable(t *testing.T) {
 		{"negative size", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: -1}, codes.InvalidArgument},
 		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument},
 		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented},
+		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument},
 	}
 	usedBefore, _ := env.Usage(t)
 	for _, tc := range cases {

@@ -131,9 +131,11 @@ func waitFailures(t *testing.T, st *stack, bucket string, want int32) {
 
 // Under a client's key, the cleanup after a write whose answer never came
 // removes the object only if the write landed: a write that never reached
-// the bucket leaves the older object there intact, one that landed is
-// removed (its bytes are not counted). A small upload then lands on the
-// next bucket; a multipart one, its parts sent, fails UNAVAILABLE.
+// the bucket leaves the older object there intact, even one with the same
+// bytes; one that landed is removed (its bytes are not counted). A small
+// upload then lands on the next bucket; a multipart one, its parts sent,
+// fails UNAVAILABLE. What GetObject returns keeps the client's metadata
+// and not the service's write id.
 func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
 	for _, tc := range []struct {
 		name, op string
@@ -149,7 +151,7 @@ func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			const key = "docs/report.bin"
-			hdr := &uploadv1.UploadHeader{Key: key, ContentType: "application/octet-stream", Size: int64(tc.size)}
+			hdr := &uploadv1.UploadHeader{Key: key, ContentType: "application/octet-stream", Size: int64(tc.size), Metadata: map[string]string{"owner": "tests"}}
 			older := testenv.OpaqueBytes(t, tc.size)
 			if resp, err := send(ctx, st.Upload, hdr, older); err != nil || resp.GetBucketId() != first.GetId() {
 				t.Fatalf("first upload: %v on %s", err, resp.GetBucketId())
@@ -168,12 +170,17 @@ func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
 				return data, true
 			}
 
-			// The write never reaches the bucket: the older object stays.
+			info, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: first.GetId(), Key: key})
+			if err != nil || len(info.GetMetadata()) != 1 || info.GetMetadata()["owner"] != "tests" {
+				t.Fatalf("metadata read back: %v (%v), want only the client's", info.GetMetadata(), err)
+			}
+
+			// The write never reaches the bucket: the older object stays,
+			// though it holds the very same bytes.
 			st.Proxies[first.GetId()].SetFor(tc.op, faultproxy.Reset)
-			newer := testenv.OpaqueBytes(t, tc.size+1)[1:]
-			retry := func(fault string) {
+			retry := func(fault string, data []byte) {
 				t.Helper()
-				resp, err := send(ctx, st.Upload, hdr, newer)
+				resp, err := send(ctx, st.Upload, hdr, data)
 				if tc.failover && (err != nil || resp.GetBucketId() != second) {
 					t.Fatalf("upload while %s %s: %v on %s, want %s", tc.op, fault, err, resp.GetBucketId(), second)
 				}
@@ -181,14 +188,14 @@ func TestUnansweredWriteKeepsTheOlderObject(t *testing.T) {
 					t.Fatalf("upload while %s %s: %v, want Unavailable", tc.op, fault, err)
 				}
 			}
-			retry("resets")
+			retry("resets", older)
 			if got, ok := stored(); !ok || !bytes.Equal(got, older) {
 				t.Fatalf("the older object under the client's key was removed (present %v) though the write never landed", ok)
 			}
 
 			// The write lands and its answer is lost: it is removed.
 			st.Proxies[first.GetId()].SetFor(tc.op, faultproxy.LoseResponse)
-			retry("loses answers")
+			retry("loses answers", testenv.OpaqueBytes(t, tc.size+1)[1:])
 			if got, ok := stored(); ok {
 				t.Fatalf("a landed write whose usage is not counted is still there (%d bytes)", len(got))
 			}

@@ -276,6 +276,7 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
 	}
 	defer body.Close()
+	delete(info.Metadata, writeIDKey) // the service's, not the client's
 	if err := stream.Send(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
 		BucketId: req.GetBucketId(), Key: req.GetKey(), Size: info.Size, ContentType: info.ContentType,
 		Etag: info.ETag, Metadata: info.Metadata, ContentLength: info.ContentLength,

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/md5"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"regexp"
 	"strings"
 	"sync"
@@ -30,14 +32,20 @@ import (
 
 var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
+// writeIDKey is the user metadata an object written under a client's key
+// carries: a random id of the upload that wrote it. It is stripped from
+// what GetObject returns.
+const writeIDKey = "bucketlb-write-id"
+
 // upload is the state of one Upload call.
 type upload struct {
-	hdr    *uploadv1.UploadHeader
-	key    string
-	size   int64
-	in     objstore.PutInput
-	reader *chunkReader
-	head   []byte // first bytes, already read for sniffing
+	hdr     *uploadv1.UploadHeader
+	key     string
+	writeID string // set under a client's key, see writeIDKey
+	size    int64
+	in      objstore.PutInput
+	reader  *chunkReader
+	head    []byte // first bytes, already read for sniffing
 }
 
 // Upload implements UploadService.
@@ -142,11 +150,25 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		if k == "" || strings.ContainsAny(k, " \t\r\n:") {
 			return nil, badRequest("metadata key %q is not a valid header name", k)
 		}
+		if strings.EqualFold(k, writeIDKey) {
+			return nil, badRequest("metadata key %q is reserved for the service", k)
+		}
 	}
-	return &upload{
+	u := &upload{
 		hdr: hdr, key: key, size: hdr.GetSize(),
 		in: objstore.PutInput{Key: key, ContentType: hdr.GetContentType(), Metadata: hdr.GetMetadata()},
-	}, nil
+	}
+	if hdr.GetKey() != "" {
+		// Under a client's key an older object may stand: the id tells
+		// this upload's object from it (see removeUnanswered).
+		u.writeID = rand.Text()
+		u.in.Metadata = maps.Clone(hdr.GetMetadata())
+		if u.in.Metadata == nil {
+			u.in.Metadata = map[string]string{}
+		}
+		u.in.Metadata[writeIDKey] = u.writeID
+	}
+	return u, nil
 }
 
 func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*allocatorv1.AllocateResponse, error) {
@@ -201,7 +223,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
-			s.removeUnanswered(ctx, b, u, objstore.ObjectETag(body))
+			s.removeUnanswered(ctx, b, u)
 		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
@@ -228,14 +250,15 @@ const (
 // removeUnanswered removes what a write whose answer was lost may have
 // stored, so the bucket keeps no object its usage does not count. A key
 // the service generated belongs to this upload alone. Under a client's key
-// an older object may be there, which goes only if its ETag shows this
-// upload's bytes: if the write never landed, the older object stays.
-func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *upload, etag string) {
+// an older object may be there, even one with the same bytes, which goes
+// only if it carries this upload's write id: if the write never landed,
+// the older object stays.
+func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *upload) {
 	var err error
-	if u.hdr.GetKey() == "" {
+	if u.writeID == "" {
 		err = b.Delete(ctx, u.key)
 	} else {
-		_, err = b.DeleteIfETag(ctx, u.key, etag)
+		_, err = b.DeleteIf(ctx, u.key, func(info objstore.ObjectInfo) bool { return info.Metadata[writeIDKey] == u.writeID })
 	}
 	if err != nil {
 		s.log.Warn("could not remove a possibly written object", "bucket", b.Target.ID, "key", u.key, "error", err.Error())
@@ -469,7 +492,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			// Completed with the answer lost (a retried Complete then
 			// finds no such upload): abort cannot help, so remove the
 			// object itself.
-			s.removeUnanswered(ctx, b, u, objstore.MultipartETag(parts))
+			s.removeUnanswered(ctx, b, u)
 		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
