@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -236,6 +237,7 @@ func TestBadInputTable(t *testing.T) {
 		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument},
 		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented},
 		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument},
+		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument},
 	}
 	usedBefore, _ := env.Usage(t)
 	for _, tc := range cases {

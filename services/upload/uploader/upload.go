@@ -37,6 +37,10 @@ var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // what GetObject returns.
 const writeIDKey = "bucketlb-write-id"
 
+// maxMetadata is the user metadata a client may send: S3's 2 KB of keys
+// and values, less the write id's entry (26 characters of rand.Text).
+const maxMetadata = 2048 - len(writeIDKey) - 26
+
 // upload is the state of one Upload call.
 type upload struct {
 	hdr     *uploadv1.UploadHeader
@@ -146,13 +150,18 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	if err := objectkey.Validate(key); err != nil {
 		return nil, badRequest("%v", err)
 	}
-	for k := range hdr.GetMetadata() {
+	metaBytes := 0
+	for k, v := range hdr.GetMetadata() {
 		if k == "" || strings.ContainsAny(k, " \t\r\n:") {
 			return nil, badRequest("metadata key %q is not a valid header name", k)
 		}
 		if strings.EqualFold(k, writeIDKey) {
 			return nil, badRequest("metadata key %q is reserved for the service", k)
 		}
+		metaBytes += len(k) + len(v)
+	}
+	if metaBytes > maxMetadata {
+		return nil, badRequest("the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
 	}
 	u := &upload{
 		hdr: hdr, key: key, size: hdr.GetSize(),
