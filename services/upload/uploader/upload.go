@@ -52,6 +52,10 @@ type upload struct {
 	head    []byte // first bytes, already read for sniffing
 }
 
+// ownKey reports a key the service generated (128 random bits): no other
+// writer uses it, so cleanup may remove whatever stands under it.
+func (u *upload) ownKey() bool { return u.hdr.GetKey() == "" }
+
 // Upload implements UploadService.
 func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	ctx := stream.Context()
@@ -167,7 +171,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		hdr: hdr, key: key, size: hdr.GetSize(),
 		in: objstore.PutInput{Key: key, ContentType: hdr.GetContentType(), Metadata: hdr.GetMetadata()},
 	}
-	if hdr.GetKey() != "" {
+	if !u.ownKey() {
 		// Under a client's key an older object may stand: the id tells
 		// this upload's object from it (see removeUnanswered).
 		u.writeID = rand.Text()
@@ -227,7 +231,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		etag, err := b.Put(ctx, u.in, body)
 		took := time.Since(start)
 		if err == nil {
-			return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took}, func() { _ = b.Delete(ctx, u.key) })
+			return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
 		}
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
@@ -249,8 +253,8 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
 
-// commitTimeout bounds the Commit retries of one upload, which run on
-// after the client has gone.
+// An upload's Commit is tried commitAttempts times within commitTimeout;
+// the tries run on after the client has gone.
 const (
 	commitTimeout  = 30 * time.Second
 	commitAttempts = 3
@@ -264,7 +268,7 @@ const (
 // the older object stays.
 func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *upload) {
 	var err error
-	if u.writeID == "" {
+	if u.ownKey() {
 		err = b.Delete(ctx, u.key)
 	} else {
 		_, err = b.DeleteIf(ctx, u.key, func(info objstore.ObjectInfo) bool { return info.Metadata[writeIDKey] == u.writeID })
@@ -281,16 +285,20 @@ type written struct {
 }
 
 // commit records usage and answers; if it cannot, it removes the object
-// (undo) and returns the capacity, so a client never sees success for
+// and returns the capacity, so a client never sees success for
 // bytes that are not counted, nor leaves uncounted bytes behind. The
 // Commit also carries the write's success to the health model, which
 // saves the hot path a ReportOutcome call; if no Commit gets through, the
 // success is reported on its own.
-func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, w written, undo func()) (*uploadv1.UploadResponse, error) {
-	etag, digest := w.etag, w.sha256
+func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, w written) (*uploadv1.UploadResponse, error) {
+	remove := func() {
+		if err := b.Delete(ctx, u.key); err != nil {
+			s.log.Warn("could not remove an object whose usage is not counted", "bucket", b.Target.ID, "key", u.key, "error", err.Error())
+		}
+	}
 	req := &allocatorv1.CommitRequest{
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
-		Size: u.size, Key: u.key, Etag: etag, Sha256: digest, IdempotencyKey: u.hdr.GetIdempotencyKey(),
+		Size: u.size, Key: u.key, Etag: w.etag, Sha256: w.sha256, IdempotencyKey: u.hdr.GetIdempotencyKey(),
 		WriteLatency: durationpb.New(w.took),
 	}
 	// The commit runs to its end even if the client goes away meanwhile: a
@@ -307,7 +315,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 			// wrote the same key of the same bucket, this upload's bytes
 			// are the object its record names: they stay.
 			if dup := cr.GetDuplicateOf(); dup.GetBucketId() != a.GetBucket().GetId() || dup.GetKey() != u.key {
-				undo()
+				remove()
 			}
 			s.release(ctx, a)
 			return replay(cr.GetDuplicateOf()), nil
@@ -315,7 +323,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		if err == nil {
 			return &uploadv1.UploadResponse{
 				BucketId: a.GetBucket().GetId(), BucketName: a.GetBucket().GetName(), Key: u.key,
-				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: digest, Etag: etag,
+				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: w.sha256, Etag: w.etag,
 			}, nil
 		}
 		if !unanswered(err) || attempt == commitAttempts-1 || s.backoff(cctx, attempt) != nil {
@@ -334,7 +342,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		}
 		return nil, status.Errorf(codes.Unavailable, "the object was written but the allocator did not answer whether its usage was recorded (%s); retry with the same idempotency key for the result", status.Convert(err).Message())
 	}
-	undo()
+	remove()
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
@@ -506,7 +514,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
 	renewDone()
-	return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took}, func() { _ = b.Delete(ctx, u.key) })
+	return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
 }
 
 func hashWrite(h hash.Hash, p []byte) { _, _ = h.Write(p) }
@@ -582,7 +590,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			return a, b, id, nil
 		}
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
-		if objstore.MayHaveLanded(err) && u.hdr.GetKey() == "" {
+		if objstore.MayHaveLanded(err) && u.ownKey() {
 			// The upload may have been created with its id lost. The key
 			// was made for this upload alone, so whatever upload it has
 			// is this one's. Under a client's key another writer's upload
