@@ -14,7 +14,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -108,16 +107,14 @@ func waitFailures(t *testing.T, st *stack, bucket string, want int32) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+		rows, err := st.bucketStatus(ctx)
 		cancel()
 		if err != nil {
 			t.Fatal(err)
 		}
 		var got int32 = -1
-		for _, b := range resp.GetBuckets() {
-			if b.GetBucket().GetId() == bucket {
-				got = b.GetConsecutiveFailures()
-			}
+		if b, ok := rows[bucket]; ok {
+			got = b.GetConsecutiveFailures()
 		}
 		if got == want {
 			return

@@ -166,16 +166,28 @@ func (st *stack) usage(t testing.TB) (used, reserved map[string]int64) {
 
 // status is usage without failing the test, for goroutines.
 func (st *stack) status(ctx context.Context) (used, reserved map[string]int64, err error) {
-	resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+	rows, err := st.bucketStatus(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
 	used, reserved = map[string]int64{}, map[string]int64{}
-	for _, b := range resp.GetBuckets() {
-		used[b.GetBucket().GetId()] = b.GetUsedBytes()
-		reserved[b.GetBucket().GetId()] = b.GetReservedBytes()
+	for id, b := range rows {
+		used[id], reserved[id] = b.GetUsedBytes(), b.GetReservedBytes()
 	}
 	return used, reserved, nil
+}
+
+// bucketStatus returns the admin status rows by bucket id.
+func (st *stack) bucketStatus(ctx context.Context) (map[string]*adminv1.BucketStatus, error) {
+	resp, err := st.Admin.GetStatus(st.adminCtx(ctx), &adminv1.GetStatusRequest{})
+	if err != nil {
+		return nil, err
+	}
+	rows := map[string]*adminv1.BucketStatus{}
+	for _, b := range resp.GetBuckets() {
+		rows[b.GetBucket().GetId()] = b
+	}
+	return rows, nil
 }
 
 // objects counts objects and open multipart uploads per bucket.
