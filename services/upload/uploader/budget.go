@@ -20,9 +20,9 @@ import (
 // already two parts; without a bound across streams a burst of large
 // uploads would push the process past its memory limit, and the OOM kill
 // would fail every upload on the replica, not just the excess. An upload
-// takes its
-// whole share before its first buffer, so none waits holding a part of it
-// (no deadlock), and while it waits its data stays in gRPC flow control.
+// takes its whole share before its first buffer, so none waits holding a
+// part of it (no deadlock), and while it waits its data stays in gRPC flow
+// control.
 type bufferBudget struct {
 	sem     *semaphore.Weighted
 	total   int64
