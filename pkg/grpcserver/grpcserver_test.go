@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,11 +18,16 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 )
 
-func start(t *testing.T, opts grpcserver.Options) (*grpcserver.Server, *grpc.ClientConn, context.CancelFunc, <-chan error) {
+// start serves the test services on loopback; block, when given, serves
+// test.Block.
+func start(t *testing.T, opts grpcserver.Options, block ...*blocker) (*grpcserver.Server, *grpc.ClientConn, context.CancelFunc, <-chan error) {
 	t.Helper()
 	opts.Logger = slog.New(slog.DiscardHandler)
 	s := grpcserver.New(opts)
 	s.GRPC.RegisterService(&panicDesc, struct{}{})
+	for _, b := range block {
+		s.GRPC.RegisterService(&blockDesc, b)
+	}
 	s.SetServing("test.Panic")
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -88,6 +94,34 @@ func TestPanicBecomesInternal(t *testing.T) {
 	}
 }
 
+// Handlers run on a fixed set of reused goroutines while they last; more
+// calls than that, all blocked, must still all run at once rather than
+// wait for a free worker.
+func TestBlockedHandlersDoNotQueueOthers(t *testing.T) {
+	blocked := &blocker{release: make(chan struct{})}
+	_, conn, _, _ := start(t, grpcserver.Options{}, blocked)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const calls = 300 // several times the server's stream workers
+	errs := make(chan error, calls)
+	for range calls {
+		go func() { errs <- conn.Invoke(ctx, "/test.Block/Wait", &emptypb.Empty{}, &emptypb.Empty{}) }()
+	}
+	for blocked.entered.Load() < calls {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("only %d of %d blocked calls reached their handler", blocked.entered.Load(), calls)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	close(blocked.release)
+	for range calls {
+		if err := <-errs; err != nil {
+			t.Fatalf("call: %v", err)
+		}
+	}
+}
+
 var panicDesc = grpc.ServiceDesc{
 	ServiceName: "test.Panic",
 	HandlerType: (*any)(nil),
@@ -100,6 +134,33 @@ var panicDesc = grpc.ServiceDesc{
 			}
 			h := func(ctx context.Context, req any) (any, error) { panic("boom") }
 			return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: "/test.Panic/Boom"}, h)
+		},
+	}},
+}
+
+// blocker serves test.Block/Wait: each call counts itself in and waits
+// for release.
+type blocker struct {
+	entered atomic.Int32
+	release chan struct{}
+}
+
+var blockDesc = grpc.ServiceDesc{
+	ServiceName: "test.Block",
+	HandlerType: (*any)(nil),
+	Methods: []grpc.MethodDesc{{
+		MethodName: "Wait",
+		Handler: func(srv any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			if err := dec(&emptypb.Empty{}); err != nil {
+				return nil, err
+			}
+			blocked := srv.(*blocker)
+			blocked.entered.Add(1)
+			select {
+			case <-blocked.release:
+			case <-ctx.Done():
+			}
+			return &emptypb.Empty{}, nil
 		},
 	}},
 }
