@@ -283,7 +283,12 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	}}}); err != nil {
 		return err
 	}
-	buf := make([]byte, getChunk)
+	// A small object gets a buffer its own size, not a whole chunk.
+	n := int64(getChunk)
+	if info.ContentLength > 0 {
+		n = min(n, info.ContentLength)
+	}
+	buf := make([]byte, n)
 	for {
 		n, rerr := io.ReadFull(body, buf)
 		if n > 0 {
