@@ -162,51 +162,73 @@ func TestFailoverAndCooldown(t *testing.T) {
 	}
 }
 
-// A client that cancels mid-stream leaves no object, no open multipart
-// upload, and gets its capacity back.
+// A client that cancels mid-stream, or whose deadline passes mid-stream,
+// leaves no object, no open multipart upload, and gets its capacity back.
 func TestCancelMidStream(t *testing.T) {
 	env := e2e.StartWith(t, devstack.Options{})
-	for _, size := range []int{1 << 20, 40 << 20} {
-		t.Run(fmt.Sprintf("%d bytes", size), func(t *testing.T) {
+	// Each way of ending returns the stream's context and, once it has sent
+	// part of the object, ends the stream.
+	ends := map[string]func() (context.Context, func()){
+		"cancel": func() (context.Context, func()) {
 			ctx, cancel := context.WithCancel(context.Background())
-			stream, err := env.Upload.Upload(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
-				NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(size)}}}); err != nil {
-				t.Fatal(err)
-			}
-			chunk := e2e.RandomBytes(t, 256<<10)
-			for sent := 0; sent < size*3/4; sent += len(chunk) {
-				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}}); err != nil {
+			return ctx, cancel
+		},
+		"deadline": func() (context.Context, func()) {
+			// Long enough to send three quarters of the object on a slow
+			// machine; if it runs out sooner, it still ends mid-stream.
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			return ctx, func() { <-ctx.Done(); cancel() }
+		},
+	}
+	for how, start := range ends {
+		for _, size := range []int{1 << 20, 40 << 20} {
+			t.Run(fmt.Sprintf("%s at %d bytes", how, size), func(t *testing.T) {
+				ctx, end := start()
+				stream, err := env.Upload.Upload(ctx)
+				if err != nil {
 					t.Fatal(err)
 				}
-			}
-			cancel()
-			deadline := time.Now().Add(15 * time.Second)
-			for {
-				objects, multiparts := env.ObjectCount(t)
-				_, reserved := env.Usage(t)
-				total := int64(0)
-				for _, r := range reserved {
-					total += r
+				if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+					NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(size)}}}); err != nil {
+					t.Fatal(err)
 				}
-				if objects == 0 && multiparts == 0 && total == 0 {
-					break
+				chunk := e2e.RandomBytes(t, 256<<10)
+				for sent := 0; sent < size*3/4; sent += len(chunk) {
+					if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}}); err != nil {
+						if ctx.Err() != nil {
+							break // the deadline came first
+						}
+						t.Fatal(err)
+					}
 				}
-				if time.Now().After(deadline) {
-					t.Fatalf("after cancel: %d objects, %d open multipart uploads, %d bytes reserved", objects, multiparts, total)
+				end()
+				if _, err := stream.CloseAndRecv(); status.Code(err) != status.FromContextError(ctx.Err()).Code() {
+					t.Fatalf("upload after %s: %v, want %v", how, err, status.FromContextError(ctx.Err()).Code())
 				}
-				time.Sleep(20 * time.Millisecond)
-			}
-			used, _ := env.Usage(t)
-			for id, u := range used {
-				if u != 0 {
-					t.Fatalf("bucket %s counts %d bytes of a cancelled upload", id, u)
+				deadline := time.Now().Add(15 * time.Second)
+				for {
+					objects, multiparts := env.ObjectCount(t)
+					_, reserved := env.Usage(t)
+					total := int64(0)
+					for _, r := range reserved {
+						total += r
+					}
+					if objects == 0 && multiparts == 0 && total == 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("after %s: %d objects, %d open multipart uploads, %d bytes reserved", how, objects, multiparts, total)
+					}
+					time.Sleep(20 * time.Millisecond)
 				}
-			}
-		})
+				used, _ := env.Usage(t)
+				for id, u := range used {
+					if u != 0 {
+						t.Fatalf("bucket %s counts %d bytes of an upload ended by %s", id, u, how)
+					}
+				}
+			})
+		}
 	}
 }
 
