@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
@@ -66,6 +69,82 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 	if total != 2*int64(len(data)) {
 		t.Fatalf("usage %d, want %d (each key counted once)", total, 2*len(data))
+	}
+	e2e.WaitNoReservations(t, env, reserved)
+}
+
+// An idempotency key reused for another object fails FAILED_PRECONDITION
+// instead of answering with the first object as if this one were stored,
+// whether the key's record is there before the upload starts or a racing
+// upload with other bytes commits first; nothing more is stored or counted.
+func TestIdempotencyKeyReusedForAnotherObject(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a, b := e2e.RandomBytes(t, 50_000), e2e.RandomBytes(t, 50_000)
+	first, err := put(ctx, env, a, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/1.bin"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		data []byte
+		hdr  *uploadv1.UploadHeader
+	}{
+		{"another size", a[:1000], &uploadv1.UploadHeader{IdempotencyKey: "order-1"}},
+		{"another sha256", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Sha256: e2e.HexSHA(b)}},
+		{"another object key", a, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/2.bin"}},
+	} {
+		if _, err := put(ctx, env, c.data, c.hdr); status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("%s under a used key: %v, want FailedPrecondition", c.name, err)
+		}
+	}
+	again, err := put(ctx, env, a, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/1.bin", Sha256: e2e.HexSHA(a)})
+	if err != nil || !again.GetReplayed() || again.GetKey() != first.GetKey() {
+		t.Fatalf("the same object again: %v, %v; want a replay of %v", again, err, first)
+	}
+
+	// Racing uploads under one new key, half with other bytes: the bytes
+	// of the upload that committed first get its result, the others fail.
+	var wg sync.WaitGroup
+	results := make([]*uploadv1.UploadResponse, 8)
+	errs := make([]error, len(results))
+	for i := range results {
+		data := [][]byte{a, b}[i%2]
+		wg.Go(func() {
+			results[i], errs[i] = put(ctx, env, data, &uploadv1.UploadHeader{IdempotencyKey: "order-2", Sha256: e2e.HexSHA(data)})
+		})
+	}
+	wg.Wait()
+	var winner string
+	for i, err := range errs {
+		if err == nil {
+			winner = results[i].GetSha256()
+		}
+	}
+	if winner == "" {
+		t.Fatalf("no racing upload succeeded: %v", errs)
+	}
+	for i, err := range errs {
+		sent := e2e.HexSHA([][]byte{a, b}[i%2])
+		switch {
+		case sent == winner && (err != nil || results[i].GetSha256() != winner):
+			t.Fatalf("racing upload %d sent the winning bytes: %v, %v", i, results[i], err)
+		case sent != winner && status.Code(err) != codes.FailedPrecondition:
+			t.Fatalf("racing upload %d sent other bytes: %v, %v; want FailedPrecondition", i, results[i], err)
+		}
+	}
+	objects, multiparts := env.ObjectCount(t)
+	if objects != 2 || multiparts != 0 {
+		t.Fatalf("%d objects, %d open multipart uploads; want exactly 2 objects (one per key)", objects, multiparts)
+	}
+	used, reserved := env.Usage(t)
+	total := int64(0)
+	for _, u := range used {
+		total += u
+	}
+	if total != int64(len(a)+len(b)) {
+		t.Fatalf("usage %d, want %d (each key counted once)", total, len(a)+len(b))
 	}
 	e2e.WaitNoReservations(t, env, reserved)
 }

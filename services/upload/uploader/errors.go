@@ -9,11 +9,12 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Domain errors. The first three are the client's fault.
+// Domain errors. The first four are the client's fault.
 var (
 	errBadRequest  = errors.New("bad upload request")
 	errUnsupported = errors.New("not supported")
 	errNotFound    = errors.New("not found")
+	errKeyReused   = errors.New("idempotency key reused")
 	errBucket      = errors.New("bucket failed")
 )
 
@@ -45,6 +46,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):
 		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errKeyReused):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, errBucket):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, errIdle):

@@ -96,6 +96,9 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if k := hdr.GetIdempotencyKey(); k != "" {
 		rec, err := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: k})
 		if err == nil {
+			if err := reusedFor(rec.GetRecord(), hdr.GetSize(), hdr.GetSha256(), hdr.GetKey()); err != nil {
+				return nil, err
+			}
 			// Answer at once; the client's remaining chunks are discarded.
 			return replay(rec.GetRecord()), nil
 		}
@@ -312,13 +315,18 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		var cr *allocatorv1.CommitResponse
 		if cr, err = s.alloc.Commit(cctx, req); err == nil && cr.GetDuplicateOf() != nil {
 			// A concurrent upload with the same idempotency key won. If it
-			// wrote the same key of the same bucket, this upload's bytes
-			// are the object its record names: they stay.
-			if dup := cr.GetDuplicateOf(); dup.GetBucketId() != a.GetBucket().GetId() || dup.GetKey() != u.key {
+			// wrote the same key of the same bucket, what stands there is
+			// the object its record names (or, were the bytes different,
+			// this upload's, which no removal could undo): it stays.
+			dup := cr.GetDuplicateOf()
+			if dup.GetBucketId() != a.GetBucket().GetId() || dup.GetKey() != u.key {
 				remove()
 			}
 			s.release(ctx, a)
-			return replay(cr.GetDuplicateOf()), nil
+			if err := reusedFor(dup, u.size, w.sha256, u.hdr.GetKey()); err != nil {
+				return nil, err
+			}
+			return replay(dup), nil
 		}
 		if err == nil {
 			return &uploadv1.UploadResponse{
@@ -353,6 +361,29 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 func unanswered(err error) bool {
 	c := status.Code(err)
 	return c == codes.Unavailable || c == codes.DeadlineExceeded
+}
+
+// reusedFor fails when an upload under an idempotency key is not the
+// object the key already names: answering with the first object's result
+// would tell the client a file it never stored is safe. Only what the
+// upload states can differ: its size, and its sha256 and object key when
+// given (a generated key is new on every try).
+func reusedFor(rec *allocatorv1.UploadRecord, size int64, sha256, key string) error {
+	var diffs []string
+	if size != rec.GetSize() {
+		diffs = append(diffs, fmt.Sprintf("%d bytes, not %d", rec.GetSize(), size))
+	}
+	if sha256 != "" && sha256 != rec.GetSha256() {
+		diffs = append(diffs, "sha256 "+rec.GetSha256())
+	}
+	if key != "" && key != rec.GetKey() {
+		diffs = append(diffs, fmt.Sprintf("object key %q", rec.GetKey()))
+	}
+	if len(diffs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: this idempotency key already names another object (%s); resend that object to get its result, or use a new key for a new object",
+		errKeyReused, strings.Join(diffs, ", "))
 }
 
 func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {

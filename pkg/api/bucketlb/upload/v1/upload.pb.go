@@ -127,6 +127,8 @@ type UploadHeader struct {
 	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted once.
+	// Reusing the key for another object (another size, or another sha256 or
+	// key when given) fails with FAILED_PRECONDITION and stores nothing.
 	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	// Optional key for the affinity strategy: equal keys land on the same bucket
 	// while that bucket is healthy and has room.
