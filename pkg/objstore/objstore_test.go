@@ -74,6 +74,12 @@ func TestPutGetRangeDelete(t *testing.T) {
 	if !bytes.Equal(got, data[10:110]) || info.Size != int64(len(data)) || info.ContentLength != 100 {
 		t.Fatalf("range read %d bytes, info %+v", len(got), info)
 	}
+	if _, _, err := b.Get(ctx, "k/1", int64(len(data)), 0); !objstore.IsInvalidRange(err) || objstore.IsNotFound(err) {
+		t.Fatalf("read from the end: %v, want an invalid range", err)
+	}
+	if _, _, err := b.Get(ctx, "k/1", 0, 0); objstore.IsInvalidRange(err) {
+		t.Fatalf("whole read: %v", err)
+	}
 	if err := b.Delete(ctx, "k/1"); err != nil {
 		t.Fatal(err)
 	}

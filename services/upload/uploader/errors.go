@@ -9,11 +9,12 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Domain errors. The first four are the client's fault.
+// Domain errors. All but errBucket are the client's fault.
 var (
 	errBadRequest  = errors.New("bad upload request")
 	errUnsupported = errors.New("not supported")
 	errNotFound    = errors.New("not found")
+	errOutOfRange  = errors.New("out of range")
 	errKeyReused   = errors.New("idempotency key reused")
 	errBucket      = errors.New("bucket failed")
 )
@@ -46,6 +47,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):
 		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errOutOfRange):
+		return status.Error(codes.OutOfRange, err.Error())
 	case errors.Is(err, errKeyReused):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, errBucket):

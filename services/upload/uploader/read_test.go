@@ -58,6 +58,9 @@ func TestGetRangeAndDelete(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data[300_000:301_000]) || info.GetSize() != int64(len(data)) || info.GetContentLength() != 1000 {
 		t.Fatalf("range read: %d bytes, info %v, err %v", len(got), info, err)
 	}
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: int64(len(data))}); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("offset at the object's end: %v, want OutOfRange", err)
+	}
 	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: -1}); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("negative offset: %v, want InvalidArgument", err)
 	}

@@ -272,6 +272,9 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	}
 	defer release()
 	body, info, err := b.Get(ctx, req.GetKey(), req.GetOffset(), req.GetLength())
+	if objstore.IsInvalidRange(err) {
+		return toStatus(ctx, fmt.Errorf("%w: offset %d is at or past the end of %s", errOutOfRange, req.GetOffset(), req.GetKey()))
+	}
 	if err != nil {
 		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
 	}

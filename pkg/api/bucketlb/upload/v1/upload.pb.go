@@ -517,7 +517,8 @@ type GetObjectRequest struct {
 	BucketId string `protobuf:"bytes,1,opt,name=bucket_id,json=bucketId,proto3" json:"bucket_id,omitempty"`
 	// Object key as returned by Upload.
 	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	// First byte to return (0 for the start).
+	// First byte to return (0 for the start). An offset at or past the end of
+	// the object fails with OUT_OF_RANGE.
 	Offset int64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
 	// Number of bytes to return; 0 means up to the end of the object.
 	Length        int64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
