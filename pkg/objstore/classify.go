@@ -16,10 +16,12 @@ import (
 type Failure int
 
 const (
-	// NotBucketFault: the request itself was wrong (4xx), or it was
-	// cancelled by our caller; another bucket would not help.
+	// NotBucketFault: the request itself was wrong (4xx other than the
+	// bucket refusing it), or it was cancelled by our caller; another
+	// bucket would not help.
 	NotBucketFault Failure = iota
-	// BucketError: 5xx, connection reset or refused — try another bucket.
+	// BucketError: 5xx, connection reset or refused, or a bucket that
+	// refuses requests (401, 403, 3xx, no such bucket) — try another.
 	BucketError
 	// BucketThrottled: 429 (R2's throttling, which the SDK's retryer does
 	// not treat as retryable) or 503 SlowDown.
@@ -51,6 +53,8 @@ func Classify(callerCtx context.Context, err error) Failure {
 			// was computed from our copy): the path corrupted them, and
 			// sending them again is the cure.
 			return BucketError
+		case refused(code, err):
+			return BucketError
 		case code >= 400:
 			return NotBucketFault
 		}
@@ -64,6 +68,25 @@ func Classify(callerCtx context.Context, err error) Failure {
 	}
 	// Resets, refused connections, truncated responses and the like.
 	return BucketError
+}
+
+// refused reports a bucket that turns requests away because of how it is
+// set up, not because of what was asked: a wrong or revoked key, a
+// deleted bucket, a wrong region or endpoint. Another bucket takes the
+// same request, and the service checks what it asks for before sending.
+func refused(code int, err error) bool {
+	if code == http.StatusUnauthorized || code == http.StatusForbidden || (code >= 300 && code < 400) {
+		return true
+	}
+	var ae smithy.APIError
+	if !errors.As(err, &ae) {
+		return false
+	}
+	switch ae.ErrorCode() {
+	case "NoSuchBucket", "InvalidBucketName", "AuthorizationHeaderMalformed", "PermanentRedirect":
+		return true
+	}
+	return false
 }
 
 func badDigest(err error) bool {

@@ -60,14 +60,19 @@ func TestClassifyFaults(t *testing.T) {
 		want   objstore.Failure
 		// mayHaveLanded: no answer came back, so the write may exist.
 		mayHaveLanded bool
+		key           string // when set, instead of a short one
 	}{
-		{"500 internal error", faultproxy.Error5xx, b, objstore.BucketError, false},
-		{"429 throttled", faultproxy.Throttle, b, objstore.BucketThrottled, false},
-		{"connection reset", faultproxy.Reset, b, objstore.BucketError, true},
-		{"stall past the call timeout", faultproxy.Stall, b, objstore.BucketTimeout, true},
-		{"response lost after the write", faultproxy.LoseResponse, b, objstore.BucketError, true},
-		{"wrong secret (403)", faultproxy.Pass, bad, objstore.NotBucketFault, false},
-		{"no such bucket (404)", faultproxy.Pass, missing, objstore.NotBucketFault, false},
+		{"500 internal error", faultproxy.Error5xx, b, objstore.BucketError, false, ""},
+		{"429 throttled", faultproxy.Throttle, b, objstore.BucketThrottled, false, ""},
+		{"connection reset", faultproxy.Reset, b, objstore.BucketError, true, ""},
+		{"stall past the call timeout", faultproxy.Stall, b, objstore.BucketTimeout, true, ""},
+		{"response lost after the write", faultproxy.LoseResponse, b, objstore.BucketError, true, ""},
+		// A bucket that refuses because of how it is set up is the bucket's
+		// fault: the same request goes through on another bucket.
+		{"wrong secret (403)", faultproxy.Pass, bad, objstore.BucketError, false, ""},
+		{"no such bucket (404)", faultproxy.Pass, missing, objstore.BucketError, false, ""},
+		// What was asked is wrong: no other bucket would take it.
+		{name: "key over 1024 bytes (400)", mode: faultproxy.Pass, bucket: b, want: objstore.NotBucketFault, key: strings.Repeat("k", 1100)},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -76,7 +81,10 @@ func TestClassifyFaults(t *testing.T) {
 			proxy.Counts()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			key := "k" + string(rune('a'+i))
+			key := tc.key
+			if key == "" {
+				key = "k" + string(rune('a'+i))
+			}
 			_, err := tc.bucket.Put(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"}, []byte("hello"))
 			if err == nil {
 				t.Fatal("put succeeded through a fault")

@@ -1,0 +1,62 @@
+package uploader_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// A bucket that refuses every request because of how it is set up (its
+// key was revoked, or the bucket was deleted) is the bucket's fault, not
+// the upload's: uploads, small and multipart, go to the next bucket, and
+// the broken one cools down after 3 failures like a failing one.
+func TestMisconfiguredBucketFailsOver(t *testing.T) {
+	for name, breakIt := range map[string]func(*adminv1.BucketSpec){
+		"revoked key":    func(b *adminv1.BucketSpec) { b.CredentialsRef = "REVOKED" },
+		"deleted bucket": func(b *adminv1.BucketSpec) { b.Name = "no-such-bucket-" + b.Name },
+	} {
+		t.Run(name, func(t *testing.T) {
+			g := testenv.S3(t)
+			st := startStackAt(t, []string{g.Endpoint, g.Endpoint},
+				func(c *allocator.Config) { breakIt(c.Buckets[0]) },
+				func(c *uploader.Config) {
+					c.Credentials = objstore.StaticCredentials{"GW": {g.AccessKey, g.SecretKey}, "REVOKED": {g.AccessKey, "not-the-secret"}}
+				})
+			broken, good := st.Buckets[0].GetId(), st.Buckets[1].GetId()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			for i, size := range []int{1000, 1001, 20 << 20} {
+				data := testenv.OpaqueBytes(t, size)
+				resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: fmt.Sprintf("m%d.bin", i), ContentType: "application/octet-stream", Size: int64(size)}, data)
+				if err != nil {
+					t.Fatalf("upload %d (%d bytes): %v", i, size, err)
+				}
+				if resp.GetBucketId() != good {
+					t.Fatalf("upload %d landed on %s, want %s", i, resp.GetBucketId(), good)
+				}
+				readBack(ctx, t, st.Upload, resp, data, fmt.Sprintf("upload %d", i))
+			}
+			waitFailures(t, st, broken, 3)
+			rows, err := st.bucketStatus(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !rows[broken].GetCoolingDown() {
+				t.Fatalf("%s after 3 refusals: %v, want cooling down", broken, rows[broken])
+			}
+			used, _ := st.usage(t)
+			if used[broken] != 0 || used[good] != 1000+1001+20<<20 {
+				t.Fatalf("usage %v, want nothing on %s", used, broken)
+			}
+			st.waitNoReservations(t)
+		})
+	}
+}
