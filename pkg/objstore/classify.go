@@ -149,3 +149,10 @@ func IsInvalidRange(err error) bool {
 	var re *awshttp.ResponseError
 	return errors.As(err, &re) && re.HTTPStatusCode() == http.StatusRequestedRangeNotSatisfiable
 }
+
+// IsNoSuchBucket reports that the bucket itself does not exist. Only an
+// answer with a body says so: a HEAD's 404 looks like a missing key.
+func IsNoSuchBucket(err error) bool {
+	var ae smithy.APIError
+	return errors.As(err, &ae) && ae.ErrorCode() == "NoSuchBucket"
+}

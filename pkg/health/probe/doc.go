@@ -9,9 +9,9 @@
 // trial that restores full traffic (or, failing, starts a longer cooldown)
 // without waiting for an upload to take the risk.
 //
-// HeadProber probes through package objstore with a HEAD of a fixed key,
-// a Class B operation on R2 (far cheaper than a PUT); "not found" still
-// proves the bucket answers.
+// ReadProber probes through package objstore with a one-byte read of a
+// fixed key, a Class B operation on R2 (far cheaper than a PUT); a missing
+// key still proves the bucket answers, a missing bucket does not.
 //
 // Job.Run fits leader.Job's Run, so only the elected replica probes.
 package probe

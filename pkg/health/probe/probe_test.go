@@ -79,7 +79,7 @@ func TestProbesDriveHealth(t *testing.T) {
 	clk := &clock{}
 	clk.ns.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
 	hs := health.NewStore(cli, "", clk.Now, health.Policy{})
-	pr := &counting{Prober: probe.HeadProber{Store: store, Target: tg.get}, n: map[string]int{}}
+	pr := &counting{Prober: probe.ReadProber{Store: store, Target: tg.get}, n: map[string]int{}}
 	job := &probe.Job{Health: hs, Prober: pr, Buckets: func() []string { return []string{"alive", "dead", "unknown"} }, Timeout: 2 * time.Second}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -154,3 +154,46 @@ func TestCancelledRunReportsNothing(t *testing.T) {
 type proberFunc func(ctx context.Context, id string) error
 
 func (f proberFunc) Probe(ctx context.Context, id string) error { return f(ctx, id) }
+
+// A probe passes when the bucket answers, whether or not the probe key
+// exists (even empty), and fails when the bucket is gone or refuses our
+// key: a deleted bucket must not pass as a missing key.
+func TestReadProberTellsAMissingBucketFromAMissingKey(t *testing.T) {
+	gw := testenv.S3(t)
+	name := testenv.NewBucket(t, gw)
+	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{
+		"R": {gw.AccessKey, gw.SecretKey}, "BAD": {gw.AccessKey, "not-the-secret"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+	live := objstore.Target{ID: "live", Name: name, Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true}
+	gone, refused := live, live
+	gone.ID, gone.Name = "gone", "no-such-bucket-"+name
+	refused.ID, refused.CredentialsRef = "refused", "BAD"
+	tg := &targets{m: map[string]objstore.Target{"live": live, "gone": gone, "refused": refused}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pr := probe.ReadProber{Store: store, Target: tg.get}
+	if err := pr.Probe(ctx, "live"); err != nil {
+		t.Fatalf("live bucket without the probe key: %v", err)
+	}
+	b, err := store.Bucket(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, body := range [][]byte{nil, []byte("x")} {
+		if _, err := b.Put(ctx, objstore.PutInput{Key: probe.DefaultKey, ContentType: "application/octet-stream"}, body); err != nil {
+			t.Fatal(err)
+		}
+		if err := pr.Probe(ctx, "live"); err != nil {
+			t.Fatalf("live bucket with a %d-byte probe key: %v", len(body), err)
+		}
+	}
+	for _, id := range []string{"gone", "refused", "unknown"} {
+		if err := pr.Probe(ctx, id); err == nil {
+			t.Fatalf("probe of the %s bucket passed", id)
+		}
+	}
+}

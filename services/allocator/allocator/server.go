@@ -123,7 +123,7 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	if cfg.ProbeStore != nil {
 		job := &probe.Job{
 			Health:  s.health,
-			Prober:  probe.HeadProber{Store: cfg.ProbeStore, Target: s.probeTarget},
+			Prober:  probe.ReadProber{Store: cfg.ProbeStore, Target: s.probeTarget},
 			Buckets: s.probeBuckets,
 			Timeout: cfg.ProbeTimeout,
 			Log:     log,
