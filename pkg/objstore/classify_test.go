@@ -203,3 +203,47 @@ func writeSecret(t *testing.T, dir, ref, id, secret string) {
 		}
 	}
 }
+
+// A secret rotated in its mounted file takes effect once CredentialsTTL
+// has passed, without a restart, even with the same access key id (the
+// SDK would keep signing with the old secret): a bucket refused with the
+// old secret accepts the same write with the new one.
+func TestRotatedSecretTakesEffect(t *testing.T) {
+	g := testenv.S3(t)
+	name := testenv.NewBucket(t, g)
+	dir := t.TempDir()
+	writeSecret(t, dir, "R2_A", g.AccessKey, "the-old-secret")
+	s, err := objstore.New(objstore.Options{
+		Credentials:    objstore.EnvCredentials{Dir: dir, Getenv: func(string) string { return "" }},
+		CredentialsTTL: 50 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// A handle per write, as the upload service takes one per attempt.
+	put := func() error {
+		b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R2_A", PathStyle: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = b.Put(ctx, objstore.PutInput{Key: "rotated", ContentType: "application/octet-stream"}, []byte("x"))
+		return err
+	}
+	if err := put(); objstore.Classify(ctx, err) != objstore.BucketError {
+		t.Fatalf("put with the old secret: %v, want refused", err)
+	}
+	writeSecret(t, dir, "R2_A", g.AccessKey, g.SecretKey)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		err := put()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("put 10 s after the secret was rotated: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

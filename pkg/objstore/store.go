@@ -20,8 +20,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
-	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/aws/aws-sdk-go-v2/credentials"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 )
@@ -57,6 +57,10 @@ type Options struct {
 	CallTimeout, DataTimeout time.Duration
 	// HTTPClient overrides the shared HTTP client (fault-injection tests).
 	HTTPClient aws.HTTPClient
+	// CredentialsTTL is how long resolved keys are used before Credentials
+	// is asked again, so rotated keys (a mounted secret the kubelet updates
+	// in place) take effect without a restart; default 1 min.
+	CredentialsTTL time.Duration
 }
 
 // Store hands out cached bucket handles.
@@ -66,7 +70,14 @@ type Store struct {
 	transport *http.Transport
 
 	mu      sync.Mutex
-	clients map[clientKey]*s3.Client
+	clients map[clientKey]*cachedClient
+}
+
+// cachedClient is an account's client and the keys it signs with.
+type cachedClient struct {
+	c        *s3.Client
+	creds    aws.Credentials
+	resolved time.Time
 }
 
 type clientKey struct {
@@ -88,6 +99,9 @@ func New(opts Options) (*Store, error) {
 	if opts.DataTimeout == 0 {
 		opts.DataTimeout = 5 * time.Minute
 	}
+	if opts.CredentialsTTL == 0 {
+		opts.CredentialsTTL = time.Minute
+	}
 	hc := opts.HTTPClient
 	var tr *http.Transport
 	if hc == nil {
@@ -105,7 +119,7 @@ func New(opts Options) (*Store, error) {
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		hc = &http.Client{Transport: tr}
 	}
-	return &Store{opts: opts, http: hc, transport: tr, clients: map[clientKey]*s3.Client{}}, nil
+	return &Store{opts: opts, http: hc, transport: tr, clients: map[clientKey]*cachedClient{}}, nil
 }
 
 // rootCAs is the system pool plus AWS_CA_BUNDLE (honoured like the SDK's
@@ -137,17 +151,38 @@ func (s *Store) Close() {
 	}
 }
 
+// client returns the cached client for t's account, made anew when its
+// credentials resolve to other keys than it was made with (checked every
+// CredentialsTTL): the SDK keeps a signing key derived from the secret
+// for as long as the access key id and the day stay the same, so only a
+// new client picks up a rotated secret.
 func (s *Store) client(t Target) (*s3.Client, error) {
 	k := clientKey{t.Endpoint, t.Region, t.CredentialsRef, t.PathStyle}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c, ok := s.clients[k]; ok {
-		return c, nil
+	cc := s.clients[k]
+	now := time.Now()
+	if cc != nil && now.Sub(cc.resolved) < s.opts.CredentialsTTL {
+		return cc.c, nil
 	}
 	cr, err := s.opts.Credentials.Resolve(t.CredentialsRef)
-	if err != nil {
+	switch {
+	case err != nil && cc != nil:
+		// Keep the keys that worked so far; ask again after the TTL.
+		cc.resolved = now
+		return cc.c, nil
+	case err != nil:
 		return nil, err
+	case cc != nil && cr.AccessKeyID == cc.creds.AccessKeyID && cr.SecretAccessKey == cc.creds.SecretAccessKey:
+		cc.resolved = now
+		return cc.c, nil
 	}
+	c := s.newClient(t, cr)
+	s.clients[k] = &cachedClient{c: c, creds: cr, resolved: now}
+	return c, nil
+}
+
+func (s *Store) newClient(t Target, cr aws.Credentials) *s3.Client {
 	region := t.Region
 	if region == "" {
 		region = "auto"
@@ -173,9 +208,7 @@ func (s *Store) client(t Target) (*s3.Client, error) {
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired
 		o.ResponseChecksumValidation = aws.ResponseChecksumValidationWhenRequired
 	}
-	c := s3.New(o)
-	s.clients[k] = c
-	return c, nil
+	return s3.New(o)
 }
 
 // Bucket is a handle on one bucket.
@@ -186,6 +219,8 @@ type Bucket struct {
 }
 
 // Bucket returns a handle; clients are cached per account and credentials.
+// A handle keeps the client it was given: take one per operation to follow
+// rotated keys.
 func (s *Store) Bucket(t Target) (*Bucket, error) {
 	c, err := s.client(t)
 	if err != nil {
