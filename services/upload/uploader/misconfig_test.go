@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -59,4 +62,32 @@ func TestMisconfiguredBucketFailsOver(t *testing.T) {
 			st.waitNoReservations(t)
 		})
 	}
+}
+
+// A bucket whose keys this replica lacks (its secret is not mounted here)
+// is this replica's problem, not the bucket's: uploads go to the next
+// bucket without counting against the bucket's shared health, and a read
+// from it fails UNAVAILABLE (another replica may have the keys) rather than
+// as an internal error.
+func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
+	g := testenv.S3(t)
+	st := startStackAt(t, []string{g.Endpoint, g.Endpoint}, func(c *allocator.Config) { c.Buckets[0].CredentialsRef = "NOT-MOUNTED" }, nil)
+	keyless, good := st.Buckets[0].GetId(), st.Buckets[1].GetId()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i, size := range []int{1000, 20 << 20} {
+		data := testenv.OpaqueBytes(t, size)
+		resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: fmt.Sprintf("k%d.bin", i), ContentType: "application/octet-stream", Size: int64(size)}, data)
+		if err != nil {
+			t.Fatalf("upload of %d bytes: %v", size, err)
+		}
+		if resp.GetBucketId() != good {
+			t.Fatalf("upload of %d bytes landed on %s, want %s", size, resp.GetBucketId(), good)
+		}
+	}
+	waitFailures(t, st, keyless, 0)
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: keyless, Key: "any"}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("read from %s: %v, want Unavailable", keyless, err)
+	}
+	st.waitNoReservations(t)
 }

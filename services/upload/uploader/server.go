@@ -334,7 +334,19 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if err != nil {
 		return nil, err
 	}
-	return s.store.Bucket(bucketTarget(resp.GetBucket()))
+	return s.bucket(resp.GetBucket())
+}
+
+// bucket returns a handle on t. Failing, this replica lacks the bucket's
+// keys (its secret is not mounted here): another replica or another
+// bucket may do, and the bucket itself is not at fault.
+func (s *Server) bucket(t *allocatorv1.BucketTarget) (*objstore.Bucket, error) {
+	b, err := s.store.Bucket(bucketTarget(t))
+	if err != nil {
+		s.log.Error("this replica cannot reach a bucket", "bucket", t.GetId(), "error", err.Error())
+		return nil, fmt.Errorf("%w: this replica has no keys for bucket %s: %v", errBucket, t.GetId(), err)
+	}
+	return b, nil
 }
 
 func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, err error, op string) error {

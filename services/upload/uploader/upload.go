@@ -225,10 +225,12 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			}
 			return nil, err
 		}
-		b, err := s.store.Bucket(bucketTarget(a.GetBucket()))
+		b, err := s.bucket(a.GetBucket())
 		if err != nil {
 			s.release(ctx, a)
-			return nil, err
+			lastErr = err
+			exclude = append(exclude, a.GetBucket().GetId())
+			continue
 		}
 		start := time.Now()
 		etag, err := b.Put(ctx, u.in, body)
@@ -609,10 +611,12 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			}
 			return nil, nil, "", err
 		}
-		b, err := s.store.Bucket(bucketTarget(a.GetBucket()))
+		b, err := s.bucket(a.GetBucket())
 		if err != nil {
 			s.release(ctx, a)
-			return nil, nil, "", err
+			lastErr = err
+			exclude = append(exclude, a.GetBucket().GetId())
+			continue
 		}
 		t0 := time.Now()
 		id, err := b.CreateMultipart(ctx, u.in)
