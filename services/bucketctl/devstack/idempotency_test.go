@@ -58,19 +58,7 @@ func TestIdempotencyKey(t *testing.T) {
 			t.Fatalf("racing uploads got different results: %s vs %s", r.GetKey(), results[0].GetKey())
 		}
 	}
-	objects, multiparts := env.ObjectCount(t)
-	if objects != 2 || multiparts != 0 {
-		t.Fatalf("%d objects, %d open multipart uploads; want exactly 2 objects (one per key)", objects, multiparts)
-	}
-	used, reserved := env.Usage(t)
-	total := int64(0)
-	for _, u := range used {
-		total += u
-	}
-	if total != 2*int64(len(data)) {
-		t.Fatalf("usage %d, want %d (each key counted once)", total, 2*len(data))
-	}
-	e2e.WaitNoReservations(t, env, reserved)
+	oneObjectPerKey(t, env, 2, 2*int64(len(data)))
 }
 
 // An idempotency key reused for another object fails FAILED_PRECONDITION
@@ -134,17 +122,25 @@ func TestIdempotencyKeyReusedForAnotherObject(t *testing.T) {
 			t.Fatalf("racing upload %d sent other bytes: %v, %v; want FailedPrecondition", i, results[i], err)
 		}
 	}
+	oneObjectPerKey(t, env, 2, int64(len(a)+len(b)))
+}
+
+// oneObjectPerKey fails the test unless the buckets hold exactly one object
+// for each of keys idempotency keys, no open multipart upload, usage of
+// exactly bytes in all, and (soon) no reservation.
+func oneObjectPerKey(t *testing.T, env *e2e.Env, keys int, bytes int64) {
+	t.Helper()
 	objects, multiparts := env.ObjectCount(t)
-	if objects != 2 || multiparts != 0 {
-		t.Fatalf("%d objects, %d open multipart uploads; want exactly 2 objects (one per key)", objects, multiparts)
+	if objects != keys || multiparts != 0 {
+		t.Fatalf("%d objects, %d open multipart uploads; want exactly %d objects (one per key)", objects, multiparts, keys)
 	}
 	used, reserved := env.Usage(t)
 	total := int64(0)
 	for _, u := range used {
 		total += u
 	}
-	if total != int64(len(a)+len(b)) {
-		t.Fatalf("usage %d, want %d (each key counted once)", total, len(a)+len(b))
+	if total != bytes {
+		t.Fatalf("usage %d, want %d (each key counted once)", total, bytes)
 	}
 	e2e.WaitNoReservations(t, env, reserved)
 }
