@@ -96,7 +96,18 @@ func (e *Elector) term(ctx context.Context) error {
 		case <-cctx.Done():
 		}
 	}()
-	if err := el.Campaign(cctx, e.identity); err != nil {
+	// Campaign is not waited for once ctx ends: cancelled, it resigns on
+	// the client's own context, which blocks for as long as etcd is
+	// unreachable. It returns when etcd answers or the client is closed;
+	// the session's lease, revoked or expiring, ends any key it left.
+	campaign := make(chan error, 1)
+	go func() { campaign <- el.Campaign(cctx, e.identity) }()
+	select {
+	case err = <-campaign:
+	case <-ctx.Done():
+		return nil
+	}
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
