@@ -78,20 +78,25 @@ func refused(code int, err error) bool {
 	if code == http.StatusUnauthorized || code == http.StatusForbidden || (code >= 300 && code < 400) {
 		return true
 	}
-	var ae smithy.APIError
-	if !errors.As(err, &ae) {
-		return false
-	}
-	switch ae.ErrorCode() {
+	switch apiCode(err) {
 	case "NoSuchBucket", "InvalidBucketName", "AuthorizationHeaderMalformed", "PermanentRedirect":
 		return true
 	}
 	return false
 }
 
-func badDigest(err error) bool {
+// apiCode is the S3 error code the bucket answered with ("NoSuchKey"), or
+// "" when no answer with a code came.
+func apiCode(err error) string {
 	var ae smithy.APIError
-	return errors.As(err, &ae) && ae.ErrorCode() == "BadDigest"
+	if errors.As(err, &ae) {
+		return ae.ErrorCode()
+	}
+	return ""
+}
+
+func badDigest(err error) bool {
+	return apiCode(err) == "BadDigest"
 }
 
 // MayHaveLanded reports whether a failed write may still have been
@@ -128,12 +133,9 @@ func IsNotFound(err error) bool {
 	if errors.As(err, &nk) || errors.As(err, &nu) || errors.As(err, &nf) {
 		return true
 	}
-	var ae smithy.APIError
-	if errors.As(err, &ae) {
-		switch ae.ErrorCode() {
-		case "NoSuchKey", "NoSuchUpload", "NotFound", "NoSuchBucket":
-			return true
-		}
+	switch apiCode(err) {
+	case "NoSuchKey", "NoSuchUpload", "NotFound", "NoSuchBucket":
+		return true
 	}
 	var re *awshttp.ResponseError
 	return errors.As(err, &re) && re.HTTPStatusCode() == http.StatusNotFound
@@ -142,8 +144,7 @@ func IsNotFound(err error) bool {
 // IsInvalidRange reports a read whose range starts at or past the end of
 // the object (HTTP 416).
 func IsInvalidRange(err error) bool {
-	var ae smithy.APIError
-	if errors.As(err, &ae) && ae.ErrorCode() == "InvalidRange" {
+	if apiCode(err) == "InvalidRange" {
 		return true
 	}
 	var re *awshttp.ResponseError
@@ -153,6 +154,5 @@ func IsInvalidRange(err error) bool {
 // IsNoSuchBucket reports that the bucket itself does not exist. Only an
 // answer with a body says so: a HEAD's 404 looks like a missing key.
 func IsNoSuchBucket(err error) bool {
-	var ae smithy.APIError
-	return errors.As(err, &ae) && ae.ErrorCode() == "NoSuchBucket"
+	return apiCode(err) == "NoSuchBucket"
 }
