@@ -34,6 +34,8 @@ func TestCheck(t *testing.T) {
 		{"octet-stream not allowed by default", def, "application/octet-stream", rnd, false},
 		{"declared type not allowed", def, "application/x-msdownload", elf, false},
 		{"empty type", def, "", png, false},
+		{"empty object as png", def, "image/png", nil, true},
+		{"empty object as a type not allowed", def, "application/x-msdownload", nil, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

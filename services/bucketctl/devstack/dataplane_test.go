@@ -288,6 +288,49 @@ func TestBadInputTable(t *testing.T) {
 	e2e.WaitNoReservations(t, env, reserved)
 }
 
+// An empty object is stored like any other: one PUT, readable back with
+// its type, counted as 0 bytes once, replayed under its idempotency key.
+// Bytes after a declared size of 0 are refused like any excess.
+func TestEmptyObject(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const emptySHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+	usedBefore, _ := env.Usage(t)
+	hdr := func() *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "logs/empty.png", ContentType: "image/png", IdempotencyKey: "empty-1", Metadata: map[string]string{"kind": "placeholder"}}
+	}
+	first, err := put(ctx, env, nil, hdr())
+	if err != nil {
+		t.Fatalf("empty upload: %v", err)
+	}
+	if first.GetSize() != 0 || first.GetSha256() != emptySHA || first.GetKey() != "logs/empty.png" || first.GetReplayed() {
+		t.Fatalf("empty upload answered %v", first)
+	}
+	var back bytes.Buffer
+	info, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: first.GetBucketId(), Key: first.GetKey()}, &back, nil)
+	if err != nil || back.Len() != 0 || info.GetSize() != 0 || info.GetContentType() != "image/png" || info.GetMetadata()["kind"] != "placeholder" {
+		t.Fatalf("read back %d bytes, info %v, err %v", back.Len(), info, err)
+	}
+	again, err := put(ctx, env, nil, hdr())
+	if err != nil || !again.GetReplayed() || again.GetBucketId() != first.GetBucketId() {
+		t.Fatalf("retry = %v, %v; want a replay of %v", again, err, first)
+	}
+	_, err = uploadclient.Upload(ctx, env.Upload, &uploadv1.UploadHeader{NameHint: "x.txt", ContentType: "text/plain"}, strings.NewReader("not empty"), uploadclient.Options{})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "more than the 0 bytes") {
+		t.Fatalf("data after a declared size of 0: %v, want InvalidArgument", err)
+	}
+	oneObjectPerKey(t, env, 1, sum(usedBefore))
+}
+
+func sum(m map[string]int64) int64 {
+	total := int64(0)
+	for _, v := range m {
+		total += v
+	}
+	return total
+}
+
 // R2 bills every PUT, part and list as a Class A operation: a small
 // upload costs exactly one PUT, a large one parts + 2.
 func TestS3RequestsPerUpload(t *testing.T) {

@@ -135,11 +135,7 @@ func oneObjectPerKey(t *testing.T, env *e2e.Env, keys int, bytes int64) {
 		t.Fatalf("%d objects, %d open multipart uploads; want exactly %d objects (one per key)", objects, multiparts, keys)
 	}
 	used, reserved := env.Usage(t)
-	total := int64(0)
-	for _, u := range used {
-		total += u
-	}
-	if total != bytes {
+	if total := sum(used); total != bytes {
 		t.Fatalf("usage %d, want %d (each key counted once)", total, bytes)
 	}
 	e2e.WaitNoReservations(t, env, reserved)

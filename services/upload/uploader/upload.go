@@ -137,8 +137,8 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
 	case len(hdr.GetIdempotencyKey()) > 256:
 		return nil, badRequest("the idempotency key is longer than 256 bytes")
-	case hdr.GetSize() <= 0:
-		return nil, badRequest("the header must declare the object's size in bytes (got %d)", hdr.GetSize())
+	case hdr.GetSize() < 0:
+		return nil, badRequest("the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
 		return nil, badRequest("the object is %d bytes; this service accepts at most %d", hdr.GetSize(), s.cfg.MaxObjectSize)
 	case hdr.GetSha256() != "" && !sha256Hex.MatchString(hdr.GetSha256()):
@@ -188,8 +188,10 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 }
 
 func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*allocatorv1.AllocateResponse, error) {
+	// A reservation holds at least one byte, so an empty object reserves
+	// one while it is written and commits 0.
 	return s.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{
-		Size: u.size, AffinityKey: u.hdr.GetAffinityKey(), ExcludeBucketIds: exclude,
+		Size: max(u.size, 1), AffinityKey: u.hdr.GetAffinityKey(), ExcludeBucketIds: exclude,
 	})
 }
 

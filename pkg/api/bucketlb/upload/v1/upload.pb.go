@@ -119,8 +119,9 @@ type UploadHeader struct {
 	// MIME type declared by the client. Checked against an allowlist and
 	// against the type sniffed from the first bytes of data.
 	ContentType string `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
-	// Exact size of the object in bytes. Required; the upload fails with
-	// INVALID_ARGUMENT if the stream carries a different number of bytes.
+	// Exact size of the object in bytes, 0 for an empty object (which then
+	// takes no data chunks). The upload fails with INVALID_ARGUMENT if the
+	// stream carries a different number of bytes.
 	Size int64 `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
 	// Optional lowercase hex SHA-256 of the whole object. When set and the data
 	// does not match, the object is removed and INVALID_ARGUMENT is returned.
