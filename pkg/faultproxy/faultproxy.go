@@ -8,6 +8,7 @@ package faultproxy
 
 import (
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -39,6 +40,11 @@ const (
 	// Corrupt forwards the request with one byte of its body flipped, as
 	// a bit flip on the way would.
 	Corrupt
+	// StallBody forwards the request and answers with the status, the
+	// headers and the first half of the body, then holds the connection
+	// open without another byte until the client gives up or StallFor
+	// ends: a bucket that stops sending midway.
+	StallBody
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -103,23 +109,40 @@ func New(target string) (*Proxy, error) {
 			rp.ServeHTTP(httptest.NewRecorder(), r)
 			reset(w)
 			return
+		case StallBody:
+			rec := httptest.NewRecorder()
+			rp.ServeHTTP(rec, r)
+			maps.Copy(w.Header(), rec.Header())
+			w.WriteHeader(rec.Code)
+			body := rec.Body.Bytes()
+			_, _ = w.Write(body[:len(body)/2])
+			if f, ok := w.(http.Flusher); ok {
+				f.Flush()
+			}
+			p.stall(r)
+			return
 		case Stall:
 			// Read the body first: the server notices a client that gave
 			// up only once the request body is consumed.
 			_, _ = io.Copy(io.Discard, r.Body)
-			t := time.NewTimer(p.StallFor)
-			defer t.Stop()
-			select {
-			case <-r.Context().Done():
-			case <-p.closed:
-			case <-t.C:
-			}
+			p.stall(r)
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
 		}
 		rp.ServeHTTP(w, r)
 	}))
 	return p, nil
+}
+
+// stall waits until r's client gives up, the proxy closes or StallFor ends.
+func (p *Proxy) stall(r *http.Request) {
+	t := time.NewTimer(p.StallFor)
+	defer t.Stop()
+	select {
+	case <-r.Context().Done():
+	case <-p.closed:
+	case <-t.C:
+	}
 }
 
 // flipReader flips the lowest bit of the byte at offset at.

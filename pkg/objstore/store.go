@@ -55,6 +55,11 @@ type Options struct {
 	// CallTimeout bounds small calls (head, create, complete, delete);
 	// default 30s. DataTimeout bounds calls carrying a body; default 5m.
 	CallTimeout, DataTimeout time.Duration
+	// ReadIdleTimeout is how long reading a Get body waits for the
+	// bucket's next bytes before failing with ErrReadStalled; default
+	// CallTimeout. A read as a whole has no bound: it goes at the pace
+	// its reader takes the bytes.
+	ReadIdleTimeout time.Duration
 	// HTTPClient overrides the shared HTTP client (fault-injection tests).
 	HTTPClient aws.HTTPClient
 	// CredentialsTTL is how long resolved keys are used before Credentials
@@ -98,6 +103,9 @@ func New(opts Options) (*Store, error) {
 	}
 	if opts.DataTimeout == 0 {
 		opts.DataTimeout = 5 * time.Minute
+	}
+	if opts.ReadIdleTimeout == 0 {
+		opts.ReadIdleTimeout = opts.CallTimeout
 	}
 	if opts.CredentialsTTL == 0 {
 		opts.CredentialsTTL = time.Minute
@@ -400,8 +408,10 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 		}
 		in.Range = aws.String(r)
 	}
+	ctx, cancel := context.WithCancelCause(ctx)
 	out, err := b.c.GetObject(ctx, in)
 	if err != nil {
+		cancel(nil)
 		return nil, ObjectInfo{}, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
 	}
 	info := ObjectInfo{
@@ -414,7 +424,49 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 			info.Size = size
 		}
 	}
-	return out.Body, info, nil
+	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, nil
+}
+
+// ErrReadStalled fails a Get body read that waited longer than
+// Options.ReadIdleTimeout for the bucket's next bytes. It is a timeout, so
+// Classify calls it BucketTimeout.
+var ErrReadStalled = fmt.Errorf("the bucket stopped sending the object: %w", os.ErrDeadlineExceeded)
+
+// stallGuard cancels a Get whose body read waits longer than idle: a bucket
+// that stops sending midway (the connection open, no bytes) would
+// otherwise hold the read, and the reader's buffers, until its caller gives
+// up, which for a client without a deadline is never. Only the time spent
+// inside Read counts, not the reader's own pace between reads.
+type stallGuard struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	body   io.ReadCloser
+	idle   time.Duration
+	timer  *time.Timer
+}
+
+func newStallGuard(ctx context.Context, cancel context.CancelCauseFunc, body io.ReadCloser, idle time.Duration) *stallGuard {
+	g := &stallGuard{ctx: ctx, cancel: cancel, body: body, idle: idle}
+	g.timer = time.AfterFunc(idle, func() { cancel(ErrReadStalled) })
+	g.timer.Stop()
+	return g
+}
+
+func (g *stallGuard) Read(p []byte) (int, error) {
+	g.timer.Reset(g.idle)
+	n, err := g.body.Read(p)
+	g.timer.Stop()
+	if err != nil && errors.Is(context.Cause(g.ctx), ErrReadStalled) {
+		err = fmt.Errorf("no bytes for %v: %w", g.idle, ErrReadStalled)
+	}
+	return n, err
+}
+
+func (g *stallGuard) Close() error {
+	g.timer.Stop()
+	err := g.body.Close()
+	g.cancel(nil)
+	return err
 }
 
 // Head returns an object's info.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
 // read collects a GetObject stream: the info message, then the data.
@@ -75,6 +77,30 @@ func TestGetRangeAndDelete(t *testing.T) {
 	}
 	if used, _ := st.usage(t); used[resp.GetBucketId()] != int64(len(data)) {
 		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[resp.GetBucketId()], len(data))
+	}
+}
+
+// A bucket that stops sending an object midway fails the read UNAVAILABLE
+// once no byte has come for the call timeout, even for a client without a
+// deadline, and the read's buffers go back to the budget.
+func TestStalledReadFailsUnavailable(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) { c.CallTimeout = 500 * time.Millisecond })
+	id := st.Buckets[0].GetId()
+	st.Proxies[id].StallFor = 30 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 600_000)
+	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Proxies[id].SetFor("GetObject", faultproxy.StallBody)
+	_, _, err = read(context.Background(), st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "stopped sending") {
+		t.Fatalf("read from a stalled bucket: %v, want Unavailable saying the bucket stopped sending", err)
+	}
+	if held := st.Server.BufferHeld(); held != 0 {
+		t.Fatalf("%d bytes of buffer still held after the read failed", held)
 	}
 }
 

@@ -1,0 +1,85 @@
+package objstore_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+)
+
+// A bucket that stops sending an object midway, its connection still
+// open, fails the read with ErrReadStalled (a BucketTimeout) after
+// ReadIdleTimeout instead of holding it until the caller gives up; a
+// reader that takes its time between reads is not cut off.
+func TestGetFailsWhenTheBucketStopsSending(t *testing.T) {
+	g := testenv.S3(t)
+	name := testenv.NewBucket(t, g)
+	proxy, err := faultproxy.New(g.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	proxy.StallFor = 30 * time.Second
+	const idle = 300 * time.Millisecond
+	s, err := objstore.New(objstore.Options{
+		Credentials:     objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}},
+		ReadIdleTimeout: idle,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: proxy.URL(), Region: g.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1<<20)
+	if _, err := b.Put(ctx, objstore.PutInput{Key: "obj", ContentType: "application/octet-stream"}, data); err != nil {
+		t.Fatal(err)
+	}
+
+	// A slow reader: pauses of twice the idle timeout between reads.
+	body, _, err := b.Get(ctx, "obj", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	buf := make([]byte, 256<<10)
+	for {
+		n, rerr := body.Read(buf)
+		got.Write(buf[:n])
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			t.Fatalf("slow reader cut off after %d bytes: %v", got.Len(), rerr)
+		}
+		<-time.After(2 * idle)
+	}
+	body.Close()
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("slow reader got %d bytes, not the object", got.Len())
+	}
+
+	proxy.SetFor("GetObject", faultproxy.StallBody)
+	body, _, err = b.Get(ctx, "obj", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	n, err := io.Copy(io.Discard, body)
+	if !errors.Is(err, objstore.ErrReadStalled) || objstore.Classify(ctx, err) != objstore.BucketTimeout {
+		t.Fatalf("stalled read ended after %d bytes with %v (classified %v), want ErrReadStalled, a BucketTimeout", n, err, objstore.Classify(ctx, err))
+	}
+	if n != int64(len(data)/2) {
+		t.Fatalf("stalled read gave %d bytes before the stall, want %d", n, len(data)/2)
+	}
+}
