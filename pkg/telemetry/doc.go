@@ -35,7 +35,7 @@
 //	bucketlb_upload_duration_seconds{outcome}        histogram RecordUpload
 //	bucketlb_upload_active_streams                   gauge     TrackUploadStream (HPA signal)
 //	bucketlb_upload_buffer_bytes                     gauge     TrackUploadBuffer (buffers held)
-//	bucketlb_upload_failovers_total{bucket}          counter   RecordFailover (bucket left)
+//	bucketlb_upload_failovers_total{bucket,reason}   counter   RecordFailover (bucket left: bucket_failed, no_keys)
 //
 // Recorded by the allocator service:
 //

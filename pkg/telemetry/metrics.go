@@ -235,13 +235,24 @@ func (m *Metrics) TrackUploadBuffer(ctx context.Context, n int64) (done func()) 
 	return func() { m.uploadBuffers.Add(context.WithoutCancel(ctx), -n) }
 }
 
-// RecordFailover counts an upload that left bucket after a failure there
-// (upload service).
-func (m *Metrics) RecordFailover(ctx context.Context, bucket string) {
+// FailoverReason says why an upload left a bucket.
+type FailoverReason string
+
+const (
+	// FailoverBucketFailed: the bucket failed the write.
+	FailoverBucketFailed FailoverReason = "bucket_failed"
+	// FailoverNoKeys: this replica has no keys for the bucket (its secret
+	// is not mounted here); the bucket itself may be fine.
+	FailoverNoKeys FailoverReason = "no_keys"
+)
+
+// RecordFailover counts an upload that left bucket for reason (upload
+// service).
+func (m *Metrics) RecordFailover(ctx context.Context, bucket string, reason FailoverReason) {
 	if m == nil {
 		return
 	}
-	m.failovers.Add(ctx, 1, metric.WithAttributes(attribute.String("bucket", bucket)))
+	m.failovers.Add(ctx, 1, metric.WithAttributes(attribute.String("bucket", bucket), attribute.String("reason", string(reason))))
 }
 
 // RecordReservation counts an Allocate call: the bucket chosen (empty on

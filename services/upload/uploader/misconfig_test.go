@@ -12,6 +12,7 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -71,7 +72,13 @@ func TestMisconfiguredBucketFailsOver(t *testing.T) {
 // as an internal error.
 func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 	g := testenv.S3(t)
-	st := startStackAt(t, []string{g.Endpoint, g.Endpoint}, func(c *allocator.Config) { c.Buckets[0].CredentialsRef = "NOT-MOUNTED" }, nil)
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startStackAt(t, []string{g.Endpoint, g.Endpoint}, func(c *allocator.Config) { c.Buckets[0].CredentialsRef = "NOT-MOUNTED" },
+		func(c *uploader.Config) { c.Metrics = tel.Metrics() })
 	keyless, good := st.Buckets[0].GetId(), st.Buckets[1].GetId()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -86,8 +93,37 @@ func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 		}
 	}
 	waitFailures(t, st, keyless, 0)
+	// Operators see it as failovers for want of keys, not as bucket failures.
+	if n := failovers(t, tel, keyless); n[string(telemetry.FailoverNoKeys)] != 2 || n[string(telemetry.FailoverBucketFailed)] != 0 {
+		t.Fatalf("failovers from %s by reason: %v, want 2 for no_keys and none for bucket_failed", keyless, n)
+	}
 	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: keyless, Key: "any"}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("read from %s: %v, want Unavailable", keyless, err)
 	}
 	st.waitNoReservations(t)
+}
+
+// failovers reads bucketlb_upload_failovers_total for bucket by reason.
+func failovers(t *testing.T, tel *telemetry.Telemetry, bucket string) map[string]float64 {
+	t.Helper()
+	fams, err := tel.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[string]float64{}
+	for _, f := range fams {
+		if f.GetName() != "bucketlb_upload_failovers_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["bucket"] == bucket {
+				n[labels["reason"]] += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
 }

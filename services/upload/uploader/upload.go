@@ -195,6 +195,19 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 	})
 }
 
+// openGranted returns a handle on the bucket the allocator granted. When
+// this replica lacks the bucket's keys, it gives the reservation back and
+// counts the failover, so the caller can ask for another bucket.
+func (s *Server) openGranted(ctx context.Context, a *allocatorv1.AllocateResponse) (*objstore.Bucket, error) {
+	b, err := s.bucket(a.GetBucket())
+	if err != nil {
+		s.release(ctx, a)
+		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverNoKeys)
+		return nil, err
+	}
+	return b, nil
+}
+
 // uploadSmall buffers the object once and PUTs it, failing over to the
 // next bucket the allocator picks when a bucket fails.
 func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
@@ -227,9 +240,8 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			}
 			return nil, err
 		}
-		b, err := s.bucket(a.GetBucket())
+		b, err := s.openGranted(ctx, a)
 		if err != nil {
-			s.release(ctx, a)
 			lastErr = err
 			exclude = append(exclude, a.GetBucket().GetId())
 			continue
@@ -255,7 +267,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		s.log.Warn("bucket failed; trying another", "bucket", a.GetBucket().GetId(), "attempt", attempt+1, "error", err.Error())
 		lastErr = err
 		exclude = append(exclude, a.GetBucket().GetId())
-		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId())
+		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverBucketFailed)
 	}
 	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
@@ -613,9 +625,8 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			}
 			return nil, nil, "", err
 		}
-		b, err := s.bucket(a.GetBucket())
+		b, err := s.openGranted(ctx, a)
 		if err != nil {
-			s.release(ctx, a)
 			lastErr = err
 			exclude = append(exclude, a.GetBucket().GetId())
 			continue
@@ -642,7 +653,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 		}
 		lastErr = err
 		exclude = append(exclude, a.GetBucket().GetId())
-		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId())
+		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverBucketFailed)
 	}
 	return nil, nil, "", fmt.Errorf("%w: could not start the upload on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
 }
