@@ -2,6 +2,7 @@ package allocator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.opentelemetry.io/otel/metric"
 	"google.golang.org/grpc"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
@@ -80,6 +82,8 @@ type Server struct {
 	elector  *leader.Elector
 	capacity *ledger.Capacity
 	usage    atomic.Pointer[usageView]
+	// observers publish the gauges; Close removes them.
+	observers []metric.Registration
 }
 
 // usageView is a recent read of every bucket's usage, for placement. The
@@ -158,6 +162,9 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		return nil, fmt.Errorf("allocator: load buckets: %w", err)
 	}
 	s.setBuckets(specs)
+	if err := s.observe(); err != nil {
+		return nil, fmt.Errorf("allocator: register gauges: %w", err)
+	}
 	return s, nil
 }
 
@@ -201,9 +208,14 @@ func (s *Server) Run(ctx context.Context) error {
 	return nil
 }
 
-// Close releases nothing beyond what Run stops; it exists so callers stop
-// replicas uniformly.
-func (s *Server) Close() error { return nil }
+// Close removes the replica's gauges; the rest stops with Run.
+func (s *Server) Close() error {
+	var errs []error
+	for _, r := range s.observers {
+		errs = append(errs, r.Unregister())
+	}
+	return errors.Join(errs...)
+}
 
 // Leading reports whether this replica runs the periodic jobs.
 func (s *Server) Leading() bool { return s.elector.Leading() }

@@ -65,7 +65,7 @@ func startReplica(t testing.TB, cli *clientv3.Client, cfg allocator.Config) repl
 		cancel()
 		t.Fatal(err)
 	}
-	stop := sync.OnceFunc(func() { conn.Close(); cancel(); <-done; <-done })
+	stop := sync.OnceFunc(func() { conn.Close(); cancel(); <-done; <-done; _ = a.Close() })
 	t.Cleanup(stop)
 	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(conn), stop: stop}
 }

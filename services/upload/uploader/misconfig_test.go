@@ -94,36 +94,15 @@ func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 	}
 	waitFailures(t, st, keyless, 0)
 	// Operators see it as failovers for want of keys, not as bucket failures.
-	if n := failovers(t, tel, keyless); n[string(telemetry.FailoverNoKeys)] != 2 || n[string(telemetry.FailoverBucketFailed)] != 0 {
-		t.Fatalf("failovers from %s by reason: %v, want 2 for no_keys and none for bucket_failed", keyless, n)
+	failovers := func(r telemetry.FailoverReason) float64 {
+		n, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_upload_failovers_total", map[string]string{"bucket": keyless, "reason": string(r)})
+		return n
+	}
+	if noKeys, failed := failovers(telemetry.FailoverNoKeys), failovers(telemetry.FailoverBucketFailed); noKeys != 2 || failed != 0 {
+		t.Fatalf("failovers from %s: %v for no_keys and %v for bucket_failed, want 2 and 0", keyless, noKeys, failed)
 	}
 	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: keyless, Key: "any"}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("read from %s: %v, want Unavailable", keyless, err)
 	}
 	st.waitNoReservations(t)
-}
-
-// failovers reads bucketlb_upload_failovers_total for bucket by reason.
-func failovers(t *testing.T, tel *telemetry.Telemetry, bucket string) map[string]float64 {
-	t.Helper()
-	fams, err := tel.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := map[string]float64{}
-	for _, f := range fams {
-		if f.GetName() != "bucketlb_upload_failovers_total" {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			labels := map[string]string{}
-			for _, l := range m.GetLabel() {
-				labels[l.GetName()] = l.GetValue()
-			}
-			if labels["bucket"] == bucket {
-				n[labels["reason"]] += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return n
 }
