@@ -24,6 +24,9 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"go.opentelemetry.io/contrib/instrumentation/github.com/aws/aws-sdk-go-v2/otelaws"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Target says where a bucket lives (mirrors allocatorv1.BucketTarget so
@@ -62,6 +65,10 @@ type Options struct {
 	ReadIdleTimeout time.Duration
 	// HTTPClient overrides the shared HTTP client (fault-injection tests).
 	HTTPClient aws.HTTPClient
+	// TracerProvider, when set, makes every S3 operation a client span
+	// (otelaws), a child of the span in the caller's context. Nil adds no
+	// middleware at all, so an untraced service pays nothing for it.
+	TracerProvider trace.TracerProvider
 	// CredentialsTTL is how long resolved keys are used before Credentials
 	// is asked again, so rotated keys (a mounted secret the kubelet updates
 	// in place) take effect without a restart; default 1 min.
@@ -211,6 +218,12 @@ func (s *Store) newClient(t Target, cr aws.Credentials) *s3.Client {
 			o.RateLimiter = ratelimit.None
 			o.Retryables = append([]retry.IsErrorRetryable{retry.IsErrorRetryableFunc(noThrottleRetry)}, o.Retryables...)
 		}),
+	}
+	if s.opts.TracerProvider != nil {
+		// No propagator: a bucket has no use for our trace context, and
+		// headers added after signing only cost bytes.
+		otelaws.AppendMiddlewares(&o.APIOptions, otelaws.WithTracerProvider(s.opts.TracerProvider),
+			otelaws.WithTextMapPropagator(propagation.NewCompositeTextMapPropagator()))
 	}
 	if !s.opts.SDKDefaultChecksums {
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired

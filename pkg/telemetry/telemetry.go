@@ -134,6 +134,10 @@ func (t *Telemetry) MeterProvider() metric.MeterProvider { return t.meters }
 // a no-op provider otherwise.
 func (t *Telemetry) TracerProvider() trace.TracerProvider { return t.traces }
 
+// TracesExported reports whether spans go anywhere (an OTLP endpoint is
+// set), so costly instrumentation can stay off when they do not.
+func (t *Telemetry) TracesExported() bool { return t.sdkTraces != nil }
+
 // Propagator carries W3C trace context and baggage across calls.
 func (t *Telemetry) Propagator() propagation.TextMapPropagator { return t.propagator }
 

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
@@ -82,6 +83,10 @@ func run(log *slog.Logger) error {
 	}
 	defer conn.Close()
 
+	var tracer trace.TracerProvider
+	if tel.TracesExported() {
+		tracer = tel.TracerProvider()
+	}
 	up, err := uploader.New(uploader.Config{
 		MaxObjectSize:       int64(cfg.Upload.MaxObjectSize),
 		AllowedContentTypes: cfg.Upload.AllowedContentTypes,
@@ -93,6 +98,7 @@ func run(log *slog.Logger) error {
 		BufferWait:          cfg.Upload.BufferWait.D(),
 		IdleTimeout:         cfg.Upload.IdleTimeout.D(),
 		Metrics:             tel.Metrics(),
+		TracerProvider:      tracer,
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
 	if err != nil {
 		return err

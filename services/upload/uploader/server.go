@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -89,6 +90,9 @@ type Config struct {
 	Now func() time.Time
 	// Metrics records uploads and failovers; nil records nothing.
 	Metrics *telemetry.Metrics
+	// TracerProvider, when set, traces every S3 call as a span under the
+	// RPC's; nil adds no tracing cost.
+	TracerProvider trace.TracerProvider
 }
 
 // Server implements UploadService.
@@ -154,7 +158,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	store, err := objstore.New(objstore.Options{
 		Credentials: cfg.Credentials, CAFile: cfg.CAFile, SDKDefaultChecksums: cfg.SDKDefaultChecksums, HTTPClient: cfg.HTTPClient,
-		CallTimeout: cfg.CallTimeout, DataTimeout: cfg.DataTimeout,
+		CallTimeout: cfg.CallTimeout, DataTimeout: cfg.DataTimeout, TracerProvider: cfg.TracerProvider,
 	})
 	if err != nil {
 		return nil, err
