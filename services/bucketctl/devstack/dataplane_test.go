@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -244,22 +245,24 @@ func TestBadInputTable(t *testing.T) {
 		data []byte
 		hdr  *uploadv1.UploadHeader
 		want codes.Code
+		// field is the google.rpc.BadRequest field violation expected.
+		field string
 	}{
-		{"leading slash key", png, &uploadv1.UploadHeader{Key: "/abs.png", ContentType: "image/png"}, codes.InvalidArgument},
-		{"dotdot key", png, &uploadv1.UploadHeader{Key: "a/../b.png", ContentType: "image/png"}, codes.InvalidArgument},
-		{"control char key", png, &uploadv1.UploadHeader{Key: "a\x01.png", ContentType: "image/png"}, codes.InvalidArgument},
-		{"type not allowed", elf, &uploadv1.UploadHeader{ContentType: "application/x-msdownload"}, codes.InvalidArgument},
-		{"executable posing as binary", elf, &uploadv1.UploadHeader{ContentType: "application/octet-stream"}, codes.InvalidArgument},
-		{"text posing as png", []byte("just some text, not an image"), &uploadv1.UploadHeader{ContentType: "image/png"}, codes.InvalidArgument},
-		{"checksum mismatch small", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: wrongSHA}, codes.InvalidArgument},
-		{"checksum mismatch multipart", big, &uploadv1.UploadHeader{Sha256: wrongSHA}, codes.InvalidArgument},
-		{"malformed checksum", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: "xyz"}, codes.InvalidArgument},
-		{"too large", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: 64 << 20}, codes.InvalidArgument},
-		{"negative size", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: -1}, codes.InvalidArgument},
-		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument},
-		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented},
-		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument},
-		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument},
+		{"leading slash key", png, &uploadv1.UploadHeader{Key: "/abs.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
+		{"dotdot key", png, &uploadv1.UploadHeader{Key: "a/../b.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
+		{"control char key", png, &uploadv1.UploadHeader{Key: "a\x01.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
+		{"type not allowed", elf, &uploadv1.UploadHeader{ContentType: "application/x-msdownload"}, codes.InvalidArgument, "header.content_type"},
+		{"executable posing as binary", elf, &uploadv1.UploadHeader{ContentType: "application/octet-stream"}, codes.InvalidArgument, "header.content_type"},
+		{"text posing as png", []byte("just some text, not an image"), &uploadv1.UploadHeader{ContentType: "image/png"}, codes.InvalidArgument, "header.content_type"},
+		{"checksum mismatch small", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: wrongSHA}, codes.InvalidArgument, "header.sha256"},
+		{"checksum mismatch multipart", big, &uploadv1.UploadHeader{Sha256: wrongSHA}, codes.InvalidArgument, "header.sha256"},
+		{"malformed checksum", png, &uploadv1.UploadHeader{ContentType: "image/png", Sha256: "xyz"}, codes.InvalidArgument, "header.sha256"},
+		{"too large", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: 64 << 20}, codes.InvalidArgument, "header.size"},
+		{"negative size", png, &uploadv1.UploadHeader{ContentType: "image/png", Size: -1}, codes.InvalidArgument, "header.size"},
+		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument, "header.size"},
+		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented, ""},
+		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument, "header.metadata"},
+		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
 	}
 	usedBefore, _ := env.Usage(t)
 	for _, tc := range cases {
@@ -272,6 +275,9 @@ func TestBadInputTable(t *testing.T) {
 			}
 			if len(status.Convert(err).Message()) < 15 {
 				t.Fatalf("message %q is not a sentence", status.Convert(err).Message())
+			}
+			if got := violatedField(err); got != tc.field {
+				t.Fatalf("field violation %q, want %q", got, tc.field)
 			}
 		})
 	}
@@ -329,6 +335,17 @@ func sum(m map[string]int64) int64 {
 		total += v
 	}
 	return total
+}
+
+// violatedField is the field of the first google.rpc.BadRequest violation
+// err carries, or "".
+func violatedField(err error) string {
+	for _, d := range status.Convert(err).Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok && len(br.GetFieldViolations()) > 0 {
+			return br.GetFieldViolations()[0].GetField()
+		}
+	}
+	return ""
 }
 
 // R2 bills every PUT, part and list as a Class A operation: a small

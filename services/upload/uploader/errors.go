@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -19,15 +20,35 @@ var (
 	errBucket      = errors.New("bucket failed")
 )
 
-// badRequestError carries the sentence the client sees; it matches
-// errBadRequest so callers can test for the class with errors.Is.
-type badRequestError struct{ msg string }
+// badRequestError carries the sentence the client sees and, when one
+// field of the request is at fault, its path ("header.key"), which goes
+// out as a google.rpc.BadRequest field violation so a program can tell
+// which field to fix. It matches errBadRequest for errors.Is.
+type badRequestError struct{ field, msg string }
 
 func (e *badRequestError) Error() string        { return e.msg }
 func (e *badRequestError) Is(target error) bool { return target == errBadRequest }
 
+// badRequest is a request wrong as a whole (the order of its messages).
 func badRequest(format string, a ...any) error {
 	return &badRequestError{msg: fmt.Sprintf(format, a...)}
+}
+
+// badField is a request with one wrong field.
+func badField(field, format string, a ...any) error {
+	return &badRequestError{field: field, msg: fmt.Sprintf(format, a...)}
+}
+
+func (e *badRequestError) status() error {
+	st := status.New(codes.InvalidArgument, e.msg)
+	if e.field == "" {
+		return st.Err()
+	}
+	d, err := st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: e.field, Description: e.msg}}})
+	if err != nil {
+		return st.Err()
+	}
+	return d.Err()
 }
 
 // toStatus is the one place where errors become gRPC statuses. Statuses
@@ -42,7 +63,7 @@ func toStatus(ctx context.Context, err error) error {
 	var bad *badRequestError
 	switch {
 	case errors.As(err, &bad):
-		return status.Error(codes.InvalidArgument, bad.msg)
+		return bad.status()
 	case errors.Is(err, errUnsupported):
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):

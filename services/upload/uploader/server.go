@@ -261,7 +261,7 @@ const getChunk = 256 << 10
 func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.UploadService_GetObjectServer) error {
 	ctx := stream.Context()
 	if req.GetOffset() < 0 || req.GetLength() < 0 {
-		return toStatus(ctx, badRequest("offset and length must not be negative"))
+		return toStatus(ctx, badField("offset", "offset and length must not be negative"))
 	}
 	b, err := s.lookup(ctx, req.GetBucketId(), req.GetKey())
 	if err != nil {
@@ -331,8 +331,11 @@ func (s *Server) QueryUpload(ctx context.Context, req *uploadv1.QueryUploadReque
 }
 
 func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bucket, error) {
-	if bucketID == "" || key == "" {
-		return nil, badRequest("bucket_id and key are required")
+	if bucketID == "" {
+		return nil, badField("bucket_id", "bucket_id is required")
+	}
+	if key == "" {
+		return nil, badField("key", "key is required")
 	}
 	resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
 	if err != nil {

@@ -130,7 +130,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 // advance counts n bytes handed out, refusing any beyond the declared size.
 func (r *chunkReader) advance(n int) (int, error) {
 	if left := r.size - r.read; int64(n) > left {
-		return 0, badRequest("the stream carries more than the %d bytes the header declared", r.size)
+		return 0, badField("header.size", "the stream carries more than the %d bytes the header declared", r.size)
 	}
 	r.read += int64(n)
 	return n, nil
@@ -139,7 +139,7 @@ func (r *chunkReader) advance(n int) (int, error) {
 // Finish returns an error unless the stream ends right after size bytes.
 func (r *chunkReader) Finish() error {
 	if len(r.pending) > 0 {
-		return badRequest("the stream carries more than the %d bytes the header declared", r.size)
+		return badField("header.size", "the stream carries more than the %d bytes the header declared", r.size)
 	}
 	msg := r.msg // its target is empty now: the codec decodes it whole
 	for {
@@ -154,7 +154,7 @@ func (r *chunkReader) Finish() error {
 			return badRequest("a second header arrived after the data; send exactly one header first")
 		}
 		if len(msg.GetChunk()) > 0 {
-			return badRequest("the stream carries more than the %d bytes the header declared", r.size)
+			return badField("header.size", "the stream carries more than the %d bytes the header declared", r.size)
 		}
 	}
 }
@@ -169,7 +169,7 @@ func (r *chunkReader) fill(p []byte) error {
 // client's error.
 func (r *chunkReader) short(err error) error {
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
-		return badRequest("the stream ended after %d bytes but the header declared %d", r.read, r.size)
+		return badField("header.size", "the stream ended after %d bytes but the header declared %d", r.read, r.size)
 	}
 	return err
 }

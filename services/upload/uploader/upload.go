@@ -113,7 +113,7 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 		return nil, err
 	}
 	if err := s.mime.CheckData(hdr.GetContentType(), u.head); err != nil {
-		return nil, badRequest("%v", err)
+		return nil, badField("header.content_type", "%v", err)
 	}
 	small := u.size <= s.cfg.PartSize
 	need := u.size
@@ -136,39 +136,43 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
 	case len(hdr.GetIdempotencyKey()) > 256:
-		return nil, badRequest("the idempotency key is longer than 256 bytes")
+		return nil, badField("header.idempotency_key", "the idempotency key is longer than 256 bytes")
 	case hdr.GetSize() < 0:
-		return nil, badRequest("the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
+		return nil, badField("header.size", "the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
-		return nil, badRequest("the object is %d bytes; this service accepts at most %d", hdr.GetSize(), s.cfg.MaxObjectSize)
+		return nil, badField("header.size", "the object is %d bytes; this service accepts at most %d", hdr.GetSize(), s.cfg.MaxObjectSize)
 	case hdr.GetSha256() != "" && !sha256Hex.MatchString(hdr.GetSha256()):
-		return nil, badRequest("sha256 must be 64 lowercase hex characters")
+		return nil, badField("header.sha256", "sha256 must be 64 lowercase hex characters")
 	}
 	if err := s.mime.CheckDeclared(hdr.GetContentType()); err != nil {
-		return nil, badRequest("%v", err)
+		return nil, badField("header.content_type", "%v", err)
 	}
 	key := hdr.GetKey()
 	if key == "" {
 		if hdr.GetNameHint() == "" {
-			return nil, badRequest("give a key or a name_hint to build one from")
+			return nil, badField("header.key", "give a key or a name_hint to build one from")
 		}
 		key = objectkey.FromName(hdr.GetNameHint(), s.cfg.Now())
 	}
 	if err := objectkey.Validate(key); err != nil {
-		return nil, badRequest("%v", err)
+		field := "header.key"
+		if hdr.GetKey() == "" {
+			field = "header.name_hint"
+		}
+		return nil, badField(field, "%v", err)
 	}
 	metaBytes := 0
 	for k, v := range hdr.GetMetadata() {
 		if k == "" || strings.ContainsAny(k, " \t\r\n:") {
-			return nil, badRequest("metadata key %q is not a valid header name", k)
+			return nil, badField("header.metadata", "metadata key %q is not a valid header name", k)
 		}
 		if strings.EqualFold(k, writeIDKey) {
-			return nil, badRequest("metadata key %q is reserved for the service", k)
+			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
 		}
 		metaBytes += len(k) + len(v)
 	}
 	if metaBytes > maxMetadata {
-		return nil, badRequest("the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
+		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
 	}
 	u := &upload{
 		hdr: hdr, key: key, size: hdr.GetSize(),
@@ -223,7 +227,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	digest := hex.EncodeToString(sum[:])
 	// Checked before anything is stored: a mismatch leaves nothing behind.
 	if want := u.hdr.GetSha256(); want != "" && want != digest {
-		return nil, badRequest("sha256 of the received data is %s but the header declared %s", digest, want)
+		return nil, badField("header.sha256", "sha256 of the received data is %s but the header declared %s", digest, want)
 	}
 	var exclude []string
 	var lastErr error
@@ -545,7 +549,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	}
 	digest := hex.EncodeToString(h.Sum(nil))
 	if want := u.hdr.GetSha256(); want != "" && want != digest {
-		return fail(badRequest("sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
+		return fail(badField("header.sha256", "sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
 	}
 	etag, err := b.CompleteMultipart(ctx, u.key, mpID, parts)
 	// Per request: the parts and the completion.
