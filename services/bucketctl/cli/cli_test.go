@@ -1,0 +1,117 @@
+package cli_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
+	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
+)
+
+// bucketctl's commands as an operator types them after `make run`, against
+// a real dev stack: upload, get (to a file, to stdout, a range), status,
+// bucket state, delete, and the errors an operator meets.
+func TestCommandsAgainstTheDevStack(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	st := env.Stack
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	run := func(args ...string) (string, string, error) {
+		var out, errOut bytes.Buffer
+		root := cli.NewRoot(&out, &errOut)
+		root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
+		err := root.ExecuteContext(ctx)
+		return out.String(), errOut.String(), err
+	}
+	upload := func(path string, args ...string) map[string]any {
+		t.Helper()
+		out, errOut, err := run(append([]string{"upload", "-q", path}, args...)...)
+		if err != nil {
+			t.Fatalf("upload %s: %v (%s)", path, err, errOut)
+		}
+		var res map[string]any
+		if err := json.Unmarshal([]byte(out), &res); err != nil {
+			t.Fatalf("upload printed %q: %v", out, err)
+		}
+		return res
+	}
+
+	dir := t.TempDir()
+	data := e2e.RandomBytes(t, 3<<20)
+	src := filepath.Join(dir, "photo.bin")
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	res := upload(src)
+	bucket, key := res["bucket_id"].(string), res["key"].(string)
+	if bucket != "dev-hot" || res["sha256"] != e2e.HexSHA(data) || res["size"] != float64(len(data)) || !strings.HasSuffix(key, "photo.bin") {
+		t.Fatalf("upload result %v", res)
+	}
+
+	back := filepath.Join(dir, "back.bin")
+	if _, errOut, err := run("get", "-q", bucket, key, "-o", back); err != nil || !strings.Contains(errOut, "wrote 3145728 bytes") {
+		t.Fatalf("get -o: %v (%s)", err, errOut)
+	}
+	if got, err := os.ReadFile(back); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("get -o wrote %d bytes (err %v), not the object", len(got), err)
+	}
+	if out, _, err := run("get", bucket, key, "--offset", "10", "--length", "5"); err != nil || out != string(data[10:15]) {
+		t.Fatalf("ranged get to stdout: %q, %v", out, err)
+	}
+
+	out, _, err := run("status")
+	if err != nil || !strings.Contains(out, "dev-hot") || !strings.Contains(out, "3.0 MiB") || !strings.Contains(out, "TOTAL") {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	out, _, err = run("status", "--json")
+	var status struct {
+		TotalUsedBytes string `json:"totalUsedBytes"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &status) != nil || status.TotalUsedBytes != "3145728" {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+
+	// A draining bucket takes nothing new.
+	if _, errOut, err := run("buckets", "state", "dev-hot", "draining"); err != nil {
+		t.Fatalf("buckets state: %v (%s)", err, errOut)
+	}
+	if res := upload(src, "--key", "docs/second.bin"); res["bucket_id"] != "dev-warm" || res["key"] != "docs/second.bin" {
+		t.Fatalf("upload with dev-hot draining: %v", res)
+	}
+
+	if out, _, err := run("delete", bucket, key); err != nil || !strings.Contains(out, "deleted") {
+		t.Fatalf("delete: %q, %v", out, err)
+	}
+	missing := filepath.Join(dir, "missing.bin")
+	if _, _, err := run("get", "-q", bucket, key, "-o", missing); err == nil || !strings.Contains(err.Error(), "NotFound") {
+		t.Fatalf("get of a deleted object: %v, want NotFound", err)
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Fatalf("a failed get left %s behind (%v)", missing, err)
+	}
+
+	empty := filepath.Join(dir, "empty.txt")
+	if err := os.WriteFile(empty, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if res := upload(empty); res["size"] != float64(0) || res["sha256"] != e2e.HexSHA(nil) {
+		t.Fatalf("upload of an empty file: %v", res)
+	}
+
+	if _, _, err := run("upload", "--key", "k", src, src); err == nil || !strings.Contains(err.Error(), "--key names one object") {
+		t.Fatalf("--key with two files: %v", err)
+	}
+	var out2, errOut2 bytes.Buffer
+	root := cli.NewRoot(&out2, &errOut2)
+	root.SetArgs([]string{"--allocator-addr", st.AllocatorAddr, "--token-file", filepath.Join(dir, "no-token"), "status"})
+	if err := root.ExecuteContext(ctx); err == nil || !strings.Contains(err.Error(), "no admin token") {
+		t.Fatalf("status without a token: %v", err)
+	}
+}
