@@ -12,23 +12,45 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
 
 func bucket(t *testing.T) *objstore.Bucket {
 	t.Helper()
+	b, _ := newBucket(t, objstore.Options{}, false)
+	return b
+}
+
+// newBucket makes a fresh bucket on the test gateway and a handle on it
+// from a store built with opts, which get the gateway's keys. proxied puts
+// a fault proxy in front of the gateway and returns it.
+func newBucket(t *testing.T, opts objstore.Options, proxied bool) (*objstore.Bucket, *faultproxy.Proxy) {
+	t.Helper()
 	g := testenv.S3(t)
 	name := testenv.NewBucket(t, g)
-	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}})
+	endpoint := g.Endpoint
+	var proxy *faultproxy.Proxy
+	if proxied {
+		var err error
+		if proxy, err = faultproxy.New(g.Endpoint); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(proxy.Close)
+		endpoint = proxy.URL()
+	}
+	opts.Credentials = objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}
+	s, err := objstore.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
+	t.Cleanup(s.Close)
+	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return b
+	return b, proxy
 }
 
 func random(t *testing.T, n int) []byte {

@@ -18,27 +18,9 @@ import (
 // ReadIdleTimeout instead of holding it until the caller gives up; a
 // reader that takes its time between reads is not cut off.
 func TestGetFailsWhenTheBucketStopsSending(t *testing.T) {
-	g := testenv.S3(t)
-	name := testenv.NewBucket(t, g)
-	proxy, err := faultproxy.New(g.Endpoint)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxy.Close()
-	proxy.StallFor = 30 * time.Second
 	const idle = 300 * time.Millisecond
-	s, err := objstore.New(objstore.Options{
-		Credentials:     objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}},
-		ReadIdleTimeout: idle,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: proxy.URL(), Region: g.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, proxy := newBucket(t, objstore.Options{ReadIdleTimeout: idle}, true)
+	proxy.StallFor = 30 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 1<<20)

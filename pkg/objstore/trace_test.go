@@ -12,7 +12,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/bucketlb/bucketlb/pkg/objstore"
-	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
 
 // With a TracerProvider every S3 operation is a client span under the
@@ -20,20 +19,10 @@ import (
 // as an error: a slow upload's trace shows which bucket call took the
 // time.
 func TestS3OperationsAreSpans(t *testing.T) {
-	g := testenv.S3(t)
-	name := testenv.NewBucket(t, g)
 	rec := tracetest.NewSpanRecorder()
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
 	t.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
-	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {g.AccessKey, g.SecretKey}}, TracerProvider: tp})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	b, err := s.Bucket(objstore.Target{ID: name, Name: name, Endpoint: g.Endpoint, Region: g.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, _ := newBucket(t, objstore.Options{TracerProvider: tp}, false)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	ctx, parent := tp.Tracer("test").Start(ctx, "upload")
@@ -57,8 +46,8 @@ func TestS3OperationsAreSpans(t *testing.T) {
 		if sp.Parent().SpanID() != parent.SpanContext().SpanID() || sp.SpanKind() != trace.SpanKindClient {
 			t.Fatalf("%s: parent %v kind %v, want a client span under the caller's", op, sp.Parent().SpanID(), sp.SpanKind())
 		}
-		if !hasAttr(sp, "aws.s3.bucket", name) {
-			t.Fatalf("%s does not name bucket %s: %v", op, name, sp.Attributes())
+		if !hasAttr(sp, "aws.s3.bucket", b.Target.Name) {
+			t.Fatalf("%s does not name bucket %s: %v", op, b.Target.Name, sp.Attributes())
 		}
 	}
 	if spans["S3.PutObject"].Status().Code == codes.Error || spans["S3.HeadObject"].Status().Code != codes.Error {
