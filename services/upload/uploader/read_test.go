@@ -104,6 +104,43 @@ func TestStalledReadFailsUnavailable(t *testing.T) {
 	}
 }
 
+// A client that opens a read and stops taking the data is let go after
+// the idle timeout: gRPC's flow control would otherwise hold the handler's
+// Send, and with it the read's buffers, for as long as the connection
+// lives.
+func TestClientThatStopsReadingIsLetGo(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) { c.IdleTimeout = 500 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// Larger than the flow-control windows gRPC grows to (16 MiB).
+	data := testenv.OpaqueBytes(t, 40<<20)
+	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := st.Upload.GetObject(ctx, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first, err := stream.Recv(); err != nil || first.GetInfo() == nil {
+		t.Fatalf("first message: %v, %v", first, err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); st.Server.BufferHeld() != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a read whose client stopped taking data still holds %d bytes of buffer", st.Server.BufferHeld())
+		}
+	}
+	// The client finds out when it reads again.
+	for {
+		if _, err = stream.Recv(); err != nil {
+			break
+		}
+	}
+	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "read nothing") {
+		t.Fatalf("the stalled reader got %v, want DeadlineExceeded saying it read nothing", err)
+	}
+}
+
 // Every part upload fails on the only bucket: parts are retried, then the
 // multipart upload is aborted, the reservation released, and the client
 // told UNAVAILABLE (retryable).

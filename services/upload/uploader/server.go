@@ -71,7 +71,8 @@ type Config struct {
 	BufferWait time.Duration
 	// IdleTimeout abandons an upload whose client sends nothing for this
 	// long (DEADLINE_EXCEEDED), returning its buffers and reservation and
-	// removing what it stored; default 1m.
+	// removing what it stored, and ends a read whose client takes nothing
+	// for this long; default 1m.
 	IdleTimeout time.Duration
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
@@ -283,12 +284,16 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
 	}
 	defer body.Close()
+	// A client that stops reading is let go after the idle timeout, like
+	// one that stops sending an upload, so it cannot pin the buffers.
+	snd := newPacedStream(stream.SendMsg, s.cfg.IdleTimeout, "the client read nothing for %v, so the read was ended")
+	defer snd.close()
 	delete(info.Metadata, writeIDKey) // the service's, not the client's
-	if err := stream.Send(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
+	if err := snd.do(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
 		BucketId: req.GetBucketId(), Key: req.GetKey(), Size: info.Size, ContentType: info.ContentType,
 		Etag: info.ETag, Metadata: info.Metadata, ContentLength: info.ContentLength,
 	}}}); err != nil {
-		return err
+		return toStatus(ctx, err)
 	}
 	// A small object gets a buffer its own size, not a whole chunk.
 	n := int64(getChunk)
@@ -299,8 +304,8 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	for {
 		n, rerr := io.ReadFull(body, buf)
 		if n > 0 {
-			if err := stream.Send(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Chunk{Chunk: buf[:n]}}); err != nil {
-				return err
+			if err := snd.do(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Chunk{Chunk: buf[:n]}}); err != nil {
+				return toStatus(ctx, err)
 			}
 		}
 		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {

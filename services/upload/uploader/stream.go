@@ -9,65 +9,74 @@ import (
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 )
 
-// errIdle: the client sent nothing for the idle timeout.
+// errIdle: the client sent (or read) nothing for the idle timeout.
 var errIdle = errors.New("client idle")
 
-// receiver receives an Upload stream's messages on a goroutine of its own,
-// so that a client which stops sending can be given up on: RecvMsg takes
-// no deadline, and a handler cannot cancel its own stream. Without it, a
-// stalled client would hold its buffers, its renewed reservation and an
-// open multipart upload for as long as its connection lives.
-type receiver struct {
-	stream uploadv1.UploadService_UploadServer
-	idle   time.Duration
-	ask    chan *uploadv1.UploadRequest
-	got    chan error // buffered: a receive that outlives its wait never blocks
-	timer  *time.Timer
-	broken error
+// pacedStream runs a stream's RecvMsg (or SendMsg) calls on a goroutine of
+// its own, one at a time, so that a client which stops sending (or stops
+// reading) can be given up on: neither call takes a deadline, a handler
+// cannot cancel its own stream, and flow control holds a Send until the
+// client reads. Returning from the handler ends the stream, and with it an
+// abandoned call (grpc-go#1229). Without it, a stalled client would hold
+// its buffers (an upload also its renewed reservation and open multipart
+// upload) for as long as its connection lives.
+type pacedStream struct {
+	op      func(any) error
+	idle    time.Duration
+	abandon string // what errIdle says; %v is the idle timeout
+	ask     chan any
+	got     chan error // buffered: a call that outlives its wait never blocks
+	timer   *time.Timer
+	broken  error
 }
 
-func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration) *receiver {
-	r := &receiver{stream: stream, idle: idle, ask: make(chan *uploadv1.UploadRequest), got: make(chan error, 1)}
-	r.timer = time.NewTimer(idle)
-	r.timer.Stop()
+func newPacedStream(op func(any) error, idle time.Duration, abandon string) *pacedStream {
+	p := &pacedStream{op: op, idle: idle, abandon: abandon, ask: make(chan any), got: make(chan error, 1)}
+	p.timer = time.NewTimer(idle)
+	p.timer.Stop()
 	go func() {
-		// Ends once close is called and the last receive returned, which
+		// Ends once close is called and the last call returned, which
 		// the handler's return guarantees (gRPC then ends the stream).
-		for m := range r.ask {
-			r.got <- r.stream.RecvMsg(m)
+		for m := range p.ask {
+			p.got <- p.op(m)
 		}
 	}()
-	return r
+	return p
 }
 
-// recv receives the next message into m, or fails with errIdle when none
-// arrives within the idle timeout. After that failure the receiver is
-// done (the abandoned receive may still write into m and its codec
-// target), and every later call fails the same way at once.
-func (r *receiver) recv(m *uploadv1.UploadRequest) error {
-	if r.broken != nil {
-		return r.broken
+// newReceiver paces an Upload stream's receives.
+func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration) *pacedStream {
+	return newPacedStream(stream.RecvMsg, idle, "nothing arrived from the client for %v, so the upload was abandoned and nothing was stored")
+}
+
+// do runs the call on m, or fails with errIdle when it does not return
+// within the idle timeout. After that failure the stream is done (the
+// abandoned call may still use m, and a receive its codec target), and
+// every later call fails the same way at once.
+func (p *pacedStream) do(m any) error {
+	if p.broken != nil {
+		return p.broken
 	}
-	r.ask <- m
-	r.timer.Reset(r.idle)
-	defer r.timer.Stop()
+	p.ask <- m
+	p.timer.Reset(p.idle)
+	defer p.timer.Stop()
 	select {
-	case err := <-r.got:
+	case err := <-p.got:
 		return err
-	case <-r.timer.C:
-		r.broken = fmt.Errorf("%w: nothing arrived from the client for %v, so the upload was abandoned and nothing was stored", errIdle, r.idle)
-		return r.broken
+	case <-p.timer.C:
+		p.broken = fmt.Errorf("%w: "+p.abandon, errIdle, p.idle)
+		return p.broken
 	}
 }
 
-// close lets the receiving goroutine end.
-func (r *receiver) close() { close(r.ask) }
+// close lets the goroutine end.
+func (p *pacedStream) close() { close(p.ask) }
 
 // chunkReader reads an Upload stream's chunks as an io.Reader and enforces
 // the declared size: it never hands out more than size bytes, and
 // Finish checks that the client sent exactly that many.
 type chunkReader struct {
-	rcv     *receiver
+	rcv     *pacedStream
 	size    int64
 	read    int64
 	pending []byte
@@ -80,7 +89,7 @@ type chunkReader struct {
 	codec  *chunkCodec
 }
 
-func (s *Server) newChunkReader(rcv *receiver, size int64) *chunkReader {
+func (s *Server) newChunkReader(rcv *pacedStream, size int64) *chunkReader {
 	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}}
 	s.codec.targets.Store(r.msg, r.target)
 	return r
@@ -97,7 +106,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	}
 	for len(r.pending) == 0 {
 		r.target.dst, r.target.hit = p, false
-		err := r.rcv.recv(r.msg)
+		err := r.rcv.do(r.msg)
 		if errors.Is(err, errIdle) {
 			// The abandoned receive still owns the message and target.
 			return 0, err
@@ -143,7 +152,7 @@ func (r *chunkReader) Finish() error {
 	}
 	msg := r.msg // its target is empty now: the codec decodes it whole
 	for {
-		err := r.rcv.recv(msg)
+		err := r.rcv.do(msg)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}

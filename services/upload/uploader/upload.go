@@ -78,7 +78,7 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	rcv := newReceiver(stream, s.cfg.IdleTimeout)
 	defer rcv.close()
 	first := &uploadv1.UploadRequest{}
-	err := rcv.recv(first)
+	err := rcv.do(first)
 	if errors.Is(err, io.EOF) {
 		return nil, badRequest("the stream ended before a header; send a header as the first message")
 	}
