@@ -17,8 +17,8 @@ type Failure int
 
 const (
 	// NotBucketFault: the request itself was wrong (4xx other than the
-	// bucket refusing it), or it was cancelled by our caller; another
-	// bucket would not help.
+	// bucket refusing it, or ErrInvalidRequest), or it was cancelled by
+	// our caller; another bucket would not help.
 	NotBucketFault Failure = iota
 	// BucketError: 5xx, connection reset or refused, or a bucket that
 	// refuses requests (401, 403, 3xx, no such bucket) — try another.
@@ -33,7 +33,7 @@ const (
 // Classify tells whether err is the bucket's fault and how. callerCtx is
 // the request's context: its own cancellation is never the bucket's fault.
 func Classify(callerCtx context.Context, err error) Failure {
-	if err == nil || callerCtx.Err() != nil {
+	if err == nil || callerCtx.Err() != nil || errors.Is(err, ErrInvalidRequest) {
 		return NotBucketFault
 	}
 	var re *awshttp.ResponseError

@@ -247,3 +247,28 @@ func TestRotatedSecretTakesEffect(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Metadata that cannot travel as a header is the request's fault: it is
+// refused before anything is sent, and never counts against the bucket.
+func TestInvalidMetadataIsNotTheBucketsFault(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	proxy.Counts()
+	for name, md := range map[string]map[string]string{
+		"line break in a value": {"note": "one\ntwo"},
+		"key not ASCII":         {"clé": "v"},
+	} {
+		in := objstore.PutInput{Key: "k", ContentType: "application/octet-stream", Metadata: md}
+		_, perr := b.Put(ctx, in, []byte("x"))
+		_, merr := b.CreateMultipart(ctx, in)
+		for _, err := range []error{perr, merr} {
+			if !errors.Is(err, objstore.ErrInvalidRequest) || objstore.Classify(ctx, err) != objstore.NotBucketFault {
+				t.Fatalf("%s: %v (classified %v), want ErrInvalidRequest, not the bucket's fault", name, err, objstore.Classify(ctx, err))
+			}
+		}
+	}
+	if c := proxy.Counts(); len(c) != 0 {
+		t.Fatalf("invalid requests reached the bucket: %v", c)
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/github.com/aws/aws-sdk-go-v2/otelaws"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/net/http/httpguts"
 )
 
 // Target says where a bucket lives (mirrors allocatorv1.BucketTarget so
@@ -271,8 +272,27 @@ type PutInput struct {
 	Metadata         map[string]string
 }
 
+// ErrInvalidRequest: the request cannot be sent as given (user metadata
+// that is not a valid header). Classify calls it NotBucketFault: it would
+// fail the same on every bucket, and counting it against their health
+// would let one bad client cool them all down.
+var ErrInvalidRequest = errors.New("objstore: invalid request")
+
+// check refuses metadata that net/http would refuse to send.
+func (in PutInput) check() error {
+	for k, v := range in.Metadata {
+		if !httpguts.ValidHeaderFieldName(k) || !httpguts.ValidHeaderFieldValue(v) {
+			return fmt.Errorf("%w: metadata %q is not a valid header", ErrInvalidRequest, k)
+		}
+	}
+	return nil
+}
+
 // Put writes body in one PUT and returns the ETag.
 func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, error) {
+	if err := in.check(); err != nil {
+		return "", err
+	}
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
 	defer cancel()
 	out, err := b.c.PutObject(ctx, &s3.PutObjectInput{
@@ -288,6 +308,9 @@ func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, err
 
 // CreateMultipart starts a multipart upload.
 func (b *Bucket) CreateMultipart(ctx context.Context, in PutInput) (string, error) {
+	if err := in.check(); err != nil {
+		return "", err
+	}
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
 	defer cancel()
 	out, err := b.c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{

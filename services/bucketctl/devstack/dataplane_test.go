@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
@@ -262,6 +264,8 @@ func TestBadInputTable(t *testing.T) {
 		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument, "header.size"},
 		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented, ""},
 		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument, "header.metadata"},
+		{"metadata value with a line break", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": "one\ntwo"}}, codes.InvalidArgument, "header.metadata"},
+		{"metadata key not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"clé": "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
 	}
 	usedBefore, _ := env.Usage(t)
@@ -292,6 +296,35 @@ func TestBadInputTable(t *testing.T) {
 		}
 	}
 	e2e.WaitNoReservations(t, env, reserved)
+	// Bad input is the client's fault, never a bucket's.
+	st, err := env.Admin.GetStatus(env.AdminCtx(context.Background()), &adminv1.GetStatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range st.GetBuckets() {
+		if b.GetConsecutiveFailures() != 0 || b.GetCoolingDown() {
+			t.Fatalf("bad input counted against bucket %s: %d failures, cooling down %v", b.GetBucket().GetId(), b.GetConsecutiveFailures(), b.GetCoolingDown())
+		}
+	}
+}
+
+// User metadata comes back as sent, values in any script; S3 keeps keys
+// in lower case.
+func TestMetadataRoundTrip(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	resp, err := put(ctx, env, e2e.RandomBytes(t, 100), &uploadv1.UploadHeader{Metadata: map[string]string{"title": "Café à Zürich", "Shot-By": "ann"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}, io.Discard, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if md := info.GetMetadata(); len(md) != 2 || md["title"] != "Café à Zürich" || md["shot-by"] != "ann" {
+		t.Fatalf("metadata read back %q", md)
+	}
 }
 
 // An empty object is stored like any other: one PUT, readable back with
