@@ -29,6 +29,10 @@ func Validate(key string) error {
 		return errors.New("object key is not valid UTF-8")
 	case strings.HasPrefix(key, "/"):
 		return errors.New("object key must not start with \"/\"")
+	case strings.HasSuffix(key, "/"):
+		// S3 tools show such a key as a folder, and S3 servers over a
+		// file system refuse one that holds data.
+		return errors.New("object key must not end with \"/\", which names a folder")
 	}
 	for _, r := range key {
 		if unicode.IsControl(r) {

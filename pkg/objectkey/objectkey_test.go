@@ -18,6 +18,7 @@ func TestValidate(t *testing.T) {
 	bad := map[string]string{
 		"empty":         "",
 		"leading slash": "/etc/passwd",
+		"folder":        "photos/",
 		"dotdot":        "a/../b",
 		"dotdot first":  "../b",
 		"dot segment":   "a/./b",

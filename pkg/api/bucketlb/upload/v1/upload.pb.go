@@ -111,8 +111,8 @@ func (*UploadRequest_Chunk) isUploadRequest_Payload() {}
 type UploadHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Exact object key. Optional: when empty, the server derives a collision-free
-	// key from name_hint. Rules: at most 1024 bytes of UTF-8, no leading "/",
-	// no ".." path segment, no control characters.
+	// key from name_hint. Rules: at most 1024 bytes of UTF-8, no leading or
+	// trailing "/", no "." or ".." path segment, no control characters.
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
 	NameHint string `protobuf:"bytes,2,opt,name=name_hint,json=nameHint,proto3" json:"name_hint,omitempty"`
