@@ -278,12 +278,23 @@ type PutInput struct {
 // would let one bad client cool them all down.
 var ErrInvalidRequest = errors.New("objstore: invalid request")
 
-// check refuses metadata that net/http would refuse to send.
-func (in PutInput) check() error {
-	for k, v := range in.Metadata {
-		if !httpguts.ValidHeaderFieldName(k) || !httpguts.ValidHeaderFieldValue(v) {
-			return fmt.Errorf("%w: metadata %q is not a valid header", ErrInvalidRequest, k)
+// MetadataProblem says why user metadata cannot travel as x-amz-meta-*
+// headers (net/http would refuse to send it), or "" when it can.
+func MetadataProblem(md map[string]string) string {
+	for k, v := range md {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return fmt.Sprintf("metadata key %q is not a valid header name (ASCII letters, digits and !#$%%&'*+-.^_`|~ only)", k)
 		}
+		if !httpguts.ValidHeaderFieldValue(v) {
+			return fmt.Sprintf("metadata value of %q has a control character such as a line break, which a header cannot carry", k)
+		}
+	}
+	return ""
+}
+
+func (in PutInput) check() error {
+	if p := MetadataProblem(in.Metadata); p != "" {
+		return fmt.Errorf("%w: %s", ErrInvalidRequest, p)
 	}
 	return nil
 }

@@ -131,7 +131,7 @@ require (
 	github.com/bucketlb/bucketlb/services/allocator v0.0.0
 	github.com/gabriel-vasile/mimetype v1.4.16 // indirect
 	go.yaml.in/yaml/v2 v2.4.4 // indirect
-	golang.org/x/net v0.61.0
+	golang.org/x/net v0.61.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
 	golang.org/x/text v0.43.0 // indirect
 	golang.org/x/time v0.16.0 // indirect

@@ -18,7 +18,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/http/httpguts"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -162,17 +161,13 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		}
 		return nil, badField(field, "%v", err)
 	}
+	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
+	// that cannot, but only after the data arrived.
+	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
+		return nil, badField("header.metadata", "%s", p)
+	}
 	metaBytes := 0
-	// Metadata travels as x-amz-meta-* headers. One that is not a valid
-	// header fails before it leaves this process, on every bucket alike,
-	// and must not count against the buckets' health.
 	for k, v := range hdr.GetMetadata() {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return nil, badField("header.metadata", "metadata key %q is not a valid header name (ASCII letters, digits and !#$%%&'*+-.^_`|~ only)", k)
-		}
-		if !httpguts.ValidHeaderFieldValue(v) {
-			return nil, badField("header.metadata", "metadata value of %q has a control character such as a line break, which a header cannot carry", k)
-		}
 		if strings.EqualFold(k, writeIDKey) {
 			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
 		}
