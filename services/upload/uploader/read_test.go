@@ -38,6 +38,18 @@ func readBack(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient,
 	}
 }
 
+// stored uploads n opaque random bytes under a generated key and returns
+// the request that reads them back, and the bytes.
+func stored(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient, n int) (*uploadv1.GetObjectRequest, []byte) {
+	t.Helper()
+	data := testenv.OpaqueBytes(t, n)
+	resp, err := send(ctx, c, &uploadv1.UploadHeader{NameHint: "r.bin", ContentType: "application/octet-stream", Size: int64(n)}, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}, data
+}
+
 // GetObject by bucket id + key, whole and by range; DeleteObject; then
 // NOT_FOUND for the deleted key and an unknown bucket, INVALID_ARGUMENT for
 // a negative range. Usage stays: a delete does not give back the period's
@@ -46,37 +58,32 @@ func TestGetRangeAndDelete(t *testing.T) {
 	st := startStack(t, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := testenv.OpaqueBytes(t, 600_000)
-	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "r.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}
+	req, data := stored(ctx, t, st.Upload, 600_000)
 	info, got, err := read(ctx, st.Upload, req)
 	if err != nil || !bytes.Equal(got, data) || info.GetSize() != int64(len(data)) {
 		t.Fatalf("whole read: %d bytes, info %v, err %v", len(got), info, err)
 	}
-	info, got, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: 300_000, Length: 1000})
+	info, got, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: 300_000, Length: 1000})
 	if err != nil || !bytes.Equal(got, data[300_000:301_000]) || info.GetSize() != int64(len(data)) || info.GetContentLength() != 1000 {
 		t.Fatalf("range read: %d bytes, info %v, err %v", len(got), info, err)
 	}
-	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: int64(len(data))}); status.Code(err) != codes.OutOfRange {
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: int64(len(data))}); status.Code(err) != codes.OutOfRange {
 		t.Fatalf("offset at the object's end: %v, want OutOfRange", err)
 	}
-	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey(), Offset: -1}); status.Code(err) != codes.InvalidArgument {
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: -1}); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("negative offset: %v, want InvalidArgument", err)
 	}
-	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: "no-such-bucket", Key: resp.GetKey()}); status.Code(err) != codes.NotFound {
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: "no-such-bucket", Key: req.GetKey()}); status.Code(err) != codes.NotFound {
 		t.Fatalf("unknown bucket: %v, want NotFound", err)
 	}
-	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}); err != nil {
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()}); err != nil {
 		t.Fatal(err)
 	}
 	if _, _, err := read(ctx, st.Upload, req); status.Code(err) != codes.NotFound {
 		t.Fatalf("read after delete: %v, want NotFound", err)
 	}
-	if used, _ := st.usage(t); used[resp.GetBucketId()] != int64(len(data)) {
-		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[resp.GetBucketId()], len(data))
+	if used, _ := st.usage(t); used[req.GetBucketId()] != int64(len(data)) {
+		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[req.GetBucketId()], len(data))
 	}
 }
 
@@ -89,13 +96,9 @@ func TestStalledReadFailsUnavailable(t *testing.T) {
 	st.Proxies[id].StallFor = 30 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	data := testenv.OpaqueBytes(t, 600_000)
-	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "s.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-	if err != nil {
-		t.Fatal(err)
-	}
+	req, _ := stored(ctx, t, st.Upload, 600_000)
 	st.Proxies[id].SetFor("GetObject", faultproxy.StallBody)
-	_, _, err = read(context.Background(), st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	_, _, err := read(context.Background(), st.Upload, req)
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "stopped sending") {
 		t.Fatalf("read from a stalled bucket: %v, want Unavailable saying the bucket stopped sending", err)
 	}
@@ -113,12 +116,8 @@ func TestClientThatStopsReadingIsLetGo(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	// Larger than the flow-control windows gRPC grows to (16 MiB).
-	data := testenv.OpaqueBytes(t, 40<<20)
-	resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream, err := st.Upload.GetObject(ctx, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+	req, _ := stored(ctx, t, st.Upload, 40<<20)
+	stream, err := st.Upload.GetObject(ctx, req)
 	if err != nil {
 		t.Fatal(err)
 	}
