@@ -31,7 +31,8 @@ const DefaultChunkSize = 64 << 10
 
 // Options tune one upload.
 type Options struct {
-	// ChunkSize is the bytes per message; DefaultChunkSize when zero.
+	// ChunkSize is the bytes per message; DefaultChunkSize when zero. The
+	// service refuses chunks over 1 MiB.
 	ChunkSize int
 	// Progress, if set, is called with the bytes sent after each chunk.
 	Progress func(sent int64)

@@ -309,6 +309,48 @@ func TestBadInputTable(t *testing.T) {
 	}
 }
 
+// A chunk over uploader.MaxChunk is refused and leaves nothing behind:
+// with INVALID_ARGUMENT naming the chunk, or, past the service's gRPC
+// message limit, with gRPC's own RESOURCE_EXHAUSTED (gRPC answers that
+// itself, from the length prefix, before the message takes any memory).
+// Chunks of exactly MaxChunk are fine, small object or multipart.
+func TestChunkSizeLimit(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	usedBefore, _ := env.Usage(t)
+	small, large := e2e.RandomBytes(t, 3<<20), e2e.RandomBytes(t, 12<<20)
+	send := func(data []byte, chunk int) (*uploadv1.UploadResponse, error) {
+		hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream", Size: int64(len(data))}
+		return uploadclient.Upload(ctx, env.Upload, hdr, bytes.NewReader(data), uploadclient.Options{ChunkSize: chunk, Retries: -1})
+	}
+	for _, data := range [][]byte{small, large} {
+		_, err := send(data, uploader.MaxChunk+1)
+		if status.Code(err) != codes.InvalidArgument || violatedField(err) != "chunk" ||
+			!strings.Contains(status.Convert(err).Message(), "chunks of at most 1048576 bytes") {
+			t.Fatalf("%d bytes in chunks of 1 MiB + 1: %v, want InvalidArgument naming the chunk", len(data), err)
+		}
+		_, err = send(data, 2<<20)
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "larger than max") {
+			t.Fatalf("%d bytes in chunks of 2 MiB: %v, want gRPC's message limit", len(data), err)
+		}
+	}
+	objects, multiparts := env.ObjectCount(t)
+	if objects != 0 || multiparts != 0 {
+		t.Fatalf("refused chunks left %d objects and %d open multipart uploads", objects, multiparts)
+	}
+	for _, data := range [][]byte{small, large} {
+		resp, err := send(data, uploader.MaxChunk)
+		if err != nil {
+			t.Fatalf("%d bytes in chunks of exactly %d: %v", len(data), uploader.MaxChunk, err)
+		}
+		if resp.GetSha256() != e2e.HexSHA(data) {
+			t.Fatalf("sha256 %s, want %s", resp.GetSha256(), e2e.HexSHA(data))
+		}
+	}
+	oneObjectPerKey(t, env, 2, sum(usedBefore)+int64(len(small)+len(large)))
+}
+
 // User metadata comes back as sent, values in any script; S3 keeps keys
 // in lower case.
 func TestMetadataRoundTrip(t *testing.T) {

@@ -23,15 +23,30 @@ import (
 // round trip, more than one upload gets into R2.
 const streamWindow = 128 << 10
 
+// MaxChunk is the most data one Upload message may carry. gRPC takes in a
+// whole message before the handler sees it, outside the buffer budget, so
+// its default limit of 4 MiB would let each busy stream hold 4 MiB more
+// than the budget counts. Clients do best with 64 KiB to 1 MiB.
+const MaxChunk = 1 << 20
+
+// maxMessage is gRPC's receive limit: a chunk, or a header, with room for
+// the message's framing. gRPC refuses a longer message from its length
+// prefix, before reading it, with RESOURCE_EXHAUSTED "received message
+// larger than max" that it writes itself; chunks over MaxChunk below this
+// limit get INVALID_ARGUMENT from the chunk reader.
+const maxMessage = MaxChunk + 64<<10
+
 // ServerOptions are the gRPC server options the upload service needs: a
-// codec that decodes data chunks straight into the upload's buffers, and
-// bounded flow control windows. Without them the service still works, at
-// the cost of an extra copy and allocation per chunk.
+// codec that decodes data chunks straight into the upload's buffers,
+// bounded flow control windows and messages. Without them the service
+// still works, at the cost of an extra copy and allocation per chunk and
+// of memory outside its budget.
 func (s *Server) ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ForceServerCodecV2(s.codec),
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(16 * streamWindow),
+		grpc.MaxRecvMsgSize(maxMessage),
 	}
 }
 

@@ -181,7 +181,7 @@ func TestOddChunkSizesReadBack(t *testing.T) {
 		{size: 5_000, chunk: 1},
 		{size: 700_001, chunk: 99_991},
 		{size: 20<<20 + 12_345, chunk: 333_337},
-		{size: 20<<20 + 12_345, chunk: 3 << 20},
+		{size: 20<<20 + 12_345, chunk: uploader.MaxChunk - 7}, // the largest chunks there are
 	} {
 		data := testenv.OpaqueBytes(t, tc.size)
 		resp, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "odd.bin", ContentType: "application/octet-stream", Size: int64(len(data))},

@@ -99,7 +99,10 @@ type UploadRequest_Header struct {
 }
 
 type UploadRequest_Chunk struct {
-	// Object data, in order. 64 KiB to 1 MiB per message works best.
+	// Object data, in order. 64 KiB to 1 MiB per message works best. A
+	// chunk over 1 MiB fails the upload with INVALID_ARGUMENT, or, for a
+	// message over 1 MiB + 64 KiB, with gRPC's own RESOURCE_EXHAUSTED
+	// "received message larger than max".
 	Chunk []byte `protobuf:"bytes,2,opt,name=chunk,proto3,oneof"`
 }
 
