@@ -30,6 +30,7 @@ type bufferBudget struct {
 	metrics *telemetry.Metrics
 	held    atomic.Int64
 	peak    atomic.Int64 // the most ever held at once
+	waiting atomic.Int64 // callers of acquire not yet answered
 }
 
 func newBufferBudget(total int64, wait time.Duration, m *telemetry.Metrics) *bufferBudget {
@@ -43,7 +44,10 @@ func (b *bufferBudget) acquire(ctx context.Context, n int64) (release func(), er
 	n = min(n, b.total)
 	wctx, cancel := context.WithTimeout(ctx, b.wait)
 	defer cancel()
-	if err := b.sem.Acquire(wctx, n); err != nil {
+	b.waiting.Add(1)
+	err = b.sem.Acquire(wctx, n)
+	b.waiting.Add(-1)
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}

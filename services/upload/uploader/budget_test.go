@@ -110,7 +110,7 @@ func TestBufferBudgetWaitRunsOut(t *testing.T) {
 // holdBudget starts a large upload that sends its first MiB and then
 // waits, holding the whole buffer budget, until the returned function is
 // called; that function returns once the budget is free again.
-func holdBudget(t *testing.T, st *stack) (release func()) {
+func holdBudget(t testing.TB, st *stack) (release func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -124,7 +124,7 @@ func holdBudget(t *testing.T, st *stack) (release func()) {
 }
 
 // waitHeld polls until the server holds want bytes of upload buffers.
-func waitHeld(t *testing.T, st *stack, want int64) {
+func waitHeld(t testing.TB, st *stack, want int64) {
 	t.Helper()
 	for deadline := time.Now().Add(15 * time.Second); st.Server.BufferHeld() != want; {
 		if time.Now().After(deadline) {

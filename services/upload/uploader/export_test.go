@@ -14,3 +14,7 @@ func (s *Server) BufferPeak() int64 { return s.buffers.peak.Load() }
 
 // BufferHeld is the upload buffer memory held now.
 func (s *Server) BufferHeld() int64 { return s.buffers.held.Load() }
+
+// BufferWaiters counts the calls waiting for buffer room (or about to be
+// answered).
+func (s *Server) BufferWaiters() int64 { return s.buffers.waiting.Load() }

@@ -239,7 +239,7 @@ func send(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.Upl
 // openUpload opens an Upload stream and sends hdr, then data in 1 MiB
 // chunks, and leaves the stream open: the caller goes on, stalls or
 // abandons it.
-func openUpload(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) uploadv1.UploadService_UploadClient {
+func openUpload(ctx context.Context, t testing.TB, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) uploadv1.UploadService_UploadClient {
 	t.Helper()
 	stream, err := c.Upload(ctx)
 	if err != nil {

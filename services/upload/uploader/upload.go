@@ -106,6 +106,19 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 			return nil, err
 		}
 	}
+	small := u.size <= s.cfg.PartSize
+	need := u.size
+	if !small {
+		need = 2 * s.partSize(u.size) // the two part buffers
+	}
+	// The budget comes before the first chunk is read: an upload waiting
+	// for it then holds only its flow-control window in gRPC's transport,
+	// not a whole received chunk the budget does not count.
+	release, err := s.buffers.acquire(ctx, need)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	u.reader = s.newChunkReader(rcv, u.size)
 	defer u.reader.Close()
 	u.head = make([]byte, min(u.size, mimecheck.SniffLen))
@@ -115,16 +128,6 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err := s.mime.CheckData(hdr.GetContentType(), u.head); err != nil {
 		return nil, badField("header.content_type", "%v", err)
 	}
-	small := u.size <= s.cfg.PartSize
-	need := u.size
-	if !small {
-		need = 2 * s.partSize(u.size) // the two part buffers
-	}
-	release, err := s.buffers.acquire(ctx, need)
-	if err != nil {
-		return nil, err
-	}
-	defer release()
 	if small {
 		return s.uploadSmall(ctx, u)
 	}
