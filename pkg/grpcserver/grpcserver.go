@@ -40,6 +40,13 @@ type Options struct {
 	// StopTimeout bounds GracefulStop; in-flight streams still running then
 	// are cut. Keep it shorter than the pod's termination grace period.
 	StopTimeout time.Duration
+	// CleanupTimeout bounds how long Shutdown then waits for the cut
+	// streams' handlers to return. They clean up (abort a multipart
+	// upload, give a reservation back), which a process that exits first
+	// leaves to the janitor and the lease TTL; but one that hangs must not
+	// hold the process until it is killed. Default 5s; DrainDelay +
+	// StopTimeout + CleanupTimeout must fit the termination grace period.
+	CleanupTimeout time.Duration
 	// MaxConnectionAge spreads clients over new replicas after a scale-up
 	// (the DNS resolver does not poll). Zero disables it.
 	MaxConnectionAge time.Duration
@@ -65,6 +72,9 @@ func New(opts Options) *Server {
 	}
 	if opts.StopTimeout == 0 {
 		opts.StopTimeout = 25 * time.Second
+	}
+	if opts.CleanupTimeout == 0 {
+		opts.CleanupTimeout = 5 * time.Second
 	}
 	rec := recoverer{log: opts.Logger}
 	sopts := []grpc.ServerOption{
@@ -98,7 +108,8 @@ func (s *Server) SetServing(services ...string) {
 }
 
 // Serve serves on lis until ctx ends, then shuts down in order: health
-// NOT_SERVING, DrainDelay, GracefulStop bounded by StopTimeout, Stop.
+// NOT_SERVING, DrainDelay, GracefulStop bounded by StopTimeout, Stop, and
+// at most CleanupTimeout for the cut handlers to return.
 // It returns nil after a shutdown caused by ctx.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	errc := make(chan error, 1)
@@ -108,15 +119,18 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		return fmt.Errorf("grpc serve on %s: %w", lis.Addr(), err)
 	case <-ctx.Done():
 	}
-	s.Shutdown()
+	if !s.Shutdown() {
+		return nil // gRPC's Serve returns only once the handlers have
+	}
 	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("grpc serve on %s: %w", lis.Addr(), err)
 	}
 	return nil
 }
 
-// Shutdown performs the ordered stop. Safe to call more than once.
-func (s *Server) Shutdown() {
+// Shutdown performs the ordered stop. Safe to call more than once. It
+// reports false when it gave up on handlers still running.
+func (s *Server) Shutdown() (stopped bool) {
 	log := s.opts.Logger
 	s.Health.Shutdown() // every service NOT_SERVING
 	if s.opts.DrainDelay > 0 {
@@ -129,10 +143,22 @@ func (s *Server) Shutdown() {
 	select {
 	case <-done:
 		log.Info("grpc server stopped gracefully")
+		return true
 	case <-t.C:
 		log.Warn("grpc graceful stop timed out; cutting remaining streams", "timeout", s.opts.StopTimeout)
-		s.GRPC.Stop()
-		<-done
+		// GracefulStop (done) returns once every connection's handlers
+		// have returned, which Stop's cancelling hurries along.
+		go s.GRPC.Stop()
+		ct := time.NewTimer(s.opts.CleanupTimeout)
+		defer ct.Stop()
+		select {
+		case <-done:
+			log.Info("cut streams' handlers returned")
+			return true
+		case <-ct.C:
+			log.Error("handlers of cut streams still running; stopping without them", "timeout", s.opts.CleanupTimeout)
+			return false
+		}
 	}
 }
 

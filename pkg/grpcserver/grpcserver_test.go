@@ -80,6 +80,47 @@ func TestShutdownOrder(t *testing.T) {
 	}
 }
 
+// A handler cut at StopTimeout cleans up before Serve returns, so the
+// process does not exit under it; one whose cleanup hangs is given up on
+// after CleanupTimeout.
+func TestCutHandlersCleanUpBeforeServeReturns(t *testing.T) {
+	for _, hang := range []bool{false, true} {
+		var cleaned atomic.Bool
+		stuck := make(chan struct{})
+		t.Cleanup(func() { close(stuck) })
+		blocked := &blocker{release: make(chan struct{}), cleanup: func() {
+			if hang {
+				<-stuck
+			}
+			time.Sleep(200 * time.Millisecond) // the cleanup's own work
+			cleaned.Store(true)
+		}}
+		_, conn, cancel, done := start(t, grpcserver.Options{StopTimeout: 100 * time.Millisecond, CleanupTimeout: time.Second}, blocked)
+		ctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer ccancel()
+		go func() { _ = conn.Invoke(ctx, "/test.Block/Wait", &emptypb.Empty{}, &emptypb.Empty{}) }()
+		for blocked.entered.Load() < 1 {
+			select {
+			case <-ctx.Done():
+				t.Fatal("the call never reached its handler")
+			case <-time.After(time.Millisecond):
+			}
+		}
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("Serve returned %v", err)
+			}
+		case <-ctx.Done():
+			t.Fatalf("Serve did not return (cleanup hangs: %v)", hang)
+		}
+		if cleaned.Load() == hang {
+			t.Fatalf("cleanup hangs %v: cleaned up before Serve returned = %v", hang, cleaned.Load())
+		}
+	}
+}
+
 func TestPanicBecomesInternal(t *testing.T) {
 	_, conn, _, _ := start(t, grpcserver.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -139,10 +180,12 @@ var panicDesc = grpc.ServiceDesc{
 }
 
 // blocker serves test.Block/Wait: each call counts itself in and waits
-// for release.
+// for release. A call cut by shutdown runs cleanup, when set, before it
+// returns.
 type blocker struct {
 	entered atomic.Int32
 	release chan struct{}
+	cleanup func()
 }
 
 var blockDesc = grpc.ServiceDesc{
@@ -159,6 +202,9 @@ var blockDesc = grpc.ServiceDesc{
 			select {
 			case <-blocked.release:
 			case <-ctx.Done():
+				if blocked.cleanup != nil {
+					blocked.cleanup()
+				}
 			}
 			return &emptypb.Empty{}, nil
 		},
