@@ -228,5 +228,10 @@ func (s *Server) LookupBucket(ctx context.Context, req *allocatorv1.LookupBucket
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	if b.GetState() == adminv1.BucketState_BUCKET_STATE_DISABLED {
+		// Unlike DRAINING, DISABLED takes nothing: an operator stops all
+		// traffic to a bucket (revoked keys, a closed account) this way.
+		return nil, toStatus(ctx, fmt.Errorf("%w: bucket %s serves no reads or deletes while DISABLED; an operator can set it DRAINING to serve them without taking uploads", errDisabled, b.GetId()))
+	}
 	return &allocatorv1.LookupBucketResponse{Bucket: target(b)}, nil
 }

@@ -21,6 +21,7 @@ var (
 	errNoRoom          = errors.New("no bucket has room for this many bytes this period")
 	errInvalid         = errors.New("invalid request")
 	errNoRecord        = errors.New("no upload is recorded under this idempotency key")
+	errDisabled        = errors.New("bucket is disabled")
 )
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
@@ -39,6 +40,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, errNoRoom):
 		return withRetry(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit", time.Minute)
+	case errors.Is(err, errDisabled):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, ledger.ErrReservationLost):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
 	case errors.Is(err, errNoHealthyBucket):

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -84,6 +85,51 @@ func TestGetRangeAndDelete(t *testing.T) {
 	}
 	if used, _ := st.usage(t); used[req.GetBucketId()] != int64(len(data)) {
 		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[req.GetBucketId()], len(data))
+	}
+}
+
+// A DISABLED bucket serves nothing: reads and deletes answer
+// FAILED_PRECONDITION and the object stays; DRAINING serves both again.
+func TestDisabledBucketServesNoReads(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, data := stored(ctx, t, st.Upload, 1000)
+	setState := func(state adminv1.BucketState) {
+		t.Helper()
+		if _, err := st.Admin.SetBucketState(st.adminCtx(ctx), &adminv1.SetBucketStateRequest{Id: req.GetBucketId(), State: state}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setState(adminv1.BucketState_BUCKET_STATE_DISABLED)
+	// The allocator learns of the change through its watch.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, _, err = read(ctx, st.Upload, req); status.Code(err) == codes.FailedPrecondition || time.Now().After(deadline) {
+			break
+		}
+	}
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(status.Convert(err).Message(), "DISABLED") {
+		t.Fatalf("read from a disabled bucket: %v, want FailedPrecondition", err)
+	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("delete in a disabled bucket: %v, want FailedPrecondition", err)
+	}
+	if objects, _ := st.objects(t); objects[req.GetBucketId()] != 1 {
+		t.Fatalf("%d objects in the disabled bucket, want the 1 stored", objects[req.GetBucketId()])
+	}
+	setState(adminv1.BucketState_BUCKET_STATE_DRAINING)
+	var got []byte
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, got, err = read(ctx, st.Upload, req); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read from a draining bucket: %d bytes, %v", len(got), err)
+	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()}); err != nil {
+		t.Fatalf("delete in a draining bucket: %v", err)
 	}
 }
 

@@ -55,7 +55,8 @@ type AllocatorServiceClient interface {
 	// request against a bucket.
 	ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error)
 	// LookupBucket returns where a bucket lives, so the upload service can
-	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
+	// read and delete objects by bucket id. NOT_FOUND for an unknown id,
+	// FAILED_PRECONDITION for a DISABLED bucket (it serves nothing).
 	LookupBucket(ctx context.Context, in *LookupBucketRequest, opts ...grpc.CallOption) (*LookupBucketResponse, error)
 	// GetUploadRecord returns the result recorded for an idempotency key, so
 	// a retried upload can answer with the first result. NOT_FOUND if none.
@@ -167,7 +168,8 @@ type AllocatorServiceServer interface {
 	// request against a bucket.
 	ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error)
 	// LookupBucket returns where a bucket lives, so the upload service can
-	// read and delete objects by bucket id. NOT_FOUND for an unknown id.
+	// read and delete objects by bucket id. NOT_FOUND for an unknown id,
+	// FAILED_PRECONDITION for a DISABLED bucket (it serves nothing).
 	LookupBucket(context.Context, *LookupBucketRequest) (*LookupBucketResponse, error)
 	// GetUploadRecord returns the result recorded for an idempotency key, so
 	// a retried upload can answer with the first result. NOT_FOUND if none.

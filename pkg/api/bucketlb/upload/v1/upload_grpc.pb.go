@@ -43,8 +43,11 @@ type UploadServiceClient interface {
 	// a client can continue on any replica after losing its connection.
 	QueryUpload(ctx context.Context, in *QueryUploadRequest, opts ...grpc.CallOption) (*QueryUploadResponse, error)
 	// GetObject streams an object back: first an ObjectInfo, then data chunks.
+	// A bucket an operator DISABLED answers FAILED_PRECONDITION (a DRAINING
+	// one still serves reads and deletes).
 	GetObject(ctx context.Context, in *GetObjectRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetObjectResponse], error)
-	// DeleteObject removes an object from the bucket that holds it.
+	// DeleteObject removes an object from the bucket that holds it;
+	// FAILED_PRECONDITION while that bucket is DISABLED.
 	DeleteObject(ctx context.Context, in *DeleteObjectRequest, opts ...grpc.CallOption) (*DeleteObjectResponse, error)
 }
 
@@ -126,8 +129,11 @@ type UploadServiceServer interface {
 	// a client can continue on any replica after losing its connection.
 	QueryUpload(context.Context, *QueryUploadRequest) (*QueryUploadResponse, error)
 	// GetObject streams an object back: first an ObjectInfo, then data chunks.
+	// A bucket an operator DISABLED answers FAILED_PRECONDITION (a DRAINING
+	// one still serves reads and deletes).
 	GetObject(*GetObjectRequest, grpc.ServerStreamingServer[GetObjectResponse]) error
-	// DeleteObject removes an object from the bucket that holds it.
+	// DeleteObject removes an object from the bucket that holds it;
+	// FAILED_PRECONDITION while that bucket is DISABLED.
 	DeleteObject(context.Context, *DeleteObjectRequest) (*DeleteObjectResponse, error)
 	mustEmbedUnimplementedUploadServiceServer()
 }
