@@ -3,12 +3,11 @@ package testenv
 import (
 	"slices"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
 
-// LoadResult is what a closed-loop load run measured.
+// LoadResult is what a load run measured.
 type LoadResult struct {
 	// Rate is successful calls per second.
 	Rate float64
@@ -45,45 +44,89 @@ func (r LoadResult) Quantile(q float64) time.Duration {
 // its worker index and call number, for about d. Benchmarks use it to
 // measure a rate and its latencies against a baseline in the same run.
 func Load(workers int, d time.Duration, fn func(worker, call int) error) LoadResult {
-	var (
-		mu       sync.Mutex
-		lat      []time.Duration
-		errs     atomic.Int64
-		firstErr error
-		wg       sync.WaitGroup
-	)
+	var s samples
+	var wg sync.WaitGroup
 	deadline := time.Now().Add(d)
 	start, cpu0 := time.Now(), processCPU()
 	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			var mine []time.Duration
+		wg.Go(func() {
 			for i := 0; time.Now().Before(deadline); i++ {
 				t0 := time.Now()
-				if err := fn(w, i); err != nil {
-					if errs.Add(1) == 1 {
-						mu.Lock()
-						firstErr = err
-						mu.Unlock()
-					}
-					continue
-				}
-				mine = append(mine, time.Since(t0))
+				err := fn(w, i)
+				s.add(time.Since(t0), err)
 			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			mu.Unlock()
-		}(w)
+		})
 	}
 	wg.Wait()
-	cpu := processCPU() - cpu0
-	slices.Sort(lat)
-	r := LoadResult{Rate: float64(len(lat)) / time.Since(start).Seconds(), Latencies: lat, Errors: int(errs.Load()), FirstErr: firstErr}
-	if len(lat) > 0 {
-		r.CPUPerOp = cpu / time.Duration(len(lat))
+	return s.result(start, processCPU()-cpu0)
+}
+
+// samples gathers a run's outcomes from its workers.
+type samples struct {
+	mu       sync.Mutex
+	lat      []time.Duration
+	errs     int
+	firstErr error
+}
+
+// add records one call: its latency if it succeeded, else its error.
+func (s *samples) add(lat time.Duration, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		if s.errs++; s.errs == 1 {
+			s.firstErr = err
+		}
+		return
+	}
+	s.lat = append(s.lat, lat)
+}
+
+// result summarises the run that began at start and used cpu.
+func (s *samples) result(start time.Time, cpu time.Duration) LoadResult {
+	slices.Sort(s.lat)
+	r := LoadResult{Rate: float64(len(s.lat)) / time.Since(start).Seconds(), Latencies: s.lat, Errors: s.errs, FirstErr: s.firstErr}
+	if len(s.lat) > 0 {
+		r.CPUPerOp = cpu / time.Duration(len(s.lat))
 	}
 	return r
+}
+
+// LoadAt offers fn at a fixed rate (an open loop) for about d, from at
+// most workers goroutines at once. A call's latency runs from when it was
+// due, not from when a worker took it up, so a system that falls behind
+// shows it in its latencies rather than by being asked less (no
+// coordinated omission). At a rate both sides of a comparison sustain,
+// the latencies compare the paths themselves; a closed loop at
+// saturation ties latency to throughput instead.
+func LoadAt(rate float64, workers int, d time.Duration, fn func(worker, call int) error) LoadResult {
+	type call struct {
+		i   int
+		due time.Time
+	}
+	n := int(rate * d.Seconds())
+	calls := make(chan call, n)
+	start, cpu0 := time.Now(), processCPU()
+	go func() {
+		defer close(calls)
+		for i := 0; i < n; i++ {
+			due := start.Add(time.Duration(float64(i) / rate * float64(time.Second)))
+			time.Sleep(time.Until(due)) // the schedule itself, not a wait for an event
+			calls <- call{i, due}
+		}
+	}()
+	var s samples
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Go(func() {
+			for c := range calls {
+				err := fn(w, c.i)
+				s.add(time.Since(c.due), err)
+			}
+		})
+	}
+	wg.Wait()
+	return s.result(start, processCPU()-cpu0)
 }
 
 // Merge combines runs of the same load into one result, as if they had run
