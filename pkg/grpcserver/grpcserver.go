@@ -138,27 +138,31 @@ func (s *Server) Shutdown() (stopped bool) {
 	}
 	done := make(chan struct{})
 	go func() { s.GRPC.GracefulStop(); close(done) }()
-	t := time.NewTimer(s.opts.StopTimeout)
+	if within(done, s.opts.StopTimeout) {
+		log.Info("grpc server stopped gracefully")
+		return true
+	}
+	log.Warn("grpc graceful stop timed out; cutting remaining streams", "timeout", s.opts.StopTimeout)
+	// GracefulStop (done) returns once every connection's handlers have
+	// returned, which Stop's cancelling hurries along.
+	go s.GRPC.Stop()
+	if within(done, s.opts.CleanupTimeout) {
+		log.Info("cut streams' handlers returned")
+		return true
+	}
+	log.Error("handlers of cut streams still running; stopping without them", "timeout", s.opts.CleanupTimeout)
+	return false
+}
+
+// within reports whether done closes within d.
+func within(done <-chan struct{}, d time.Duration) bool {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-done:
-		log.Info("grpc server stopped gracefully")
 		return true
 	case <-t.C:
-		log.Warn("grpc graceful stop timed out; cutting remaining streams", "timeout", s.opts.StopTimeout)
-		// GracefulStop (done) returns once every connection's handlers
-		// have returned, which Stop's cancelling hurries along.
-		go s.GRPC.Stop()
-		ct := time.NewTimer(s.opts.CleanupTimeout)
-		defer ct.Stop()
-		select {
-		case <-done:
-			log.Info("cut streams' handlers returned")
-			return true
-		case <-ct.C:
-			log.Error("handlers of cut streams still running; stopping without them", "timeout", s.opts.CleanupTimeout)
-			return false
-		}
+		return false
 	}
 }
 
