@@ -351,6 +351,28 @@ func TestChunkSizeLimit(t *testing.T) {
 	oneObjectPerKey(t, env, 2, sum(usedBefore)+int64(len(small)+len(large)))
 }
 
+// A declared sha256 in upper case (PowerShell's Get-FileHash prints it so)
+// is the same digest: small and multipart uploads land, the answer is in
+// lower case, and a retry under the idempotency key is a replay.
+func TestUppercaseSHA256(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i, data := range [][]byte{e2e.RandomBytes(t, 1000), e2e.RandomBytes(t, 12<<20)} {
+		hdr := func() *uploadv1.UploadHeader {
+			return &uploadv1.UploadHeader{Sha256: strings.ToUpper(e2e.HexSHA(data)), IdempotencyKey: fmt.Sprintf("upper-%d", i)}
+		}
+		first, err := put(ctx, env, data, hdr())
+		if err != nil || first.GetSha256() != e2e.HexSHA(data) {
+			t.Fatalf("%d bytes with an upper-case sha256: %v, %v", len(data), first, err)
+		}
+		again, err := put(ctx, env, data, hdr())
+		if err != nil || !again.GetReplayed() || again.GetKey() != first.GetKey() {
+			t.Fatalf("retry with an upper-case sha256: %v, %v; want a replay of %v", again, err, first)
+		}
+	}
+}
+
 // User metadata comes back as sent, values in any script; S3 keeps keys
 // in lower case.
 func TestMetadataRoundTrip(t *testing.T) {

@@ -135,6 +135,9 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 }
 
 func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
+	// Tools differ in case (PowerShell's Get-FileHash prints upper case);
+	// the service compares and answers in lower case.
+	hdr.Sha256 = strings.ToLower(hdr.GetSha256())
 	switch {
 	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
@@ -145,7 +148,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
 		return nil, badField("header.size", "the object is %d bytes; this service accepts at most %d", hdr.GetSize(), s.cfg.MaxObjectSize)
 	case hdr.GetSha256() != "" && !sha256Hex.MatchString(hdr.GetSha256()):
-		return nil, badField("header.sha256", "sha256 must be 64 lowercase hex characters")
+		return nil, badField("header.sha256", "sha256 must be 64 hex characters")
 	}
 	if err := s.mime.CheckDeclared(hdr.GetContentType()); err != nil {
 		return nil, badField("header.content_type", "%v", err)

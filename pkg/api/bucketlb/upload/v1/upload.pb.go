@@ -126,8 +126,9 @@ type UploadHeader struct {
 	// takes no data chunks). The upload fails with INVALID_ARGUMENT if the
 	// stream carries a different number of bytes.
 	Size int64 `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
-	// Optional lowercase hex SHA-256 of the whole object. When set and the data
-	// does not match, the object is removed and INVALID_ARGUMENT is returned.
+	// Optional hex SHA-256 of the whole object, in either case (responses use
+	// lower case). When set and the data does not match, the object is
+	// removed and INVALID_ARGUMENT is returned.
 	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted once.
