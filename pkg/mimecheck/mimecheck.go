@@ -72,8 +72,12 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	m := mimetype.Detect(head)
 	sniffed := base(m.String())
 	// Text formats the detector cannot tell apart (CSV, Markdown) sniff as
-	// text/plain; accept them under any declared text type.
-	if !m.Is(base(declared)) && !(sniffed == "text/plain" && isText(declared)) {
+	// text/plain; accept them under any declared text type. A declared
+	// application/octet-stream claims nothing about the content, so any
+	// data the allowlist takes may carry it (a log, a photo): only the
+	// sniffed type's own check below applies.
+	contradicts := !m.Is(base(declared)) && !(sniffed == "text/plain" && isText(declared))
+	if contradicts && base(declared) != "application/octet-stream" {
 		return fmt.Errorf("declared content type %q but the data looks like %q", base(declared), sniffed)
 	}
 	if !c.allowed[sniffed] && !generic[sniffed] {

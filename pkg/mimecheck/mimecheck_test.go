@@ -31,6 +31,8 @@ func TestCheck(t *testing.T) {
 		{"random bytes as png", def, "image/png", rnd, false},
 		{"executable as octet-stream", withBinary, "application/octet-stream", elf, false},
 		{"random bytes as octet-stream when allowed", withBinary, "application/octet-stream", rnd, true},
+		{"text as octet-stream", withBinary, "application/octet-stream", text, true},
+		{"png as octet-stream", withBinary, "application/octet-stream", png, true},
 		{"octet-stream not allowed by default", def, "application/octet-stream", rnd, false},
 		{"declared type not allowed", def, "application/x-msdownload", elf, false},
 		{"empty type", def, "", png, false},
