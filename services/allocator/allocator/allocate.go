@@ -51,12 +51,20 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	var cands []placement.Candidate
 	specs := map[string]*adminv1.BucketSpec{}
 	healthyExists := false
-	for _, b := range sortedBuckets(s.bucketMap()) {
-		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE || slices.Contains(req.GetExcludeBucketIds(), b.GetId()) {
+	var why skipped
+	buckets := sortedBuckets(s.bucketMap())
+	for _, b := range buckets {
+		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE {
+			why.add(strings.ToLower(strings.TrimPrefix(b.GetState().String(), "BUCKET_STATE_")))
+			continue
+		}
+		if slices.Contains(req.GetExcludeBucketIds(), b.GetId()) {
+			why.add("excluded by the caller")
 			continue
 		}
 		rec, _ := s.health.Cached(b.GetId())
 		if rec.CoolingDown(now, policy) {
+			why.add("cooling down")
 			continue
 		}
 		healthyExists = true
@@ -73,7 +81,7 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		})
 	}
 	if !healthyExists {
-		return nil, nil, errNoHealthyBucket
+		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
 	}
 	ranked := strategy.Rank(placement.Request{Size: req.GetSize(), AffinityKey: req.GetAffinityKey()}, cands)
 	for _, c := range ranked {
@@ -103,6 +111,34 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		return res, b, nil
 	}
 	return nil, nil, errNoRoom
+}
+
+// skipped counts why buckets could not take an upload, in the order the
+// reasons first came up, for an error an operator can act on.
+type skipped struct {
+	reasons []string
+	counts  map[string]int
+}
+
+func (k *skipped) add(reason string) {
+	if k.counts == nil {
+		k.counts = map[string]int{}
+	}
+	if k.counts[reason] == 0 {
+		k.reasons = append(k.reasons, reason)
+	}
+	k.counts[reason]++
+}
+
+func (k skipped) String() string {
+	if len(k.reasons) == 0 {
+		return "none configured"
+	}
+	parts := make([]string, len(k.reasons))
+	for i, r := range k.reasons {
+		parts[i] = fmt.Sprintf("%d %s", k.counts[r], r)
+	}
+	return strings.Join(parts, ", ")
 }
 
 // Renew implements AllocatorService.

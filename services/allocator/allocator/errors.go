@@ -45,7 +45,7 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.Is(err, ledger.ErrReservationLost):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
 	case errors.Is(err, errNoHealthyBucket):
-		return withRetry(codes.Unavailable, err.Error()+"; every eligible bucket is cooling down or excluded", 5*time.Second)
+		return withRetry(codes.Unavailable, err.Error(), 5*time.Second)
 	case errors.Is(err, ledger.ErrConflict):
 		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),

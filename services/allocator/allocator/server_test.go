@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -162,8 +163,38 @@ func TestAllocateCommitRelease(t *testing.T) {
 	}
 	// Excluding p1 and p2 leaves no bucket.
 	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1, ExcludeBucketIds: []string{"p1", "p2"}})
-	if status.Code(err) != codes.Unavailable {
-		t.Fatalf("all excluded: %v, want Unavailable", err)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "(of 2 buckets: 2 excluded by the caller)") {
+		t.Fatalf("all excluded: %v, want Unavailable saying why", err)
+	}
+}
+
+// With no bucket to take an upload, the error says why, bucket by bucket,
+// so an operator knows whether to wait (cooldown) or act (states).
+func TestNoBucketSaysWhy(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000), spec("p2", 2, 1000), spec("p3", 3, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := 0; i < 3; i++ {
+		if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for id, state := range map[string]adminv1.BucketState{"p2": adminv1.BucketState_BUCKET_STATE_DRAINING, "p3": adminv1.BucketState_BUCKET_STATE_DISABLED} {
+		if _, err := r.admin.SetBucketState(adminCtx(ctx, token), &adminv1.SetBucketStateRequest{Id: id, State: state}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const want = "(of 3 buckets: 1 cooling down, 1 draining, 1 disabled)"
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+		if strings.Contains(status.Convert(err).Message(), want) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), want) {
+		t.Fatalf("allocate with no bucket to take it: %v, want Unavailable ending %q", err, want)
 	}
 }
 
