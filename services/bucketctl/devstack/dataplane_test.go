@@ -268,6 +268,9 @@ func TestBadInputTable(t *testing.T) {
 		{"metadata value with a line break", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": "one\ntwo"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"clé": "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
+		{"metadata key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{strings.Repeat("k\n", 50_000): "v"}}, codes.InvalidArgument, "header.metadata"},
+		{"content type of 100 KB", png, &uploadv1.UploadHeader{ContentType: strings.Repeat("t", 100_000)}, codes.InvalidArgument, "header.content_type"},
+		{"affinity key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", AffinityKey: strings.Repeat("a", 100_000)}, codes.InvalidArgument, "header.affinity_key"},
 	}
 	usedBefore, _ := env.Usage(t)
 	for _, tc := range cases {
@@ -278,8 +281,8 @@ func TestBadInputTable(t *testing.T) {
 			if status.Code(err) != tc.want {
 				t.Fatalf("code %v (%v), want %v", status.Code(err), err, tc.want)
 			}
-			if len(status.Convert(err).Message()) < 15 {
-				t.Fatalf("message %q is not a sentence", status.Convert(err).Message())
+			if msg := status.Convert(err).Message(); len(msg) < 15 || len(msg) > 400 {
+				t.Fatalf("message of %d bytes %.400q is not a sentence", len(msg), msg)
 			}
 			if got := violatedField(err); got != tc.field {
 				t.Fatalf("field violation %q, want %q", got, tc.field)

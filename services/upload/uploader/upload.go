@@ -37,6 +37,10 @@ var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // what GetObject returns.
 const writeIDKey = "bucketlb-write-id"
 
+// maxShortField bounds the header's identifiers and its content type, so a
+// client cannot send (or have echoed back in an error) a megabyte of one.
+const maxShortField = 256
+
 // maxMetadata is the user metadata a client may send: S3's 2 KB of keys
 // and values, less the write id's entry (26 characters of rand.Text).
 const maxMetadata = 2048 - len(writeIDKey) - 26
@@ -141,8 +145,13 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	switch {
 	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
-	case len(hdr.GetIdempotencyKey()) > 256:
-		return nil, badField("header.idempotency_key", "the idempotency key is longer than 256 bytes")
+	case len(hdr.GetIdempotencyKey()) > maxShortField:
+		return nil, badField("header.idempotency_key", "the idempotency key is longer than %d bytes", maxShortField)
+	case len(hdr.GetAffinityKey()) > maxShortField:
+		return nil, badField("header.affinity_key", "the affinity key is longer than %d bytes", maxShortField)
+	case len(hdr.GetContentType()) > maxShortField:
+		// Checked before the allowlist, whose errors quote the type.
+		return nil, badField("header.content_type", "the content type is longer than %d bytes", maxShortField)
 	case hdr.GetSize() < 0:
 		return nil, badField("header.size", "the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
@@ -167,20 +176,23 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		}
 		return nil, badField(field, "%v", err)
 	}
-	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
-	// that cannot, but only after the data arrived.
-	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
-		return nil, badField("header.metadata", "%s", p)
-	}
+	// The size first: the other metadata errors quote a key.
 	metaBytes := 0
 	for k, v := range hdr.GetMetadata() {
-		if strings.EqualFold(k, writeIDKey) {
-			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
-		}
 		metaBytes += len(k) + len(v)
 	}
 	if metaBytes > maxMetadata {
 		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
+	}
+	for k := range hdr.GetMetadata() {
+		if strings.EqualFold(k, writeIDKey) {
+			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
+		}
+	}
+	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
+	// that cannot, but only after the data arrived.
+	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
+		return nil, badField("header.metadata", "%s", p)
 	}
 	u := &upload{
 		hdr: hdr, key: key, size: hdr.GetSize(),

@@ -119,8 +119,8 @@ type UploadHeader struct {
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
 	NameHint string `protobuf:"bytes,2,opt,name=name_hint,json=nameHint,proto3" json:"name_hint,omitempty"`
-	// MIME type declared by the client. Checked against an allowlist and
-	// against the type sniffed from the first bytes of data.
+	// MIME type declared by the client, at most 256 bytes. Checked against an
+	// allowlist and against the type sniffed from the first bytes of data.
 	ContentType string `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
 	// Exact size of the object in bytes, 0 for an empty object (which then
 	// takes no data chunks). The upload fails with INVALID_ARGUMENT if the
@@ -133,10 +133,11 @@ type UploadHeader struct {
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted once.
 	// Reusing the key for another object (another size, or another sha256 or
-	// key when given) fails with FAILED_PRECONDITION and stores nothing.
+	// key when given) fails with FAILED_PRECONDITION and stores nothing. At
+	// most 256 bytes.
 	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	// Optional key for the affinity strategy: equal keys land on the same bucket
-	// while that bucket is healthy and has room.
+	// while that bucket is healthy and has room. At most 256 bytes.
 	AffinityKey string `protobuf:"bytes,7,opt,name=affinity_key,json=affinityKey,proto3" json:"affinity_key,omitempty"`
 	// User metadata stored with the object (x-amz-meta-*).
 	Metadata map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
