@@ -376,6 +376,31 @@ func TestUppercaseSHA256(t *testing.T) {
 	}
 }
 
+// GetObject and DeleteObject hold names to the rules Upload writes by:
+// a name no upload could have stored is INVALID_ARGUMENT naming the field,
+// in a short sentence, never an internal error quoting 100 KB back.
+func TestReadAndDeleteRefuseBadNames(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, tc := range []struct {
+		name, bucket, key, field string
+	}{
+		{"bucket id of 100 KB", strings.Repeat("b", 100_000), "k", "bucket_id"},
+		{"key of 100 KB", "dev-hot", strings.Repeat("k", 100_000), "key"},
+		{"dotdot key", "dev-hot", "a/../b", "key"},
+		{"no key", "dev-hot", "", "key"},
+	} {
+		_, getErr := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: tc.bucket, Key: tc.key}, io.Discard, nil)
+		_, delErr := env.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: tc.bucket, Key: tc.key})
+		for op, err := range map[string]error{"get": getErr, "delete": delErr} {
+			if msg := status.Convert(err).Message(); status.Code(err) != codes.InvalidArgument || violatedField(err) != tc.field || len(msg) > 400 {
+				t.Fatalf("%s with a %s: %v (%d bytes), want InvalidArgument on %s", op, tc.name, status.Code(err), len(msg), tc.field)
+			}
+		}
+	}
+}
+
 // User metadata comes back as sent, values in any script; S3 keeps keys
 // in lower case.
 func TestMetadataRoundTrip(t *testing.T) {

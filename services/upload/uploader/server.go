@@ -18,6 +18,7 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
+	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
@@ -255,6 +256,9 @@ func (s *Server) backoff(ctx context.Context, attempt int) error {
 	}
 }
 
+// maxBucketID is the longest bucket id an admin can configure.
+const maxBucketID = 63
+
 // getChunk is the size of the chunks GetObject sends.
 const getChunk = 256 << 10
 
@@ -339,8 +343,17 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if bucketID == "" {
 		return nil, badField("bucket_id", "bucket_id is required")
 	}
+	if len(bucketID) > maxBucketID {
+		return nil, badField("bucket_id", "bucket ids are at most %d characters; this one has %d", maxBucketID, len(bucketID))
+	}
 	if key == "" {
 		return nil, badField("key", "key is required")
+	}
+	// Upload wrote no key that breaks these rules; checked here, a key a
+	// bucket would refuse (too long, say) is the caller's error, not an
+	// internal one.
+	if err := objectkey.Validate(key); err != nil {
+		return nil, badField("key", "%v", err)
 	}
 	resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
 	if err != nil {
