@@ -108,6 +108,9 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if _, _, err := run("upload", "--key", "k", src, src); err == nil || !strings.Contains(err.Error(), "--key names one object") {
 		t.Fatalf("--key with two files: %v", err)
 	}
+	if _, _, err := run("upload", "--idempotency-key", "k", src, src); err == nil || !strings.Contains(err.Error(), "--idempotency-key names one upload") {
+		t.Fatalf("--idempotency-key with two files: %v", err)
+	}
 	var out2, errOut2 bytes.Buffer
 	root := cli.NewRoot(&out2, &errOut2)
 	root.SetArgs([]string{"--allocator-addr", st.AllocatorAddr, "--token-file", filepath.Join(dir, "no-token"), "status"})

@@ -31,6 +31,11 @@ func newUploadCmd(g *globals) *cobra.Command {
 			if key != "" && len(args) > 1 {
 				return fmt.Errorf("--key names one object; give one file")
 			}
+			if idem != "" && len(args) > 1 {
+				// Under one key, every file after the first would be
+				// refused as another object reusing it.
+				return fmt.Errorf("--idempotency-key names one upload; give one file")
+			}
 			ctx, client, done, err := g.uploadClient(cmd.Context())
 			if err != nil {
 				return err
