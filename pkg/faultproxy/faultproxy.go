@@ -45,6 +45,11 @@ const (
 	// open without another byte until the client gives up or StallFor
 	// ends: a bucket that stops sending midway.
 	StallBody
+	// DropContentRange forwards the request and answers a range read with
+	// 200 and no Content-Range, as a server that ignores Range does (it
+	// sends the whole object instead, which a reader must not take for
+	// the range it asked for).
+	DropContentRange
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -120,6 +125,18 @@ func New(target string) (*Proxy, error) {
 				f.Flush()
 			}
 			p.stall(r)
+			return
+		case DropContentRange:
+			rec := httptest.NewRecorder()
+			rp.ServeHTTP(rec, r)
+			maps.Copy(w.Header(), rec.Header())
+			w.Header().Del("Content-Range")
+			code := rec.Code
+			if code == http.StatusPartialContent {
+				code = http.StatusOK
+			}
+			w.WriteHeader(code)
+			_, _ = w.Write(rec.Body.Bytes())
 			return
 		case Stall:
 			// Read the body first: the server notices a client that gave

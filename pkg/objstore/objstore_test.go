@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -110,6 +111,41 @@ func TestPutGetRangeDelete(t *testing.T) {
 	}
 	if err := b.Delete(ctx, "k/1"); err != nil {
 		t.Fatalf("deleting an absent key must succeed: %v", err)
+	}
+}
+
+// A range read returns the bytes asked for or fails, never others: a
+// range whose last byte would overflow reads to the end (its header would
+// be malformed, and servers answer a malformed range with the whole
+// object), and an answer without the range asked for is ErrRangeIgnored.
+func TestRangeReadsNeverReturnOtherBytes(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	data := random(t, 5000)
+	if _, err := b.Put(ctx, objstore.PutInput{Key: "k", ContentType: "application/octet-stream"}, data); err != nil {
+		t.Fatal(err)
+	}
+	read := func(offset, length int64) ([]byte, error) {
+		body, _, err := b.Get(ctx, "k", offset, length)
+		if err != nil {
+			return nil, err
+		}
+		defer body.Close()
+		return io.ReadAll(body)
+	}
+	if got, err := read(10, math.MaxInt64); err != nil || !bytes.Equal(got, data[10:]) {
+		t.Fatalf("offset 10, length MaxInt64: %d bytes (from the offset %v), %v", len(got), bytes.Equal(got, data[10:]), err)
+	}
+	if _, err := read(math.MaxInt64-100, 1000); !objstore.IsInvalidRange(err) {
+		t.Fatalf("offset near MaxInt64: %v, want an invalid range", err)
+	}
+	proxy.SetFor("GetObject", faultproxy.DropContentRange)
+	if got, err := read(10, 100); !errors.Is(err, objstore.ErrRangeIgnored) {
+		t.Fatalf("range answered without Content-Range: %d bytes, %v; want ErrRangeIgnored", len(got), err)
+	}
+	if got, err := read(0, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("whole read through the same proxy: %d bytes, %v", len(got), err)
 	}
 }
 

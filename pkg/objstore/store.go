@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"strings"
@@ -450,7 +451,10 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 	in := &s3.GetObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)}
 	if offset > 0 || length > 0 {
 		r := fmt.Sprintf("bytes=%d-", offset)
-		if length > 0 {
+		// A range past the largest offset is the same as to the end; its
+		// last byte would overflow into a malformed header, which servers
+		// ignore and answer with the whole object.
+		if length > 0 && length-1 <= math.MaxInt64-offset {
 			r = fmt.Sprintf("bytes=%d-%d", offset, offset+length-1)
 		}
 		in.Range = aws.String(r)
@@ -465,14 +469,26 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
 		ETag: aws.ToString(out.ETag), Metadata: out.Metadata, Size: aws.ToInt64(out.ContentLength),
 	}
-	if out.ContentRange != nil { // "bytes a-b/size"
-		var a, bb, size int64
-		if _, err := fmt.Sscanf(*out.ContentRange, "bytes %d-%d/%d", &a, &bb, &size); err == nil {
-			info.Size = size
+	var start, end int64
+	ranged := out.ContentRange != nil // "bytes a-b/size"
+	if ranged {
+		if _, err := fmt.Sscanf(*out.ContentRange, "bytes %d-%d/%d", &start, &end, &info.Size); err != nil {
+			ranged = false
 		}
+	}
+	if in.Range != nil && (!ranged || start != offset) {
+		// Bytes from elsewhere in the object must never pass for the range.
+		out.Body.Close()
+		cancel(nil)
+		return nil, ObjectInfo{}, fmt.Errorf("get %s/%s: asked for %s, the bucket answered with %q: %w",
+			b.Target.Name, key, *in.Range, aws.ToString(out.ContentRange), ErrRangeIgnored)
 	}
 	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, nil
 }
+
+// ErrRangeIgnored: a range read was answered with other bytes than those
+// asked for (a server that ignores Range sends the whole object).
+var ErrRangeIgnored = errors.New("objstore: the bucket did not answer with the range asked for")
 
 // ErrReadStalled fails a Get body read that waited longer than
 // Options.ReadIdleTimeout for the bucket's next bytes. It is a timeout, so

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -67,6 +68,10 @@ func TestGetRangeAndDelete(t *testing.T) {
 	info, got, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: 300_000, Length: 1000})
 	if err != nil || !bytes.Equal(got, data[300_000:301_000]) || info.GetSize() != int64(len(data)) || info.GetContentLength() != 1000 {
 		t.Fatalf("range read: %d bytes, info %v, err %v", len(got), info, err)
+	}
+	// A length past the largest offset reads to the end, from the offset.
+	if _, got, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: 10, Length: math.MaxInt64}); err != nil || !bytes.Equal(got, data[10:]) {
+		t.Fatalf("range to MaxInt64: %d bytes (from the offset %v), err %v", len(got), bytes.Equal(got, data[10:]), err)
 	}
 	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey(), Offset: int64(len(data))}); status.Code(err) != codes.OutOfRange {
 		t.Fatalf("offset at the object's end: %v, want OutOfRange", err)
