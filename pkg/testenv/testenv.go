@@ -17,6 +17,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
@@ -61,9 +62,22 @@ var (
 	bucketSeq atomic.Int64
 )
 
+// notLeaks are goroutines that outlive the tests by design: the gateway's
+// HTTP server (fasthttp keeps a clock goroutine for the process and lets
+// its workers wind down on their own) and idle keep-alive connections of
+// HTTP clients, which their transports close after their idle timeout.
+var notLeaks = []goleak.Option{
+	goleak.IgnoreAnyFunction("github.com/valyala/fasthttp.updateServerDate.func1"),
+	goleak.IgnoreAnyFunction("github.com/valyala/fasthttp.(*workerPool).Start.func2"),
+	goleak.IgnoreAnyFunction("github.com/valyala/fasthttp.(*workerPool).getCh.func1"),
+	goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
+	goleak.IgnoreAnyFunction("net/http.(*persistConn).writeLoop"),
+}
+
 // Main runs a package's tests and then stops the process-wide gateway and
 // removes its directory, which no single test owns: without it every run
-// leaves the gateway's files in the temp directory. Use it as
+// leaves the gateway's files in the temp directory. A run whose tests
+// leave goroutines behind fails. Use it as
 //
 //	func TestMain(m *testing.M) { testenv.Main(m) }
 func Main(m *testing.M) {
@@ -71,6 +85,15 @@ func Main(m *testing.M) {
 	if gw != nil {
 		if err := gw.Close(); err != nil {
 			fmt.Fprintln(os.Stderr, "testenv:", err)
+		}
+	}
+	// Every test has returned and the gateway is closed: a goroutine still
+	// running now was leaked (an upload's part or renew loop, a stream's
+	// paced receiver), which in a server is memory that never comes back.
+	if code == 0 {
+		if err := goleak.Find(notLeaks...); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv: goroutines leaked:", err)
+			code = 1
 		}
 	}
 	if gwDir != "" {
