@@ -1,5 +1,5 @@
-// Package objectkey validates client-chosen object keys and builds
-// collision-free keys from file names.
+// Package objectkey validates client-chosen object keys, builds
+// collision-free keys from file names, and turns keys into public URLs.
 package objectkey
 
 import (
@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/url"
 	"path"
 	"strings"
 	"time"
@@ -76,4 +77,19 @@ func sanitize(name string) string {
 		return "object"
 	}
 	return s
+}
+
+// PublicURL is where a bucket published at base serves key, or "" when the
+// bucket has no public URL. Each segment of the key is escaped: a key may
+// hold spaces, '#', '?' or '%', which would otherwise end or change the
+// URL's path, and '+', which some servers read as a space.
+func PublicURL(base, key string) string {
+	if base == "" {
+		return ""
+	}
+	segs := strings.Split(key, "/")
+	for i, s := range segs {
+		segs[i] = strings.ReplaceAll(url.PathEscape(s), "+", "%2B")
+	}
+	return strings.TrimSuffix(base, "/") + "/" + strings.Join(segs, "/")
 }

@@ -1,6 +1,7 @@
 package objectkey_test
 
 import (
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -53,5 +54,28 @@ func TestFromName(t *testing.T) {
 	}
 	if k := objectkey.FromName("", now); !strings.HasSuffix(k, "-object") {
 		t.Fatalf("empty name gave %q", k)
+	}
+}
+
+// A public URL names the key it was made from: parsed back, its path is
+// base's path plus the key, whatever characters the key holds.
+func TestPublicURL(t *testing.T) {
+	if got := objectkey.PublicURL("", "a.png"); got != "" {
+		t.Fatalf("no base: %q, want none", got)
+	}
+	for _, key := range []string{
+		"a.png", "photos/2026/cat.png", "my cat #1?.png", "100%/a+b=c&d.png", "Café à Zürich/ü.png", "a//b.png", "semi;colon,comma.txt",
+	} {
+		for _, base := range []string{"https://pub.example.com", "https://pub.example.com/", "https://cdn.example.com/media"} {
+			raw := objectkey.PublicURL(base, key)
+			u, err := url.Parse(raw)
+			if err != nil {
+				t.Fatalf("%q under %q: %q does not parse: %v", key, base, raw, err)
+			}
+			want := strings.TrimSuffix(strings.TrimPrefix(base, "https://"+u.Host), "/") + "/" + key
+			if u.Path != want || u.RawQuery != "" || u.Fragment != "" || strings.Contains(raw, "+") || strings.Contains(raw, " ") {
+				t.Fatalf("%q under %q: %q has path %q (want %q), query %q, fragment %q", key, base, raw, u.Path, want, u.RawQuery, u.Fragment)
+			}
+		}
 	}
 }

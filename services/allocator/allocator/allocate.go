@@ -14,6 +14,7 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/placement"
 )
 
@@ -169,7 +170,7 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	var idem *ledger.Idempotency
 	if k := req.GetIdempotencyKey(); k != "" {
 		rec, err := protojson.Marshal(&allocatorv1.UploadRecord{
-			BucketId: b.GetId(), BucketName: b.GetName(), Key: req.GetKey(), PublicUrl: publicURL(b.GetPublicUrl(), req.GetKey()),
+			BucketId: b.GetId(), BucketName: b.GetName(), Key: req.GetKey(), PublicUrl: objectkey.PublicURL(b.GetPublicUrl(), req.GetKey()),
 			Size: req.GetSize(), Sha256: req.GetSha256(), Etag: req.GetEtag(),
 		})
 		if err != nil {
@@ -220,13 +221,6 @@ func (s *Server) GetUploadRecord(ctx context.Context, req *allocatorv1.GetUpload
 		return nil, toStatus(ctx, err)
 	}
 	return &allocatorv1.GetUploadRecordResponse{Record: rec}, nil
-}
-
-func publicURL(base, key string) string {
-	if base == "" {
-		return ""
-	}
-	return strings.TrimSuffix(base, "/") + "/" + key
 }
 
 // Release implements AllocatorService.

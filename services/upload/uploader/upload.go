@@ -371,7 +371,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		if err == nil {
 			return &uploadv1.UploadResponse{
 				BucketId: a.GetBucket().GetId(), BucketName: a.GetBucket().GetName(), Key: u.key,
-				PublicUrl: publicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: w.sha256, Etag: w.etag,
+				PublicUrl: objectkey.PublicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: w.sha256, Etag: w.etag,
 			}, nil
 		}
 		if !unanswered(err) || attempt == commitAttempts-1 || s.backoff(cctx, attempt) != nil {
@@ -431,13 +431,6 @@ func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {
 		BucketId: r.GetBucketId(), BucketName: r.GetBucketName(), Key: r.GetKey(), PublicUrl: r.GetPublicUrl(),
 		Size: r.GetSize(), Sha256: r.GetSha256(), Etag: r.GetEtag(), Replayed: true,
 	}
-}
-
-func publicURL(base, key string) string {
-	if base == "" {
-		return ""
-	}
-	return strings.TrimSuffix(base, "/") + "/" + key
 }
 
 // partSize keeps every part equal (R2 rejects unequal parts) and within
