@@ -6,13 +6,16 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -90,6 +93,46 @@ func TestGetRangeAndDelete(t *testing.T) {
 	}
 	if used, _ := st.usage(t); used[req.GetBucketId()] != int64(len(data)) {
 		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[req.GetBucketId()], len(data))
+	}
+}
+
+// lookupCounter counts the allocator's LookupBucket calls.
+type lookupCounter struct {
+	uploader.Allocator
+	n atomic.Int32
+}
+
+func (c *lookupCounter) LookupBucket(ctx context.Context, in *allocatorv1.LookupBucketRequest, opts ...grpc.CallOption) (*allocatorv1.LookupBucketResponse, error) {
+	c.n.Add(1)
+	return c.Allocator.LookupBucket(ctx, in, opts...)
+}
+
+// Reads and deletes reuse where the allocator said a bucket lives for two
+// seconds instead of asking it each time; after that they ask again, so a
+// state change reaches them.
+func TestReadsReuseTheBucketTarget(t *testing.T) {
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	counter := &lookupCounter{}
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil,
+		func(c *uploader.Config) { c.Now = func() time.Time { return time.Unix(0, now.Load()) } },
+		func(a uploader.Allocator) uploader.Allocator { counter.Allocator = a; return counter })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, data := stored(ctx, t, st.Upload, 1000)
+	for i := 0; i < 3; i++ {
+		readBack(ctx, t, st.Upload, &uploadv1.UploadResponse{BucketId: req.GetBucketId(), Key: req.GetKey()}, data, "read")
+	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: "absent/key"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := counter.n.Load(); n != 1 {
+		t.Fatalf("%d LookupBucket calls for three reads and a delete within two seconds, want 1", n)
+	}
+	now.Add(int64(2 * time.Second))
+	readBack(ctx, t, st.Upload, &uploadv1.UploadResponse{BucketId: req.GetBucketId(), Key: req.GetKey()}, data, "read after two seconds")
+	if n := counter.n.Load(); n != 2 {
+		t.Fatalf("%d LookupBucket calls after the target aged two seconds, want 2", n)
 	}
 }
 

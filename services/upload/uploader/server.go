@@ -109,6 +109,8 @@ type Server struct {
 	codec *chunkCodec
 	// buffers bounds the memory that upload buffers take across streams.
 	buffers *bufferBudget
+	// targets remembers where buckets live for reads and deletes.
+	targets *targetCache
 	// plainETags holds the ids of buckets whose part ETags turned out not
 	// to be MD5s: their parts are sent buffered, with Content-MD5.
 	plainETags sync.Map
@@ -168,6 +170,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
 		codec:       newChunkCodec(),
 		buffers:     newBufferBudget(cfg.BufferBudget, cfg.BufferWait, cfg.Metrics),
+		targets:     newTargetCache(cfg.Now),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }
 
@@ -355,11 +358,16 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if err := objectkey.Validate(key); err != nil {
 		return nil, badField("key", "%v", err)
 	}
-	resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
-	if err != nil {
-		return nil, err
+	t := s.targets.get(bucketID)
+	if t == nil {
+		resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
+		if err != nil {
+			return nil, err
+		}
+		t = resp.GetBucket()
+		s.targets.put(bucketID, t)
 	}
-	return s.bucket(resp.GetBucket())
+	return s.bucket(t)
 }
 
 // bucket returns a handle on t. Failing, this replica lacks the bucket's
