@@ -79,3 +79,35 @@ func TestPublicURL(t *testing.T) {
 		}
 	}
 }
+
+// Whatever name hint a client sends, the key made from it passes Validate:
+// the service never builds a key it would then refuse.
+func FuzzFromName(f *testing.F) {
+	for _, s := range []string{"cat.png", "", ".", "..", "../../etc/passwd", `a\b\c.txt`, "ü.png", strings.Repeat("x", 5000), "\x00\x01", "/", "a/", "\xff\xfe"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		k := objectkey.FromName(name, time.Unix(0, 0))
+		if err := objectkey.Validate(k); err != nil {
+			t.Fatalf("FromName(%q) = %q, which Validate refuses: %v", name, k, err)
+		}
+	})
+}
+
+// Every valid key's public URL parses back to exactly that key under the
+// base's path, with no query or fragment.
+func FuzzPublicURL(f *testing.F) {
+	for _, s := range []string{"a.png", "my cat #1?.png", "100%/a+b=c&d.png", "a//b", `back\slash`, "Café/ü", "x;y,z"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, key string) {
+		if objectkey.Validate(key) != nil {
+			return
+		}
+		raw := objectkey.PublicURL("https://pub.example.com/media", key)
+		u, err := url.Parse(raw)
+		if err != nil || u.Path != "/media/"+key || u.RawQuery != "" || u.Fragment != "" {
+			t.Fatalf("key %q: URL %q parses to path %q, query %q, fragment %q (err %v)", key, raw, u.Path, u.RawQuery, u.Fragment, err)
+		}
+	})
+}
