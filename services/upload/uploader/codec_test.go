@@ -130,3 +130,50 @@ func TestChunkCodecDecodesIntoTarget(t *testing.T) {
 		t.Fatalf("a header decoded as %v (target hit %v)", m, target.hit)
 	}
 }
+
+// FuzzChunkCodecAgreesWithProto: for any wire bytes, any split of them into
+// buffers and any target size, the codec fails exactly when the standard
+// decoder fails, and otherwise decodes the same message (a chunk's bytes
+// read back from the target and its rest).
+func FuzzChunkCodecAgreesWithProto(f *testing.F) {
+	for _, m := range []*uploadv1.UploadRequest{
+		{Payload: &uploadv1.UploadRequest_Chunk{Chunk: []byte("hello, world")}},
+		{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{Key: "k", Size: 3}}},
+		{},
+	} {
+		wire, err := protolib.Marshal(m)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(wire, uint8(3), uint16(5))
+	}
+	f.Add([]byte{0x12, 0xff}, uint8(1), uint16(1))
+	f.Add([]byte{0x92, 0x80, 0x00, 0x01, 0x61}, uint8(2), uint16(1)) // a tag in a longer varint
+	f.Fuzz(func(t *testing.T, wire []byte, split uint8, dstLen uint16) {
+		want := &uploadv1.UploadRequest{}
+		wantErr := protolib.Unmarshal(wire, want)
+
+		c := newChunkCodec()
+		m := &uploadv1.UploadRequest{}
+		target := &chunkTarget{dst: make([]byte, dstLen)}
+		c.targets.Store(m, target)
+		data := mem.BufferSlice{mem.SliceBuffer(wire)}
+		if s := int(split); s > 0 && s < len(wire) {
+			data = mem.BufferSlice{mem.SliceBuffer(wire[:s]), mem.SliceBuffer(wire[s:])}
+		}
+		err := c.Unmarshal(data, m)
+		if (err != nil) != (wantErr != nil) {
+			t.Fatalf("codec error %v, proto error %v", err, wantErr)
+		}
+		if err != nil {
+			return
+		}
+		got := m
+		if target.hit {
+			got = &uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: append(target.dst[:target.n:target.n], target.rest...)}}
+		}
+		if !protolib.Equal(got, want) {
+			t.Fatalf("codec decoded %v, proto %v", got, want)
+		}
+	})
+}
