@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	mrand "math/rand/v2"
 	"os"
@@ -186,8 +187,15 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 	return base/2 + mrand.N(base), true
 }
 
+// ErrChecksumMismatch: the bytes of a whole object read back do not hash
+// to the sha256 it was stored with.
+var ErrChecksumMismatch = errors.New("uploadclient: the object's bytes do not match its sha256")
+
 // Get streams an object into w and returns its info. It verifies that the
-// number of bytes received matches what the server announced.
+// number of bytes received matches what the server announced and, when it
+// reads a whole object stored with a sha256, that the bytes hash to it
+// (ErrChecksumMismatch); w has seen the bytes by then, so a caller writing
+// to a file discards it on error.
 func Get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest, w io.Writer, progress func(int64)) (*uploadv1.ObjectInfo, error) {
 	stream, err := c.GetObject(ctx, req)
 	if err != nil {
@@ -200,6 +208,11 @@ func Get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetO
 	info := first.GetInfo()
 	if info == nil {
 		return nil, errors.New("server sent data before object info")
+	}
+	var h hash.Hash
+	if info.GetSha256() != "" && req.GetOffset() == 0 && info.GetContentLength() == info.GetSize() {
+		h = sha256.New()
+		w = io.MultiWriter(w, h)
 	}
 	var got int64
 	for {
@@ -221,6 +234,11 @@ func Get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetO
 	}
 	if got != info.GetContentLength() {
 		return info, fmt.Errorf("received %d bytes, server announced %d", got, info.GetContentLength())
+	}
+	if h != nil {
+		if sum := hex.EncodeToString(h.Sum(nil)); sum != info.GetSha256() {
+			return info, fmt.Errorf("%w: %s/%s hashes to %s, stored with %s", ErrChecksumMismatch, info.GetBucketId(), info.GetKey(), sum, info.GetSha256())
+		}
 	}
 	return info, nil
 }

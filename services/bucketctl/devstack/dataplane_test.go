@@ -3,6 +3,7 @@ package devstack_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
@@ -265,6 +267,7 @@ func TestBadInputTable(t *testing.T) {
 		{"multipart short by one byte", big, &uploadv1.UploadHeader{Size: int64(len(big)) + 1}, codes.InvalidArgument, "header.size"},
 		{"resumable not enabled", png, &uploadv1.UploadHeader{ContentType: "image/png", Resumable: true}, codes.Unimplemented, ""},
 		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument, "header.metadata"},
+		{"reserved sha256 metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"bucketlb-sha256": "x"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata value with a line break", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": "one\ntwo"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"clé": "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
@@ -398,6 +401,70 @@ func TestReadAndDeleteRefuseBadNames(t *testing.T) {
 				t.Fatalf("%s with a %s: %v (%d bytes), want InvalidArgument on %s", op, tc.name, status.Code(err), len(msg), tc.field)
 			}
 		}
+	}
+}
+
+// An object read back whole is checked against the sha256 it was stored
+// with: known for every object of one part, and for a multipart object
+// whose upload declared it. Bytes changed in the bucket behind the
+// service's back fail the read with ErrChecksumMismatch; a range read is
+// not checked.
+func TestReadsCheckTheStoredSHA256(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	small, large := e2e.RandomBytes(t, 1000), e2e.RandomBytes(t, 12<<20)
+	for _, tc := range []struct {
+		name    string
+		data    []byte
+		declare bool
+		want    string
+	}{
+		{"small", small, false, e2e.HexSHA(small)},
+		{"multipart, declared", large, true, e2e.HexSHA(large)},
+		{"multipart, not declared", large, false, ""},
+	} {
+		hdr := &uploadv1.UploadHeader{Metadata: map[string]string{"note": "x"}}
+		if tc.declare {
+			hdr.Sha256 = e2e.HexSHA(tc.data)
+		}
+		resp, err := put(ctx, env, tc.data, hdr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back bytes.Buffer
+		info, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}, &back, nil)
+		if err != nil || info.GetSha256() != tc.want || len(info.GetMetadata()) != 1 || !bytes.Equal(back.Bytes(), tc.data) {
+			t.Fatalf("%s: read back sha256 %q (want %q), metadata %v, err %v", tc.name, info.GetSha256(), tc.want, info.GetMetadata(), err)
+		}
+	}
+
+	// Other bytes under the small object's key, with its metadata.
+	resp, err := put(ctx, env, small, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw := env.Stack.S3
+	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {gw.AccessKey, gw.SecretKey}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	direct, err := store.Bucket(objstore.Target{ID: resp.GetBucketId(), Name: resp.GetBucketName(), Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := e2e.RandomBytes(t, len(small))
+	if _, err := direct.Put(ctx, objstore.PutInput{Key: resp.GetKey(), ContentType: "application/octet-stream", Metadata: map[string]string{"bucketlb-sha256": resp.GetSha256()}}, other); err != nil {
+		t.Fatal(err)
+	}
+	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}
+	if _, err := uploadclient.Get(ctx, env.Upload, req, io.Discard, nil); !errors.Is(err, uploadclient.ErrChecksumMismatch) {
+		t.Fatalf("read of changed bytes: %v, want ErrChecksumMismatch", err)
+	}
+	req.Offset, req.Length = 10, 100
+	if _, err := uploadclient.Get(ctx, env.Upload, req, io.Discard, nil); err != nil {
+		t.Fatalf("range read of changed bytes: %v, want no check", err)
 	}
 }
 

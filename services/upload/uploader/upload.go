@@ -41,9 +41,16 @@ const writeIDKey = "bucketlb-write-id"
 // client cannot send (or have echoed back in an error) a megabyte of one.
 const maxShortField = 256
 
+// sha256Key is the user metadata that carries an object's sha256 when the
+// service knows it before the write (always for one PUT, for multipart when
+// the client declared it), so a reader can check the bytes it gets.
+// GetObject returns it as ObjectInfo.sha256, not as metadata.
+const sha256Key = "bucketlb-sha256"
+
 // maxMetadata is the user metadata a client may send: S3's 2 KB of keys
-// and values, less the write id's entry (26 characters of rand.Text).
-const maxMetadata = 2048 - len(writeIDKey) - 26
+// and values, less the service's entries (the write id's 26 characters of
+// rand.Text, the sha256's 64 hex digits).
+const maxMetadata = 2048 - len(writeIDKey) - 26 - len(sha256Key) - 64
 
 // upload is the state of one Upload call.
 type upload struct {
@@ -185,7 +192,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
 	}
 	for k := range hdr.GetMetadata() {
-		if strings.EqualFold(k, writeIDKey) {
+		if strings.EqualFold(k, writeIDKey) || strings.EqualFold(k, sha256Key) {
 			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
 		}
 	}
@@ -194,19 +201,22 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
 		return nil, badField("header.metadata", "%s", p)
 	}
+	md := maps.Clone(hdr.GetMetadata())
+	if md == nil {
+		md = map[string]string{}
+	}
 	u := &upload{
 		hdr: hdr, key: key, size: hdr.GetSize(),
-		in: objstore.PutInput{Key: key, ContentType: hdr.GetContentType(), Metadata: hdr.GetMetadata()},
+		in: objstore.PutInput{Key: key, ContentType: hdr.GetContentType(), Metadata: md},
 	}
 	if !u.ownKey() {
 		// Under a client's key an older object may stand: the id tells
 		// this upload's object from it (see removeUnanswered).
 		u.writeID = rand.Text()
-		u.in.Metadata = maps.Clone(hdr.GetMetadata())
-		if u.in.Metadata == nil {
-			u.in.Metadata = map[string]string{}
-		}
-		u.in.Metadata[writeIDKey] = u.writeID
+		md[writeIDKey] = u.writeID
+	}
+	if d := hdr.GetSha256(); d != "" {
+		md[sha256Key] = d // a mismatch fails the upload before it completes
 	}
 	return u, nil
 }
@@ -249,6 +259,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	if want := u.hdr.GetSha256(); want != "" && want != digest {
 		return nil, badField("header.sha256", "sha256 of the received data is %s but the header declared %s", digest, want)
 	}
+	u.in.Metadata[sha256Key] = digest
 	var exclude []string
 	var lastErr error
 	for attempt := 0; attempt < s.cfg.MaxBucketAttempts; attempt++ {

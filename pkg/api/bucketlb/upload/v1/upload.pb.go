@@ -692,6 +692,11 @@ type ObjectInfo struct {
 	Metadata map[string]string `protobuf:"bytes,6,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Number of bytes this stream will carry (the range length).
 	ContentLength int64 `protobuf:"varint,7,opt,name=content_length,json=contentLength,proto3" json:"content_length,omitempty"`
+	// Lowercase hex SHA-256 of the whole object, when the service knew it as
+	// it wrote the object: always for an object of one part, for a multipart
+	// object when its upload declared one. A reader of the whole object
+	// checks the bytes against it (the Go client does); empty otherwise.
+	Sha256        string `protobuf:"bytes,8,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -773,6 +778,13 @@ func (x *ObjectInfo) GetContentLength() int64 {
 		return x.ContentLength
 	}
 	return 0
+}
+
+func (x *ObjectInfo) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
 }
 
 // DeleteObjectRequest names the object to remove.
@@ -924,7 +936,7 @@ const file_bucketlb_upload_v1_upload_proto_rawDesc = "" +
 	"\x11GetObjectResponse\x124\n" +
 	"\x04info\x18\x01 \x01(\v2\x1e.bucketlb.upload.v1.ObjectInfoH\x00R\x04info\x12\x16\n" +
 	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunkB\t\n" +
-	"\apayload\"\xb4\x02\n" +
+	"\apayload\"\xcc\x02\n" +
 	"\n" +
 	"ObjectInfo\x12\x1b\n" +
 	"\tbucket_id\x18\x01 \x01(\tR\bbucketId\x12\x10\n" +
@@ -933,7 +945,8 @@ const file_bucketlb_upload_v1_upload_proto_rawDesc = "" +
 	"\fcontent_type\x18\x04 \x01(\tR\vcontentType\x12\x12\n" +
 	"\x04etag\x18\x05 \x01(\tR\x04etag\x12H\n" +
 	"\bmetadata\x18\x06 \x03(\v2,.bucketlb.upload.v1.ObjectInfo.MetadataEntryR\bmetadata\x12%\n" +
-	"\x0econtent_length\x18\a \x01(\x03R\rcontentLength\x1a;\n" +
+	"\x0econtent_length\x18\a \x01(\x03R\rcontentLength\x12\x16\n" +
+	"\x06sha256\x18\b \x01(\tR\x06sha256\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"D\n" +
