@@ -87,6 +87,7 @@ type Metrics struct {
 	uploadDuration metric.Float64Histogram
 	uploadStreams  metric.Int64UpDownCounter
 	uploadBuffers  metric.Int64UpDownCounter
+	bufferWaiting  metric.Int64UpDownCounter
 	failovers      metric.Int64Counter
 	reservations   metric.Int64Counter
 	commits        metric.Int64Counter
@@ -132,6 +133,9 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	check(err)
 	m.uploadBuffers, err = mt.Int64UpDownCounter("bucketlb.upload.buffer",
 		metric.WithDescription("Bytes of object and part buffers the uploads on this replica hold (bounded by upload.bufferBudget)."), metric.WithUnit("By"))
+	check(err)
+	m.bufferWaiting, err = mt.Int64UpDownCounter("bucketlb.upload.buffer_waiting",
+		metric.WithDescription("Uploads and reads on this replica waiting for buffer room (upload.bufferBudget); for long above 0, the replica needs company."), metric.WithUnit("{call}"))
 	check(err)
 	m.failovers, err = mt.Int64Counter("bucketlb.upload.failovers",
 		metric.WithDescription("Uploads moved away from a bucket that failed mid-upload, by the bucket left."), metric.WithUnit("{failover}"))
@@ -233,6 +237,16 @@ func (m *Metrics) TrackUploadBuffer(ctx context.Context, n int64) (done func()) 
 	}
 	m.uploadBuffers.Add(ctx, n)
 	return func() { m.uploadBuffers.Add(context.WithoutCancel(ctx), -n) }
+}
+
+// TrackBufferWait counts a call waiting for buffer room until the returned
+// function is called (upload service).
+func (m *Metrics) TrackBufferWait(ctx context.Context) (done func()) {
+	if m == nil {
+		return func() {}
+	}
+	m.bufferWaiting.Add(ctx, 1)
+	return func() { m.bufferWaiting.Add(context.WithoutCancel(ctx), -1) }
 }
 
 // FailoverReason says why an upload left a bucket.

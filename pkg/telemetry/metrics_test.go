@@ -33,6 +33,8 @@ func recordAll(t *testing.T, m *telemetry.Metrics) {
 	held := m.TrackUploadBuffer(ctx, 8<<20)
 	m.TrackUploadBuffer(ctx, 1024)()
 	_ = held
+	waiting := m.TrackBufferWait(ctx)
+	_ = waiting // still waiting at the scrape
 	m.RecordFailover(ctx, "b2", telemetry.FailoverBucketFailed)
 	m.RecordFailover(ctx, "b2", telemetry.FailoverNoKeys)
 	m.RecordFailover(ctx, "b2", telemetry.FailoverNoKeys)

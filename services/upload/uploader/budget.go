@@ -30,7 +30,7 @@ type bufferBudget struct {
 	metrics *telemetry.Metrics
 	held    atomic.Int64
 	peak    atomic.Int64 // the most ever held at once
-	waiting atomic.Int64 // callers of acquire not yet answered
+	waiting atomic.Int64 // callers of acquire waiting for room
 }
 
 func newBufferBudget(total int64, wait time.Duration, m *telemetry.Metrics) *bufferBudget {
@@ -42,21 +42,10 @@ func newBufferBudget(total int64, wait time.Duration, m *telemetry.Metrics) *buf
 // frees in time, so the client retries, perhaps on another replica.
 func (b *bufferBudget) acquire(ctx context.Context, n int64) (release func(), err error) {
 	n = min(n, b.total)
-	wctx, cancel := context.WithTimeout(ctx, b.wait)
-	defer cancel()
-	b.waiting.Add(1)
-	err = b.sem.Acquire(wctx, n)
-	b.waiting.Add(-1)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+	if !b.sem.TryAcquire(n) {
+		if err := b.await(ctx, n); err != nil {
+			return nil, err
 		}
-		st := status.New(codes.Unavailable, fmt.Sprintf(
-			"this upload replica's buffers (%d bytes) stayed in use by other uploads for %v; retry shortly", b.total, b.wait))
-		if d, derr := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)}); derr == nil {
-			st = d
-		}
-		return nil, st.Err()
 	}
 	held := b.held.Add(n)
 	for p := b.peak.Load(); held > p && !b.peak.CompareAndSwap(p, held); p = b.peak.Load() {
@@ -67,4 +56,26 @@ func (b *bufferBudget) acquire(ctx context.Context, n int64) (release func(), er
 		b.held.Add(-n)
 		b.sem.Release(n)
 	}, nil
+}
+
+// await waits for n bytes of the budget, at most b.wait, counted as
+// waiting meanwhile: a replica whose calls keep waiting needs company.
+func (b *bufferBudget) await(ctx context.Context, n int64) error {
+	b.waiting.Add(1)
+	defer b.waiting.Add(-1)
+	defer b.metrics.TrackBufferWait(ctx)()
+	wctx, cancel := context.WithTimeout(ctx, b.wait)
+	defer cancel()
+	if err := b.sem.Acquire(wctx, n); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		st := status.New(codes.Unavailable, fmt.Sprintf(
+			"this upload replica's buffers (%d bytes) stayed in use by other uploads for %v; retry shortly", b.total, b.wait))
+		if d, derr := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)}); derr == nil {
+			st = d
+		}
+		return st.Err()
+	}
+	return nil
 }

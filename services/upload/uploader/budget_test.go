@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -105,6 +106,44 @@ func TestBufferBudgetWaitRunsOut(t *testing.T) {
 	}
 	readBack(ctx, t, st.Upload, resp, data, "retried upload")
 	st.waitNoReservations(t)
+}
+
+// An upload waiting for buffer room shows in bucketlb_upload_buffer_waiting
+// (what the BucketlbUploadsWaitForBuffers alert reads) until it gets room.
+func TestWaitingForBuffersIsMeasured(t *testing.T) {
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait, c.Metrics = budgetPart, budget, time.Minute, tel.Metrics()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	waiting := func() float64 {
+		v, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_upload_buffer_waiting", nil)
+		return v
+	}
+	release := holdBudget(t, st)
+	data := testenv.OpaqueBytes(t, 1024)
+	done := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "budget/waiter.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+		done <- err
+	}()
+	for deadline := time.Now().Add(15 * time.Second); waiting() != 1; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("bucketlb_upload_buffer_waiting = %v while an upload waits, want 1", waiting())
+		}
+	}
+	release()
+	if err := <-done; err != nil {
+		t.Fatalf("upload after the budget freed: %v", err)
+	}
+	if v := waiting(); v != 0 {
+		t.Fatalf("bucketlb_upload_buffer_waiting = %v after the upload got room, want 0", v)
+	}
 }
 
 // holdBudget starts a large upload that sends its first MiB and then

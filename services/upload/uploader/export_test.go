@@ -15,6 +15,5 @@ func (s *Server) BufferPeak() int64 { return s.buffers.peak.Load() }
 // BufferHeld is the upload buffer memory held now.
 func (s *Server) BufferHeld() int64 { return s.buffers.held.Load() }
 
-// BufferWaiters counts the calls waiting for buffer room (or about to be
-// answered).
+// BufferWaiters counts the calls waiting for buffer room.
 func (s *Server) BufferWaiters() int64 { return s.buffers.waiting.Load() }
