@@ -246,11 +246,18 @@ func (f *File) Validate() error {
 
 var idPattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
+// BucketIDRule says what ValidBucketID accepts.
+const BucketIDRule = "1–63 characters of a-z, 0-9 and '-'"
+
+// ValidBucketID reports whether id can name a bucket; callers that look
+// buckets up by a client's id refuse others without asking.
+func ValidBucketID(id string) bool { return idPattern.MatchString(id) }
+
 // ValidateSpec checks a bucket spec as stored in etcd or sent by an admin.
 func ValidateSpec(s *adminv1.BucketSpec) error {
 	switch {
-	case !idPattern.MatchString(s.GetId()):
-		return fmt.Errorf("id: %q must be 1–63 characters of a-z, 0-9 and '-'", s.GetId())
+	case !ValidBucketID(s.GetId()):
+		return fmt.Errorf("id: %q must be %s", s.GetId(), BucketIDRule)
 	case s.GetName() == "":
 		return fmt.Errorf("name: bucket %q needs an S3 bucket name", s.GetId())
 	case s.GetEndpoint() == "" && s.GetAccountId() == "":

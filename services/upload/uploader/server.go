@@ -17,6 +17,7 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -259,9 +260,6 @@ func (s *Server) backoff(ctx context.Context, attempt int) error {
 	}
 }
 
-// maxBucketID is the longest bucket id an admin can configure.
-const maxBucketID = 63
-
 // getChunk is the size of the chunks GetObject sends.
 const getChunk = 256 << 10
 
@@ -349,8 +347,9 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if bucketID == "" {
 		return nil, badField("bucket_id", "bucket_id is required")
 	}
-	if len(bucketID) > maxBucketID {
-		return nil, badField("bucket_id", "bucket ids are at most %d characters; this one has %d", maxBucketID, len(bucketID))
+	if !config.ValidBucketID(bucketID) {
+		// No bucket has such an id; the allocator need not be asked.
+		return nil, badField("bucket_id", "bucket ids are %s; this one (%d bytes) is not", config.BucketIDRule, len(bucketID))
 	}
 	if key == "" {
 		return nil, badField("key", "key is required")
