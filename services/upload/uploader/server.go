@@ -293,10 +293,10 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	// one that stops sending an upload, so it cannot pin the buffers.
 	snd := newPacedStream(stream.SendMsg, s.cfg.IdleTimeout, "the client read nothing for %v, so the read was ended")
 	defer snd.close()
-	// The service's entries, not the client's.
 	sum := info.Metadata[sha256Key]
-	delete(info.Metadata, writeIDKey)
-	delete(info.Metadata, sha256Key)
+	for _, k := range serviceKeys { // the service's entries, not the client's
+		delete(info.Metadata, k)
+	}
 	if err := snd.do(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
 		BucketId: req.GetBucketId(), Key: req.GetKey(), Size: info.Size, ContentType: info.ContentType,
 		Etag: info.ETag, Metadata: info.Metadata, ContentLength: info.ContentLength, Sha256: sum,

@@ -47,6 +47,10 @@ const maxShortField = 256
 // GetObject returns it as ObjectInfo.sha256, not as metadata.
 const sha256Key = "bucketlb-sha256"
 
+// serviceKeys are the user metadata keys the service writes itself: a
+// client may not send them, and GetObject does not return them as metadata.
+var serviceKeys = []string{writeIDKey, sha256Key}
+
 // maxMetadata is the user metadata a client may send: S3's 2 KB of keys
 // and values, less the service's entries (the write id's 26 characters of
 // rand.Text, the sha256's 64 hex digits).
@@ -192,8 +196,10 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
 	}
 	for k := range hdr.GetMetadata() {
-		if strings.EqualFold(k, writeIDKey) || strings.EqualFold(k, sha256Key) {
-			return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
+		for _, sk := range serviceKeys {
+			if strings.EqualFold(k, sk) {
+				return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
+			}
 		}
 	}
 	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
