@@ -49,11 +49,11 @@ func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration)
 	return newPacedStream(stream.RecvMsg, idle, "nothing arrived from the client for %v, so the upload was abandoned and nothing was stored")
 }
 
-// oversized is the error for a chunk over MaxChunk that passed gRPC's
-// message limit (past it, gRPC itself answers RESOURCE_EXHAUSTED before
-// the handler sees the message); what says by how much.
-func oversized(what string) error {
-	return badField("chunk", "a data chunk was larger than this service accepts (%s); send the data in chunks of at most %d bytes (64 KiB to 1 MiB works best)", what, MaxChunk)
+// oversized is the error for a chunk of size bytes, over MaxChunk, that
+// passed gRPC's message limit (past it, gRPC itself answers
+// RESOURCE_EXHAUSTED before the handler sees the message).
+func oversized(size int) error {
+	return badField("chunk", "a data chunk was larger than this service accepts (%d bytes); send the data in chunks of at most %d bytes (64 KiB to 1 MiB works best)", size, MaxChunk)
 }
 
 // do runs the call on m, or fails with errIdle when it does not return
@@ -125,10 +125,15 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 		if r.msg.GetHeader() != nil {
 			return 0, badRequest("a second header arrived after %d bytes of data; send exactly one header first", r.read)
 		}
-		if t := r.target; t.hit {
-			if t.n+len(t.rest) > MaxChunk {
-				return 0, oversized(fmt.Sprintf("%d bytes", t.n+len(t.rest)))
-			}
+		t := r.target
+		size := len(r.msg.GetChunk())
+		if t.hit {
+			size = t.n + len(t.rest)
+		}
+		if size > MaxChunk {
+			return 0, oversized(size)
+		}
+		if t.hit {
 			// The codec already wrote t.n bytes into p.
 			r.pending, t.rest = t.rest, nil
 			if t.n > 0 {
@@ -137,9 +142,6 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			continue
 		}
 		r.pending = r.msg.GetChunk()
-		if len(r.pending) > MaxChunk {
-			return 0, oversized(fmt.Sprintf("%d bytes", len(r.pending)))
-		}
 	}
 	n, err := r.advance(copy(p, r.pending))
 	if err != nil {
