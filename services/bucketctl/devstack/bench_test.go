@@ -32,16 +32,7 @@ func BenchmarkUploadPath(b *testing.B) {
 		}
 	}})
 	ctx := context.Background()
-	gw := env.Stack.S3
-	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {gw.AccessKey, gw.SecretKey}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(store.Close)
-	direct, err := store.Bucket(objstore.Target{ID: "dev-cold", Name: "dev-cold", Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		b.Fatal(err)
-	}
+	direct := env.Direct(b, "dev-cold")
 
 	// Large: 256 MiB, 8 MiB parts, 2 in flight on both sides. The gateway
 	// slows down as its disk takes in the data of earlier uploads (its

@@ -444,18 +444,8 @@ func TestReadsCheckTheStoredSHA256(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gw := env.Stack.S3
-	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {gw.AccessKey, gw.SecretKey}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	direct, err := store.Bucket(objstore.Target{ID: resp.GetBucketId(), Name: resp.GetBucketName(), Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	other := e2e.RandomBytes(t, len(small))
-	if _, err := direct.Put(ctx, objstore.PutInput{Key: resp.GetKey(), ContentType: "application/octet-stream", Metadata: map[string]string{"bucketlb-sha256": resp.GetSha256()}}, other); err != nil {
+	if _, err := env.Direct(t, resp.GetBucketId()).Put(ctx, objstore.PutInput{Key: resp.GetKey(), ContentType: "application/octet-stream", Metadata: map[string]string{"bucketlb-sha256": resp.GetSha256()}}, other); err != nil {
 		t.Fatal(err)
 	}
 	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}

@@ -25,11 +25,6 @@ import (
 func BenchmarkReadPath(b *testing.B) {
 	env := e2e.StartWith(b, devstack.Options{S3Dir: testenv.MemoryDir(b)})
 	ctx := context.Background()
-	store, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {env.Stack.S3.AccessKey, env.Stack.S3.SecretKey}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(store.Close)
 	// stored uploads data through the service and returns where it went,
 	// with a direct client for that bucket.
 	stored := func(data []byte) (*uploadv1.GetObjectRequest, *objstore.Bucket) {
@@ -38,12 +33,7 @@ func BenchmarkReadPath(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		gw := env.Stack.S3
-		direct, err := store.Bucket(objstore.Target{ID: resp.GetBucketId(), Name: resp.GetBucketName(), Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}, direct
+		return &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}, env.Direct(b, resp.GetBucketId())
 	}
 	readDirect := func(direct *objstore.Bucket, key string) (int64, error) {
 		body, _, err := direct.Get(ctx, key, 0, 0)

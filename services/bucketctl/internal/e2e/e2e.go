@@ -22,6 +22,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
@@ -33,6 +34,7 @@ type Env struct {
 	Upload uploadv1.UploadServiceClient
 	Admin  adminv1.AdminServiceClient
 	S3     *s3.Client
+	store  *objstore.Store // for Direct
 }
 
 // Start runs a dev stack on OS-chosen loopback ports in a temp dir.
@@ -77,7 +79,35 @@ func StartWith(t testing.TB, opts devstack.Options) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Env{Stack: st, Upload: uploadv1.NewUploadServiceClient(uc), Admin: adminv1.NewAdminServiceClient(ac), S3: s3c}
+	store, err := objstore.New(objstore.Options{
+		Credentials: objstore.StaticCredentials{directRef: {st.S3.AccessKey, st.S3.SecretKey}}, CAFile: st.S3.CAFile,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+	return &Env{Stack: st, Upload: uploadv1.NewUploadServiceClient(uc), Admin: adminv1.NewAdminServiceClient(ac), S3: s3c, store: store}
+}
+
+const directRef = "DEV"
+
+// Direct is a handle on the stack's bucket id through the S3 SDK alone,
+// bypassing the service: the baseline of a benchmark, or a test changing
+// what a bucket holds behind the service's back.
+func (e *Env) Direct(t testing.TB, id string) *objstore.Bucket {
+	t.Helper()
+	name := id
+	for _, b := range e.Stack.Buckets {
+		if b.GetId() == id {
+			name = b.GetName()
+		}
+	}
+	gw := e.Stack.S3
+	b, err := e.store.Bucket(objstore.Target{ID: id, Name: name, Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: directRef, PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // AdminCtx returns a context carrying the admin token.
