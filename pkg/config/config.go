@@ -77,6 +77,11 @@ type Upload struct {
 	// uploads and reads beyond it wait for room.
 	// Keep it well under the container's memory limit.
 	BufferBudget ByteSize `json:"bufferBudget"`
+	// ClientBufferShare bounds the part of bufferBudget one client holds
+	// at once, so one client's streams cannot keep the others waiting;
+	// a client past it waits, then gets RESOURCE_EXHAUSTED. Default (0) a
+	// quarter of bufferBudget; set it to bufferBudget for no bound.
+	ClientBufferShare ByteSize `json:"clientBufferShare"`
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable).
 	BufferWait Duration `json:"bufferWait"`
@@ -220,6 +225,9 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.BufferBudget < minBufferBudget {
 		errs = append(errs, fmt.Errorf("upload.bufferBudget: %d bytes is less than one large upload's two 8 MiB part buffers (16MiB)", f.Upload.BufferBudget))
+	}
+	if f.Upload.ClientBufferShare < 0 || f.Upload.ClientBufferShare > f.Upload.BufferBudget {
+		errs = append(errs, fmt.Errorf("upload.clientBufferShare: %d bytes is not between 0 (a quarter of upload.bufferBudget) and upload.bufferBudget (%d bytes)", f.Upload.ClientBufferShare, f.Upload.BufferBudget))
 	}
 	if f.Upload.BufferWait.D() <= 0 {
 		errs = append(errs, errors.New("upload.bufferWait: must be positive"))

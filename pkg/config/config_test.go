@@ -110,6 +110,7 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"bad duration", "allocator:\n  reservationTTL: soon\n", "soon"},
 		{"short ttl", "allocator:\n  reservationTTL: 1s\n", "reservationTTL"},
 		{"small buffer budget", "upload:\n  bufferBudget: 4MiB\n", "bufferBudget"},
+		{"client share over the budget", "upload:\n  bufferBudget: 64MiB\n  clientBufferShare: 65MiB\n", "clientBufferShare"},
 		{"no idle timeout", "upload:\n  idleTimeout: 0s\n", "idleTimeout"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
 		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},

@@ -95,6 +95,7 @@ func run(log *slog.Logger) error {
 		CAFile:              cfg.Upload.CAFile,
 		BufferParts:         cfg.Upload.BufferParts,
 		BufferBudget:        int64(cfg.Upload.BufferBudget),
+		ClientBufferShare:   int64(cfg.Upload.ClientBufferShare),
 		BufferWait:          cfg.Upload.BufferWait.D(),
 		IdleTimeout:         cfg.Upload.IdleTimeout.D(),
 		Metrics:             tel.Metrics(),

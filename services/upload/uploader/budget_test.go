@@ -4,15 +4,18 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -146,12 +149,13 @@ func TestWaitingForBuffersIsMeasured(t *testing.T) {
 	}
 }
 
-// holdBudget starts a large upload that sends its first MiB and then
-// waits, holding the whole buffer budget, until the returned function is
-// called; that function returns once the budget is free again.
+// holdBudget starts a large upload, as another client than the test's own
+// calls, that sends its first MiB and then waits, holding the whole buffer
+// budget, until the returned function is called; that function returns
+// once the budget is free again.
 func holdBudget(t testing.TB, st *stack) (release func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(asClient(context.Background(), "budget-holder"))
 	t.Cleanup(cancel)
 	openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "budget/holder.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart},
 		testenv.OpaqueBytes(t, 1<<20))
@@ -160,6 +164,11 @@ func holdBudget(t testing.TB, st *stack) (release func()) {
 		cancel()
 		waitHeld(t, st, 0)
 	}
+}
+
+// asClient names the caller of ctx's calls, as a client without mTLS does.
+func asClient(ctx context.Context, id string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, ratelimit.ClientIDKey, id)
 }
 
 // waitHeld polls until the server holds want bytes of upload buffers.
@@ -205,4 +214,58 @@ func hasRetryInfo(err error) bool {
 		}
 	}
 	return false
+}
+
+// One client cannot keep the others waiting: with the default share (a
+// quarter of the budget, here less than one large upload's two parts), a
+// client holding one idle large upload gets RESOURCE_EXHAUSTED with a
+// retry delay for its next upload, which stores and counts nothing, while
+// another client's uploads go through at once. When its stream ends the
+// client uploads again, and no client is left tracked.
+func TestClientShareKeepsRoomForOthers(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, 36<<20, 300*time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	greedy, other := asClient(ctx, "greedy"), asClient(ctx, "other")
+	hctx, stopHolder := context.WithCancel(greedy)
+	defer stopHolder()
+	openUpload(hctx, t, st.Upload, &uploadv1.UploadHeader{Key: "share/holder.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart},
+		testenv.OpaqueBytes(t, 1<<20))
+	waitHeld(t, st, 2*budgetPart)
+	usedBefore, _ := st.usage(t)
+
+	small := testenv.OpaqueBytes(t, 1024)
+	_, err := send(greedy, st.Upload, &uploadv1.UploadHeader{Key: "share/greedy.bin", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
+	if status.Code(err) != codes.ResourceExhausted || !hasRetryInfo(err) || !strings.Contains(err.Error(), "share") {
+		t.Fatalf("second upload of a client holding its share: %v, want RESOURCE_EXHAUSTED about its share, with a retry delay", err)
+	}
+	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != usedBefore[st.Buckets[0].GetId()] {
+		t.Fatalf("usage moved from %v to %v for an upload turned away", usedBefore, used)
+	}
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: st.Buckets[0].GetId(), Key: "share/greedy.bin"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("read of the refused upload's key: %v, want NOT_FOUND", err)
+	}
+
+	large := testenv.OpaqueBytes(t, 3*budgetPart-1000)
+	for name, data := range map[string][]byte{"share/other-small.bin": small, "share/other-large.bin": large} {
+		resp, err := send(other, st.Upload, &uploadv1.UploadHeader{Key: name, ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+		if err != nil {
+			t.Fatalf("another client's upload of %s: %v", name, err)
+		}
+		readBack(ctx, t, st.Upload, resp, data, name)
+	}
+
+	stopHolder()
+	waitHeld(t, st, 0)
+	resp, err := send(greedy, st.Upload, &uploadv1.UploadHeader{Key: "share/greedy.bin", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
+	if err != nil {
+		t.Fatalf("the client's upload once its stream ended: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, small, "greedy client's retry")
+	if n := st.Server.BufferClients(); n != 0 {
+		t.Fatalf("%d clients still tracked by the buffer budget after every call ended", n)
+	}
+	st.waitNoReservations(t)
 }

@@ -17,3 +17,10 @@ func (s *Server) BufferHeld() int64 { return s.buffers.held.Load() }
 
 // BufferWaiters counts the calls waiting for buffer room.
 func (s *Server) BufferWaiters() int64 { return s.buffers.waiting.Load() }
+
+// BufferClients counts the clients holding or awaiting buffer room.
+func (s *Server) BufferClients() int {
+	s.buffers.mu.Lock()
+	defer s.buffers.mu.Unlock()
+	return len(s.buffers.clients)
+}

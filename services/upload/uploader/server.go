@@ -68,6 +68,13 @@ type Config struct {
 	// budget waits for all of it.
 	// Keep it well under the process's memory limit. Default 512 MiB.
 	BufferBudget int64
+	// ClientBufferShare bounds the part of BufferBudget one client (as the
+	// rate limiter names it) holds at once, so one client's streams cannot
+	// keep every other client waiting; a call whose buffers exceed it
+	// waits for all of it. A client past it waits, then gets
+	// RESOURCE_EXHAUSTED. Default a quarter of BufferBudget; set it to
+	// BufferBudget for no per-client bound.
+	ClientBufferShare int64
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable); default 10s.
 	BufferWait time.Duration
@@ -149,6 +156,9 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	if cfg.BufferBudget == 0 {
 		cfg.BufferBudget = 512 << 20
 	}
+	if cfg.ClientBufferShare == 0 {
+		cfg.ClientBufferShare = cfg.BufferBudget / 4
+	}
 	if cfg.BufferWait == 0 {
 		cfg.BufferWait = 10 * time.Second
 	}
@@ -170,7 +180,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
 		codec:       newChunkCodec(),
-		buffers:     newBufferBudget(cfg.BufferBudget, cfg.BufferWait, cfg.Metrics),
+		buffers:     newBufferBudget(cfg.BufferBudget, cfg.ClientBufferShare, cfg.BufferWait, cfg.Metrics, log),
 		targets:     newTargetCache(cfg.Now),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }
