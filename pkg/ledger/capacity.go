@@ -44,7 +44,7 @@ type Capacity struct {
 	writes  chan *write
 	stopped chan struct{} // closed when Run returns
 
-	markers, idems rotatingLease
+	markers, idems, claims rotatingLease
 }
 
 // rotatingLease is a lease many keys hang on, replaced every quarter of

@@ -22,6 +22,8 @@
 //	commits/<reservation>                commit marker; makes Commit exactly-once
 //	idem/<sha256(idempotency key)>       first upload's result, written with the
 //	                                     usage in the commit transaction
+//	idemclaim/<sha256(idempotency key)>  "<token> <lapses, unix ns>": the upload
+//	                                     holding the key while it runs
 //
 // Invariant (no overcommit): for every bucket, base usage plus all usage
 // shards plus all blocks never exceeds the monthly limit, at every etcd

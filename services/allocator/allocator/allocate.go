@@ -43,6 +43,13 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: unknown strategy %v", errInvalid, kind)
 	}
+	if cl := req.GetClaim(); cl != nil {
+		// Before any capacity is held: a second upload under the key is
+		// turned away without a reservation to give back.
+		if _, err := s.capacity.Claim(ctx, cl.GetIdempotencyKey(), cl.GetToken(), s.cfg.ReservationTTL); err != nil {
+			return nil, nil, err
+		}
+	}
 	usage, err := s.usages(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -152,6 +159,13 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	if cl := req.GetClaim(); cl != nil {
+		// A record under the key means the upload will learn at its
+		// Commit that another one won; until then nothing is to be held.
+		if _, err := s.capacity.Claim(ctx, cl.GetIdempotencyKey(), cl.GetToken(), s.cfg.ReservationTTL); err != nil && !errors.Is(err, ledger.ErrRecorded) {
+			return nil, toStatus(ctx, err)
+		}
+	}
 	if re {
 		s.log.Info("re-established a lapsed reservation", "reservation", req.GetReservationId(), "bucket", b.GetId())
 	}
@@ -221,6 +235,14 @@ func (s *Server) GetUploadRecord(ctx context.Context, req *allocatorv1.GetUpload
 		return nil, toStatus(ctx, err)
 	}
 	return &allocatorv1.GetUploadRecordResponse{Record: rec}, nil
+}
+
+// EndClaim implements AllocatorService.
+func (s *Server) EndClaim(ctx context.Context, req *allocatorv1.EndClaimRequest) (*allocatorv1.EndClaimResponse, error) {
+	if err := s.capacity.EndClaim(ctx, req.GetClaim().GetIdempotencyKey(), req.GetClaim().GetToken()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
+	return &allocatorv1.EndClaimResponse{}, nil
 }
 
 // Release implements AllocatorService.

@@ -33,6 +33,7 @@ type Allocator interface {
 	ReportOutcome(ctx context.Context, in *allocatorv1.ReportOutcomeRequest, opts ...grpc.CallOption) (*allocatorv1.ReportOutcomeResponse, error)
 	LookupBucket(ctx context.Context, in *allocatorv1.LookupBucketRequest, opts ...grpc.CallOption) (*allocatorv1.LookupBucketResponse, error)
 	GetUploadRecord(ctx context.Context, in *allocatorv1.GetUploadRecordRequest, opts ...grpc.CallOption) (*allocatorv1.GetUploadRecordResponse, error)
+	EndClaim(ctx context.Context, in *allocatorv1.EndClaimRequest, opts ...grpc.CallOption) (*allocatorv1.EndClaimResponse, error)
 }
 
 var _ Allocator = allocatorv1.AllocatorServiceClient(nil)

@@ -65,6 +65,10 @@ type upload struct {
 	in      objstore.PutInput
 	reader  *chunkReader
 	head    []byte // first bytes, already read for sniffing
+	// claim holds the idempotency key while the upload runs, when it
+	// writes under a client's key: a second upload under the same key
+	// would replace the object the first one records.
+	claim *allocatorv1.IdempotencyClaim
 }
 
 // ownKey reports a key the service generated (128 random bits): no other
@@ -143,10 +147,20 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err := s.mime.CheckData(hdr.GetContentType(), u.head); err != nil {
 		return nil, badField("header.content_type", "%v", err)
 	}
+	var resp *uploadv1.UploadResponse
 	if small {
-		return s.uploadSmall(ctx, u)
+		resp, err = s.uploadSmall(ctx, u)
+	} else {
+		resp, err = s.uploadLarge(ctx, u)
 	}
-	return s.uploadLarge(ctx, u)
+	var rp *replayed
+	switch {
+	case errors.As(err, &rp):
+		return rp.resp, nil
+	case err != nil && u.claim != nil:
+		s.endClaim(ctx, u.claim)
+	}
+	return resp, err
 }
 
 func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
@@ -220,6 +234,9 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		// this upload's object from it (see removeUnanswered).
 		u.writeID = rand.Text()
 		md[writeIDKey] = u.writeID
+		if k := hdr.GetIdempotencyKey(); k != "" {
+			u.claim = &allocatorv1.IdempotencyClaim{IdempotencyKey: k, Token: u.writeID}
+		}
 	}
 	if d := hdr.GetSha256(); d != "" {
 		md[sha256Key] = d // a mismatch fails the upload before it completes
@@ -230,9 +247,38 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*allocatorv1.AllocateResponse, error) {
 	// A reservation holds at least one byte, so an empty object reserves
 	// one while it is written and commits 0.
-	return s.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{
-		Size: max(u.size, 1), AffinityKey: u.hdr.GetAffinityKey(), ExcludeBucketIds: exclude,
+	a, err := s.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{
+		Size: max(u.size, 1), AffinityKey: u.hdr.GetAffinityKey(), ExcludeBucketIds: exclude, Claim: u.claim,
 	})
+	if status.Code(err) == codes.AlreadyExists && u.claim != nil {
+		// Another upload under the key finished after this one began.
+		rec, rerr := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: u.claim.GetIdempotencyKey()})
+		if rerr != nil {
+			return nil, rerr
+		}
+		if err := reusedFor(rec.GetRecord(), u.size, u.hdr.GetSha256(), u.hdr.GetKey()); err != nil {
+			return nil, err
+		}
+		return nil, &replayed{resp: replay(rec.GetRecord())}
+	}
+	return a, err
+}
+
+// replayed ends an upload with the result another upload under its
+// idempotency key recorded.
+type replayed struct{ resp *uploadv1.UploadResponse }
+
+func (r *replayed) Error() string { return "an upload under this idempotency key already finished" }
+
+// endClaim gives the upload's idempotency key back after the upload
+// failed, so a retry need not wait for the claim to lapse. It runs after
+// the client may have gone, and a claim it cannot end lapses by itself.
+func (s *Server) endClaim(ctx context.Context, cl *allocatorv1.IdempotencyClaim) {
+	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, err := s.alloc.EndClaim(ectx, &allocatorv1.EndClaimRequest{Claim: cl}); err != nil {
+		s.log.Warn("could not give back an idempotency claim; it lapses with the reservation TTL", "error", err.Error())
+	}
 }
 
 // openGranted returns a handle on the bucket the allocator granted. When
@@ -485,7 +531,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 
 	upCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	renewDone := s.keepRenewing(upCtx, a, cancel)
+	renewDone := s.keepRenewing(upCtx, a, u.claim, cancel)
 	defer renewDone()
 
 	h := sha256.New()
@@ -793,7 +839,7 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 // keepRenewing renews the reservation every third of its lifetime until
 // stopped. If the allocator says the reservation is lost, it cancels the
 // upload: bytes no live reservation covers must not be committed.
-func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, cancel context.CancelCauseFunc) func() {
+func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
 	ttl := time.Until(a.GetExpiresAt().AsTime())
 	if ttl <= 0 {
 		ttl = 3 * time.Second
@@ -814,11 +860,17 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			}
 			rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
 			_, err := s.alloc.Renew(rctx, &allocatorv1.RenewRequest{
-				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
+				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(), Claim: claim,
 			})
 			rcancel()
 			if status.Code(err) == codes.FailedPrecondition {
 				cancel(fmt.Errorf("%w: the reservation for this upload lapsed and the bucket has no room to grant it again", errBucket))
+				return
+			}
+			if status.Code(err) == codes.Aborted {
+				// The claim lapsed (the allocator was out of reach) and
+				// another upload holds the key now: both must not write.
+				cancel(status.Error(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
 				return
 			}
 			if err != nil {

@@ -265,7 +265,13 @@ type AllocateRequest struct {
 	// Bucket ids the caller must not get (buckets that already failed it).
 	ExcludeBucketIds []string `protobuf:"bytes,3,rep,name=exclude_bucket_ids,json=excludeBucketIds,proto3" json:"exclude_bucket_ids,omitempty"`
 	// Optional per-request override of the deployment's strategy.
-	Strategy      Strategy `protobuf:"varint,4,opt,name=strategy,proto3,enum=bucketlb.allocator.v1.Strategy" json:"strategy,omitempty"`
+	Strategy Strategy `protobuf:"varint,4,opt,name=strategy,proto3,enum=bucketlb.allocator.v1.Strategy" json:"strategy,omitempty"`
+	// Optional: hold the idempotency key for this upload while it runs, so
+	// two uploads under one key cannot both write (under a client's object
+	// key, the later write would replace the object the first one recorded).
+	// An upload keeps its claim across its Allocates (failover) by sending
+	// the same token.
+	Claim         *IdempotencyClaim `protobuf:"bytes,5,opt,name=claim,proto3" json:"claim,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -328,6 +334,69 @@ func (x *AllocateRequest) GetStrategy() Strategy {
 	return Strategy_STRATEGY_UNSPECIFIED
 }
 
+func (x *AllocateRequest) GetClaim() *IdempotencyClaim {
+	if x != nil {
+		return x.Claim
+	}
+	return nil
+}
+
+// IdempotencyClaim names an idempotency key and the upload holding it. A
+// claim lapses one reservation TTL after it was taken or last renewed.
+type IdempotencyClaim struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The client's idempotency key.
+	IdempotencyKey string `protobuf:"bytes,1,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	// Random token of the upload (1 to 64 letters, digits, '-' or '_').
+	Token         string `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdempotencyClaim) Reset() {
+	*x = IdempotencyClaim{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdempotencyClaim) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdempotencyClaim) ProtoMessage() {}
+
+func (x *IdempotencyClaim) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdempotencyClaim.ProtoReflect.Descriptor instead.
+func (*IdempotencyClaim) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *IdempotencyClaim) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *IdempotencyClaim) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
 // AllocateResponse carries the reservation.
 type AllocateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -347,7 +416,7 @@ type AllocateResponse struct {
 
 func (x *AllocateResponse) Reset() {
 	*x = AllocateResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[2]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -359,7 +428,7 @@ func (x *AllocateResponse) String() string {
 func (*AllocateResponse) ProtoMessage() {}
 
 func (x *AllocateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[2]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -372,7 +441,7 @@ func (x *AllocateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllocateResponse.ProtoReflect.Descriptor instead.
 func (*AllocateResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{2}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AllocateResponse) GetReservationId() string {
@@ -420,13 +489,16 @@ type RenewRequest struct {
 	BucketId string `protobuf:"bytes,2,opt,name=bucket_id,json=bucketId,proto3" json:"bucket_id,omitempty"`
 	// Bytes reserved, as returned by Allocate.
 	ReservedBytes int64 `protobuf:"varint,3,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
+	// The upload's idempotency claim, if it took one: renewed with the
+	// reservation. ABORTED if it lapsed and another upload took the key.
+	Claim         *IdempotencyClaim `protobuf:"bytes,4,opt,name=claim,proto3" json:"claim,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RenewRequest) Reset() {
 	*x = RenewRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[3]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -438,7 +510,7 @@ func (x *RenewRequest) String() string {
 func (*RenewRequest) ProtoMessage() {}
 
 func (x *RenewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[3]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -451,7 +523,7 @@ func (x *RenewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
 func (*RenewRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{3}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RenewRequest) GetReservationId() string {
@@ -475,6 +547,13 @@ func (x *RenewRequest) GetReservedBytes() int64 {
 	return 0
 }
 
+func (x *RenewRequest) GetClaim() *IdempotencyClaim {
+	if x != nil {
+		return x.Claim
+	}
+	return nil
+}
+
 // RenewResponse reports the new expiry.
 type RenewResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -488,7 +567,7 @@ type RenewResponse struct {
 
 func (x *RenewResponse) Reset() {
 	*x = RenewResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[4]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -500,7 +579,7 @@ func (x *RenewResponse) String() string {
 func (*RenewResponse) ProtoMessage() {}
 
 func (x *RenewResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[4]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -513,7 +592,7 @@ func (x *RenewResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewResponse.ProtoReflect.Descriptor instead.
 func (*RenewResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{4}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RenewResponse) GetExpiresAt() *timestamppb.Timestamp {
@@ -561,7 +640,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[5]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +652,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[5]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +665,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{5}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CommitRequest) GetReservationId() string {
@@ -672,7 +751,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[6]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +763,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[6]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +776,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{6}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CommitResponse) GetAlreadyCommitted() bool {
@@ -751,7 +830,7 @@ type UploadRecord struct {
 
 func (x *UploadRecord) Reset() {
 	*x = UploadRecord{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +842,7 @@ func (x *UploadRecord) String() string {
 func (*UploadRecord) ProtoMessage() {}
 
 func (x *UploadRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[7]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +855,7 @@ func (x *UploadRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadRecord.ProtoReflect.Descriptor instead.
 func (*UploadRecord) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{7}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UploadRecord) GetBucketId() string {
@@ -839,7 +918,7 @@ type GetUploadRecordRequest struct {
 
 func (x *GetUploadRecordRequest) Reset() {
 	*x = GetUploadRecordRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -851,7 +930,7 @@ func (x *GetUploadRecordRequest) String() string {
 func (*GetUploadRecordRequest) ProtoMessage() {}
 
 func (x *GetUploadRecordRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[8]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -864,7 +943,7 @@ func (x *GetUploadRecordRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadRecordRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadRecordRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{8}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetUploadRecordRequest) GetIdempotencyKey() string {
@@ -885,7 +964,7 @@ type GetUploadRecordResponse struct {
 
 func (x *GetUploadRecordResponse) Reset() {
 	*x = GetUploadRecordResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +976,7 @@ func (x *GetUploadRecordResponse) String() string {
 func (*GetUploadRecordResponse) ProtoMessage() {}
 
 func (x *GetUploadRecordResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[9]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +989,7 @@ func (x *GetUploadRecordResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadRecordResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadRecordResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{9}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetUploadRecordResponse) GetRecord() *UploadRecord {
@@ -933,7 +1012,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -945,7 +1024,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[10]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -958,7 +1037,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{10}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReleaseRequest) GetReservationId() string {
@@ -984,7 +1063,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -996,7 +1075,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[11]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1009,7 +1088,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{11}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{12}
 }
 
 // ReportOutcomeRequest reports one request's result.
@@ -1029,7 +1108,7 @@ type ReportOutcomeRequest struct {
 
 func (x *ReportOutcomeRequest) Reset() {
 	*x = ReportOutcomeRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1041,7 +1120,7 @@ func (x *ReportOutcomeRequest) String() string {
 func (*ReportOutcomeRequest) ProtoMessage() {}
 
 func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[12]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1054,7 +1133,7 @@ func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{12}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReportOutcomeRequest) GetBucketId() string {
@@ -1100,7 +1179,7 @@ type ReportOutcomeResponse struct {
 
 func (x *ReportOutcomeResponse) Reset() {
 	*x = ReportOutcomeResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1191,7 @@ func (x *ReportOutcomeResponse) String() string {
 func (*ReportOutcomeResponse) ProtoMessage() {}
 
 func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[13]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1204,7 @@ func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{13}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReportOutcomeResponse) GetHealthScore() int32 {
@@ -1160,7 +1239,7 @@ type LookupBucketRequest struct {
 
 func (x *LookupBucketRequest) Reset() {
 	*x = LookupBucketRequest{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1251,7 @@ func (x *LookupBucketRequest) String() string {
 func (*LookupBucketRequest) ProtoMessage() {}
 
 func (x *LookupBucketRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[14]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1264,7 @@ func (x *LookupBucketRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupBucketRequest.ProtoReflect.Descriptor instead.
 func (*LookupBucketRequest) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{14}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LookupBucketRequest) GetBucketId() string {
@@ -1206,7 +1285,7 @@ type LookupBucketResponse struct {
 
 func (x *LookupBucketResponse) Reset() {
 	*x = LookupBucketResponse{}
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1218,7 +1297,7 @@ func (x *LookupBucketResponse) String() string {
 func (*LookupBucketResponse) ProtoMessage() {}
 
 func (x *LookupBucketResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[15]
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1231,7 +1310,7 @@ func (x *LookupBucketResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LookupBucketResponse.ProtoReflect.Descriptor instead.
 func (*LookupBucketResponse) Descriptor() ([]byte, []int) {
-	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{15}
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *LookupBucketResponse) GetBucket() *BucketTarget {
@@ -1239,6 +1318,89 @@ func (x *LookupBucketResponse) GetBucket() *BucketTarget {
 		return x.Bucket
 	}
 	return nil
+}
+
+// EndClaimRequest names the claim to give up.
+type EndClaimRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The claim, as sent with Allocate.
+	Claim         *IdempotencyClaim `protobuf:"bytes,1,opt,name=claim,proto3" json:"claim,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndClaimRequest) Reset() {
+	*x = EndClaimRequest{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndClaimRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndClaimRequest) ProtoMessage() {}
+
+func (x *EndClaimRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndClaimRequest.ProtoReflect.Descriptor instead.
+func (*EndClaimRequest) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *EndClaimRequest) GetClaim() *IdempotencyClaim {
+	if x != nil {
+		return x.Claim
+	}
+	return nil
+}
+
+// EndClaimResponse is empty.
+type EndClaimResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndClaimResponse) Reset() {
+	*x = EndClaimResponse{}
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndClaimResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndClaimResponse) ProtoMessage() {}
+
+func (x *EndClaimResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_bucketlb_allocator_v1_allocator_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndClaimResponse.ProtoReflect.Descriptor instead.
+func (*EndClaimResponse) Descriptor() ([]byte, []int) {
+	return file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP(), []int{18}
 }
 
 var File_bucketlb_allocator_v1_allocator_proto protoreflect.FileDescriptor
@@ -1255,23 +1417,28 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\n" +
 	"public_url\x18\x06 \x01(\tR\tpublicUrl\x12\x1d\n" +
 	"\n" +
-	"path_style\x18\a \x01(\bR\tpathStyle\"\xb3\x01\n" +
+	"path_style\x18\a \x01(\bR\tpathStyle\"\xf2\x01\n" +
 	"\x0fAllocateRequest\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x12!\n" +
 	"\faffinity_key\x18\x02 \x01(\tR\vaffinityKey\x12,\n" +
 	"\x12exclude_bucket_ids\x18\x03 \x03(\tR\x10excludeBucketIds\x12;\n" +
-	"\bstrategy\x18\x04 \x01(\x0e2\x1f.bucketlb.allocator.v1.StrategyR\bstrategy\"\xf0\x01\n" +
+	"\bstrategy\x18\x04 \x01(\x0e2\x1f.bucketlb.allocator.v1.StrategyR\bstrategy\x12=\n" +
+	"\x05claim\x18\x05 \x01(\v2'.bucketlb.allocator.v1.IdempotencyClaimR\x05claim\"Q\n" +
+	"\x10IdempotencyClaim\x12'\n" +
+	"\x0fidempotency_key\x18\x01 \x01(\tR\x0eidempotencyKey\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\"\xf0\x01\n" +
 	"\x10AllocateResponse\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12;\n" +
 	"\x06bucket\x18\x02 \x01(\v2#.bucketlb.allocator.v1.BucketTargetR\x06bucket\x12%\n" +
 	"\x0ereserved_bytes\x18\x03 \x01(\x03R\rreservedBytes\x129\n" +
 	"\n" +
 	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x16\n" +
-	"\x06period\x18\x05 \x01(\tR\x06period\"y\n" +
+	"\x06period\x18\x05 \x01(\tR\x06period\"\xb8\x01\n" +
 	"\fRenewRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\x12%\n" +
-	"\x0ereserved_bytes\x18\x03 \x01(\x03R\rreservedBytes\"p\n" +
+	"\x0ereserved_bytes\x18\x03 \x01(\x03R\rreservedBytes\x12=\n" +
+	"\x05claim\x18\x04 \x01(\v2'.bucketlb.allocator.v1.IdempotencyClaimR\x05claim\"p\n" +
 	"\rRenewResponse\x129\n" +
 	"\n" +
 	"expires_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12$\n" +
@@ -1322,7 +1489,10 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x13LookupBucketRequest\x12\x1b\n" +
 	"\tbucket_id\x18\x01 \x01(\tR\bbucketId\"S\n" +
 	"\x14LookupBucketResponse\x12;\n" +
-	"\x06bucket\x18\x01 \x01(\v2#.bucketlb.allocator.v1.BucketTargetR\x06bucket*\xc5\x01\n" +
+	"\x06bucket\x18\x01 \x01(\v2#.bucketlb.allocator.v1.BucketTargetR\x06bucket\"P\n" +
+	"\x0fEndClaimRequest\x12=\n" +
+	"\x05claim\x18\x01 \x01(\v2'.bucketlb.allocator.v1.IdempotencyClaimR\x05claim\"\x12\n" +
+	"\x10EndClaimResponse*\xc5\x01\n" +
 	"\bStrategy\x12\x18\n" +
 	"\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17STRATEGY_PRIORITY_FIRST\x10\x01\x12\x17\n" +
@@ -1336,7 +1506,7 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x0fOUTCOME_SUCCESS\x10\x01\x12\x11\n" +
 	"\rOUTCOME_ERROR\x10\x02\x12\x15\n" +
 	"\x11OUTCOME_THROTTLED\x10\x03\x12\x13\n" +
-	"\x0fOUTCOME_TIMEOUT\x10\x042\xbb\x05\n" +
+	"\x0fOUTCOME_TIMEOUT\x10\x042\x98\x06\n" +
 	"\x10AllocatorService\x12[\n" +
 	"\bAllocate\x12&.bucketlb.allocator.v1.AllocateRequest\x1a'.bucketlb.allocator.v1.AllocateResponse\x12R\n" +
 	"\x05Renew\x12#.bucketlb.allocator.v1.RenewRequest\x1a$.bucketlb.allocator.v1.RenewResponse\x12U\n" +
@@ -1344,7 +1514,8 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\aRelease\x12%.bucketlb.allocator.v1.ReleaseRequest\x1a&.bucketlb.allocator.v1.ReleaseResponse\x12j\n" +
 	"\rReportOutcome\x12+.bucketlb.allocator.v1.ReportOutcomeRequest\x1a,.bucketlb.allocator.v1.ReportOutcomeResponse\x12g\n" +
 	"\fLookupBucket\x12*.bucketlb.allocator.v1.LookupBucketRequest\x1a+.bucketlb.allocator.v1.LookupBucketResponse\x12p\n" +
-	"\x0fGetUploadRecord\x12-.bucketlb.allocator.v1.GetUploadRecordRequest\x1a..bucketlb.allocator.v1.GetUploadRecordResponseB\xe9\x01\n" +
+	"\x0fGetUploadRecord\x12-.bucketlb.allocator.v1.GetUploadRecordRequest\x1a..bucketlb.allocator.v1.GetUploadRecordResponse\x12[\n" +
+	"\bEndClaim\x12&.bucketlb.allocator.v1.EndClaimRequest\x1a'.bucketlb.allocator.v1.EndClaimResponseB\xe9\x01\n" +
 	"\x19com.bucketlb.allocator.v1B\x0eAllocatorProtoP\x01ZFgithub.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1;allocatorv1\xa2\x02\x03BAX\xaa\x02\x15Bucketlb.Allocator.V1\xca\x02\x15Bucketlb\\Allocator\\V1\xe2\x02!Bucketlb\\Allocator\\V1\\GPBMetadata\xea\x02\x17Bucketlb::Allocator::V1b\x06proto3"
 
 var (
@@ -1360,60 +1531,68 @@ func file_bucketlb_allocator_v1_allocator_proto_rawDescGZIP() []byte {
 }
 
 var file_bucketlb_allocator_v1_allocator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_bucketlb_allocator_v1_allocator_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_bucketlb_allocator_v1_allocator_proto_goTypes = []any{
 	(Strategy)(0),                   // 0: bucketlb.allocator.v1.Strategy
 	(Outcome)(0),                    // 1: bucketlb.allocator.v1.Outcome
 	(*BucketTarget)(nil),            // 2: bucketlb.allocator.v1.BucketTarget
 	(*AllocateRequest)(nil),         // 3: bucketlb.allocator.v1.AllocateRequest
-	(*AllocateResponse)(nil),        // 4: bucketlb.allocator.v1.AllocateResponse
-	(*RenewRequest)(nil),            // 5: bucketlb.allocator.v1.RenewRequest
-	(*RenewResponse)(nil),           // 6: bucketlb.allocator.v1.RenewResponse
-	(*CommitRequest)(nil),           // 7: bucketlb.allocator.v1.CommitRequest
-	(*CommitResponse)(nil),          // 8: bucketlb.allocator.v1.CommitResponse
-	(*UploadRecord)(nil),            // 9: bucketlb.allocator.v1.UploadRecord
-	(*GetUploadRecordRequest)(nil),  // 10: bucketlb.allocator.v1.GetUploadRecordRequest
-	(*GetUploadRecordResponse)(nil), // 11: bucketlb.allocator.v1.GetUploadRecordResponse
-	(*ReleaseRequest)(nil),          // 12: bucketlb.allocator.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),         // 13: bucketlb.allocator.v1.ReleaseResponse
-	(*ReportOutcomeRequest)(nil),    // 14: bucketlb.allocator.v1.ReportOutcomeRequest
-	(*ReportOutcomeResponse)(nil),   // 15: bucketlb.allocator.v1.ReportOutcomeResponse
-	(*LookupBucketRequest)(nil),     // 16: bucketlb.allocator.v1.LookupBucketRequest
-	(*LookupBucketResponse)(nil),    // 17: bucketlb.allocator.v1.LookupBucketResponse
-	(*timestamppb.Timestamp)(nil),   // 18: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 19: google.protobuf.Duration
+	(*IdempotencyClaim)(nil),        // 4: bucketlb.allocator.v1.IdempotencyClaim
+	(*AllocateResponse)(nil),        // 5: bucketlb.allocator.v1.AllocateResponse
+	(*RenewRequest)(nil),            // 6: bucketlb.allocator.v1.RenewRequest
+	(*RenewResponse)(nil),           // 7: bucketlb.allocator.v1.RenewResponse
+	(*CommitRequest)(nil),           // 8: bucketlb.allocator.v1.CommitRequest
+	(*CommitResponse)(nil),          // 9: bucketlb.allocator.v1.CommitResponse
+	(*UploadRecord)(nil),            // 10: bucketlb.allocator.v1.UploadRecord
+	(*GetUploadRecordRequest)(nil),  // 11: bucketlb.allocator.v1.GetUploadRecordRequest
+	(*GetUploadRecordResponse)(nil), // 12: bucketlb.allocator.v1.GetUploadRecordResponse
+	(*ReleaseRequest)(nil),          // 13: bucketlb.allocator.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),         // 14: bucketlb.allocator.v1.ReleaseResponse
+	(*ReportOutcomeRequest)(nil),    // 15: bucketlb.allocator.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),   // 16: bucketlb.allocator.v1.ReportOutcomeResponse
+	(*LookupBucketRequest)(nil),     // 17: bucketlb.allocator.v1.LookupBucketRequest
+	(*LookupBucketResponse)(nil),    // 18: bucketlb.allocator.v1.LookupBucketResponse
+	(*EndClaimRequest)(nil),         // 19: bucketlb.allocator.v1.EndClaimRequest
+	(*EndClaimResponse)(nil),        // 20: bucketlb.allocator.v1.EndClaimResponse
+	(*timestamppb.Timestamp)(nil),   // 21: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 22: google.protobuf.Duration
 }
 var file_bucketlb_allocator_v1_allocator_proto_depIdxs = []int32{
 	0,  // 0: bucketlb.allocator.v1.AllocateRequest.strategy:type_name -> bucketlb.allocator.v1.Strategy
-	2,  // 1: bucketlb.allocator.v1.AllocateResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	18, // 2: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
-	18, // 3: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
-	19, // 4: bucketlb.allocator.v1.CommitRequest.write_latency:type_name -> google.protobuf.Duration
-	9,  // 5: bucketlb.allocator.v1.CommitResponse.duplicate_of:type_name -> bucketlb.allocator.v1.UploadRecord
-	9,  // 6: bucketlb.allocator.v1.GetUploadRecordResponse.record:type_name -> bucketlb.allocator.v1.UploadRecord
-	1,  // 7: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
-	19, // 8: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
-	18, // 9: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
-	2,  // 10: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
-	3,  // 11: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
-	5,  // 12: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
-	7,  // 13: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
-	12, // 14: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
-	14, // 15: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
-	16, // 16: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
-	10, // 17: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:input_type -> bucketlb.allocator.v1.GetUploadRecordRequest
-	4,  // 18: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
-	6,  // 19: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
-	8,  // 20: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
-	13, // 21: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
-	15, // 22: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
-	17, // 23: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
-	11, // 24: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:output_type -> bucketlb.allocator.v1.GetUploadRecordResponse
-	18, // [18:25] is the sub-list for method output_type
-	11, // [11:18] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	4,  // 1: bucketlb.allocator.v1.AllocateRequest.claim:type_name -> bucketlb.allocator.v1.IdempotencyClaim
+	2,  // 2: bucketlb.allocator.v1.AllocateResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
+	21, // 3: bucketlb.allocator.v1.AllocateResponse.expires_at:type_name -> google.protobuf.Timestamp
+	4,  // 4: bucketlb.allocator.v1.RenewRequest.claim:type_name -> bucketlb.allocator.v1.IdempotencyClaim
+	21, // 5: bucketlb.allocator.v1.RenewResponse.expires_at:type_name -> google.protobuf.Timestamp
+	22, // 6: bucketlb.allocator.v1.CommitRequest.write_latency:type_name -> google.protobuf.Duration
+	10, // 7: bucketlb.allocator.v1.CommitResponse.duplicate_of:type_name -> bucketlb.allocator.v1.UploadRecord
+	10, // 8: bucketlb.allocator.v1.GetUploadRecordResponse.record:type_name -> bucketlb.allocator.v1.UploadRecord
+	1,  // 9: bucketlb.allocator.v1.ReportOutcomeRequest.outcome:type_name -> bucketlb.allocator.v1.Outcome
+	22, // 10: bucketlb.allocator.v1.ReportOutcomeRequest.latency:type_name -> google.protobuf.Duration
+	21, // 11: bucketlb.allocator.v1.ReportOutcomeResponse.cooldown_until:type_name -> google.protobuf.Timestamp
+	2,  // 12: bucketlb.allocator.v1.LookupBucketResponse.bucket:type_name -> bucketlb.allocator.v1.BucketTarget
+	4,  // 13: bucketlb.allocator.v1.EndClaimRequest.claim:type_name -> bucketlb.allocator.v1.IdempotencyClaim
+	3,  // 14: bucketlb.allocator.v1.AllocatorService.Allocate:input_type -> bucketlb.allocator.v1.AllocateRequest
+	6,  // 15: bucketlb.allocator.v1.AllocatorService.Renew:input_type -> bucketlb.allocator.v1.RenewRequest
+	8,  // 16: bucketlb.allocator.v1.AllocatorService.Commit:input_type -> bucketlb.allocator.v1.CommitRequest
+	13, // 17: bucketlb.allocator.v1.AllocatorService.Release:input_type -> bucketlb.allocator.v1.ReleaseRequest
+	15, // 18: bucketlb.allocator.v1.AllocatorService.ReportOutcome:input_type -> bucketlb.allocator.v1.ReportOutcomeRequest
+	17, // 19: bucketlb.allocator.v1.AllocatorService.LookupBucket:input_type -> bucketlb.allocator.v1.LookupBucketRequest
+	11, // 20: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:input_type -> bucketlb.allocator.v1.GetUploadRecordRequest
+	19, // 21: bucketlb.allocator.v1.AllocatorService.EndClaim:input_type -> bucketlb.allocator.v1.EndClaimRequest
+	5,  // 22: bucketlb.allocator.v1.AllocatorService.Allocate:output_type -> bucketlb.allocator.v1.AllocateResponse
+	7,  // 23: bucketlb.allocator.v1.AllocatorService.Renew:output_type -> bucketlb.allocator.v1.RenewResponse
+	9,  // 24: bucketlb.allocator.v1.AllocatorService.Commit:output_type -> bucketlb.allocator.v1.CommitResponse
+	14, // 25: bucketlb.allocator.v1.AllocatorService.Release:output_type -> bucketlb.allocator.v1.ReleaseResponse
+	16, // 26: bucketlb.allocator.v1.AllocatorService.ReportOutcome:output_type -> bucketlb.allocator.v1.ReportOutcomeResponse
+	18, // 27: bucketlb.allocator.v1.AllocatorService.LookupBucket:output_type -> bucketlb.allocator.v1.LookupBucketResponse
+	12, // 28: bucketlb.allocator.v1.AllocatorService.GetUploadRecord:output_type -> bucketlb.allocator.v1.GetUploadRecordResponse
+	20, // 29: bucketlb.allocator.v1.AllocatorService.EndClaim:output_type -> bucketlb.allocator.v1.EndClaimResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_bucketlb_allocator_v1_allocator_proto_init() }
@@ -1427,7 +1606,7 @@ func file_bucketlb_allocator_v1_allocator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_bucketlb_allocator_v1_allocator_proto_rawDesc), len(file_bucketlb_allocator_v1_allocator_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   16,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

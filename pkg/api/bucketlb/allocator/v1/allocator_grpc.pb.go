@@ -26,6 +26,7 @@ const (
 	AllocatorService_ReportOutcome_FullMethodName   = "/bucketlb.allocator.v1.AllocatorService/ReportOutcome"
 	AllocatorService_LookupBucket_FullMethodName    = "/bucketlb.allocator.v1.AllocatorService/LookupBucket"
 	AllocatorService_GetUploadRecord_FullMethodName = "/bucketlb.allocator.v1.AllocatorService/GetUploadRecord"
+	AllocatorService_EndClaim_FullMethodName        = "/bucketlb.allocator.v1.AllocatorService/EndClaim"
 )
 
 // AllocatorServiceClient is the client API for AllocatorService service.
@@ -38,7 +39,9 @@ type AllocatorServiceClient interface {
 	// Allocate picks a bucket for an object of the given size and reserves
 	// that many bytes against the bucket's monthly budget until expires_at.
 	// RESOURCE_EXHAUSTED when no eligible bucket has room, UNAVAILABLE when no
-	// bucket is healthy or the store cannot be reached.
+	// bucket is healthy or the store cannot be reached. With a claim: ABORTED
+	// (with RetryInfo) while another upload holds the idempotency key,
+	// ALREADY_EXISTS once the key has a record (read it with GetUploadRecord).
 	Allocate(ctx context.Context, in *AllocateRequest, opts ...grpc.CallOption) (*AllocateResponse, error)
 	// Renew extends a reservation that a long upload still needs. If the
 	// reservation vanished (its granting replica died) it is re-established
@@ -61,6 +64,10 @@ type AllocatorServiceClient interface {
 	// GetUploadRecord returns the result recorded for an idempotency key, so
 	// a retried upload can answer with the first result. NOT_FOUND if none.
 	GetUploadRecord(ctx context.Context, in *GetUploadRecordRequest, opts ...grpc.CallOption) (*GetUploadRecordResponse, error)
+	// EndClaim gives up an idempotency claim an upload holds (it failed), so
+	// a retry need not wait for the claim to lapse. A claim that is absent or
+	// held under another token is left alone.
+	EndClaim(ctx context.Context, in *EndClaimRequest, opts ...grpc.CallOption) (*EndClaimResponse, error)
 }
 
 type allocatorServiceClient struct {
@@ -141,6 +148,16 @@ func (c *allocatorServiceClient) GetUploadRecord(ctx context.Context, in *GetUpl
 	return out, nil
 }
 
+func (c *allocatorServiceClient) EndClaim(ctx context.Context, in *EndClaimRequest, opts ...grpc.CallOption) (*EndClaimResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EndClaimResponse)
+	err := c.cc.Invoke(ctx, AllocatorService_EndClaim_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AllocatorServiceServer is the server API for AllocatorService service.
 // All implementations must embed UnimplementedAllocatorServiceServer
 // for forward compatibility.
@@ -151,7 +168,9 @@ type AllocatorServiceServer interface {
 	// Allocate picks a bucket for an object of the given size and reserves
 	// that many bytes against the bucket's monthly budget until expires_at.
 	// RESOURCE_EXHAUSTED when no eligible bucket has room, UNAVAILABLE when no
-	// bucket is healthy or the store cannot be reached.
+	// bucket is healthy or the store cannot be reached. With a claim: ABORTED
+	// (with RetryInfo) while another upload holds the idempotency key,
+	// ALREADY_EXISTS once the key has a record (read it with GetUploadRecord).
 	Allocate(context.Context, *AllocateRequest) (*AllocateResponse, error)
 	// Renew extends a reservation that a long upload still needs. If the
 	// reservation vanished (its granting replica died) it is re-established
@@ -174,6 +193,10 @@ type AllocatorServiceServer interface {
 	// GetUploadRecord returns the result recorded for an idempotency key, so
 	// a retried upload can answer with the first result. NOT_FOUND if none.
 	GetUploadRecord(context.Context, *GetUploadRecordRequest) (*GetUploadRecordResponse, error)
+	// EndClaim gives up an idempotency claim an upload holds (it failed), so
+	// a retry need not wait for the claim to lapse. A claim that is absent or
+	// held under another token is left alone.
+	EndClaim(context.Context, *EndClaimRequest) (*EndClaimResponse, error)
 	mustEmbedUnimplementedAllocatorServiceServer()
 }
 
@@ -204,6 +227,9 @@ func (UnimplementedAllocatorServiceServer) LookupBucket(context.Context, *Lookup
 }
 func (UnimplementedAllocatorServiceServer) GetUploadRecord(context.Context, *GetUploadRecordRequest) (*GetUploadRecordResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetUploadRecord not implemented")
+}
+func (UnimplementedAllocatorServiceServer) EndClaim(context.Context, *EndClaimRequest) (*EndClaimResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EndClaim not implemented")
 }
 func (UnimplementedAllocatorServiceServer) mustEmbedUnimplementedAllocatorServiceServer() {}
 func (UnimplementedAllocatorServiceServer) testEmbeddedByValue()                          {}
@@ -352,6 +378,24 @@ func _AllocatorService_GetUploadRecord_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AllocatorService_EndClaim_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EndClaimRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AllocatorServiceServer).EndClaim(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AllocatorService_EndClaim_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AllocatorServiceServer).EndClaim(ctx, req.(*EndClaimRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AllocatorService_ServiceDesc is the grpc.ServiceDesc for AllocatorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -386,6 +430,10 @@ var AllocatorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetUploadRecord",
 			Handler:    _AllocatorService_GetUploadRecord_Handler,
+		},
+		{
+			MethodName: "EndClaim",
+			Handler:    _AllocatorService_EndClaim_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

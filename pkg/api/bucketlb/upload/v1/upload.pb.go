@@ -133,8 +133,11 @@ type UploadHeader struct {
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted once.
 	// Reusing the key for another object (another size, or another sha256 or
-	// key when given) fails with FAILED_PRECONDITION and stores nothing. At
-	// most 256 bytes.
+	// key when given) fails with FAILED_PRECONDITION and stores nothing. With
+	// a client-chosen object key, one upload at a time holds the idempotency
+	// key: another under it meanwhile gets ABORTED with a retry delay (its
+	// write would replace the object the first one records). At most 256
+	// bytes.
 	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	// Optional key for the affinity strategy: equal keys land on the same bucket
 	// while that bucket is healthy and has room. At most 256 bytes.

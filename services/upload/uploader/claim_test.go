@@ -1,0 +1,212 @@
+package uploader_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
+)
+
+// Two uploads under one idempotency key and one object key cannot both
+// write: the later write would replace the object the first one records.
+// While a large upload runs, a second one under its key gets ABORTED with
+// a retry delay and writes nothing; the first lands intact; afterwards
+// the same bytes are answered from the record and other bytes are refused,
+// and the object still holds the first upload's bytes.
+func TestIdempotencyKeyOneUploadAtATime(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) { c.PartSize = budgetPart })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	first := testenv.OpaqueBytes(t, 3*budgetPart-1000)
+	hdr := func(size int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "claim/object.bin", IdempotencyKey: "order-42", ContentType: "application/octet-stream", Size: int64(size)}
+	}
+	stream := openUpload(ctx, t, st.Upload, hdr(len(first)), first[:1<<20])
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, reserved := st.usage(t); reserved[st.Buckets[0].GetId()] > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first upload never reserved capacity")
+		}
+	}
+
+	other := testenv.OpaqueBytes(t, 1024)
+	_, err := send(ctx, st.Upload, hdr(len(other)), other)
+	if status.Code(err) != codes.Aborted || !hasRetryInfo(err) || !strings.Contains(err.Error(), "in progress") {
+		t.Fatalf("second upload under a running upload's idempotency key: %v, want ABORTED (in progress) with a retry delay", err)
+	}
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: st.Buckets[0].GetId(), Key: "claim/object.bin"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("read while only the first upload runs: %v, want NOT_FOUND", err)
+	}
+
+	for off := 1 << 20; off < len(first); off += 1 << 20 {
+		if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: first[off:min(off+1<<20, len(first))]}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		t.Fatalf("first upload: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, first, "first upload")
+
+	if _, err := send(ctx, st.Upload, hdr(len(other)), other); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("other bytes under the recorded key: %v, want FAILED_PRECONDITION", err)
+	}
+	again, err := send(ctx, st.Upload, hdr(len(first)), first)
+	if err != nil || !again.GetReplayed() || again.GetSha256() != resp.GetSha256() {
+		t.Fatalf("the first upload's bytes again: %v, %v; want its recorded result", again, err)
+	}
+	readBack(ctx, t, st.Upload, resp, first, "object after the refused uploads")
+	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != int64(len(first)) {
+		t.Fatalf("usage %v, want the first upload counted once (%d bytes)", used, len(first))
+	}
+	st.waitNoReservations(t)
+}
+
+// A failed upload gives its idempotency key back before it answers, so
+// the client's retry goes through at once rather than after the claim
+// lapses (30 s here): a large upload whose bytes contradict its declared
+// sha256 fails, and the retry with the right bytes lands.
+func TestFailedUploadGivesItsClaimBack(t *testing.T) {
+	st := startStack(t, 1, func(c *uploader.Config) { c.PartSize = budgetPart })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 2*budgetPart+1000)
+	corrupt := bytes.Clone(data)
+	corrupt[len(corrupt)-1] ^= 1
+	sum := sha256.Sum256(data)
+	hdr := &uploadv1.UploadHeader{Key: "claim/retried.bin", IdempotencyKey: "order-43", ContentType: "application/octet-stream",
+		Size: int64(len(data)), Sha256: hex.EncodeToString(sum[:])}
+	if _, err := send(ctx, st.Upload, hdr, corrupt); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("upload with bytes that contradict the declared sha256: %v, want INVALID_ARGUMENT", err)
+	}
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil {
+		t.Fatalf("retry right after the failed upload: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, data, "retried upload")
+}
+
+// overtaken runs overtake once, just before the first Allocate that
+// carries an idempotency claim goes to the allocator.
+type overtaken struct {
+	uploader.Allocator
+	started  atomic.Bool
+	overtake func()
+}
+
+func (o *overtaken) Allocate(ctx context.Context, in *allocatorv1.AllocateRequest, opts ...grpc.CallOption) (*allocatorv1.AllocateResponse, error) {
+	if in.GetClaim() != nil && o.started.CompareAndSwap(false, true) {
+		o.overtake()
+	}
+	return o.Allocator.Allocate(ctx, in, opts...)
+}
+
+// An upload whose key another upload recorded after this one looked for
+// a record (and before it allocated) answers with that record, as a
+// replay, and writes nothing: here the other upload runs to its end
+// between the two.
+func TestUploadOvertakenUnderItsKeyIsReplayed(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 4096)
+	hdr := &uploadv1.UploadHeader{Key: "claim/overtaken.bin", IdempotencyKey: "order-44", ContentType: "application/octet-stream", Size: int64(len(data))}
+	var st *stack
+	var first *uploadv1.UploadResponse
+	gate := &overtaken{overtake: func() {
+		var err error
+		if first, err = send(ctx, st.Upload, hdr, data); err != nil {
+			t.Errorf("the overtaking upload: %v", err)
+		}
+	}}
+	st = startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator {
+		gate.Allocator = a
+		return gate
+	})
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil {
+		t.Fatalf("overtaken upload: %v", err)
+	}
+	if first == nil || !resp.GetReplayed() || resp.GetEtag() != first.GetEtag() || resp.GetKey() != first.GetKey() {
+		t.Fatalf("overtaken upload answered %v; want a replay of %v", resp, first)
+	}
+	readBack(ctx, t, st.Upload, resp, data, "overtaken upload")
+	if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != int64(len(data)) {
+		t.Fatalf("usage %v, want the object counted once (%d bytes)", used, len(data))
+	}
+	st.waitNoReservations(t)
+}
+
+// countingReader counts the reads its client made.
+type countingReader struct {
+	io.Reader
+	reads atomic.Int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.Reader.Read(b)
+	c.reads.Add(1)
+	return n, err
+}
+
+// A multipart upload that lasts several reservation TTLs keeps its
+// idempotency key: the claim is renewed with the reservation, so well
+// past the first TTL a second upload under the key is still turned away
+// (unrenewed, the claim would have lapsed and the second upload would
+// write over the first one's object).
+func TestLongUploadKeepsItsClaim(t *testing.T) {
+	const ttl = 2 * time.Second
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.PartSize = 5 << 20 })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// 12 MiB in 24 reads of 512 KiB, one every 300 ms: about 3.6 TTLs.
+	const size, chunk = 12 << 20, 512 << 10
+	data := testenv.OpaqueBytes(t, size)
+	tick := time.NewTicker(ttl * 3 / 20)
+	defer tick.Stop()
+	hdr := func(size int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "claim/long.bin", IdempotencyKey: "order-45", ContentType: "application/octet-stream", Size: int64(size)}
+	}
+	slow := &countingReader{Reader: &pacedReader{r: bytes.NewReader(data), chunk: chunk, tick: tick.C}}
+	done := make(chan error, 1)
+	var resp *uploadv1.UploadResponse
+	go func() {
+		var err error
+		resp, err = uploadclient.Upload(ctx, st.Upload, hdr(size), slow, uploadclient.Options{ChunkSize: chunk})
+		done <- err
+	}()
+	// 18 reads: 2.7 TTLs after the upload started.
+	for deadline := time.Now().Add(30 * time.Second); slow.reads.Load() < 18; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the slow upload made only %d reads in 30s", slow.reads.Load())
+		}
+	}
+	other := testenv.OpaqueBytes(t, 1024)
+	if _, err := send(ctx, st.Upload, hdr(len(other)), other); status.Code(err) != codes.Aborted {
+		t.Fatalf("upload under the key of an upload running for 2.7 claim TTLs: %v, want ABORTED", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("slow upload: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, data, "slow upload")
+}
