@@ -17,6 +17,7 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
@@ -209,4 +210,28 @@ func TestLongUploadKeepsItsClaim(t *testing.T) {
 		t.Fatalf("slow upload: %v", err)
 	}
 	readBack(ctx, t, st.Upload, resp, data, "slow upload")
+}
+
+// An upload keeps its idempotency claim when it fails over: its next
+// Allocate carries the same token, so the claim it took on the first
+// bucket does not turn it away from the second, and the key is recorded
+// once, for the bucket the object landed on.
+func TestFailoverKeepsTheClaim(t *testing.T) {
+	st := startStack(t, 2, nil)
+	first := st.Buckets[0].GetId()
+	st.Proxies[first].SetForNext("PutObject", faultproxy.Error5xx, 2) // the SDK tries twice
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1000)
+	hdr := &uploadv1.UploadHeader{Key: "claim/failover.bin", IdempotencyKey: "order-46", ContentType: "application/octet-stream", Size: int64(len(data))}
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil || resp.GetBucketId() == first {
+		t.Fatalf("upload while %s fails: %v on %s", first, err, resp.GetBucketId())
+	}
+	again, err := send(ctx, st.Upload, hdr, data)
+	if err != nil || !again.GetReplayed() || again.GetBucketId() != resp.GetBucketId() {
+		t.Fatalf("the same upload again: %v, %v; want a replay naming %s", again, err, resp.GetBucketId())
+	}
+	readBack(ctx, t, st.Upload, resp, data, "failed-over upload")
+	st.waitNoReservations(t)
 }
