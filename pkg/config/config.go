@@ -88,6 +88,11 @@ type Upload struct {
 	// IdleTimeout abandons an upload whose client sends nothing for this
 	// long, returning its buffers and reservation.
 	IdleTimeout Duration `json:"idleTimeout"`
+	// MinDataRate is the fewest bytes a second a client must send, judged
+	// over each idleTimeout the service spends waiting for its data; a
+	// client sending less (a byte now and then keeps idleTimeout from
+	// firing) is cut off with DEADLINE_EXCEEDED. 0 turns the check off.
+	MinDataRate ByteSize `json:"minDataRate"`
 	// StopTimeout bounds graceful shutdown; keep it longer than a typical
 	// upload and shorter than the pod's termination grace period.
 	StopTimeout Duration `json:"stopTimeout"`
@@ -138,6 +143,7 @@ func Defaults() File {
 			BufferBudget:      512 << 20,
 			BufferWait:        Duration(10 * time.Second),
 			IdleTimeout:       Duration(time.Minute),
+			MinDataRate:       1 << 10,
 			StopTimeout:       Duration(60 * time.Second),
 			RateLimit:         50,
 			RateBurst:         100,
@@ -231,6 +237,9 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.BufferWait.D() <= 0 {
 		errs = append(errs, errors.New("upload.bufferWait: must be positive"))
+	}
+	if f.Upload.MinDataRate < 0 {
+		errs = append(errs, errors.New("upload.minDataRate: must not be negative (0 turns the check off)"))
 	}
 	if f.Upload.IdleTimeout.D() <= 0 {
 		errs = append(errs, errors.New("upload.idleTimeout: must be positive"))

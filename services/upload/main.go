@@ -98,6 +98,7 @@ func run(log *slog.Logger) error {
 		ClientBufferShare:   int64(cfg.Upload.ClientBufferShare),
 		BufferWait:          cfg.Upload.BufferWait.D(),
 		IdleTimeout:         cfg.Upload.IdleTimeout.D(),
+		MinDataRate:         minDataRate(int64(cfg.Upload.MinDataRate)),
 		Metrics:             tel.Metrics(),
 		TracerProvider:      tracer,
 	}, allocatorv1.NewAllocatorServiceClient(conn), log)
@@ -131,4 +132,12 @@ func run(log *slog.Logger) error {
 	}
 	log.Info("upload service stopped cleanly")
 	return nil
+}
+
+// minDataRate maps the config's 0 (check off) to the uploader's negative.
+func minDataRate(r int64) int64 {
+	if r == 0 {
+		return -1
+	}
+	return r
 }

@@ -81,3 +81,79 @@ func TestIdleClientWhilePartIsStuck(t *testing.T) {
 		t.Fatalf("left behind: %v objects, %v open multipart uploads", objects, multiparts)
 	}
 }
+
+// A client that keeps the stream alive but sends almost nothing (a byte,
+// or an empty chunk, every 20 ms) is cut off once a window of the idle
+// timeout brought less than the minimum data rate, with DEADLINE_EXCEEDED,
+// in a small object and in the middle of a multipart upload; nothing is
+// left behind. A client well above the rate is not.
+func TestTricklingClientIsCutOff(t *testing.T) {
+	const idle = 300 * time.Millisecond // 307 bytes a window at 1 KiB/s
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.PartSize, c.IdleTimeout = 5<<20, idle
+	})
+	trickle := func(ctx context.Context, stream uploadv1.UploadService_UploadClient, chunk []byte, every time.Duration, n int) {
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for i := 0; i < n; i++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: chunk}}) != nil {
+				return // the server ended the stream
+			}
+		}
+		_ = stream.CloseSend()
+	}
+	cases := []struct {
+		name       string
+		size, sent int
+		chunk      []byte
+	}{
+		{"empty chunks, small object", 1 << 20, 4096, nil},
+		{"a byte at a time, small object", 1 << 20, 4096, []byte{'x'}},
+		{"a byte at a time, multipart", 12 << 20, 7 << 20, []byte{'x'}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{
+				Key: "trickle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)},
+				testenv.OpaqueBytes(t, tc.sent))
+			go trickle(ctx, stream, tc.chunk, 20*time.Millisecond, 1000)
+			err := stream.RecvMsg(&uploadv1.UploadResponse{})
+			if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "under the minimum") {
+				t.Fatalf("trickling upload ended with %v; want the server's DEADLINE_EXCEEDED for a client under the minimum rate", err)
+			}
+			st.waitNoReservations(t)
+			waitHeld(t, st, 0)
+			objects, multiparts := st.objects(t)
+			if id := st.Buckets[0].GetId(); objects[id] != 0 || multiparts[id] != 0 {
+				t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
+			}
+		})
+	}
+	t.Run("well above the rate", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		// 512 bytes every 30 ms: 16 times the minimum, over four windows.
+		data := testenv.OpaqueBytes(t, 40*512)
+		stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "trickle/steady", ContentType: "application/octet-stream", Size: int64(len(data))}, nil)
+		tick := time.NewTicker(30 * time.Millisecond)
+		defer tick.Stop()
+		for off := 0; off < len(data); off += 512 {
+			<-tick.C
+			if err := stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off : off+512]}}); err != nil {
+				t.Fatalf("send at %d: %v", off, err)
+			}
+		}
+		resp, err := stream.CloseAndRecv()
+		if err != nil {
+			t.Fatalf("steady upload at 16 times the minimum rate: %v", err)
+		}
+		readBack(ctx, t, st.Upload, resp, data, "steady upload")
+	})
+}

@@ -84,6 +84,11 @@ type Config struct {
 	// removing what it stored, and ends a read whose client takes nothing
 	// for this long; default 1m.
 	IdleTimeout time.Duration
+	// MinDataRate is the fewest bytes a second a client must send, judged
+	// over each IdleTimeout of time the service spends waiting for its
+	// data; a client below it is cut off like an idle one. Default 1 KiB;
+	// negative turns the check off.
+	MinDataRate int64
 	// BackoffBase is the first failover backoff; default 50ms.
 	BackoffBase time.Duration
 	// Credentials resolve bucket credentials_ref. Required.
@@ -165,6 +170,9 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	}
 	if cfg.IdleTimeout == 0 {
 		cfg.IdleTimeout = time.Minute
+	}
+	if cfg.MinDataRate == 0 {
+		cfg.MinDataRate = 1 << 10
 	}
 	if cfg.BackoffBase == 0 {
 		cfg.BackoffBase = 50 * time.Millisecond

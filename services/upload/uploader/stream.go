@@ -88,6 +88,16 @@ type chunkReader struct {
 	read    int64
 	pending []byte
 
+	// A client must send at least minBytes in each window of time the
+	// service spends waiting for it: the idle timeout alone lets a client
+	// that sends a byte (or an empty chunk) now and then hold its buffers,
+	// reservation and multipart upload for good. Only waiting counts, so
+	// a service slowed by its bucket never blames the client.
+	minBytes, got int64
+	window        time.Duration
+	waited        time.Duration
+	minRate       int64
+
 	// msg is received into for every chunk; when the server runs with its
 	// codec, target (registered for msg) lets the codec put a chunk's bytes
 	// straight into the buffer Read was given.
@@ -97,7 +107,8 @@ type chunkReader struct {
 }
 
 func (s *Server) newChunkReader(rcv *pacedStream, size int64) *chunkReader {
-	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}}
+	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{},
+		minRate: s.cfg.MinDataRate, window: s.cfg.IdleTimeout, minBytes: int64(float64(s.cfg.MinDataRate) * s.cfg.IdleTimeout.Seconds())}
 	s.codec.targets.Store(r.msg, r.target)
 	return r
 }
@@ -113,7 +124,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	}
 	for len(r.pending) == 0 {
 		r.target.dst, r.target.hit = p, false
-		err := r.rcv.do(r.msg)
+		err := r.recv(r.msg)
 		if errors.Is(err, errIdle) {
 			// The abandoned receive still owns the message and target.
 			return 0, err
@@ -132,6 +143,9 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 		}
 		if size > MaxChunk {
 			return 0, oversized(size)
+		}
+		if err := r.progress(size); err != nil {
+			return 0, err
 		}
 		if t.hit {
 			// The codec already wrote t.n bytes into p.
@@ -167,7 +181,7 @@ func (r *chunkReader) Finish() error {
 	}
 	msg := r.msg // its target is empty now: the codec decodes it whole
 	for {
-		err := r.rcv.do(msg)
+		err := r.recv(msg)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
@@ -180,7 +194,33 @@ func (r *chunkReader) Finish() error {
 		if len(msg.GetChunk()) > 0 {
 			return badField("header.size", "the stream carries more than the %d bytes the header declared", r.size)
 		}
+		if err := r.progress(0); err != nil {
+			return err
+		}
 	}
+}
+
+// recv receives the next message, counting the time spent waiting for it.
+func (r *chunkReader) recv(m *uploadv1.UploadRequest) error {
+	t0 := time.Now()
+	err := r.rcv.do(m)
+	r.waited += time.Since(t0)
+	return err
+}
+
+// progress counts n bytes received and fails once a whole window of
+// waiting brought fewer than minBytes.
+func (r *chunkReader) progress(n int) error {
+	r.got += int64(n)
+	if r.minBytes <= 0 || r.waited < r.window {
+		return nil
+	}
+	if r.got < r.minBytes {
+		return fmt.Errorf("%w: the client sent %d bytes in the last %v the service waited for data, under the minimum of %d bytes a second, so the upload was abandoned and nothing was stored",
+			errIdle, r.got, r.waited.Round(time.Millisecond), r.minRate)
+	}
+	r.got, r.waited = 0, 0
+	return nil
 }
 
 // fill reads exactly len(p) bytes.
