@@ -42,19 +42,7 @@ func TestIdleClientIsCutOff(t *testing.T) {
 				Key: "idle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)},
 				testenv.OpaqueBytes(t, tc.sent))
 			// No CloseSend: the client is alive but sends nothing more.
-			err := stream.RecvMsg(&uploadv1.UploadResponse{})
-			if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
-				t.Fatalf("stalled upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
-			}
-			st.waitNoReservations(t)
-			waitHeld(t, st, 0)
-			objects, multiparts := st.objects(t)
-			if id := st.Buckets[0].GetId(); objects[id] != 0 || multiparts[id] != 0 {
-				t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
-			}
-			if used, _ := st.usage(t); used[st.Buckets[0].GetId()] != 0 {
-				t.Fatalf("an abandoned upload was counted: %v", used)
-			}
+			wantCutOff(t, st, stream, "nothing arrived from the client")
 		})
 	}
 }
@@ -72,14 +60,7 @@ func TestIdleClientWhilePartIsStuck(t *testing.T) {
 	// Part 1 whole (its PUT stalls), part 2 begun.
 	stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "idle/stuck-part", ContentType: "application/octet-stream", Size: 12 << 20},
 		testenv.OpaqueBytes(t, 7<<20))
-	err := stream.RecvMsg(&uploadv1.UploadResponse{})
-	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "nothing arrived from the client") {
-		t.Fatalf("upload ended with %v; want the server's DEADLINE_EXCEEDED for an idle client", err)
-	}
-	st.waitNoReservations(t)
-	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 0 || multiparts[st.Buckets[0].GetId()] != 0 {
-		t.Fatalf("left behind: %v objects, %v open multipart uploads", objects, multiparts)
-	}
+	wantCutOff(t, st, stream, "nothing arrived from the client")
 }
 
 // A client that keeps the stream alive but sends almost nothing (a byte,
@@ -124,16 +105,7 @@ func TestTricklingClientIsCutOff(t *testing.T) {
 				Key: "trickle/" + strings.ReplaceAll(tc.name, " ", "-"), ContentType: "application/octet-stream", Size: int64(tc.size)},
 				testenv.OpaqueBytes(t, tc.sent))
 			go trickle(ctx, stream, tc.chunk, 20*time.Millisecond, 1000)
-			err := stream.RecvMsg(&uploadv1.UploadResponse{})
-			if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "under the minimum") {
-				t.Fatalf("trickling upload ended with %v; want the server's DEADLINE_EXCEEDED for a client under the minimum rate", err)
-			}
-			st.waitNoReservations(t)
-			waitHeld(t, st, 0)
-			objects, multiparts := st.objects(t)
-			if id := st.Buckets[0].GetId(); objects[id] != 0 || multiparts[id] != 0 {
-				t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
-			}
+			wantCutOff(t, st, stream, "under the minimum")
 		})
 	}
 	t.Run("well above the rate", func(t *testing.T) {
@@ -156,4 +128,24 @@ func TestTricklingClientIsCutOff(t *testing.T) {
 		}
 		readBack(ctx, t, st.Upload, resp, data, "steady upload")
 	})
+}
+
+// wantCutOff checks that the server ended stream with DEADLINE_EXCEEDED
+// saying why, and that the upload left nothing behind: no reservation, no
+// buffers, no object or open multipart upload, no usage.
+func wantCutOff(t *testing.T, st *stack, stream uploadv1.UploadService_UploadClient, why string) {
+	t.Helper()
+	err := stream.RecvMsg(&uploadv1.UploadResponse{})
+	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), why) {
+		t.Fatalf("upload ended with %v; want the server's DEADLINE_EXCEEDED saying %q", err, why)
+	}
+	st.waitNoReservations(t)
+	waitHeld(t, st, 0)
+	id := st.Buckets[0].GetId()
+	if objects, multiparts := st.objects(t); objects[id] != 0 || multiparts[id] != 0 {
+		t.Fatalf("left behind: %d objects, %d open multipart uploads", objects[id], multiparts[id])
+	}
+	if used, _ := st.usage(t); used[id] != 0 {
+		t.Fatalf("an abandoned upload was counted: %v", used)
+	}
 }
