@@ -20,7 +20,6 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
-	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -174,29 +173,21 @@ func (c *countingReader) Read(b []byte) (int, error) {
 // (unrenewed, the claim would have lapsed and the second upload would
 // write over the first one's object).
 func TestLongUploadKeepsItsClaim(t *testing.T) {
-	const ttl = 2 * time.Second
-	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
-		func(c *allocator.Config) { c.ReservationTTL = ttl },
-		func(c *uploader.Config) { c.PartSize = 5 << 20 })
+	st, data, body := slowUpload(t, 2*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	// 12 MiB in 24 reads of 512 KiB, one every 300 ms: about 3.6 TTLs.
-	const size, chunk = 12 << 20, 512 << 10
-	data := testenv.OpaqueBytes(t, size)
-	tick := time.NewTicker(ttl * 3 / 20)
-	defer tick.Stop()
 	hdr := func(size int) *uploadv1.UploadHeader {
 		return &uploadv1.UploadHeader{Key: "claim/long.bin", IdempotencyKey: "order-45", ContentType: "application/octet-stream", Size: int64(size)}
 	}
-	slow := &countingReader{Reader: &pacedReader{r: bytes.NewReader(data), chunk: chunk, tick: tick.C}}
+	slow := &countingReader{Reader: body}
 	done := make(chan error, 1)
 	var resp *uploadv1.UploadResponse
 	go func() {
 		var err error
-		resp, err = uploadclient.Upload(ctx, st.Upload, hdr(size), slow, uploadclient.Options{ChunkSize: chunk})
+		resp, err = uploadclient.Upload(ctx, st.Upload, hdr(len(data)), slow, uploadclient.Options{ChunkSize: slowChunk})
 		done <- err
 	}()
-	// 18 reads: 2.7 TTLs after the upload started.
+	// 18 of its 24 reads: 2.7 TTLs after the upload started.
 	for deadline := time.Now().Add(30 * time.Second); slow.reads.Load() < 18; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the slow upload made only %d reads in 30s", slow.reads.Load())
