@@ -373,12 +373,6 @@ func (l *Ledger) grant(ctx context.Context, ttl time.Duration) (clientv3.LeaseID
 	return lease.ID, nil
 }
 
-func (l *Ledger) revoke(ctx context.Context, id clientv3.LeaseID) {
-	ctx, cancel := l.ctx(context.WithoutCancel(ctx))
-	defer cancel()
-	_, _ = l.cli.Revoke(ctx, id) // best effort: the lease expires anyway
-}
-
 func (l *Ledger) readMarker(ctx context.Context, resID string) (CommitResult, bool, error) {
 	ctx, cancel := l.ctx(ctx)
 	defer cancel()
