@@ -11,6 +11,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 GRPCURL_VERSION := v1.9.4
 # v5.8.3+ needs Go 1.27.
 KUSTOMIZE_VERSION := v5.8.2
+STATICCHECK_VERSION := v0.8.2
 
 MODULES := ./pkg/... ./services/allocator/... ./services/upload/... ./services/bucketctl/...
 GO_TEST_FLAGS ?= -race -count=1 -timeout 20m
@@ -23,6 +24,8 @@ help: ## Show this help.
 
 $(BIN)/buf:
 	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(BIN)/staticcheck:
+	GOBIN=$(BIN) go install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 $(BIN)/protoc-gen-go:
 	GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 $(BIN)/protoc-gen-go-grpc:
@@ -52,10 +55,11 @@ proto-check: tools ## Fail if proto/ is not formatted or pkg/api is stale.
 	  echo "generated code in pkg/api is stale: run 'make proto' and commit" >&2; exit 1; fi
 
 .PHONY: lint
-lint: tools ## buf lint, gofmt and go vet.
+lint: tools $(BIN)/staticcheck ## buf lint, gofmt, go vet and staticcheck.
 	$(BIN)/buf lint
 	@out=$$(gofmt -l pkg services); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet $(MODULES)
+	$(BIN)/staticcheck $(MODULES)
 
 .PHONY: breaking
 breaking: tools ## Check proto/ for breaking changes against the main branch.
