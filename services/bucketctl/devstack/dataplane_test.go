@@ -269,6 +269,7 @@ func TestBadInputTable(t *testing.T) {
 		{"reserved metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Bucketlb-Write-Id": "x"}}, codes.InvalidArgument, "header.metadata"},
 		{"reserved sha256 metadata key", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"bucketlb-sha256": "x"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata value with a line break", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": "one\ntwo"}}, codes.InvalidArgument, "header.metadata"},
+		{"metadata keys differing only in case", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Author": "a", "author": "b"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"clé": "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{strings.Repeat("k\n", 50_000): "v"}}, codes.InvalidArgument, "header.metadata"},

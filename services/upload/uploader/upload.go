@@ -209,12 +209,21 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	if metaBytes > maxMetadata {
 		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
 	}
+	seen := make(map[string]string, len(hdr.GetMetadata()))
 	for k := range hdr.GetMetadata() {
 		for _, sk := range serviceKeys {
 			if strings.EqualFold(k, sk) {
 				return nil, badField("header.metadata", "metadata key %q is reserved for the service", k)
 			}
 		}
+		// Buckets keep metadata keys in lower case: of two keys that
+		// differ only in case, one would silently replace the other.
+		lk := strings.ToLower(k)
+		if other, dup := seen[lk]; dup {
+			a, b := min(k, other), max(k, other)
+			return nil, badField("header.metadata", "metadata keys %q and %q differ only in case; buckets store keys in lower case, so one would replace the other", a, b)
+		}
+		seen[lk] = k
 	}
 	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
 	// that cannot, but only after the data arrived.

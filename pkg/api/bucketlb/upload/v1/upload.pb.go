@@ -142,7 +142,10 @@ type UploadHeader struct {
 	// Optional key for the affinity strategy: equal keys land on the same bucket
 	// while that bucket is healthy and has room. At most 256 bytes.
 	AffinityKey string `protobuf:"bytes,7,opt,name=affinity_key,json=affinityKey,proto3" json:"affinity_key,omitempty"`
-	// User metadata stored with the object (x-amz-meta-*).
+	// User metadata stored with the object (x-amz-meta-*). It travels as HTTP
+	// headers: keys are ASCII header names, compared without case and read
+	// back in lower case (two keys that differ only in case are refused);
+	// values lose leading and trailing spaces and may not hold line breaks.
 	Metadata map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Set to start a resumable session (the response of QueryUpload then
 	// reports progress) or to continue one that upload_id names.
