@@ -34,7 +34,10 @@ const (
 type UploadServiceClient interface {
 	// Upload streams one object. The first message must carry a header; every
 	// later message carries a chunk of data. The server answers once, after
-	// the object is durably stored and its usage is committed.
+	// the object is durably stored and its usage is committed. A client that
+	// sends nothing for the server's idle timeout (1 minute by default), or
+	// less than its minimum data rate (1 KiB/s) over that long, is cut off
+	// with DEADLINE_EXCEEDED and nothing is stored.
 	//
 	// To resume an interrupted resumable upload, send a header with the same
 	// upload_id and the offset returned by QueryUpload, then the remaining bytes.
@@ -120,7 +123,10 @@ func (c *uploadServiceClient) DeleteObject(ctx context.Context, in *DeleteObject
 type UploadServiceServer interface {
 	// Upload streams one object. The first message must carry a header; every
 	// later message carries a chunk of data. The server answers once, after
-	// the object is durably stored and its usage is committed.
+	// the object is durably stored and its usage is committed. A client that
+	// sends nothing for the server's idle timeout (1 minute by default), or
+	// less than its minimum data rate (1 KiB/s) over that long, is cut off
+	// with DEADLINE_EXCEEDED and nothing is stored.
 	//
 	// To resume an interrupted resumable upload, send a header with the same
 	// upload_id and the offset returned by QueryUpload, then the remaining bytes.
