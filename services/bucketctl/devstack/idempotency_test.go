@@ -1,7 +1,13 @@
 package devstack_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -10,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
 )
@@ -139,4 +146,68 @@ func oneObjectPerKey(t *testing.T, env *e2e.Env, keys int, bytes int64) {
 		t.Fatalf("usage %d, want %d (each key counted once)", total, bytes)
 	}
 	e2e.WaitNoReservations(t, env, reserved)
+}
+
+// Racing uploads under one idempotency key and one client-chosen object
+// key, half with other bytes, retrying as uploadclient does: the object
+// in the bucket holds exactly the bytes the key's record names, every
+// racer with those bytes gets that result, every other racer gets
+// FAILED_PRECONDITION, and the object is counted once. (Before uploads
+// claimed the key, a loser's write could replace the winner's object.)
+func TestRacingUploadsUnderOneObjectKey(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	files := map[string][]byte{}
+	for i, data := range [][]byte{e2e.RandomBytes(t, 50_000), e2e.RandomBytes(t, 50_000)} {
+		path := filepath.Join(dir, fmt.Sprintf("%d.bin", i))
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		files[path] = data
+	}
+	paths := slices.Sorted(maps.Keys(files))
+	results := make([]*uploadv1.UploadResponse, 8)
+	errs := make([]error, len(results))
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() {
+			results[i], errs[i] = uploadclient.UploadFile(ctx, env.Upload, paths[i%2],
+				&uploadv1.UploadHeader{Key: "orders/race.bin", IdempotencyKey: "order-race", ContentType: "application/octet-stream"},
+				uploadclient.Options{Retries: 100})
+		})
+	}
+	wg.Wait()
+	var stored bytes.Buffer
+	info, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: firstOK(t, results, errs).GetBucketId(), Key: "orders/race.bin"}, &stored, nil)
+	if err != nil {
+		t.Fatalf("read the raced key: %v", err)
+	}
+	winner := e2e.HexSHA(stored.Bytes())
+	for i, err := range errs {
+		sent := e2e.HexSHA(files[paths[i%2]])
+		switch {
+		case sent == winner && (err != nil || results[i].GetSha256() != winner):
+			t.Fatalf("racer %d sent the stored bytes: %v, %v; want their result", i, results[i], err)
+		case sent != winner && status.Code(err) != codes.FailedPrecondition:
+			t.Fatalf("racer %d sent other bytes: %v, %v; want FAILED_PRECONDITION", i, results[i], err)
+		}
+	}
+	if info.GetSha256() != winner {
+		t.Fatalf("the object's stored sha256 %s is not its bytes' %s", info.GetSha256(), winner)
+	}
+	oneObjectPerKey(t, env, 1, int64(stored.Len()))
+}
+
+// firstOK returns the first successful result, failing the test if none.
+func firstOK(t *testing.T, results []*uploadv1.UploadResponse, errs []error) *uploadv1.UploadResponse {
+	t.Helper()
+	for i, err := range errs {
+		if err == nil {
+			return results[i]
+		}
+	}
+	t.Fatalf("no upload succeeded: %v", errs)
+	return nil
 }
