@@ -26,7 +26,8 @@ const (
 	OutcomeReplay = "replay"
 	// OutcomeRejected: the caller's fault (INVALID_ARGUMENT,
 	// FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, OUT_OF_RANGE,
-	// UNAUTHENTICATED, PERMISSION_DENIED). Left out of success ratios.
+	// UNAUTHENTICATED, PERMISSION_DENIED, or an Upload marked CallerFault).
+	// Left out of success ratios.
 	OutcomeRejected = "rejected"
 	// OutcomeCanceled: the caller went away (CANCELED). Left out of
 	// success ratios.
@@ -197,6 +198,12 @@ type Upload struct {
 	Replay bool
 	// Err is the error returned to the client (a gRPC status), nil on success.
 	Err error
+	// CallerFault marks an Err that the caller brought about although its
+	// code does not say so (a client cut off for sending nothing, or too
+	// little, a second upload under a running upload's idempotency key):
+	// it counts as rejected, so misbehaving clients do not page anyone
+	// about the service's success rate.
+	CallerFault bool
 }
 
 // RecordUpload counts a finished Upload call (upload service, once per
@@ -206,8 +213,11 @@ func (m *Metrics) RecordUpload(ctx context.Context, u Upload) {
 		return
 	}
 	outcome := Outcome(u.Err)
-	if outcome == OutcomeOK && u.Replay {
+	switch {
+	case outcome == OutcomeOK && u.Replay:
 		outcome = OutcomeReplay
+	case u.Err != nil && u.CallerFault:
+		outcome = OutcomeRejected
 	}
 	byOutcome := metric.WithAttributeSet(attribute.NewSet(attribute.String("outcome", outcome)))
 	m.uploads.Add(ctx, 1, byOutcome)

@@ -25,6 +25,7 @@ func recordAll(t *testing.T, m *telemetry.Metrics) {
 	m.RecordUpload(ctx, telemetry.Upload{Bucket: "b1", Bytes: 500, Duration: 30 * time.Millisecond})
 	m.RecordUpload(ctx, telemetry.Upload{Bucket: "b1", Bytes: 1000, Duration: time.Millisecond, Replay: true})
 	m.RecordUpload(ctx, telemetry.Upload{Bytes: 10, Err: status.Error(codes.InvalidArgument, "bad key")})
+	m.RecordUpload(ctx, telemetry.Upload{Bytes: 5, Err: status.Error(codes.DeadlineExceeded, "client idle"), CallerFault: true})
 	m.RecordUpload(ctx, telemetry.Upload{Bucket: "b2", Bytes: 700, Duration: 2 * time.Second,
 		Err: fmt.Errorf("upload: %w", status.Error(codes.Unavailable, "every bucket failed"))})
 	done := m.TrackUploadStream(ctx)
@@ -71,11 +72,11 @@ func TestMetricsScrapedOverHTTP(t *testing.T) {
 	type L = map[string]string
 	wantValue(t, fams, "bucketlb_uploads_total", L{"outcome": "ok"}, 2)
 	wantValue(t, fams, "bucketlb_uploads_total", L{"outcome": "replay"}, 1)
-	wantValue(t, fams, "bucketlb_uploads_total", L{"outcome": "rejected"}, 1)
+	wantValue(t, fams, "bucketlb_uploads_total", L{"outcome": "rejected"}, 2)
 	wantValue(t, fams, "bucketlb_uploads_total", L{"outcome": "unavailable"}, 1)
 	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "b1", "outcome": "ok"}, 1500)
 	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "b1", "outcome": "replay"}, 1000)
-	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "", "outcome": "rejected"}, 10)
+	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "", "outcome": "rejected"}, 15)
 	wantValue(t, fams, "bucketlb_upload_bytes_total", L{"bucket": "b2", "outcome": "unavailable"}, 700)
 	wantValue(t, fams, "bucketlb_upload_active_streams", nil, 1)
 	wantValue(t, fams, "bucketlb_upload_buffer_bytes", nil, 8<<20)

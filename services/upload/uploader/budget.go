@@ -73,8 +73,8 @@ func (b *bufferBudget) acquire(ctx context.Context, n int64) (release func(), er
 		deadline = time.Now().Add(b.wait)
 		if err := b.await(ctx, cs.sem, mine, deadline, func() error {
 			b.log.Warn("a client kept its whole share of the upload buffers busy", "client", client, "share_bytes", b.share, "waited", b.wait)
-			return retryLater(codes.ResourceExhausted, fmt.Sprintf(
-				"this client's calls already hold its share of this upload replica's buffers (%d bytes) and held it for %v; let them finish or retry shortly", b.share, b.wait))
+			return &shareFull{retryLater(codes.ResourceExhausted, fmt.Sprintf(
+				"this client's calls already hold its share of this upload replica's buffers (%d bytes) and held it for %v; let them finish or retry shortly", b.share, b.wait))}
 		}); err != nil {
 			b.leave(client, cs)
 			return nil, err
@@ -143,6 +143,14 @@ func (b *bufferBudget) await(ctx context.Context, sem *semaphore.Weighted, n int
 	}
 	return nil
 }
+
+// shareFull is the answer to a client whose own calls hold its whole
+// share: a status like any other, which the metrics count as the caller's
+// doing.
+type shareFull struct{ err error }
+
+func (e *shareFull) Error() string              { return e.err.Error() }
+func (e *shareFull) GRPCStatus() *status.Status { return status.Convert(e.err) }
 
 // retryLater is a status with a one-second retry delay in its details.
 func retryLater(code codes.Code, msg string) error {

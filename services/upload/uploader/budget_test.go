@@ -269,3 +269,81 @@ func TestClientShareKeepsRoomForOthers(t *testing.T) {
 	}
 	st.waitNoReservations(t)
 }
+
+// Uploads that fail through their client's own doing count as rejected in
+// bucketlb_uploads_total, not as failures of the service, so a
+// misbehaving client cannot trip the success-rate alert: one cut off for
+// sending nothing, one over its share of the buffers, and one under a
+// running upload's idempotency key. The replica's own budget running out
+// still counts as unavailable.
+func TestCallerFaultsCountAsRejected(t *testing.T) {
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startStack(t, 1, func(c *uploader.Config) {
+		// The holders below idle for the rest of the test: it must end
+		// before the idle timeout lets them go.
+		c.PartSize, c.BufferBudget, c.BufferWait, c.IdleTimeout, c.Metrics = budgetPart, 4*budgetPart, 300*time.Millisecond, 3*time.Second, tel.Metrics()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	count := func(outcome string) float64 {
+		v, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_uploads_total", map[string]string{"outcome": outcome})
+		return v
+	}
+	expect := func(what string, err error, code codes.Code, rejected, unavailable float64) {
+		t.Helper()
+		if status.Code(err) != code {
+			t.Fatalf("%s: %v, want %v", what, err, code)
+		}
+		for deadline := time.Now().Add(10 * time.Second); count("rejected") != rejected || count("unavailable") != unavailable; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("after %s: rejected %v, unavailable %v; want %v, %v", what, count("rejected"), count("unavailable"), rejected, unavailable)
+			}
+		}
+	}
+	small := testenv.OpaqueBytes(t, 1024)
+	hdr := func(key string) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: key, IdempotencyKey: "k-" + key, ContentType: "application/octet-stream", Size: int64(len(small))}
+	}
+
+	idle := openUpload(ctx, t, st.Upload, hdr("faults/idle.bin"), nil)
+	expect("an idle client", idle.RecvMsg(&uploadv1.UploadResponse{}), codes.DeadlineExceeded, 1, 0)
+
+	// A large upload holds the key, and its client's whole share.
+	holder, stopHolder := context.WithCancel(asClient(ctx, "holder"))
+	defer stopHolder()
+	openUpload(holder, t, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: 3 * budgetPart},
+		testenv.OpaqueBytes(t, 1<<20))
+	waitHeld(t, st, 2*budgetPart)
+	waitReserved(t, st)
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
+	expect("an upload under a running upload's key", err, codes.Aborted, 2, 0)
+	_, err = send(asClient(ctx, "holder"), st.Upload, hdr("faults/share.bin"), small)
+	expect("an upload over its client's share", err, codes.ResourceExhausted, 3, 0)
+
+	// Another client fills the rest of the replica's budget: running out
+	// of that is the service's failure.
+	filler, stopFiller := context.WithCancel(asClient(ctx, "filler"))
+	defer stopFiller()
+	openUpload(filler, t, st.Upload, &uploadv1.UploadHeader{Key: "faults/filler.bin", ContentType: "application/octet-stream", Size: 3 * budgetPart},
+		testenv.OpaqueBytes(t, 1<<20))
+	waitHeld(t, st, 4*budgetPart)
+	_, err = send(ctx, st.Upload, hdr("faults/full.bin"), small)
+	expect("an upload into a full replica", err, codes.Unavailable, 3, 1)
+}
+
+// waitReserved polls until the stack's bucket holds a reservation.
+func waitReserved(t testing.TB, st *stack) {
+	t.Helper()
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, reserved := st.usage(t); reserved[st.Buckets[0].GetId()] > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no upload reserved capacity within 15s")
+		}
+	}
+}

@@ -38,14 +38,7 @@ func TestIdempotencyKeyOneUploadAtATime(t *testing.T) {
 		return &uploadv1.UploadHeader{Key: "claim/object.bin", IdempotencyKey: "order-42", ContentType: "application/octet-stream", Size: int64(size)}
 	}
 	stream := openUpload(ctx, t, st.Upload, hdr(len(first)), first[:1<<20])
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if _, reserved := st.usage(t); reserved[st.Buckets[0].GetId()] > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the first upload never reserved capacity")
-		}
-	}
+	waitReserved(t, st)
 
 	other := testenv.OpaqueBytes(t, 1024)
 	_, err := send(ctx, st.Upload, hdr(len(other)), other)

@@ -84,13 +84,23 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	if err != nil {
 		st := toStatus(ctx, err)
 		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message())
-		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st})
+		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st, CallerFault: callerFault(err)})
 		return st
 	}
 	s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{
 		Bucket: resp.GetBucketId(), Bytes: resp.GetSize(), Duration: time.Since(start), Replay: resp.GetReplayed(),
 	})
 	return stream.SendAndClose(resp)
+}
+
+// callerFault reports errors the caller brought about whose codes do not
+// say so: a client cut off for sending nothing or too little
+// (DEADLINE_EXCEEDED), one over its own share of the buffers
+// (RESOURCE_EXHAUSTED), a second upload under a running upload's
+// idempotency key (ABORTED, the only use of that code here).
+func callerFault(err error) bool {
+	var sf *shareFull
+	return errors.Is(err, errIdle) || errors.As(err, &sf) || status.Code(err) == codes.Aborted
 }
 
 func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer) (*uploadv1.UploadResponse, error) {
