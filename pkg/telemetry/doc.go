@@ -35,6 +35,7 @@
 //	bucketlb_upload_duration_seconds{outcome}        histogram RecordUpload
 //	bucketlb_upload_active_streams                   gauge     TrackUploadStream (HPA signal)
 //	bucketlb_upload_buffer_bytes                     gauge     TrackUploadBuffer (buffers held)
+//	bucketlb_upload_buffer_waiting                   gauge     TrackBufferWait (calls waiting for buffer room)
 //	bucketlb_upload_failovers_total{bucket,reason}   counter   RecordFailover (bucket left: bucket_failed, no_keys)
 //
 // Recorded by the allocator service:
@@ -71,5 +72,8 @@
 // The outcome label takes the values of the Outcome* constants; Outcome
 // maps a returned error onto them. The upload success ratio the alerts
 // use is (ok + replay) / (all - rejected - canceled): callers' mistakes
-// and callers hanging up do not count against the service.
+// and callers hanging up do not count against the service. An Upload
+// marked CallerFault (a client cut off for sending too little, over its
+// share of the buffers, or racing its own idempotency key) is rejected
+// whatever its code.
 package telemetry
