@@ -3,6 +3,7 @@
 package mimecheck
 
 import (
+	"encoding/binary"
 	"fmt"
 	"mime"
 	"strings"
@@ -76,6 +77,14 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	// application/octet-stream claims nothing about the content, so any
 	// data the allowlist takes may carry it (a log, a photo): only the
 	// sniffed type's own check below applies.
+	if sniffed == "application/zip" && ooxml[base(declared)] && ooxmlPackage(head) {
+		// The detector tells DOCX, XLSX and PPTX apart by a part name
+		// (word/, xl/, ppt/) within the bytes it reads; a producer that
+		// puts a large part first (a thumbnail) pushes that name past
+		// them. A ZIP that opens with an Office package part is such a
+		// document; which of the three, the bytes at hand cannot say.
+		return nil
+	}
 	contradicts := !m.Is(base(declared)) && !(sniffed == "text/plain" && isText(declared))
 	if contradicts && base(declared) != "application/octet-stream" {
 		return fmt.Errorf("declared content type %q but the data looks like %q", base(declared), sniffed)
@@ -84,6 +93,31 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		return fmt.Errorf("the data looks like %q, which is not allowed here", sniffed)
 	}
 	return nil
+}
+
+// ooxml are the Office Open XML types, ZIP packages of XML parts.
+var ooxml = map[string]bool{
+	"application/vnd.openxmlformats-officedocument.wordprocessingml.document":   true,
+	"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet":         true,
+	"application/vnd.openxmlformats-officedocument.presentationml.presentation": true,
+}
+
+// ooxmlPackage reports a ZIP whose first entry is one of the parts an
+// Office Open XML package starts with, the same first-entry rule the
+// detector applies before it looks for word/, xl/ or ppt/.
+func ooxmlPackage(head []byte) bool {
+	// Local file header: signature, then the name's length at 26 and
+	// the name itself at 30.
+	if len(head) < 30 || string(head[:4]) != "PK\x03\x04" {
+		return false
+	}
+	n := int(binary.LittleEndian.Uint16(head[26:28]))
+	if len(head) < 30+n {
+		return false
+	}
+	name := string(head[30 : 30+n])
+	return name == "[Content_Types].xml" || strings.HasPrefix(name, "_rels/") || strings.HasPrefix(name, "docProps/") ||
+		strings.HasPrefix(name, "customXml/")
 }
 
 func isText(ct string) bool {

@@ -1,6 +1,8 @@
 package mimecheck_test
 
 import (
+	"archive/zip"
+	"bytes"
 	"testing"
 
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
@@ -14,8 +16,41 @@ var (
 	rnd  = []byte{0x13, 0x9a, 0xff, 0x00, 0x42, 0x17, 0xc3, 0x88, 0x01, 0xfe}
 )
 
+// zipOf builds a ZIP with the named entries in order; a "*.jpeg" entry
+// holds 20 KB stored as is, the rest a little XML.
+func zipOf(t *testing.T, names ...string) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	w := zip.NewWriter(&b)
+	for _, n := range names {
+		h := &zip.FileHeader{Name: n, Method: zip.Deflate}
+		data := []byte("<?xml version=\"1.0\"?><x/>")
+		if bytes.HasSuffix([]byte(n), []byte(".jpeg")) {
+			h.Method, data = zip.Store, bytes.Repeat([]byte{0xd8, 0x13, 0x77}, 20000/3)
+		}
+		f, err := w.CreateHeader(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()[:min(b.Len(), mimecheck.SniffLen)]
+}
+
 func TestCheck(t *testing.T) {
 	def := mimecheck.New(nil)
+	const docx = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+	const xlsx = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+	// Word as the detector expects it, and with a thumbnail before the
+	// document part, which pushes word/ past the bytes it reads.
+	word := zipOf(t, "[Content_Types].xml", "_rels/.rels", "word/document.xml")
+	thumbFirst := zipOf(t, "[Content_Types].xml", "docProps/thumbnail.jpeg", "word/document.xml")
+	plainZip := zipOf(t, "notes.txt", "photo.jpeg", "word/document.xml")
 	withBinary := mimecheck.New(append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...))
 	cases := []struct {
 		name     string
@@ -38,6 +73,11 @@ func TestCheck(t *testing.T) {
 		{"empty type", def, "", png, false},
 		{"empty object as png", def, "image/png", nil, true},
 		{"empty object as a type not allowed", def, "application/x-msdownload", nil, false},
+		{"docx as docx", def, docx, word, true},
+		{"docx as xlsx", def, xlsx, word, false},
+		{"docx with its thumbnail first as docx", def, docx, thumbFirst, true},
+		{"docx with its thumbnail first as png", def, "image/png", thumbFirst, false},
+		{"plain zip as docx", def, docx, plainZip, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
