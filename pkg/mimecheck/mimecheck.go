@@ -72,11 +72,6 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	}
 	m := mimetype.Detect(head)
 	sniffed := base(m.String())
-	// Text formats the detector cannot tell apart (CSV, Markdown) sniff as
-	// text/plain; accept them under any declared text type. A declared
-	// application/octet-stream claims nothing about the content, so any
-	// data the allowlist takes may carry it (a log, a photo): only the
-	// sniffed type's own check below applies.
 	if sniffed == "application/zip" && ooxml[base(declared)] && ooxmlPackage(head) {
 		// The detector tells DOCX, XLSX and PPTX apart by a part name
 		// (word/, xl/, ppt/) within the bytes it reads; a producer that
@@ -85,7 +80,18 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		// document; which of the three, the bytes at hand cannot say.
 		return nil
 	}
-	contradicts := !m.Is(base(declared)) && !(sniffed == "text/plain" && isText(declared))
+	if isText(declared) && textual(m) {
+		// Text formats overlap and the detector picks one: a log with
+		// commas sniffs as CSV, JSON as itself, a README that opens with
+		// <p align="center"> as HTML. Under a declared text type that is
+		// stored as given, what matters is that the bytes are text and
+		// not a binary posing as text.
+		return nil
+	}
+	// A declared application/octet-stream claims nothing about the
+	// content, so any data the allowlist takes may carry it (a log, a
+	// photo): only the sniffed type's own check below applies.
+	contradicts := !m.Is(base(declared))
 	if contradicts && base(declared) != "application/octet-stream" {
 		return fmt.Errorf("declared content type %q but the data looks like %q", base(declared), sniffed)
 	}
@@ -118,6 +124,17 @@ func ooxmlPackage(head []byte) bool {
 	name := string(head[30 : 30+n])
 	return name == "[Content_Types].xml" || strings.HasPrefix(name, "_rels/") || strings.HasPrefix(name, "docProps/") ||
 		strings.HasPrefix(name, "customXml/")
+}
+
+// textual reports a detected type the detector files under text/plain
+// (CSV, HTML, XML, JSON, scripts, ...): printable text.
+func textual(m *mimetype.MIME) bool {
+	for ; m != nil; m = m.Parent() {
+		if m.Is("text/plain") {
+			return true
+		}
+	}
+	return false
 }
 
 func isText(ct string) bool {
