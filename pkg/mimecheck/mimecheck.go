@@ -43,12 +43,31 @@ func New(allowed []string) *Checker {
 	return &Checker{allowed: m}
 }
 
+// base is a content type's media type, lower case, without parameters,
+// and under its standard name when it is a common alias.
 func base(ct string) string {
 	mt, _, err := mime.ParseMediaType(ct)
 	if err != nil {
-		return strings.ToLower(strings.TrimSpace(ct))
+		mt = strings.ToLower(strings.TrimSpace(ct))
+	}
+	if std, ok := aliases[mt]; ok {
+		return std
 	}
 	return mt
+}
+
+// aliases are names clients commonly send for allowed types (image/jpg
+// above all); each means its standard type, for the allowlist and the
+// comparison with the sniffed type alike. The object keeps the name sent.
+var aliases = map[string]string{
+	"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
+	"image/x-bmp": "image/bmp", "image/x-ms-bmp": "image/bmp",
+	"application/x-pdf": "application/pdf",
+	"text/x-markdown":   "text/markdown",
+	"application/csv":   "text/csv", "text/comma-separated-values": "text/csv",
+	"text/json": "application/json", "application/x-json": "application/json",
+	"application/vnd.ms-word": "application/msword", "application/msexcel": "application/vnd.ms-excel",
+	"application/mspowerpoint": "application/vnd.ms-powerpoint",
 }
 
 // CheckDeclared rejects a declared type outside the allowlist.

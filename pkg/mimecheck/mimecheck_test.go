@@ -14,6 +14,7 @@ var (
 	elf  = []byte("\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00")
 	text = []byte("name,age\nann,31\nbob,42\n")
 	rnd  = []byte{0x13, 0x9a, 0xff, 0x00, 0x42, 0x17, 0xc3, 0x88, 0x01, 0xfe}
+	jpeg = []byte("\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
 )
 
 // zipOf builds a ZIP with the named entries in order; a "*.jpeg" entry
@@ -80,6 +81,10 @@ func TestCheck(t *testing.T) {
 		{"html as png", def, "image/png", []byte("<html><body>x</body></html>"), false},
 		{"random bytes as text", def, "text/plain", rnd, false},
 		{"executable as text", def, "text/plain", elf, false},
+		{"jpeg as image/jpg", def, "image/jpg", jpeg, true},
+		{"png as image/x-png", def, "image/x-png", png, true},
+		{"pdf as image/jpg", def, "image/jpg", pdf, false},
+		{"csv as application/csv", def, "application/csv", text, true},
 		{"docx as docx", def, docx, word, true},
 		{"docx as xlsx", def, xlsx, word, false},
 		{"docx with its thumbnail first as docx", def, docx, thumbFirst, true},
