@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"mime"
+	"slices"
 	"strings"
 
 	"github.com/gabriel-vasile/mimetype"
@@ -16,7 +17,7 @@ const SniffLen = 3072
 
 // DefaultAllowed are images and common documents.
 var DefaultAllowed = []string{
-	"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/heic", "image/tiff", "image/bmp", "image/svg+xml",
+	"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/heic", "image/heif", "image/tiff", "image/bmp", "image/svg+xml",
 	"application/pdf", "text/plain", "text/csv", "text/markdown", "application/json",
 	"application/msword", "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
 	"application/vnd.ms-excel", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
@@ -99,6 +100,13 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		// document; which of the three, the bytes at hand cannot say.
 		return nil
 	}
+	if heifBrands[sniffed] != nil && heifBrands[base(declared)] != nil && hasBrand(head, heifBrands[base(declared)]) {
+		// HEIC, AVIF and HEIF share one container, and the detector goes
+		// by its major brand: a HEIC or AVIF file whose major brand is the
+		// generic mif1 sniffs as HEIF. The brands the file lists say what
+		// it holds.
+		return nil
+	}
 	if isText(declared) && textual(m) {
 		// Text formats overlap and the detector picks one: a log with
 		// commas sniffs as CSV, JSON as itself, a README that opens with
@@ -118,6 +126,31 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		return fmt.Errorf("the data looks like %q, which is not allowed here", sniffed)
 	}
 	return nil
+}
+
+// heifBrands are the ISO BMFF brands that mark each HEIF-family type.
+var heifBrands = map[string][]string{
+	"image/heic": {"heic", "heix", "heim", "heis"},
+	"image/avif": {"avif", "avis"},
+	"image/heif": {"mif1", "msf1"},
+}
+
+// hasBrand reports an ISO BMFF file whose ftyp box (first in the file)
+// names one of brands as its major or a compatible brand.
+func hasBrand(head []byte, brands []string) bool {
+	if len(head) < 16 || string(head[4:8]) != "ftyp" {
+		return false
+	}
+	size := min(int(binary.BigEndian.Uint32(head[:4])), len(head))
+	for off := 8; off+4 <= size; off += 4 {
+		if off == 12 {
+			continue // the minor version, not a brand
+		}
+		if slices.Contains(brands, string(head[off:off+4])) {
+			return true
+		}
+	}
+	return false
 }
 
 // ooxml are the Office Open XML types, ZIP packages of XML parts.

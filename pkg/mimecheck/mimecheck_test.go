@@ -43,6 +43,17 @@ func zipOf(t *testing.T, names ...string) []byte {
 	return b.Bytes()[:min(b.Len(), mimecheck.SniffLen)]
 }
 
+// ftyp is the start of an ISO BMFF file (HEIC, AVIF, HEIF) with the
+// given major and compatible brands.
+func ftyp(major string, compatible ...string) []byte {
+	body := []byte(major + "\x00\x00\x00\x00")
+	for _, c := range compatible {
+		body = append(body, c...)
+	}
+	b := []byte{0, 0, 0, byte(8 + len(body)), 'f', 't', 'y', 'p'}
+	return append(append(b, body...), make([]byte, 64)...)
+}
+
 func TestCheck(t *testing.T) {
 	def := mimecheck.New(nil)
 	const docx = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
@@ -85,6 +96,12 @@ func TestCheck(t *testing.T) {
 		{"png as image/x-png", def, "image/x-png", png, true},
 		{"pdf as image/jpg", def, "image/jpg", pdf, false},
 		{"csv as application/csv", def, "application/csv", text, true},
+		{"heic as heic", def, "image/heic", ftyp("heic", "mif1", "heic"), true},
+		{"heic with the generic major brand as heic", def, "image/heic", ftyp("mif1", "mif1", "heic"), true},
+		{"avif with the generic major brand as avif", def, "image/avif", ftyp("mif1", "avif", "mif1", "miaf"), true},
+		{"heif as heif", def, "image/heif", ftyp("mif1", "mif1"), true},
+		{"heif without a heic brand as heic", def, "image/heic", ftyp("mif1", "mif1"), false},
+		{"heic as png", def, "image/png", ftyp("heic", "mif1", "heic"), false},
 		{"docx as docx", def, docx, word, true},
 		{"docx as xlsx", def, xlsx, word, false},
 		{"docx with its thumbnail first as docx", def, docx, thumbFirst, true},
