@@ -120,3 +120,20 @@ func TestCheck(t *testing.T) {
 		})
 	}
 }
+
+// FuzzCheckData: the checker parses ZIP and ISO BMFF headers by hand; no
+// bytes under any declared type make it panic, and an empty object is
+// judged by its declared type alone.
+func FuzzCheckData(f *testing.F) {
+	f.Add("image/heic", ftyp("mif1", "heic"))
+	f.Add("application/vnd.openxmlformats-officedocument.wordprocessingml.document", []byte("PK\x03\x04"+string(make([]byte, 26))))
+	f.Add("text/plain", text)
+	f.Add("image/png", png)
+	c := mimecheck.New(nil)
+	f.Fuzz(func(t *testing.T, declared string, data []byte) {
+		err := c.CheckData(declared, data)
+		if len(data) == 0 && err != nil {
+			t.Fatalf("empty object under %q: %v", declared, err)
+		}
+	})
+}
