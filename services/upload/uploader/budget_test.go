@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -114,18 +115,13 @@ func TestBufferBudgetWaitRunsOut(t *testing.T) {
 // An upload waiting for buffer room shows in bucketlb_upload_buffer_waiting
 // (what the BucketlbUploadsWaitForBuffers alert reads) until it gets room.
 func TestWaitingForBuffersIsMeasured(t *testing.T) {
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
-	st := startStack(t, 1, func(c *uploader.Config) {
-		c.PartSize, c.BufferBudget, c.BufferWait, c.Metrics = budgetPart, budget, time.Minute, tel.Metrics()
+	st, reg := startMeasuredStack(t, func(c *uploader.Config) {
+		c.PartSize, c.BufferBudget, c.BufferWait = budgetPart, budget, time.Minute
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	waiting := func() float64 {
-		v, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_upload_buffer_waiting", nil)
+		v, _ := testenv.MetricValue(t, reg, "bucketlb_upload_buffer_waiting", nil)
 		return v
 	}
 	release := holdBudget(t, st)
@@ -277,20 +273,15 @@ func TestClientShareKeepsRoomForOthers(t *testing.T) {
 // running upload's idempotency key. The replica's own budget running out
 // still counts as unavailable.
 func TestCallerFaultsCountAsRejected(t *testing.T) {
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
-	st := startStack(t, 1, func(c *uploader.Config) {
+	st, reg := startMeasuredStack(t, func(c *uploader.Config) {
 		// The holders below idle for the rest of the test: it must end
 		// before the idle timeout lets them go.
-		c.PartSize, c.BufferBudget, c.BufferWait, c.IdleTimeout, c.Metrics = budgetPart, 4*budgetPart, 300*time.Millisecond, 3*time.Second, tel.Metrics()
+		c.PartSize, c.BufferBudget, c.BufferWait, c.IdleTimeout = budgetPart, 4*budgetPart, 300*time.Millisecond, 3*time.Second
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	count := func(outcome string) float64 {
-		v, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_uploads_total", map[string]string{"outcome": outcome})
+		v, _ := testenv.MetricValue(t, reg, "bucketlb_uploads_total", map[string]string{"outcome": outcome})
 		return v
 	}
 	expect := func(what string, err error, code codes.Code, rejected, unavailable float64) {
@@ -319,7 +310,7 @@ func TestCallerFaultsCountAsRejected(t *testing.T) {
 		testenv.OpaqueBytes(t, 1<<20))
 	waitHeld(t, st, 2*budgetPart)
 	waitReserved(t, st)
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
 	expect("an upload under a running upload's key", err, codes.Aborted, 2, 0)
 	_, err = send(asClient(ctx, "holder"), st.Upload, hdr("faults/share.bin"), small)
 	expect("an upload over its client's share", err, codes.ResourceExhausted, 3, 0)
@@ -346,4 +337,20 @@ func waitReserved(t testing.TB, st *stack) {
 			t.Fatal("no upload reserved capacity within 15s")
 		}
 	}
+}
+
+// startMeasuredStack is a one-bucket stack whose upload service records
+// its metrics into the returned registry.
+func startMeasuredStack(t *testing.T, tune func(*uploader.Config)) (*stack, prometheus.Gatherer) {
+	t.Helper()
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startStack(t, 1, func(c *uploader.Config) {
+		tune(c)
+		c.Metrics = tel.Metrics()
+	})
+	return st, tel.Registry()
 }
