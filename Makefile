@@ -55,11 +55,13 @@ proto-check: tools ## Fail if proto/ is not formatted or pkg/api is stale.
 	  echo "generated code in pkg/api is stale: run 'make proto' and commit" >&2; exit 1; fi
 
 .PHONY: lint
-lint: tools $(BIN)/staticcheck ## buf lint, gofmt, go vet and staticcheck.
+lint: tools $(BIN)/staticcheck ## buf lint, gofmt, go vet, staticcheck and tidy go.mod files.
 	$(BIN)/buf lint
 	@out=$$(gofmt -l pkg services); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet $(MODULES)
 	$(BIN)/staticcheck $(MODULES)
+	@for m in pkg services/allocator services/upload services/bucketctl; do \
+	  (cd $$m && go mod tidy -diff >/dev/null) || { echo "$$m/go.mod is not tidy: run go mod tidy there and commit"; exit 1; }; done
 
 .PHONY: breaking
 breaking: tools ## Check proto/ for breaking changes against the main branch.
