@@ -122,7 +122,10 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err != nil {
 		return nil, err
 	}
-	if k := hdr.GetIdempotencyKey(); k != "" {
+	// An upload that claims its key learns of a record from its Allocate
+	// (see allocate), which spares the first try, the usual case, this
+	// round trip; a replay then answers once the head of the data is in.
+	if k := hdr.GetIdempotencyKey(); k != "" && u.claim == nil {
 		rec, err := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: k})
 		if err == nil {
 			if err := reusedFor(rec.GetRecord(), hdr.GetSize(), hdr.GetSha256(), hdr.GetKey()); err != nil {
