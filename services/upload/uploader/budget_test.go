@@ -276,7 +276,7 @@ func TestCallerFaultsCountAsRejected(t *testing.T) {
 	st, reg := startMeasuredStack(t, func(c *uploader.Config) {
 		// The holders below idle for the rest of the test: it must end
 		// before the idle timeout lets them go.
-		c.PartSize, c.BufferBudget, c.BufferWait, c.IdleTimeout = budgetPart, 4*budgetPart, 300*time.Millisecond, 3*time.Second
+		c.PartSize, c.BufferBudget, c.BufferWait, c.IdleTimeout = budgetPart, 4*budgetPart, 300*time.Millisecond, 5*time.Second
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

@@ -69,7 +69,9 @@ func TestIdleClientWhilePartIsStuck(t *testing.T) {
 // in a small object and in the middle of a multipart upload; nothing is
 // left behind. A client well above the rate is not.
 func TestTricklingClientIsCutOff(t *testing.T) {
-	const idle = 300 * time.Millisecond // 307 bytes a window at 1 KiB/s
+	// A window of 1 s at 1 KiB/s: the steady client below would have to
+	// stall for a whole second to fall under it.
+	const idle = time.Second
 	st := startStack(t, 1, func(c *uploader.Config) {
 		c.PartSize, c.IdleTimeout = 5<<20, idle
 	})
