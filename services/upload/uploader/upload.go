@@ -125,17 +125,10 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	// An upload that claims its key learns of a record from its Allocate
 	// (see allocate), which spares the first try, the usual case, this
 	// round trip; a replay then answers once the head of the data is in.
-	if k := hdr.GetIdempotencyKey(); k != "" && u.claim == nil {
-		rec, err := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: k})
-		if err == nil {
-			if err := reusedFor(rec.GetRecord(), hdr.GetSize(), hdr.GetSha256(), hdr.GetKey()); err != nil {
-				return nil, err
-			}
-			// Answer at once; the client's remaining chunks are discarded.
-			return replay(rec.GetRecord()), nil
-		}
-		if status.Code(err) != codes.NotFound {
-			return nil, err
+	if hdr.GetIdempotencyKey() != "" && u.claim == nil {
+		// Answered at once, the client's remaining chunks are discarded.
+		if resp, err := s.recorded(ctx, u); resp != nil || err != nil {
+			return resp, err
 		}
 	}
 	small := u.size <= s.cfg.PartSize
@@ -274,16 +267,32 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 	})
 	if status.Code(err) == codes.AlreadyExists && u.claim != nil {
 		// Another upload under the key finished after this one began.
-		rec, rerr := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: u.claim.GetIdempotencyKey()})
-		if rerr != nil {
+		resp, rerr := s.recorded(ctx, u)
+		switch {
+		case rerr != nil:
 			return nil, rerr
+		case resp != nil:
+			return nil, &replayed{resp: resp}
 		}
-		if err := reusedFor(rec.GetRecord(), u.size, u.hdr.GetSha256(), u.hdr.GetKey()); err != nil {
-			return nil, err
-		}
-		return nil, &replayed{resp: replay(rec.GetRecord())}
 	}
 	return a, err
+}
+
+// recorded answers an upload whose idempotency key has a record: with
+// that record, as a replay, or with the error that the key names another
+// object. Both are nil when the key has no record.
+func (s *Server) recorded(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
+	rec, err := s.alloc.GetUploadRecord(ctx, &allocatorv1.GetUploadRecordRequest{IdempotencyKey: u.hdr.GetIdempotencyKey()})
+	if status.Code(err) == codes.NotFound {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := reusedFor(rec.GetRecord(), u.size, u.hdr.GetSha256(), u.hdr.GetKey()); err != nil {
+		return nil, err
+	}
+	return replay(rec.GetRecord()), nil
 }
 
 // replayed ends an upload with the result another upload under its
