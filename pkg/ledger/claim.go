@@ -14,7 +14,7 @@ import (
 )
 
 // ErrClaimed: another upload holds the idempotency key.
-var ErrClaimed = errors.New("another upload holds this idempotency key")
+var ErrClaimed = errors.New("another upload with this idempotency key is in progress")
 
 // ErrRecorded: the idempotency key already has an upload record.
 var ErrRecorded = errors.New("this idempotency key already has an upload record")
@@ -34,12 +34,16 @@ func (l *Ledger) claimKey(k string) string {
 	return l.opts.Prefix + "idemclaim/" + hex.EncodeToString(sum[:])
 }
 
-// validToken accepts the tokens claims are stored with: the value is
-// "<token> <expires, unix ns>".
-func validToken(t string) bool {
-	return t != "" && len(t) <= 64 && !strings.ContainsFunc(t, func(r rune) bool {
+// checkClaim refuses a claim without a key, or with a token the claim's
+// value "<token> <lapses, unix ns>" could not hold.
+func checkClaim(key, token string) error {
+	bad := token == "" || len(token) > 64 || strings.ContainsFunc(token, func(r rune) bool {
 		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-')
 	})
+	if key == "" || bad {
+		return fmt.Errorf("%w: a claim needs an idempotency key and a token of 1 to 64 letters, digits, '-' or '_'", ErrInvalid)
+	}
+	return nil
 }
 
 func parseClaim(v []byte) (token string, until time.Time) {
@@ -56,8 +60,8 @@ func parseClaim(v []byte) (token string, until time.Time) {
 // removes it eventually; when it lapses is in its value, so that renewing
 // a claim costs no lease grant.
 func (c *Capacity) Claim(ctx context.Context, key, token string, ttl time.Duration) (time.Time, error) {
-	if key == "" || !validToken(token) {
-		return time.Time{}, fmt.Errorf("%w: a claim needs an idempotency key and a token of 1 to 64 letters, digits, '-' or '_'", ErrInvalid)
+	if err := checkClaim(key, token); err != nil {
+		return time.Time{}, err
 	}
 	// A key lives at least 3/4 of its lease's TTL after its last write,
 	// longer than the claim itself.
@@ -102,8 +106,8 @@ func (c *Capacity) Claim(ctx context.Context, key, token string, ttl time.Durati
 // EndClaim removes the claim on key if token holds it. Absent claims and
 // claims under another token are left alone.
 func (c *Capacity) EndClaim(ctx context.Context, key, token string) error {
-	if key == "" || !validToken(token) {
-		return fmt.Errorf("%w: a claim needs an idempotency key and a token of 1 to 64 letters, digits, '-' or '_'", ErrInvalid)
+	if err := checkClaim(key, token); err != nil {
+		return err
 	}
 	ck := c.l.claimKey(key)
 	tctx, cancel := c.l.ctx(ctx)

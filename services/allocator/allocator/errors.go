@@ -41,12 +41,7 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.Is(err, errNoRoom):
 		return withRetry(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit", time.Minute)
 	case errors.Is(err, ledger.ErrClaimed):
-		var ce *ledger.ClaimError
-		until := ""
-		if errors.As(err, &ce) {
-			until = " until " + ce.Until.UTC().Format(time.RFC3339) + " at the latest"
-		}
-		return withRetry(codes.Aborted, "another upload with this idempotency key is in progress (it holds the key"+until+"); retry after it ends to get its result", time.Second)
+		return withRetry(codes.Aborted, err.Error()+"; retry after that upload ends to get its result", time.Second)
 	case errors.Is(err, ledger.ErrRecorded):
 		return status.Error(codes.AlreadyExists, err.Error()+"; read it with GetUploadRecord")
 	case errors.Is(err, errDisabled):
