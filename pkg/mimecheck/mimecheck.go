@@ -76,8 +76,8 @@ func (c *Checker) CheckDeclared(declared string) error {
 	if declared == "" {
 		return fmt.Errorf("content type is required")
 	}
-	if !c.allowed[base(declared)] {
-		return fmt.Errorf("content type %q is not allowed here", base(declared))
+	if want := base(declared); !c.allowed[want] {
+		return fmt.Errorf("content type %q is not allowed here", want)
 	}
 	return nil
 }
@@ -90,9 +90,10 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		// which CheckDeclared already held to the allowlist.
 		return nil
 	}
+	want := base(declared)
 	m := mimetype.Detect(head)
 	sniffed := base(m.String())
-	if sniffed == "application/zip" && ooxml[base(declared)] && ooxmlPackage(head) {
+	if sniffed == "application/zip" && ooxml[want] && ooxmlPackage(head) {
 		// The detector tells DOCX, XLSX and PPTX apart by a part name
 		// (word/, xl/, ppt/) within the bytes it reads; a producer that
 		// puts a large part first (a thumbnail) pushes that name past
@@ -100,14 +101,14 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 		// document; which of the three, the bytes at hand cannot say.
 		return nil
 	}
-	if heifBrands[sniffed] != nil && heifBrands[base(declared)] != nil && hasBrand(head, heifBrands[base(declared)]) {
+	if heifBrands[sniffed] != nil && heifBrands[want] != nil && hasBrand(head, heifBrands[want]) {
 		// HEIC, AVIF and HEIF share one container, and the detector goes
 		// by its major brand: a HEIC or AVIF file whose major brand is the
 		// generic mif1 sniffs as HEIF. The brands the file lists say what
 		// it holds.
 		return nil
 	}
-	if isText(declared) && textual(m) {
+	if isText(want) && textual(m) {
 		// Text formats overlap and the detector picks one: a log with
 		// commas sniffs as CSV, JSON as itself, a README that opens with
 		// <p align="center"> as HTML. Under a declared text type that is
@@ -118,9 +119,9 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	// A declared application/octet-stream claims nothing about the
 	// content, so any data the allowlist takes may carry it (a log, a
 	// photo): only the sniffed type's own check below applies.
-	contradicts := !m.Is(base(declared))
-	if contradicts && base(declared) != "application/octet-stream" {
-		return fmt.Errorf("declared content type %q but the data looks like %q", base(declared), sniffed)
+	contradicts := !m.Is(want)
+	if contradicts && want != "application/octet-stream" {
+		return fmt.Errorf("declared content type %q but the data looks like %q", want, sniffed)
 	}
 	if !c.allowed[sniffed] && !generic[sniffed] {
 		return fmt.Errorf("the data looks like %q, which is not allowed here", sniffed)
@@ -189,6 +190,7 @@ func textual(m *mimetype.MIME) bool {
 	return false
 }
 
-func isText(ct string) bool {
-	return strings.HasPrefix(base(ct), "text/") || base(ct) == "application/json"
+// isText reports a text type, given as base returns it.
+func isText(mt string) bool {
+	return strings.HasPrefix(mt, "text/") || mt == "application/json"
 }
