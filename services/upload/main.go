@@ -71,11 +71,9 @@ func run(log *slog.Logger) error {
 	// Shut down after the servers that record through it have stopped.
 	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
 
-	// round_robin over a headless Service's addresses (dns:///allocator:7001)
-	// balances calls, not connections.
 	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr, append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`),
+		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
 	}, tel.DialOptions()...)...)
 	if err != nil {

@@ -235,9 +235,9 @@ func (s *Stack) Err() error {
 	return s.runErr
 }
 
-// Dial connects a plain-text gRPC client to addr.
-func Dial(addr string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// Dial connects a plain-text gRPC client to addr, with opts.
+func Dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)...)
 }
 
 // Close stops the services (gracefully), then the gateway and etcd.

@@ -65,7 +65,8 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		return err
 	}
 
-	conn, err := Dial(s.AllocatorAddr)
+	// The upload service's connection is wired as in production.
+	conn, err := Dial(s.AllocatorAddr, grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
 	if err != nil {
 		return fmt.Errorf("devstack: dial allocator: %w", err)
 	}

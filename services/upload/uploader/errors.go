@@ -85,3 +85,17 @@ func toStatus(ctx context.Context, err error) error {
 	}
 	return status.Error(codes.Internal, "upload service internal error: "+err.Error())
 }
+
+// unreachable words a failed allocator call for the client. Every status
+// the allocator itself sends says what happened (its UNAVAILABLE ones
+// carry a retry delay) and passes through. A bare UNAVAILABLE is the gRPC
+// client's own: the call got no answer even after its retries on other
+// replicas, and its message ("error reading from server: EOF") is about a
+// connection, not the request.
+func unreachable(err error, consequence string) error {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.Unavailable || len(st.Details()) > 0 {
+		return err
+	}
+	return retryLater(codes.Unavailable, fmt.Sprintf("the allocator could not be reached (%s); %s; retry shortly", st.Message(), consequence))
+}

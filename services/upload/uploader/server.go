@@ -24,6 +24,33 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
 
+// AllocatorServiceConfig is the gRPC service config of the upload
+// service's connection to the allocator. Calls, not connections, are
+// balanced round robin over the replicas (a headless Service's addresses,
+// dns:///allocator:7001). A call that fails UNAVAILABLE, as every call in
+// flight to a replica that dies or restarts does, is tried again, on
+// another replica, so a client never sees a replica go. Allocator calls
+// are small, well within gRPC's 256 KiB retry buffer. Commit retries
+// itself (see commit), so gRPC leaves it alone. Throttling stops retries
+// when most calls fail (no replica left), instead of tripling the load.
+const AllocatorServiceConfig = `{
+  "loadBalancingConfig": [{"round_robin": {}}],
+  "methodConfig": [
+    {
+      "name": [{"service": "bucketlb.allocator.v1.AllocatorService"}],
+      "retryPolicy": {
+        "maxAttempts": 3,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "0.5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]
+      }
+    },
+    {"name": [{"service": "bucketlb.allocator.v1.AllocatorService", "method": "Commit"}]}
+  ],
+  "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1}
+}`
+
 // Allocator is what the upload service needs of the control plane.
 type Allocator interface {
 	Allocate(ctx context.Context, in *allocatorv1.AllocateRequest, opts ...grpc.CallOption) (*allocatorv1.AllocateResponse, error)
@@ -383,7 +410,7 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if t == nil {
 		resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
 		if err != nil {
-			return nil, err
+			return nil, unreachable(err, "the bucket could not be looked up")
 		}
 		t = resp.GetBucket()
 		s.targets.put(bucketID, t)

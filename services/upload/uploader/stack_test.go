@@ -3,9 +3,10 @@ package uploader_test
 import (
 	"bytes"
 	"context"
-	"io"
+	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,10 +15,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -42,6 +46,9 @@ type stack struct {
 	Buckets       []*adminv1.BucketSpec
 	Proxies       map[string]*faultproxy.Proxy
 	Server        *uploader.Server
+	// Replicas are the allocator replicas, in start order.
+	Replicas []*allocReplica
+	Etcd     *etcdembed.Server
 }
 
 func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
@@ -87,9 +94,53 @@ func startStackAt(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Co
 func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocator.Config), tune func(*uploader.Config),
 	wrap func(uploader.Allocator) uploader.Allocator, uploadOpts ...grpc.ServerOption) *stack {
 	t.Helper()
+	st, etcd := newStack(t, endpoints)
+	r := st.startAllocator(t, etcd, tuneAlloc)
+	aconn, err := grpc.NewClient(r.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = aconn.Close() })
+	var client uploader.Allocator = allocatorv1.NewAllocatorServiceClient(aconn)
+	if wrap != nil {
+		client = wrap(client)
+	}
+	st.startUpload(t, client, tune, uploadOpts...)
+	return st
+}
+
+// startReplicatedStack is startStackAt with n allocator replicas on one
+// etcd. The upload service reaches them as in production: one client
+// balancing calls round robin over every replica's address.
+func startReplicatedStack(t testing.TB, endpoints []string, n int, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
+	t.Helper()
+	st, etcd := newStack(t, endpoints)
+	res := manual.NewBuilderWithScheme("replicas")
+	var addrs []resolver.Address
+	for i := 0; i < n; i++ {
+		addrs = append(addrs, resolver.Address{Addr: st.startAllocator(t, etcd, tuneAlloc).Addr})
+	}
+	res.InitialState(resolver.State{Addresses: addrs})
+	aconn, err := grpc.NewClient(res.Scheme()+":///allocator", grpc.WithResolvers(res),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = aconn.Close() })
+	st.Admin = adminv1.NewAdminServiceClient(aconn) // any live replica answers
+	st.startUpload(t, allocatorv1.NewAllocatorServiceClient(aconn), tune)
+	return st
+}
+
+// newStack creates one bucket per endpoint on the process-wide gateway,
+// each behind a fault proxy, and a fresh embedded etcd.
+func newStack(t testing.TB, endpoints []string) (*stack, *etcdembed.Server) {
+	t.Helper()
 	g := testenv.S3(t)
-	_, etcd := testenv.Etcd(t)
-	st := &stack{Proxies: map[string]*faultproxy.Proxy{}}
+	etcd, _ := testenv.Etcd(t)
+	st := &stack{Proxies: map[string]*faultproxy.Proxy{}, Etcd: etcd}
 	for i, upstream := range endpoints {
 		name := testenv.NewBucket(t, g)
 		p, err := faultproxy.New(upstream)
@@ -104,24 +155,73 @@ func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocat
 			State: adminv1.BucketState_BUCKET_STATE_ACTIVE, PathStyle: true,
 		})
 	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ctx, cancel := context.WithCancel(context.Background())
-	acfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken}
-	if tuneAlloc != nil {
-		tuneAlloc(&acfg)
+	var err error
+	if st.S3, err = g.Client(); err != nil {
+		t.Fatal(err)
 	}
-	alloc, err := allocator.New(ctx, etcd, acfg, log)
+	return st, etcd
+}
+
+// allocReplica is one running allocator replica.
+type allocReplica struct {
+	Addr string // host:port of its gRPC server
+	// ID is the replica's identity, which leads its reservation ids.
+	ID string
+	// Crash stops the replica as a dying process would: its etcd client
+	// goes first, so no lease revoke reaches etcd and its capacity has to
+	// expire, then its gRPC server drops every connection.
+	Crash func()
+}
+
+// startAllocator runs one more allocator replica over st's buckets, with
+// its own etcd client. The first replica started also serves st.Admin,
+// unless the caller sets it.
+func (st *stack) startAllocator(t testing.TB, etcd *etcdembed.Server, tune func(*allocator.Config)) *allocReplica {
+	t.Helper()
+	r := &allocReplica{ID: fmt.Sprintf("replica-%d", len(st.Replicas))}
+	cfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken, Identity: r.ID}
+	if tune != nil {
+		tune(&cfg)
+	}
+	cli := testenv.EtcdClient(t, etcd.Endpoint)
+	ctx, cancel := context.WithCancel(context.Background())
+	alloc, err := allocator.New(ctx, cli, cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = alloc.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done; _ = alloc.Close() })
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	unary, streamI := alloc.Interceptors()
-	aconn := serve(t, alloc.Register, grpc.UnaryInterceptor(unary), grpc.StreamInterceptor(streamI))
-	st.Admin, st.AllocatorAddr = adminv1.NewAdminServiceClient(aconn), aconn.Target()
+	srv := grpc.NewServer(grpc.UnaryInterceptor(unary), grpc.StreamInterceptor(streamI))
+	alloc.Register(srv)
+	go func() { _ = srv.Serve(lis) }()
+	r.Addr, r.Crash = lis.Addr().String(), sync.OnceFunc(func() {
+		_ = cli.Close()
+		srv.Stop()
+		cancel()
+	})
+	t.Cleanup(func() { r.Crash(); <-done; _ = alloc.Close() })
+	if st.Admin == nil {
+		conn, err := grpc.NewClient(r.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = conn.Close() })
+		st.Admin, st.AllocatorAddr = adminv1.NewAdminServiceClient(conn), r.Addr
+	}
+	st.Replicas = append(st.Replicas, r)
+	return r
+}
 
+// startUpload runs the upload service over client.
+func (st *stack) startUpload(t testing.TB, client uploader.Allocator, tune func(*uploader.Config), opts ...grpc.ServerOption) {
+	t.Helper()
+	g := testenv.S3(t)
 	cfg := uploader.Config{
 		Credentials:         objstore.StaticCredentials{"GW": {g.AccessKey, g.SecretKey}},
 		AllowedContentTypes: append([]string{"application/octet-stream"}, mimecheck.DefaultAllowed...),
@@ -130,22 +230,14 @@ func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocat
 	if tune != nil {
 		tune(&cfg)
 	}
-	var client uploader.Allocator = allocatorv1.NewAllocatorServiceClient(aconn)
-	if wrap != nil {
-		client = wrap(client)
-	}
-	up, err := uploader.New(cfg, client, log)
+	up, err := uploader.New(cfg, client, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = up.Close() })
 	st.Server = up
-	uconn := serve(t, up.Register, append(up.ServerOptions(), uploadOpts...)...)
+	uconn := serve(t, up.Register, append(up.ServerOptions(), opts...)...)
 	st.Upload, st.UploadAddr = uploadv1.NewUploadServiceClient(uconn), uconn.Target()
-	if st.S3, err = g.Client(); err != nil {
-		t.Fatal(err)
-	}
-	return st
 }
 
 func (st *stack) adminCtx(ctx context.Context) context.Context {
@@ -254,4 +346,15 @@ func openUpload(ctx context.Context, t testing.TB, c uploadv1.UploadServiceClien
 		}
 	}
 	return stream
+}
+
+// poll waits up to d for cond to hold, checking every 10 ms, and fails
+// the test naming what it waited for.
+func poll(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s after %s", what, d)
+		}
+	}
 }

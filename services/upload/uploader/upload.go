@@ -275,7 +275,7 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 			return nil, &replayed{resp: resp}
 		}
 	}
-	return a, err
+	return a, unreachable(err, "nothing was stored")
 }
 
 // recorded answers an upload whose idempotency key has a record: with
@@ -287,7 +287,7 @@ func (s *Server) recorded(ctx context.Context, u *upload) (*uploadv1.UploadRespo
 		return nil, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, unreachable(err, "nothing was stored")
 	}
 	if err := reusedFor(rec.GetRecord(), u.size, u.hdr.GetSha256(), u.hdr.GetKey()); err != nil {
 		return nil, err
