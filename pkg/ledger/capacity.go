@@ -265,7 +265,8 @@ func (l *Ledger) shardPrefix(period, bucket string) string {
 	return l.opts.Prefix + "ushard/" + period + "/" + bucket + "/"
 }
 
-// NewCapacity returns the replica's capacity manager; call Run.
+// NewCapacity returns the replica's capacity manager; call Run. A
+// leaseTTL under 2s (zero included) means the default, 10s.
 func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog.Logger) *Capacity {
 	if leaseTTL < 2*time.Second {
 		leaseTTL = 10 * time.Second

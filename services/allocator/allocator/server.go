@@ -62,7 +62,8 @@ type Config struct {
 	// Metrics records reservations and commits; nil records nothing.
 	Metrics *telemetry.Metrics
 	// ReplicaLeaseTTL bounds how long a dead replica's capacity blocks and
-	// reservations outlive it; default 10s.
+	// reservations outlive it; default 10s, which also replaces anything
+	// under 2s (etcd lengthens shorter leases to its own minimum anyway).
 	ReplicaLeaseTTL time.Duration
 }
 
