@@ -236,6 +236,8 @@ func (p *Proxy) count(r *http.Request) string {
 		op = "CompleteMultipartUpload"
 	case r.Method == http.MethodDelete && q.Has("uploadId"):
 		op = "AbortMultipartUpload"
+	case r.Method == http.MethodGet && q.Has("uploads"):
+		op = "ListMultipartUploads"
 	case r.Method == http.MethodPut:
 		op = "PutObject"
 	case r.Method == http.MethodGet:

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 )
 
@@ -82,5 +83,79 @@ func TestAbortUploads(t *testing.T) {
 		if n, err := b.AbortUploads(ctx, key); err != nil || n != 1 {
 			t.Fatalf("the upload of %s: aborted %d (%v), want 1 still open", key, n, err)
 		}
+	}
+}
+
+// Removals ride out a bucket's passing faults: each of Delete, DeleteIf,
+// AbortMultipart and AbortUploads succeeds although its first requests
+// fail (a 5xx, a reset, a throttle, a lost answer), where one try would
+// have left the object or the parts behind. A bucket that keeps failing
+// gets RemoveAttempts tries, no more.
+func TestRemovalsRetryPassingFaults(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	put := func(key string) {
+		t.Helper()
+		proxy.Set(faultproxy.Pass)
+		in := objstore.PutInput{Key: key, ContentType: "application/octet-stream", Metadata: map[string]string{"write-id": key}}
+		if _, err := b.Put(ctx, in, random(t, 100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone := func(key string) {
+		t.Helper()
+		proxy.Set(faultproxy.Pass)
+		if _, err := b.Head(ctx, key); !objstore.IsNotFound(err) {
+			t.Fatalf("%s is still there (head: %v)", key, err)
+		}
+	}
+	for _, m := range []faultproxy.Mode{faultproxy.Error5xx, faultproxy.Reset, faultproxy.Throttle, faultproxy.LoseResponse} {
+		put("d")
+		proxy.SetForNext("DeleteObject", m, 2)
+		if err := b.Delete(ctx, "d"); err != nil {
+			t.Fatalf("delete through two faults (mode %d): %v", m, err)
+		}
+		gone("d")
+
+		put("di")
+		proxy.SetForNext("DeleteObject", m, 2)
+		deleted, err := b.DeleteIf(ctx, "di", func(info objstore.ObjectInfo) bool { return info.Metadata["write-id"] == "di" })
+		if err != nil || !deleted {
+			t.Fatalf("delete-if through two faults (mode %d): deleted %v, %v", m, deleted, err)
+		}
+		gone("di")
+
+		proxy.Set(faultproxy.Pass)
+		id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		proxy.SetForNext("AbortMultipartUpload", m, 2)
+		if err := b.AbortMultipart(ctx, "mp", id); err != nil {
+			t.Fatalf("abort through two faults (mode %d): %v", m, err)
+		}
+		proxy.Set(faultproxy.Pass)
+		if _, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"}); err != nil {
+			t.Fatal(err)
+		}
+		proxy.SetForNext("ListMultipartUploads", m, 2)
+		if n, err := b.AbortUploads(ctx, "mp"); err != nil || n != 1 {
+			t.Fatalf("abort-by-key through two faults (mode %d): aborted %d, %v", m, n, err)
+		}
+		proxy.Set(faultproxy.Pass)
+		if n, err := b.AbortUploads(ctx, "mp"); err != nil || n != 0 {
+			t.Fatalf("uploads of mp left open: %d (%v)", n, err)
+		}
+	}
+
+	put("stuck")
+	proxy.SetFor("DeleteObject", faultproxy.Throttle) // the SDK does not retry a 429 itself
+	proxy.Counts() // from zero
+	if err := b.Delete(ctx, "stuck"); err == nil {
+		t.Fatal("a delete the bucket always throttles succeeded")
+	}
+	if n := proxy.Counts()["DeleteObject"]; n != objstore.RemoveAttempts {
+		t.Fatalf("%d delete requests to a bucket that always throttles, want %d", n, objstore.RemoveAttempts)
 	}
 }

@@ -7,3 +7,6 @@ func SameClient(a, b *Bucket) bool { return a.c == b.c }
 
 // ClientRegion is the signing region of a handle's client.
 func ClientRegion(b *Bucket) string { return b.c.Options().Region }
+
+// RemoveAttempts is how many tries a removal gets.
+const RemoveAttempts = removeAttempts

@@ -413,32 +413,6 @@ func (b *Bucket) CompleteMultipart(ctx context.Context, key, uploadID string, pa
 	return aws.ToString(out.ETag), nil
 }
 
-// AbortMultipart discards an upload's parts. It runs even when ctx has
-// ended: cleanup must not be skipped because the client went away.
-func (b *Bucket) AbortMultipart(ctx context.Context, key, uploadID string) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.s.opts.CallTimeout)
-	defer cancel()
-	_, err := b.c.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{
-		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID),
-	})
-	if err != nil && !IsNotFound(err) {
-		return fmt.Errorf("abort multipart %s/%s: %w", b.Target.Name, key, err)
-	}
-	return nil
-}
-
-// Delete removes an object; absent objects are not an error. Like Abort
-// it outlives ctx's cancellation.
-func (b *Bucket) Delete(ctx context.Context, key string) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.s.opts.CallTimeout)
-	defer cancel()
-	_, err := b.c.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)})
-	if err != nil && !IsNotFound(err) {
-		return fmt.Errorf("delete %s/%s: %w", b.Target.Name, key, err)
-	}
-	return nil
-}
-
 // ObjectInfo describes a stored object.
 type ObjectInfo struct {
 	Size, ContentLength int64
