@@ -159,3 +159,21 @@ func TestRemovalsRetryPassingFaults(t *testing.T) {
 		t.Fatalf("%d delete requests to a bucket that always throttles, want %d", n, objstore.RemoveAttempts)
 	}
 }
+
+// A CreateMultipartUpload whose answer is lost created an upload all the
+// same. It is not tried again behind the caller's back, which would leave
+// the first upload open with no one knowing its id: the caller gets the
+// error, which says the upload may exist, and cleans up by key.
+func TestLostCreateIsNotRetried(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	proxy.SetForNext("CreateMultipartUpload", faultproxy.LoseResponse, 1)
+	_, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "lost", ContentType: "application/octet-stream"})
+	if err == nil || !objstore.MayHaveLanded(err) {
+		t.Fatalf("create with its answer lost: %v, want an error that may have landed", err)
+	}
+	if n, err := b.AbortUploads(ctx, "lost"); err != nil || n != 1 {
+		t.Fatalf("aborted %d uploads of the key (%v), want the 1 the lost create made", n, err)
+	}
+}

@@ -326,9 +326,13 @@ func (b *Bucket) CreateMultipart(ctx context.Context, in PutInput) (string, erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
 	defer cancel()
+	// One try: a create whose answer was lost made an upload all the
+	// same, and a retry would make a second one, leaving the first open
+	// with no one knowing its id. The caller sees the error (MayHaveLanded)
+	// and can clean up by key.
 	out, err := b.c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), ContentType: aws.String(in.ContentType), Metadata: in.Metadata,
-	})
+	}, func(o *s3.Options) { o.RetryMaxAttempts = 1 })
 	if err != nil {
 		return "", fmt.Errorf("create multipart %s/%s: %w", b.Target.Name, in.Key, err)
 	}
