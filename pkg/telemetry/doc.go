@@ -37,6 +37,7 @@
 //	bucketlb_upload_buffer_bytes                     gauge     TrackUploadBuffer (buffers held)
 //	bucketlb_upload_buffer_waiting                   gauge     TrackBufferWait (calls waiting for buffer room)
 //	bucketlb_upload_failovers_total{bucket,reason}   counter   RecordFailover (bucket left: bucket_failed, no_keys)
+//	bucketlb_upload_leftovers_total{bucket,kind}     counter   RecordLeftover (removal failed: object, multipart)
 //
 // Recorded by the allocator service:
 //

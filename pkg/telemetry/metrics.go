@@ -90,6 +90,7 @@ type Metrics struct {
 	uploadBuffers  metric.Int64UpDownCounter
 	bufferWaiting  metric.Int64UpDownCounter
 	failovers      metric.Int64Counter
+	leftovers      metric.Int64Counter
 	reservations   metric.Int64Counter
 	commits        metric.Int64Counter
 	panics         metric.Int64Counter
@@ -140,6 +141,9 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	check(err)
 	m.failovers, err = mt.Int64Counter("bucketlb.upload.failovers",
 		metric.WithDescription("Uploads moved away from a bucket that failed mid-upload, by the bucket left."), metric.WithUnit("{failover}"))
+	check(err)
+	m.leftovers, err = mt.Int64Counter("bucketlb.upload.leftovers",
+		metric.WithDescription("What failed uploads may have left in a bucket because removing it failed, by bucket and kind (object: bytes no usage counts; multipart: parts until the bucket's lifecycle rule aborts them)."), metric.WithUnit("{leftover}"))
 	check(err)
 	m.reservations, err = mt.Int64Counter("bucketlb.allocator.reservations",
 		metric.WithDescription("Allocate calls by the bucket chosen (empty when none) and outcome."), metric.WithUnit("{reservation}"))
@@ -277,6 +281,26 @@ func (m *Metrics) RecordFailover(ctx context.Context, bucket string, reason Fail
 		return
 	}
 	m.failovers.Add(ctx, 1, metric.WithAttributes(attribute.String("bucket", bucket), attribute.String("reason", string(reason))))
+}
+
+// LeftoverKind says what an upload may have left in a bucket.
+type LeftoverKind string
+
+const (
+	// LeftoverObject: an object whose usage is not counted.
+	LeftoverObject LeftoverKind = "object"
+	// LeftoverMultipart: an open multipart upload and its parts.
+	LeftoverMultipart LeftoverKind = "multipart"
+)
+
+// RecordLeftover counts something a failed upload may have left in bucket
+// because its removal failed or could not be attempted (upload service).
+// The log line next to it names the key.
+func (m *Metrics) RecordLeftover(ctx context.Context, bucket string, kind LeftoverKind) {
+	if m == nil {
+		return
+	}
+	m.leftovers.Add(context.WithoutCancel(ctx), 1, metric.WithAttributes(attribute.String("bucket", bucket), attribute.String("kind", string(kind))))
 }
 
 // RecordReservation counts an Allocate call: the bucket chosen (empty on

@@ -411,8 +411,20 @@ func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *up
 		_, err = b.DeleteIf(ctx, u.key, func(info objstore.ObjectInfo) bool { return info.Metadata[writeIDKey] == u.writeID })
 	}
 	if err != nil {
-		s.log.Warn("could not remove a possibly written object", "bucket", b.Target.ID, "key", u.key, "error", err.Error())
+		s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverObject, "could not remove a possibly written object", err)
 	}
+}
+
+// leftover logs and counts what a failed upload may have left in a bucket
+// because removing it failed (err) or could not be tried (nil), so that
+// operators learn of uncounted objects and open multipart uploads.
+func (s *Server) leftover(ctx context.Context, bucket, key string, kind telemetry.LeftoverKind, msg string, err error) {
+	attrs := []any{"bucket", bucket, "key", key}
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+	}
+	s.log.Warn(msg, attrs...)
+	s.cfg.Metrics.RecordLeftover(ctx, bucket, kind)
 }
 
 // written is what a bucket answered to the write that stored an object.
@@ -430,7 +442,7 @@ type written struct {
 func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, w written) (*uploadv1.UploadResponse, error) {
 	remove := func() {
 		if err := b.Delete(ctx, u.key); err != nil {
-			s.log.Warn("could not remove an object whose usage is not counted", "bucket", b.Target.ID, "key", u.key, "error", err.Error())
+			s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverObject, "could not remove an object whose usage is not counted", err)
 		}
 	}
 	req := &allocatorv1.CommitRequest{
@@ -479,6 +491,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 		// object under the idempotency key; a retry with the key would
 		// then be answered with it, so it must not be removed. If the
 		// Commit did not apply, the object stays uncounted.
+		s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverObject, "the allocator did not answer a Commit; the object stays for a retry with the idempotency key, uncounted if the Commit did not apply", err)
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
@@ -551,7 +564,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	bucketID := a.GetBucket().GetId()
 	abort := func() {
 		if err := b.AbortMultipart(ctx, u.key, mpID); err != nil {
-			s.log.Warn("abort failed; the bucket's lifecycle rule removes the parts", "bucket", bucketID, "key", u.key, "error", err.Error())
+			s.leftover(ctx, bucketID, u.key, telemetry.LeftoverMultipart, "abort failed; the bucket's lifecycle rule removes the parts", err)
 		}
 	}
 	fail := func(err error) (*uploadv1.UploadResponse, error) {
@@ -749,14 +762,19 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			return a, b, id, nil
 		}
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
-		if objstore.MayHaveLanded(err) && u.ownKey() {
+		switch {
+		case objstore.MayHaveLanded(err) && u.ownKey():
 			// The upload may have been created with its id lost. The key
 			// was made for this upload alone, so whatever upload it has
-			// is this one's. Under a client's key another writer's upload
-			// may be open: that one is left to the bucket's lifecycle rule.
+			// is this one's.
 			if _, aerr := b.AbortUploads(ctx, u.key); aerr != nil {
-				s.log.Warn("could not abort a possibly created upload", "bucket", a.GetBucket().GetId(), "key", u.key, "error", aerr.Error())
+				s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "could not abort a possibly created upload", aerr)
 			}
+		case objstore.MayHaveLanded(err):
+			// Under a client's key another writer's upload may be open,
+			// which an abort by key would break: one this upload may have
+			// created is left to the bucket's lifecycle rule.
+			s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
 		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
