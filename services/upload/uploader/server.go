@@ -29,9 +29,10 @@ import (
 // balanced round robin over the replicas (a headless Service's addresses,
 // dns:///allocator:7001). A call that fails UNAVAILABLE, as every call in
 // flight to a replica that dies or restarts does, is tried again, on
-// another replica, so a client never sees a replica go. Allocator calls
-// are small, well within gRPC's 256 KiB retry buffer. Commit retries
-// itself (see commit), so gRPC leaves it alone. Throttling stops retries
+// another replica, so a client never sees a replica go. Every call may
+// be tried again: Commit is idempotent, and an Allocate whose answer was
+// lost leaves a reservation that lapses by itself. Allocator calls are
+// small, well within gRPC's 256 KiB retry buffer. Throttling stops retries
 // when most calls fail (no replica left), instead of tripling the load.
 const AllocatorServiceConfig = `{
   "loadBalancingConfig": [{"round_robin": {}}],
@@ -45,8 +46,7 @@ const AllocatorServiceConfig = `{
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"]
       }
-    },
-    {"name": [{"service": "bucketlb.allocator.v1.AllocatorService", "method": "Commit"}]}
+    }
   ],
   "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1}
 }`
