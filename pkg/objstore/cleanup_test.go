@@ -150,8 +150,10 @@ func TestRemovalsRetryPassingFaults(t *testing.T) {
 	}
 
 	put("stuck")
-	proxy.SetFor("DeleteObject", faultproxy.Throttle) // the SDK does not retry a 429 itself
-	proxy.Counts() // from zero
+	// Throttled: the SDK does not retry a 429 itself, so every request
+	// counted below is a try of the removal's own.
+	proxy.SetFor("DeleteObject", faultproxy.Throttle)
+	proxy.Counts() // reset
 	if err := b.Delete(ctx, "stuck"); err == nil {
 		t.Fatal("a delete the bucket always throttles succeeded")
 	}
