@@ -45,6 +45,10 @@ const (
 	// open without another byte until the client gives up or StallFor
 	// ends: a bucket that stops sending midway.
 	StallBody
+	// Truncate forwards the request and answers with the status, the
+	// headers and the first half of the body, then closes the connection:
+	// a body cut short of its Content-Length.
+	Truncate
 	// DropContentRange forwards the request and answers a range read with
 	// 200 and no Content-Range, as a server that ignores Range does (it
 	// sends the whole object instead, which a reader must not take for
@@ -124,6 +128,18 @@ func New(target string) (*Proxy, error) {
 			}
 			p.stall(r)
 			return
+		case Truncate:
+			rec := httptest.NewRecorder()
+			rp.ServeHTTP(rec, r)
+			maps.Copy(w.Header(), rec.Header())
+			w.WriteHeader(rec.Code)
+			body := rec.Body.Bytes()
+			_, _ = w.Write(body[:len(body)/2])
+			if f, ok := w.(http.Flusher); ok {
+				f.Flush()
+			}
+			hangUp(w, false)
+			return
 		case DropContentRange:
 			rec := httptest.NewRecorder()
 			rp.ServeHTTP(rec, r)
@@ -176,10 +192,13 @@ func (f *flipReader) Read(p []byte) (int, error) {
 }
 
 // reset closes the client's connection with a TCP RST and no answer.
-func reset(w http.ResponseWriter) {
+func reset(w http.ResponseWriter) { hangUp(w, true) }
+
+// hangUp closes the client's connection, with an RST or else a FIN.
+func hangUp(w http.ResponseWriter, rst bool) {
 	if hj, ok := w.(http.Hijacker); ok {
 		if conn, _, err := hj.Hijack(); err == nil {
-			if tc, ok := conn.(*net.TCPConn); ok {
+			if tc, ok := conn.(*net.TCPConn); ok && rst {
 				_ = tc.SetLinger(0) // RST instead of FIN
 			}
 			conn.Close()

@@ -11,7 +11,7 @@ import (
 )
 
 // A removal is tried up to removeAttempts times, with exponential backoff
-// and jitter from removeBackoff, within one CallTimeout; a try that hangs
+// and jitter (see backoff), within one CallTimeout; a try that hangs
 // is given up after a third of it, so one stall does not use it all. Writes get few
 // tries (see New) because the service fails over to another bucket, but
 // what a removal leaves behind stays in this bucket: an object no usage
@@ -19,10 +19,10 @@ import (
 // removal rides out the brief faults (5xx, 429, resets, timeouts) a
 // bucket has now and then, without holding the caller much longer than a
 // call to a bucket that does not answer would.
-const (
-	removeAttempts = 5
-	removeBackoff  = 50 * time.Millisecond
-)
+const removeAttempts = 5
+
+// retryBackoff is the first wait before a call to a bucket is tried again.
+const retryBackoff = 50 * time.Millisecond
 
 // removing runs op, which removes something, until it succeeds, fails
 // for a reason that is not the bucket's passing fault, or runs out of
@@ -35,17 +35,24 @@ func (b *Bucket) removing(ctx context.Context, op func(context.Context) error) e
 		actx, acancel := context.WithTimeout(ctx, b.s.opts.CallTimeout/3)
 		err := op(actx)
 		acancel()
-		if err == nil || attempt == removeAttempts-1 || Classify(ctx, err) == NotBucketFault {
+		if err == nil || attempt == removeAttempts-1 || Classify(ctx, err) == NotBucketFault || backoff(ctx, attempt) != nil {
 			return err
 		}
-		d := removeBackoff << attempt
-		t := time.NewTimer(d/2 + rand.N(d))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return err
-		case <-t.C:
-		}
+	}
+}
+
+// backoff waits before try attempt+1 of a call to a bucket: exponential
+// from retryBackoff, with jitter so that the callers a fault hit at once
+// do not come back at once. It returns ctx's error if ctx ends first.
+func backoff(ctx context.Context, attempt int) error {
+	d := retryBackoff << min(attempt, 6)
+	t := time.NewTimer(d/2 + rand.N(d))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
 	}
 }
 

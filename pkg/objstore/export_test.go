@@ -10,3 +10,6 @@ func ClientRegion(b *Bucket) string { return b.c.Options().Region }
 
 // RemoveAttempts is how many tries a removal gets.
 const RemoveAttempts = removeAttempts
+
+// ReadAttempts is how many GETs one read may take.
+const ReadAttempts = readAttempts

@@ -14,9 +14,11 @@ import (
 )
 
 // A bucket that stops sending an object midway, its connection still
-// open, fails the read with ErrReadStalled (a BucketTimeout) after
-// ReadIdleTimeout instead of holding it until the caller gives up; a
-// reader that takes its time between reads is not cut off.
+// open, is given up on after ReadIdleTimeout instead of holding the read
+// until the caller gives up: the read goes on from the next byte, and
+// when every one of its ReadAttempts GETs stalls (each halfway through
+// what was left), it fails with ErrReadStalled, a BucketTimeout. A reader
+// that takes its time between reads is not cut off.
 func TestGetFailsWhenTheBucketStopsSending(t *testing.T) {
 	const idle = 300 * time.Millisecond
 	b, proxy := newBucket(t, objstore.Options{ReadIdleTimeout: idle}, true)
@@ -61,7 +63,7 @@ func TestGetFailsWhenTheBucketStopsSending(t *testing.T) {
 	if !errors.Is(err, objstore.ErrReadStalled) || objstore.Classify(ctx, err) != objstore.BucketTimeout {
 		t.Fatalf("stalled read ended after %d bytes with %v (classified %v), want ErrReadStalled, a BucketTimeout", n, err, objstore.Classify(ctx, err))
 	}
-	if n != int64(len(data)/2) {
-		t.Fatalf("stalled read gave %d bytes before the stall, want %d", n, len(data)/2)
+	if want := int64(len(data) - len(data)>>objstore.ReadAttempts); n != want {
+		t.Fatalf("stalled read gave %d bytes before failing, want %d", n, want)
 	}
 }

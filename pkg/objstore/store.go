@@ -425,8 +425,21 @@ type ObjectInfo struct {
 }
 
 // Get opens an object, optionally a range [offset, offset+length).
-// length 0 means to the end. The caller closes the body.
+// length 0 means to the end. The caller closes the body. A bucket's
+// passing fault is ridden over (see resumingBody): the request is tried
+// again, and a body that breaks off goes on from its next byte.
 func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.ReadCloser, ObjectInfo, error) {
+	body, info, start, err := b.getRetrying(ctx, key, offset, length, readAttempts)
+	if err != nil {
+		return nil, ObjectInfo{}, err
+	}
+	return &resumingBody{b: b, ctx: ctx, key: key, body: body, etag: info.ETag,
+		next: start, end: start + info.ContentLength, left: readAttempts - 1}, info, nil
+}
+
+// get is one GET of [offset, offset+length) (length 0: to the end); it
+// returns where the bytes start.
+func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.ReadCloser, ObjectInfo, int64, error) {
 	in := &s3.GetObjectInput{Bucket: aws.String(b.Target.Name), Key: aws.String(key)}
 	if offset > 0 || length > 0 {
 		r := fmt.Sprintf("bytes=%d-", offset)
@@ -442,7 +455,7 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 	out, err := b.c.GetObject(ctx, in)
 	if err != nil {
 		cancel(nil)
-		return nil, ObjectInfo{}, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
+		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
 	}
 	info := ObjectInfo{
 		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
@@ -459,10 +472,10 @@ func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.
 		// Bytes from elsewhere in the object must never pass for the range.
 		out.Body.Close()
 		cancel(nil)
-		return nil, ObjectInfo{}, fmt.Errorf("get %s/%s: asked for %s, the bucket answered with %q: %w",
+		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: asked for %s, the bucket answered with %q: %w",
 			b.Target.Name, key, *in.Range, aws.ToString(out.ContentRange), ErrRangeIgnored)
 	}
-	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, nil
+	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, start, nil
 }
 
 // ErrRangeIgnored: a range read was answered with other bytes than those
