@@ -3,7 +3,9 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"math"
 	"strings"
 	"sync/atomic"
@@ -284,5 +286,45 @@ func TestOddChunkSizesReadBack(t *testing.T) {
 			t.Fatalf("size %d chunk %d: %v", tc.size, tc.chunk, err)
 		}
 		readBack(ctx, t, st.Upload, resp, data, fmt.Sprintf("size %d chunk %d", tc.size, tc.chunk))
+	}
+}
+
+// A bucket that ends a body before its Content-Length does not end the
+// GetObject stream as if the object were whole (it did: a client without
+// a byte count of its own, grpcurl say, took half an object for all of
+// it). Cut short once, the read goes on from the next byte; cut short on
+// every GET, the stream fails UNAVAILABLE.
+func TestTruncatedReadsNeverEndCleanly(t *testing.T) {
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint}, nil, nil)
+	proxy := st.Proxies[st.Buckets[0].GetName()]
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, data := stored(ctx, t, st.Upload, 1<<20)
+	// raw reads the stream without uploadclient's own byte count.
+	raw := func() ([]byte, error) {
+		stream, err := st.Upload.GetObject(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		var got []byte
+		for {
+			m, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				return got, nil
+			}
+			if err != nil {
+				return got, err
+			}
+			got = append(got, m.GetChunk()...)
+		}
+	}
+	proxy.SetForNext("GetObject", faultproxy.Truncate, 1)
+	if got, err := raw(); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read cut short once: %d bytes (equal %v), %v", len(got), bytes.Equal(got, data), err)
+	}
+	proxy.SetFor("GetObject", faultproxy.Truncate)
+	got, err := raw()
+	if status.Code(err) != codes.Unavailable || len(got) >= len(data) {
+		t.Fatalf("read cut short every time: %d of %d bytes, %v; want UNAVAILABLE", len(got), len(data), err)
 	}
 }
