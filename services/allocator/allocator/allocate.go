@@ -21,9 +21,14 @@ import (
 // Allocate implements AllocatorService.
 func (s *Server) Allocate(ctx context.Context, req *allocatorv1.AllocateRequest) (*allocatorv1.AllocateResponse, error) {
 	res, b, err := s.allocate(ctx, req)
+	if err != nil {
+		// The metric classifies by the status the caller gets (no room is
+		// "exhausted"), which a domain error does not carry.
+		err = toStatus(ctx, err)
+	}
 	s.cfg.Metrics.RecordReservation(ctx, b.GetId(), err)
 	if err != nil {
-		return nil, toStatus(ctx, err)
+		return nil, err
 	}
 	return &allocatorv1.AllocateResponse{
 		ReservationId: res.ID, Bucket: target(b), ReservedBytes: res.Size,
@@ -193,9 +198,12 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 		idem = &ledger.Idempotency{Key: k, Record: rec}
 	}
 	res, err := s.capacity.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
+	if err != nil {
+		err = toStatus(ctx, err)
+	}
 	s.cfg.Metrics.RecordCommit(ctx, b.GetId(), res.AlreadyCommitted || res.DuplicateOf != nil, err)
 	if err != nil {
-		return nil, toStatus(ctx, err)
+		return nil, err
 	}
 	if lat := req.GetWriteLatency(); lat != nil && !res.AlreadyCommitted {
 		// The write succeeded whatever the ledger answered; health is

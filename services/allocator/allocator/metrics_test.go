@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
@@ -108,5 +110,49 @@ func TestGaugesFollowTheReplicasView(t *testing.T) {
 			t.Fatal("bucketlb_etcd_up stayed 0 after etcd came back")
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Allocate and Commit are counted by the status their caller gets, which
+// the BucketlbNoCapacity alert reads (outcome="exhausted"). They were
+// counted by the domain error, which carries no code: every refusal was
+// "failed", and the alert could never fire.
+func TestCallsAreCountedByTheirStatus(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tel, err := telemetry.New(ctx, telemetry.Options{ServiceName: "allocator-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}, Metrics: tel.Metrics()})
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 2000}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("allocate over the limit: %v", err)
+	}
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: -1}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("allocate of a negative size: %v", err)
+	}
+	// A reservation that vanished, for more bytes than the bucket has.
+	if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: "gone", BucketId: "p1", ReservedBytes: 2000, Size: 2000}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("commit of a lost reservation that cannot be granted again: %v", err)
+	}
+	count := func(name, outcome string) float64 {
+		v, _ := testenv.MetricValue(t, tel.Registry(), name, map[string]string{"outcome": outcome})
+		return v
+	}
+	for _, c := range []struct {
+		name, outcome string
+		want          float64
+	}{
+		{"bucketlb_allocator_reservations_total", "exhausted", 1},
+		{"bucketlb_allocator_reservations_total", "rejected", 1},
+		{"bucketlb_allocator_reservations_total", "failed", 0},
+		{"bucketlb_allocator_commits_total", "rejected", 1},
+		{"bucketlb_allocator_commits_total", "failed", 0},
+	} {
+		if got := count(c.name, c.outcome); got != c.want {
+			t.Errorf("%s{outcome=%q} = %v, want %v", c.name, c.outcome, got, c.want)
+		}
 	}
 }
