@@ -8,7 +8,9 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -49,6 +51,9 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.Is(err, ledger.ErrReservationLost):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
 	case errors.Is(err, errNoHealthyBucket):
+		// Health is shared, so every replica would answer the same: the
+		// caller's gRPC retry policy is told not to ask another one now.
+		_ = grpc.SetTrailer(ctx, metadata.Pairs("grpc-retry-pushback-ms", "-1"))
 		return withRetry(codes.Unavailable, err.Error(), 5*time.Second)
 	case errors.Is(err, ledger.ErrConflict):
 		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)

@@ -16,11 +16,16 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
@@ -258,5 +263,53 @@ func wantUnreachable(t *testing.T, err error, consequence string) {
 	if st.Code() != codes.Unavailable || !hasRetryInfo(err) ||
 		!strings.HasPrefix(st.Message(), "the allocator could not be reached") || !strings.Contains(st.Message(), consequence) {
 		t.Fatalf("got %v (retry delay %v), want UNAVAILABLE with a retry delay saying the allocator could not be reached and %s", err, hasRetryInfo(err), consequence)
+	}
+}
+
+// When no bucket is healthy, every replica would say so (health is shared):
+// the allocator tells the caller's retry policy not to ask another replica,
+// so one upload costs one Allocate, not three.
+func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "allocator-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startReplicatedStack(t, []string{testenv.S3(t).Endpoint}, 2, func(c *allocator.Config) {
+		replicaTTLs(c)
+		c.Metrics = tel.Metrics()
+	}, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := grpc.NewClient(st.Replicas[0].Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	alloc := allocatorv1.NewAllocatorServiceClient(conn)
+	for i := 0; i < 3; i++ {
+		if _, err := alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: st.Buckets[0].GetId(), Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data := testenv.OpaqueBytes(t, 1024)
+	upload := func() error {
+		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+		return err
+	}
+	// Both replicas see the cooldown within their watch's delay.
+	poll(t, 10*time.Second, "replica refusing for want of a healthy bucket", func() bool {
+		return strings.Contains(status.Convert(upload()).Message(), "no healthy bucket")
+	})
+	refused := func() float64 {
+		n, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_allocator_reservations_total", map[string]string{"outcome": "unavailable"})
+		return n
+	}
+	before := refused()
+	if err := upload(); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "no healthy bucket") {
+		t.Fatalf("upload with the only bucket cooling down: %v", err)
+	}
+	if n := refused() - before; n != 1 {
+		t.Fatalf("one upload made %v Allocate calls that found no healthy bucket, want 1", n)
 	}
 }
