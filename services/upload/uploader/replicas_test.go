@@ -16,13 +16,10 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/durationpb"
 
-	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
@@ -281,25 +278,25 @@ func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
 	}, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	conn, err := grpc.NewClient(st.Replicas[0].Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
+	// DRAINING takes no upload: "no healthy bucket" until it is set back.
+	if _, err := st.Admin.SetBucketState(st.adminCtx(ctx), &adminv1.SetBucketStateRequest{Id: st.Buckets[0].GetId(), State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
 		t.Fatal(err)
-	}
-	defer conn.Close()
-	alloc := allocatorv1.NewAllocatorServiceClient(conn)
-	for i := 0; i < 3; i++ {
-		if _, err := alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: st.Buckets[0].GetId(), Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
-			t.Fatal(err)
-		}
 	}
 	data := testenv.OpaqueBytes(t, 1024)
 	upload := func() error {
 		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 		return err
 	}
-	// Both replicas see the cooldown within their watch's delay.
-	poll(t, 10*time.Second, "replica refusing for want of a healthy bucket", func() bool {
-		return strings.Contains(status.Convert(upload()).Message(), "no healthy bucket")
+	// Both replicas see the state within their watch's delay; calls
+	// alternate between them, so four refusals in a row are both.
+	inARow := 0
+	poll(t, 10*time.Second, "refusals from both replicas", func() bool {
+		if strings.Contains(status.Convert(upload()).Message(), "no healthy bucket") {
+			inARow++
+		} else {
+			inARow = 0
+		}
+		return inARow == 4
 	})
 	refused := func() float64 {
 		n, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_allocator_reservations_total", map[string]string{"outcome": "unavailable"})
@@ -307,7 +304,7 @@ func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
 	}
 	before := refused()
 	if err := upload(); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "no healthy bucket") {
-		t.Fatalf("upload with the only bucket cooling down: %v", err)
+		t.Fatalf("upload with the only bucket draining: %v", err)
 	}
 	if n := refused() - before; n != 1 {
 		t.Fatalf("one upload made %v Allocate calls that found no healthy bucket, want 1", n)
