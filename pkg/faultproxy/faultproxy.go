@@ -70,6 +70,8 @@ type Proxy struct {
 
 	mu     sync.Mutex
 	counts map[string]int
+	seqOp  string // the operation seq applies to
+	seq    []Mode
 }
 
 // New starts a proxy on 127.0.0.1 in front of target (e.g. the gateway).
@@ -92,7 +94,9 @@ func New(target string) (*Proxy, error) {
 		if only, _ := p.only.Load().(string); only != "" && only != op {
 			mode = Pass
 		}
-		if mode != Pass && p.limited.Load() && p.left.Add(-1) < 0 {
+		if m, ok := p.nextInSequence(op); ok {
+			mode = m
+		} else if mode != Pass && p.limited.Load() && p.left.Add(-1) < 0 {
 			mode = Pass
 		}
 		switch mode {
@@ -240,6 +244,26 @@ func (p *Proxy) SetForNext(op string, m Mode, n int) {
 	p.limited.Store(true)
 	p.only.Store(op)
 	p.mode.Store(int32(m))
+}
+
+// SetSequence gives the next len(modes) requests of op these modes, in
+// order (a lost answer, then a 5xx, say); the sequence goes before any
+// mode set otherwise, and later requests follow that mode again.
+func (p *Proxy) SetSequence(op string, modes ...Mode) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.seqOp, p.seq = op, append([]Mode(nil), modes...)
+}
+
+func (p *Proxy) nextInSequence(op string) (Mode, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if op != p.seqOp || len(p.seq) == 0 {
+		return Pass, false
+	}
+	m := p.seq[0]
+	p.seq = p.seq[1:]
+	return m, true
 }
 
 // count records r under its S3 operation name and returns that name.

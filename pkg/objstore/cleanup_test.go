@@ -179,3 +179,34 @@ func TestLostCreateIsNotRetried(t *testing.T) {
 		t.Fatalf("aborted %d uploads of the key (%v), want the 1 the lost create made", n, err)
 	}
 }
+
+// A write that lands with its answer lost, and whose retry then fails with
+// a 5xx, must say it may have landed: the 5xx alone says the opposite, and
+// the caller would leave the first try's object behind, uncounted. Put and
+// CompleteMultipart are tried once, so the caller learns of the lost
+// answer and removes what it wrote.
+func TestWritesReportALostAnswer(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	proxy.SetSequence("PutObject", faultproxy.LoseResponse, faultproxy.Error5xx)
+	_, err := b.Put(ctx, objstore.PutInput{Key: "p", ContentType: "application/octet-stream"}, random(t, 100))
+	if !objstore.MayHaveLanded(err) {
+		t.Fatalf("put whose answer was lost: %v, want an error that may have landed", err)
+	}
+
+	const part = 5 << 20
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	etag, err := b.UploadPart(ctx, "c", id, 1, random(t, part))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy.SetSequence("CompleteMultipartUpload", faultproxy.LoseResponse, faultproxy.Error5xx)
+	_, err = b.CompleteMultipart(ctx, "c", id, []objstore.Part{{Number: 1, ETag: etag}})
+	if !objstore.MayHaveLanded(err) {
+		t.Fatalf("complete whose answer was lost: %v, want an error that may have landed", err)
+	}
+}

@@ -212,7 +212,8 @@ func (s *Store) newClient(t Target, cr aws.Credentials) *s3.Client {
 		UsePathStyle: t.PathStyle,
 		HTTPClient:   s.http,
 		// bucketlb fails over to another bucket itself, so the SDK tries
-		// each request at most twice, and without the shared retry quota
+		// each request at most twice (a write that creates something
+		// once, see writeOnce), and without the shared retry quota
 		// that empties under sustained failure ("retry quota exceeded").
 		// Throttling (429, 503 SlowDown) is not retried at all: waiting on
 		// a busy bucket only makes it busier, another bucket is the answer.
@@ -301,6 +302,16 @@ func (in PutInput) check() error {
 	return nil
 }
 
+// writeOnce gives a call that creates something one try instead of the
+// SDK's two. If the first try lands with its answer lost and the retry
+// fails with a 5xx, the error the caller gets says the write did not land
+// (see MayHaveLanded), and what the first try made stays behind: an
+// object no usage counts, or an upload no one knows the id of. Tried
+// once, a lost answer reaches the caller, which removes what may have
+// landed and fails over to another bucket, as it does for any bucket
+// fault. Parts, reads and removals are idempotent and keep the retry.
+func writeOnce(o *s3.Options) { o.RetryMaxAttempts = 1 }
+
 // Put writes body in one PUT and returns the ETag.
 func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, error) {
 	if err := in.check(); err != nil {
@@ -308,11 +319,12 @@ func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.DataTimeout)
 	defer cancel()
+	// One try (see writeOnce).
 	out, err := b.c.PutObject(ctx, &s3.PutObjectInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), Body: bytes.NewReader(body),
 		ContentLength: aws.Int64(int64(len(body))), ContentType: aws.String(in.ContentType),
 		ContentMD5: contentMD5(body), Metadata: in.Metadata,
-	}, unsignedPayload)
+	}, unsignedPayload, writeOnce)
 	if err != nil {
 		return "", fmt.Errorf("put %s/%s: %w", b.Target.Name, in.Key, err)
 	}
@@ -326,13 +338,12 @@ func (b *Bucket) CreateMultipart(ctx context.Context, in PutInput) (string, erro
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
 	defer cancel()
-	// One try: a create whose answer was lost made an upload all the
-	// same, and a retry would make a second one, leaving the first open
-	// with no one knowing its id. The caller sees the error (MayHaveLanded)
-	// and can clean up by key.
+	// One try (see writeOnce): a retry of a create whose answer was lost
+	// would make a second upload, leaving the first open with no one
+	// knowing its id.
 	out, err := b.c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), ContentType: aws.String(in.ContentType), Metadata: in.Metadata,
-	}, func(o *s3.Options) { o.RetryMaxAttempts = 1 })
+	}, writeOnce)
 	if err != nil {
 		return "", fmt.Errorf("create multipart %s/%s: %w", b.Target.Name, in.Key, err)
 	}
@@ -407,10 +418,11 @@ func (b *Bucket) CompleteMultipart(ctx context.Context, key, uploadID string, pa
 	for i, p := range parts {
 		cp[i] = types.CompletedPart{PartNumber: aws.Int32(p.Number), ETag: aws.String(p.ETag)}
 	}
+	// One try (see writeOnce).
 	out, err := b.c.CompleteMultipartUpload(ctx, &s3.CompleteMultipartUploadInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID),
 		MultipartUpload: &types.CompletedMultipartUpload{Parts: cp},
-	})
+	}, writeOnce)
 	if err != nil {
 		return "", fmt.Errorf("complete multipart %s/%s: %w", b.Target.Name, key, err)
 	}

@@ -55,8 +55,7 @@ func TestLostResponsesLeaveNoOrphans(t *testing.T) {
 }
 
 // The answer to CompleteMultipartUpload is lost, so the object exists but
-// the service cannot know it completed (the SDK's retry then finds no such
-// upload). The upload fails UNAVAILABLE and leaves no object, no open
+// the service cannot know it completed. The upload fails UNAVAILABLE and leaves no object, no open
 // multipart upload, no usage and no reservation.
 func TestLostCompleteLeavesNothing(t *testing.T) {
 	st := startStack(t, 1, nil)
@@ -85,7 +84,7 @@ func TestLostCompleteLeavesNothing(t *testing.T) {
 func TestCommittedWriteCountsAsSuccess(t *testing.T) {
 	st := startStack(t, 2, nil)
 	first := st.Buckets[0].GetId()
-	st.Proxies[first].SetForNext("PutObject", faultproxy.Error5xx, 2) // the SDK tries twice
+	st.Proxies[first].SetForNext("PutObject", faultproxy.Error5xx, 1) // a PUT is tried once
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream", Size: 1000}
