@@ -139,10 +139,11 @@ func TestChaos(t *testing.T) {
 			}
 		}()
 	}
-	poll(t, chaosFor, "uploads under way", func() bool { return started.Load() >= 3*workers })
-	st.Replicas[0].Crash()
-	// The faults stop when no new upload starts; those still running
-	// finish on healthy buckets.
+	// The faults are scheduled, not waited for: a replica crashes a third
+	// of the way in, and the faults stop when no new upload starts (those
+	// still running finish on healthy buckets).
+	crashAt := time.AfterFunc(chaosFor/3, st.Replicas[0].Crash)
+	defer crashAt.Stop()
 	stopAt := time.AfterFunc(time.Until(until), func() { close(stop) })
 	defer stopAt.Stop()
 	wg.Wait()
