@@ -121,27 +121,11 @@ func New(target string) (*Proxy, error) {
 			reset(w)
 			return
 		case StallBody:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			maps.Copy(w.Header(), rec.Header())
-			w.WriteHeader(rec.Code)
-			body := rec.Body.Bytes()
-			_, _ = w.Write(body[:len(body)/2])
-			if f, ok := w.(http.Flusher); ok {
-				f.Flush()
-			}
+			halfAnswer(rp, w, r)
 			p.stall(r)
 			return
 		case Truncate:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			maps.Copy(w.Header(), rec.Header())
-			w.WriteHeader(rec.Code)
-			body := rec.Body.Bytes()
-			_, _ = w.Write(body[:len(body)/2])
-			if f, ok := w.(http.Flusher); ok {
-				f.Flush()
-			}
+			halfAnswer(rp, w, r)
 			hangUp(w, false)
 			return
 		case DropContentRange:
@@ -167,6 +151,21 @@ func New(target string) (*Proxy, error) {
 		rp.ServeHTTP(w, r)
 	}))
 	return p, nil
+}
+
+// halfAnswer forwards r and sends the client the answer's status, its
+// headers (with the whole body's Content-Length) and the first half of
+// its body.
+func halfAnswer(rp http.Handler, w http.ResponseWriter, r *http.Request) {
+	rec := httptest.NewRecorder()
+	rp.ServeHTTP(rec, r)
+	maps.Copy(w.Header(), rec.Header())
+	w.WriteHeader(rec.Code)
+	body := rec.Body.Bytes()
+	_, _ = w.Write(body[:len(body)/2])
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
+	}
 }
 
 // stall waits until r's client gives up, the proxy closes or StallFor ends.
