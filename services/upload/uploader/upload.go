@@ -677,9 +677,9 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	if err != nil {
 		s.report(ctx, bucketID, err, objstore.Classify(ctx, err), took)
 		if objstore.MayHaveLanded(err) || objstore.IsNotFound(err) {
-			// Completed with the answer lost (a retried Complete then
-			// finds no such upload): abort cannot help, so remove the
-			// object itself.
+			// Perhaps completed with the answer lost (or, on a bucket
+			// that retries internally, a second Complete found no such
+			// upload): abort cannot help, so remove the object itself.
 			s.removeUnanswered(ctx, b, u)
 		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
