@@ -3,15 +3,16 @@ package objstore
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/bucketlb/bucketlb/pkg/backoff"
 )
 
 // A removal is tried up to removeAttempts times, with exponential backoff
-// and jitter (see backoff), within one CallTimeout; a try that hangs
+// and jitter from retryBackoff, within one CallTimeout; a try that hangs
 // is given up after a third of it, so one stall does not use it all. Writes get few
 // tries (see New) because the service fails over to another bucket, but
 // what a removal leaves behind stays in this bucket: an object no usage
@@ -35,24 +36,9 @@ func (b *Bucket) removing(ctx context.Context, op func(context.Context) error) e
 		actx, acancel := context.WithTimeout(ctx, b.s.opts.CallTimeout/3)
 		err := op(actx)
 		acancel()
-		if err == nil || attempt == removeAttempts-1 || Classify(ctx, err) == NotBucketFault || backoff(ctx, attempt) != nil {
+		if err == nil || attempt == removeAttempts-1 || Classify(ctx, err) == NotBucketFault || backoff.Wait(ctx, retryBackoff, attempt) != nil {
 			return err
 		}
-	}
-}
-
-// backoff waits before try attempt+1 of a call to a bucket: exponential
-// from retryBackoff, with jitter so that the callers a fault hit at once
-// do not come back at once. It returns ctx's error if ctx ends first.
-func backoff(ctx context.Context, attempt int) error {
-	d := retryBackoff << min(attempt, 6)
-	t := time.NewTimer(d/2 + rand.N(d))
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
 	}
 }
 

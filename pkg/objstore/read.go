@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/bucketlb/bucketlb/pkg/backoff"
 )
 
 // readAttempts bounds the GETs of one read: the first, and those that go
@@ -28,7 +30,7 @@ var ErrTruncated = errors.New("objstore: the bucket ended the object early")
 func (b *Bucket) getRetrying(ctx context.Context, key string, offset, length int64, attempts int) (io.ReadCloser, ObjectInfo, int64, error) {
 	for attempt := 0; ; attempt++ {
 		body, info, start, err := b.get(ctx, key, offset, length)
-		if err == nil || attempt == attempts-1 || !readFault(ctx, err) || backoff(ctx, attempt) != nil {
+		if err == nil || attempt == attempts-1 || !readFault(ctx, err) || backoff.Wait(ctx, retryBackoff, attempt) != nil {
 			return body, info, start, err
 		}
 	}
@@ -82,7 +84,7 @@ func (r *resumingBody) resume(err error) error {
 	_ = r.body.Close()
 	r.body = eofBody{}
 	for {
-		if r.left == 0 || r.ctx.Err() != nil || !readFault(r.ctx, err) || backoff(r.ctx, readAttempts-1-r.left) != nil {
+		if r.left == 0 || r.ctx.Err() != nil || !readFault(r.ctx, err) || backoff.Wait(r.ctx, retryBackoff, readAttempts-1-r.left) != nil {
 			return err
 		}
 		r.left--

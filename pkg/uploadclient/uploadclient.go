@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"hash"
 	"io"
-	mrand "math/rand/v2"
 	"os"
 	"time"
 
@@ -21,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/backoff"
 )
 
 // DefaultChunkSize is the data carried per message. gRPC lets a whole
@@ -183,8 +183,7 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 	if st.Code() != codes.Unavailable {
 		return 0, false
 	}
-	base := 250 * time.Millisecond << min(attempt-1, 6)
-	return base/2 + mrand.N(base), true
+	return backoff.Delay(250*time.Millisecond, attempt-1), true
 }
 
 // ErrChecksumMismatch: the bytes of a whole object read back do not hash

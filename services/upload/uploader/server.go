@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -17,6 +16,7 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/backoff"
 	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
@@ -292,18 +292,9 @@ func (s *Server) release(ctx context.Context, a *allocatorv1.AllocateResponse) {
 	}
 }
 
-// backoff waits base·2^attempt with full jitter, or until ctx ends.
+// backoff waits before try attempt+1 of a failover or a Commit.
 func (s *Server) backoff(ctx context.Context, attempt int) error {
-	d := s.cfg.BackoffBase << min(attempt, 6)
-	d = d/2 + time.Duration(rand.Int64N(int64(d)))
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
+	return backoff.Wait(ctx, s.cfg.BackoffBase, attempt)
 }
 
 // getChunk is the size of the chunks GetObject sends.
