@@ -25,17 +25,6 @@ var ErrObjectChanged = errors.New("objstore: the object changed while it was rea
 // bytes it announced.
 var ErrTruncated = errors.New("objstore: the bucket ended the object early")
 
-// getRetrying is get, tried up to attempts times (with backoff) while it
-// fails for the bucket's passing fault.
-func (b *Bucket) getRetrying(ctx context.Context, key string, offset, length int64, attempts int) (io.ReadCloser, ObjectInfo, int64, error) {
-	for attempt := 0; ; attempt++ {
-		body, info, start, err := b.get(ctx, key, offset, length)
-		if err == nil || attempt == attempts-1 || !readFault(ctx, err) || backoff.Wait(ctx, retryBackoff, attempt) != nil {
-			return body, info, start, err
-		}
-	}
-}
-
 // readFault reports an error another try of the same read may not meet.
 func readFault(ctx context.Context, err error) bool {
 	return !errors.Is(err, ErrRangeIgnored) && Classify(ctx, err) != NotBucketFault
@@ -78,28 +67,45 @@ func (r *resumingBody) Read(p []byte) (int, error) {
 	}
 }
 
+// open GETs [offset, offset+length) into r.body, spending r's GETs:
+// while a GET fails for the bucket's passing fault (or the fault that
+// broke the last body off, prior), it waits and tries again. It returns
+// the answer's info and where its bytes start.
+func (r *resumingBody) open(offset, length int64, prior error) (ObjectInfo, int64, error) {
+	err := prior
+	for {
+		if err != nil && (r.left == 0 || r.ctx.Err() != nil || !readFault(r.ctx, err) ||
+			backoff.Wait(r.ctx, retryBackoff, readAttempts-1-r.left) != nil) {
+			return ObjectInfo{}, 0, err
+		}
+		r.left--
+		body, info, start, gerr := r.b.get(r.ctx, r.key, offset, length)
+		if gerr == nil {
+			r.body = body
+			return info, start, nil
+		}
+		err = gerr
+	}
+}
+
 // resume reopens the rest of the range after err broke the body off, or
 // returns why it cannot.
 func (r *resumingBody) resume(err error) error {
 	_ = r.body.Close()
 	r.body = eofBody{}
-	for {
-		if r.left == 0 || r.ctx.Err() != nil || !readFault(r.ctx, err) || backoff.Wait(r.ctx, retryBackoff, readAttempts-1-r.left) != nil {
+	info, _, oerr := r.open(r.next, r.end-r.next, err)
+	if oerr != nil {
+		if oerr == err {
 			return err
 		}
-		r.left--
-		body, info, _, gerr := r.b.get(r.ctx, r.key, r.next, r.end-r.next)
-		if gerr != nil {
-			err = fmt.Errorf("going on from byte %d: %w", r.next, gerr)
-			continue
-		}
-		if info.ETag != r.etag {
-			_ = body.Close()
-			return fmt.Errorf("get %s/%s: %w (ETag %s, then %s)", r.b.Target.Name, r.key, ErrObjectChanged, r.etag, info.ETag)
-		}
-		r.body = body
-		return nil
+		return fmt.Errorf("%w; going on from byte %d: %v", err, r.next, oerr)
 	}
+	if info.ETag != r.etag {
+		_ = r.body.Close()
+		r.body = eofBody{}
+		return fmt.Errorf("get %s/%s: %w (ETag %s, then %s)", r.b.Target.Name, r.key, ErrObjectChanged, r.etag, info.ETag)
+	}
+	return nil
 }
 
 // eofBody stands in for a body that was closed.

@@ -441,12 +441,13 @@ type ObjectInfo struct {
 // passing fault is ridden over (see resumingBody): the request is tried
 // again, and a body that breaks off goes on from its next byte.
 func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.ReadCloser, ObjectInfo, error) {
-	body, info, start, err := b.getRetrying(ctx, key, offset, length, readAttempts)
+	r := &resumingBody{b: b, ctx: ctx, key: key, left: readAttempts}
+	info, start, err := r.open(offset, length, nil)
 	if err != nil {
 		return nil, ObjectInfo{}, err
 	}
-	return &resumingBody{b: b, ctx: ctx, key: key, body: body, etag: info.ETag,
-		next: start, end: start + info.ContentLength, left: readAttempts - 1}, info, nil
+	r.etag, r.next, r.end = info.ETag, start, start+info.ContentLength
+	return r, info, nil
 }
 
 // get is one GET of [offset, offset+length) (length 0: to the end); it
