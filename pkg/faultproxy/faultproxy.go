@@ -1,7 +1,7 @@
 // Package faultproxy is an HTTP reverse proxy that injects faults in
 // front of one S3 endpoint, so tests can make a single bucket fail while
 // the others work: 5xx answers, connection resets, stalls, throttling and
-// corrupted request bodies.
+// corrupted bodies.
 // It also counts requests by method, which benchmarks use to show how
 // many billable S3 operations an upload costs.
 package faultproxy
@@ -54,6 +54,9 @@ const (
 	// sends the whole object instead, which a reader must not take for
 	// the range it asked for).
 	DropContentRange
+	// CorruptAnswer forwards the request and answers with one bit of the
+	// body flipped, as a bit flip on the way back would.
+	CorruptAnswer
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -128,6 +131,13 @@ func New(target string) (*Proxy, error) {
 			halfAnswer(rp, w, r)
 			hangUp(w, false)
 			return
+		case CorruptAnswer:
+			rec := httptest.NewRecorder()
+			rp.ServeHTTP(rec, r)
+			maps.Copy(w.Header(), rec.Header())
+			w.WriteHeader(rec.Code)
+			_, _ = io.Copy(w, &flipReader{r: rec.Body, at: int64(rec.Body.Len() / 2)})
+			return
 		case DropContentRange:
 			rec := httptest.NewRecorder()
 			rp.ServeHTTP(rec, r)
@@ -160,6 +170,10 @@ func halfAnswer(rp http.Handler, w http.ResponseWriter, r *http.Request) {
 	rec := httptest.NewRecorder()
 	rp.ServeHTTP(rec, r)
 	maps.Copy(w.Header(), rec.Header())
+	// An empty body is whole at once, and the client would send its next
+	// request on this connection while the handler still holds it: that
+	// request would reach the bucket late, after its client gave up.
+	w.Header().Set("Connection", "close")
 	w.WriteHeader(rec.Code)
 	body := rec.Body.Bytes()
 	_, _ = w.Write(body[:len(body)/2])

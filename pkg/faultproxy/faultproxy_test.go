@@ -172,3 +172,45 @@ func TestSetForNextAndCorrupt(t *testing.T) {
 		t.Fatal("the request after the limited fault was corrupted too")
 	}
 }
+
+// CorruptAnswer flips one bit of the answer's body and keeps its length
+// and headers.
+func TestCorruptAnswer(t *testing.T) {
+	stored := []byte(strings.Repeat("0123456789", 100))
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("ETag", `"e"`)
+		_, _ = w.Write(stored)
+	}))
+	defer backend.Close()
+	p, err := faultproxy.New(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	get := func() ([]byte, string) {
+		resp, err := http.Get(p.URL() + "/b/k")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, resp.Header.Get("ETag")
+	}
+	p.SetForNext("GetObject", faultproxy.CorruptAnswer, 1)
+	got, etag := get()
+	diff := 0
+	for i := range min(len(got), len(stored)) {
+		if got[i] != stored[i] {
+			diff++
+		}
+	}
+	if len(got) != len(stored) || diff != 1 || etag != `"e"` {
+		t.Fatalf("corrupted answer: %d bytes, %d differing, ETag %s; want %d bytes, 1 differing, the backend's ETag", len(got), diff, etag, len(stored))
+	}
+	if got, _ := get(); !bytes.Equal(got, stored) {
+		t.Fatal("the answer after the limited fault was corrupted too")
+	}
+}

@@ -193,9 +193,18 @@ var ErrChecksumMismatch = errors.New("uploadclient: the object's bytes do not ma
 // Get streams an object into w and returns its info. It verifies that the
 // number of bytes received matches what the server announced and, when it
 // reads a whole object stored with a sha256, that the bytes hash to it
-// (ErrChecksumMismatch); w has seen the bytes by then, so a caller writing
-// to a file discards it on error.
+// (ErrChecksumMismatch, which also wraps the server's DATA_LOSS when the
+// server's own check finds the mismatch first); w may have seen bytes by
+// then, so a caller writing to a file discards it on error.
 func Get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest, w io.Writer, progress func(int64)) (*uploadv1.ObjectInfo, error) {
+	info, err := get(ctx, c, req, w, progress)
+	if status.Code(err) == codes.DataLoss {
+		err = fmt.Errorf("%w: %w", ErrChecksumMismatch, err)
+	}
+	return info, err
+}
+
+func get(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest, w io.Writer, progress func(int64)) (*uploadv1.ObjectInfo, error) {
 	stream, err := c.GetObject(ctx, req)
 	if err != nil {
 		return nil, err

@@ -408,8 +408,8 @@ func TestReadAndDeleteRefuseBadNames(t *testing.T) {
 // An object read back whole is checked against the sha256 it was stored
 // with: known for every object of one part, and for a multipart object
 // whose upload declared it. Bytes changed in the bucket behind the
-// service's back fail the read with ErrChecksumMismatch; a range read is
-// not checked.
+// service's back fail the read: the service answers DATA_LOSS, which the
+// client reports as ErrChecksumMismatch. A range read is not checked.
 func TestReadsCheckTheStoredSHA256(t *testing.T) {
 	env := e2e.StartWith(t, devstack.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -450,8 +450,8 @@ func TestReadsCheckTheStoredSHA256(t *testing.T) {
 		t.Fatal(err)
 	}
 	req := &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}
-	if _, err := uploadclient.Get(ctx, env.Upload, req, io.Discard, nil); !errors.Is(err, uploadclient.ErrChecksumMismatch) {
-		t.Fatalf("read of changed bytes: %v, want ErrChecksumMismatch", err)
+	if _, err := uploadclient.Get(ctx, env.Upload, req, io.Discard, nil); !errors.Is(err, uploadclient.ErrChecksumMismatch) || status.Code(err) != codes.DataLoss {
+		t.Fatalf("read of changed bytes: %v, want ErrChecksumMismatch from the server's DATA_LOSS", err)
 	}
 	req.Offset, req.Length = 10, 100
 	if _, err := uploadclient.Get(ctx, env.Upload, req, io.Discard, nil); err != nil {

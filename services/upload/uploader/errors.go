@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Domain errors. All but errBucket are the client's fault.
+// Domain errors. All but errBucket and errCorrupt are the client's fault.
 var (
 	errBadRequest  = errors.New("bad upload request")
 	errUnsupported = errors.New("not supported")
@@ -18,6 +18,7 @@ var (
 	errOutOfRange  = errors.New("out of range")
 	errKeyReused   = errors.New("idempotency key reused")
 	errBucket      = errors.New("bucket failed")
+	errCorrupt     = errors.New("object bytes do not match their sha256")
 )
 
 // badRequestError carries the sentence the client sees and, when one
@@ -74,6 +75,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, errBucket):
 		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, errCorrupt):
+		return status.Error(codes.DataLoss, err.Error())
 	case errors.Is(err, errIdle):
 		return status.Error(codes.DeadlineExceeded, err.Error())
 	}

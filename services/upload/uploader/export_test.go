@@ -24,3 +24,6 @@ func (s *Server) BufferClients() int {
 	defer s.buffers.mu.Unlock()
 	return len(s.buffers.clients)
 }
+
+// GetChunk is the size of the chunks GetObject sends.
+const GetChunk = getChunk

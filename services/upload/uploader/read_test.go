@@ -35,6 +35,29 @@ func read(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.Get
 	return info, buf.Bytes(), nil
 }
 
+// rawRead reads a GetObject stream as it comes, without uploadclient's
+// own byte count and sha256 check, so a test sees what the service sent:
+// how many info messages, the bytes, and how the stream ended.
+func rawRead(ctx context.Context, c uploadv1.UploadServiceClient, req *uploadv1.GetObjectRequest) (infos int, got []byte, err error) {
+	stream, err := c.GetObject(ctx, req)
+	if err != nil {
+		return 0, nil, err
+	}
+	for {
+		m, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return infos, got, nil
+		}
+		if err != nil {
+			return infos, got, err
+		}
+		if m.GetInfo() != nil {
+			infos++
+		}
+		got = append(got, m.GetChunk()...)
+	}
+}
+
 // readBack fails the test unless the uploaded object reads back as want;
 // what names the case in the message.
 func readBack(ctx context.Context, t *testing.T, c uploadv1.UploadServiceClient, resp *uploadv1.UploadResponse, want []byte, what string) {
@@ -300,23 +323,9 @@ func TestTruncatedReadsNeverEndCleanly(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	req, data := stored(ctx, t, st.Upload, 1<<20)
-	// raw reads the stream without uploadclient's own byte count.
 	raw := func() ([]byte, error) {
-		stream, err := st.Upload.GetObject(ctx, req)
-		if err != nil {
-			return nil, err
-		}
-		var got []byte
-		for {
-			m, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				return got, nil
-			}
-			if err != nil {
-				return got, err
-			}
-			got = append(got, m.GetChunk()...)
-		}
+		_, got, err := rawRead(ctx, st.Upload, req)
+		return got, err
 	}
 	proxy.SetForNext("GetObject", faultproxy.Truncate, 1)
 	if got, err := raw(); err != nil || !bytes.Equal(got, data) {
@@ -326,5 +335,44 @@ func TestTruncatedReadsNeverEndCleanly(t *testing.T) {
 	got, err := raw()
 	if status.Code(err) != codes.Unavailable || len(got) >= len(data) {
 		t.Fatalf("read cut short every time: %d of %d bytes, %v; want UNAVAILABLE", len(got), len(data), err)
+	}
+}
+
+// A bucket's wrong bytes never end a read as if they were the object. A
+// whole object that fits in one chunk is checked before anything is
+// sent: a bit flipped on one read is read again and the client gets the
+// stored bytes; flipped on every read, the client gets DATA_LOSS and no
+// byte. A larger object fails DATA_LOSS in place of its last chunk.
+func TestCorruptReadsNeverEndCleanly(t *testing.T) {
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint}, nil, nil)
+	proxy := st.Proxies[st.Buckets[0].GetName()]
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	raw := func(req *uploadv1.GetObjectRequest) (int, []byte, error) { return rawRead(ctx, st.Upload, req) }
+	small, smallData := stored(ctx, t, st.Upload, 100_000)
+	large, largeData := stored(ctx, t, st.Upload, 1<<20)
+
+	proxy.SetForNext("GetObject", faultproxy.CorruptAnswer, 1)
+	if infos, got, err := raw(small); err != nil || infos != 1 || !bytes.Equal(got, smallData) {
+		t.Fatalf("small object corrupted on one read: %d infos, %d bytes (equal %v), %v; want the stored bytes", infos, len(got), bytes.Equal(got, smallData), err)
+	}
+	proxy.SetFor("GetObject", faultproxy.CorruptAnswer)
+	proxy.Counts() // from here on
+	infos, got, err := raw(small)
+	if status.Code(err) != codes.DataLoss || infos != 0 || len(got) != 0 {
+		t.Fatalf("small object corrupted on every read: %d infos, %d bytes, %v; want DATA_LOSS before anything is sent", infos, len(got), err)
+	}
+	if n := proxy.Counts()["GetObject"]; n != 2 {
+		t.Fatalf("small object corrupted on every read was read %d times; want 2", n)
+	}
+	infos, got, err = raw(large)
+	if status.Code(err) != codes.DataLoss || infos != 1 || len(got) != len(largeData)-uploader.GetChunk {
+		t.Fatalf("large object corrupted: %d infos, %d of %d bytes, %v; want all but the last chunk, then DATA_LOSS", infos, len(got), len(largeData), err)
+	}
+	// A range cannot be checked against the object's sha256; it is sent
+	// as the bucket answers.
+	proxy.SetFor("GetObject", faultproxy.Pass)
+	if _, got, err := raw(&uploadv1.GetObjectRequest{BucketId: large.GetBucketId(), Key: large.GetKey(), Offset: 10, Length: 1000}); err != nil || !bytes.Equal(got, largeData[10:1010]) {
+		t.Fatalf("range read: %d bytes, %v", len(got), err)
 	}
 }

@@ -2,9 +2,7 @@ package uploader
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"sync"
 	"time"
@@ -295,71 +293,6 @@ func (s *Server) release(ctx context.Context, a *allocatorv1.AllocateResponse) {
 // backoff waits before try attempt+1 of a failover or a Commit.
 func (s *Server) backoff(ctx context.Context, attempt int) error {
 	return backoff.Wait(ctx, s.cfg.BackoffBase, attempt)
-}
-
-// getChunk is the size of the chunks GetObject sends.
-const getChunk = 256 << 10
-
-// GetObject implements UploadService.
-func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.UploadService_GetObjectServer) error {
-	ctx := stream.Context()
-	if req.GetOffset() < 0 || req.GetLength() < 0 {
-		return toStatus(ctx, badField("offset", "offset and length must not be negative"))
-	}
-	b, err := s.lookup(ctx, req.GetBucketId(), req.GetKey())
-	if err != nil {
-		return toStatus(ctx, err)
-	}
-	// A read holds its chunk buffer and the message gRPC is sending: many
-	// slow readers at once would otherwise grow memory past the budget
-	// that uploads keep to.
-	release, err := s.buffers.acquire(ctx, 2*getChunk)
-	if err != nil {
-		return toStatus(ctx, err)
-	}
-	defer release()
-	body, info, err := b.Get(ctx, req.GetKey(), req.GetOffset(), req.GetLength())
-	if objstore.IsInvalidRange(err) {
-		return toStatus(ctx, fmt.Errorf("%w: offset %d is at or past the end of %s", errOutOfRange, req.GetOffset(), req.GetKey()))
-	}
-	if err != nil {
-		return toStatus(ctx, s.storeErr(ctx, b, err, "read"))
-	}
-	defer body.Close()
-	// A client that stops reading is let go after the idle timeout, like
-	// one that stops sending an upload, so it cannot pin the buffers.
-	snd := newPacedStream(stream.SendMsg, s.cfg.IdleTimeout, "the client read nothing for %v, so the read was ended")
-	defer snd.close()
-	sum := info.Metadata[sha256Key]
-	for _, k := range serviceKeys { // the service's entries, not the client's
-		delete(info.Metadata, k)
-	}
-	if err := snd.do(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Info{Info: &uploadv1.ObjectInfo{
-		BucketId: req.GetBucketId(), Key: req.GetKey(), Size: info.Size, ContentType: info.ContentType,
-		Etag: info.ETag, Metadata: info.Metadata, ContentLength: info.ContentLength, Sha256: sum,
-	}}}); err != nil {
-		return toStatus(ctx, err)
-	}
-	// A small object gets a buffer its own size, not a whole chunk.
-	n := int64(getChunk)
-	if info.ContentLength > 0 {
-		n = min(n, info.ContentLength)
-	}
-	buf := make([]byte, n)
-	for {
-		n, rerr := io.ReadFull(body, buf)
-		if n > 0 {
-			if err := snd.do(&uploadv1.GetObjectResponse{Payload: &uploadv1.GetObjectResponse_Chunk{Chunk: buf[:n]}}); err != nil {
-				return toStatus(ctx, err)
-			}
-		}
-		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
-			return nil
-		}
-		if rerr != nil {
-			return toStatus(ctx, fmt.Errorf("%w: reading %s from bucket %s broke off: %v", errBucket, req.GetKey(), req.GetBucketId(), rerr))
-		}
-	}
 }
 
 // DeleteObject implements UploadService. Deleting does not return
