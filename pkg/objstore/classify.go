@@ -100,9 +100,11 @@ func badDigest(err error) bool {
 }
 
 // MayHaveLanded reports whether a failed write may still have been
-// applied: no HTTP answer arrived (timeout, reset, lost response). A 5xx or
-// 429 answer means the server did not store it, and then a cleanup delete
-// would be wrong: with a client-chosen key it would remove an older object.
+// applied: no HTTP answer arrived (timeout, reset, lost response), or a
+// 2xx did and its body then broke off or could not be read (the write was
+// applied; S3 may also put an error in a 200's body). A 5xx or 429 answer
+// means the server did not store it, and then a cleanup delete would be
+// wrong: with a client-chosen key it would remove an older object.
 func MayHaveLanded(err error) bool {
 	if err == nil {
 		return false
@@ -110,7 +112,11 @@ func MayHaveLanded(err error) bool {
 	// The SDK wraps transport failures in a ResponseError too, with
 	// status 0: only a real status code means the server answered.
 	var re *awshttp.ResponseError
-	return !errors.As(err, &re) || re.HTTPStatusCode() < 100
+	if !errors.As(err, &re) {
+		return true
+	}
+	code := re.HTTPStatusCode()
+	return code < 100 || (code >= 200 && code < 300)
 }
 
 // noThrottleRetry tells the SDK's retryer never to retry a throttled

@@ -210,3 +210,35 @@ func TestWritesReportALostAnswer(t *testing.T) {
 		t.Fatalf("complete whose answer was lost: %v, want an error that may have landed", err)
 	}
 }
+
+// A write answered 200 whose body then breaks off (cut short, or stalled
+// until the call's timeout) was applied: the status says so. It must say
+// it may have landed, or the caller leaves a created upload open, or a
+// completed object behind, with no one counting it. It is still the
+// bucket's fault, so the caller fails over.
+func TestWritesWithABrokenAnswerMayHaveLanded(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{CallTimeout: 500 * time.Millisecond}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const part = 5 << 20
+	for _, mode := range []faultproxy.Mode{faultproxy.Truncate, faultproxy.StallBody} {
+		proxy.SetForNext("CreateMultipartUpload", mode, 1)
+		_, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
+		if !objstore.MayHaveLanded(err) || objstore.Classify(ctx, err) == objstore.NotBucketFault {
+			t.Fatalf("mode %d: create whose answer broke off: %v (class %d), want a bucket fault that may have landed", mode, err, objstore.Classify(ctx, err))
+		}
+		id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		etag, err := b.UploadPart(ctx, "c", id, 1, random(t, part))
+		if err != nil {
+			t.Fatal(err)
+		}
+		proxy.SetForNext("CompleteMultipartUpload", mode, 1)
+		_, err = b.CompleteMultipart(ctx, "c", id, []objstore.Part{{Number: 1, ETag: etag}})
+		if !objstore.MayHaveLanded(err) || objstore.Classify(ctx, err) == objstore.NotBucketFault {
+			t.Fatalf("mode %d: complete whose answer broke off: %v (class %d), want a bucket fault that may have landed", mode, err, objstore.Classify(ctx, err))
+		}
+	}
+}
