@@ -482,18 +482,30 @@ func (c *Capacity) writer(ctx context.Context) {
 	}
 }
 
+// errNotSent: a write the caller gave up on before a writer took it, so
+// etcd never saw it.
+var errNotSent = errors.New("ledger: the write was not sent")
+
+// submit hands op to a writer and waits for the batch's answer. Once a
+// writer has it, the wait goes on even if ctx ends, bounded by the
+// writer's own timeout: a caller that gives up (a client cancelling its
+// upload) must not make the write's outcome unknown, since carve then
+// holds the bytes for minutes.
 func (c *Capacity) submit(ctx context.Context, op clientv3.Op) (int64, error) {
 	w := &write{op: op, done: make(chan writeResult, 1)}
 	select {
 	case c.writes <- w:
 	case <-ctx.Done():
-		return 0, ctx.Err()
+		return 0, fmt.Errorf("%w: %w", errNotSent, ctx.Err())
+	case <-c.stopped:
+		return 0, fmt.Errorf("%w: the replica is stopping", errNotSent)
 	}
 	select {
 	case r := <-w.done:
 		return r.rev, r.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
+	case <-c.stopped:
+		// Taken by a writer that ended with Run: its batch may have gone.
+		return 0, errors.New("ledger: the replica stopped during the write")
 	}
 }
 
@@ -619,7 +631,12 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	rev, err := c.submit(ctx, clientv3.OpPut(c.l.resKey(bucket.GetId(), id), val, clientv3.WithLease(t.lease)))
 	bc.mu.Lock()
 	r.written, r.rev = true, rev
-	if err != nil {
+	switch {
+	case errors.Is(err, errNotSent):
+		// Never in etcd: the bytes go back to the block at once.
+		bc.carved -= size
+		delete(bc.res, id)
+	case err != nil:
 		// Ambiguous: the put may still apply. Hold the bytes well past
 		// any plausible late apply before the janitor may drop them.
 		r.exp = c.l.opts.Now().Add(ttl + 2*time.Minute)

@@ -428,3 +428,39 @@ func TestCommitMarkersExpireBeforeIdempotencyRecords(t *testing.T) {
 		t.Fatalf("idempotency record after the marker expired: %q, %v, %v; want it kept", rec, ok, err)
 	}
 }
+
+// A Reserve whose caller gives up mid-call holds nothing past the
+// reservation's TTL: a write the writer never took frees its bytes at
+// once, and one it took is waited for, so its outcome is known. Before,
+// a caller's cancellation made every such write look ambiguous, and its
+// bytes were held for TTL + 2 minutes.
+func TestCancelledReserveHoldsNothingPastItsTTL(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	_, c := replicaCap(t, cli, "r1")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 1000)
+	// The block holds the whole bucket, so the cancelled calls below
+	// reach the reservation write without growing it.
+	r, err := c.Reserve(ctx, b, 1000, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Release(ctx, b.Id, r.ID); err != nil {
+		t.Fatal(err)
+	}
+	gone, stop := context.WithCancel(ctx)
+	stop()
+	for range 40 {
+		if r, err := c.Reserve(gone, b, 10, time.Second); err == nil {
+			t.Logf("a cancelled call still got %s, which lapses with its TTL", r.ID)
+		}
+	}
+	poll(t, 10*time.Second, "the whole bucket to be reservable again", func() bool {
+		r, err := c.Reserve(ctx, b, 1000, time.Second)
+		if err != nil {
+			return false
+		}
+		return c.Release(ctx, b.Id, r.ID) == nil
+	})
+}
