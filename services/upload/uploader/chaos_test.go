@@ -24,10 +24,13 @@ import (
 
 // Everything at once, for chaosFor: three buckets whose fault proxies
 // switch every 50-200 ms among passing, 5xx, resets, 429s, lost answers,
-// stalls and corrupted bodies; one of two allocator replicas crashes;
+// stalls, bodies cut short or stalled midway, and corrupted bodies both
+// ways; one of two allocator replicas crashes;
 // clients upload small and multipart objects, under generated keys and
 // under their own keys with idempotency keys, retrying as the Go client
-// does, and some abandon their upload midway. Then the faults stop and:
+// does, and some abandon their upload midway; readers read back what is
+// stored, and a read that ends OK must hold exactly the object's bytes.
+// Then the faults stop and:
 //   - usage is exactly the sum of the objects clients were told of (each
 //     counted once, whatever was retried or replayed);
 //   - each of those objects reads back as the bytes sent;
@@ -66,12 +69,20 @@ func TestChaos(t *testing.T) {
 	chaosDone.Add(1)
 	go func() {
 		defer chaosDone.Done()
-		modes := []faultproxy.Mode{faultproxy.Pass, faultproxy.Pass, faultproxy.Pass, faultproxy.Error5xx, faultproxy.Reset,
-			faultproxy.Throttle, faultproxy.LoseResponse, faultproxy.Stall, faultproxy.Corrupt}
+		modes := []faultproxy.Mode{faultproxy.Pass, faultproxy.Pass, faultproxy.Pass, faultproxy.Pass, faultproxy.Error5xx, faultproxy.Reset,
+			faultproxy.Throttle, faultproxy.LoseResponse, faultproxy.Stall, faultproxy.Corrupt, faultproxy.StallBody, faultproxy.Truncate,
+			faultproxy.CorruptAnswer}
 		rng := rand.New(rand.NewPCG(1, 2))
 		for {
 			for _, p := range st.Proxies {
-				p.Set(modes[rng.IntN(len(modes))])
+				switch m := modes[rng.IntN(len(modes))]; m {
+				case faultproxy.CorruptAnswer:
+					// Reads only: a write's answer carries no bytes of
+					// the object, and TLS rules out flips on R2.
+					p.SetFor("GetObject", m)
+				default:
+					p.Set(m)
+				}
 			}
 			select {
 			case <-stop:
@@ -139,6 +150,46 @@ func TestChaos(t *testing.T) {
 			}
 		}()
 	}
+	// Readers read back what is stored while the faults go on. A read may
+	// fail, but one that ends OK holds exactly the object's bytes,
+	// whatever its bucket sent.
+	var reads, readsFailed atomic.Int32
+	for r := 0; r < 2; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(until) {
+				mu.Lock()
+				var path string
+				var resp *uploadv1.UploadResponse
+				for path, resp = range results { // any one
+					break
+				}
+				mu.Unlock()
+				if resp == nil {
+					select {
+					case <-stop:
+						return
+					case <-time.After(20 * time.Millisecond): // pacing until a first upload is in
+					}
+					continue
+				}
+				want, err := os.ReadFile(path)
+				if err != nil {
+					panic(err)
+				}
+				_, got, err := rawRead(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()})
+				reads.Add(1)
+				if err != nil {
+					readsFailed.Add(1)
+					continue
+				}
+				if !bytes.Equal(got, want) {
+					t.Errorf("%s: a read during the faults ended OK with %d bytes that are not the object's %d", filepath.Base(path), len(got), len(want))
+				}
+			}
+		}()
+	}
 	// The faults are scheduled, not waited for: a replica crashes a third
 	// of the way in, and the faults stop when no new upload starts (those
 	// still running finish on healthy buckets).
@@ -153,7 +204,10 @@ func TestChaos(t *testing.T) {
 	for _, err := range failed {
 		t.Logf("failed: %v", err)
 	}
-	t.Logf("%d uploads succeeded, %d failed, of %d started", len(results), len(failed), started.Load())
+	t.Logf("%d uploads succeeded, %d failed, of %d started; %d reads during the faults, %d failed", len(results), len(failed), started.Load(), reads.Load(), readsFailed.Load())
+	if reads.Load() == 0 {
+		t.Error("nothing was read during the faults")
+	}
 	if len(results) == 0 {
 		t.Fatal("no upload succeeded")
 	}
