@@ -57,6 +57,10 @@ const (
 	// CorruptAnswer forwards the request and answers with one bit of the
 	// body flipped, as a bit flip on the way back would.
 	CorruptAnswer
+	// Unapplied answers 204 No Content without forwarding: a request the
+	// bucket says it did that did not take, such as an abort that a part
+	// still landing outlives.
+	Unapplied
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -110,6 +114,9 @@ func New(target string) (*Proxy, error) {
 			return
 		case Throttle:
 			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		case Unapplied:
+			w.WriteHeader(http.StatusNoContent)
 			return
 		case Reset:
 			reset(w)
@@ -294,6 +301,8 @@ func (p *Proxy) count(r *http.Request) string {
 		op = "AbortMultipartUpload"
 	case r.Method == http.MethodGet && q.Has("uploads"):
 		op = "ListMultipartUploads"
+	case r.Method == http.MethodGet && q.Has("uploadId"):
+		op = "ListParts"
 	case r.Method == http.MethodPut:
 		op = "PutObject"
 	case r.Method == http.MethodGet:

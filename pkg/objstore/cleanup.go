@@ -2,6 +2,7 @@ package objstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -47,6 +48,14 @@ func (b *Bucket) AbortMultipart(ctx context.Context, key, uploadID string) error
 	return b.removing(ctx, func(ctx context.Context) error { return b.abortMultipart(ctx, key, uploadID) })
 }
 
+// errStillOpen: an upload was still there after it was aborted.
+var errStillOpen = errors.New("the multipart upload is still open after its abort")
+
+// abortMultipart aborts an upload and checks that it is gone. A part
+// upload still in progress at the bucket during the abort may yet succeed
+// and keep the upload, so S3's documentation says to list the parts
+// afterwards and abort again until none are left; errStillOpen makes
+// removing do that, after a backoff that gives such a part time to land.
 func (b *Bucket) abortMultipart(ctx context.Context, key, uploadID string) error {
 	_, err := b.c.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID),
@@ -54,7 +63,16 @@ func (b *Bucket) abortMultipart(ctx context.Context, key, uploadID string) error
 	if err != nil && !IsNotFound(err) {
 		return fmt.Errorf("abort multipart %s/%s: %w", b.Target.Name, key, err)
 	}
-	return nil
+	_, err = b.c.ListParts(ctx, &s3.ListPartsInput{
+		Bucket: aws.String(b.Target.Name), Key: aws.String(key), UploadId: aws.String(uploadID), MaxParts: aws.Int32(1),
+	})
+	switch {
+	case IsNotFound(err):
+		return nil
+	case err != nil:
+		return fmt.Errorf("check the abort of %s/%s: %w", b.Target.Name, key, err)
+	}
+	return fmt.Errorf("abort multipart %s/%s (upload %s): %w", b.Target.Name, key, uploadID, errStillOpen)
 }
 
 // Delete removes an object; absent objects are not an error (see

@@ -242,3 +242,40 @@ func TestWritesWithABrokenAnswerMayHaveLanded(t *testing.T) {
 		}
 	}
 }
+
+// An abort is checked: a part upload still in progress at the bucket may
+// outlive an abort, so S3 says to list the parts afterwards and abort
+// again while the upload is there. An abort answered but not applied
+// stands in for that here.
+func TestAbortIsCheckedAndRepeated(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.UploadPart(ctx, "mp", id, 1, random(t, 5<<20)); err != nil {
+		t.Fatal(err)
+	}
+	proxy.SetForNext("AbortMultipartUpload", faultproxy.Unapplied, 1)
+	proxy.Counts() // reset
+	if err := b.AbortMultipart(ctx, "mp", id); err != nil {
+		t.Fatal(err)
+	}
+	if c := proxy.Counts(); c["AbortMultipartUpload"] != 2 || c["ListParts"] != 2 {
+		t.Fatalf("requests %v, want 2 aborts, each checked with ListParts", c)
+	}
+	if n, err := b.AbortUploads(ctx, "mp"); err != nil || n != 0 {
+		t.Fatalf("uploads of mp left open: %d (%v)", n, err)
+	}
+	// An upload a bucket never lets go of is reported.
+	id, err = b.CreateMultipart(ctx, objstore.PutInput{Key: "stuck", ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy.SetFor("AbortMultipartUpload", faultproxy.Unapplied)
+	if err := b.AbortMultipart(ctx, "stuck", id); err == nil {
+		t.Fatal("an abort that never takes reported success")
+	}
+}
