@@ -38,6 +38,7 @@
 //	bucketlb_upload_buffer_waiting                   gauge     TrackBufferWait (calls waiting for buffer room)
 //	bucketlb_upload_failovers_total{bucket,reason}   counter   RecordFailover (bucket left: bucket_failed, no_keys)
 //	bucketlb_upload_leftovers_total{bucket,kind}     counter   RecordLeftover (removal failed: object, multipart)
+//	bucketlb_upload_corrupt_reads_total{bucket}      counter   RecordCorruptRead (bytes not matching the stored sha256)
 //
 // Recorded by the allocator service:
 //

@@ -91,6 +91,7 @@ type Metrics struct {
 	bufferWaiting  metric.Int64UpDownCounter
 	failovers      metric.Int64Counter
 	leftovers      metric.Int64Counter
+	corruptReads   metric.Int64Counter
 	reservations   metric.Int64Counter
 	commits        metric.Int64Counter
 	panics         metric.Int64Counter
@@ -144,6 +145,9 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	check(err)
 	m.leftovers, err = mt.Int64Counter("bucketlb.upload.leftovers",
 		metric.WithDescription("What failed uploads may have left in a bucket because removing it failed, by bucket and kind (object: bytes no usage counts; multipart: parts until the bucket's lifecycle rule aborts them)."), metric.WithUnit("{leftover}"))
+	check(err)
+	m.corruptReads, err = mt.Int64Counter("bucketlb.upload.corrupt_reads",
+		metric.WithDescription("Whole-object reads whose bytes did not match the sha256 the object was stored with, by bucket (each try of a read counts)."), metric.WithUnit("{read}"))
 	check(err)
 	m.reservations, err = mt.Int64Counter("bucketlb.allocator.reservations",
 		metric.WithDescription("Allocate calls by the bucket chosen (empty when none) and outcome."), metric.WithUnit("{reservation}"))
@@ -301,6 +305,15 @@ func (m *Metrics) RecordLeftover(ctx context.Context, bucket string, kind Leftov
 		return
 	}
 	m.leftovers.Add(context.WithoutCancel(ctx), 1, metric.WithAttributes(attribute.String("bucket", bucket), attribute.String("kind", string(kind))))
+}
+
+// RecordCorruptRead counts a read of a whole object from bucket whose
+// bytes did not hash to the object's stored sha256 (upload service).
+func (m *Metrics) RecordCorruptRead(ctx context.Context, bucket string) {
+	if m == nil {
+		return
+	}
+	m.corruptReads.Add(context.WithoutCancel(ctx), 1, metric.WithAttributes(attribute.String("bucket", bucket)))
 }
 
 // RecordReservation counts an Allocate call: the bucket chosen (empty on

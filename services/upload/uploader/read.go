@@ -119,6 +119,7 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		if h != nil && end {
 			if got := hex.EncodeToString(h.Sum(nil)); got != sum {
 				s.log.Error("an object's bytes do not match its sha256", "bucket", b.Target.ID, "key", req.GetKey(), "sha256", got, "stored_sha256", sum, "sent", sent)
+				s.cfg.Metrics.RecordCorruptRead(ctx, b.Target.ID)
 				return &mismatch{bucket: b.Target.ID, key: req.GetKey(), got: got, want: sum, sent: sent}
 			}
 		}

@@ -20,6 +20,7 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -344,7 +345,12 @@ func TestTruncatedReadsNeverEndCleanly(t *testing.T) {
 // stored bytes; flipped on every read, the client gets DATA_LOSS and no
 // byte. A larger object fails DATA_LOSS in place of its last chunk.
 func TestCorruptReadsNeverEndCleanly(t *testing.T) {
-	st := startStackAt(t, []string{testenv.S3(t).Endpoint}, nil, nil)
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint}, nil, func(c *uploader.Config) { c.Metrics = tel.Metrics() })
 	proxy := st.Proxies[st.Buckets[0].GetName()]
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -368,6 +374,10 @@ func TestCorruptReadsNeverEndCleanly(t *testing.T) {
 	infos, got, err = raw(large)
 	if status.Code(err) != codes.DataLoss || infos != 1 || len(got) != len(largeData)-uploader.GetChunk {
 		t.Fatalf("large object corrupted: %d infos, %d of %d bytes, %v; want all but the last chunk, then DATA_LOSS", infos, len(got), len(largeData), err)
+	}
+	// Each corrupted read counts: one, two tries, one.
+	if n, _ := testenv.MetricValue(t, tel.Registry(), "bucketlb_upload_corrupt_reads_total", map[string]string{"bucket": st.Buckets[0].GetId()}); n != 4 {
+		t.Fatalf("bucketlb_upload_corrupt_reads_total = %v, want 4", n)
 	}
 	// A range cannot be checked against the object's sha256; it is sent
 	// as the bucket answers.
