@@ -195,17 +195,9 @@ func TestWritesReportALostAnswer(t *testing.T) {
 		t.Fatalf("put whose answer was lost: %v, want an error that may have landed", err)
 	}
 
-	const part = 5 << 20
-	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	etag, err := b.UploadPart(ctx, "c", id, 1, random(t, part))
-	if err != nil {
-		t.Fatal(err)
-	}
+	id, parts := onePart(ctx, t, b, "c")
 	proxy.SetSequence("CompleteMultipartUpload", faultproxy.LoseResponse, faultproxy.Error5xx)
-	_, err = b.CompleteMultipart(ctx, "c", id, []objstore.Part{{Number: 1, ETag: etag}})
+	_, err = b.CompleteMultipart(ctx, "c", id, parts)
 	if !objstore.MayHaveLanded(err) {
 		t.Fatalf("complete whose answer was lost: %v, want an error that may have landed", err)
 	}
@@ -220,23 +212,15 @@ func TestWritesWithABrokenAnswerMayHaveLanded(t *testing.T) {
 	b, proxy := newBucket(t, objstore.Options{CallTimeout: 500 * time.Millisecond}, true)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	const part = 5 << 20
 	for _, mode := range []faultproxy.Mode{faultproxy.Truncate, faultproxy.StallBody} {
 		proxy.SetForNext("CreateMultipartUpload", mode, 1)
 		_, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
 		if !objstore.MayHaveLanded(err) || objstore.Classify(ctx, err) == objstore.NotBucketFault {
 			t.Fatalf("mode %d: create whose answer broke off: %v (class %d), want a bucket fault that may have landed", mode, err, objstore.Classify(ctx, err))
 		}
-		id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		etag, err := b.UploadPart(ctx, "c", id, 1, random(t, part))
-		if err != nil {
-			t.Fatal(err)
-		}
+		id, parts := onePart(ctx, t, b, "c")
 		proxy.SetForNext("CompleteMultipartUpload", mode, 1)
-		_, err = b.CompleteMultipart(ctx, "c", id, []objstore.Part{{Number: 1, ETag: etag}})
+		_, err = b.CompleteMultipart(ctx, "c", id, parts)
 		if !objstore.MayHaveLanded(err) || objstore.Classify(ctx, err) == objstore.NotBucketFault {
 			t.Fatalf("mode %d: complete whose answer broke off: %v (class %d), want a bucket fault that may have landed", mode, err, objstore.Classify(ctx, err))
 		}
@@ -251,13 +235,7 @@ func TestAbortIsCheckedAndRepeated(t *testing.T) {
 	b, proxy := newBucket(t, objstore.Options{}, true)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "mp", ContentType: "application/octet-stream"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.UploadPart(ctx, "mp", id, 1, random(t, 5<<20)); err != nil {
-		t.Fatal(err)
-	}
+	id, _ := onePart(ctx, t, b, "mp")
 	proxy.SetForNext("AbortMultipartUpload", faultproxy.Unapplied, 1)
 	proxy.Counts() // reset
 	if err := b.AbortMultipart(ctx, "mp", id); err != nil {
@@ -270,7 +248,7 @@ func TestAbortIsCheckedAndRepeated(t *testing.T) {
 		t.Fatalf("uploads of mp left open: %d (%v)", n, err)
 	}
 	// An upload a bucket never lets go of is reported.
-	id, err = b.CreateMultipart(ctx, objstore.PutInput{Key: "stuck", ContentType: "application/octet-stream"})
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: "stuck", ContentType: "application/octet-stream"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,4 +256,19 @@ func TestAbortIsCheckedAndRepeated(t *testing.T) {
 	if err := b.AbortMultipart(ctx, "stuck", id); err == nil {
 		t.Fatal("an abort that never takes reported success")
 	}
+}
+
+// onePart starts a multipart upload of key and stores its first part
+// (5 MiB, the least S3 takes for a part that is not the last).
+func onePart(ctx context.Context, t *testing.T, b *objstore.Bucket, key string) (string, []objstore.Part) {
+	t.Helper()
+	id, err := b.CreateMultipart(ctx, objstore.PutInput{Key: key, ContentType: "application/octet-stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	etag, err := b.UploadPart(ctx, key, id, 1, random(t, 5<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id, []objstore.Part{{Number: 1, ETag: etag}}
 }
