@@ -139,16 +139,12 @@ func New(target string) (*Proxy, error) {
 			hangUp(w, false)
 			return
 		case CorruptAnswer:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			maps.Copy(w.Header(), rec.Header())
+			rec := forward(rp, w, r)
 			w.WriteHeader(rec.Code)
 			_, _ = io.Copy(w, &flipReader{r: rec.Body, at: int64(rec.Body.Len() / 2)})
 			return
 		case DropContentRange:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			maps.Copy(w.Header(), rec.Header())
+			rec := forward(rp, w, r)
 			w.Header().Del("Content-Range")
 			code := rec.Code
 			if code == http.StatusPartialContent {
@@ -170,13 +166,21 @@ func New(target string) (*Proxy, error) {
 	return p, nil
 }
 
+// forward sends r on to the bucket and records the whole answer, whose
+// headers it copies to w; the caller sends the status and the body it
+// makes of it.
+func forward(rp http.Handler, w http.ResponseWriter, r *http.Request) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	rp.ServeHTTP(rec, r)
+	maps.Copy(w.Header(), rec.Header())
+	return rec
+}
+
 // halfAnswer forwards r and sends the client the answer's status, its
 // headers (with the whole body's Content-Length) and the first half of
 // its body.
 func halfAnswer(rp http.Handler, w http.ResponseWriter, r *http.Request) {
-	rec := httptest.NewRecorder()
-	rp.ServeHTTP(rec, r)
-	maps.Copy(w.Header(), rec.Header())
+	rec := forward(rp, w, r)
 	// An empty body is whole at once, and the client would send its next
 	// request on this connection while the handler still holds it: that
 	// request would reach the bucket late, after its client gave up.
