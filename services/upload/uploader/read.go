@@ -54,10 +54,16 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	for try := 1; ; try++ {
 		err := s.read(ctx, b, req, snd)
 		var bad *mismatch
-		if !errors.As(err, &bad) || bad.sent || try == checkedReads {
+		if !errors.As(err, &bad) {
 			return toStatus(ctx, err)
 		}
-		s.log.Warn("an object's bytes did not match its sha256; reading it again", "bucket", b.Target.ID, "key", req.GetKey(), "error", err.Error())
+		again := !bad.sent && try < checkedReads
+		s.cfg.Metrics.RecordCorruptRead(ctx, bad.bucket)
+		s.log.Error("an object's bytes do not match its sha256", "bucket", bad.bucket, "key", bad.key,
+			"sha256", bad.got, "stored_sha256", bad.want, "sent", bad.sent, "reading_again", again)
+		if !again {
+			return toStatus(ctx, err)
+		}
 	}
 }
 
@@ -78,7 +84,8 @@ func (m *mismatch) Error() string {
 
 func (m *mismatch) Is(target error) bool { return target == errCorrupt }
 
-// read sends one read of the object: its info, then its bytes.
+// read sends one read of the object: its info, then its bytes; bytes that
+// do not match the stored sha256 end it with a *mismatch.
 func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.GetObjectRequest, snd *pacedStream) error {
 	body, info, err := b.Get(ctx, req.GetKey(), req.GetOffset(), req.GetLength())
 	if objstore.IsInvalidRange(err) {
@@ -118,8 +125,6 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		}
 		if h != nil && end {
 			if got := hex.EncodeToString(h.Sum(nil)); got != sum {
-				s.log.Error("an object's bytes do not match its sha256", "bucket", b.Target.ID, "key", req.GetKey(), "sha256", got, "stored_sha256", sum, "sent", sent)
-				s.cfg.Metrics.RecordCorruptRead(ctx, b.Target.ID)
 				return &mismatch{bucket: b.Target.ID, key: req.GetKey(), got: got, want: sum, sent: sent}
 			}
 		}
