@@ -17,7 +17,6 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/ratelimit"
-	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -343,11 +342,7 @@ func waitReserved(t testing.TB, st *stack) {
 // its metrics into the returned registry.
 func startMeasuredStack(t *testing.T, tune func(*uploader.Config)) (*stack, prometheus.Gatherer) {
 	t.Helper()
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	tel := newTelemetry(t, "upload-test")
 	st := startStack(t, 1, func(c *uploader.Config) {
 		tune(c)
 		c.Metrics = tel.Metrics()

@@ -45,11 +45,7 @@ import (
 func TestChaos(t *testing.T) {
 	const chaosFor = 12 * time.Second
 	gw := testenv.S3(t).Endpoint
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	tel := newTelemetry(t, "upload-test")
 	st := startReplicatedStack(t, []string{gw, gw, gw}, 2, func(c *allocator.Config) {
 		replicaTTLs(c)
 		c.Health = health.Policy{CooldownStep: 200 * time.Millisecond, MaxCooldown: time.Second, TrialTimeout: time.Second, FlushEvery: -1}

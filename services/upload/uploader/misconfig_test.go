@@ -72,11 +72,7 @@ func TestMisconfiguredBucketFailsOver(t *testing.T) {
 // as an internal error.
 func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 	g := testenv.S3(t)
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	tel := newTelemetry(t, "upload-test")
 	st := startStackAt(t, []string{g.Endpoint, g.Endpoint}, func(c *allocator.Config) { c.Buckets[0].CredentialsRef = "NOT-MOUNTED" },
 		func(c *uploader.Config) { c.Metrics = tel.Metrics() })
 	keyless, good := st.Buckets[0].GetId(), st.Buckets[1].GetId()

@@ -20,7 +20,6 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
-	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -345,11 +344,7 @@ func TestTruncatedReadsNeverEndCleanly(t *testing.T) {
 // stored bytes; flipped on every read, the client gets DATA_LOSS and no
 // byte. A larger object fails DATA_LOSS in place of its last chunk.
 func TestCorruptReadsNeverEndCleanly(t *testing.T) {
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "upload-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	tel := newTelemetry(t, "upload-test")
 	st := startStackAt(t, []string{testenv.S3(t).Endpoint}, nil, func(c *uploader.Config) { c.Metrics = tel.Metrics() })
 	proxy := st.Proxies[st.Buckets[0].GetName()]
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -22,7 +22,6 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
-	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
@@ -267,11 +266,7 @@ func wantUnreachable(t *testing.T, err error, consequence string) {
 // the allocator tells the caller's retry policy not to ask another replica,
 // so one upload costs one Allocate, not three.
 func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
-	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: "allocator-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	tel := newTelemetry(t, "allocator-test")
 	st := startReplicatedStack(t, []string{testenv.S3(t).Endpoint}, 2, func(c *allocator.Config) {
 		replicaTTLs(c)
 		c.Metrics = tel.Metrics()

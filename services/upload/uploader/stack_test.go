@@ -25,6 +25,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/telemetry"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
@@ -132,6 +133,18 @@ func startReplicatedStack(t testing.TB, endpoints []string, n int, tuneAlloc fun
 	st.Admin = adminv1.NewAdminServiceClient(aconn) // any live replica answers
 	st.startUpload(t, allocatorv1.NewAllocatorServiceClient(aconn), tune)
 	return st
+}
+
+// newTelemetry starts a telemetry instance with its own registry, for a
+// test that reads the metrics a service records.
+func newTelemetry(t testing.TB, service string) *telemetry.Telemetry {
+	t.Helper()
+	tel, err := telemetry.New(context.Background(), telemetry.Options{ServiceName: service})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tel.Shutdown(context.Background()) })
+	return tel
 }
 
 // newStack creates one bucket per endpoint on the process-wide gateway,
