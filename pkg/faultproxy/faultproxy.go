@@ -61,6 +61,14 @@ const (
 	// bucket says it did that did not take, such as an abort that a part
 	// still landing outlives.
 	Unapplied
+	// RequestTimeout answers 400 RequestTimeout without forwarding, as S3
+	// does when a request's body stops arriving: the status says bad
+	// request, the code says the path was slow and another try may pass.
+	RequestTimeout
+	// IncompleteBody answers 400 IncompleteBody without forwarding, as S3
+	// does when fewer bytes arrive than the Content-Length announced: the
+	// body was cut short on the way.
+	IncompleteBody
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -108,9 +116,13 @@ func New(target string) (*Proxy, error) {
 		}
 		switch mode {
 		case Error5xx:
-			w.Header().Set("Content-Type", "application/xml")
-			w.WriteHeader(http.StatusInternalServerError)
-			_, _ = w.Write([]byte(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>injected</Message></Error>`))
+			s3Error(w, http.StatusInternalServerError, "InternalError")
+			return
+		case RequestTimeout:
+			s3Error(w, http.StatusBadRequest, "RequestTimeout")
+			return
+		case IncompleteBody:
+			s3Error(w, http.StatusBadRequest, "IncompleteBody")
 			return
 		case Throttle:
 			w.WriteHeader(http.StatusTooManyRequests)
@@ -164,6 +176,13 @@ func New(target string) (*Proxy, error) {
 		rp.ServeHTTP(w, r)
 	}))
 	return p, nil
+}
+
+// s3Error answers with an S3 error document carrying code.
+func s3Error(w http.ResponseWriter, status int, code string) {
+	w.Header().Set("Content-Type", "application/xml")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>` + code + `</Code><Message>injected</Message></Error>`))
 }
 
 // forward sends r on to the bucket and records the whole answer, whose

@@ -7,6 +7,7 @@ import (
 	"net/http"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
@@ -20,13 +21,15 @@ const (
 	// bucket refusing it, or ErrInvalidRequest), or it was cancelled by
 	// our caller; another bucket would not help.
 	NotBucketFault Failure = iota
-	// BucketError: 5xx, connection reset or refused, or a bucket that
+	// BucketError: 5xx, connection reset or refused, bytes damaged or cut
+	// short on the way (BadDigest, IncompleteBody), or a bucket that
 	// refuses requests (401, 403, 3xx, no such bucket) — try another.
 	BucketError
 	// BucketThrottled: 429 (R2's throttling, which the SDK's retryer does
 	// not treat as retryable) or 503 SlowDown.
 	BucketThrottled
-	// BucketTimeout: the bucket did not answer in time.
+	// BucketTimeout: the bucket did not answer in time, or answered that
+	// the request timed out (S3's 400 RequestTimeout).
 	BucketTimeout
 )
 
@@ -38,20 +41,21 @@ func Classify(callerCtx context.Context, err error) Failure {
 	}
 	var re *awshttp.ResponseError
 	if errors.As(err, &re) {
-		code := re.HTTPStatusCode()
+		code, api := re.HTTPStatusCode(), apiCode(err)
 		switch {
-		case code == http.StatusTooManyRequests:
-			return BucketThrottled
-		case code == http.StatusServiceUnavailable:
+		case code == http.StatusTooManyRequests || code == http.StatusServiceUnavailable:
 			return BucketThrottled
 		case code >= 500:
 			return BucketError
-		case code == http.StatusRequestTimeout:
+		case code == http.StatusRequestTimeout || timeoutCode(api):
+			// S3 answers 400 RequestTimeout when a body stops arriving:
+			// the status is a client error, the cause is the path.
 			return BucketTimeout
-		case badDigest(err):
+		case api == "BadDigest" || api == "IncompleteBody":
 			// The bytes that arrived are not the bytes sent (their MD5
-			// was computed from our copy): the path corrupted them, and
-			// sending them again is the cure.
+			// was computed from our copy), or fewer arrived than sent:
+			// the path corrupted or cut them, and sending them again is
+			// the cure.
 			return BucketError
 		case refused(code, err):
 			return BucketError
@@ -95,8 +99,11 @@ func apiCode(err error) string {
 	return ""
 }
 
-func badDigest(err error) bool {
-	return apiCode(err) == "BadDigest"
+// timeoutCode reads the SDK's own list of error codes that mean the
+// request timed out, which S3 sends with status 400.
+func timeoutCode(api string) bool {
+	_, ok := retry.DefaultRetryableErrorCodes[api]
+	return ok
 }
 
 // MayHaveLanded reports whether a failed write may still have been

@@ -67,6 +67,9 @@ func TestClassifyFaults(t *testing.T) {
 		{"connection reset", faultproxy.Reset, b, objstore.BucketError, true, ""},
 		{"stall past the call timeout", faultproxy.Stall, b, objstore.BucketTimeout, true, ""},
 		{"response lost after the write", faultproxy.LoseResponse, b, objstore.BucketError, true, ""},
+		// 400s whose S3 code says the path, not the request, was at fault.
+		{"400 RequestTimeout", faultproxy.RequestTimeout, b, objstore.BucketTimeout, false, ""},
+		{"400 IncompleteBody", faultproxy.IncompleteBody, b, objstore.BucketError, false, ""},
 		// A bucket that refuses because of how it is set up is the bucket's
 		// fault: the same request goes through on another bucket.
 		{"wrong secret (403)", faultproxy.Pass, bad, objstore.BucketError, false, ""},

@@ -111,6 +111,9 @@ func TestFailoverAndCooldown(t *testing.T) {
 		{"connection reset", faultproxy.Reset},
 		{"throttled 429", faultproxy.Throttle},
 		{"stall", faultproxy.Stall},
+		// 400s that S3 sends when the path, not the request, failed.
+		{"400 RequestTimeout", faultproxy.RequestTimeout},
+		{"400 IncompleteBody", faultproxy.IncompleteBody},
 	}
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {

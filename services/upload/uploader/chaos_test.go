@@ -67,7 +67,7 @@ func TestChaos(t *testing.T) {
 		defer chaosDone.Done()
 		modes := []faultproxy.Mode{faultproxy.Pass, faultproxy.Pass, faultproxy.Pass, faultproxy.Pass, faultproxy.Error5xx, faultproxy.Reset,
 			faultproxy.Throttle, faultproxy.LoseResponse, faultproxy.Stall, faultproxy.Corrupt, faultproxy.StallBody, faultproxy.Truncate,
-			faultproxy.CorruptAnswer}
+			faultproxy.CorruptAnswer, faultproxy.RequestTimeout, faultproxy.IncompleteBody}
 		rng := rand.New(rand.NewPCG(1, 2))
 		for {
 			for _, p := range st.Proxies {
