@@ -270,6 +270,11 @@ const BucketIDRule = "1–63 characters of a-z, 0-9 and '-'"
 // buckets up by a client's id refuse others without asking.
 func ValidBucketID(id string) bool { return idPattern.MatchString(id) }
 
+// MaxMonthlyLimit is the largest monthly limit a bucket may have (64 PiB),
+// the ledger's bound on any one commit (ledger.MaxBytes, which config does
+// not import: the upload service uses config and must not link etcd).
+const MaxMonthlyLimit = 1 << 56
+
 // ValidateSpec checks a bucket spec as stored in etcd or sent by an admin.
 func ValidateSpec(s *adminv1.BucketSpec) error {
 	switch {
@@ -281,6 +286,8 @@ func ValidateSpec(s *adminv1.BucketSpec) error {
 		return fmt.Errorf("endpoint: bucket %q needs an endpoint URL or an R2 account id", s.GetId())
 	case s.GetMonthlyLimitBytes() <= 0:
 		return fmt.Errorf("monthlyLimit: bucket %q needs a positive monthly limit", s.GetId())
+	case s.GetMonthlyLimitBytes() > MaxMonthlyLimit:
+		return fmt.Errorf("monthlyLimit: bucket %q has a monthly limit of %d bytes; at most %d (64 PiB) is allowed", s.GetId(), s.GetMonthlyLimitBytes(), int64(MaxMonthlyLimit))
 	case s.GetWeight() < 0:
 		return fmt.Errorf("weight: bucket %q has negative weight %d", s.GetId(), s.GetWeight())
 	case s.GetCredentialsRef() == "":

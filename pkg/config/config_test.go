@@ -113,6 +113,7 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"client share over the budget", "upload:\n  bufferBudget: 64MiB\n  clientBufferShare: 65MiB\n", "clientBufferShare"},
 		{"no idle timeout", "upload:\n  idleTimeout: 0s\n", "idleTimeout"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
+		{"bucket limit too large", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 65537TiB}\n", "monthlyLimit"},
 		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},
 		{"bad bucket id", "buckets:\n  - {id: 'A B', name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "id"},
 		{"duplicate id", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n  - {id: a, name: b, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "used by another bucket"},
@@ -157,7 +158,7 @@ func TestParseByteSize(t *testing.T) {
 			t.Errorf("ParseByteSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "x", "-1", "10XB"} {
+	for _, bad := range []string{"", "x", "-1", "10XB", "1e19", "1e30TB"} {
 		if _, err := config.ParseByteSize(bad); err == nil {
 			t.Errorf("ParseByteSize(%q) accepted", bad)
 		}

@@ -3,6 +3,7 @@ package config
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -33,6 +34,11 @@ func ParseByteSize(s string) (int64, error) {
 	n, err := strconv.ParseFloat(v, 64)
 	if err != nil || n < 0 {
 		return 0, fmt.Errorf("%q is not a size like 1048576, 512MiB or 10GB", s)
+	}
+	// Converting a float64 beyond int64's range gives no error, only an
+	// arbitrary number.
+	if n*mult >= math.MaxInt64 {
+		return 0, fmt.Errorf("%q is too large a size", s)
 	}
 	return int64(n * mult), nil
 }

@@ -715,6 +715,11 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 	return r.ExpiresAt, true, nil
 }
 
+// MaxBytes bounds a commit's size (64 PiB, also the largest monthly limit
+// config accepts), so that the sums of a commit batch (at most a few dozen
+// entries) stay far from overflowing an int64.
+const MaxBytes = 1 << 56
+
 // Commit records actual bytes for a reservation exactly once. The bytes
 // leave our block and enter our usage shard in one transaction; when the
 // reservation belongs to another replica (or vanished), the bytes are
@@ -722,6 +727,12 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
 	if !validID(resID) || actual < 0 {
 		return CommitResult{}, fmt.Errorf("%w: a valid reservation id and a non-negative size are required", ErrInvalid)
+	}
+	if actual > MaxBytes {
+		// Checked here, not only against the reservation: a commit whose
+		// reservation vanished carries a size nothing else bounds, and a
+		// batch adds sizes up in one int64.
+		return CommitResult{}, fmt.Errorf("%w: committed %d bytes exceed the %d a commit may carry", ErrInvalid, actual, int64(MaxBytes))
 	}
 	t, err := c.wait(ctx)
 	if err != nil {

@@ -90,8 +90,8 @@ func (s *Server) ResetUsage(ctx context.Context, req *adminv1.ResetUsageRequest)
 
 // CorrectUsage implements AdminService.
 func (s *Server) CorrectUsage(ctx context.Context, req *adminv1.CorrectUsageRequest) (*adminv1.CorrectUsageResponse, error) {
-	if req.GetUsedBytes() < 0 {
-		return nil, toStatus(ctx, fmt.Errorf("%w: used_bytes cannot be negative", errInvalid))
+	if req.GetUsedBytes() < 0 || req.GetUsedBytes() > config.MaxMonthlyLimit {
+		return nil, toStatus(ctx, fmt.Errorf("%w: used_bytes must be between 0 and %d, got %d", errInvalid, int64(config.MaxMonthlyLimit), req.GetUsedBytes()))
 	}
 	prev, err := s.setUsage(ctx, req.GetId(), req.GetUsedBytes())
 	if err != nil {
