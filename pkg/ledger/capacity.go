@@ -890,10 +890,38 @@ func (c *Capacity) committer(t *term, bc *bucketCap) {
 		}
 		batch := gather(bc.queue, []*pendingCommit{p}, 40, prev)
 		prev = len(batch)
-		bc.wmu.Lock()
-		c.commitBatch(context.Background(), t, bc, batch)
-		bc.wmu.Unlock()
+		for len(batch) > 0 {
+			var now []*pendingCommit
+			now, batch = distinct(batch)
+			bc.wmu.Lock()
+			c.commitBatch(context.Background(), t, bc, now)
+			bc.wmu.Unlock()
+		}
 	}
+}
+
+// distinct splits batch into commits that can share a transaction and the
+// rest, in order: etcd refuses a transaction that writes one key twice,
+// which two commits of one reservation (a retry while the first is queued)
+// or two uploads under one idempotency key would do.
+func distinct(batch []*pendingCommit) (now, later []*pendingCommit) {
+	keys := make(map[string]bool, 2*len(batch))
+	for _, p := range batch {
+		idem := ""
+		if p.idem != nil {
+			idem = p.idem.Key
+		}
+		if keys["r"+p.resID] || (idem != "" && keys["i"+idem]) {
+			later = append(later, p)
+			continue
+		}
+		keys["r"+p.resID] = true
+		if idem != "" {
+			keys["i"+idem] = true
+		}
+		now = append(now, p)
+	}
+	return now, later
 }
 
 // commitBatch runs with bc.wmu held and answers every pending commit.

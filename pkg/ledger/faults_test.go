@@ -5,13 +5,31 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 )
+
+// interceptedClient is an etcd client whose unary calls pass through icpt.
+func interceptedClient(t *testing.T, endpoint string, icpt grpc.UnaryClientInterceptor, opts ...grpc.DialOption) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
+		DialOptions: append([]grpc.DialOption{grpc.WithChainUnaryInterceptor(icpt)}, opts...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cli.Close() })
+	return cli
+}
 
 // A commit's size is bounded by the bucket's limit even when its
 // reservation is gone (nothing else bounds it then): concurrent commits
@@ -58,5 +76,75 @@ func TestCommitSizesCannotOverflow(t *testing.T) {
 	}
 	if total != 800 {
 		t.Fatalf("committed %d bytes in 400-byte uploads on a %d-byte bucket, want 800", total, limit)
+	}
+}
+
+// Commits that would write one key twice go in separate transactions:
+// two uploads under one idempotency key, and a retried commit of one
+// reservation whose first try is still queued. etcd refuses a transaction
+// that writes a key twice, and before this every such pair failed its
+// whole batch, so every other commit in it waited for a retry too.
+func TestCommitBatchesWriteEachKeyOnce(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	var dupKeyTxns atomic.Int32
+	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if err != nil && strings.Contains(err.Error(), "duplicate key") {
+			dupKeyTxns.Add(1)
+		}
+		return err
+	})
+	l, c := replicaCap(t, cli, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	bk := bucket("b1", 1<<30)
+	const rounds = 20
+	for round := range rounds {
+		var ids []string
+		for range 3 {
+			r, err := c.Reserve(ctx, bk, 100, time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, r.ID)
+		}
+		key := fmt.Sprint("same-key-", round)
+		calls := []struct {
+			id   string
+			idem *ledger.Idempotency
+		}{
+			{ids[0], &ledger.Idempotency{Key: key, Record: []byte(`{"n":0}`)}},
+			{ids[1], &ledger.Idempotency{Key: key, Record: []byte(`{"n":1}`)}},
+			{ids[2], nil},
+			{ids[2], nil},
+		}
+		res := make([]ledger.CommitResult, len(calls))
+		errs := make([]error, len(calls))
+		var wg sync.WaitGroup
+		for i, call := range calls {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res[i], errs[i] = c.Commit(ctx, bk, call.id, 100, call.idem)
+			}()
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("round %d: commit %d: %v", round, i, err)
+			}
+		}
+		if (res[0].DuplicateOf == nil) == (res[1].DuplicateOf == nil) {
+			t.Fatalf("round %d: two uploads under one key: duplicate %v and %v, want exactly one", round, res[0].DuplicateOf != nil, res[1].DuplicateOf != nil)
+		}
+		if res[2].AlreadyCommitted == res[3].AlreadyCommitted {
+			t.Fatalf("round %d: one reservation committed twice: already committed %v and %v, want exactly one", round, res[2].AlreadyCommitted, res[3].AlreadyCommitted)
+		}
+	}
+	if n := dupKeyTxns.Load(); n != 0 {
+		t.Fatalf("%d commit transactions refused by etcd for writing a key twice", n)
+	}
+	if u := usage(t, l, "b1"); u.Used != rounds*200 {
+		t.Fatalf("usage %d, want %d: one upload per key and one commit per reservation", u.Used, rounds*200)
 	}
 }
