@@ -143,6 +143,11 @@ type bucketCap struct {
 	// compares it, because another replica may shrink our block to commit
 	// one of our reservations when it has no room of its own
 	blockSeen int64  // revision at which block/blockRev were last known true
+	// unsure is set when a write of our block had an unknown outcome and
+	// no read has followed: block may be less than etcd holds (bytes
+	// nobody would hand back) or more (bytes carve must not use). Carving
+	// then reads the block first, and the janitor reads it again.
+	unsure bool
 	carved    int64  // bytes of our live reservations
 	shard     int64  // our committed bytes this period
 	shardRev  int64  // mod revision of our shard key (0: absent)
@@ -372,10 +377,10 @@ func (c *Capacity) term(ctx context.Context) error {
 // observeBlock records our block as read at revision rev, unless we
 // already know a later state.
 func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
-	if rev <= bc.blockSeen {
+	if rev < bc.blockSeen {
 		return
 	}
-	bc.block, bc.blockRev = 0, 0
+	bc.block, bc.blockRev, bc.unsure = 0, 0, false
 	if len(kvs) > 0 {
 		bc.block, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
 		bc.blockRev = kvs[0].ModRevision
@@ -563,7 +568,9 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		// Take a share of what is free, shrinking as capacity runs out,
 		// so one replica cannot starve the others near the limit.
 		take := max(want, min(free/8, 64<<20))
-		resp2, err := c.txn(ctx,
+		// Not cancelled with the caller: a client giving up must not
+		// leave the outcome unknown.
+		resp2, err := c.txn(context.WithoutCancel(ctx),
 			[]clientv3.Cmp{
 				clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
 				clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
@@ -571,6 +578,8 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			},
 			clientv3.OpPut(myBlock, strconv.FormatInt(bc.block+take, 10), clientv3.WithLease(t.lease)))
 		if err != nil {
+			bc.unsure = true
+			c.resync(context.WithoutCancel(ctx), t, bc, period, id)
 			return err
 		}
 		if resp2.Succeeded {
@@ -603,12 +612,13 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	}
 	bc := t.bucket(bucket.GetId())
 	bc.mu.Lock()
-	if bc.block-bc.carved < size {
-		// Growing writes our block: take the write lock first.
+	if bc.unsure || bc.block-bc.carved < size {
+		// Growing writes our block: take the write lock first. It reads
+		// the block before anything, which settles an unsure one.
 		bc.mu.Unlock()
 		bc.wmu.Lock()
 		bc.mu.Lock()
-		if bc.block-bc.carved < size {
+		if bc.unsure || bc.block-bc.carved < size {
 			if err := c.grow(ctx, t, bucket, bc, size); err != nil {
 				bc.mu.Unlock()
 				bc.wmu.Unlock()
@@ -1038,6 +1048,9 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	}
 	// Ambiguous or a compare failed: resync our keys; the callers re-read
 	// the markers, so an applied commit is reported, not repeated.
+	if err != nil {
+		bc.unsure = true
+	}
 	for _, p := range batch {
 		if r := bc.res[p.resID]; p.mine && r != nil {
 			r.ending = false
@@ -1212,6 +1225,10 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 	defer bc.wmu.Unlock()
 	bc.mu.Lock()
 	defer bc.mu.Unlock()
+	if bc.unsure {
+		// Bytes a lost answer left in our block go back below.
+		c.resync(ctx, t, bc, c.l.Period().Name, id)
+	}
 	blockKey := c.l.blockPrefix(id) + t.owner
 	now := c.l.opts.Now()
 	for rid, r := range bc.res {
@@ -1262,6 +1279,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 				bc.blockRev = 0
 			}
 		} else {
+			bc.unsure = bc.unsure || err != nil
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		}
 	}

@@ -11,9 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -146,5 +149,82 @@ func TestCommitBatchesWriteEachKeyOnce(t *testing.T) {
 	}
 	if u := usage(t, l, "b1"); u.Used != rounds*200 {
 		t.Fatalf("usage %d, want %d: one upload per key and one commit per reservation", u.Used, rounds*200)
+	}
+}
+
+// isGrow matches the compare-and-put that grows a replica's block.
+func isGrow(req any) bool {
+	tr, ok := req.(*etcdserverpb.TxnRequest)
+	if !ok || len(tr.Compare) != 3 {
+		return false
+	}
+	for _, op := range tr.Success {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/cap/blocks/") {
+			return true
+		}
+	}
+	return false
+}
+
+// A grow of a replica's block that etcd applied but whose outcome the
+// replica did not learn, because the caller gave up meanwhile or the
+// answer was lost, leaves no bytes held: the block is read again and its
+// unused part handed back, so another replica can use the bucket.
+func TestUnknownGrowOutcomeHoldsNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// after runs once the grow applied, with the caller's cancel; it
+		// returns what the caller is told.
+		after func(ctx context.Context, cancel context.CancelFunc) error
+	}{
+		{"caller gave up", func(ctx context.Context, cancel context.CancelFunc) error {
+			cancel()
+			return ctx.Err() // nil unless the call shares the caller's context
+		}},
+		{"answer lost", func(context.Context, context.CancelFunc) error {
+			return status.Error(codes.Unavailable, "connection reset after the write applied")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, cli := testenv.Etcd(t)
+			var armed atomic.Bool
+			var cancelCaller atomic.Pointer[context.CancelFunc]
+			lossy := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				err := invoker(ctx, method, req, reply, cc, opts...)
+				if err == nil && isGrow(req) && armed.CompareAndSwap(true, false) {
+					return tc.after(ctx, *cancelCaller.Load())
+				}
+				return err
+			})
+			l, a := replicaCap(t, lossy, "a")
+			_, b := replicaCap(t, cli, "b")
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			bk := bucket("b1", 1000)
+			rctx, rcancel := context.WithCancel(ctx)
+			defer rcancel()
+			cancelCaller.Store(&rcancel)
+			armed.Store(true)
+			// A caller that gave up may still get its reservation (the
+			// put was taken before it left); then it is let go of.
+			if r, err := a.Reserve(rctx, bk, 600, time.Minute); err == nil {
+				if err := a.Release(ctx, "b1", r.ID); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if armed.Load() {
+				t.Fatal("the fault did not fire")
+			}
+			poll(t, 10*time.Second, "the bytes to come back to the bucket", func() bool {
+				r, err := b.Reserve(ctx, bk, 900, time.Minute)
+				if err == nil {
+					return b.Release(ctx, "b1", r.ID) == nil
+				}
+				return false
+			})
+			if n := liveReservations(t, l, "b1"); n != 0 {
+				t.Fatalf("%d bytes of live reservations left", n)
+			}
+		})
 	}
 }
