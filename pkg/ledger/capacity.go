@@ -170,6 +170,11 @@ type localRes struct {
 	// ambiguously). Deletions older than rev concern an earlier
 	// reservation with the same id and must not free this one.
 	rev int64
+	// after is a revision at which the key was known absent before the
+	// put was sent (0 for a new id): with rev unknown, a deletion at or
+	// before it is of an earlier reservation under the id (one a Renew
+	// re-establishes), however late its event arrives.
+	after int64
 	// ending is set while this replica's own commit or release of the
 	// reservation is in flight: its deletion on the watch is ours, and the
 	// writer forgets it, so apply need not read the block for it.
@@ -388,11 +393,20 @@ func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
 	bc.blockSeen = rev
 }
 
+// deletedBy reports whether a deletion of the key at revision rev can be
+// of this reservation rather than of an earlier one under its id.
+func (r *localRes) deletedBy(rev int64) bool {
+	if r.rev != 0 {
+		return rev > r.rev
+	}
+	return rev > r.after
+}
+
 // forget drops a local reservation whose key is gone as of revision rev,
 // with our block known at rev or later. Called with bc.mu held.
 func forget(bc *bucketCap, id string, rev int64) {
 	r, ok := bc.res[id]
-	if !ok || (r.rev != 0 && r.rev >= rev) || (r.rev == 0 && !r.written) {
+	if !ok || !r.written || !r.deletedBy(rev) {
 		return // a newer reservation under the same id, or its put is in flight
 	}
 	delete(bc.res, id)
@@ -422,7 +436,7 @@ func (c *Capacity) apply(ctx context.Context, t *term, evs []*clientv3.Event) {
 		}
 		id := t.owner + "~" + rnd
 		bc.mu.Lock()
-		if r, ok := bc.res[id]; ok && r.written && !r.ending && (r.rev == 0 || r.rev < ev.Kv.ModRevision) {
+		if r, ok := bc.res[id]; ok && r.written && !r.ending && r.deletedBy(ev.Kv.ModRevision) {
 			gctx, cancel := c.l.ctx(ctx)
 			resp, err := c.l.cli.Get(gctx, c.l.blockPrefix(bucket)+t.owner)
 			cancel()
@@ -602,8 +616,9 @@ func (c *Capacity) txn(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3
 }
 
 // carve takes size bytes from our block for a reservation id (growing the
-// block when needed) and writes its key.
-func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpec, id string, size int64, ttl time.Duration) (*Reservation, error) {
+// block when needed) and writes its key. after is a revision at which the
+// key was absent (0 for a new id).
+func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpec, id string, size int64, ttl time.Duration, after int64) (*Reservation, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("%w: size must be positive", ErrInvalid)
 	}
@@ -632,7 +647,7 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 		return nil, fmt.Errorf("%w: reservation %s is already held here", ErrConflict, id)
 	}
 	exp := c.l.opts.Now().Add(ttl)
-	r := &localRes{size: size, exp: exp}
+	r := &localRes{size: size, exp: exp, after: after}
 	bc.carved += size
 	bc.res[id] = r
 	bc.touched = time.Now()
@@ -664,7 +679,7 @@ func (c *Capacity) Reserve(ctx context.Context, bucket *adminv1.BucketSpec, size
 	if err != nil {
 		return nil, err
 	}
-	return c.carve(ctx, t, bucket, t.owner+"~"+NewReservationID(), size, ttl)
+	return c.carve(ctx, t, bucket, t.owner+"~"+NewReservationID(), size, ttl, 0)
 }
 
 // Renew extends a live reservation (on any replica), or re-establishes a
@@ -678,6 +693,7 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 		return time.Time{}, false, err
 	}
 	key := c.l.resKey(bucket.GetId(), resID)
+	var absent int64 // revision at which the key was read absent
 	for attempt := 0; attempt < 10; attempt++ {
 		gctx, cancel := c.l.ctx(ctx)
 		resp, err := c.l.cli.Get(gctx, key)
@@ -686,6 +702,7 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 			return time.Time{}, false, fmt.Errorf("ledger: read reservation: %w", err)
 		}
 		if len(resp.Kvs) == 0 {
+			absent = resp.Header.Revision
 			break
 		}
 		kv := resp.Kvs[0]
@@ -715,7 +732,7 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 			return rec.Expires, false, nil
 		}
 	}
-	r, err := c.carve(ctx, t, bucket, resID, size, ttl)
+	r, err := c.carve(ctx, t, bucket, resID, size, ttl, absent)
 	if errors.Is(err, ErrNoRoom) {
 		return time.Time{}, false, ErrReservationLost
 	}
@@ -1101,6 +1118,12 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		return CommitResult{}, false, nil // owner gone: its reservation will vanish too
 	}
 	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
+	if ownerBlock < rec.Size {
+		// The owner's block does not cover the reservation, so moving
+		// its bytes out would drive the block negative and hide bytes
+		// from every replica's sum. Fail cleanly instead.
+		return CommitResult{}, true, ErrReservationLost
+	}
 	bc := t.bucket(id)
 	bc.wmu.Lock()
 	defer bc.wmu.Unlock()

@@ -228,3 +228,44 @@ func TestUnknownGrowOutcomeHoldsNothing(t *testing.T) {
 		})
 	}
 }
+
+// A commit that moves a reservation's bytes out of its owner's block, for
+// lack of room of its own, never drives that block negative: a block
+// smaller than the reservation does not cover it (the owner's view went
+// wrong), and the bytes it would hide from every replica's sum could be
+// granted again. The commit fails instead.
+func TestCommitFromOwnerNeverDrivesABlockNegative(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, a := replicaCap(t, cli, "a")
+	_, b := replicaCap(t, cli, "b")
+	_, c := replicaCap(t, cli, "c")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	x, err := a.Reserve(ctx, bk, 600, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Reserve(ctx, bk, 400, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	owner, _, _ := strings.Cut(x.ID, "~")
+	blockKey := "/bucketlb/cap/blocks/b1/" + owner
+	cur, err := cli.Get(ctx, blockKey)
+	if err != nil || len(cur.Kvs) != 1 {
+		t.Fatalf("a's block: %v", err)
+	}
+	// The owner's block no longer covers X, and b has no room of its own.
+	if _, err := cli.Put(ctx, blockKey, "100", clientv3.WithLease(clientv3.LeaseID(cur.Kvs[0].Lease))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Commit(ctx, bk, x.ID, 600, nil); !errors.Is(err, ledger.ErrReservationLost) {
+		t.Fatalf("commit from a block that does not cover the reservation: %v, want ErrReservationLost", err)
+	}
+	if r, err := cli.Get(ctx, blockKey); err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != "100" {
+		t.Fatalf("a's block after the refused commit: %v (%v), want 100", r.Kvs, err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 0 {
+		t.Fatalf("usage %d after a refused commit", u.Used)
+	}
+}
