@@ -143,17 +143,17 @@ type bucketCap struct {
 	// compares it, because another replica may shrink our block to commit
 	// one of our reservations when it has no room of its own
 	blockSeen int64  // revision at which block/blockRev were last known true
-	// unsure is set when a write of our block had an unknown outcome and
-	// no read has followed: block may be less than etcd holds (bytes
-	// nobody would hand back) or more (bytes carve must not use). Carving
-	// then reads the block first, and the janitor reads it again.
-	unsure bool
 	carved    int64  // bytes of our live reservations
 	shard     int64  // our committed bytes this period
 	shardRev  int64  // mod revision of our shard key (0: absent)
 	shardOf   string // period of shard
 	res       map[string]*localRes
 	touched   time.Time
+	// unsure is set when a write of our block had an unknown outcome and
+	// no read has followed: block may be less than etcd holds (bytes
+	// nobody would hand back) or more (bytes carve must not use). Carving
+	// then reads the block first, and the janitor reads it again.
+	unsure bool
 
 	queueOnce sync.Once
 	queue     chan *pendingCommit // see enqueue
