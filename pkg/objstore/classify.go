@@ -99,6 +99,30 @@ func apiCode(err error) string {
 	return ""
 }
 
+// Refusal is a bucket's 4xx answer to a request it will not take as
+// given, in the bucket's words.
+type Refusal struct {
+	Status  int    // HTTP status
+	Code    string // S3 error code, such as KeyTooLongError
+	Message string // the bucket's sentence, if it gave one
+}
+
+// RefusalOf returns the refusal err carries when it is a bucket's 4xx
+// answer with an S3 error code. The SDK's error text around it (operation
+// name, request and host ids) is for logs, not for a client.
+func RefusalOf(err error) (Refusal, bool) {
+	var re *awshttp.ResponseError
+	var ae smithy.APIError
+	if !errors.As(err, &re) || !errors.As(err, &ae) {
+		return Refusal{}, false
+	}
+	code := re.HTTPStatusCode()
+	if code < 400 || code >= 500 || ae.ErrorCode() == "" {
+		return Refusal{}, false
+	}
+	return Refusal{Status: code, Code: ae.ErrorCode(), Message: ae.ErrorMessage()}, true
+}
+
 // timeoutCode reads the SDK's own list of error codes that mean the
 // request timed out, which S3 sends with status 400.
 func timeoutCode(api string) bool {

@@ -278,6 +278,10 @@ func TestBadInputTable(t *testing.T) {
 		{"metadata key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{strings.Repeat("k\n", 50_000): "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"content type of 100 KB", png, &uploadv1.UploadHeader{ContentType: strings.Repeat("t", 100_000)}, codes.InvalidArgument, "header.content_type"},
 		{"affinity key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", AffinityKey: strings.Repeat("a", 100_000)}, codes.InvalidArgument, "header.affinity_key"},
+		// Keys the service allows but the bucket refuses (the local
+		// gateway stores each key segment as a file name of at most 255
+		// bytes): the bucket's reason, never INTERNAL.
+		{"key the bucket refuses", png, &uploadv1.UploadHeader{Key: strings.Repeat("s", 300) + ".png", ContentType: "image/png"}, codes.InvalidArgument, ""},
 	}
 	usedBefore, _ := env.Usage(t)
 	for _, tc := range cases {
@@ -316,6 +320,43 @@ func TestBadInputTable(t *testing.T) {
 		if b.GetConsecutiveFailures() != 0 || b.GetCoolingDown() {
 			t.Fatalf("bad input counted against bucket %s: %d failures, cooling down %v", b.GetBucket().GetId(), b.GetConsecutiveFailures(), b.GetCoolingDown())
 		}
+	}
+}
+
+// A request a bucket refuses for what it asks gets the bucket's reason in
+// a sentence, with a status that says whose fault it is, on every call:
+// a key that clashes with what the bucket holds (the local gateway keeps
+// "a/b" as a file in a directory "a", so "a" cannot be an object too) is
+// FAILED_PRECONDITION, a key it will not take is INVALID_ARGUMENT.
+func TestBucketRefusalsSayWhy(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := e2e.RandomBytes(t, 1000)
+	first, err := put(ctx, env, data, &uploadv1.UploadHeader{Key: "dir/x.bin"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bucket := first.GetBucketId()
+	sentence := func(t *testing.T, err error, want codes.Code) {
+		t.Helper()
+		msg := status.Convert(err).Message()
+		if status.Code(err) != want || !strings.HasPrefix(msg, "the bucket refused the request: ") || strings.Contains(msg, "RequestID") || len(msg) > 300 {
+			t.Fatalf("%v, want %v with the bucket's reason and no SDK details", err, want)
+		}
+	}
+	_, err = put(ctx, env, data, &uploadv1.UploadHeader{Key: "dir"})
+	sentence(t, err, codes.FailedPrecondition)
+	long := strings.Repeat("s", 300)
+	stream, err := env.Upload.GetObject(ctx, &uploadv1.GetObjectRequest{BucketId: bucket, Key: long})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	sentence(t, err, codes.InvalidArgument)
+	_, err = env.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: bucket, Key: long})
+	sentence(t, err, codes.InvalidArgument)
+	if objects, multiparts := env.ObjectCount(t); objects != 1 || multiparts != 0 {
+		t.Fatalf("%d objects and %d open multipart uploads, want the first object only", objects, multiparts)
 	}
 }
 

@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"strings"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/bucketlb/bucketlb/pkg/objstore"
 )
 
 // Domain errors. All but errBucket and errCorrupt are the client's fault.
@@ -86,7 +90,25 @@ func toStatus(ctx context.Context, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		return status.Error(codes.DeadlineExceeded, err.Error())
 	}
+	if r, ok := objstore.RefusalOf(err); ok {
+		return refused(r)
+	}
 	return status.Error(codes.Internal, "upload service internal error: "+err.Error())
+}
+
+// refused words a bucket's refusal of what this request asked (a key or
+// metadata it will not store, a key that clashes with what it holds): the
+// request's fault, not the service's, said in the bucket's words.
+func refused(r objstore.Refusal) error {
+	code := codes.InvalidArgument
+	if r.Status == http.StatusConflict || r.Status == http.StatusPreconditionFailed {
+		code = codes.FailedPrecondition // the request clashes with what the bucket holds
+	}
+	why := r.Code
+	if r.Message != "" {
+		why = fmt.Sprintf("%s (%s)", strings.TrimSuffix(r.Message, "."), r.Code)
+	}
+	return status.Errorf(code, "the bucket refused the request: %s, HTTP %d", why, r.Status)
 }
 
 // unreachable words a failed allocator call for the client. Every status
