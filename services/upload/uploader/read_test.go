@@ -116,6 +116,9 @@ func TestGetRangeAndDelete(t *testing.T) {
 	if _, _, err := read(ctx, st.Upload, req); status.Code(err) != codes.NotFound {
 		t.Fatalf("read after delete: %v, want NotFound", err)
 	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()}); status.Code(err) != codes.NotFound {
+		t.Fatalf("delete of a deleted object: %v, want NotFound", err)
+	}
 	if used, _ := st.usage(t); used[req.GetBucketId()] != int64(len(data)) {
 		t.Fatalf("usage after delete %d, want %d (deletes keep the period's count)", used[req.GetBucketId()], len(data))
 	}
@@ -148,8 +151,8 @@ func TestReadsReuseTheBucketTarget(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		readBack(ctx, t, st.Upload, &uploadv1.UploadResponse{BucketId: req.GetBucketId(), Key: req.GetKey()}, data, "read")
 	}
-	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: "absent/key"}); err != nil {
-		t.Fatal(err)
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: "absent/key"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("delete of an absent key: %v, want NotFound", err)
 	}
 	if n := counter.n.Load(); n != 1 {
 		t.Fatalf("%d LookupBucket calls for three reads and a delete within two seconds, want 1", n)

@@ -302,6 +302,12 @@ func (s *Server) DeleteObject(ctx context.Context, req *uploadv1.DeleteObjectReq
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	// S3 answers a delete the same whether an object was there or not;
+	// asked first (a HEAD, billed as a read), a name that holds nothing is
+	// NOT_FOUND, as the API promises for an unknown object.
+	if _, err := b.Head(ctx, req.GetKey()); err != nil {
+		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "look up the object"))
+	}
 	if err := b.Delete(ctx, req.GetKey()); err != nil {
 		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "delete"))
 	}
