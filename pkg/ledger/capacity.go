@@ -1119,10 +1119,11 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	}
 	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
 	if ownerBlock < rec.Size {
-		// The owner's block does not cover the reservation, so moving
-		// its bytes out would drive the block negative and hide bytes
-		// from every replica's sum. Fail cleanly instead.
-		return CommitResult{}, true, ErrReservationLost
+		// The owner's block does not cover the reservation: most likely
+		// it was committed meanwhile (the caller reads again and finds
+		// its marker). Moving its bytes out would drive the block
+		// negative and hide bytes from every replica's sum.
+		return CommitResult{}, false, nil
 	}
 	bc := t.bucket(id)
 	bc.wmu.Lock()
