@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"regexp"
 	"strconv"
@@ -292,9 +293,30 @@ func ValidateSpec(s *adminv1.BucketSpec) error {
 		return fmt.Errorf("weight: bucket %q has negative weight %d", s.GetId(), s.GetWeight())
 	case s.GetCredentialsRef() == "":
 		return fmt.Errorf("credentialsRef: bucket %q needs a credentials reference", s.GetId())
+	case !credRefPattern.MatchString(s.GetCredentialsRef()):
+		// It names environment variables and a directory of mounted
+		// secrets: no path separators, nothing a shell would mangle.
+		return fmt.Errorf("credentialsRef: bucket %q has %q; a reference is 1–128 characters of A-Z, a-z, 0-9, '_' and '-'", s.GetId(), s.GetCredentialsRef())
+	case !bucketNamePattern.MatchString(s.GetName()):
+		return fmt.Errorf("name: bucket %q has S3 name %q; an S3 bucket name is at most 63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit", s.GetId(), s.GetName())
+	case s.GetAccountId() != "" && !accountPattern.MatchString(s.GetAccountId()):
+		return fmt.Errorf("accountId: bucket %q has %q; an R2 account id is letters and digits (32 hex characters)", s.GetId(), s.GetAccountId())
+	case !ValidState(s.GetState()):
+		return fmt.Errorf("state: bucket %q has state %v; it must be ACTIVE, DRAINING or DISABLED", s.GetId(), s.GetState())
+	}
+	if e := s.GetEndpoint(); e != "" {
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return fmt.Errorf("endpoint: bucket %q has %q; an endpoint is an http:// or https:// URL with a host", s.GetId(), e)
+		}
 	}
 	return nil
 }
+
+var (
+	credRefPattern    = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+	bucketNamePattern = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)
+	accountPattern    = regexp.MustCompile(`^[A-Za-z0-9]{1,64}$`)
+)
 
 // Spec converts the YAML form to the API form, filling R2 defaults.
 func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
@@ -338,6 +360,16 @@ func FillDefaults(s *adminv1.BucketSpec) {
 	if s.State == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
 		s.State = adminv1.BucketState_BUCKET_STATE_ACTIVE
 	}
+}
+
+// ValidState reports whether st is a state a bucket can be in: ACTIVE,
+// DRAINING or DISABLED (a client can send any number in the enum field).
+func ValidState(st adminv1.BucketState) bool {
+	switch st {
+	case adminv1.BucketState_BUCKET_STATE_ACTIVE, adminv1.BucketState_BUCKET_STATE_DRAINING, adminv1.BucketState_BUCKET_STATE_DISABLED:
+		return true
+	}
+	return false
 }
 
 // ParseState reads "active", "draining" or "disabled" (empty = active).

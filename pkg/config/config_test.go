@@ -117,6 +117,10 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"bucket without limit", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R}\n", "monthlyLimit"},
 		{"bad bucket id", "buckets:\n  - {id: 'A B', name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "id"},
 		{"duplicate id", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n  - {id: a, name: b, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "used by another bucket"},
+		{"bad S3 name", "buckets:\n  - {id: a, name: 'Bad Name!!', endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", "name"},
+		{"endpoint not a URL", "buckets:\n  - {id: a, name: a, endpoint: 'ftp://x', credentialsRef: R, monthlyLimit: 1}\n", "endpoint"},
+		{"credentials ref with a path", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: '../etc', monthlyLimit: 1}\n", "credentialsRef"},
+		{"account id with a slash", "buckets:\n  - {id: a, name: a, accountId: 'x/y', credentialsRef: R, monthlyLimit: 1}\n", "accountId"},
 		{"bad state", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1, state: sleepy}\n", "state"},
 	}
 	for _, tc := range cases {

@@ -57,7 +57,7 @@ func (s *Server) DeleteBucket(ctx context.Context, req *adminv1.DeleteBucketRequ
 
 // SetBucketState implements AdminService.
 func (s *Server) SetBucketState(ctx context.Context, req *adminv1.SetBucketStateRequest) (*adminv1.SetBucketStateResponse, error) {
-	if req.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
+	if !config.ValidState(req.GetState()) {
 		return nil, toStatus(ctx, fmt.Errorf("%w: state must be ACTIVE, DRAINING or DISABLED", errInvalid))
 	}
 	b, err := s.ledger.UpdateBucket(ctx, req.GetId(), func(b *adminv1.BucketSpec) { b.State = req.GetState() })

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -263,8 +264,13 @@ func (s *Server) Release(ctx context.Context, req *allocatorv1.ReleaseRequest) (
 
 // ReportOutcome implements AllocatorService.
 func (s *Server) ReportOutcome(ctx context.Context, req *allocatorv1.ReportOutcomeRequest) (*allocatorv1.ReportOutcomeResponse, error) {
-	if req.GetOutcome() == allocatorv1.Outcome_OUTCOME_UNSPECIFIED || req.GetBucketId() == "" {
-		return nil, toStatus(ctx, fmt.Errorf("%w: bucket_id and outcome are required", errInvalid))
+	if _, known := allocatorv1.Outcome_name[int32(req.GetOutcome())]; !known || req.GetOutcome() == allocatorv1.Outcome_OUTCOME_UNSPECIFIED || req.GetBucketId() == "" {
+		return nil, toStatus(ctx, fmt.Errorf("%w: bucket_id and an outcome (SUCCESS, ERROR, THROTTLED or TIMEOUT) are required", errInvalid))
+	}
+	// Health is kept for known buckets only: a report for any other id
+	// would leave a record under it in etcd.
+	if _, err := s.bucket(ctx, req.GetBucketId()); err != nil {
+		return nil, toStatus(ctx, err)
 	}
 	ok := req.GetOutcome() == allocatorv1.Outcome_OUTCOME_SUCCESS
 	rec, err := s.health.Report(ctx, req.GetBucketId(), ok, req.GetLatency().AsDuration())
@@ -273,13 +279,28 @@ func (s *Server) ReportOutcome(ctx context.Context, req *allocatorv1.ReportOutco
 	}
 	if !ok {
 		s.log.Warn("bucket request failed", "bucket", req.GetBucketId(), "outcome", req.GetOutcome().String(),
-			"error", req.GetError(), "consecutive_failures", rec.Failures)
+			"error", clip(req.GetError(), maxLoggedError), "consecutive_failures", rec.Failures)
 	}
 	out := &allocatorv1.ReportOutcomeResponse{HealthScore: int32(rec.Score()), ConsecutiveFailures: int32(rec.Failures)}
 	if rec.CoolingDown(s.cfg.Now(), s.health.Policy()) {
 		out.CooldownUntil = timestamppb.New(rec.CooldownUntil)
 	}
 	return out, nil
+}
+
+// maxLoggedError bounds the error text a report puts in one log line.
+const maxLoggedError = 1024
+
+// clip cuts s to at most n bytes, on a UTF-8 boundary, marking the cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "… (cut)"
 }
 
 // LookupBucket implements AllocatorService.

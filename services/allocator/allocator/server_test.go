@@ -214,6 +214,28 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "Bad Id"}}); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("invalid spec: %v, want InvalidArgument", err)
 	}
+	// Specs no bucket could work with are refused when put, not found out
+	// at the first upload; states outside the enum are refused too.
+	for name, edit := range map[string]func(*adminv1.BucketSpec){
+		"S3 name with spaces":       func(b *adminv1.BucketSpec) { b.Name = "Bad Name!!" },
+		"endpoint not http(s)":      func(b *adminv1.BucketSpec) { b.Endpoint = "ftp://x" },
+		"endpoint not a URL":        func(b *adminv1.BucketSpec) { b.Endpoint = "not a url" },
+		"credentials ref with path": func(b *adminv1.BucketSpec) { b.CredentialsRef = "../../etc" },
+		"state outside the enum":    func(b *adminv1.BucketSpec) { b.State = 42 },
+		"limit over 64 PiB":         func(b *adminv1.BucketSpec) { b.MonthlyLimitBytes = 1 << 60 },
+	} {
+		b := spec("px", 0, 1000)
+		edit(b)
+		if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: b}); status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("PutBucket with %s: %v, want InvalidArgument", name, err)
+		}
+	}
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: 99}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("SetBucketState 99: %v, want InvalidArgument", err)
+	}
+	if _, err := r.admin.CorrectUsage(actx, &adminv1.CorrectUsageRequest{Id: "p1", UsedBytes: 1 << 62}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("CorrectUsage to 2^62 bytes: %v, want InvalidArgument", err)
+	}
 	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: spec("p0", 0, 1000)}); err != nil {
 		t.Fatal(err)
 	}
@@ -261,6 +283,35 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 	list, err := r.admin.ListBuckets(actx, &adminv1.ListBucketsRequest{})
 	if err != nil || len(list.GetBuckets()) != 1 {
 		t.Fatalf("list after delete: %v %v", list, err)
+	}
+}
+
+// A report names a known bucket and a defined outcome: health records are
+// kept for configured buckets only, never under an id a caller made up.
+func TestReportOutcomeChecksItsInput(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, id := range []string{"nope", "../../buckets/evil"} {
+		if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: id, Outcome: allocatorv1.Outcome_OUTCOME_ERROR}); status.Code(err) != codes.NotFound {
+			t.Fatalf("report for bucket %q: %v, want NotFound", id, err)
+		}
+	}
+	if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: 99}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("report with outcome 99: %v, want InvalidArgument", err)
+	}
+	if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Error: strings.Repeat("e", 100_000)}); err != nil {
+		t.Fatalf("report with a long error text: %v", err)
+	}
+	keys, err := cli.Get(ctx, "/bucketlb/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range keys.Kvs {
+		if k := string(kv.Key); strings.Contains(k, "nope") || strings.Contains(k, "evil") {
+			t.Fatalf("a report for an unknown bucket left key %s", k)
+		}
 	}
 }
 
