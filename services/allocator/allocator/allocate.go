@@ -220,9 +220,17 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 		}
 		return &allocatorv1.CommitResponse{DuplicateOf: first}, nil
 	}
+	// The replica's view may lag this commit by a moment, so the commit's
+	// size is added to it. A repeated commit may be in the view already:
+	// its answer is read afresh (retries are rare), not counted twice.
 	used := res.Size
 	if v := s.usage.Load(); v != nil {
 		used += v.usage[b.GetId()].Used
+	}
+	if res.AlreadyCommitted {
+		if u, _, err := s.ledger.Usages(ctx); err == nil {
+			used = u[b.GetId()].Used
+		}
 	}
 	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: used}, nil
 }

@@ -44,7 +44,8 @@ func TestGaugesFollowTheReplicasView(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 5000, Size: 4000}); err != nil {
+	commit := &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 5000, Size: 4000}
+	if _, err := r.alloc.Commit(ctx, commit); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p2", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond), Error: "injected"}); err != nil {
@@ -89,6 +90,11 @@ func TestGaugesFollowTheReplicasView(t *testing.T) {
 	}
 	if s := gauge("bucketlb_bucket_health_score", p2); s >= 100 {
 		t.Fatalf("health score of the failing bucket is %v, want below 100", s)
+	}
+	// The replica's view now counts the commit: a retry of it reports
+	// that usage, without counting the commit a second time.
+	if cr, err := r.alloc.Commit(ctx, commit); err != nil || !cr.GetAlreadyCommitted() || cr.GetUsedBytes() != 4000 {
+		t.Fatalf("retried commit: %v %v, want already committed with 4000 bytes used", cr, err)
 	}
 
 	stopEtcd()
