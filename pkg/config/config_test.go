@@ -156,13 +156,13 @@ func TestSeedEnvErrors(t *testing.T) {
 }
 
 func TestParseByteSize(t *testing.T) {
-	for in, want := range map[string]int64{"1048576": 1 << 20, "512MiB": 512 << 20, "10GB": 10e9, "5 GiB": 5 << 30, "1.5KB": 1500, "7b": 7} {
+	for in, want := range map[string]int64{"1048576": 1 << 20, "512MiB": 512 << 20, "10GB": 10e9, "5 GiB": 5 << 30, "1.5KB": 1500, "1.1KB": 1100, "0.3GB": 3e8, "7b": 7} {
 		got, err := config.ParseByteSize(in)
 		if err != nil || got != want {
 			t.Errorf("ParseByteSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "x", "-1", "10XB", "1e19", "1e30TB"} {
+	for _, bad := range []string{"", "x", "-1", "10XB", "1e19", "1e30TB", "0.5", "1.0001KB"} {
 		if _, err := config.ParseByteSize(bad); err == nil {
 			t.Errorf("ParseByteSize(%q) accepted", bad)
 		}

@@ -40,7 +40,13 @@ func ParseByteSize(s string) (int64, error) {
 	if n*mult >= math.MaxInt64 {
 		return 0, fmt.Errorf("%q is too large a size", s)
 	}
-	return int64(n * mult), nil
+	// "1.1KB" is 1100.0000000000002 in binary floating point: a whole
+	// number of bytes up to rounding, unlike "0.5".
+	b := math.Round(n * mult)
+	if math.Abs(n*mult-b) > 1e-3 {
+		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
+	}
+	return int64(b), nil
 }
 
 // UnmarshalJSON accepts a number or a string with a unit.
