@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,9 +24,11 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	st := env.Stack
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	var stdin io.Reader = strings.NewReader("")
 	run := func(args ...string) (string, string, error) {
 		var out, errOut bytes.Buffer
 		root := cli.NewRoot(&out, &errOut)
+		root.SetIn(stdin)
 		root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
 		err := root.ExecuteContext(ctx)
 		return out.String(), errOut.String(), err
@@ -76,6 +79,13 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	}
 	if err != nil || json.Unmarshal([]byte(out), &status) != nil || status.TotalUsedBytes != "3145728" {
 		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+
+	// "-" uploads what comes on standard input, which cannot seek.
+	piped := e2e.RandomBytes(t, 100_000)
+	stdin = bytes.NewReader(piped)
+	if res := upload("-", "--content-type", "application/octet-stream"); res["sha256"] != e2e.HexSHA(piped) || res["size"] != float64(len(piped)) || !strings.HasSuffix(res["key"].(string), "stdin") {
+		t.Fatalf("upload from standard input: %v", res)
 	}
 
 	// A draining bucket takes nothing new.

@@ -25,7 +25,7 @@ func newUploadCmd(g *globals) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "upload FILE...",
-		Short: "Upload files; prints one JSON result per file",
+		Short: "Upload files (\"-\" reads standard input); prints one JSON result per file",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if key != "" && len(args) > 1 {
@@ -44,6 +44,18 @@ func newUploadCmd(g *globals) *cobra.Command {
 			enc := json.NewEncoder(g.out)
 			enc.SetIndent("", "  ")
 			for _, path := range args {
+				name := filepath.Base(path)
+				if path == "-" {
+					// An upload declares its size and sha256 first, which a
+					// pipe cannot tell ahead: it is read into a temporary
+					// file, which then goes like any other.
+					tmp, err := spool(cmd.InOrStdin())
+					if err != nil {
+						return err
+					}
+					defer os.Remove(tmp)
+					path, name = tmp, "stdin"
+				}
 				ct := contentType
 				if ct == "" {
 					ct, err = guessContentType(path)
@@ -55,9 +67,9 @@ func newUploadCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				bar := newBar(st.Size(), filepath.Base(path), g.errOut, quiet)
+				bar := newBar(st.Size(), name, g.errOut, quiet)
 				hdr := &uploadv1.UploadHeader{
-					Key: key, NameHint: filepath.Base(path), ContentType: ct,
+					Key: key, NameHint: name, ContentType: ct,
 					AffinityKey: affinity, IdempotencyKey: idem,
 				}
 				resp, err := uploadclient.UploadFile(ctx, client, path, hdr, uploadclient.Options{
@@ -86,6 +98,23 @@ func newUploadCmd(g *globals) *cobra.Command {
 	f.StringVar(&idem, "idempotency-key", "", "retry-safe key: a repeat returns the first result")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	return cmd
+}
+
+// spool copies r into a new temporary file and returns its path.
+func spool(r io.Reader) (string, error) {
+	f, err := os.CreateTemp("", "bucketctl-stdin-")
+	if err != nil {
+		return "", fmt.Errorf("spool standard input: %w", err)
+	}
+	_, err = io.Copy(f, r)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+		return "", fmt.Errorf("spool standard input: %w", err)
+	}
+	return f.Name(), nil
 }
 
 func resultJSON(r *uploadv1.UploadResponse) map[string]any {
