@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
@@ -484,16 +485,16 @@ func (c *Capacity) writer(ctx context.Context) {
 		}
 		batch = gather(c.writes, batch, 100, prev)
 		prev = len(batch)
-		ops := make([]clientv3.Op, len(batch))
-		for i, w := range batch {
-			ops[i] = w.op
-		}
-		tctx, cancel := c.l.ctx(ctx)
-		resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
-		cancel()
-		var rev int64
-		if err == nil {
-			rev = resp.Header.Revision
+		rev, err := c.send(ctx, batch)
+		if errors.Is(err, errNotApplied) && len(batch) > 1 {
+			// A put under a lease that is gone (a late write of a term
+			// that ended) makes etcd refuse the whole transaction: each
+			// write goes again alone, so only that one fails.
+			for _, w := range batch {
+				rev, err := c.send(ctx, []*write{w})
+				w.done <- writeResult{rev: rev, err: err}
+			}
+			continue
 		}
 		for _, w := range batch {
 			w.done <- writeResult{rev: rev, err: err}
@@ -504,6 +505,29 @@ func (c *Capacity) writer(ctx context.Context) {
 // errNotSent: a write the caller gave up on before a writer took it, so
 // etcd never saw it.
 var errNotSent = errors.New("ledger: the write was not sent")
+
+// errNotApplied: etcd refused the write's transaction as a whole (a put
+// under a lease it no longer has), so none of it applied.
+var errNotApplied = errors.New("ledger: etcd refused the write")
+
+// send writes batch in one transaction: the revision it applied at, or
+// its error.
+func (c *Capacity) send(ctx context.Context, batch []*write) (int64, error) {
+	ops := make([]clientv3.Op, len(batch))
+	for i, w := range batch {
+		ops[i] = w.op
+	}
+	tctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
+	switch {
+	case err == nil:
+		return resp.Header.Revision, nil
+	case errors.Is(err, rpctypes.ErrLeaseNotFound):
+		return 0, fmt.Errorf("%w: %w", errNotApplied, err)
+	}
+	return 0, err
+}
 
 // submit hands op to a writer and waits for the batch's answer. Once a
 // writer has it, the wait goes on even if ctx ends, bounded by the
@@ -657,7 +681,7 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	bc.mu.Lock()
 	r.written, r.rev = true, rev
 	switch {
-	case errors.Is(err, errNotSent):
+	case errors.Is(err, errNotSent), errors.Is(err, errNotApplied):
 		// Never in etcd: the bytes go back to the block at once.
 		bc.carved -= size
 		delete(bc.res, id)
