@@ -98,12 +98,14 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
 	}
 	ranked := strategy.Rank(placement.Request{Size: req.GetSize(), AffinityKey: req.GetAffinityKey()}, cands)
+	trialsOut := 0
 	for _, c := range ranked {
 		b := specs[c.ID]
 		// Half-open buckets admit exactly one trial across all replicas.
 		if ok, err := s.health.Admit(ctx, c.ID); err != nil {
 			return nil, nil, err
 		} else if !ok {
+			trialsOut++
 			continue
 		}
 		res, err := s.capacity.Reserve(ctx, b, req.GetSize(), s.cfg.ReservationTTL)
@@ -123,6 +125,15 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 			return nil, nil, err
 		}
 		return res, b, nil
+	}
+	if trialsOut > 0 {
+		// Room may be there: a bucket waits for its one trial upload to
+		// tell whether it has recovered. That is soon over, so the answer
+		// is to retry shortly, not that capacity ran out.
+		for range trialsOut {
+			why.add("half-open with its one trial upload under way")
+		}
+		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
 	}
 	return nil, nil, errNoRoom
 }

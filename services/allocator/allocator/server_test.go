@@ -6,6 +6,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -283,6 +284,32 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 	list, err := r.admin.ListBuckets(actx, &adminv1.ListBucketsRequest{})
 	if err != nil || len(list.GetBuckets()) != 1 {
 		t.Fatalf("list after delete: %v %v", list, err)
+	}
+}
+
+// While a half-open bucket's one trial upload is out, other uploads are
+// told to retry shortly (UNAVAILABLE, saying why), not that capacity ran
+// out: the trial decides within moments whether the bucket takes them.
+func TestTrialUnderWayIsNotNoRoom(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
+	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
+		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 3 {
+		if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now.Add(int64(16 * time.Minute)) // past the cooldown: half-open
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); err != nil {
+		t.Fatalf("the trial upload: %v", err)
+	}
+	_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "1 half-open with its one trial upload under way") {
+		t.Fatalf("allocate while the trial is out: %v, want Unavailable saying a trial is under way", err)
 	}
 }
 
