@@ -194,3 +194,50 @@ func TestUnansweredCommitKeepsTheRecordedObject(t *testing.T) {
 	}
 	st.waitNoReservations(t)
 }
+
+// refusedCommit holds the Commit of an upload of size bytes until release
+// is closed, then refuses it as the allocator does a lost reservation.
+type refusedCommit struct {
+	uploader.Allocator
+	size    int64
+	held    chan struct{}
+	release chan struct{}
+}
+
+func (f *refusedCommit) Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error) {
+	if in.GetSize() == f.size {
+		close(f.held)
+		<-f.release
+		return nil, status.Error(codes.FailedPrecondition, "reservation expired and the bucket has no room to grant it again")
+	}
+	return f.Allocator.Commit(ctx, in, opts...)
+}
+
+// An upload whose Commit fails removes its own object, never another
+// upload's: under a client's key, a later upload may have written the key
+// and been answered OK meanwhile, and its object must stay (before, the
+// failed upload removed it, and the client that was told OK lost it).
+func TestFailedCommitKeepsAnotherUploadsObject(t *testing.T) {
+	const sizeA, sizeB = 1000, 2000
+	rc := &refusedCommit{size: sizeA, held: make(chan struct{}), release: make(chan struct{})}
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator { rc.Allocator = a; return rc })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const key = "shared/report.bin"
+	a, b := testenv.OpaqueBytes(t, sizeA), testenv.OpaqueBytes(t, sizeB)
+	errA := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: key, ContentType: "application/octet-stream", Size: sizeA}, a)
+		errA <- err
+	}()
+	<-rc.held // A's object is written; its Commit waits
+	respB, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: key, ContentType: "application/octet-stream", Size: sizeB}, b)
+	if err != nil {
+		t.Fatalf("B: %v", err)
+	}
+	close(rc.release)
+	if err := <-errA; status.Code(err) != codes.Unavailable {
+		t.Fatalf("A, whose Commit was refused: %v, want Unavailable", err)
+	}
+	readBack(ctx, t, st.Upload, respB, b, "B's object after A's Commit failed")
+}

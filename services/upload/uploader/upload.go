@@ -246,7 +246,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	}
 	if !u.ownKey() {
 		// Under a client's key an older object may stand: the id tells
-		// this upload's object from it (see removeUnanswered).
+		// this upload's object from it (see removeOurs).
 		u.writeID = rand.Text()
 		md[writeIDKey] = u.writeID
 		if k := hdr.GetIdempotencyKey(); k != "" {
@@ -373,7 +373,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
-			s.removeUnanswered(ctx, b, u)
+			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
 		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
@@ -397,13 +397,14 @@ const (
 	commitAttempts = 3
 )
 
-// removeUnanswered removes what a write whose answer was lost may have
-// stored, so the bucket keeps no object its usage does not count. A key
-// the service generated belongs to this upload alone. Under a client's key
-// an older object may be there, even one with the same bytes, which goes
-// only if it carries this upload's write id: if the write never landed,
-// the older object stays.
-func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *upload) {
+// removeOurs removes the object this upload wrote, or may have written,
+// so the bucket keeps no object its usage does not count; msg says why
+// for the leftover count if that fails. A key the service generated
+// belongs to this upload alone. Under a client's key another object may
+// be there, even one with the same bytes: an older one a write that never
+// landed left in place, or a later upload's, committed and answered OK.
+// It goes only if it carries this upload's write id.
+func (s *Server) removeOurs(ctx context.Context, b *objstore.Bucket, u *upload, msg string) {
 	var err error
 	if u.ownKey() {
 		err = b.Delete(ctx, u.key)
@@ -411,7 +412,7 @@ func (s *Server) removeUnanswered(ctx context.Context, b *objstore.Bucket, u *up
 		_, err = b.DeleteIf(ctx, u.key, func(info objstore.ObjectInfo) bool { return info.Metadata[writeIDKey] == u.writeID })
 	}
 	if err != nil {
-		s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverObject, "could not remove a possibly written object", err)
+		s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverObject, msg, err)
 	}
 }
 
@@ -440,11 +441,7 @@ type written struct {
 // saves the hot path a ReportOutcome call; if no Commit gets through, the
 // success is reported on its own.
 func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateResponse, b *objstore.Bucket, w written) (*uploadv1.UploadResponse, error) {
-	remove := func() {
-		if err := b.Delete(ctx, u.key); err != nil {
-			s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverObject, "could not remove an object whose usage is not counted", err)
-		}
-	}
+	remove := func() { s.removeOurs(ctx, b, u, "could not remove an object whose usage is not counted") }
 	req := &allocatorv1.CommitRequest{
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
 		Size: u.size, Key: u.key, Etag: w.etag, Sha256: w.sha256, IdempotencyKey: u.hdr.GetIdempotencyKey(),
@@ -680,7 +677,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			// Perhaps completed with the answer lost (or, on a bucket
 			// that retries internally, a second Complete found no such
 			// upload): abort cannot help, so remove the object itself.
-			s.removeUnanswered(ctx, b, u)
+			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
 		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
