@@ -4,9 +4,17 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"net/http"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -114,4 +122,103 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 	if used, _ := st.usage(t); used[bucket] != slowSize {
 		t.Fatalf("used %d, want %d", used[bucket], slowSize)
 	}
+}
+
+// heldPuts holds every single PUT (not a part) until release is closed,
+// telling on started when one arrives: a slow link or a slow bucket.
+type heldPuts struct {
+	c       *http.Client
+	once    sync.Once
+	started chan struct{}
+	release chan struct{}
+}
+
+func (h *heldPuts) Do(r *http.Request) (*http.Response, error) {
+	if r.Method == http.MethodPut && !r.URL.Query().Has("partNumber") {
+		h.once.Do(func() { close(h.started) })
+		select {
+		case <-h.release:
+		case <-r.Context().Done():
+			return nil, r.Context().Err()
+		}
+	}
+	return h.c.Do(r)
+}
+
+// A single PUT that outlasts the reservation TTL keeps its reservation and
+// its idempotency claim, as a multipart upload does: the bytes stay held
+// the whole time, and a second upload under the same idempotency key and
+// object key is turned away (ABORTED) instead of writing the key beside
+// it. Before, both lapsed after one TTL: the second upload was let in and
+// answered OK, and the first then overwrote its object.
+func TestSlowPutKeepsItsReservationAndClaim(t *testing.T) {
+	const ttl = 2 * time.Second
+	hp := &heldPuts{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, started: make(chan struct{}), release: make(chan struct{})}
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.HTTPClient = hp })
+	bucket := st.Buckets[0].GetId()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1<<20)
+	hdr := func() *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "slow/obj.bin", IdempotencyKey: "slow-key", ContentType: "application/octet-stream", Size: int64(len(data))}
+	}
+	first := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, st.Upload, hdr(), data)
+		first <- err
+	}()
+	<-hp.started
+	// Two and a half TTLs into the PUT, sampled every 100 ms, the bytes
+	// are held as reserved.
+	for deadline := time.Now().Add(ttl * 5 / 2); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if _, reserved := st.usage(t); reserved[bucket] < int64(len(data)) {
+			t.Fatalf("reserved %d during the PUT, want at least %d: the reservation lapsed", reserved[bucket], len(data))
+		}
+	}
+	other := testenv.OpaqueBytes(t, len(data))
+	if _, err := send(ctx, st.Upload, hdr(), other); status.Code(err) != codes.Aborted {
+		t.Fatalf("second upload under the key while the first writes: %v, want Aborted", err)
+	}
+	close(hp.release)
+	if err := <-first; err != nil {
+		t.Fatalf("the slow upload: %v", err)
+	}
+	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: bucket, Key: "slow/obj.bin"})
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the object after the slow upload: %d bytes, %v; want its bytes", len(got), err)
+	}
+}
+
+// lapsingRenew answers every Renew as the allocator does a reservation
+// that lapsed with no room to grant it again.
+type lapsingRenew struct{ uploader.Allocator }
+
+func (lapsingRenew) Renew(context.Context, *allocatorv1.RenewRequest, ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	return nil, status.Error(codes.FailedPrecondition, "reservation expired and the bucket has no room to grant it again")
+}
+
+// A single PUT whose reservation is lost while it runs is stopped: the
+// upload ends UNAVAILABLE, nothing stays in the bucket and no capacity
+// stays held.
+func TestSlowPutStopsWhenItsReservationIsLost(t *testing.T) {
+	const ttl = 2 * time.Second
+	hp := &heldPuts{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, started: make(chan struct{}), release: make(chan struct{})}
+	defer close(hp.release)
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.HTTPClient = hp },
+		func(a uploader.Allocator) uploader.Allocator { return lapsingRenew{a} })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1<<20)
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/lost.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "lapsed") {
+		t.Fatalf("upload whose reservation was lost mid-PUT: %v, want Unavailable saying it lapsed", err)
+	}
+	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 0 || multiparts[st.Buckets[0].GetId()] != 0 {
+		t.Fatalf("%v objects and %v open multipart uploads left", objects, multiparts)
+	}
+	st.waitNoReservations(t)
 }

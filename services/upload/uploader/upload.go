@@ -364,11 +364,26 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			exclude = append(exclude, a.GetBucket().GetId())
 			continue
 		}
+		// A PUT may take longer than the reservation and the idempotency
+		// claim live (a slow link, a slow bucket): they are renewed as
+		// for a multipart upload, which stops the PUT if either is lost.
+		putCtx, stopPut := context.WithCancelCause(ctx)
+		renewDone := s.keepRenewing(putCtx, a, u.claim, stopPut)
 		start := time.Now()
-		etag, err := b.Put(ctx, u.in, body)
+		etag, err := b.Put(putCtx, u.in, body)
 		took := time.Since(start)
+		renewDone()
+		lost := context.Cause(putCtx)
+		stopPut(nil)
 		if err == nil {
 			return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
+		}
+		if lost != nil && ctx.Err() == nil {
+			// The renewal gave up: not the bucket's fault, and the PUT,
+			// cut short, may have landed.
+			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
+			s.release(ctx, a)
+			return nil, lost
 		}
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
