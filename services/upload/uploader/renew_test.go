@@ -124,17 +124,23 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 	}
 }
 
-// heldPuts holds every single PUT (not a part) until release is closed,
-// telling on started when one arrives: a slow link or a slow bucket.
-type heldPuts struct {
+// heldRequests holds every request match picks until release is closed,
+// telling on started when the first arrives: a slow link or bucket.
+type heldRequests struct {
 	c       *http.Client
+	match   func(*http.Request) bool
 	once    sync.Once
 	started chan struct{}
 	release chan struct{}
 }
 
-func (h *heldPuts) Do(r *http.Request) (*http.Response, error) {
-	if r.Method == http.MethodPut && !r.URL.Query().Has("partNumber") {
+func hold(match func(*http.Request) bool) *heldRequests {
+	return &heldRequests{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, match: match,
+		started: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (h *heldRequests) Do(r *http.Request) (*http.Response, error) {
+	if h.match(r) {
 		h.once.Do(func() { close(h.started) })
 		select {
 		case <-h.release:
@@ -145,6 +151,11 @@ func (h *heldPuts) Do(r *http.Request) (*http.Response, error) {
 	return h.c.Do(r)
 }
 
+// singlePut matches a PutObject (not a part).
+func singlePut(r *http.Request) bool {
+	return r.Method == http.MethodPut && !r.URL.Query().Has("partNumber")
+}
+
 // A single PUT that outlasts the reservation TTL keeps its reservation and
 // its idempotency claim, as a multipart upload does: the bytes stay held
 // the whole time, and a second upload under the same idempotency key and
@@ -153,7 +164,7 @@ func (h *heldPuts) Do(r *http.Request) (*http.Response, error) {
 // answered OK, and the first then overwrote its object.
 func TestSlowPutKeepsItsReservationAndClaim(t *testing.T) {
 	const ttl = 2 * time.Second
-	hp := &heldPuts{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, started: make(chan struct{}), release: make(chan struct{})}
+	hp := hold(singlePut)
 	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
 		func(c *allocator.Config) { c.ReservationTTL = ttl },
 		func(c *uploader.Config) { c.HTTPClient = hp })
@@ -191,11 +202,29 @@ func TestSlowPutKeepsItsReservationAndClaim(t *testing.T) {
 	}
 }
 
-// lapsingRenew answers every Renew as the allocator does a reservation
-// that lapsed with no room to grant it again.
-type lapsingRenew struct{ uploader.Allocator }
+// lapsingRenew answers every Renew once armed is closed as the allocator
+// does a reservation that lapsed with no room to grant it again, and
+// closes lapsed on the first such answer.
+type lapsingRenew struct {
+	uploader.Allocator
+	armed  <-chan struct{}
+	once   sync.Once
+	lapsed chan struct{}
+}
 
-func (lapsingRenew) Renew(context.Context, *allocatorv1.RenewRequest, ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+func lapseAfter(armed <-chan struct{}) func(uploader.Allocator) uploader.Allocator {
+	return func(a uploader.Allocator) uploader.Allocator {
+		return &lapsingRenew{Allocator: a, armed: armed, lapsed: make(chan struct{})}
+	}
+}
+
+func (l *lapsingRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	select {
+	case <-l.armed:
+	default:
+		return l.Allocator.Renew(ctx, in, opts...)
+	}
+	l.once.Do(func() { close(l.lapsed) })
 	return nil, status.Error(codes.FailedPrecondition, "reservation expired and the bucket has no room to grant it again")
 }
 
@@ -204,18 +233,52 @@ func (lapsingRenew) Renew(context.Context, *allocatorv1.RenewRequest, ...grpc.Ca
 // stays held.
 func TestSlowPutStopsWhenItsReservationIsLost(t *testing.T) {
 	const ttl = 2 * time.Second
-	hp := &heldPuts{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, started: make(chan struct{}), release: make(chan struct{})}
+	hp := hold(singlePut)
 	defer close(hp.release)
 	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
 		func(c *allocator.Config) { c.ReservationTTL = ttl },
 		func(c *uploader.Config) { c.HTTPClient = hp },
-		func(a uploader.Allocator) uploader.Allocator { return lapsingRenew{a} })
+		lapseAfter(hp.started))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 1<<20)
 	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/lost.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "lapsed") {
 		t.Fatalf("upload whose reservation was lost mid-PUT: %v, want Unavailable saying it lapsed", err)
+	}
+	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 0 || multiparts[st.Buckets[0].GetId()] != 0 {
+		t.Fatalf("%v objects and %v open multipart uploads left", objects, multiparts)
+	}
+	st.waitNoReservations(t)
+}
+
+// A multipart upload whose reservation is lost while its completion is
+// under way neither keeps nor commits the object: the upload ends
+// UNAVAILABLE and leaves nothing behind. Before, a loss reported then was
+// ignored and the object committed.
+func TestReservationLostDuringCompleteLeavesNothing(t *testing.T) {
+	const ttl = 2 * time.Second
+	hc := hold(func(r *http.Request) bool { return r.Method == http.MethodPost && r.URL.Query().Has("uploadId") })
+	var lr *lapsingRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.HTTPClient, c.PartSize = hc, 5<<20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			lr = lapseAfter(hc.started)(a).(*lapsingRenew)
+			return lr
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 6<<20) // two parts
+	done := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/complete.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+		done <- err
+	}()
+	<-lr.lapsed // the Complete is held and a renewal found the reservation lost
+	close(hc.release)
+	if err := <-done; status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "lapsed") {
+		t.Fatalf("upload whose reservation was lost during its completion: %v, want Unavailable saying it lapsed", err)
 	}
 	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 0 || multiparts[st.Buckets[0].GetId()] != 0 {
 		t.Fatalf("%v objects and %v open multipart uploads left", objects, multiparts)

@@ -697,6 +697,13 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
 	renewDone()
+	if lost := context.Cause(upCtx); lost != nil && ctx.Err() == nil {
+		// The renewal lost the reservation or the claim while the upload
+		// was completed: the object must not stay, nor be committed.
+		s.removeOurs(ctx, b, u, "could not remove an object whose reservation or claim was lost")
+		s.release(ctx, a)
+		return nil, lost
+	}
 	return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
 }
 
