@@ -54,6 +54,10 @@ func Upload(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.U
 	if opts.ChunkSize <= 0 {
 		opts.ChunkSize = DefaultChunkSize
 	}
+	// Ended on every return: an upload given up on (its input failed)
+	// must not keep its stream, and the server its buffers, until ctx ends.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	stream, err := c.Upload(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open upload stream: %w", err)
@@ -145,6 +149,7 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		// A retry after a lost answer must not store the file twice.
 		hdr.IdempotencyKey = "uploadfile-" + rand.Text()
 	}
+	var first error
 	for attempt := 1; ; attempt++ {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return nil, err
@@ -153,9 +158,15 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		if err == nil {
 			return resp, nil
 		}
+		if first == nil {
+			first = err
+		}
 		wait, ok := retryAfter(err, attempt)
+		if !ok && attempt == 1 {
+			return nil, err // the request itself was refused: nothing to retry
+		}
 		if !ok || attempt > retries {
-			return nil, err
+			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first, Last: err}
 		}
 		if opts.OnRetry != nil {
 			opts.OnRetry(attempt, err, wait)
@@ -164,11 +175,38 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, fmt.Errorf("%w (while waiting to retry after: %v)", ctx.Err(), err)
+			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first,
+				Last: fmt.Errorf("%w (while waiting to retry after: %v)", ctx.Err(), err)}
 		case <-t.C:
 		}
 	}
 }
+
+// UploadError is how UploadFile fails after trying more than once, or
+// after an answer that invited a retry. An attempt may have stored the
+// object although a later one failed (its Commit applied, its answer
+// lost, then the allocator out of reach): another upload under
+// IdempotencyKey, made up when the caller gave none, gets that result
+// instead of storing the file a second time.
+type UploadError struct {
+	IdempotencyKey string
+	Attempts       int
+	First, Last    error
+}
+
+func (e *UploadError) Error() string {
+	msg := fmt.Sprintf("%d attempt(s) failed, the last with: %v", e.Attempts, e.Last)
+	if e.Attempts > 1 && e.First.Error() != e.Last.Error() {
+		msg += fmt.Sprintf("; the first with: %v", e.First)
+	}
+	if e.IdempotencyKey != "" {
+		msg += fmt.Sprintf(" (upload again with idempotency key %q: if an attempt stored the object, that returns it rather than storing the file twice)", e.IdempotencyKey)
+	}
+	return msg
+}
+
+// Unwrap gives the last attempt's error, whose status is the call's.
+func (e *UploadError) Unwrap() error { return e.Last }
 
 // retryAfter says whether err invites a retry, and after how long: the
 // server's RetryInfo when it sent one, else an exponential backoff with
