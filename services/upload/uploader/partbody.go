@@ -36,6 +36,7 @@ type partBody struct {
 	filled  int
 	err     error
 	stalled bool
+	waited  time.Duration // Reads spent waiting for the client's bytes
 }
 
 func newPartBody(buf []byte, filled int, stall time.Duration) *partBody {
@@ -71,6 +72,7 @@ func (p *partBody) Read(b []byte) (int, error) {
 			timer = time.NewTimer(p.stall)
 			defer timer.Stop()
 		}
+		t0 := time.Now()
 		select {
 		case <-p.more:
 		case <-timer.C:
@@ -80,6 +82,9 @@ func (p *partBody) Read(b []byte) (int, error) {
 			}
 			p.mu.Unlock()
 		}
+		p.mu.Lock()
+		p.waited += time.Since(t0)
+		p.mu.Unlock()
 	}
 }
 
@@ -104,12 +109,13 @@ func (p *partBody) fail(err error) {
 }
 
 // detach ends all reads; after it the buffer is the caller's again. It
-// reports whether the client stalled the part.
-func (p *partBody) detach() (stalled bool) {
+// reports whether the client stalled the part, and how long the PUT
+// waited for the client's bytes.
+func (p *partBody) detach() (stalled bool, waited time.Duration) {
 	p.fail(errPartDetached)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.stalled
+	return p.stalled, p.waited
 }
 
 func (p *partBody) wake() {

@@ -33,7 +33,7 @@ func TestPartBodyReadsWhatIsFilled(t *testing.T) {
 	if b := <-got; !bytes.Equal(b, buf) {
 		t.Fatalf("read %q, want %q", b, buf)
 	}
-	if stalled := p.detach(); stalled {
+	if stalled, _ := p.detach(); stalled {
 		t.Fatal("detach reported a stall that did not happen")
 	}
 	if n, err := p.Read(make([]byte, 4)); n != 0 || !errors.Is(err, errPartDetached) {
@@ -49,8 +49,8 @@ func TestPartBodyStallAndFail(t *testing.T) {
 	if _, err := p.Read(make([]byte, 4)); !errors.Is(err, errClientStalled) {
 		t.Fatalf("read with no bytes coming: %v, want errClientStalled", err)
 	}
-	if !p.detach() {
-		t.Fatal("detach did not report the stall")
+	if stalled, waited := p.detach(); !stalled || waited < 20*time.Millisecond {
+		t.Fatalf("detach after the stall: stalled %v, waited %v; want the stall and at least its 20ms", stalled, waited)
 	}
 	boom := errors.New("stream broke")
 	p = newPartBody(make([]byte, 10), 0, time.Minute)

@@ -5,9 +5,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -96,5 +100,50 @@ func TestStalledClientFallsBackToBufferedParts(t *testing.T) {
 	readBack(ctx, t, st.Upload, resp, data, "stalled upload")
 	if _, multiparts := st.objects(t); multiparts[id] != 0 {
 		t.Fatalf("%d open multipart uploads left", multiparts[id])
+	}
+}
+
+// failureReports counts the bucket failures the upload service reports.
+type failureReports struct {
+	uploader.Allocator
+	mu  sync.Mutex
+	got []string
+}
+
+func (f *failureReports) ReportOutcome(ctx context.Context, in *allocatorv1.ReportOutcomeRequest, opts ...grpc.CallOption) (*allocatorv1.ReportOutcomeResponse, error) {
+	if in.GetOutcome() != allocatorv1.Outcome_OUTCOME_SUCCESS {
+		f.mu.Lock()
+		f.got = append(f.got, in.GetOutcome().String()+": "+in.GetError())
+		f.mu.Unlock()
+	}
+	return f.Allocator.ReportOutcome(ctx, in, opts...)
+}
+
+// A client that sends steadily, far more often than StreamStall, but too
+// slowly for a part to arrive within the data timeout makes a streamed
+// part's PUT time out waiting for its bytes. That is the client's pace:
+// the bucket is not blamed (before, each such part reported a timeout,
+// and three in a row cooled a healthy bucket down on every replica), and
+// the rest of the parts go buffered.
+func TestSlowSteadyClientIsNotTheBucketsFault(t *testing.T) {
+	reports := &failureReports{}
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil,
+		func(c *uploader.Config) { c.PartSize, c.DataTimeout = 5<<20, time.Second },
+		func(a uploader.Allocator) uploader.Allocator { reports.Allocator = a; return reports })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 11<<20)
+	tick := time.NewTicker(100 * time.Millisecond) // 256 KiB at a time: a part in 2 s
+	defer tick.Stop()
+	resp, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "slow.bin", ContentType: "application/octet-stream", Size: int64(len(data))},
+		&pacedReader{r: bytes.NewReader(data), chunk: 256 << 10, tick: tick.C}, uploadclient.Options{ChunkSize: 256 << 10})
+	if err != nil {
+		t.Fatalf("slow upload: %v", err)
+	}
+	readBack(ctx, t, st.Upload, resp, data, "slow upload")
+	reports.mu.Lock()
+	defer reports.mu.Unlock()
+	if len(reports.got) != 0 {
+		t.Fatalf("a slow client's upload reported %d bucket failures: %q", len(reports.got), reports.got)
 	}
 }

@@ -847,7 +847,11 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 	}
 	t0 := time.Now()
 	etag, err := b.UploadPartStream(ctx, key, mpID, num, body, int64(len(data)))
-	stalled := body.detach()
+	stalled, waited := body.detach()
+	// A PUT that spent most of its time waiting for the client's bytes
+	// failed at the client's pace (a slow, steady sender outlasting the
+	// data timeout), not the bucket's.
+	slowClient := err != nil && waited*2 >= time.Since(t0)
 	sum, cerr := wholeMD5()
 	if cerr != nil {
 		return "", cerr
@@ -865,7 +869,7 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 		err = fmt.Errorf("part %d stored with ETag %s, but its MD5 is %x: corrupted on the way; sending it again with Content-MD5", num, etag, sum)
 		s.log.Warn("streamed part corrupted", "bucket", b.Target.ID, "key", key, "error", err.Error())
 		s.report(ctx, b.Target.ID, err, objstore.BucketError, time.Since(t0))
-	case stalled:
+	case stalled, slowClient:
 		// The client's pace, not the bucket: the rest goes buffered.
 		buffered.Store(true)
 	default:
