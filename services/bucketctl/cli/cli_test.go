@@ -65,6 +65,24 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if got, err := os.ReadFile(back); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("get -o wrote %d bytes (err %v), not the object", len(got), err)
 	}
+	// A new file gets the usual mode, not the private one of the temporary
+	// file it was written as; an existing file keeps its own.
+	if fi, err := os.Stat(back); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("get -o made a file of mode %v (%v), want 0644", fi.Mode().Perm(), err)
+	}
+	if err := os.Chmod(back, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, err := run("get", "-q", bucket, key, "-o", back); err != nil {
+		t.Fatalf("get -o over a file: %v (%s)", err, errOut)
+	}
+	if fi, err := os.Stat(back); err != nil || fi.Mode().Perm() != 0o640 {
+		t.Fatalf("get -o over a file of mode 0640 left mode %v (%v)", fi.Mode().Perm(), err)
+	}
+	// A refused upload leaves its progress bar where it stopped, not full.
+	if _, errOut, err := run("upload", src, "--content-type", "application/x-msdownload"); err == nil || strings.Contains(errOut, "100%") {
+		t.Fatalf("refused upload: %v, progress shown %q; want an error and no full bar", err, errOut)
+	}
 	if out, _, err := run("get", bucket, key, "--offset", "10", "--length", "5"); err != nil || out != string(data[10:15]) {
 		t.Fatalf("ranged get to stdout: %q, %v", out, err)
 	}

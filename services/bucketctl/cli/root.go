@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
@@ -72,7 +73,11 @@ func envOr(name, def string) string {
 func dial(addr string) (*grpc.ClientConn, error) {
 	// Plain text: bucketlb runs inside the cluster network (or loopback in
 	// dev); TLS between services is the mesh's or the deployment's concern.
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// Pings find a peer gone silent (a partition, a frozen node),
+		// which a transfer with no --timeout would otherwise wait on for
+		// good. The servers allow a ping every 10 s.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}))
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", addr, err)
 	}

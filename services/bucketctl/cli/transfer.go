@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"mime"
@@ -80,10 +81,15 @@ func newUploadCmd(g *globals) *cobra.Command {
 						fmt.Fprintf(g.errOut, "\nupload %s: attempt %d: %s; retrying in %v\n", path, attempt, status.Convert(err).Message(), wait.Round(time.Millisecond))
 					},
 				})
-				_ = bar.Finish()
 				if err != nil {
+					_ = bar.Exit() // as far as it got, not filled to 100%
+					var ue *uploadclient.UploadError
+					if errors.As(err, &ue) && ue.IdempotencyKey != "" && idem == "" {
+						return fmt.Errorf("upload %s: %w\nto upload it again without storing it twice, add --idempotency-key %s", path, err, ue.IdempotencyKey)
+					}
 					return fmt.Errorf("upload %s: %w", path, err)
 				}
+				_ = bar.Finish()
 				if err := enc.Encode(resultJSON(resp)); err != nil {
 					return err
 				}
@@ -98,6 +104,15 @@ func newUploadCmd(g *globals) *cobra.Command {
 	f.StringVar(&idem, "idempotency-key", "", "retry-safe key: a repeat returns the first result")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	return cmd
+}
+
+// outputMode is the mode for a download written to path: an existing
+// file's, else what a new file gets with the usual umask (0644).
+func outputMode(path string) os.FileMode {
+	if st, err := os.Stat(path); err == nil {
+		return st.Mode().Perm()
+	}
+	return 0o644
 }
 
 // spool copies r into a new temporary file and returns its path.
@@ -198,12 +213,21 @@ func newGetCmd(g *globals) *cobra.Command {
 			info, err := uploadclient.Get(ctx, client,
 				&uploadv1.GetObjectRequest{BucketId: args[0], Key: args[1], Offset: offset, Length: limit}, w, progress)
 			if bar != nil {
-				_ = bar.Finish()
+				if err != nil {
+					_ = bar.Exit()
+				} else {
+					_ = bar.Finish()
+				}
 			}
 			if err != nil {
 				return fmt.Errorf("get %s/%s: %w", args[0], args[1], err)
 			}
 			if file != nil {
+				// CreateTemp made the file private (0600); the download
+				// gets the mode a file written in place would have.
+				if err := file.Chmod(outputMode(output)); err != nil {
+					return err
+				}
 				if err := file.Close(); err != nil {
 					return err
 				}
