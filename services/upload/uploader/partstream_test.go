@@ -103,11 +103,20 @@ func TestStalledClientFallsBackToBufferedParts(t *testing.T) {
 	}
 }
 
-// failureReports counts the bucket failures the upload service reports.
+// failureReports counts the bucket failures the upload service reports,
+// and keeps the write latency its Commits carry.
 type failureReports struct {
 	uploader.Allocator
-	mu  sync.Mutex
-	got []string
+	mu      sync.Mutex
+	got     []string
+	latency time.Duration
+}
+
+func (f *failureReports) Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error) {
+	f.mu.Lock()
+	f.latency = in.GetWriteLatency().AsDuration()
+	f.mu.Unlock()
+	return f.Allocator.Commit(ctx, in, opts...)
 }
 
 func (f *failureReports) ReportOutcome(ctx context.Context, in *allocatorv1.ReportOutcomeRequest, opts ...grpc.CallOption) (*allocatorv1.ReportOutcomeResponse, error) {
@@ -124,7 +133,9 @@ func (f *failureReports) ReportOutcome(ctx context.Context, in *allocatorv1.Repo
 // part's PUT time out waiting for its bytes. That is the client's pace:
 // the bucket is not blamed (before, each such part reported a timeout,
 // and three in a row cooled a healthy bucket down on every replica), and
-// the rest of the parts go buffered.
+// the rest of the parts go buffered. Nor does its pace count as the
+// bucket's latency: the write latency the Commit reports is the bucket's
+// time per request (before, the upload's whole time over its requests).
 func TestSlowSteadyClientIsNotTheBucketsFault(t *testing.T) {
 	reports := &failureReports{}
 	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil,
@@ -135,15 +146,22 @@ func TestSlowSteadyClientIsNotTheBucketsFault(t *testing.T) {
 	data := testenv.OpaqueBytes(t, 11<<20)
 	tick := time.NewTicker(100 * time.Millisecond) // 256 KiB at a time: a part in 2 s
 	defer tick.Stop()
+	start := time.Now()
 	resp, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "slow.bin", ContentType: "application/octet-stream", Size: int64(len(data))},
 		&pacedReader{r: bytes.NewReader(data), chunk: 256 << 10, tick: tick.C}, uploadclient.Options{ChunkSize: 256 << 10})
 	if err != nil {
 		t.Fatalf("slow upload: %v", err)
 	}
+	took := time.Since(start)
 	readBack(ctx, t, st.Upload, resp, data, "slow upload")
 	reports.mu.Lock()
 	defer reports.mu.Unlock()
 	if len(reports.got) != 0 {
 		t.Fatalf("a slow client's upload reported %d bucket failures: %q", len(reports.got), reports.got)
+	}
+	// 4 requests (3 parts and the completion) over an upload the client
+	// paced to about 4.5 s: its pace alone would make it about a quarter.
+	if reports.latency <= 0 || reports.latency > took/8 {
+		t.Fatalf("write latency %v reported for an upload the client took %v over: it includes the client's pace", reports.latency, took)
 	}
 }

@@ -600,7 +600,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	// Parts stream (see Config.BufferParts) until the client stalls one.
 	var buffered atomic.Bool
 	buffered.Store(!s.streamParts(bucketID))
-	start := time.Now()
+	var spent atomic.Int64 // the bucket's time on the parts (see sendPart)
 	headLeft := u.head
 	// The whole-object sha256 runs beside the part's upload, not on the
 	// goroutine reading the stream: parts are hashed in order (each waits
@@ -640,7 +640,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		wg.Add(1)
 		go func(num int32, data []byte) {
 			defer wg.Done()
-			etag, err := s.sendPart(upCtx, b, u.key, mpID, num, data, md5sum, body, &buffered)
+			etag, err := s.sendPart(upCtx, b, u.key, mpID, num, data, md5sum, body, &buffered, &spent)
 			if err != nil {
 				// The first cause wins: a part that fails because the upload
 				// already ended (the client went idle, another part failed)
@@ -683,9 +683,12 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	if want := u.hdr.GetSha256(); want != "" && want != digest {
 		return fail(badField("header.sha256", "sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
 	}
+	completing := time.Now()
 	etag, err := b.CompleteMultipart(ctx, u.key, mpID, parts)
-	// Per request: the parts and the completion.
-	took := time.Since(start) / time.Duration(nParts+1)
+	// Per request, the bucket's time on the parts and the completion: not
+	// the client's pace, which a slow sender would otherwise charge to
+	// the bucket's latency.
+	took := (time.Duration(spent.Load()) + time.Since(completing)) / time.Duration(nParts+1)
 	if err != nil {
 		s.report(ctx, bucketID, err, objstore.Classify(ctx, err), took)
 		if objstore.MayHaveLanded(err) || objstore.IsNotFound(err) {
@@ -819,7 +822,7 @@ func (s *Server) streamParts(bucketID string) bool {
 // arrives; once the PUT is answered, the part's MD5 must equal the ETag,
 // else the part is sent again, buffered, with Content-MD5 for the store to
 // check.
-func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte, md5sum <-chan []byte, body *partBody, buffered *atomic.Bool) (string, error) {
+func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID string, num int32, data []byte, md5sum <-chan []byte, body *partBody, buffered *atomic.Bool, spent *atomic.Int64) (string, error) {
 	// The part's MD5, once all of it has arrived. Without one the stream
 	// broke: the reading goroutine ends the upload with the reason, which
 	// is then the error to return.
@@ -834,12 +837,19 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 		}
 		return nil, context.Cause(ctx)
 	}
+	// spent adds up the bucket's own time: the part's requests, less what
+	// a streamed one spent waiting for the client's bytes.
+	sendBuffered := func(sum []byte, first int) (string, error) {
+		t := time.Now()
+		defer func() { spent.Add(int64(time.Since(t))) }()
+		return s.uploadPart(ctx, b, key, mpID, num, data, sum, first)
+	}
 	if body == nil {
 		sum, err := wholeMD5()
 		if err != nil {
 			return "", err
 		}
-		return s.uploadPart(ctx, b, key, mpID, num, data, sum, 0)
+		return sendBuffered(sum, 0)
 	}
 	select {
 	case <-body.arrived:
@@ -848,10 +858,12 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 	t0 := time.Now()
 	etag, err := b.UploadPartStream(ctx, key, mpID, num, body, int64(len(data)))
 	stalled, waited := body.detach()
+	elapsed := time.Since(t0)
+	spent.Add(int64(elapsed - waited))
 	// A PUT that spent most of its time waiting for the client's bytes
 	// failed at the client's pace (a slow, steady sender outlasting the
 	// data timeout), not the bucket's.
-	slowClient := err != nil && waited*2 >= time.Since(t0)
+	slowClient := err != nil && waited*2 >= elapsed
 	sum, cerr := wholeMD5()
 	if cerr != nil {
 		return "", cerr
@@ -868,19 +880,19 @@ func (s *Server) sendPart(ctx context.Context, b *objstore.Bucket, key, mpID str
 		first = 1
 		err = fmt.Errorf("part %d stored with ETag %s, but its MD5 is %x: corrupted on the way; sending it again with Content-MD5", num, etag, sum)
 		s.log.Warn("streamed part corrupted", "bucket", b.Target.ID, "key", key, "error", err.Error())
-		s.report(ctx, b.Target.ID, err, objstore.BucketError, time.Since(t0))
+		s.report(ctx, b.Target.ID, err, objstore.BucketError, elapsed-waited)
 	case stalled, slowClient:
 		// The client's pace, not the bucket: the rest goes buffered.
 		buffered.Store(true)
 	default:
 		first = 1
 		f := objstore.Classify(ctx, err)
-		s.report(ctx, b.Target.ID, err, f, time.Since(t0))
+		s.report(ctx, b.Target.ID, err, f, elapsed-waited)
 		if f == objstore.NotBucketFault {
 			return "", err
 		}
 	}
-	return s.uploadPart(ctx, b, key, mpID, num, data, sum, first)
+	return sendBuffered(sum, first)
 }
 
 // uploadPart retries one whole part on the same bucket with backoff,
