@@ -150,10 +150,11 @@ type bucketCap struct {
 	shardOf   string // period of shard
 	res       map[string]*localRes
 	touched   time.Time
-	// unsure is set when a write of our block had an unknown outcome and
-	// no read has followed: block may be less than etcd holds (bytes
-	// nobody would hand back) or more (bytes carve must not use). Carving
-	// then reads the block first, and the janitor reads it again.
+	// unsure is set from a resync until a read of the block succeeds:
+	// after a write with an unknown outcome or a failed compare, block may
+	// be less than etcd holds (bytes nobody would hand back) or more
+	// (bytes carve must not use). Carving then reads the block first, and
+	// the janitor reads it again.
 	unsure bool
 
 	queueOnce sync.Once
@@ -616,7 +617,6 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			},
 			clientv3.OpPut(myBlock, strconv.FormatInt(bc.block+take, 10), clientv3.WithLease(t.lease)))
 		if err != nil {
-			bc.unsure = true
 			c.resync(context.WithoutCancel(ctx), t, bc, period, id)
 			return err
 		}
@@ -956,19 +956,20 @@ func (c *Capacity) committer(t *term, bc *bucketCap) {
 // which two commits of one reservation (a retry while the first is queued)
 // or two uploads under one idempotency key would do.
 func distinct(batch []*pendingCommit) (now, later []*pendingCommit) {
-	keys := make(map[string]bool, 2*len(batch))
+	resIDs := make(map[string]bool, len(batch))
+	idemKeys := make(map[string]bool, len(batch))
 	for _, p := range batch {
 		idem := ""
 		if p.idem != nil {
 			idem = p.idem.Key
 		}
-		if keys["r"+p.resID] || (idem != "" && keys["i"+idem]) {
+		if resIDs[p.resID] || (idem != "" && idemKeys[idem]) {
 			later = append(later, p)
 			continue
 		}
-		keys["r"+p.resID] = true
+		resIDs[p.resID] = true
 		if idem != "" {
-			keys["i"+idem] = true
+			idemKeys[idem] = true
 		}
 		now = append(now, p)
 	}
@@ -1089,9 +1090,6 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	}
 	// Ambiguous or a compare failed: resync our keys; the callers re-read
 	// the markers, so an applied commit is reported, not repeated.
-	if err != nil {
-		bc.unsure = true
-	}
 	for _, p := range batch {
 		if r := bc.res[p.resID]; p.mine && r != nil {
 			r.ending = false
@@ -1187,9 +1185,11 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	return res, true, nil
 }
 
-// resync re-reads our block and shard after an ambiguous write. Called
-// with bc.wmu and bc.mu held.
+// resync re-reads our block and shard after an ambiguous write. Until the
+// read succeeds the block is unsure (see bucketCap.unsure). Called with
+// bc.wmu and bc.mu held.
 func (c *Capacity) resync(ctx context.Context, t *term, bc *bucketCap, period, id string) {
+	bc.unsure = true // observeBlock clears it
 	gctx, cancel := c.l.ctx(ctx)
 	defer cancel()
 	resp, err := c.l.cli.Txn(gctx).Then(
@@ -1327,7 +1327,6 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 				bc.blockRev = 0
 			}
 		} else {
-			bc.unsure = bc.unsure || err != nil
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		}
 	}
