@@ -270,3 +270,54 @@ func TestCommitFromOwnerNeverDrivesABlockNegative(t *testing.T) {
 		t.Fatalf("usage %d after a refused commit", u.Used)
 	}
 }
+
+// A Renew re-establishes a reservation the janitor expired, and its put
+// applies but its answer is lost (revision unknown). The event of the
+// earlier deletion, arriving late, must not drop the live reservation
+// from the view: its bytes would be carved again, and committing both
+// would take more than the bucket's limit. The late event is handed to
+// the replica directly, as a lagging watch would deliver it.
+func TestLateDeletionKeepsTheReservationRenewed(t *testing.T) {
+	srv, cli := testenv.Etcd(t)
+	var loseNext atomic.Bool
+	lossy := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && err == nil && len(tr.Compare) == 0 &&
+			strings.Contains(string(tr.Success[0].GetRequestPut().GetKey()), "/cap/res/") && loseNext.CompareAndSwap(true, false) {
+			return status.Error(codes.Unavailable, "connection reset after the write applied")
+		}
+		return err
+	})
+	l, c := replicaCap(t, lossy, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	x, err := c.Reserve(ctx, bk, 600, time.Second) // its holder stops renewing
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The janitor expires it; keep the deletion's event.
+	var late *clientv3.Event
+	for wr := range cli.Watch(ctx, l.ResKey("b1", x.ID), clientv3.WithFilterPut()) {
+		if len(wr.Events) > 0 {
+			late = wr.Events[0]
+			break
+		}
+	}
+	if late == nil {
+		t.Fatal("no deletion seen")
+	}
+	loseNext.Store(true)
+	if _, _, err := c.Renew(ctx, bk, x.ID, 600, time.Minute); err == nil || loseNext.Load() {
+		t.Fatalf("renew: %v; want the re-establishing put's answer lost", err)
+	}
+	if r, err := cli.Get(ctx, l.ResKey("b1", x.ID)); err != nil || len(r.Kvs) != 1 {
+		t.Fatalf("the re-established reservation is not in etcd (%v)", err)
+	}
+	if err := c.ApplyLate(ctx, []*clientv3.Event{late}); err != nil {
+		t.Fatal(err)
+	}
+	if y, err := c.Reserve(ctx, bk, 600, time.Minute); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("reserved %v (%v) while 600 of the bucket's 1000 bytes are held; want ErrNoRoom", y, err)
+	}
+}

@@ -1,0 +1,21 @@
+package ledger
+
+import (
+	"context"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ApplyLate hands evs to the replica's watch handling now, as a watch
+// lagging behind etcd would deliver them.
+func (c *Capacity) ApplyLate(ctx context.Context, evs []*clientv3.Event) error {
+	t, err := c.wait(ctx)
+	if err != nil {
+		return err
+	}
+	c.apply(ctx, t, evs)
+	return nil
+}
+
+// ResKey is the etcd key of reservation id on bucket.
+func (l *Ledger) ResKey(bucket, id string) string { return l.resKey(bucket, id) }
