@@ -381,14 +381,12 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		if lost != nil && ctx.Err() == nil {
 			// The renewal gave up: not the bucket's fault, and the PUT,
 			// cut short, may have landed.
-			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
-			s.release(ctx, a)
-			return nil, lost
+			return s.dropLost(ctx, b, u, a, lost)
 		}
 		f := objstore.Classify(ctx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
-			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
+			s.removeOurs(ctx, b, u, mayHaveLanded)
 		}
 		s.release(ctx, a)
 		if f == objstore.NotBucketFault {
@@ -411,6 +409,19 @@ const (
 	commitTimeout  = 30 * time.Second
 	commitAttempts = 3
 )
+
+// mayHaveLanded is the leftover message when what a write whose answer was
+// lost may have stored cannot be removed.
+const mayHaveLanded = "could not remove a possibly written object"
+
+// dropLost ends an upload whose renewal lost its reservation or its
+// idempotency claim (lost says which): what it wrote goes, and its
+// capacity goes back.
+func (s *Server) dropLost(ctx context.Context, b *objstore.Bucket, u *upload, a *allocatorv1.AllocateResponse, lost error) (*uploadv1.UploadResponse, error) {
+	s.removeOurs(ctx, b, u, "could not remove an object whose reservation or claim was lost")
+	s.release(ctx, a)
+	return nil, lost
+}
 
 // removeOurs removes the object this upload wrote, or may have written,
 // so the bucket keeps no object its usage does not count; msg says why
@@ -695,7 +706,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			// Perhaps completed with the answer lost (or, on a bucket
 			// that retries internally, a second Complete found no such
 			// upload): abort cannot help, so remove the object itself.
-			s.removeOurs(ctx, b, u, "could not remove a possibly written object")
+			s.removeOurs(ctx, b, u, mayHaveLanded)
 		}
 		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
 	}
@@ -703,9 +714,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	if lost := context.Cause(upCtx); lost != nil && ctx.Err() == nil {
 		// The renewal lost the reservation or the claim while the upload
 		// was completed: the object must not stay, nor be committed.
-		s.removeOurs(ctx, b, u, "could not remove an object whose reservation or claim was lost")
-		s.release(ctx, a)
-		return nil, lost
+		return s.dropLost(ctx, b, u, a, lost)
 	}
 	return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
 }
