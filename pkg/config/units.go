@@ -35,18 +35,19 @@ func ParseByteSize(s string) (int64, error) {
 	if err != nil || n < 0 {
 		return 0, fmt.Errorf("%q is not a size like 1048576, 512MiB or 10GB", s)
 	}
+	size := n * mult
 	// Converting a float64 beyond int64's range gives no error, only an
 	// arbitrary number.
-	if n*mult >= math.MaxInt64 {
+	if size >= math.MaxInt64 {
 		return 0, fmt.Errorf("%q is too large a size", s)
 	}
 	// "1.1KB" is 1100.0000000000002 in binary floating point: a whole
 	// number of bytes up to rounding, unlike "0.5".
-	b := math.Round(n * mult)
-	if math.Abs(n*mult-b) > 1e-3 {
+	whole := math.Round(size)
+	if math.Abs(size-whole) > 1e-3 {
 		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
 	}
-	return int64(b), nil
+	return int64(whole), nil
 }
 
 // UnmarshalJSON accepts a number or a string with a unit.

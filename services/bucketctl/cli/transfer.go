@@ -44,9 +44,10 @@ func newUploadCmd(g *globals) *cobra.Command {
 			defer done()
 			enc := json.NewEncoder(g.out)
 			enc.SetIndent("", "  ")
-			for _, path := range args {
-				name := filepath.Base(path)
-				if path == "-" {
+			for _, arg := range args {
+				// path is the file read; arg, what messages name.
+				path, name := arg, filepath.Base(arg)
+				if arg == "-" {
 					// An upload declares its size and sha256 first, which a
 					// pipe cannot tell ahead: it is read into a temporary
 					// file, which then goes like any other.
@@ -78,18 +79,17 @@ func newUploadCmd(g *globals) *cobra.Command {
 					OnRetry: func(attempt int, err error, wait time.Duration) {
 						// The next attempt sends the file from its start.
 						bar.Reset()
-						fmt.Fprintf(g.errOut, "\nupload %s: attempt %d: %s; retrying in %v\n", path, attempt, status.Convert(err).Message(), wait.Round(time.Millisecond))
+						fmt.Fprintf(g.errOut, "\nupload %s: attempt %d: %s; retrying in %v\n", arg, attempt, status.Convert(err).Message(), wait.Round(time.Millisecond))
 					},
 				})
+				endBar(bar, err)
 				if err != nil {
-					_ = bar.Exit() // as far as it got, not filled to 100%
 					var ue *uploadclient.UploadError
 					if errors.As(err, &ue) && ue.IdempotencyKey != "" && idem == "" {
-						return fmt.Errorf("upload %s: %w\nto upload it again without storing it twice, add --idempotency-key %s", path, err, ue.IdempotencyKey)
+						return fmt.Errorf("upload %s: %w\nto upload it again without storing it twice, add --idempotency-key %s", arg, err, ue.IdempotencyKey)
 					}
-					return fmt.Errorf("upload %s: %w", path, err)
+					return fmt.Errorf("upload %s: %w", arg, err)
 				}
-				_ = bar.Finish()
 				if err := enc.Encode(resultJSON(resp)); err != nil {
 					return err
 				}
@@ -104,6 +104,16 @@ func newUploadCmd(g *globals) *cobra.Command {
 	f.StringVar(&idem, "idempotency-key", "", "retry-safe key: a repeat returns the first result")
 	f.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	return cmd
+}
+
+// endBar closes a progress bar: full after a transfer that succeeded, as
+// far as it got after one that failed.
+func endBar(bar *progressbar.ProgressBar, err error) {
+	if err != nil {
+		_ = bar.Exit()
+		return
+	}
+	_ = bar.Finish()
 }
 
 // outputMode is the mode for a download written to path: an existing
@@ -213,11 +223,7 @@ func newGetCmd(g *globals) *cobra.Command {
 			info, err := uploadclient.Get(ctx, client,
 				&uploadv1.GetObjectRequest{BucketId: args[0], Key: args[1], Offset: offset, Length: limit}, w, progress)
 			if bar != nil {
-				if err != nil {
-					_ = bar.Exit()
-				} else {
-					_ = bar.Finish()
-				}
+				endBar(bar, err)
 			}
 			if err != nil {
 				return fmt.Errorf("get %s/%s: %w", args[0], args[1], err)
