@@ -756,6 +756,11 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 			return rec.Expires, false, nil
 		}
 	}
+	if absent == 0 {
+		// Every compare lost: the key lives and keeps changing. Carving
+		// now would hold the bytes in our block as well as its owner's.
+		return time.Time{}, false, fmt.Errorf("ledger: renew %s: %w", resID, ErrConflict)
+	}
 	r, err := c.carve(ctx, t, bucket, resID, size, ttl, absent)
 	if errors.Is(err, ErrNoRoom) {
 		return time.Time{}, false, ErrReservationLost

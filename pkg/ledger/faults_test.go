@@ -321,3 +321,53 @@ func TestLateDeletionKeepsTheReservationRenewed(t *testing.T) {
 		t.Fatalf("reserved %v (%v) while 600 of the bucket's 1000 bytes are held; want ErrNoRoom", y, err)
 	}
 }
+
+// A Renew whose compares all lose (the key changes between every read and
+// write) gives up with ErrConflict. It never re-establishes a reservation
+// whose key still exists: that would hold the bytes in two replicas'
+// blocks and move the key from its owner's lease to ours.
+func TestRenewThatKeepsLosingGivesUp(t *testing.T) {
+	srv, cli := testenv.Etcd(t)
+	l, a := replicaCap(t, cli, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	r, err := a.Reserve(ctx, bk, 400, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := l.ResKey("b1", r.ID)
+	var bumps atomic.Int64
+	// Before each of b's transactions on the key, the key changes.
+	racing := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if tr, ok := req.(*etcdserverpb.TxnRequest); ok && len(tr.Compare) == 1 && string(tr.Compare[0].Key) == key {
+			gr, err := cli.Get(ctx, key)
+			if err != nil || len(gr.Kvs) == 0 {
+				return fmt.Errorf("read the key to bump it: %v", err)
+			}
+			kv := gr.Kvs[0]
+			if _, err := cli.Put(ctx, key, string(kv.Value), clientv3.WithLease(clientv3.LeaseID(kv.Lease))); err != nil {
+				return err
+			}
+			bumps.Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+	_, b := replicaCap(t, racing, "b")
+	if _, again, err := b.Renew(ctx, bk, r.ID, r.Size, time.Minute); !errors.Is(err, ledger.ErrConflict) {
+		t.Fatalf("renew that lost every compare: re-established=%v, err %v; want ErrConflict", again, err)
+	}
+	if bumps.Load() == 0 {
+		t.Fatal("the key never changed under the renew")
+	}
+	gr, err := cli.Get(ctx, key)
+	if err != nil || len(gr.Kvs) != 1 {
+		t.Fatalf("reservation key after the renew: %v, %d keys", err, len(gr.Kvs))
+	}
+	if got, want := clientv3.LeaseID(gr.Kvs[0].Lease), r.LeaseID; got != want {
+		t.Fatalf("the key moved to lease %x, want its owner's %x", got, want)
+	}
+	if n := liveReservations(t, l, "b1"); n != 1 {
+		t.Fatalf("%d reservation keys, want 1", n)
+	}
+}
