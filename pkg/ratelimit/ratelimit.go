@@ -1,15 +1,20 @@
 // Package ratelimit applies per-client token buckets to gRPC calls. The
-// client is identified by its mTLS certificate's subject, else by the
-// "x-client-id" metadata set by a trusted caller, else by peer IP.
+// client is identified by its mTLS certificate (URI or DNS name, else
+// subject), else by the "x-client-id" metadata set by a trusted caller,
+// else by peer IP (an IPv6 peer by its /64).
 package ratelimit
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net"
+	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/time/rate"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -24,20 +29,29 @@ import (
 // ClientIDKey is the metadata key naming the client when there is no mTLS.
 const ClientIDKey = "x-client-id"
 
-// Limiter holds one token bucket per client. Idle buckets are dropped.
+// MaxClients bounds the token buckets a Limiter keeps (about 200 bytes
+// each). Past it the least recently seen client's bucket goes: identities
+// are cheap to make up (a new x-client-id, a new IPv6 address), and
+// memory and the time under the lock must not grow with them.
+const MaxClients = 1 << 16
+
+// ReasonRateLimited is the ErrorInfo reason of a refusal by the limiter,
+// so that a client can tell it from a full bucket (also
+// RESOURCE_EXHAUSTED) and wait its turn instead of giving up.
+const ReasonRateLimited = "RATE_LIMITED"
+
+// ErrorDomain is the ErrorInfo domain of bucketlb's refusals.
+const ErrorDomain = "bucketlb"
+
+// Limiter holds one token bucket per client, for at most MaxClients
+// clients.
 type Limiter struct {
 	rate  rate.Limit
 	burst int
 	now   func() time.Time
 
 	mu      sync.Mutex
-	clients map[string]*entry
-	calls   int
-}
-
-type entry struct {
-	lim  *rate.Limiter
-	seen time.Time
+	clients *simplelru.LRU[string, *rate.Limiter]
 }
 
 // New allows each client perSecond calls with bursts of burst. now may be
@@ -46,7 +60,18 @@ func New(perSecond float64, burst int, now func() time.Time) *Limiter {
 	if now == nil {
 		now = time.Now
 	}
-	return &Limiter{rate: rate.Limit(perSecond), burst: burst, now: now, clients: map[string]*entry{}}
+	clients, err := simplelru.NewLRU[string, *rate.Limiter](MaxClients, nil)
+	if err != nil {
+		panic(err) // only for a size below 1
+	}
+	return &Limiter{rate: rate.Limit(perSecond), burst: burst, now: now, clients: clients}
+}
+
+// Clients is the number of clients with a bucket.
+func (l *Limiter) Clients() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.clients.Len()
 }
 
 // Allow takes a token for client, or says how long to wait for one.
@@ -54,21 +79,12 @@ func (l *Limiter) Allow(client string) (bool, time.Duration) {
 	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e, ok := l.clients[client]
+	lim, ok := l.clients.Get(client)
 	if !ok {
-		e = &entry{lim: rate.NewLimiter(l.rate, l.burst)}
-		l.clients[client] = e
+		lim = rate.NewLimiter(l.rate, l.burst)
+		l.clients.Add(client, lim)
 	}
-	e.seen = now
-	l.calls++
-	if l.calls%1024 == 0 {
-		for id, c := range l.clients {
-			if now.Sub(c.seen) > 10*time.Minute {
-				delete(l.clients, id)
-			}
-		}
-	}
-	r := e.lim.ReserveN(now, 1)
+	r := lim.ReserveN(now, 1)
 	if d := r.DelayFrom(now); d > 0 {
 		r.CancelAt(now)
 		return false, d
@@ -80,7 +96,7 @@ func (l *Limiter) Allow(client string) (bool, time.Duration) {
 func ClientID(ctx context.Context) string {
 	if p, ok := peer.FromContext(ctx); ok {
 		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
-			return "cert:" + ti.State.PeerCertificates[0].Subject.String()
+			return "cert:" + certName(ti.State.PeerCertificates[0])
 		}
 	}
 	if md, ok := metadata.FromIncomingContext(ctx); ok {
@@ -89,12 +105,42 @@ func ClientID(ctx context.Context) string {
 		}
 	}
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-		if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
-			return "ip:" + host
-		}
-		return "ip:" + p.Addr.String()
+		return "ip:" + hostOf(p.Addr.String())
 	}
 	return "unknown"
+}
+
+// certName names a client certificate: its first URI SAN (a SPIFFE id),
+// else its first DNS SAN, else its subject. Certificates from mesh and
+// cert-manager issuers often carry an empty subject, which would put every
+// such client in one bucket.
+func certName(c *x509.Certificate) string {
+	switch {
+	case len(c.URIs) > 0:
+		return c.URIs[0].String()
+	case len(c.DNSNames) > 0:
+		return c.DNSNames[0]
+	}
+	return c.Subject.String()
+}
+
+// hostOf is the client part of a peer address: the IPv4 address, or the
+// /64 prefix of an IPv6 one, since a single host may use any address of
+// its /64 and would otherwise count as that many clients.
+func hostOf(addr string) string {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		host = addr
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	ip = ip.Unmap().WithZone("")
+	if ip.Is4() {
+		return ip.String()
+	}
+	return netip.PrefixFrom(ip, 64).Masked().String()
 }
 
 func (l *Limiter) check(ctx context.Context) error {
@@ -104,14 +150,26 @@ func (l *Limiter) check(ctx context.Context) error {
 		return nil
 	}
 	st := status.New(codes.ResourceExhausted, fmt.Sprintf("rate limit reached for this client; retry in %s", wait.Round(time.Millisecond)))
-	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)}); err == nil {
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)},
+		&errdetails.ErrorInfo{Reason: ReasonRateLimited, Domain: ErrorDomain}); err == nil {
 		st = d
 	}
 	return st.Err()
 }
 
+// exempt reports whether a method is outside every client's limit: health
+// checks and reflection, which kubelets, load balancers and operators
+// call from the same addresses as clients, and which must answer whatever
+// those clients used up.
+func exempt(method string) bool {
+	return strings.HasPrefix(method, "/grpc.health.v1.Health/") || strings.HasPrefix(method, "/grpc.reflection.")
+}
+
 // Unary is a unary server interceptor.
-func (l *Limiter) Unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+func (l *Limiter) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if exempt(info.FullMethod) {
+		return h(ctx, req)
+	}
 	if err := l.check(ctx); err != nil {
 		return nil, err
 	}
@@ -119,7 +177,10 @@ func (l *Limiter) Unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h
 }
 
 // Stream is a stream server interceptor; one token per stream.
-func (l *Limiter) Stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+func (l *Limiter) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if exempt(info.FullMethod) {
+		return h(srv, ss)
+	}
 	if err := l.check(ss.Context()); err != nil {
 		return err
 	}
