@@ -3,6 +3,7 @@ package objstore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -258,11 +259,22 @@ func TestInvalidMetadataIsNotTheBucketsFault(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	proxy.Counts()
-	for name, md := range map[string]map[string]string{
-		"line break in a value": {"note": "one\ntwo"},
-		"key not ASCII":         {"clé": "v"},
+	many := map[string]string{}
+	for i := range 200 {
+		many[fmt.Sprintf("k%03d", i)] = "v"
+	}
+	const ct = "application/octet-stream"
+	for name, in := range map[string]objstore.PutInput{
+		"line break in a value":            {Metadata: map[string]string{"note": "one\ntwo"}},
+		"key not ASCII":                    {Metadata: map[string]string{"clé": "v"}},
+		"entries beyond the header budget": {Metadata: many},
+		"control char in a type parameter": {ContentType: ct + "; charset=\"utf-8\x01\""},
+		"type not ASCII":                   {ContentType: ct + "; name=\"café\""},
 	} {
-		in := objstore.PutInput{Key: "k", ContentType: "application/octet-stream", Metadata: md}
+		in.Key = "k"
+		if in.ContentType == "" {
+			in.ContentType = ct
+		}
 		_, perr := b.Put(ctx, in, []byte("x"))
 		_, merr := b.CreateMultipart(ctx, in)
 		for _, err := range []error{perr, merr} {

@@ -12,11 +12,13 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"mime"
 	"net/http"
 	"os"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
@@ -276,13 +278,22 @@ type PutInput struct {
 }
 
 // ErrInvalidRequest: the request cannot be sent as given (user metadata
-// that is not a valid header). Classify calls it NotBucketFault: it would
-// fail the same on every bucket, and counting it against their health
-// would let one bad client cool them all down.
+// or a content type that is not a valid header). Classify calls it
+// NotBucketFault: it would fail the same on every bucket, and counting it
+// against their health would let one bad client cool them all down.
 var ErrInvalidRequest = errors.New("objstore: invalid request")
 
+// MaxMetadataHeaderBytes bounds what user metadata takes of a request's
+// headers: each entry is a "x-amz-meta-<key>: <value>" line and its name
+// again in the signature's list of signed headers. S3 refuses a request
+// whose headers pass 8 KB (RequestHeaderSectionTooLarge), often while the
+// body is still being sent, which then looks like a broken connection
+// and so like the bucket's fault; the other headers take about 2 KB.
+const MaxMetadataHeaderBytes = 4096
+
 // MetadataProblem says why user metadata cannot travel as x-amz-meta-*
-// headers (net/http would refuse to send it), or "" when it can.
+// headers (net/http would refuse to send it, or S3 would refuse the
+// request for its size), or "" when it can.
 func MetadataProblem(md map[string]string) string {
 	for k, v := range md {
 		if !httpguts.ValidHeaderFieldName(k) {
@@ -292,10 +303,100 @@ func MetadataProblem(md map[string]string) string {
 			return fmt.Sprintf("metadata value of %q has a control character such as a line break, which a header cannot carry", k)
 		}
 	}
+	if n := MetadataHeaderBytes(md); n > MaxMetadataHeaderBytes {
+		return fmt.Sprintf("the %d metadata entries would take %d bytes of request headers, and at most %d fit (each entry costs its key twice and about 30 bytes more): send fewer entries", len(md), n, MaxMetadataHeaderBytes)
+	}
 	return ""
 }
 
+// MetadataHeaderBytes is what md takes of a request's headers: its lines
+// and its names in the list of signed headers.
+func MetadataHeaderBytes(md map[string]string) int {
+	n := 0
+	for k, v := range md {
+		name := len("x-amz-meta-") + len(k)
+		n += name + len(": ") + len(encodeValue(v)) + len("\r\n") + name + len(";")
+	}
+	return n
+}
+
+// ContentTypeProblem says why a content type cannot travel as a header
+// that every S3 service accepts, or "" when it can. Outside printable
+// ASCII, net/http refuses to send a control character, and S3 signs a
+// non-ASCII byte differently from the SDK and answers 403, which looks
+// like the bucket's fault.
+func ContentTypeProblem(ct string) string {
+	for i := 0; i < len(ct); i++ {
+		if c := ct[i]; c < ' ' || c > '~' {
+			return fmt.Sprintf("the content type has a byte 0x%02x outside printable ASCII at offset %d, which an S3 request header cannot carry", c, i)
+		}
+	}
+	return ""
+}
+
+// encodeValue makes a metadata value ASCII for the wire: a value with
+// bytes beyond ASCII becomes RFC 2047 encoded words, which S3 itself
+// decodes and stores as UTF-8 (and encodes again when it answers), and
+// other S3 services keep as sent. Raw UTF-8 would be signed differently
+// by the SDK and by S3, which answers 403 SignatureDoesNotMatch.
+//
+// An ASCII value holding "=?" is encoded too, so that one that looks like
+// an encoded word reads back as sent rather than decoded.
+func encodeValue(v string) string {
+	if !strings.Contains(v, "=?") {
+		return mime.BEncoding.Encode("utf-8", v)
+	}
+	// Words of at most 45 bytes, cut between characters, keep each under
+	// RFC 2047's 75 characters.
+	var b strings.Builder
+	for len(v) > 0 {
+		n := min(len(v), 45)
+		for n < len(v) && !utf8.RuneStart(v[n]) {
+			n--
+		}
+		if b.Len() > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString("=?utf-8?b?" + base64.StdEncoding.EncodeToString([]byte(v[:n])) + "?=")
+		v = v[n:]
+	}
+	return b.String()
+}
+
+// EncodedLen is the bytes a metadata value takes on the wire, and stored
+// by an S3 service that keeps encoded words as sent.
+func EncodedLen(v string) int { return len(encodeValue(v)) }
+
+// encodeMetadata is md with every value made ASCII (see encodeValue).
+func encodeMetadata(md map[string]string) map[string]string {
+	if len(md) == 0 {
+		return md
+	}
+	out := make(map[string]string, len(md))
+	for k, v := range md {
+		out[k] = encodeValue(v)
+	}
+	return out
+}
+
+// decodeMetadata undoes encodeMetadata on metadata read back. A value
+// that does not decode is returned as stored.
+func decodeMetadata(md map[string]string) map[string]string {
+	var dec mime.WordDecoder
+	for k, v := range md {
+		if strings.Contains(v, "=?") {
+			if d, err := dec.DecodeHeader(v); err == nil {
+				md[k] = d
+			}
+		}
+	}
+	return md
+}
+
 func (in PutInput) check() error {
+	if p := ContentTypeProblem(in.ContentType); p != "" {
+		return fmt.Errorf("%w: %s", ErrInvalidRequest, p)
+	}
 	if p := MetadataProblem(in.Metadata); p != "" {
 		return fmt.Errorf("%w: %s", ErrInvalidRequest, p)
 	}
@@ -323,7 +424,7 @@ func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, err
 	out, err := b.c.PutObject(ctx, &s3.PutObjectInput{
 		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), Body: bytes.NewReader(body),
 		ContentLength: aws.Int64(int64(len(body))), ContentType: aws.String(in.ContentType),
-		ContentMD5: contentMD5(body), Metadata: in.Metadata,
+		ContentMD5: contentMD5(body), Metadata: encodeMetadata(in.Metadata),
 	}, unsignedPayload, writeOnce)
 	if err != nil {
 		return "", fmt.Errorf("put %s/%s: %w", b.Target.Name, in.Key, err)
@@ -342,7 +443,7 @@ func (b *Bucket) CreateMultipart(ctx context.Context, in PutInput) (string, erro
 	// would make a second upload, leaving the first open with no one
 	// knowing its id.
 	out, err := b.c.CreateMultipartUpload(ctx, &s3.CreateMultipartUploadInput{
-		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), ContentType: aws.String(in.ContentType), Metadata: in.Metadata,
+		Bucket: aws.String(b.Target.Name), Key: aws.String(in.Key), ContentType: aws.String(in.ContentType), Metadata: encodeMetadata(in.Metadata),
 	}, writeOnce)
 	if err != nil {
 		return "", fmt.Errorf("create multipart %s/%s: %w", b.Target.Name, in.Key, err)
@@ -472,7 +573,7 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 	}
 	info := ObjectInfo{
 		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
-		ETag: aws.ToString(out.ETag), Metadata: out.Metadata, Size: aws.ToInt64(out.ContentLength),
+		ETag: aws.ToString(out.ETag), Metadata: decodeMetadata(out.Metadata), Size: aws.ToInt64(out.ContentLength),
 	}
 	var start, end int64
 	ranged := out.ContentRange != nil // "bytes a-b/size"
@@ -546,5 +647,5 @@ func (b *Bucket) Head(ctx context.Context, key string) (ObjectInfo, error) {
 		return ObjectInfo{}, fmt.Errorf("head %s/%s: %w", b.Target.Name, key, err)
 	}
 	n := aws.ToInt64(out.ContentLength)
-	return ObjectInfo{Size: n, ContentLength: n, ContentType: aws.ToString(out.ContentType), ETag: aws.ToString(out.ETag), Metadata: out.Metadata}, nil
+	return ObjectInfo{Size: n, ContentLength: n, ContentType: aws.ToString(out.ContentType), ETag: aws.ToString(out.ETag), Metadata: decodeMetadata(out.Metadata)}, nil
 }

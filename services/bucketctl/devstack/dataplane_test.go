@@ -275,6 +275,12 @@ func TestBadInputTable(t *testing.T) {
 		{"metadata keys differing only in case", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"Author": "a", "author": "b"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"clé": "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"metadata over 2 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{"note": strings.Repeat("x", 2048)}}, codes.InvalidArgument, "header.metadata"},
+		// A header net/http will not send, or that S3 signs differently:
+		// the client's fault, refused before any byte is stored, never a
+		// failure of every bucket in turn.
+		{"control char in a content type parameter", png, &uploadv1.UploadHeader{ContentType: "image/png; charset=\"utf-8\x01\""}, codes.InvalidArgument, "header.content_type"},
+		{"content type not ASCII", png, &uploadv1.UploadHeader{ContentType: "image/png; name=\"café\""}, codes.InvalidArgument, "header.content_type"},
+		{"metadata entries over the request header budget", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: manyEntries(200)}, codes.InvalidArgument, "header.metadata"},
 		{"metadata key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", Metadata: map[string]string{strings.Repeat("k\n", 50_000): "v"}}, codes.InvalidArgument, "header.metadata"},
 		{"content type of 100 KB", png, &uploadv1.UploadHeader{ContentType: strings.Repeat("t", 100_000)}, codes.InvalidArgument, "header.content_type"},
 		{"affinity key of 100 KB", png, &uploadv1.UploadHeader{ContentType: "image/png", AffinityKey: strings.Repeat("a", 100_000)}, codes.InvalidArgument, "header.affinity_key"},
@@ -321,6 +327,16 @@ func TestBadInputTable(t *testing.T) {
 			t.Fatalf("bad input counted against bucket %s: %d failures, cooling down %v", b.GetBucket().GetId(), b.GetConsecutiveFailures(), b.GetCoolingDown())
 		}
 	}
+}
+
+// manyEntries is n metadata entries of one byte each: within S3's 2 KB of
+// keys and values, beyond its 8 KB of request headers.
+func manyEntries(n int) map[string]string {
+	md := make(map[string]string, n)
+	for i := range n {
+		md[fmt.Sprintf("k%03d", i)] = "v"
+	}
+	return md
 }
 
 // A request a bucket refuses for what it asks gets the bucket's reason in

@@ -56,6 +56,12 @@ var serviceKeys = []string{writeIDKey, sha256Key}
 // rand.Text, the sha256's 64 hex digits).
 const maxMetadata = 2048 - len(writeIDKey) - 26 - len(sha256Key) - 64
 
+// serviceMetadataHeaderBytes is what the service's own metadata entries
+// take of a write's headers.
+var serviceMetadataHeaderBytes = objstore.MetadataHeaderBytes(map[string]string{
+	writeIDKey: strings.Repeat("x", 26), sha256Key: strings.Repeat("0", 64),
+})
+
 // upload is the state of one Upload call.
 type upload struct {
 	hdr     *uploadv1.UploadHeader
@@ -183,6 +189,8 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	case len(hdr.GetContentType()) > maxShortField:
 		// Checked before the allowlist, whose errors quote the type.
 		return nil, badField("header.content_type", "the content type is longer than %d bytes", maxShortField)
+	case objstore.ContentTypeProblem(hdr.GetContentType()) != "":
+		return nil, badField("header.content_type", "%s", objstore.ContentTypeProblem(hdr.GetContentType()))
 	case hdr.GetSize() < 0:
 		return nil, badField("header.size", "the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
@@ -210,7 +218,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	// The size first: the other metadata errors quote a key.
 	metaBytes := 0
 	for k, v := range hdr.GetMetadata() {
-		metaBytes += len(k) + len(v)
+		metaBytes += len(k) + objstore.EncodedLen(v)
 	}
 	if metaBytes > maxMetadata {
 		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
@@ -235,6 +243,10 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	// that cannot, but only after the data arrived.
 	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
 		return nil, badField("header.metadata", "%s", p)
+	}
+	if n := objstore.MetadataHeaderBytes(hdr.GetMetadata()) + serviceMetadataHeaderBytes; n > objstore.MaxMetadataHeaderBytes {
+		return nil, badField("header.metadata", "the %d metadata entries would take %d bytes of request headers with the service's own, and at most %d fit (each entry costs its key twice and about 30 bytes more): send fewer entries",
+			len(hdr.GetMetadata()), n, objstore.MaxMetadataHeaderBytes)
 	}
 	md := maps.Clone(hdr.GetMetadata())
 	if md == nil {

@@ -119,8 +119,9 @@ type UploadHeader struct {
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
 	NameHint string `protobuf:"bytes,2,opt,name=name_hint,json=nameHint,proto3" json:"name_hint,omitempty"`
-	// MIME type declared by the client, at most 256 bytes. Checked against an
-	// allowlist and against the type sniffed from the first bytes of data.
+	// MIME type declared by the client: printable ASCII, at most 256 bytes.
+	// Checked against an allowlist and against the type sniffed from the
+	// first bytes of data.
 	ContentType string `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
 	// Exact size of the object in bytes, 0 for an empty object (which then
 	// takes no data chunks). The upload fails with INVALID_ARGUMENT if the
@@ -146,6 +147,10 @@ type UploadHeader struct {
 	// headers: keys are ASCII header names, compared without case and read
 	// back in lower case (two keys that differ only in case are refused);
 	// values lose leading and trailing spaces and may not hold line breaks.
+	// Values in any script read back as sent (they travel as RFC 2047
+	// encoded words). Keys and values take at most 1.9 KB, and the entries
+	// at most 4 KB of request headers (each costs its key twice and about 30
+	// bytes more).
 	Metadata map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Set to start a resumable session (the response of QueryUpload then
 	// reports progress) or to continue one that upload_id names.
@@ -848,8 +853,10 @@ func (x *DeleteObjectRequest) GetKey() string {
 	return ""
 }
 
-// DeleteObjectResponse is empty: a delete of an absent key also succeeds,
-// as in S3. Deleting does not return capacity to the current period: the
+// DeleteObjectResponse is empty. Deleting a key that holds no object is
+// NOT_FOUND (S3 itself answers such a delete the same as any other, so a
+// client retrying a delete after a lost answer may see NOT_FOUND).
+// Deleting does not return capacity to the current period: the
 // monthly budget counts bytes written, like the storage provider's quota.
 type DeleteObjectResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
