@@ -150,6 +150,11 @@ type bucketCap struct {
 	shardOf   string // period of shard
 	res       map[string]*localRes
 	touched   time.Time
+	// limit is the bucket's limit when the block was last read: a lower
+	// one, or a usage correction (see usageChanged), sends carving
+	// through grow, which gives back what the block holds beyond the
+	// room left.
+	limit int64
 	// unsure is set from a resync until a read of the block succeeds:
 	// after a write with an unknown outcome or a failed compare, block may
 	// be less than etcd holds (bytes nobody would hand back) or more
@@ -334,13 +339,18 @@ func (c *Capacity) term(ctx context.Context) error {
 	// and only deletions: renewals elsewhere are re-read when they matter
 	// (expiry, a failed commit compare), and every put of the hot bucket
 	// sent to every replica would cost etcd more than the puts themselves.
+	//
+	// A second watch follows usage corrections (only an operator writes
+	// the base usage keys): a block taken before one may hold more than
+	// the room left, and must be read again before it is carved.
 	var wcancel context.CancelFunc
 	defer func() { wcancel() }()
-	var watch clientv3.WatchChan
+	var watch, usageWatch clientv3.WatchChan
 	rewatch := func() {
 		var wctx context.Context
 		wctx, wcancel = context.WithCancel(clientv3.WithRequireLeader(ctx))
 		watch = c.l.cli.Watch(wctx, c.l.ownerResPrefix(t.owner), clientv3.WithPrefix(), clientv3.WithFilterPut())
+		usageWatch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"usage/", clientv3.WithPrefix(), clientv3.WithFilterDelete())
 	}
 	rewatch()
 	c.mu.Lock()
@@ -377,6 +387,30 @@ func (c *Capacity) term(ctx context.Context) error {
 				continue
 			}
 			c.apply(ctx, t, wr.Events)
+		case wr, ok := <-usageWatch:
+			if !ok || wr.Err() != nil {
+				wcancel()
+				rewatch()
+				continue
+			}
+			c.usageChanged(t, wr.Events)
+		}
+	}
+}
+
+// usageChanged marks the blocks of buckets whose usage was corrected
+// unsure, so that the next carve reads the room left first.
+func (c *Capacity) usageChanged(t *term, evs []*clientv3.Event) {
+	for _, ev := range evs {
+		rest := strings.TrimPrefix(string(ev.Kv.Key), c.l.opts.Prefix+"usage/")
+		_, bucket, ok := strings.Cut(rest, "/")
+		if !ok {
+			continue
+		}
+		if bc := t.lookup(bucket); bc != nil {
+			bc.mu.Lock()
+			bc.unsure = true
+			bc.mu.Unlock()
 		}
 	}
 }
@@ -596,6 +630,33 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			}
 		}
 		observeBlock(bc, mine, rev)
+		bc.limit = limit
+		var ours int64 // our block as etcd holds it at rev
+		if len(mine) > 0 {
+			ours, _ = strconv.ParseInt(string(mine[0].Value), 10, 64)
+		}
+		// After a lower limit or a usage correction, our block may hold
+		// more than the room left: what no reservation of ours uses goes
+		// back, or it would be carved beyond the limit.
+		if room := limit - used - (held - ours); bc.block > room && bc.block > bc.carved && bc.blockSeen == rev {
+			keep := max(bc.carved, room)
+			resp2, err := c.txn(context.WithoutCancel(ctx),
+				[]clientv3.Cmp{
+					clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
+					clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
+					clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
+				},
+				clientv3.OpPut(myBlock, strconv.FormatInt(keep, 10), clientv3.WithLease(t.lease)))
+			if err != nil {
+				c.resync(context.WithoutCancel(ctx), t, bc, period, id)
+				return err
+			}
+			if resp2.Succeeded {
+				bc.block = keep
+				bc.blockRev, bc.blockSeen = resp2.Header.Revision, resp2.Header.Revision
+			}
+			continue // read again: the room may have changed meanwhile
+		}
 		free := limit - used - held
 		want := need - (bc.block - bc.carved)
 		if want <= 0 {
@@ -651,13 +712,13 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	}
 	bc := t.bucket(bucket.GetId())
 	bc.mu.Lock()
-	if bc.unsure || bc.block-bc.carved < size {
+	if stale := func() bool { return bc.unsure || bc.block-bc.carved < size || bucket.GetMonthlyLimitBytes() < bc.limit }; stale() {
 		// Growing writes our block: take the write lock first. It reads
 		// the block before anything, which settles an unsure one.
 		bc.mu.Unlock()
 		bc.wmu.Lock()
 		bc.mu.Lock()
-		if bc.unsure || bc.block-bc.carved < size {
+		if stale() {
 			if err := c.grow(ctx, t, bucket, bc, size); err != nil {
 				bc.mu.Unlock()
 				bc.wmu.Unlock()

@@ -464,3 +464,78 @@ func TestCancelledReserveHoldsNothingPastItsTTL(t *testing.T) {
 		return c.Release(ctx, b.Id, r.ID) == nil
 	})
 }
+
+// An operator who lowers a bucket's limit, or corrects its usage upward,
+// stops new reservations at the room left: a block a replica took before
+// gives back what no reservation uses, instead of being carved past the
+// limit. Reservations granted before still commit.
+func TestBlocksShrinkToTheRoomLeft(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(ctx context.Context, l *ledger.Ledger, bk *adminv1.BucketSpec) (limit int64)
+	}{
+		{"limit lowered", func(_ context.Context, _ *ledger.Ledger, bk *adminv1.BucketSpec) int64 {
+			bk.MonthlyLimitBytes = 10_000
+			return bk.MonthlyLimitBytes
+		}},
+		{"usage corrected", func(ctx context.Context, l *ledger.Ledger, bk *adminv1.BucketSpec) int64 {
+			if _, err := l.SetUsage(ctx, bk.GetId(), bk.GetMonthlyLimitBytes()-10_000+500); err != nil {
+				t.Fatal(err)
+			}
+			return bk.GetMonthlyLimitBytes()
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, cli := testenv.Etcd(t)
+			l, a := replicaCap(t, cli, "a")
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			bk := bucket("b1", 1<<20)
+			first, err := a.Reserve(ctx, bk, 500, time.Minute)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := a.Commit(ctx, bk, first.ID, 500, nil); err != nil {
+				t.Fatal(err)
+			}
+			held, err := a.Reserve(ctx, bk, 2_000, time.Minute) // granted before the change
+			if err != nil {
+				t.Fatal(err)
+			}
+			limit := tc.change(ctx, l, bk)
+			// 7,500 bytes are left. A usage correction reaches the replica
+			// through a watch: until then its block may still be carved.
+			poll(t, 10*time.Second, "a reservation beyond the room left to be refused", func() bool {
+				r, err := a.Reserve(ctx, bk, 7_501, time.Minute)
+				if err == nil {
+					if err := a.Release(ctx, "b1", r.ID); err != nil {
+						t.Fatal(err)
+					}
+					return false
+				}
+				if !errors.Is(err, ledger.ErrNoRoom) {
+					t.Fatal(err)
+				}
+				return true
+			})
+			var granted int64
+			for {
+				if _, err := a.Reserve(ctx, bk, 1_000, time.Minute); errors.Is(err, ledger.ErrNoRoom) {
+					break
+				} else if err != nil {
+					t.Fatal(err)
+				}
+				granted += 1_000
+			}
+			if granted != 7_000 {
+				t.Fatalf("%d bytes granted after the change, want the 7,000 that fit in the 7,500 left", granted)
+			}
+			if _, err := a.Commit(ctx, bk, held.ID, 2_000, nil); err != nil {
+				t.Fatalf("a reservation granted before the change: %v", err)
+			}
+			if u := usage(t, l, "b1"); u.Used+granted > limit {
+				t.Fatalf("used %d + reserved %d > limit %d", u.Used, granted, limit)
+			}
+		})
+	}
+}
