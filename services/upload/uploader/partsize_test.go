@@ -17,3 +17,24 @@ func TestPartSize(t *testing.T) {
 		}
 	}
 }
+
+// The service refuses sizes it could not serve: an object or a part over
+// S3's limits, or a largest object whose two part buffers the buffer
+// budget cannot hold (at 5 TiB, parts are 525 MiB each).
+func TestCheckSizes(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		cfg  Config
+		ok   bool
+	}{
+		{"the defaults", Config{MaxObjectSize: 5 << 30, PartSize: 8 << 20, BufferBudget: 512 << 20}, true},
+		{"5 TiB with room for two parts", Config{MaxObjectSize: 5 << 40, PartSize: 8 << 20, BufferBudget: 1100 << 20}, true},
+		{"5 TiB in the default budget", Config{MaxObjectSize: 5 << 40, PartSize: 8 << 20, BufferBudget: 512 << 20}, false},
+		{"an object over 5 TiB", Config{MaxObjectSize: 60 << 40, PartSize: 8 << 20, BufferBudget: 16 << 30}, false},
+		{"a part over 5 GiB", Config{MaxObjectSize: 5 << 30, PartSize: 6 << 30, BufferBudget: 16 << 30}, false},
+	} {
+		if err := checkSizes(c.cfg); (err == nil) != c.ok {
+			t.Errorf("%s: %v, want ok=%v", c.name, err, c.ok)
+		}
+	}
+}

@@ -164,6 +164,30 @@ type Server struct {
 // are sent inline, never dropped.
 const maxBackgroundReports = 256
 
+// S3's limits on one object and one part (R2's are the same or lower).
+const (
+	maxObject = 5 << 40
+	maxPart   = 5 << 30
+)
+
+// checkSizes refuses sizes the service could not serve: an object larger
+// than S3 stores, a part larger than it takes, or two parts of the largest
+// object (an upload's buffers) beyond the buffer budget, which would
+// break the memory bound the budget is sized for.
+func checkSizes(cfg Config) error {
+	if cfg.MaxObjectSize > maxObject {
+		return fmt.Errorf("uploader: maxObjectSize %d bytes is over S3's 5 TiB object limit", cfg.MaxObjectSize)
+	}
+	if cfg.PartSize > maxPart {
+		return fmt.Errorf("uploader: part size %d bytes is over S3's 5 GiB part limit", cfg.PartSize)
+	}
+	if p := partSizeFor(cfg.PartSize, cfg.MaxObjectSize); 2*p > cfg.BufferBudget {
+		return fmt.Errorf("uploader: an upload of maxObjectSize (%d bytes) streams through two %d-byte part buffers, more than bufferBudget (%d bytes): raise bufferBudget, and the memory limit with it, or lower maxObjectSize",
+			cfg.MaxObjectSize, p, cfg.BufferBudget)
+	}
+	return nil
+}
+
 // New builds the service.
 func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	if cfg.MaxObjectSize == 0 {
@@ -178,14 +202,17 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	if cfg.MaxBucketAttempts == 0 {
 		cfg.MaxBucketAttempts = 3
 	}
+	if cfg.BufferBudget == 0 {
+		cfg.BufferBudget = 512 << 20
+	}
+	if err := checkSizes(cfg); err != nil {
+		return nil, err
+	}
 	if cfg.PartAttempts == 0 {
 		cfg.PartAttempts = 3
 	}
 	if cfg.StreamStall == 0 {
 		cfg.StreamStall = 5 * time.Second
-	}
-	if cfg.BufferBudget == 0 {
-		cfg.BufferBudget = 512 << 20
 	}
 	if cfg.ClientBufferShare == 0 {
 		cfg.ClientBufferShare = cfg.BufferBudget / 4

@@ -577,8 +577,12 @@ func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {
 
 // partSize keeps every part equal (R2 rejects unequal parts) and within
 // S3's 10,000-part limit, rounded up to whole MiB.
-func (s *Server) partSize(size int64) int64 {
-	p := s.cfg.PartSize
+func (s *Server) partSize(size int64) int64 { return partSizeFor(s.cfg.PartSize, size) }
+
+// partSizeFor is the part size of an object of size bytes: base, or the
+// least whole MiB that keeps it within 10,000 parts.
+func partSizeFor(base, size int64) int64 {
+	p := base
 	if min := (size + 9999) / 10000; min > p {
 		p = (min + (1<<20 - 1)) &^ (1<<20 - 1)
 	}
