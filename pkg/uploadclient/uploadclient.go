@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	mrand "math/rand/v2"
 	"os"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/backoff"
+	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 )
 
 // DefaultChunkSize is the data carried per message. gRPC lets a whole
@@ -44,6 +46,11 @@ type Options struct {
 	// OnRetry, if set, is called before each retry with the failed
 	// attempt's number (from 1), its error and the wait before the next.
 	OnRetry func(attempt int, err error, wait time.Duration)
+	// RateLimitWait bounds the time UploadFile waits in all for the
+	// service's rate limit (RESOURCE_EXHAUSTED, reason RATE_LIMITED), which
+	// refuses a call before it starts: such refusals do not count as
+	// Retries. 0 means a minute; negative, no waiting.
+	RateLimitWait time.Duration
 }
 
 // maxRetryWait caps a server-suggested delay.
@@ -149,7 +156,12 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		// A retry after a lost answer must not store the file twice.
 		hdr.IdempotencyKey = "uploadfile-" + rand.Text()
 	}
+	limitWait := opts.RateLimitWait
+	if limitWait == 0 {
+		limitWait = time.Minute
+	}
 	var first error
+	var limited time.Duration // waited for the rate limit so far
 	for attempt := 1; ; attempt++ {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return nil, err
@@ -158,15 +170,22 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		if err == nil {
 			return resp, nil
 		}
-		if first == nil {
-			first = err
-		}
 		wait, ok := retryAfter(err, attempt)
-		if !ok && attempt == 1 {
-			return nil, err // the request itself was refused: nothing to retry
-		}
-		if !ok || attempt > retries {
-			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first, Last: err}
+		if ok && rateLimited(err) && limited+wait <= limitWait {
+			// Refused before it began: waiting for a token is not a
+			// failed attempt.
+			limited += wait
+			attempt--
+		} else {
+			if first == nil {
+				first = err
+			}
+			if !ok && attempt == 1 {
+				return nil, err // the request itself was refused: nothing to retry
+			}
+			if !ok || attempt > retries {
+				return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first, Last: err}
+			}
 		}
 		if opts.OnRetry != nil {
 			opts.OnRetry(attempt, err, wait)
@@ -209,19 +228,35 @@ func (e *UploadError) Error() string {
 func (e *UploadError) Unwrap() error { return e.Last }
 
 // retryAfter says whether err invites a retry, and after how long: the
-// server's RetryInfo when it sent one, else an exponential backoff with
-// jitter.
+// server's RetryInfo when it sent one, plus up to half again at random
+// (callers refused at one moment are all told the same delay, and would
+// all come back at once), else an exponential backoff with jitter.
 func retryAfter(err error, attempt int) (time.Duration, bool) {
 	st, _ := status.FromError(err)
 	for _, d := range st.Details() {
 		if ri, ok := d.(*errdetails.RetryInfo); ok {
-			return min(ri.GetRetryDelay().AsDuration(), maxRetryWait), true
+			d := min(ri.GetRetryDelay().AsDuration(), maxRetryWait)
+			return d + mrand.N(d/2+1), true
 		}
 	}
 	if st.Code() != codes.Unavailable {
 		return 0, false
 	}
 	return backoff.Delay(250*time.Millisecond, attempt-1), true
+}
+
+// rateLimited reports a refusal by the service's rate limit.
+func rateLimited(err error) bool {
+	st, _ := status.FromError(err)
+	if st.Code() != codes.ResourceExhausted {
+		return false
+	}
+	for _, d := range st.Details() {
+		if ei, ok := d.(*errdetails.ErrorInfo); ok && ei.GetReason() == ratelimit.ReasonRateLimited && ei.GetDomain() == ratelimit.ErrorDomain {
+			return true
+		}
+	}
+	return false
 }
 
 // ErrChecksumMismatch: the bytes of a whole object read back do not hash
