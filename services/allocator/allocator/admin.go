@@ -2,6 +2,7 @@ package allocator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
@@ -9,6 +10,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 )
 
 // ListBuckets implements AdminService.
@@ -35,6 +37,17 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 		return nil, toStatus(ctx, fmt.Errorf("%w: bucket is required", errInvalid))
 	}
 	spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
+	if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
+		// A spec sent without a state (to fix an endpoint, say) keeps the
+		// bucket's: an operator's DISABLED must not be undone by it.
+		cur, err := s.ledger.GetBucket(ctx, spec.GetId())
+		switch {
+		case err == nil:
+			spec.State = cur.GetState()
+		case !errors.Is(err, ledger.ErrBucketNotFound):
+			return nil, toStatus(ctx, err)
+		}
+	}
 	config.FillDefaults(spec)
 	if err := config.ValidateSpec(spec); err != nil {
 		return nil, toStatus(ctx, fmt.Errorf("%w: %v", errInvalid, err))

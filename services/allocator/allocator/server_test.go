@@ -266,6 +266,21 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// A spec put again without a state (to change an endpoint, say) keeps
+	// the operator's DRAINING; a new bucket without one is ACTIVE.
+	again := spec("p0", 0, 1000)
+	again.Endpoint, again.State = "http://127.0.0.1:1", adminv1.BucketState_BUCKET_STATE_UNSPECIFIED
+	if got, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: again}); err != nil || got.GetBucket().GetState() != adminv1.BucketState_BUCKET_STATE_DRAINING {
+		t.Fatalf("spec put again without a state: %v %v, want it DRAINING still", got.GetBucket().GetState(), err)
+	}
+	fresh := spec("p9", 0, 1000)
+	fresh.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED
+	if got, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: fresh}); err != nil || got.GetBucket().GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE {
+		t.Fatalf("new bucket without a state: %v %v, want ACTIVE", got.GetBucket().GetState(), err)
+	}
+	if _, err := r.admin.DeleteBucket(actx, &adminv1.DeleteBucketRequest{Id: "p9"}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := r.admin.CorrectUsage(actx, &adminv1.CorrectUsageRequest{Id: "p1", UsedBytes: 123}); err != nil {
 		t.Fatal(err)
 	}

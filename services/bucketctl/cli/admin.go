@@ -136,6 +136,9 @@ func newBucketsCmd(g *globals) *cobra.Command {
 		if err != nil {
 			return nil, err
 		}
+		if b.State == "" {
+			spec.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED // keep the bucket's
+		}
 		return c.PutBucket(ctx, &adminv1.PutBucketRequest{Bucket: spec})
 	})
 	pf := put.Flags()
@@ -149,7 +152,7 @@ func newBucketsCmd(g *globals) *cobra.Command {
 	pf.StringVar(&limit, "monthly-limit", "10GB", "monthly budget, e.g. 10GB")
 	pf.Int32Var(&b.Priority, "priority", 0, "priority (lower wins)")
 	pf.Int32Var(&b.Weight, "weight", 1, "weight for weighted round robin")
-	pf.StringVar(&b.State, "state", "active", "active, draining or disabled")
+	pf.StringVar(&b.State, "state", "", "active, draining or disabled (default: keep the bucket's, active for a new one)")
 	pf.BoolVar(&b.PathStyle, "path-style", false, "path-style addressing")
 
 	cmd.AddCommand(

@@ -402,7 +402,8 @@ func (x *GetBucketResponse) GetBucket() *BucketSpec {
 	return nil
 }
 
-// PutBucketRequest carries a full spec.
+// PutBucketRequest carries a full spec. A spec whose state is UNSPECIFIED
+// keeps the bucket's current state (ACTIVE for a new bucket).
 type PutBucketRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The bucket to create or replace.
