@@ -3,8 +3,12 @@ package objstore
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"strings"
+	"syscall"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
@@ -72,6 +76,41 @@ func Classify(callerCtx context.Context, err error) Failure {
 	}
 	// Resets, refused connections, truncated responses and the like.
 	return BucketError
+}
+
+// Describe says in a few words what went wrong with a bucket call, for a
+// client: the HTTP status and S3 code it answered with, or how the call
+// failed without an answer. The SDK's text (operation, endpoint URL, key,
+// request ids) is for logs.
+func Describe(err error) string {
+	for _, own := range []error{ErrReadStalled, ErrTruncated, ErrRangeIgnored, ErrObjectChanged} {
+		if errors.Is(err, own) {
+			return strings.TrimPrefix(own.Error(), "objstore: ")
+		}
+	}
+	var re *awshttp.ResponseError
+	if errors.As(err, &re) && re.HTTPStatusCode() != 0 { // 0: no answer came
+		if api := apiCode(err); api != "" {
+			return fmt.Sprintf("HTTP %d (%s)", re.HTTPStatusCode(), api)
+		}
+		return fmt.Sprintf("HTTP %d", re.HTTPStatusCode())
+	}
+	var ne net.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "no answer in time"
+	case errors.Is(err, context.Canceled):
+		return "cancelled"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return "connection broken off"
+	}
+	var dns *net.DNSError
+	if errors.As(err, &dns) {
+		return "endpoint name not found"
+	}
+	return "no usable answer"
 }
 
 // refused reports a bucket that turns requests away because of how it is

@@ -25,6 +25,33 @@ var (
 	errCorrupt     = errors.New("object bytes do not match their sha256")
 )
 
+// bucketFault is a bucket's failure in two wordings: Error, for logs,
+// holds the SDK's whole text (operation, endpoint URL, key, request ids);
+// the client's status gets what the bucket did in a few words instead
+// (objstore.Describe). It matches errBucket for errors.Is.
+type bucketFault struct {
+	before, after string
+	cause         error
+}
+
+// bucketFailed words cause between before and after.
+func bucketFailed(cause error, before, after string) error {
+	return &bucketFault{before: before, after: after, cause: cause}
+}
+
+func (e *bucketFault) Error() string        { return e.before + e.cause.Error() + e.after }
+func (e *bucketFault) Unwrap() error        { return e.cause }
+func (e *bucketFault) Is(target error) bool { return target == errBucket }
+
+// forClient is the sentence the client sees.
+func (e *bucketFault) forClient() string {
+	what := objstore.Describe(e.cause)
+	if errors.Is(e.cause, errBucket) {
+		what = e.cause.Error() // the service's own words already
+	}
+	return e.before + what + e.after
+}
+
 // badRequestError carries the sentence the client sees and, when one
 // field of the request is at fault, its path ("header.key"), which goes
 // out as a google.rpc.BadRequest field violation so a program can tell
@@ -66,9 +93,12 @@ func toStatus(ctx context.Context, err error) error {
 		return status.FromContextError(ctx.Err()).Err()
 	}
 	var bad *badRequestError
+	var fault *bucketFault
 	switch {
 	case errors.As(err, &bad):
 		return bad.status()
+	case errors.As(err, &fault):
+		return status.Error(codes.Unavailable, fault.forClient())
 	case errors.Is(err, errUnsupported):
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):

@@ -118,7 +118,7 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		// buffer is known whole without another read.
 		end := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) || total == info.ContentLength
 		if rerr != nil && !end {
-			return fmt.Errorf("%w: reading %s from bucket %s broke off: %v", errBucket, req.GetKey(), req.GetBucketId(), rerr)
+			return bucketFailed(rerr, fmt.Sprintf("reading %s from bucket %s broke off: ", req.GetKey(), req.GetBucketId()), "")
 		}
 		if h != nil {
 			_, _ = h.Write(buf[:n])

@@ -392,7 +392,7 @@ func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, err error, op
 		return fmt.Errorf("%w: no such object in bucket %s", errNotFound, b.Target.ID)
 	}
 	if f := objstore.Classify(ctx, err); f != objstore.NotBucketFault {
-		return fmt.Errorf("%w: could not %s in bucket %s: %v", errBucket, op, b.Target.ID, err)
+		return bucketFailed(err, fmt.Sprintf("could not %s in bucket %s: ", op, b.Target.ID), "")
 	}
 	return fmt.Errorf("%s in bucket %s: %w", op, b.Target.ID, err)
 }

@@ -89,7 +89,7 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	resp, err := s.upload(ctx, stream)
 	if err != nil {
 		st := toStatus(ctx, err)
-		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message())
+		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message(), "cause", err.Error())
 		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st, CallerFault: callerFault(err)})
 		return st
 	}
@@ -366,7 +366,8 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		a, err := s.allocate(ctx, u, exclude)
 		if err != nil {
 			if lastErr != nil && status.Code(err) != codes.InvalidArgument {
-				return nil, fmt.Errorf("%w: %d bucket(s) failed (last: %v) and no other bucket is available: %v", errBucket, attempt, lastErr, status.Convert(err).Message())
+				return nil, bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
+					"; no other bucket is available: "+status.Convert(err).Message())
 			}
 			return nil, err
 		}
@@ -412,7 +413,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		exclude = append(exclude, a.GetBucket().GetId())
 		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverBucketFailed)
 	}
-	return nil, fmt.Errorf("%w: the upload failed on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
+	return nil, bucketFailed(lastErr, fmt.Sprintf("the upload failed on %d buckets, the last (%s) with ", len(exclude), exclude[len(exclude)-1]), "")
 }
 
 // An upload's Commit is tried commitAttempts times within commitTimeout;
@@ -672,7 +673,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 				// The first cause wins: a part that fails because the upload
 				// already ended (the client went idle, another part failed)
 				// changes nothing.
-				cancel(fmt.Errorf("%w: bucket %s failed during the upload, which was aborted; retry the upload: %v", errBucket, bucketID, err))
+				cancel(bucketFailed(err, fmt.Sprintf("bucket %s failed during the upload (", bucketID), "), which was aborted; retry the upload"))
 				return
 			}
 			parts[num-1] = objstore.Part{Number: num, ETag: etag}
@@ -724,7 +725,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			// upload): abort cannot help, so remove the object itself.
 			s.removeOurs(ctx, b, u, mayHaveLanded)
 		}
-		return fail(fmt.Errorf("%w: completing the upload on bucket %s failed: %v", errBucket, bucketID, err))
+		return fail(bucketFailed(err, fmt.Sprintf("completing the upload on bucket %s failed: ", bucketID), ""))
 	}
 	renewDone()
 	if lost := context.Cause(upCtx); lost != nil && ctx.Err() == nil {
@@ -792,7 +793,8 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 		a, err := s.allocate(ctx, u, exclude)
 		if err != nil {
 			if lastErr != nil {
-				return nil, nil, "", fmt.Errorf("%w: %d bucket(s) failed (last: %v) and no other is available: %v", errBucket, attempt, lastErr, status.Convert(err).Message())
+				return nil, nil, "", bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
+					"; no other bucket is available: "+status.Convert(err).Message())
 			}
 			return nil, nil, "", err
 		}
@@ -831,7 +833,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 		exclude = append(exclude, a.GetBucket().GetId())
 		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverBucketFailed)
 	}
-	return nil, nil, "", fmt.Errorf("%w: could not start the upload on %d buckets; last error: %v", errBucket, len(exclude), lastErr)
+	return nil, nil, "", bucketFailed(lastErr, fmt.Sprintf("could not start the upload on %d buckets, the last (%s) with ", len(exclude), exclude[len(exclude)-1]), "")
 }
 
 // streamParts says whether parts for this bucket may stream: not when the

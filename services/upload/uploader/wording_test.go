@@ -1,0 +1,55 @@
+package uploader_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+)
+
+// A bucket's failure reaches the client as what the bucket did, in a few
+// words, naming the bucket: never the SDK's text, which holds the internal
+// endpoint URL, the object's path and request ids (those go to the log).
+func TestBucketFailuresAreWordedForClients(t *testing.T) {
+	st := startStack(t, 2, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	stored, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range st.Proxies {
+		p.Set(faultproxy.Error5xx)
+	}
+	check := func(what string, err error, want string) {
+		t.Helper()
+		msg := status.Convert(err).Message()
+		if status.Code(err) != codes.Unavailable || !strings.Contains(msg, want) {
+			t.Fatalf("%s: %v, want Unavailable saying %q", what, err, want)
+		}
+		for _, leak := range []string{"http://", "127.0.0.1", "RequestID", "operation error", ".bin"} {
+			if strings.Contains(msg, leak) {
+				t.Fatalf("%s: the client's message %q holds %q", what, msg, leak)
+			}
+		}
+	}
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	check("one PUT", err, "HTTP 500 (InternalError)")
+	big := testenv.OpaqueBytes(t, 9<<20)
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	check("multipart", err, "HTTP 500 (InternalError)")
+	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
+	check("read", err, "bucket "+stored.GetBucketId()+": HTTP 500 (InternalError)")
+	for _, p := range st.Proxies {
+		p.Set(faultproxy.Reset)
+	}
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "d.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	check("one PUT, connection reset", err, "with connection broken off")
+}
