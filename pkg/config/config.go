@@ -101,6 +101,18 @@ type Upload struct {
 	// the bucket size.
 	RateLimit float64 `json:"rateLimit"`
 	RateBurst int     `json:"rateBurst"`
+	// TLS serves the upload API over TLS (files read again when rotated).
+	TLS TLSFiles `json:"tls"`
+}
+
+// TLSFiles names a server's PEM files. With ClientCAFile, every client
+// must present a certificate that CA signed (mutual TLS), and the
+// certificate's name (URI, else DNS, else subject) identifies the client
+// for rate limits and buffer shares.
+type TLSFiles struct {
+	CertFile     string `json:"certFile"`
+	KeyFile      string `json:"keyFile"`
+	ClientCAFile string `json:"clientCAFile"`
 }
 
 // Bucket is one bucket seed as written in YAML.
@@ -223,6 +235,9 @@ func (f *File) Validate() error {
 	}
 	if f.Allocator.ReservationTTL.D() < 2*time.Second {
 		errs = append(errs, fmt.Errorf("allocator.reservationTTL: %s is shorter than etcd's 2s minimum lease", f.Allocator.ReservationTTL.D()))
+	}
+	if t := f.Upload.TLS; (t.CertFile == "") != (t.KeyFile == "") || (t.ClientCAFile != "" && t.CertFile == "") {
+		errs = append(errs, errors.New("upload.tls: certFile and keyFile go together, and clientCAFile needs them"))
 	}
 	if f.Upload.MaxObjectSize <= 0 {
 		errs = append(errs, errors.New("upload.maxObjectSize: must be positive"))

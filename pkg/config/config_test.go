@@ -111,6 +111,8 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"short ttl", "allocator:\n  reservationTTL: 1s\n", "reservationTTL"},
 		{"small buffer budget", "upload:\n  bufferBudget: 4MiB\n", "bufferBudget"},
 		{"client share over the budget", "upload:\n  bufferBudget: 64MiB\n  clientBufferShare: 65MiB\n", "clientBufferShare"},
+		{"TLS certificate without its key", "upload:\n  tls:\n    certFile: /tls/tls.crt\n", "upload.tls"},
+		{"client CA without a certificate", "upload:\n  tls:\n    clientCAFile: /tls/ca.crt\n", "upload.tls"},
 		{"no idle timeout", "upload:\n  idleTimeout: 0s\n", "idleTimeout"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
 		{"bucket limit too large", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 65537TiB}\n", "monthlyLimit"},

@@ -26,6 +26,8 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/bucketlb/bucketlb/pkg/ratelimit"
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
 type clock struct{ ns atomic.Int64 }
@@ -73,7 +75,19 @@ var echoService = grpc.ServiceDesc{
 // reflection, and returns a connection to it.
 func serve(t *testing.T, lim *ratelimit.Limiter) *grpc.ClientConn {
 	t.Helper()
-	srv := grpc.NewServer(grpc.UnaryInterceptor(lim.Unary), grpc.StreamInterceptor(lim.Stream))
+	addr := listen(t, lim)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+// listen runs the server of serve with opts and returns its address.
+func listen(t *testing.T, lim *ratelimit.Limiter, opts ...grpc.ServerOption) string {
+	t.Helper()
+	srv := grpc.NewServer(append(opts, grpc.UnaryInterceptor(lim.Unary), grpc.StreamInterceptor(lim.Stream))...)
 	srv.RegisterService(&echoService, struct{}{})
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	reflection.Register(srv)
@@ -83,12 +97,7 @@ func serve(t *testing.T, lim *ratelimit.Limiter) *grpc.ClientConn {
 	}
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = conn.Close() })
-	return conn
+	return lis.Addr().String()
 }
 
 func call(conn *grpc.ClientConn, client string) error {
@@ -262,5 +271,39 @@ func TestClientID(t *testing.T) {
 		if got := ratelimit.ClientID(c.ctx); got != c.want {
 			t.Errorf("%s: ClientID = %q, want %q", c.name, got, c.want)
 		}
+	}
+}
+
+// Over mutual TLS a client is its certificate: two clients on one address
+// have a bucket each, named by their URI names, whatever x-client-id
+// they send.
+func TestMutualTLSClientsHaveTheirOwnBuckets(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
+	srvTLS, err := tlsfiles.Server(certFile, keyFile, pki.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := listen(t, ratelimit.New(0.001, 1, newClock().now), grpc.Creds(credentials.NewTLS(srvTLS)))
+	dialAs := func(name string) *grpc.ClientConn {
+		cc, ck := pki.Issue(t, name, nil, "spiffe://test/"+name)
+		cliTLS, err := tlsfiles.Client(pki.CAFile, cc, ck)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cliTLS)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = conn.Close() })
+		return conn
+	}
+	a, b := dialAs("a"), dialAs("b")
+	if err := call(a, "shared"); err != nil {
+		t.Fatal(err)
+	}
+	refusal(t, call(a, "other"))
+	if err := call(b, "shared"); err != nil {
+		t.Fatalf("client b, limited by a's calls: %v", err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/KimMachineGun/automemlimit/memlimit"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 
@@ -26,6 +27,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -112,6 +114,13 @@ func run(log *slog.Logger) error {
 		MaxConnectionAge: 10 * time.Minute,
 		ServerOptions:    append(tel.ServerOptions(), up.ServerOptions()...),
 	}
+	if t := cfg.Upload.TLS; t.CertFile != "" {
+		tc, err := tlsfiles.Server(t.CertFile, t.KeyFile, t.ClientCAFile)
+		if err != nil {
+			return err
+		}
+		opts.ServerOptions = append(opts.ServerOptions, grpc.Creds(credentials.NewTLS(tc)))
+	}
 	if cfg.Upload.RateLimit > 0 {
 		lim := ratelimit.New(cfg.Upload.RateLimit, max(cfg.Upload.RateBurst, 1), nil)
 		opts.UnaryInterceptors = append(opts.UnaryInterceptors, lim.Unary)
@@ -124,7 +133,8 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	log.Info("upload service serving", "addr", lis.Addr().String(), "allocator", cfg.Upload.AllocatorAddr)
+	log.Info("upload service serving", "addr", lis.Addr().String(), "allocator", cfg.Upload.AllocatorAddr,
+		"tls", cfg.Upload.TLS.CertFile != "", "mtls", cfg.Upload.TLS.ClientCAFile != "")
 	if err := srv.Serve(ctx, lis); err != nil {
 		return err
 	}

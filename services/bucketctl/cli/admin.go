@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -17,7 +18,7 @@ import (
 
 // withAdmin dials the allocator and runs fn with an authenticated context.
 func (g *globals) withAdmin(ctx context.Context, fn func(context.Context, adminv1.AdminServiceClient) error) error {
-	conn, err := dial(g.allocatorAddr)
+	conn, err := dial(g.allocatorAddr, insecure.NewCredentials())
 	if err != nil {
 		return err
 	}

@@ -12,11 +12,13 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
 // Default addresses match `bucketctl dev`.
@@ -31,7 +33,10 @@ type globals struct {
 	token         string
 	tokenFile     string
 	timeout       time.Duration
-	out, errOut   io.Writer
+	// TLS to the upload service: a CA to trust (else the system's) and a
+	// client certificate for mutual TLS.
+	tlsCA, tlsCert, tlsKey string
+	out, errOut            io.Writer
 }
 
 // NewRoot builds the command tree writing to out and errOut.
@@ -50,6 +55,9 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 	pf.StringVar(&g.allocatorAddr, "allocator-addr", envOr("BUCKETLB_ALLOCATOR_ADDR", defaultAllocatorAddr), "allocator service gRPC address, for admin commands (env BUCKETLB_ALLOCATOR_ADDR)")
 	pf.StringVar(&g.tokenFile, "token-file", envOr("BUCKETLB_ADMIN_TOKEN_FILE", filepath.Join(".data", "admin-token")), "file holding the admin token (env BUCKETLB_ADMIN_TOKEN_FILE)")
 	pf.DurationVar(&g.timeout, "timeout", 0, "overall deadline for the command (0 = none for transfers, 10s for admin calls)")
+	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("BUCKETLB_TLS_CA"), "reach the upload service over TLS, trusting this CA file (env BUCKETLB_TLS_CA)")
+	pf.StringVar(&g.tlsCert, "tls-cert", os.Getenv("BUCKETLB_TLS_CERT"), "client certificate for mutual TLS with the upload service (env BUCKETLB_TLS_CERT)")
+	pf.StringVar(&g.tlsKey, "tls-key", os.Getenv("BUCKETLB_TLS_KEY"), "key of --tls-cert (env BUCKETLB_TLS_KEY)")
 	g.token = os.Getenv("BUCKETLB_ADMIN_TOKEN")
 
 	root.AddCommand(
@@ -70,10 +78,8 @@ func envOr(name, def string) string {
 	return def
 }
 
-func dial(addr string) (*grpc.ClientConn, error) {
-	// Plain text: bucketlb runs inside the cluster network (or loopback in
-	// dev); TLS between services is the mesh's or the deployment's concern.
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+func dial(addr string, creds credentials.TransportCredentials) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds),
 		// Pings find a peer gone silent (a partition, a frozen node),
 		// which a transfer with no --timeout would otherwise wait on for
 		// good. The servers allow a ping every 10 s.
@@ -105,7 +111,17 @@ func (g *globals) adminContext(ctx context.Context) (context.Context, context.Ca
 // uploadClient dials the upload service and applies --timeout (none by
 // default: transfers take as long as they take). Call done when finished.
 func (g *globals) uploadClient(ctx context.Context) (context.Context, uploadv1.UploadServiceClient, func(), error) {
-	conn, err := dial(g.uploadAddr)
+	// Plain text unless asked: bucketlb runs inside the cluster network
+	// (or on loopback in dev), where a mesh may provide TLS instead.
+	creds := insecure.NewCredentials()
+	if g.tlsCA != "" || g.tlsCert != "" {
+		tc, err := tlsfiles.Client(g.tlsCA, g.tlsCert, g.tlsKey)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		creds = credentials.NewTLS(tc)
+	}
+	conn, err := dial(g.uploadAddr, creds)
 	if err != nil {
 		return nil, nil, nil, err
 	}

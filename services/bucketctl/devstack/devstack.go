@@ -7,6 +7,7 @@ package devstack
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -59,6 +60,9 @@ type Options struct {
 	Endpoint func(bucketID, gatewayEndpoint string) string
 	// Tune adjusts the services' configuration before they start.
 	Tune func(*allocator.Config, *uploader.Config)
+	// UploadTLS, if set, serves the upload API over TLS (mutual TLS when
+	// it requires client certificates).
+	UploadTLS *tls.Config
 }
 
 // Stack is a running dev system.

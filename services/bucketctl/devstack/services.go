@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
@@ -76,7 +77,11 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 		return fmt.Errorf("devstack: upload service: %w", err)
 	}
 	s.closers = append(s.closers, up.Close)
-	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: up.ServerOptions()})
+	uopts := up.ServerOptions()
+	if opts.UploadTLS != nil {
+		uopts = append(uopts, grpc.Creds(credentials.NewTLS(opts.UploadTLS)))
+	}
+	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: uopts})
 	up.Register(usrv.GRPC)
 	usrv.SetServing("bucketlb.upload.v1.UploadService")
 	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv); err != nil {

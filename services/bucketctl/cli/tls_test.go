@@ -1,0 +1,52 @@
+package cli_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
+	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
+	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
+)
+
+// bucketctl reaches an upload service that requires mutual TLS with
+// --tls-ca, --tls-cert and --tls-key, and is turned away without them.
+func TestUploadOverMutualTLS(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	certFile, keyFile := pki.Issue(t, "upload", []string{"127.0.0.1"})
+	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := e2e.StartWith(t, devstack.Options{UploadTLS: srv})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	run := func(args ...string) (string, error) {
+		var out, errOut bytes.Buffer
+		root := cli.NewRoot(&out, &errOut)
+		root.SetArgs(append([]string{"--upload-addr", env.Stack.UploadAddr, "--timeout", "20s"}, args...))
+		err := root.ExecuteContext(ctx)
+		return out.String() + errOut.String(), err
+	}
+	src := filepath.Join(t.TempDir(), "f.bin")
+	if err := os.WriteFile(src, e2e.RandomBytes(t, 1000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cc, ck := pki.Issue(t, "thumbnailer", nil, "spiffe://test/thumbnailer")
+	if out, err := run("upload", "-q", src, "--tls-ca", pki.CAFile, "--tls-cert", cc, "--tls-key", ck); err != nil || !strings.Contains(out, "sha256") {
+		t.Fatalf("upload over mutual TLS: %v (%s)", err, out)
+	}
+	if out, err := run("upload", "-q", src, "--tls-ca", pki.CAFile); err == nil {
+		t.Fatalf("upload without a client certificate succeeded: %s", out)
+	}
+	if out, err := run("upload", "-q", src); err == nil {
+		t.Fatalf("upload in plain text to a TLS service succeeded: %s", out)
+	}
+}
