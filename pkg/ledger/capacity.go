@@ -46,6 +46,11 @@ type Capacity struct {
 	stopped chan struct{} // closed when Run returns
 
 	markers, idems, claims rotatingLease
+
+	// shardsSeen is each other replica's usage shard as the last fold
+	// found it (key to mod revision), under foldMu.
+	foldMu     sync.Mutex
+	shardsSeen map[string]int64
 }
 
 // rotatingLease is a lease many keys hang on, replaced every quarter of
@@ -1319,10 +1324,17 @@ func (c *Capacity) Release(ctx context.Context, bucketID, resID string) error {
 func (c *Capacity) janitor(ctx context.Context) {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
+	fold := time.NewTicker(foldEvery)
+	defer fold.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-fold.C:
+			if _, err := c.foldShards(ctx); err != nil && ctx.Err() == nil {
+				c.log.Warn("could not fold idle usage shards; will try again", "error", err.Error())
+			}
+			continue
 		case <-tick.C:
 		}
 		if t := c.current(); t != nil {
@@ -1396,4 +1408,80 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		}
 	}
+}
+
+// foldEvery is how often a replica folds idle usage shards: a shard no one
+// wrote between two folds is idle.
+const foldEvery = 10 * time.Minute
+
+// foldShards moves the bytes of idle usage shards into their bucket's base
+// usage key and deletes the shards. Every replica writes a shard of its
+// own per bucket and period, and every process start is a new replica:
+// without folding, shards of replicas long gone pile up in etcd, and grow
+// and Usages read them all. Folded are the shards of past periods and, in
+// the current one, those of other replicas unchanged since the last fold.
+// Each fold is one transaction comparing the base key and the shard, so
+// it races safely with commits (a replica whose shard was folded finds its
+// compare failed, reads again and starts a new shard), with SetUsage and
+// with other replicas folding. It returns how many shards it folded.
+func (c *Capacity) foldShards(ctx context.Context) (int, error) {
+	c.foldMu.Lock()
+	defer c.foldMu.Unlock()
+	rctx, cancel := c.l.ctx(ctx)
+	resp, err := c.l.cli.Txn(rctx).Then(
+		clientv3.OpGet(c.l.opts.Prefix+"ushard/", clientv3.WithPrefix()),
+		clientv3.OpGet(c.l.opts.Prefix+"usage/", clientv3.WithPrefix()),
+	).Commit()
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("ledger: read usage shards: %w", err)
+	}
+	type base struct {
+		used, rev int64
+	}
+	bases := map[string]*base{} // by "period/bucket"
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+		bases[strings.TrimPrefix(string(kv.Key), c.l.opts.Prefix+"usage/")] = &base{used: n, rev: kv.ModRevision}
+	}
+	current := c.l.Period().Name
+	seen := make(map[string]int64, len(c.shardsSeen))
+	folded := 0
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		key := string(kv.Key)
+		parts := strings.Split(strings.TrimPrefix(key, c.l.opts.Prefix+"ushard/"), "/")
+		if len(parts) != 3 || (parts[0] == current && parts[2] == c.id) {
+			continue // ours is written without a read
+		}
+		if parts[0] == current && c.shardsSeen[key] != kv.ModRevision {
+			seen[key] = kv.ModRevision // written since the last fold
+			continue
+		}
+		pb := parts[0] + "/" + parts[1]
+		b := bases[pb]
+		if b == nil {
+			b = &base{}
+			bases[pb] = b
+		}
+		n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+		baseKey := c.l.usageKey(parts[0], parts[1])
+		fctx, cancel := c.l.ctx(ctx)
+		tr, err := c.l.cli.Txn(fctx).If(
+			clientv3.Compare(clientv3.ModRevision(baseKey), "=", b.rev),
+			clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision),
+		).Then(clientv3.OpPut(baseKey, strconv.FormatInt(b.used+n, 10)), clientv3.OpDelete(key)).Commit()
+		cancel()
+		if err != nil {
+			return folded, fmt.Errorf("ledger: fold usage shard %s: %w", key, err)
+		}
+		if !tr.Succeeded {
+			// Written meanwhile, or the base was: the next fold sees it.
+			delete(bases, pb)
+			continue
+		}
+		b.used, b.rev = b.used+n, tr.Header.Revision
+		folded++
+	}
+	c.shardsSeen = seen
+	return folded, nil
 }

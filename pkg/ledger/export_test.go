@@ -19,3 +19,6 @@ func (c *Capacity) ApplyLate(ctx context.Context, evs []*clientv3.Event) error {
 
 // ResKey is the etcd key of reservation id on bucket.
 func (l *Ledger) ResKey(bucket, id string) string { return l.resKey(bucket, id) }
+
+// FoldShards runs one fold of idle usage shards now.
+func (c *Capacity) FoldShards(ctx context.Context) (int, error) { return c.foldShards(ctx) }

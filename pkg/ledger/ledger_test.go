@@ -539,3 +539,70 @@ func TestBlocksShrinkToTheRoomLeft(t *testing.T) {
 		})
 	}
 }
+
+// Usage shards of other replicas that stay unchanged between two folds,
+// and every shard of a past period, fold into the base usage key: every
+// process start is a new replica with shards of its own, which must not
+// pile up in etcd. Usage stays the same through a fold, and a live
+// replica whose shard was folded commits on into a new one.
+func TestIdleShardsFold(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()) }
+	la, a := replicaCapWith(t, cli, "a", ledger.Options{Now: clock})
+	_, b := replicaCapWith(t, cli, "b", ledger.Options{Now: clock})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1_000_000)
+	commit := func(c *ledger.Capacity, n int64) {
+		t.Helper()
+		r, err := c.Reserve(ctx, bk, n, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Commit(ctx, bk, r.ID, n, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	shards := func(period string) int {
+		t.Helper()
+		resp, err := cli.Get(ctx, "/bucketlb/ushard/"+period+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return int(resp.Count)
+	}
+	commit(b, 300)
+	commit(a, 200)
+	if n := shards("2026-03"); n != 2 {
+		t.Fatalf("%d shards, want one per replica", n)
+	}
+	if n, err := a.FoldShards(ctx); err != nil || n != 0 {
+		t.Fatalf("first fold: %d folded (%v), want none: b's shard was just seen", n, err)
+	}
+	if n, err := a.FoldShards(ctx); err != nil || n != 1 {
+		t.Fatalf("second fold: %d folded (%v), want b's idle shard", n, err)
+	}
+	if n := shards("2026-03"); n != 1 {
+		t.Fatalf("%d shards after the fold, want a's alone", n)
+	}
+	if u := usage(t, la, "b1"); u.Used != 500 {
+		t.Fatalf("used %d after the fold, want 500", u.Used)
+	}
+	commit(b, 50) // b's shard was folded under it
+	if u := usage(t, la, "b1"); u.Used != 550 {
+		t.Fatalf("used %d after b committed again, want 550", u.Used)
+	}
+	now.Store(time.Date(2026, 4, 2, 0, 0, 0, 0, time.UTC).UnixNano())
+	if n, err := a.FoldShards(ctx); err != nil || n != 2 {
+		t.Fatalf("fold after the period ended: %d folded (%v), want both of March's shards", n, err)
+	}
+	if n := shards("2026-03"); n != 0 {
+		t.Fatalf("%d shards of a past period left", n)
+	}
+	resp, err := cli.Get(ctx, "/bucketlb/usage/2026-03/b1")
+	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "550" {
+		t.Fatalf("March's usage key %v (%v), want 550", resp.Kvs, err)
+	}
+}
