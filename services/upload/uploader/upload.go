@@ -122,6 +122,9 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	}
 	hdr := first.GetHeader()
 	if hdr == nil {
+		if first.GetPayload() == nil {
+			return nil, badRequest("the first message must be a header, but it was empty")
+		}
 		return nil, badRequest("the first message must be a header, but it was a data chunk")
 	}
 	u, err := s.validate(hdr)

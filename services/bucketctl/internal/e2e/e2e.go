@@ -227,6 +227,7 @@ func BadInput(t *testing.T, e *Env) {
 			{Payload: &uploadv1.UploadRequest_Chunk{Chunk: []byte("hello")}},
 		}},
 		{"missing header", nil},
+		{"empty first message", []*uploadv1.UploadRequest{{}}},
 		{"declared size larger than sent", []*uploadv1.UploadRequest{
 			header(&uploadv1.UploadHeader{NameHint: "a.txt", ContentType: "text/plain", Size: 100}),
 			{Payload: &uploadv1.UploadRequest_Chunk{Chunk: []byte("only fifty bytes.................................")}},
