@@ -134,6 +134,17 @@ func (t *term) bucketIDs() []string {
 	return ids
 }
 
+// rereadAll marks every block for a recheck before it is carved again.
+func (t *term) rereadAll() {
+	for _, id := range t.bucketIDs() {
+		if bc := t.lookup(id); bc != nil {
+			bc.mu.Lock()
+			bc.recheck = true
+			bc.mu.Unlock()
+		}
+	}
+}
+
 // errLeaseLost ends operations of a term whose lease is gone.
 var errLeaseLost = fmt.Errorf("allocator replica lost its etcd lease: %w", ErrConflict)
 
@@ -156,10 +167,11 @@ type bucketCap struct {
 	res       map[string]*localRes
 	touched   time.Time
 	// limit is the bucket's limit when the block was last read: a lower
-	// one, or a usage correction (see usageChanged), sends carving
-	// through grow, which gives back what the block holds beyond the
-	// room left.
-	limit int64
+	// one, or recheck, sends carving through grow, which gives back what
+	// the block holds beyond the room left. recheck is set when usage was
+	// corrected (see usageChanged), or may have been unseen.
+	limit   int64
+	recheck bool
 	// unsure is set from a resync until a read of the block succeeds:
 	// after a write with an unknown outcome or a failed compare, block may
 	// be less than etcd holds (bytes nobody would hand back) or more
@@ -345,17 +357,23 @@ func (c *Capacity) term(ctx context.Context) error {
 	// (expiry, a failed commit compare), and every put of the hot bucket
 	// sent to every replica would cost etcd more than the puts themselves.
 	//
-	// A second watch follows usage corrections (only an operator writes
-	// the base usage keys): a block taken before one may hold more than
-	// the room left, and must be read again before it is carved.
+	// A second watch follows usage corrections (an operator's, or a
+	// fold): a block taken before one may hold more than the room left,
+	// and must be read again before it is carved. Both start at the
+	// lease's revision, not whenever etcd registers them, so an event
+	// between the two is not missed; a watch that fails is made again
+	// from now, after which every block is read again before it is
+	// carved, as a correction may have been missed.
 	var wcancel context.CancelFunc
 	defer func() { wcancel() }()
 	var watch, usageWatch clientv3.WatchChan
+	from := clientv3.WithRev(g.Revision + 1)
 	rewatch := func() {
 		var wctx context.Context
 		wctx, wcancel = context.WithCancel(clientv3.WithRequireLeader(ctx))
-		watch = c.l.cli.Watch(wctx, c.l.ownerResPrefix(t.owner), clientv3.WithPrefix(), clientv3.WithFilterPut())
-		usageWatch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"usage/", clientv3.WithPrefix(), clientv3.WithFilterDelete())
+		watch = c.l.cli.Watch(wctx, c.l.ownerResPrefix(t.owner), clientv3.WithPrefix(), clientv3.WithFilterPut(), from)
+		usageWatch = c.l.cli.Watch(wctx, c.l.opts.Prefix+"usage/", clientv3.WithPrefix(), clientv3.WithFilterDelete(), from)
+		from = clientv3.WithRev(0)
 	}
 	rewatch()
 	c.mu.Lock()
@@ -389,6 +407,7 @@ func (c *Capacity) term(ctx context.Context) error {
 				// re-watch from now.
 				wcancel()
 				rewatch()
+				t.rereadAll()
 				continue
 			}
 			c.apply(ctx, t, wr.Events)
@@ -396,6 +415,7 @@ func (c *Capacity) term(ctx context.Context) error {
 			if !ok || wr.Err() != nil {
 				wcancel()
 				rewatch()
+				t.rereadAll()
 				continue
 			}
 			c.usageChanged(t, wr.Events)
@@ -403,8 +423,8 @@ func (c *Capacity) term(ctx context.Context) error {
 	}
 }
 
-// usageChanged marks the blocks of buckets whose usage was corrected
-// unsure, so that the next carve reads the room left first.
+// usageChanged marks the blocks of buckets whose usage was corrected for
+// a recheck: the next carve reads the room left first.
 func (c *Capacity) usageChanged(t *term, evs []*clientv3.Event) {
 	for _, ev := range evs {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), c.l.opts.Prefix+"usage/")
@@ -414,7 +434,7 @@ func (c *Capacity) usageChanged(t *term, evs []*clientv3.Event) {
 		}
 		if bc := t.lookup(bucket); bc != nil {
 			bc.mu.Lock()
-			bc.unsure = true
+			bc.recheck = true
 			bc.mu.Unlock()
 		}
 	}
@@ -662,6 +682,9 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			}
 			continue // read again: the room may have changed meanwhile
 		}
+		if bc.blockSeen == rev {
+			bc.recheck = false
+		}
 		free := limit - used - held
 		want := need - (bc.block - bc.carved)
 		if want <= 0 {
@@ -717,7 +740,9 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 	}
 	bc := t.bucket(bucket.GetId())
 	bc.mu.Lock()
-	if stale := func() bool { return bc.unsure || bc.block-bc.carved < size || bucket.GetMonthlyLimitBytes() < bc.limit }; stale() {
+	if stale := func() bool {
+		return bc.unsure || bc.recheck || bc.block-bc.carved < size || bucket.GetMonthlyLimitBytes() < bc.limit
+	}; stale() {
 		// Growing writes our block: take the write lock first. It reads
 		// the block before anything, which settles an unsure one.
 		bc.mu.Unlock()
