@@ -376,6 +376,11 @@ func (c *Capacity) term(ctx context.Context) error {
 		from = clientv3.WithRev(0)
 	}
 	rewatch()
+	restart := func() {
+		wcancel()
+		rewatch()
+		t.rereadAll()
+	}
 	c.mu.Lock()
 	c.cur = t
 	select {
@@ -403,19 +408,15 @@ func (c *Capacity) term(ctx context.Context) error {
 			}
 		case wr, ok := <-watch:
 			if !ok || wr.Err() != nil {
-				// Missed events only delay frees (the janitor catches up):
-				// re-watch from now.
-				wcancel()
-				rewatch()
-				t.rereadAll()
+				// Missed deletions only delay frees (the janitor catches
+				// up); missed corrections are made up for by rechecks.
+				restart()
 				continue
 			}
 			c.apply(ctx, t, wr.Events)
 		case wr, ok := <-usageWatch:
 			if !ok || wr.Err() != nil {
-				wcancel()
-				rewatch()
-				t.rereadAll()
+				restart()
 				continue
 			}
 			c.usageChanged(t, wr.Events)
