@@ -664,7 +664,8 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		// After a lower limit or a usage correction, our block may hold
 		// more than the room left: what no reservation of ours uses goes
 		// back, or it would be carved beyond the limit.
-		if room := limit - used - (held - ours); bc.block > room && bc.block > bc.carved && bc.blockSeen == rev {
+		room := limit - used - (held - ours)
+		if bc.block > room && bc.block > bc.carved && bc.blockSeen == rev {
 			keep := max(bc.carved, room)
 			resp2, err := c.txn(context.WithoutCancel(ctx),
 				[]clientv3.Cmp{
@@ -684,7 +685,10 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			continue // read again: the room may have changed meanwhile
 		}
 		if bc.blockSeen == rev {
-			bc.recheck = false
+			// Reservations may hold more than the room left: then bytes
+			// they free must go back, not be carved again, so every
+			// carve reads first until the block fits the room.
+			bc.recheck = bc.block > room
 		}
 		free := limit - used - held
 		want := need - (bc.block - bc.carved)

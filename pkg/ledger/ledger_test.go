@@ -606,3 +606,42 @@ func TestIdleShardsFold(t *testing.T) {
 		t.Fatalf("March's usage key %v (%v), want 550", resp.Kvs, err)
 	}
 }
+
+// When live reservations already hold more than the room a lower limit
+// leaves, bytes they free go back instead of being granted again: the
+// bucket ends at its new limit, not over it.
+func TestFreedBytesOverALowerLimitGoBack(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, a := replicaCap(t, cli, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1<<20)
+	var held []*ledger.Reservation
+	for range 8 {
+		r, err := a.Reserve(ctx, bk, 1_000, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, r)
+	}
+	bk.MonthlyLimitBytes = 5_000 // 8,000 already held
+	if _, err := a.Reserve(ctx, bk, 1, time.Minute); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("reserve over a limit already held: %v, want ErrNoRoom", err)
+	}
+	for _, r := range held[5:] {
+		if err := a.Release(ctx, "b1", r.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r, err := a.Reserve(ctx, bk, 1_000, time.Minute); !errors.Is(err, ledger.ErrNoRoom) {
+		t.Fatalf("freed bytes granted again over the limit: %v, %v", r, err)
+	}
+	for _, r := range held[:5] {
+		if _, err := a.Commit(ctx, bk, r.ID, 1_000, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if u := usage(t, l, "b1"); u.Used != 5_000 {
+		t.Fatalf("used %d, want the new limit, 5,000", u.Used)
+	}
+}
