@@ -69,6 +69,9 @@ const (
 	// does when fewer bytes arrive than the Content-Length announced: the
 	// body was cut short on the way.
 	IncompleteBody
+	// HTMLBadRequest answers 400 with an HTML page and no S3 error
+	// document, as a proxy or CDN in front of a bucket may.
+	HTMLBadRequest
 )
 
 // Proxy is a running fault-injecting proxy.
@@ -126,6 +129,11 @@ func New(target string) (*Proxy, error) {
 			return
 		case Throttle:
 			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		case HTMLBadRequest:
+			w.Header().Set("Content-Type", "text/html")
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = io.WriteString(w, "<html><body><h1>400 Bad Request</h1><hr></body></html>")
 			return
 		case Unapplied:
 			w.WriteHeader(http.StatusNoContent)

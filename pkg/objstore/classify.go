@@ -110,6 +110,13 @@ func Describe(err error) string {
 	if errors.As(err, &dns) {
 		return "endpoint name not found"
 	}
+	var oe *net.OpError
+	switch {
+	case errors.As(err, &oe) && oe.Op == "dial":
+		return "could not connect"
+	case errors.Is(err, net.ErrClosed), errors.As(err, &oe):
+		return "connection broken off"
+	}
 	return "no usable answer"
 }
 
@@ -147,19 +154,24 @@ type Refusal struct {
 }
 
 // RefusalOf returns the refusal err carries when it is a bucket's 4xx
-// answer with an S3 error code. The SDK's error text around it (operation
-// name, request and host ids) is for logs, not for a client.
+// answer, with its S3 error code and message when the answer had them (a
+// proxy in front of a bucket may answer with an HTML page instead). The
+// SDK's error text around it (operation name, request and host ids, the
+// bucket's name and the key) is for logs, not for a client.
 func RefusalOf(err error) (Refusal, bool) {
 	var re *awshttp.ResponseError
-	var ae smithy.APIError
-	if !errors.As(err, &re) || !errors.As(err, &ae) {
+	if !errors.As(err, &re) {
 		return Refusal{}, false
 	}
 	code := re.HTTPStatusCode()
-	if code < 400 || code >= 500 || ae.ErrorCode() == "" {
+	if code < 400 || code >= 500 {
 		return Refusal{}, false
 	}
-	return Refusal{Status: code, Code: ae.ErrorCode(), Message: ae.ErrorMessage()}, true
+	r := Refusal{Status: code}
+	if ae := smithy.APIError(nil); errors.As(err, &ae) {
+		r.Code, r.Message = ae.ErrorCode(), ae.ErrorMessage()
+	}
+	return r, true
 }
 
 // timeoutCode reads the SDK's own list of error codes that mean the

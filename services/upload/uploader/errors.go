@@ -135,7 +135,10 @@ func refused(r objstore.Refusal) error {
 		code = codes.FailedPrecondition // the request clashes with what the bucket holds
 	}
 	why := r.Code
-	if r.Message != "" {
+	switch {
+	case r.Code == "":
+		why = "no S3 error in its answer"
+	case r.Message != "":
 		why = fmt.Sprintf("%s (%s)", strings.TrimSuffix(r.Message, "."), r.Code)
 	}
 	return status.Errorf(code, "the bucket refused the request: %s, HTTP %d", why, r.Status)

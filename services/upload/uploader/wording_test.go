@@ -30,15 +30,7 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	}
 	check := func(what string, err error, want string) {
 		t.Helper()
-		msg := status.Convert(err).Message()
-		if status.Code(err) != codes.Unavailable || !strings.Contains(msg, want) {
-			t.Fatalf("%s: %v, want Unavailable saying %q", what, err, want)
-		}
-		for _, leak := range []string{"http://", "127.0.0.1", "RequestID", "operation error", ".bin"} {
-			if strings.Contains(msg, leak) {
-				t.Fatalf("%s: the client's message %q holds %q", what, msg, leak)
-			}
-		}
+		checkWorded(t, what, err, codes.Unavailable, want)
 	}
 	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
 	check("one PUT", err, "HTTP 500 (InternalError)")
@@ -52,4 +44,41 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	}
 	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "d.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
 	check("one PUT, connection reset", err, "with connection broken off")
+}
+
+// checkWorded fails unless err has code and says want, without the SDK's
+// text or the object's path.
+func checkWorded(t *testing.T, what string, err error, code codes.Code, want string) {
+	t.Helper()
+	msg := status.Convert(err).Message()
+	if status.Code(err) != code || !strings.Contains(msg, want) {
+		t.Fatalf("%s: %v, want %v saying %q", what, err, code, want)
+	}
+	for _, leak := range []string{"http://", "127.0.0.1", "RequestID", "operation error", ".bin"} {
+		if strings.Contains(msg, leak) {
+			t.Fatalf("%s: the client's message %q holds %q", what, msg, leak)
+		}
+	}
+}
+
+// A bucket's 4xx without an S3 error document (an HTML page from a proxy
+// in front of it) is the request's refusal, worded like any other: not
+// INTERNAL with the SDK's text.
+func TestRefusalWithoutAnS3ErrorIsWorded(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	stored, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Proxies[stored.GetBucketId()].Set(faultproxy.HTMLBadRequest)
+	const want = "the bucket refused the request: no S3 error in its answer, HTTP 400"
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	checkWorded(t, "one PUT", err, codes.InvalidArgument, want)
+	big := testenv.OpaqueBytes(t, 9<<20)
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	checkWorded(t, "multipart", err, codes.InvalidArgument, want)
+	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
+	checkWorded(t, "read", err, codes.InvalidArgument, want)
 }
