@@ -44,7 +44,8 @@ type Options struct {
 	// limit, a replica whose buffers are full). 0 means 3; negative, none.
 	Retries int
 	// OnRetry, if set, is called before each retry with the failed
-	// attempt's number (from 1), its error and the wait before the next.
+	// call's number (from 1; a refusal by the rate limit is a call too),
+	// its error and the wait before the next.
 	OnRetry func(attempt int, err error, wait time.Duration)
 	// RateLimitWait bounds the time UploadFile waits in all for the
 	// service's rate limit (RESOURCE_EXHAUSTED, reason RATE_LIMITED), which
@@ -162,7 +163,8 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 	}
 	var first error
 	var limited time.Duration // waited for the rate limit so far
-	for attempt := 1; ; attempt++ {
+	failures := 0             // attempts that failed, not counting rate-limit refusals
+	for call := 1; ; call++ {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return nil, err
 		}
@@ -170,32 +172,37 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 		if err == nil {
 			return resp, nil
 		}
-		wait, ok := retryAfter(err, attempt)
+		if first == nil {
+			first = err
+		}
+		fail := func(last error) (*uploadv1.UploadResponse, error) {
+			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: call, First: first, Last: last}
+		}
+		wait, ok := retryAfter(err, failures+1)
 		if ok && rateLimited(err) && limited+wait <= limitWait {
-			// Refused before it began: waiting for a token is not a
-			// failed attempt.
+			// Refused before it began: waiting for a token does not use
+			// up a retry.
 			limited += wait
-			attempt--
 		} else {
-			if first == nil {
-				first = err
-			}
-			if !ok && attempt == 1 {
+			failures++
+			if !ok && call == 1 {
 				return nil, err // the request itself was refused: nothing to retry
 			}
-			if !ok || attempt > retries {
-				return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first, Last: err}
+			if !ok || failures > retries {
+				return fail(err)
 			}
 		}
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+			return fail(fmt.Errorf("%w (not retried: the wait of %v asked for runs past the deadline)", err, wait.Round(time.Millisecond)))
+		}
 		if opts.OnRetry != nil {
-			opts.OnRetry(attempt, err, wait)
+			opts.OnRetry(call, err, wait)
 		}
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: attempt, First: first,
-				Last: fmt.Errorf("%w (while waiting to retry after: %v)", ctx.Err(), err)}
+			return fail(fmt.Errorf("%w (while waiting to retry after: %v)", ctx.Err(), err))
 		case <-t.C:
 		}
 	}

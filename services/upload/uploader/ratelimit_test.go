@@ -37,7 +37,12 @@ func TestRateLimitedUploadFilesWaitTheirTurn(t *testing.T) {
 	for i := range errs {
 		wg.Go(func() {
 			_, errs[i] = uploadclient.UploadFile(ctx, st.Upload, path, &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream"},
-				uploadclient.Options{OnRetry: func(int, error, time.Duration) { refused.Add(1) }})
+				uploadclient.Options{OnRetry: func(call int, _ error, _ time.Duration) {
+					refused.Add(1)
+					if call < 1 {
+						t.Errorf("retry after call %d; calls count from 1, refusals included", call)
+					}
+				}})
 		})
 	}
 	wg.Wait()
