@@ -114,7 +114,7 @@ func (g *globals) uploadClient(ctx context.Context) (context.Context, uploadv1.U
 	// Plain text unless asked: bucketlb runs inside the cluster network
 	// (or on loopback in dev), where a mesh may provide TLS instead.
 	creds := insecure.NewCredentials()
-	if g.tlsCA != "" || g.tlsCert != "" {
+	if g.tlsCA != "" || g.tlsCert != "" || g.tlsKey != "" {
 		tc, err := tlsfiles.Client(g.tlsCA, g.tlsCert, g.tlsKey)
 		if err != nil {
 			return nil, nil, nil, err

@@ -49,4 +49,8 @@ func TestUploadOverMutualTLS(t *testing.T) {
 	if out, err := run("upload", "-q", src); err == nil {
 		t.Fatalf("upload in plain text to a TLS service succeeded: %s", out)
 	}
+	// Half a client certificate is a mistake to report, not plain text.
+	if out, err := run("upload", "-q", src, "--tls-key", ck); err == nil || !strings.Contains(out+err.Error(), "both") {
+		t.Fatalf("--tls-key alone: %v (%s), want an error asking for both files", err, out)
+	}
 }
