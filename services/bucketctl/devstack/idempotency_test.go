@@ -89,6 +89,10 @@ func TestIdempotencyKeyReusedForAnotherObject(t *testing.T) {
 		{"another size", a[:1000], &uploadv1.UploadHeader{IdempotencyKey: "order-1"}},
 		{"another sha256", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Sha256: e2e.HexSHA(b)}},
 		{"another object key", a, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/2.bin"}},
+		// Bytes of the same size and no sha256 declared: a small object
+		// is compared once received, under a name hint or the same key.
+		{"other bytes, no sha256", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1"}},
+		{"other bytes, no sha256, same key", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/1.bin"}},
 	} {
 		if _, err := put(ctx, env, c.data, c.hdr); status.Code(err) != codes.FailedPrecondition {
 			t.Fatalf("%s under a used key: %v, want FailedPrecondition", c.name, err)

@@ -2,6 +2,7 @@ package uploader
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/md5"
 	"crypto/rand"
@@ -75,7 +76,14 @@ type upload struct {
 	// writes under a client's key: a second upload under the same key
 	// would replace the object the first one records.
 	claim *allocatorv1.IdempotencyClaim
+	// digest is the sha256 of the received object once known before its
+	// write (a small object, buffered whole).
+	digest string
 }
+
+// sha256 is the object's sha256 as far as known before its write: the
+// client's declared one, else the one computed from a buffered object.
+func (u *upload) sha256() string { return cmp.Or(u.hdr.GetSha256(), u.digest) }
 
 // ownKey reports a key the service generated (128 random bits): no other
 // writer uses it, so cleanup may remove whatever stands under it.
@@ -134,13 +142,16 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	// An upload that claims its key learns of a record from its Allocate
 	// (see allocate), which spares the first try, the usual case, this
 	// round trip; a replay then answers once the head of the data is in.
-	if hdr.GetIdempotencyKey() != "" && u.claim == nil {
+	small := u.size <= s.cfg.PartSize
+	if hdr.GetIdempotencyKey() != "" && u.claim == nil && (hdr.GetSha256() != "" || !small) {
 		// Answered at once, the client's remaining chunks are discarded.
+		// A small object without a declared sha256 is checked once
+		// received (uploadSmall): other bytes of the same size under a
+		// recorded key must not be told they are stored.
 		if resp, err := s.recorded(ctx, u); resp != nil || err != nil {
 			return resp, err
 		}
 	}
-	small := u.size <= s.cfg.PartSize
 	need := u.size
 	if !small {
 		need = 2 * s.partSize(u.size) // the two part buffers
@@ -304,7 +315,7 @@ func (s *Server) recorded(ctx context.Context, u *upload) (*uploadv1.UploadRespo
 	if err != nil {
 		return nil, unreachable(err, "nothing was stored")
 	}
-	if err := reusedFor(rec.GetRecord(), u.size, u.hdr.GetSha256(), u.hdr.GetKey()); err != nil {
+	if err := reusedFor(rec.GetRecord(), u.size, u.sha256(), u.hdr.GetKey()); err != nil {
 		return nil, err
 	}
 	return replay(rec.GetRecord()), nil
@@ -358,6 +369,12 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return nil, badField("header.sha256", "sha256 of the received data is %s but the header declared %s", digest, want)
 	}
 	u.in.Metadata[sha256Key] = digest
+	u.digest = digest
+	if u.hdr.GetIdempotencyKey() != "" && u.claim == nil && u.hdr.GetSha256() == "" {
+		if resp, err := s.recorded(ctx, u); resp != nil || err != nil {
+			return resp, err
+		}
+	}
 	var exclude []string
 	var lastErr error
 	for attempt := 0; attempt < s.cfg.MaxBucketAttempts; attempt++ {

@@ -133,8 +133,12 @@ type UploadHeader struct {
 	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted once.
-	// Reusing the key for another object (another size, or another sha256 or
-	// key when given) fails with FAILED_PRECONDITION and stores nothing. With
+	// Reusing the key for another object (another size, sha256 or key) fails
+	// with FAILED_PRECONDITION and stores nothing. The bytes are compared by
+	// sha256: the declared one, else, for an object of at most one part, the
+	// one computed on receipt; a larger object without a declared sha256 is
+	// compared by size and key only, and its repeat is answered before its
+	// data arrives. With
 	// a client-chosen object key, one upload at a time holds the idempotency
 	// key: another under it meanwhile gets ABORTED with a retry delay (its
 	// write would replace the object the first one records). At most 256
