@@ -1271,14 +1271,27 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		clientv3.OpDelete(c.l.resKey(id, resID)),
 		clientv3.OpPut(c.l.commitKey(resID), string(marker), clientv3.WithLease(ls.marker)),
 	}
+	var elseOps []clientv3.Op
 	if idem != nil && idem.Key != "" {
 		k := c.l.idemKey(idem.Key)
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
 		ops = append(ops, clientv3.OpPut(k, string(idem.Record), clientv3.WithLease(ls.idem)))
+		elseOps = append(elseOps, clientv3.OpGet(k))
 	}
-	tr, err := c.txn(ctx, cmps, ops...)
+	tctx, cancel := c.l.ctx(ctx)
+	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
+	cancel()
 	if err != nil || !tr.Succeeded {
 		c.resync(ctx, t, bc, period, id)
+		if err == nil && len(elseOps) > 0 {
+			// Another upload recorded the idempotency key first: that is
+			// the answer (as from commitBatch), not a race to retry.
+			if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+				if _, ours, merr := c.l.readMarker(ctx, resID); merr == nil && !ours {
+					return CommitResult{DuplicateOf: kvs[0].Value}, true, nil
+				}
+			}
+		}
 		return CommitResult{}, false, nil
 	}
 	bc.shard += actual

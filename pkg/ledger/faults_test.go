@@ -371,3 +371,34 @@ func TestRenewThatKeepsLosingGivesUp(t *testing.T) {
 		t.Fatalf("%d reservation keys, want 1", n)
 	}
 }
+
+// A commit through the owner's block (the committing replica has no room
+// of its own) whose idempotency key another upload recorded first answers
+// with that record at once, as a commit from its own block does: it is the
+// answer, not a race to retry until ErrConflict.
+func TestCommitFromOwnerAnswersWithTheRecordedDuplicate(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, a := replicaCap(t, cli, "a")
+	_, b := replicaCap(t, cli, "b")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 200) // a's two reservations fill it: b has no room
+	first, err := a.Reserve(ctx, bk, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := a.Reserve(ctx, bk, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Commit(ctx, bk, first.ID, 100, &ledger.Idempotency{Key: "k", Record: []byte(`{"n":0}`)}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := b.Commit(ctx, bk, second.ID, 100, &ledger.Idempotency{Key: "k", Record: []byte(`{"n":1}`)})
+	if err != nil || string(res.DuplicateOf) != `{"n":0}` {
+		t.Fatalf("second upload under the key, committed on another replica: %+v, %v; want the first's record", res, err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 100 {
+		t.Fatalf("used %d, want the first upload's 100 alone", u.Used)
+	}
+}
