@@ -89,7 +89,8 @@ func Describe(err error) string {
 		}
 	}
 	var re *awshttp.ResponseError
-	if errors.As(err, &re) && re.HTTPStatusCode() != 0 { // 0: no answer came
+	// 0: no answer came; 2xx: the answer broke off after its status.
+	if errors.As(err, &re) && re.HTTPStatusCode() >= 300 {
 		if api := apiCode(err); api != "" {
 			return fmt.Sprintf("HTTP %d (%s)", re.HTTPStatusCode(), api)
 		}
@@ -116,6 +117,8 @@ func Describe(err error) string {
 		return "could not connect"
 	case errors.Is(err, net.ErrClosed), errors.As(err, &oe):
 		return "connection broken off"
+	case errors.As(err, &re) && re.HTTPStatusCode() != 0:
+		return "its answer broke off"
 	}
 	return "no usable answer"
 }

@@ -39,6 +39,16 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	check("multipart", err, "HTTP 500 (InternalError)")
 	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
 	check("read", err, "bucket "+stored.GetBucketId()+": HTTP 500 (InternalError)")
+	// A 200 whose body breaks off is not "HTTP 200".
+	for _, p := range st.Proxies {
+		p.Set(faultproxy.Pass)
+		p.SetFor("CompleteMultipartUpload", faultproxy.Truncate)
+	}
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "e.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	check("multipart, its completion's answer cut short", err, "completing the upload on bucket")
+	if strings.Contains(status.Convert(err).Message(), "HTTP 200") {
+		t.Fatalf("a broken-off 200 worded as a status: %v", err)
+	}
 	for _, p := range st.Proxies {
 		p.Set(faultproxy.Reset)
 	}
