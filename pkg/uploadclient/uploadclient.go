@@ -242,7 +242,7 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 	st, _ := status.FromError(err)
 	for _, d := range st.Details() {
 		if ri, ok := d.(*errdetails.RetryInfo); ok {
-			d := min(ri.GetRetryDelay().AsDuration(), maxRetryWait)
+			d := max(0, min(ri.GetRetryDelay().AsDuration(), maxRetryWait))
 			return d + mrand.N(d/2+1), true
 		}
 	}
