@@ -20,7 +20,7 @@ DATA_DIR ?= $(CURDIR)/.data
 
 .PHONY: help
 help: ## Show this help.
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 $(BIN)/buf:
 	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
@@ -88,13 +88,10 @@ build: ## Build the three binaries into ./bin.
 
 .PHONY: run
 run: build ## Start the whole system locally (embedded etcd, both services, 3 local S3 buckets).
-	$(BIN)/bucketctl dev --data-dir $(DATA_DIR)
-
-KUSTOMIZE_VERSION := v5.8.2
+	$(BIN)/bucketctl dev --data-dir $(DATA_DIR) $(DEV_FLAGS)
 
 .PHONY: deploy-check
-deploy-check: ## Build the kustomize overlays, parse dashboard/rules (JSON, YAML, PromQL), check manifests and metric names.
-	@test -x $(BIN)/kustomize || GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+deploy-check: $(BIN)/kustomize ## Build the kustomize overlays, parse dashboard/rules (JSON, YAML, PromQL), check manifests and metric names (needs python3).
 	for overlay in dev production; do \
 	  $(BIN)/kustomize build deployments/overlays/$$overlay > /dev/null; \
 	  echo "deployments/overlays/$$overlay: builds"; done

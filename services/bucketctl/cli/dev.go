@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -67,29 +68,47 @@ func printBanner(w io.Writer, st *devstack.Stack) {
 	fmt.Fprintf(w, `
 bucketlb dev stack is running. Ctrl-C stops it.
 
-  upload service   %s   (gRPC, reflection on)
-  allocator/admin  %s   (gRPC, reflection on)
-  etcd             %s
-  local S3         %s   access key %s, secret %s, region %s, path style
-  buckets          %s
-  admin token      %s   (stored in %s)
+  upload service   %[1]s   (gRPC, reflection on)
+  allocator/admin  %[2]s   (gRPC, reflection on)
+  etcd             %[3]s
+  local S3         %[4]s   access key %[5]s, secret %[6]s, region %[7]s, path style
+  buckets          %[8]s
+  admin token      %[9]s   (stored in %[10]s)
 
 Try it (second shell, from the repository root):
   head -c 20M /dev/urandom > /tmp/big.bin
-  bin/bucketctl upload /tmp/big.bin
-  bin/bucketctl get <bucket_id> <key> -o /tmp/back.bin && sha256sum /tmp/big.bin /tmp/back.bin
-  bin/bucketctl status
+  %[11]s upload /tmp/big.bin
+  %[11]s get <bucket_id> <key> -o /tmp/back.bin && sha256sum /tmp/big.bin /tmp/back.bin
+  %[11]s status
 
   make grpcurl   # installs bin/grpcurl
-  bin/grpcurl -plaintext %s list
-  bin/grpcurl -plaintext -H "authorization: Bearer $(cat %s)" %s bucketlb.admin.v1.AdminService/GetStatus
+  bin/grpcurl -plaintext %[1]s list
+  bin/grpcurl -plaintext -H "authorization: Bearer $(cat %[10]s)" %[2]s bucketlb.admin.v1.AdminService/GetStatus
 
 Look inside the buckets with any S3 tool, e.g.
-  AWS_ACCESS_KEY_ID=%s AWS_SECRET_ACCESS_KEY=%s aws --endpoint-url %s s3 ls s3://%s
+  AWS_ACCESS_KEY_ID=%[5]s AWS_SECRET_ACCESS_KEY=%[6]s aws --endpoint-url %[4]s s3 ls s3://%[12]s
 `,
 		st.UploadAddr, st.AllocatorAddr, st.Etcd.Endpoint,
 		st.S3.Endpoint, st.S3.AccessKey, st.S3.SecretKey, st.S3.Region,
 		strings.Join(names, ", "), st.AdminToken, st.TokenFile,
-		st.UploadAddr, st.TokenFile, st.AllocatorAddr,
-		st.S3.AccessKey, st.S3.SecretKey, st.S3.Endpoint, st.Buckets[0].GetName())
+		bucketctlCommand(st), st.Buckets[0].GetName())
+}
+
+// bucketctlCommand is how to call bucketctl against st: with its addresses
+// and token file as flags when they are not the defaults, since a
+// command without them would reach another stack, or none.
+func bucketctlCommand(st *devstack.Stack) string {
+	cmd := "bin/bucketctl"
+	if st.UploadAddr != defaultUploadAddr {
+		cmd += " --upload-addr " + st.UploadAddr
+	}
+	if st.AllocatorAddr != defaultAllocatorAddr {
+		cmd += " --allocator-addr " + st.AllocatorAddr
+	}
+	tok, _ := filepath.Abs(st.TokenFile)
+	def, _ := filepath.Abs(filepath.Join(".data", "admin-token")) // --token-file's default
+	if tok != def {
+		cmd += " --token-file " + st.TokenFile
+	}
+	return cmd
 }
