@@ -235,7 +235,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		metaBytes += len(k) + objstore.EncodedLen(v)
 	}
 	if metaBytes > maxMetadata {
-		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it)", metaBytes, maxMetadata)
+		return nil, badField("header.metadata", "the metadata takes %d bytes; at most %d are allowed (S3 stores 2 KB of user metadata, and the service keeps a little of it; a value beyond ASCII counts as its RFC 2047 encoding, about 4/3 of its UTF-8 bytes)", metaBytes, maxMetadata)
 	}
 	seen := make(map[string]string, len(hdr.GetMetadata()))
 	for k := range hdr.GetMetadata() {
@@ -255,12 +255,14 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	}
 	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
 	// that cannot, but only after the data arrived.
-	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
-		return nil, badField("header.metadata", "%s", p)
-	}
+	// The header budget with the service's own entries first: objstore
+	// checks it without them, and would quote a smaller number.
 	if n := objstore.MetadataHeaderBytes(hdr.GetMetadata()) + serviceMetadataHeaderBytes; n > objstore.MaxMetadataHeaderBytes {
 		return nil, badField("header.metadata", "the %d metadata entries would take %d bytes of request headers with the service's own, and at most %d fit (each entry costs its key twice and about 30 bytes more): send fewer entries",
 			len(hdr.GetMetadata()), n, objstore.MaxMetadataHeaderBytes)
+	}
+	if p := objstore.MetadataProblem(hdr.GetMetadata()); p != "" {
+		return nil, badField("header.metadata", "%s", p)
 	}
 	md := maps.Clone(hdr.GetMetadata())
 	if md == nil {

@@ -151,8 +151,10 @@ type UploadHeader struct {
 	// headers: keys are ASCII header names, compared without case and read
 	// back in lower case (two keys that differ only in case are refused);
 	// values lose leading and trailing spaces and may not hold line breaks.
-	// Values in any script read back as sent (they travel as RFC 2047
-	// encoded words). Keys and values take at most 1.9 KB, and the entries
+	// Values in any script read back as sent (they travel, and are stored,
+	// as RFC 2047 encoded words, which count toward the limit at their
+	// encoded size, about 4/3 of their UTF-8 bytes). Keys and values take at
+	// most 1.9 KB, and the entries
 	// at most 4 KB of request headers (each costs its key twice and about 30
 	// bytes more).
 	Metadata map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
