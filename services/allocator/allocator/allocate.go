@@ -67,7 +67,11 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	healthyExists := false
 	var why skipped
 	buckets := sortedBuckets(s.bucketMap())
+	roomThisPeriod := false // an ACTIVE bucket's committed bytes leave room
 	for _, b := range buckets {
+		if b.GetState() == adminv1.BucketState_BUCKET_STATE_ACTIVE && usage[b.GetId()].Used+req.GetSize() <= b.GetMonthlyLimitBytes() {
+			roomThisPeriod = true
+		}
 		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE {
 			why.add(strings.ToLower(strings.TrimPrefix(b.GetState().String(), "BUCKET_STATE_")))
 			continue
@@ -134,6 +138,11 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 			why.add("half-open with its one trial upload under way")
 		}
 		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
+	}
+	if !roomThisPeriod {
+		// Only an operator, or the next period, makes room: a retry
+		// would only wait.
+		return nil, nil, errNoRoomThisPeriod
 	}
 	return nil, nil, errNoRoom
 }

@@ -21,9 +21,12 @@ import (
 var (
 	errNoHealthyBucket = errors.New("no healthy bucket can take uploads right now")
 	errNoRoom          = errors.New("no bucket has room for this many bytes this period")
-	errInvalid         = errors.New("invalid request")
-	errNoRecord        = errors.New("no upload is recorded under this idempotency key")
-	errDisabled        = errors.New("bucket is disabled")
+	// errNoRoomThisPeriod: not even committed bytes leave room in any
+	// active bucket, so no reservation ending can make it.
+	errNoRoomThisPeriod = fmt.Errorf("%w: every active bucket's committed bytes leave less than that", errNoRoom)
+	errInvalid          = errors.New("invalid request")
+	errNoRecord         = errors.New("no upload is recorded under this idempotency key")
+	errDisabled         = errors.New("bucket is disabled")
 )
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
@@ -40,7 +43,11 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, ledger.ErrBucketNotFound), errors.Is(err, errNoRecord):
 		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errNoRoomThisPeriod):
+		// No RetryInfo: retrying cannot help before an operator acts.
+		return status.Error(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit")
 	case errors.Is(err, errNoRoom):
+		// Live reservations hold the room; some end soon.
 		return withRetry(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit", time.Minute)
 	case errors.Is(err, ledger.ErrClaimed):
 		return withRetry(codes.Aborted, err.Error()+"; retry after that upload ends to get its result", time.Second)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -475,5 +476,35 @@ func TestFailClosedWithoutEtcd(t *testing.T) {
 			t.Fatalf("allocator did not recover after etcd returned: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// "No room" invites a retry only when live reservations hold the room,
+// which they give back soon; when committed bytes alone leave no room in
+// any active bucket, only an operator can help, and RetryInfo would only
+// make clients wait.
+func TestNoRoomSaysWhetherToRetry(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 800}); err != nil {
+		t.Fatal(err)
+	}
+	retryDelay := func(err error) bool {
+		for _, d := range status.Convert(err).Details() {
+			if _, ok := d.(*errdetails.RetryInfo); ok {
+				return true
+			}
+		}
+		return false
+	}
+	_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500})
+	if status.Code(err) != codes.ResourceExhausted || !retryDelay(err) {
+		t.Fatalf("room held by a reservation: %v, want ResourceExhausted with RetryInfo", err)
+	}
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1500})
+	if status.Code(err) != codes.ResourceExhausted || retryDelay(err) {
+		t.Fatalf("more than any bucket's limit: %v, want ResourceExhausted without RetryInfo", err)
 	}
 }
