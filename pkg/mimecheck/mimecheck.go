@@ -76,10 +76,22 @@ func (c *Checker) CheckDeclared(declared string) error {
 	if declared == "" {
 		return fmt.Errorf("content type is required")
 	}
+	if _, _, err := mime.ParseMediaType(declared); err != nil {
+		return fmt.Errorf("content type %q is malformed: %v", declared, err)
+	}
 	if want := base(declared); !c.allowed[want] {
-		return fmt.Errorf("content type %q is not allowed here", want)
+		return fmt.Errorf("content type %q is not allowed here", mediaType(declared))
 	}
 	return nil
+}
+
+// mediaType is a content type without its parameters, as the client wrote
+// it (for messages: an alias like image/jpg is not renamed).
+func mediaType(ct string) string {
+	if mt, _, err := mime.ParseMediaType(ct); err == nil {
+		return mt
+	}
+	return ct
 }
 
 // CheckData rejects data whose sniffed type contradicts the declared one
@@ -121,7 +133,7 @@ func (c *Checker) CheckData(declared string, head []byte) error {
 	// photo): only the sniffed type's own check below applies.
 	contradicts := !m.Is(want)
 	if contradicts && want != "application/octet-stream" {
-		return fmt.Errorf("declared content type %q but the data looks like %q", want, sniffed)
+		return fmt.Errorf("declared content type %q but the data looks like %q", mediaType(declared), sniffed)
 	}
 	if !c.allowed[sniffed] && !generic[sniffed] {
 		return fmt.Errorf("the data looks like %q, which is not allowed here", sniffed)

@@ -3,6 +3,7 @@ package mimecheck_test
 import (
 	"archive/zip"
 	"bytes"
+	"strings"
 	"testing"
 
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
@@ -136,4 +137,21 @@ func FuzzCheckData(f *testing.F) {
 			t.Fatalf("empty object under %q: %v", declared, err)
 		}
 	})
+}
+
+// Messages name the type as the client wrote it, and say when it is
+// malformed rather than not allowed.
+func TestMessagesNameTheDeclaredType(t *testing.T) {
+	c := mimecheck.New(nil)
+	for _, tc := range []struct{ declared, want string }{
+		{"text/plain; charset=", "is malformed"},
+		{"application/x-msdownload; x=1", `"application/x-msdownload" is not allowed`},
+	} {
+		if err := c.CheckDeclared(tc.declared); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("CheckDeclared(%q) = %v, want it to say %q", tc.declared, err, tc.want)
+		}
+	}
+	if err := c.CheckData("image/jpg", []byte("%PDF-1.4\n")); err == nil || !strings.Contains(err.Error(), `declared content type "image/jpg"`) {
+		t.Errorf("pdf declared as image/jpg: %v, want the declared name", err)
+	}
 }
