@@ -146,3 +146,26 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 		t.Fatalf("status without a token: %v", err)
 	}
 }
+
+// A failed file does not stop the others: each is tried, each success
+// prints its result, and the command fails naming how many did not go.
+func TestUploadTriesEveryFile(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.bin")
+	if err := os.WriteFile(good, e2e.RandomBytes(t, 1000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errOut bytes.Buffer
+	root := cli.NewRoot(&out, &errOut)
+	root.SetArgs([]string{"--upload-addr", env.Stack.UploadAddr, "upload", "-q", filepath.Join(dir, "missing.bin"), good})
+	err := root.ExecuteContext(ctx)
+	if err == nil || !strings.Contains(err.Error(), "1 of 2 uploads failed") || !strings.Contains(errOut.String(), "missing.bin") {
+		t.Fatalf("upload of a missing and a good file: %v (%s), want 1 of 2 failed, naming the missing one", err, errOut.String())
+	}
+	if !strings.Contains(out.String(), `"sha256"`) {
+		t.Fatalf("the good file after the missing one was not uploaded: %q", out.String())
+	}
+}

@@ -44,7 +44,7 @@ func newUploadCmd(g *globals) *cobra.Command {
 			defer done()
 			enc := json.NewEncoder(g.out)
 			enc.SetIndent("", "  ")
-			for _, arg := range args {
+			one := func(arg string) error {
 				// path is the file read; arg, what messages name.
 				path, name := arg, filepath.Base(arg)
 				if arg == "-" {
@@ -93,6 +93,23 @@ func newUploadCmd(g *globals) *cobra.Command {
 				if err := enc.Encode(resultJSON(resp)); err != nil {
 					return err
 				}
+				return nil
+			}
+			// Every file is tried, whatever happened to the ones before.
+			failed := 0
+			for _, arg := range args {
+				err := one(arg)
+				if err == nil {
+					continue
+				}
+				if len(args) == 1 {
+					return err
+				}
+				failed++
+				fmt.Fprintf(g.errOut, "%v\n", err)
+			}
+			if failed > 0 {
+				return fmt.Errorf("%d of %d uploads failed", failed, len(args))
 			}
 			return nil
 		},
