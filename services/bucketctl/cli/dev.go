@@ -31,12 +31,26 @@ across restarts. Ctrl-C stops everything cleanly.`,
 				return fmt.Errorf("--log-level: %w", err)
 			}
 			opts.Logger = slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: level}))
+			// Before Start, which changes the process's working directory
+			// (the S3 gateway's root): the token file as bucketctl finds
+			// it by default, and as this stack keeps it.
+			defaultToken, err := filepath.Abs(filepath.Join(".data", "admin-token"))
+			if err != nil {
+				return err
+			}
+			tokenFile, err := filepath.Abs(filepath.Join(opts.DataDir, "admin-token"))
+			if err != nil {
+				return err
+			}
+			if tokenFile == defaultToken {
+				tokenFile = "" // no flag needed
+			}
 			ctx := cmd.Context()
 			st, err := devstack.Start(ctx, opts)
 			if err != nil {
 				return err
 			}
-			printBanner(g.out, st)
+			printBanner(g.out, st, tokenFile)
 			<-ctx.Done()
 			fmt.Fprintln(g.errOut, "\nstopping: draining gRPC servers, then S3 gateway and etcd...")
 			if err := st.Close(); err != nil {
@@ -60,7 +74,7 @@ across restarts. Ctrl-C stops everything cleanly.`,
 	return cmd
 }
 
-func printBanner(w io.Writer, st *devstack.Stack) {
+func printBanner(w io.Writer, st *devstack.Stack, tokenFile string) {
 	names := make([]string, 0, len(st.Buckets))
 	for _, b := range st.Buckets {
 		names = append(names, fmt.Sprintf("%s (priority %d, limit %s)", b.GetName(), b.GetPriority(), human(b.GetMonthlyLimitBytes())))
@@ -91,13 +105,14 @@ Look inside the buckets with any S3 tool, e.g.
 		st.UploadAddr, st.AllocatorAddr, st.Etcd.Endpoint,
 		st.S3.Endpoint, st.S3.AccessKey, st.S3.SecretKey, st.S3.Region,
 		strings.Join(names, ", "), st.AdminToken, st.TokenFile,
-		bucketctlCommand(st), st.Buckets[0].GetName())
+		bucketctlCommand(st, tokenFile), st.Buckets[0].GetName())
 }
 
 // bucketctlCommand is how to call bucketctl against st: with its addresses
-// and token file as flags when they are not the defaults, since a
-// command without them would reach another stack, or none.
-func bucketctlCommand(st *devstack.Stack) string {
+// and token file (tokenFile, "" for --token-file's default) as flags when
+// they are not the defaults, since a command without them would reach
+// another stack, or none.
+func bucketctlCommand(st *devstack.Stack, tokenFile string) string {
 	cmd := "bin/bucketctl"
 	if st.UploadAddr != defaultUploadAddr {
 		cmd += " --upload-addr " + st.UploadAddr
@@ -105,10 +120,8 @@ func bucketctlCommand(st *devstack.Stack) string {
 	if st.AllocatorAddr != defaultAllocatorAddr {
 		cmd += " --allocator-addr " + st.AllocatorAddr
 	}
-	tok, _ := filepath.Abs(st.TokenFile)
-	def, _ := filepath.Abs(filepath.Join(".data", "admin-token")) // --token-file's default
-	if tok != def {
-		cmd += " --token-file " + st.TokenFile
+	if tokenFile != "" {
+		cmd += " --token-file " + tokenFile
 	}
 	return cmd
 }
