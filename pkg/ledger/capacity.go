@@ -661,26 +661,34 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		if len(mine) > 0 {
 			ours, _ = strconv.ParseInt(string(mine[0].Value), 10, 64)
 		}
-		// After a lower limit or a usage correction, our block may hold
-		// more than the room left: what no reservation of ours uses goes
-		// back, or it would be carved beyond the limit.
-		room := limit - used - (held - ours)
-		if bc.block > room && bc.block > bc.carved && bc.blockSeen == rev {
-			keep := max(bc.carved, room)
-			resp2, err := c.txn(context.WithoutCancel(ctx),
+		// setBlock writes our block as n if nothing changed since rev:
+		// the usage, the shards and every block. Not cancelled with the
+		// caller: a client giving up must not leave the outcome unknown.
+		setBlock := func(n int64) (bool, error) {
+			resp, err := c.txn(context.WithoutCancel(ctx),
 				[]clientv3.Cmp{
 					clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
 					clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
 					clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
 				},
-				clientv3.OpPut(myBlock, strconv.FormatInt(keep, 10), clientv3.WithLease(t.lease)))
+				clientv3.OpPut(myBlock, strconv.FormatInt(n, 10), clientv3.WithLease(t.lease)))
 			if err != nil {
 				c.resync(context.WithoutCancel(ctx), t, bc, period, id)
-				return err
+				return false, err
 			}
-			if resp2.Succeeded {
-				bc.block = keep
-				bc.blockRev, bc.blockSeen = resp2.Header.Revision, resp2.Header.Revision
+			if resp.Succeeded {
+				bc.block = n
+				bc.blockRev, bc.blockSeen = resp.Header.Revision, resp.Header.Revision
+			}
+			return resp.Succeeded, nil
+		}
+		// After a lower limit or a usage correction, our block may hold
+		// more than the room left: what no reservation of ours uses goes
+		// back, or it would be carved beyond the limit.
+		room := limit - used - (held - ours)
+		if bc.block > room && bc.block > bc.carved && bc.blockSeen == rev {
+			if _, err := setBlock(max(bc.carved, room)); err != nil {
+				return err
 			}
 			continue // read again: the room may have changed meanwhile
 		}
@@ -701,23 +709,8 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		// Take a share of what is free, shrinking as capacity runs out,
 		// so one replica cannot starve the others near the limit.
 		take := max(want, min(free/8, 64<<20))
-		// Not cancelled with the caller: a client giving up must not
-		// leave the outcome unknown.
-		resp2, err := c.txn(context.WithoutCancel(ctx),
-			[]clientv3.Cmp{
-				clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
-				clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
-				clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
-			},
-			clientv3.OpPut(myBlock, strconv.FormatInt(bc.block+take, 10), clientv3.WithLease(t.lease)))
-		if err != nil {
-			c.resync(context.WithoutCancel(ctx), t, bc, period, id)
+		if ok, err := setBlock(bc.block + take); ok || err != nil {
 			return err
-		}
-		if resp2.Succeeded {
-			bc.block += take
-			bc.blockRev, bc.blockSeen = resp2.Header.Revision, resp2.Header.Revision
-			return nil
 		}
 	}
 	return ErrConflict
@@ -1205,11 +1198,9 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		return
 	}
 	if err == nil && len(elseOps) > 0 {
-		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-			if _, ours, merr := c.l.readMarker(ctx, batch[0].resID); merr == nil && !ours {
-				batch[0].done <- commitOutcome{dup: kvs[0].Value}
-				return
-			}
+		if dup := c.recordedFirst(ctx, tr, batch[0].resID); dup != nil {
+			batch[0].done <- commitOutcome{dup: dup}
+			return
 		}
 	}
 	for _, p := range batch {
@@ -1286,10 +1277,8 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		if err == nil && len(elseOps) > 0 {
 			// Another upload recorded the idempotency key first: that is
 			// the answer (as from commitBatch), not a race to retry.
-			if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-				if _, ours, merr := c.l.readMarker(ctx, resID); merr == nil && !ours {
-					return CommitResult{DuplicateOf: kvs[0].Value}, true, nil
-				}
+			if dup := c.recordedFirst(ctx, tr, resID); dup != nil {
+				return CommitResult{DuplicateOf: dup}, true, nil
 			}
 		}
 		return CommitResult{}, false, nil
@@ -1297,6 +1286,22 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	bc.shard += actual
 	bc.shardRev = tr.Header.Revision
 	return res, true, nil
+}
+
+// recordedFirst returns the idempotency record that a commit transaction
+// refused by its compares read in its Else branch (one OpGet of the key),
+// when another upload wrote it: resID has no commit marker of its own.
+// Nil when the key is free, or when the commit was resID's own (a retry
+// after a lost answer), which the caller's read of the marker reports.
+func (c *Capacity) recordedFirst(ctx context.Context, tr *clientv3.TxnResponse, resID string) []byte {
+	kvs := tr.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		return nil
+	}
+	if _, ours, err := c.l.readMarker(ctx, resID); err != nil || ours {
+		return nil
+	}
+	return kvs[0].Value
 }
 
 // resync re-reads our block and shard after an ambiguous write. Until the
