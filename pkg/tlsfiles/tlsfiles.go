@@ -17,8 +17,8 @@ import (
 // clientCAFile, every client must present a certificate that CA signed
 // (mTLS); its names then identify the client (see ratelimit.ClientID).
 func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
-	kp := &keyPair{certFile: certFile, keyFile: keyFile}
-	if _, err := kp.get(); err != nil {
+	kp, err := keyPair(certFile, keyFile)
+	if err != nil {
 		return nil, err
 	}
 	base := &tls.Config{
@@ -29,8 +29,8 @@ func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
 	if clientCAFile == "" {
 		return base, nil
 	}
-	cas := &pool{file: clientCAFile}
-	if _, err := cas.get(); err != nil {
+	cas, err := caPool(clientCAFile)
+	if err != nil {
 		return nil, err
 	}
 	cfg := base.Clone()
@@ -54,18 +54,18 @@ func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
 func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
-		p, err := (&pool{file: caFile}).get()
+		cas, err := caPool(caFile)
 		if err != nil {
 			return nil, err
 		}
-		cfg.RootCAs = p
+		cfg.RootCAs, _ = cas.get()
 	}
 	if (certFile == "") != (keyFile == "") {
 		return nil, errors.New("tlsfiles: a client certificate needs both its certificate and its key file")
 	}
 	if certFile != "" {
-		kp := &keyPair{certFile: certFile, keyFile: keyFile}
-		if _, err := kp.get(); err != nil {
+		kp, err := keyPair(certFile, keyFile)
+		if err != nil {
 			return nil, err
 		}
 		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return kp.get() }
@@ -73,7 +73,72 @@ func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// stamp identifies a file's version by size and modification time.
+// keyPair is a certificate and its key, read now and again when either
+// file changes.
+func keyPair(certFile, keyFile string) (*reloading[*tls.Certificate], error) {
+	r := &reloading[*tls.Certificate]{files: []string{certFile, keyFile}, load: func() (*tls.Certificate, error) {
+		c, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("tlsfiles: load %s and %s: %w", certFile, keyFile, err)
+		}
+		return &c, nil
+	}}
+	_, err := r.get()
+	return r, err
+}
+
+// caPool is a CA bundle, read now and again when its file changes.
+func caPool(file string) (*reloading[*x509.CertPool], error) {
+	r := &reloading[*x509.CertPool]{files: []string{file}, load: func() (*x509.CertPool, error) {
+		pem, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("tlsfiles: %w", err)
+		}
+		p := x509.NewCertPool()
+		if !p.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tlsfiles: no certificate in %s", file)
+		}
+		return p, nil
+	}}
+	_, err := r.get()
+	return r, err
+}
+
+// reloading is a value loaded from files, loaded again when one of them
+// changes (size or modification time). A load that fails keeps the last
+// good value in service: mid-rotation one file may be new and the other
+// not yet, or the files briefly gone.
+type reloading[T any] struct {
+	files []string
+	load  func() (T, error)
+
+	mu      sync.Mutex
+	version string
+	val     T
+	loaded  bool
+}
+
+func (r *reloading[T]) get() (T, error) {
+	v, err := stamp(r.files...)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil && r.loaded && v == r.version {
+		return r.val, nil
+	}
+	if err == nil {
+		var val T
+		if val, err = r.load(); err == nil {
+			r.val, r.version, r.loaded = val, v, true
+			return val, nil
+		}
+	}
+	if r.loaded {
+		return r.val, nil
+	}
+	return r.val, err
+}
+
+// stamp identifies the files' versions by size and modification time.
 func stamp(files ...string) (string, error) {
 	s := ""
 	for _, f := range files {
@@ -84,69 +149,4 @@ func stamp(files ...string) (string, error) {
 		s += fmt.Sprintf("%d/%d;", fi.Size(), fi.ModTime().UnixNano())
 	}
 	return s, nil
-}
-
-// keyPair is a certificate and its key, read again when either changes.
-type keyPair struct {
-	certFile, keyFile string
-
-	mu      sync.Mutex
-	version string
-	cert    *tls.Certificate
-}
-
-func (k *keyPair) get() (*tls.Certificate, error) {
-	v, err := stamp(k.certFile, k.keyFile)
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if err == nil && v == k.version {
-		return k.cert, nil
-	}
-	if err == nil {
-		var c tls.Certificate
-		if c, err = tls.LoadX509KeyPair(k.certFile, k.keyFile); err == nil {
-			k.cert, k.version = &c, v
-			return k.cert, nil
-		}
-		err = fmt.Errorf("tlsfiles: load %s and %s: %w", k.certFile, k.keyFile, err)
-	}
-	if k.cert != nil {
-		// Mid-rotation (one file written, not yet the other), or gone:
-		// the last good pair serves until the files make sense again.
-		return k.cert, nil
-	}
-	return nil, err
-}
-
-// pool is a CA bundle, read again when its file changes.
-type pool struct {
-	file string
-
-	mu      sync.Mutex
-	version string
-	p       *x509.CertPool
-}
-
-func (p *pool) get() (*x509.CertPool, error) {
-	v, err := stamp(p.file)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if err == nil && v == p.version {
-		return p.p, nil
-	}
-	if err == nil {
-		var pem []byte
-		if pem, err = os.ReadFile(p.file); err == nil {
-			cp := x509.NewCertPool()
-			if cp.AppendCertsFromPEM(pem) {
-				p.p, p.version = cp, v
-				return cp, nil
-			}
-			err = fmt.Errorf("tlsfiles: no certificate in %s", p.file)
-		}
-	}
-	if p.p != nil {
-		return p.p, nil // the last good bundle, as for a key pair
-	}
-	return nil, err
 }
