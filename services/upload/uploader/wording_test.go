@@ -21,7 +21,7 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	st := startStack(t, 2, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	stored, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	stored, err := sendBytes(ctx, t, st, "a.bin", testenv.OpaqueBytes(t, 1000))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -32,10 +32,10 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 		t.Helper()
 		checkWorded(t, what, err, codes.Unavailable, want)
 	}
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	_, err = sendBytes(ctx, t, st, "b.bin", testenv.OpaqueBytes(t, 1000))
 	check("one PUT", err, "HTTP 500 (InternalError)")
 	big := testenv.OpaqueBytes(t, 9<<20)
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	_, err = sendBytes(ctx, t, st, "c.bin", big)
 	check("multipart", err, "HTTP 500 (InternalError)")
 	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
 	check("read", err, "bucket "+stored.GetBucketId()+": HTTP 500 (InternalError)")
@@ -44,7 +44,7 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 		p.Set(faultproxy.Pass)
 		p.SetFor("CompleteMultipartUpload", faultproxy.Truncate)
 	}
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "e.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	_, err = sendBytes(ctx, t, st, "e.bin", big)
 	check("multipart, its completion's answer cut short", err, "completing the upload on bucket")
 	if strings.Contains(status.Convert(err).Message(), "HTTP 200") {
 		t.Fatalf("a broken-off 200 worded as a status: %v", err)
@@ -52,7 +52,7 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	for _, p := range st.Proxies {
 		p.Set(faultproxy.Reset)
 	}
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "d.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	_, err = sendBytes(ctx, t, st, "d.bin", testenv.OpaqueBytes(t, 1000))
 	check("one PUT, connection reset", err, "with connection broken off")
 }
 
@@ -78,17 +78,23 @@ func TestRefusalWithoutAnS3ErrorIsWorded(t *testing.T) {
 	st := startStack(t, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	stored, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	stored, err := sendBytes(ctx, t, st, "a.bin", testenv.OpaqueBytes(t, 1000))
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.Proxies[stored.GetBucketId()].Set(faultproxy.HTMLBadRequest)
 	const want = "the bucket refused the request: no S3 error in its answer, HTTP 400"
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	_, err = sendBytes(ctx, t, st, "b.bin", testenv.OpaqueBytes(t, 1000))
 	checkWorded(t, "one PUT", err, codes.InvalidArgument, want)
 	big := testenv.OpaqueBytes(t, 9<<20)
-	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(big))}, big)
+	_, err = sendBytes(ctx, t, st, "c.bin", big)
 	checkWorded(t, "multipart", err, codes.InvalidArgument, want)
 	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
 	checkWorded(t, "read", err, codes.InvalidArgument, want)
+}
+
+// sendBytes uploads data under a key made from name, as an opaque object.
+func sendBytes(ctx context.Context, t *testing.T, st *stack, name string, data []byte) (*uploadv1.UploadResponse, error) {
+	t.Helper()
+	return send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: name, ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 }
