@@ -193,6 +193,7 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	// Tools differ in case (PowerShell's Get-FileHash prints upper case);
 	// the service compares and answers in lower case.
 	hdr.Sha256 = strings.ToLower(hdr.GetSha256())
+	ctProblem := objstore.ContentTypeProblem(hdr.GetContentType())
 	switch {
 	case hdr.GetResumable() || hdr.GetUploadId() != "" || hdr.GetOffset() != 0:
 		return nil, fmt.Errorf("%w: resumable upload sessions are not enabled on this server yet", errUnsupported)
@@ -203,8 +204,8 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 	case len(hdr.GetContentType()) > maxShortField:
 		// Checked before the allowlist, whose errors quote the type.
 		return nil, badField("header.content_type", "the content type is longer than %d bytes", maxShortField)
-	case objstore.ContentTypeProblem(hdr.GetContentType()) != "":
-		return nil, badField("header.content_type", "%s", objstore.ContentTypeProblem(hdr.GetContentType()))
+	case ctProblem != "":
+		return nil, badField("header.content_type", "%s", ctProblem)
 	case hdr.GetSize() < 0:
 		return nil, badField("header.size", "the header must declare the object's size in bytes, 0 for an empty object (got %d)", hdr.GetSize())
 	case hdr.GetSize() > s.cfg.MaxObjectSize:
@@ -254,9 +255,9 @@ func (s *Server) validate(hdr *uploadv1.UploadHeader) (*upload, error) {
 		seen[lk] = k
 	}
 	// Metadata travels as x-amz-meta-* headers: objstore would refuse one
-	// that cannot, but only after the data arrived.
-	// The header budget with the service's own entries first: objstore
-	// checks it without them, and would quote a smaller number.
+	// that cannot, but only after the data arrived. The header budget is
+	// checked here with the service's own entries, before objstore's check
+	// without them, which would quote a smaller number.
 	if n := objstore.MetadataHeaderBytes(hdr.GetMetadata()) + serviceMetadataHeaderBytes; n > objstore.MaxMetadataHeaderBytes {
 		return nil, badField("header.metadata", "the %d metadata entries would take %d bytes of request headers with the service's own, and at most %d fit (each entry costs its key twice and about 30 bytes more): send fewer entries",
 			len(hdr.GetMetadata()), n, objstore.MaxMetadataHeaderBytes)
