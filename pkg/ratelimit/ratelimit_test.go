@@ -280,7 +280,7 @@ func TestClientID(t *testing.T) {
 func TestMutualTLSClientsHaveTheirOwnBuckets(t *testing.T) {
 	pki := testenv.NewPKI(t)
 	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
-	srvTLS, err := tlsfiles.Server(certFile, keyFile, pki.CAFile)
+	srvTLS, err := tlsfiles.Server(certFile, keyFile, pki.CAFile, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

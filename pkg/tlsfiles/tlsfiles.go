@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 )
@@ -16,8 +17,9 @@ import (
 // Server is a server configuration presenting certFile/keyFile. With
 // clientCAFile, every client must present a certificate that CA signed
 // (mTLS); its names then identify the client (see ratelimit.ClientID).
-func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
-	kp, err := keyPair(certFile, keyFile)
+// A rotation that cannot be loaded is logged to log (nil: not logged).
+func Server(certFile, keyFile, clientCAFile string, log *slog.Logger) (*tls.Config, error) {
+	kp, err := keyPair(certFile, keyFile, log)
 	if err != nil {
 		return nil, err
 	}
@@ -29,7 +31,7 @@ func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
 	if clientCAFile == "" {
 		return base, nil
 	}
-	cas, err := caPool(clientCAFile)
+	cas, err := caPool(clientCAFile, log)
 	if err != nil {
 		return nil, err
 	}
@@ -54,7 +56,7 @@ func Server(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
 func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
-		cas, err := caPool(caFile)
+		cas, err := caPool(caFile, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -64,7 +66,7 @@ func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
 		return nil, errors.New("tlsfiles: a client certificate needs both its certificate and its key file")
 	}
 	if certFile != "" {
-		kp, err := keyPair(certFile, keyFile)
+		kp, err := keyPair(certFile, keyFile, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -75,8 +77,8 @@ func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
 
 // keyPair is a certificate and its key, read now and again when either
 // file changes.
-func keyPair(certFile, keyFile string) (*reloading[*tls.Certificate], error) {
-	r := &reloading[*tls.Certificate]{files: []string{certFile, keyFile}, load: func() (*tls.Certificate, error) {
+func keyPair(certFile, keyFile string, log *slog.Logger) (*reloading[*tls.Certificate], error) {
+	r := &reloading[*tls.Certificate]{files: []string{certFile, keyFile}, log: log, load: func() (*tls.Certificate, error) {
 		c, err := tls.LoadX509KeyPair(certFile, keyFile)
 		if err != nil {
 			return nil, fmt.Errorf("tlsfiles: load %s and %s: %w", certFile, keyFile, err)
@@ -88,8 +90,8 @@ func keyPair(certFile, keyFile string) (*reloading[*tls.Certificate], error) {
 }
 
 // caPool is a CA bundle, read now and again when its file changes.
-func caPool(file string) (*reloading[*x509.CertPool], error) {
-	r := &reloading[*x509.CertPool]{files: []string{file}, load: func() (*x509.CertPool, error) {
+func caPool(file string, log *slog.Logger) (*reloading[*x509.CertPool], error) {
+	r := &reloading[*x509.CertPool]{files: []string{file}, log: log, load: func() (*x509.CertPool, error) {
 		pem, err := os.ReadFile(file)
 		if err != nil {
 			return nil, fmt.Errorf("tlsfiles: %w", err)
@@ -107,15 +109,21 @@ func caPool(file string) (*reloading[*x509.CertPool], error) {
 // reloading is a value loaded from files, loaded again when one of them
 // changes (size or modification time). A load that fails keeps the last
 // good value in service: mid-rotation one file may be new and the other
-// not yet, or the files briefly gone.
+// not yet, or the files briefly gone. A version that failed is not loaded
+// again on every handshake, and is logged once: a rotation that never
+// completes (a key that does not match its certificate) would otherwise
+// go unseen until the old certificate expires.
 type reloading[T any] struct {
 	files []string
 	load  func() (T, error)
+	log   *slog.Logger
 
 	mu      sync.Mutex
 	version string
 	val     T
 	loaded  bool
+	failed  string // the version whose load failed last
+	lastErr error
 }
 
 func (r *reloading[T]) get() (T, error) {
@@ -125,11 +133,22 @@ func (r *reloading[T]) get() (T, error) {
 	if err == nil && r.loaded && v == r.version {
 		return r.val, nil
 	}
-	if err == nil {
+	switch {
+	case err != nil:
+		v = "unreadable: " + err.Error()
+	case v == r.failed:
+		err = r.lastErr
+	default:
 		var val T
 		if val, err = r.load(); err == nil {
-			r.val, r.version, r.loaded = val, v, true
+			r.val, r.version, r.loaded, r.failed = val, v, true, ""
 			return val, nil
+		}
+	}
+	if v != r.failed {
+		r.failed, r.lastErr = v, err
+		if r.loaded && r.log != nil {
+			r.log.Warn("TLS files changed but cannot be loaded; the last good ones stay in service", "files", r.files, "error", err.Error())
 		}
 	}
 	if r.loaded {

@@ -1,8 +1,13 @@
 package tlsfiles_test
 
 import (
+	"bytes"
 	"crypto/tls"
+	"log/slog"
 	"net"
+	"os"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -51,7 +56,7 @@ func dial(addr string, cfg *tls.Config) (int64, error) {
 func TestRotationAndClientCertificates(t *testing.T) {
 	pki := testenv.NewPKI(t)
 	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
-	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile)
+	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,4 +94,68 @@ func TestRotationAndClientCertificates(t *testing.T) {
 	if _, err := tlsfiles.Client(pki.CAFile, cc, ""); err == nil {
 		t.Fatal("a client certificate without its key was accepted")
 	}
+}
+
+// A rotation that leaves a key not matching its certificate keeps the last
+// good certificate in service and says so once in the log, however many
+// handshakes follow; the next good rotation is served.
+func TestMismatchedRotationIsLoggedOnce(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
+	var logs syncBuffer
+	srv, err := tlsfiles.Server(certFile, keyFile, "", slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := serve(t, srv)
+	client, err := tlsfiles.Client(pki.CAFile, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := dial(addr, client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldKey, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pki.Issue(t, "server", []string{"127.0.0.1"})
+	if err := os.WriteFile(keyFile, oldKey, 0o600); err != nil { // the new certificate with the old key
+		t.Fatal(err)
+	}
+	for range 3 {
+		got, err := dial(addr, client)
+		if err != nil {
+			t.Fatalf("handshake during a broken rotation: %v", err)
+		}
+		if got != first {
+			t.Fatalf("served certificate %d, want the last good one, %d", got, first)
+		}
+	}
+	if n := strings.Count(logs.String(), "cannot be loaded"); n != 1 {
+		t.Fatalf("the broken rotation was logged %d times, want once:\n%s", n, logs.String())
+	}
+	pki.Issue(t, "server", []string{"127.0.0.1"})
+	if got, err := dial(addr, client); err != nil || got == first {
+		t.Fatalf("after a good rotation: certificate %d (the old one is %d), error %v", got, first, err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's handshake goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -115,7 +115,7 @@ func run(log *slog.Logger) error {
 		ServerOptions:    append(tel.ServerOptions(), up.ServerOptions()...),
 	}
 	if t := cfg.Upload.TLS; t.CertFile != "" {
-		tc, err := tlsfiles.Server(t.CertFile, t.KeyFile, t.ClientCAFile)
+		tc, err := tlsfiles.Server(t.CertFile, t.KeyFile, t.ClientCAFile, log)
 		if err != nil {
 			return err
 		}

@@ -21,7 +21,7 @@ import (
 func TestUploadOverMutualTLS(t *testing.T) {
 	pki := testenv.NewPKI(t)
 	certFile, keyFile := pki.Issue(t, "upload", []string{"127.0.0.1"})
-	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile)
+	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
