@@ -245,5 +245,9 @@ func IsInvalidRange(err error) bool {
 // IsNoSuchBucket reports that the bucket itself does not exist. Only an
 // answer with a body says so: a HEAD's 404 looks like a missing key.
 func IsNoSuchBucket(err error) bool {
-	return apiCode(err) == "NoSuchBucket"
+	return errors.Is(err, ErrNoSuchBucket) || apiCode(err) == "NoSuchBucket"
 }
+
+// ErrNoSuchBucket is a bucket found missing by Exists, after an answer
+// without a body (a HEAD's 404) could not tell.
+var ErrNoSuchBucket = errors.New("objstore: the bucket does not exist")

@@ -639,6 +639,22 @@ func (g *stallGuard) Close() error {
 }
 
 // Head returns an object's info.
+// Exists asks the bucket whether it exists (a HeadBucket). A HEAD's 404
+// has no body to say whether the object or the bucket is missing; this
+// tells them apart where it matters.
+func (b *Bucket) Exists(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
+	defer cancel()
+	_, err := b.c.HeadBucket(ctx, &s3.HeadBucketInput{Bucket: aws.String(b.Target.Name)})
+	switch {
+	case err == nil:
+		return true, nil
+	case IsNotFound(err):
+		return false, nil
+	}
+	return false, fmt.Errorf("head bucket %s: %w", b.Target.Name, err)
+}
+
 func (b *Bucket) Head(ctx context.Context, key string) (ObjectInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
 	defer cancel()

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
@@ -206,6 +207,42 @@ func TestDisabledBucketServesNoReads(t *testing.T) {
 	}
 	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()}); err != nil {
 		t.Fatalf("delete in a draining bucket: %v", err)
+	}
+}
+
+// A bucket whose spec names an S3 bucket its endpoint does not have (a
+// typo, a renamed bucket) is the bucket's fault, not a missing object: a
+// client told NOT_FOUND would drop its record of objects that are there.
+func TestMissingS3BucketIsNotAMissingObject(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, _ := stored(ctx, t, st.Upload, 1000)
+	var spec *adminv1.BucketSpec
+	for _, b := range st.Buckets {
+		if b.GetId() == req.GetBucketId() {
+			spec = proto.Clone(b).(*adminv1.BucketSpec)
+		}
+	}
+	spec.Name = "no-such-bucket"
+	if _, err := st.Admin.PutBucket(st.adminCtx(ctx), &adminv1.PutBucketRequest{Bucket: spec}); err != nil {
+		t.Fatal(err)
+	}
+	// The services learn of the change through their watches.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, _, err = read(ctx, st.Upload, req); err != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	_, derr := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()})
+	for what, err := range map[string]error{"read": err, "delete": derr} {
+		if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "S3 bucket does not exist") {
+			t.Errorf("%s in a bucket whose S3 bucket is missing: %v, want UNAVAILABLE naming the missing bucket", what, err)
+		}
+	}
+	if objects, _ := st.objects(t); objects[req.GetBucketId()] != 1 {
+		t.Fatalf("%d objects in the bucket, want the 1 stored", objects[req.GetBucketId()])
 	}
 }
 

@@ -333,6 +333,11 @@ func (s *Server) DeleteObject(ctx context.Context, req *uploadv1.DeleteObjectReq
 	// asked first (a HEAD, billed as a read), a name that holds nothing is
 	// NOT_FOUND, as the API promises for an unknown object.
 	if _, err := b.Head(ctx, req.GetKey()); err != nil {
+		if objstore.IsNotFound(err) {
+			if ok, berr := b.Exists(ctx); berr == nil && !ok {
+				err = fmt.Errorf("%w: %w", objstore.ErrNoSuchBucket, err)
+			}
+		}
 		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "look up the object"))
 	}
 	if err := b.Delete(ctx, req.GetKey()); err != nil {
@@ -388,6 +393,12 @@ func (s *Server) bucket(t *allocatorv1.BucketTarget) (*objstore.Bucket, error) {
 }
 
 func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, err error, op string) error {
+	if objstore.IsNoSuchBucket(err) {
+		// Not the object's absence: the bucket's spec names a bucket its
+		// endpoint does not have (a typo, a renamed or deleted bucket).
+		s.log.Error("a bucket's S3 bucket does not exist", "bucket", b.Target.ID, "name", b.Target.Name, "op", op, "error", err.Error())
+		return fmt.Errorf("%w: could not %s in bucket %s: its S3 bucket does not exist at its endpoint, so its objects cannot be reached until an operator corrects the bucket's spec", errBucket, op, b.Target.ID)
+	}
 	if objstore.IsNotFound(err) {
 		return fmt.Errorf("%w: no such object in bucket %s", errNotFound, b.Target.ID)
 	}
