@@ -55,6 +55,20 @@ func TestReadsRideOverPassingFaults(t *testing.T) {
 	if _, err := read(0, 0); !errors.Is(err, objstore.ErrTruncated) {
 		t.Fatalf("a bucket that always cuts the body short: %v, want ErrTruncated", err)
 	}
+	// A bucket that keeps failing gets readAttempts GETs, no more: the
+	// SDK's own retry does not multiply them. (A reset is not counted
+	// here: net/http itself sends a GET again once when a kept-alive
+	// connection breaks before any answer.)
+	for _, m := range []faultproxy.Mode{faultproxy.Error5xx, faultproxy.Throttle} {
+		proxy.Counts()
+		proxy.SetFor("GetObject", m)
+		if _, err := read(0, 0); err == nil {
+			t.Fatalf("mode %d on every GET: the read succeeded", m)
+		}
+		if n := proxy.Counts()["GetObject"]; n != objstore.ReadAttempts {
+			t.Fatalf("mode %d on every GET: %d GETs, want %d", m, n, objstore.ReadAttempts)
+		}
+	}
 	proxy.Counts()
 	proxy.SetFor("GetObject", faultproxy.DropContentRange)
 	if _, err := read(10, 10); !errors.Is(err, objstore.ErrRangeIgnored) {

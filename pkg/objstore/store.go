@@ -410,8 +410,13 @@ func (in PutInput) check() error {
 // object no usage counts, or an upload no one knows the id of. Tried
 // once, a lost answer reaches the caller, which removes what may have
 // landed and fails over to another bucket, as it does for any bucket
-// fault. Parts, reads and removals are idempotent and keep the retry.
+// fault. Parts and removals are idempotent and keep the retry.
 func writeOnce(o *s3.Options) { o.RetryMaxAttempts = 1 }
+
+// readOnce gives a GET one try: resumingBody tries again itself, and
+// counts every GET against readAttempts, so a hung bucket holds a read
+// for readAttempts call timeouts, not twice that.
+func readOnce(o *s3.Options) { o.RetryMaxAttempts = 1 }
 
 // Put writes body in one PUT and returns the ETag.
 func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, error) {
@@ -566,7 +571,7 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 		in.Range = aws.String(r)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
-	out, err := b.c.GetObject(ctx, in)
+	out, err := b.c.GetObject(ctx, in, readOnce)
 	if err != nil {
 		cancel(nil)
 		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
