@@ -463,6 +463,15 @@ func TestReadAndDeleteRefuseBadNames(t *testing.T) {
 			}
 		}
 	}
+	for _, tc := range []struct {
+		offset, length int64
+		field          string
+	}{{-1, 0, "offset"}, {0, -1, "length"}} {
+		_, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: "dev-hot", Key: "k", Offset: tc.offset, Length: tc.length}, io.Discard, nil)
+		if status.Code(err) != codes.InvalidArgument || violatedField(err) != tc.field {
+			t.Fatalf("get with offset %d and length %d: %v on %q, want InvalidArgument on %s", tc.offset, tc.length, err, violatedField(err), tc.field)
+		}
+	}
 }
 
 // An object read back whole is checked against the sha256 it was stored

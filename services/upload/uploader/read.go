@@ -32,8 +32,11 @@ const checkedReads = 2
 // and the client must drop what it received. A range cannot be checked.
 func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.UploadService_GetObjectServer) error {
 	ctx := stream.Context()
-	if req.GetOffset() < 0 || req.GetLength() < 0 {
-		return toStatus(ctx, badField("offset", "offset and length must not be negative"))
+	if req.GetOffset() < 0 {
+		return toStatus(ctx, badField("offset", "offset must not be negative; it is %d", req.GetOffset()))
+	}
+	if req.GetLength() < 0 {
+		return toStatus(ctx, badField("length", "length must not be negative (0 reads to the end); it is %d", req.GetLength()))
 	}
 	b, err := s.lookup(ctx, req.GetBucketId(), req.GetKey())
 	if err != nil {
