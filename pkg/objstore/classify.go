@@ -91,7 +91,7 @@ func Describe(err error) string {
 	var re *awshttp.ResponseError
 	// 0: no answer came; 2xx: the answer broke off after its status.
 	if errors.As(err, &re) && re.HTTPStatusCode() >= 300 {
-		if api := apiCode(err); api != "" {
+		if api := spokenCode(err, re.HTTPStatusCode()); api != "" {
 			return fmt.Sprintf("HTTP %d (%s)", re.HTTPStatusCode(), api)
 		}
 		return fmt.Sprintf("HTTP %d", re.HTTPStatusCode())
@@ -171,10 +171,26 @@ func RefusalOf(err error) (Refusal, bool) {
 		return Refusal{}, false
 	}
 	r := Refusal{Status: code}
-	if ae := smithy.APIError(nil); errors.As(err, &ae) {
+	if ae := smithy.APIError(nil); errors.As(err, &ae) && spokenCode(err, code) != "" {
 		r.Code, r.Message = ae.ErrorCode(), ae.ErrorMessage()
 	}
 	return r, true
+}
+
+// spokenCode is the S3 error code the bucket sent, or "" when the SDK
+// made one up from the HTTP status: an answer without a body (any answer
+// to a HEAD, or a proxy's empty page) gets "BadRequest" with the message
+// "Bad Request", which a client must not read as the bucket's words.
+func spokenCode(err error, status int) string {
+	var ae smithy.APIError
+	if !errors.As(err, &ae) {
+		return ""
+	}
+	text := http.StatusText(status)
+	if ae.ErrorCode() == strings.ReplaceAll(text, " ", "") && (ae.ErrorMessage() == "" || ae.ErrorMessage() == text) {
+		return ""
+	}
+	return ae.ErrorCode()
 }
 
 // timeoutCode reads the SDK's own list of error codes that mean the

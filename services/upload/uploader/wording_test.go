@@ -91,6 +91,9 @@ func TestRefusalWithoutAnS3ErrorIsWorded(t *testing.T) {
 	checkWorded(t, "multipart", err, codes.InvalidArgument, want)
 	_, _, err = read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
 	checkWorded(t, "read", err, codes.InvalidArgument, want)
+	// A delete asks with a HEAD first, whose answer has no body at all.
+	_, err = st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
+	checkWorded(t, "delete", err, codes.InvalidArgument, want)
 }
 
 // sendBytes uploads data under a key made from name, as an opaque object.
