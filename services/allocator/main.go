@@ -12,7 +12,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"sync"
 	"syscall"
 	"time"
 
@@ -139,12 +138,7 @@ func run(log *slog.Logger) error {
 	}
 	log.Info("allocator serving", "addr", lis.Addr().String(), "etcd", cfg.Allocator.EtcdEndpoints, "strategy", cfg.Allocator.Strategy)
 
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); _ = alloc.Run(ctx) }()
-	serveErr := srv.Serve(ctx, lis)
-	stop()
-	wg.Wait()
+	serveErr := alloc.Serve(ctx, srv, lis)
 	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
 		return serveErr
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -18,6 +19,7 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/health"
 	"github.com/bucketlb/bucketlb/pkg/health/probe"
 	"github.com/bucketlb/bucketlb/pkg/leader"
@@ -179,6 +181,19 @@ func (s *Server) Register(r grpc.ServiceRegistrar) {
 // on the gRPC server that serves Register's services.
 func (s *Server) Interceptors() (grpc.UnaryServerInterceptor, grpc.StreamServerInterceptor) {
 	return s.auth.Unary, s.auth.Stream
+}
+
+// Serve serves srv on lis until ctx ends, with Run going on until srv has
+// drained and stopped: a call that reaches the replica during its drain
+// (DrainDelay, then GracefulStop) still finds its capacity lease, instead
+// of failing as if etcd were gone while clients retry on other replicas.
+func (s *Server) Serve(ctx context.Context, srv *grpcserver.Server, lis net.Listener) error {
+	runCtx, stopRun := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan error, 1)
+	go func() { done <- s.Run(runCtx) }()
+	err := srv.Serve(ctx, lis)
+	stopRun()
+	return errors.Join(err, <-done)
 }
 
 // Run keeps the bucket and health caches current until ctx ends.

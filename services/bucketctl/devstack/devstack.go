@@ -26,7 +26,6 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
-	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -207,9 +206,9 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 	return s, nil
 }
 
-// listenAndServe starts srv on addr in the background and returns the
+// listenAndServe starts serve on addr in the background and returns the
 // bound address.
-func (s *Stack) listenAndServe(ctx context.Context, addr string, srv *grpcserver.Server) (string, error) {
+func (s *Stack) listenAndServe(ctx context.Context, addr string, serve func(context.Context, net.Listener) error) (string, error) {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return "", fmt.Errorf("devstack: listen %s: %w", addr, err)
@@ -217,7 +216,7 @@ func (s *Stack) listenAndServe(ctx context.Context, addr string, srv *grpcserver
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := srv.Serve(ctx, lis); err != nil {
+		if err := serve(ctx, lis); err != nil {
 			s.setErr(err)
 		}
 	}()

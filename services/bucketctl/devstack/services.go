@@ -3,6 +3,7 @@ package devstack
 import (
 	"context"
 	"fmt"
+	"net"
 	"time"
 
 	"google.golang.org/grpc"
@@ -55,14 +56,9 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	})
 	alloc.Register(asrv.GRPC)
 	asrv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		if err := alloc.Run(ctx); err != nil {
-			s.setErr(fmt.Errorf("allocator: %w", err))
-		}
-	}()
-	if s.AllocatorAddr, err = s.listenAndServe(ctx, opts.AllocatorAddr, asrv); err != nil {
+	if s.AllocatorAddr, err = s.listenAndServe(ctx, opts.AllocatorAddr, func(ctx context.Context, lis net.Listener) error {
+		return alloc.Serve(ctx, asrv, lis)
+	}); err != nil {
 		return err
 	}
 
@@ -84,7 +80,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: uopts})
 	up.Register(usrv.GRPC)
 	usrv.SetServing("bucketlb.upload.v1.UploadService")
-	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv); err != nil {
+	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv.Serve); err != nil {
 		return err
 	}
 	return nil

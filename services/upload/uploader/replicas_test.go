@@ -232,6 +232,67 @@ func TestUploadsSurviveAllocatorReplicaCrash(t *testing.T) {
 	}
 }
 
+// An allocator replica stopped as on SIGTERM in a rolling restart keeps
+// serving the calls that reach it while it drains: uploads running
+// through it all succeed, and each is counted once. The connection here
+// does not retry, so a call the draining replica failed would fail its
+// upload. (Its capacity lease used to end at the signal, so calls in the
+// drain failed "the allocator cannot reach etcd", and only the retries
+// hid it, until throttled.)
+func TestAllocatorDrainIsInvisible(t *testing.T) {
+	st := startReplicatedStackWith(t, []string{testenv.S3(t).Endpoint}, 2, replicaTTLs, nil, `{"loadBalancingConfig": [{"round_robin": {}}]}`)
+	bucket := st.Buckets[0].GetId()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		sizes []int64
+		errs  []error
+		stop  = make(chan struct{})
+		wg    sync.WaitGroup
+	)
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				data := testenv.OpaqueBytes(t, 1000+(w*7919+i*997)%20_000)
+				_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "d.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, err)
+				} else {
+					sizes = append(sizes, int64(len(data)))
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	done := func() int { mu.Lock(); defer mu.Unlock(); return len(sizes) + len(errs) }
+	poll(t, 30*time.Second, "uploads under way", func() bool { return done() >= 20 })
+	st.Replicas[0].Stop()
+	stoppedAt := done()
+	poll(t, 30*time.Second, "uploads after the stop", func() bool { return done() >= stoppedAt+20 })
+	close(stop)
+	wg.Wait()
+	if len(errs) > 0 {
+		t.Fatalf("%d of %d uploads failed while a replica drained; first: %v", len(errs), len(errs)+len(sizes), errs[0])
+	}
+	st.waitNoReservations(t)
+	var want int64
+	for _, n := range sizes {
+		want += n
+	}
+	if used, _ := st.usage(t); used[bucket] != want {
+		t.Fatalf("used %d bytes, want %d, the sum of %d objects", used[bucket], want, len(sizes))
+	}
+}
+
 // With every allocator replica gone, an upload and a read that needs a
 // bucket looked up fail at once, UNAVAILABLE with a retry delay, in a
 // sentence that names the allocator rather than a connection, and the

@@ -23,6 +23,7 @@ import (
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
+	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
@@ -116,6 +117,13 @@ func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocat
 // balancing calls round robin over every replica's address.
 func startReplicatedStack(t testing.TB, endpoints []string, n int, tuneAlloc func(*allocator.Config), tune func(*uploader.Config)) *stack {
 	t.Helper()
+	return startReplicatedStackWith(t, endpoints, n, tuneAlloc, tune, uploader.AllocatorServiceConfig)
+}
+
+// startReplicatedStackWith is startReplicatedStack with the connection's
+// service config.
+func startReplicatedStackWith(t testing.TB, endpoints []string, n int, tuneAlloc func(*allocator.Config), tune func(*uploader.Config), serviceConfig string) *stack {
+	t.Helper()
 	st, etcd := newStack(t, endpoints)
 	res := manual.NewBuilderWithScheme("replicas")
 	var addrs []resolver.Address
@@ -125,7 +133,7 @@ func startReplicatedStack(t testing.TB, endpoints []string, n int, tuneAlloc fun
 	res.InitialState(resolver.State{Addresses: addrs})
 	aconn, err := grpc.NewClient(res.Scheme()+":///allocator", grpc.WithResolvers(res),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
+		grpc.WithDefaultServiceConfig(serviceConfig))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,6 +192,10 @@ type allocReplica struct {
 	// goes first, so no lease revoke reaches etcd and its capacity has to
 	// expire, then its gRPC server drops every connection.
 	Crash func()
+	// Stop stops the replica as its main does on SIGTERM (health
+	// NOT_SERVING, a drain delay, a graceful stop) and returns when it
+	// has.
+	Stop func()
 }
 
 // startAllocator runs one more allocator replica over st's buckets, with
@@ -203,21 +215,24 @@ func (st *stack) startAllocator(t testing.TB, etcd *etcdembed.Server, tune func(
 		cancel()
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { defer close(done); _ = alloc.Run(ctx) }()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	unary, streamI := alloc.Interceptors()
-	srv := grpc.NewServer(grpc.UnaryInterceptor(unary), grpc.StreamInterceptor(streamI))
-	alloc.Register(srv)
-	go func() { _ = srv.Serve(lis) }()
-	r.Addr, r.Crash = lis.Addr().String(), sync.OnceFunc(func() {
+	srv := grpcserver.New(grpcserver.Options{Logger: slog.New(slog.DiscardHandler), DrainDelay: 300 * time.Millisecond, StopTimeout: 5 * time.Second,
+		UnaryInterceptors: []grpc.UnaryServerInterceptor{unary}, StreamInterceptors: []grpc.StreamServerInterceptor{streamI}})
+	alloc.Register(srv.GRPC)
+	srv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
+	done := make(chan struct{})
+	go func() { defer close(done); _ = alloc.Serve(ctx, srv, lis) }()
+	r.Addr = lis.Addr().String()
+	r.Crash = sync.OnceFunc(func() {
 		_ = cli.Close()
-		srv.Stop()
+		srv.GRPC.Stop()
 		cancel()
 	})
+	r.Stop = func() { cancel(); <-done }
 	t.Cleanup(func() { r.Crash(); <-done; _ = alloc.Close() })
 	if st.Admin == nil {
 		conn, err := grpc.NewClient(r.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
