@@ -203,7 +203,17 @@ type localRes struct {
 	// reservation is in flight: its deletion on the watch is ours, and the
 	// writer forgets it, so apply need not read the block for it.
 	ending bool
+	// unapplied is set while the put's outcome is unknown (its answer was
+	// lost) and the janitor has not yet seen the key in etcd: a put on its
+	// way may still apply, so the bytes are held until lateApply after
+	// the reservation's expiry.
+	unapplied bool
 }
+
+// lateApply is how long after a reservation's expiry its bytes stay held
+// when the put's answer was lost and its key was never seen in etcd: well
+// past any plausible late apply of a request etcd had taken in.
+const lateApply = 2 * time.Minute
 
 // batchLinger is how long a reservation or commit batch waits for more
 // after its first entry. Under load it makes batches several times larger
@@ -775,9 +785,11 @@ func (c *Capacity) carve(ctx context.Context, t *term, bucket *adminv1.BucketSpe
 		bc.carved -= size
 		delete(bc.res, id)
 	case err != nil:
-		// Ambiguous: the put may still apply. Hold the bytes well past
-		// any plausible late apply before the janitor may drop them.
-		r.exp = c.l.opts.Now().Add(ttl + 2*time.Minute)
+		// Ambiguous: the put may still apply (see unapplied). Once the
+		// janitor reads the key, it applied, and cannot again: the bytes
+		// then go back at the expiry, after a passing etcd fault as
+		// after any other reservation left unused.
+		r.unapplied = true
 	}
 	bc.mu.Unlock()
 	if err != nil {
@@ -1421,6 +1433,10 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 			return
 		}
 		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 && r.unapplied && !now.After(r.exp.Add(lateApply)) {
+			continue // the put may still be on its way
+		}
+		r.unapplied = false
 		if len(kvs) == 0 {
 			observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
 			forget(bc, rid, resp.Header.Revision)

@@ -22,3 +22,7 @@ func (l *Ledger) ResKey(bucket, id string) string { return l.resKey(bucket, id) 
 
 // FoldShards runs one fold of idle usage shards now.
 func (c *Capacity) FoldShards(ctx context.Context) (int, error) { return c.foldShards(ctx) }
+
+// LateApply is how long past its expiry a reservation whose put was never
+// seen in etcd holds its bytes.
+const LateApply = lateApply

@@ -229,6 +229,78 @@ func TestUnknownGrowOutcomeHoldsNothing(t *testing.T) {
 	}
 }
 
+// A reservation whose put's answer was lost (a passing etcd fault) holds
+// its bytes until its expiry, like any unused reservation, when the put
+// applied: the janitor reads the key, so the put cannot apply again. Only
+// a put never seen in etcd, which may still be on its way, holds them
+// for lateApply past the expiry.
+func TestLostReservationAnswerHoldsUntilExpiry(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		applied bool
+		wait    time.Duration // past the expiry, before the bytes are back
+	}{
+		{"applied", true, time.Second},
+		{"never applied", false, ledger.LateApply + time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, cli := testenv.Etcd(t)
+			var now atomic.Int64
+			now.Store(time.Date(2026, 3, 10, 12, 0, 0, 0, time.UTC).UnixNano())
+			clock := func() time.Time { return time.Unix(0, now.Load()) }
+			var armed atomic.Bool
+			lossy := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				if !isReservationPut(req) || !armed.CompareAndSwap(true, false) {
+					return invoker(ctx, method, req, reply, cc, opts...)
+				}
+				if tc.applied {
+					if err := invoker(ctx, method, req, reply, cc, opts...); err != nil {
+						return err
+					}
+				}
+				return status.Error(codes.Unavailable, "connection reset")
+			})
+			l, a := replicaCapWith(t, lossy, "a", ledger.Options{Now: clock})
+			_, b := replicaCapWith(t, cli, "b", ledger.Options{Now: clock})
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			bk := bucket("b1", 1000)
+			armed.Store(true)
+			if _, err := a.Reserve(ctx, bk, 600, time.Minute); err == nil {
+				t.Fatal("the reservation succeeded though its answer was lost")
+			}
+			if armed.Load() {
+				t.Fatal("the fault did not fire")
+			}
+			if n, want := liveReservations(t, l, "b1"), map[bool]int64{true: 1}[tc.applied]; n != want {
+				t.Fatalf("%d live reservations after the lost answer, want %d", n, want)
+			}
+			now.Add(int64(time.Minute + tc.wait))
+			poll(t, 10*time.Second, "the bytes to come back", func() bool {
+				r, err := b.Reserve(ctx, bk, 900, time.Minute)
+				if err == nil {
+					return b.Release(ctx, "b1", r.ID) == nil
+				}
+				return false
+			})
+		})
+	}
+}
+
+// isReservationPut reports a reservation writer's transaction.
+func isReservationPut(req any) bool {
+	tr, ok := req.(*etcdserverpb.TxnRequest)
+	if !ok || len(tr.Compare) != 0 {
+		return false
+	}
+	for _, op := range tr.Success {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/cap/res/") {
+			return true
+		}
+	}
+	return false
+}
+
 // A commit that moves a reservation's bytes out of its owner's block, for
 // lack of room of its own, never drives that block negative: a block
 // smaller than the reservation does not cover it (the owner's view went
