@@ -13,6 +13,7 @@ import (
 	"io"
 	mrand "math/rand/v2"
 	"os"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -246,10 +247,20 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 			return d + mrand.N(d/2+1), true
 		}
 	}
-	if st.Code() != codes.Unavailable {
+	if st.Code() != codes.Unavailable || refusedAtHandshake(st) {
 		return 0, false
 	}
 	return backoff.Delay(250*time.Millisecond, attempt-1), true
+}
+
+// refusedAtHandshake reports a connection that TLS turned away: a CA that
+// did not sign the server's certificate, or a server that wants a client
+// certificate it was not given. grpc-go calls it UNAVAILABLE, but no retry
+// gets past it until the configuration changes. Its words are the only
+// sign: grpc-go has said them for years, for either side's refusal.
+func refusedAtHandshake(st *status.Status) bool {
+	msg := st.Message()
+	return strings.Contains(msg, "authentication handshake failed") || strings.Contains(msg, "remote error: tls:")
 }
 
 // rateLimited reports a refusal by the service's rate limit.

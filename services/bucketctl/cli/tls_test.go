@@ -46,6 +46,13 @@ func TestUploadOverMutualTLS(t *testing.T) {
 	if out, err := run("upload", "-q", src, "--tls-ca", pki.CAFile); err == nil {
 		t.Fatalf("upload without a client certificate succeeded: %s", out)
 	}
+	// A CA that did not sign the server's certificate fails at once,
+	// saying so: no retry gets past it.
+	other := testenv.NewPKI(t)
+	if out, err := run("upload", "-q", src, "--tls-ca", other.CAFile, "--tls-cert", cc, "--tls-key", ck); err == nil ||
+		strings.Contains(out, "retrying") || !strings.Contains(err.Error(), "certificate signed by unknown authority") {
+		t.Fatalf("upload trusting another CA: %v (%s), want one attempt failing on the certificate", err, out)
+	}
 	if out, err := run("upload", "-q", src); err == nil {
 		t.Fatalf("upload in plain text to a TLS service succeeded: %s", out)
 	}
