@@ -153,13 +153,17 @@ func TestCommitBatchesWriteEachKeyOnce(t *testing.T) {
 }
 
 // isGrow matches the compare-and-put that grows a replica's block.
-func isGrow(req any) bool {
+func isGrow(req any) bool { return putsUnder(req, 3, "/cap/blocks/") }
+
+// putsUnder reports a transaction with that many compares putting a key
+// that contains part.
+func putsUnder(req any, compares int, part string) bool {
 	tr, ok := req.(*etcdserverpb.TxnRequest)
-	if !ok || len(tr.Compare) != 3 {
+	if !ok || len(tr.Compare) != compares {
 		return false
 	}
 	for _, op := range tr.Success {
-		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/cap/blocks/") {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), part) {
 			return true
 		}
 	}
@@ -288,18 +292,7 @@ func TestLostReservationAnswerHoldsUntilExpiry(t *testing.T) {
 }
 
 // isReservationPut reports a reservation writer's transaction.
-func isReservationPut(req any) bool {
-	tr, ok := req.(*etcdserverpb.TxnRequest)
-	if !ok || len(tr.Compare) != 0 {
-		return false
-	}
-	for _, op := range tr.Success {
-		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/cap/res/") {
-			return true
-		}
-	}
-	return false
-}
+func isReservationPut(req any) bool { return putsUnder(req, 0, "/cap/res/") }
 
 // A commit that moves a reservation's bytes out of its owner's block, for
 // lack of room of its own, never drives that block negative: a block
