@@ -3,8 +3,12 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	"io"
+	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -240,4 +244,109 @@ func TestFailedCommitKeepsAnotherUploadsObject(t *testing.T) {
 		t.Fatalf("A, whose Commit was refused: %v, want Unavailable", err)
 	}
 	readBack(ctx, t, st.Upload, respB, b, "B's object after A's Commit failed")
+}
+
+// lateComplete holds the first CompleteMultipartUpload. Released, it goes
+// to the bucket; failed to the service first (its caller's context ended,
+// or lose is set, as when the answer is lost), it reaches the bucket just
+// before the service's next abort of the upload, as a Complete the bucket
+// took in and finished after the service had looked.
+type lateComplete struct {
+	c       *http.Client
+	lose    bool
+	held    chan struct{} // closed once the Complete is held
+	release chan struct{}
+	once    sync.Once
+	mu      sync.Mutex
+	pending *http.Request
+}
+
+func (l *lateComplete) Do(r *http.Request) (*http.Response, error) {
+	q := r.URL.Query()
+
+	switch {
+	case r.Method == http.MethodPost && q.Has("uploadId"):
+		first := false
+		l.once.Do(func() { first = true })
+		if !first {
+			break
+		}
+		close(l.held)
+		// Its body is read now: the SDK closes it once the call fails.
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			return nil, err
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		err = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+		if !l.lose {
+			select {
+			case <-l.release:
+				return l.c.Do(r)
+			case <-r.Context().Done():
+				err = r.Context().Err()
+			}
+		}
+		l.mu.Lock()
+		l.pending = r.Clone(context.Background())
+		l.pending.Body = io.NopCloser(bytes.NewReader(body))
+		l.mu.Unlock()
+		return nil, err
+	case r.Method == http.MethodDelete && q.Has("uploadId"):
+		l.mu.Lock()
+		p := l.pending
+		l.pending = nil
+		l.mu.Unlock()
+		if p != nil {
+			if resp, err := l.c.Do(p); err == nil {
+				_, _ = io.Copy(io.Discard, resp.Body)
+				_ = resp.Body.Close()
+			}
+		}
+	}
+	return l.c.Do(r)
+}
+
+// A Complete the bucket finishes after the service stopped waiting for it
+// leaves no object that usage does not count. A client that goes once it
+// has sent everything does not cut the Complete off: it runs to its
+// answer and the upload is committed. A Complete whose answer is lost is
+// aborted before the object is removed, so an object the bucket made late
+// is found and removed.
+func TestLateCompleteLeavesNoUncountedObject(t *testing.T) {
+	for _, lose := range []bool{false, true} {
+		t.Run(map[bool]string{false: "client gone", true: "answer lost"}[lose], func(t *testing.T) {
+			hc := &lateComplete{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, lose: lose,
+				held: make(chan struct{}), release: make(chan struct{})}
+			st := startStack(t, 1, func(c *uploader.Config) { c.HTTPClient, c.PartSize = hc, 5<<20 })
+			id := st.Buckets[0].GetId()
+			data := testenv.OpaqueBytes(t, 11<<20)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			done := make(chan error, 1)
+			go func() {
+				_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "late.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+				done <- err
+			}()
+			select {
+			case <-hc.held:
+			case err := <-done:
+				t.Fatalf("upload ended before its Complete: %v", err)
+			}
+			if !lose {
+				cancel()
+			}
+			if err := <-done; err == nil {
+				t.Fatal("the upload succeeded")
+			}
+			close(hc.release)
+			st.waitNoReservations(t)
+			objects, multiparts := st.objects(t)
+			used, _ := st.usage(t)
+			want := map[bool]int{false: 1, true: 0}[lose]
+			if objects[id] != want || used[id] != int64(want*len(data)) || multiparts[id] != 0 {
+				t.Fatalf("%d objects, %d open uploads, %d bytes used; want %d objects, all counted, none open", objects[id], multiparts[id], used[id], want)
+			}
+		})
+	}
 }

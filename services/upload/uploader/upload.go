@@ -735,20 +735,29 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		return fail(badField("header.sha256", "sha256 of the received data is %s but the header declared %s; nothing was stored", digest, want))
 	}
 	completing := time.Now()
-	etag, err := b.CompleteMultipart(ctx, u.key, mpID, parts)
+	// Once sent, the Complete runs to its answer even if the client goes:
+	// cut off, it may still finish at the bucket after the cleanup below
+	// looked, and leave an object nothing counts.
+	etag, err := b.CompleteMultipart(context.WithoutCancel(ctx), u.key, mpID, parts)
 	// Per request, the bucket's time on the parts and the completion: not
 	// the client's pace, which a slow sender would otherwise charge to
 	// the bucket's latency.
 	took := (time.Duration(spent.Load()) + time.Since(completing)) / time.Duration(nParts+1)
 	if err != nil {
 		s.report(ctx, bucketID, err, objstore.Classify(ctx, err), took)
-		if objstore.MayHaveLanded(err) || objstore.IsNotFound(err) {
-			// Perhaps completed with the answer lost (or, on a bucket
-			// that retries internally, a second Complete found no such
-			// upload): abort cannot help, so remove the object itself.
-			s.removeOurs(ctx, b, u, mayHaveLanded)
+		failed := bucketFailed(err, fmt.Sprintf("completing the upload on bucket %s failed: ", bucketID), "")
+		if !objstore.MayHaveLanded(err) && !objstore.IsNotFound(err) {
+			return fail(failed)
 		}
-		return fail(bucketFailed(err, fmt.Sprintf("completing the upload on bucket %s failed: ", bucketID), ""))
+		// Perhaps completed with the answer lost (or, on a bucket that
+		// retries internally, a second Complete found no such upload).
+		// The abort goes first: once it finds the upload gone, a
+		// Complete still running at the bucket has ended, and the object
+		// it made is there for the removal to find.
+		abort()
+		s.removeOurs(ctx, b, u, mayHaveLanded)
+		s.release(ctx, a)
+		return nil, failed
 	}
 	renewDone()
 	if lost := context.Cause(upCtx); lost != nil && ctx.Err() == nil {
