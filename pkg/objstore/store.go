@@ -434,7 +434,21 @@ func (b *Bucket) Put(ctx context.Context, in PutInput, body []byte) (string, err
 	if err != nil {
 		return "", fmt.Errorf("put %s/%s: %w", b.Target.Name, in.Key, err)
 	}
-	return aws.ToString(out.ETag), nil
+	return writtenETag(out.ETag, "put", b.Target.Name, in.Key)
+}
+
+// ErrNoETag fails a write whose 2xx answer carried no ETag. S3 and R2
+// always send one, so the answer did not come from a bucket that stored
+// the object (a proxy's empty page, a wrong endpoint): taken as success,
+// it would commit bytes that are nowhere. Like a lost answer, the write
+// may or may not have landed (MayHaveLanded).
+var ErrNoETag = errors.New("objstore: the bucket answered the write without an ETag")
+
+func writtenETag(etag *string, op, bucket, key string) (string, error) {
+	if aws.ToString(etag) == "" {
+		return "", fmt.Errorf("%s %s/%s: %w", op, bucket, key, ErrNoETag)
+	}
+	return *etag, nil
 }
 
 // CreateMultipart starts a multipart upload.
@@ -532,7 +546,7 @@ func (b *Bucket) CompleteMultipart(ctx context.Context, key, uploadID string, pa
 	if err != nil {
 		return "", fmt.Errorf("complete multipart %s/%s: %w", b.Target.Name, key, err)
 	}
-	return aws.ToString(out.ETag), nil
+	return writtenETag(out.ETag, "complete multipart", b.Target.Name, key)
 }
 
 // ObjectInfo describes a stored object.

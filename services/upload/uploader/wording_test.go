@@ -56,6 +56,31 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	check("one PUT, connection reset", err, "with connection broken off")
 }
 
+// A write answered 2xx without an ETag, which S3 and R2 always send (a
+// proxy's empty page, a wrong endpoint), is no success: nothing is
+// committed for bytes that are nowhere, and what the answer may have
+// stood for is removed.
+func TestWriteAnsweredWithoutAnETagIsNoSuccess(t *testing.T) {
+	st := startStack(t, 1, nil)
+	id := st.Buckets[0].GetId()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, tc := range []struct {
+		op   string
+		size int
+	}{{"PutObject", 1000}, {"CompleteMultipartUpload", 9 << 20}} {
+		st.Proxies[id].SetFor(tc.op, faultproxy.Unapplied)
+		_, err := sendBytes(ctx, t, st, "e.bin", testenv.OpaqueBytes(t, tc.size))
+		checkWorded(t, tc.op+" answered without an ETag", err, codes.Unavailable, "the bucket answered the write without an ETag")
+		st.Proxies[id].Set(faultproxy.Pass)
+		st.waitNoReservations(t)
+		objects, multiparts := st.objects(t)
+		if used, _ := st.usage(t); used[id] != 0 || objects[id] != 0 || multiparts[id] != 0 {
+			t.Fatalf("%s answered without an ETag: %d bytes used, %d objects, %d open uploads; want none", tc.op, used[id], objects[id], multiparts[id])
+		}
+	}
+}
+
 // checkWorded fails unless err has code and says want, without the SDK's
 // text or the object's path.
 func checkWorded(t *testing.T, what string, err error, code codes.Code, want string) {
