@@ -246,53 +246,45 @@ func TestFailedCommitKeepsAnotherUploadsObject(t *testing.T) {
 	readBack(ctx, t, st.Upload, respB, b, "B's object after A's Commit failed")
 }
 
-// lateComplete holds the first CompleteMultipartUpload. Released, it goes
+// lateWrite holds the first write that match selects. Released, it goes
 // to the bucket; failed to the service first (its caller's context ended,
-// or lose is set, as when the answer is lost), it reaches the bucket just
-// before the service's next abort of the upload, as a Complete the bucket
-// took in and finished after the service had looked.
-type lateComplete struct {
+// or lose is set, as when the answer is lost), it reaches the bucket right
+// after the service's next DELETE (a removal or an abort), as a write the
+// bucket took in and finished after the service had looked.
+type lateWrite struct {
 	c       *http.Client
+	match   func(*http.Request) bool
 	lose    bool
-	held    chan struct{} // closed once the Complete is held
+	held    chan struct{} // closed once the write is held
+	decided chan struct{} // closed once it is sent or pending
 	release chan struct{}
 	once    sync.Once
 	mu      sync.Mutex
 	pending *http.Request
 }
 
-func (l *lateComplete) Do(r *http.Request) (*http.Response, error) {
-	q := r.URL.Query()
+func newLateWrite(match func(*http.Request) bool, lose bool) *lateWrite {
+	return &lateWrite{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, match: match, lose: lose,
+		held: make(chan struct{}), decided: make(chan struct{}), release: make(chan struct{})}
+}
 
-	switch {
-	case r.Method == http.MethodPost && q.Has("uploadId"):
-		first := false
+func (l *lateWrite) Do(r *http.Request) (*http.Response, error) {
+	first := false
+	if l.match(r) {
 		l.once.Do(func() { first = true })
-		if !first {
-			break
+	}
+	if first {
+		return l.hold(r)
+	}
+	resp, err := l.c.Do(r)
+	if r.Method == http.MethodDelete {
+		// The service may remove before the held call has seen its
+		// context end (the SDK returns at once when it does).
+		select {
+		case <-l.held:
+			<-l.decided
+		default:
 		}
-		close(l.held)
-		// Its body is read now: the SDK closes it once the call fails.
-		body, err := io.ReadAll(r.Body)
-		if err != nil {
-			return nil, err
-		}
-		r.Body = io.NopCloser(bytes.NewReader(body))
-		err = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
-		if !l.lose {
-			select {
-			case <-l.release:
-				return l.c.Do(r)
-			case <-r.Context().Done():
-				err = r.Context().Err()
-			}
-		}
-		l.mu.Lock()
-		l.pending = r.Clone(context.Background())
-		l.pending.Body = io.NopCloser(bytes.NewReader(body))
-		l.mu.Unlock()
-		return nil, err
-	case r.Method == http.MethodDelete && q.Has("uploadId"):
 		l.mu.Lock()
 		p := l.pending
 		l.pending = nil
@@ -304,23 +296,60 @@ func (l *lateComplete) Do(r *http.Request) (*http.Response, error) {
 			}
 		}
 	}
-	return l.c.Do(r)
+	return resp, err
 }
 
-// A Complete the bucket finishes after the service stopped waiting for it
+func (l *lateWrite) hold(r *http.Request) (*http.Response, error) {
+	close(l.held)
+	// Its body is read now: the SDK closes it once the call fails.
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		close(l.decided)
+		return nil, err
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	err = &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+	if !l.lose {
+		select {
+		case <-l.release:
+			close(l.decided)
+			return l.c.Do(r)
+		case <-r.Context().Done():
+			err = r.Context().Err()
+		}
+	}
+	l.mu.Lock()
+	l.pending = r.Clone(context.Background())
+	l.pending.Body = io.NopCloser(bytes.NewReader(body))
+	l.mu.Unlock()
+	close(l.decided)
+	return nil, err
+}
+
+// A write the bucket finishes after the service stopped waiting for it
 // leaves no object that usage does not count. A client that goes once it
-// has sent everything does not cut the Complete off: it runs to its
-// answer and the upload is committed. A Complete whose answer is lost is
-// aborted before the object is removed, so an object the bucket made late
-// is found and removed.
-func TestLateCompleteLeavesNoUncountedObject(t *testing.T) {
-	for _, lose := range []bool{false, true} {
-		t.Run(map[bool]string{false: "client gone", true: "answer lost"}[lose], func(t *testing.T) {
-			hc := &lateComplete{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, lose: lose,
-				held: make(chan struct{}), release: make(chan struct{})}
+// has sent everything does not cut the write off (one PUT, or a multipart
+// upload's Complete): it runs to its answer and the upload is committed.
+// A Complete whose answer is lost is aborted before the object is
+// removed, so an object the bucket made late is found and removed.
+func TestLateWriteLeavesNoUncountedObject(t *testing.T) {
+	put := func(r *http.Request) bool { return r.Method == http.MethodPut && !r.URL.Query().Has("uploadId") }
+	complete := func(r *http.Request) bool { return r.Method == http.MethodPost && r.URL.Query().Has("uploadId") }
+	for _, tc := range []struct {
+		name  string
+		match func(*http.Request) bool
+		size  int
+		lose  bool
+	}{
+		{"client gone during the PUT", put, 1000, false},
+		{"client gone during the Complete", complete, 11 << 20, false},
+		{"the Complete's answer lost", complete, 11 << 20, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			hc := newLateWrite(tc.match, tc.lose)
 			st := startStack(t, 1, func(c *uploader.Config) { c.HTTPClient, c.PartSize = hc, 5<<20 })
 			id := st.Buckets[0].GetId()
-			data := testenv.OpaqueBytes(t, 11<<20)
+			data := testenv.OpaqueBytes(t, tc.size)
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			done := make(chan error, 1)
@@ -331,9 +360,9 @@ func TestLateCompleteLeavesNoUncountedObject(t *testing.T) {
 			select {
 			case <-hc.held:
 			case err := <-done:
-				t.Fatalf("upload ended before its Complete: %v", err)
+				t.Fatalf("upload ended before its write: %v", err)
 			}
-			if !lose {
+			if !tc.lose {
 				cancel()
 			}
 			if err := <-done; err == nil {
@@ -343,7 +372,7 @@ func TestLateCompleteLeavesNoUncountedObject(t *testing.T) {
 			st.waitNoReservations(t)
 			objects, multiparts := st.objects(t)
 			used, _ := st.usage(t)
-			want := map[bool]int{false: 1, true: 0}[lose]
+			want := map[bool]int{false: 1, true: 0}[tc.lose]
 			if objects[id] != want || used[id] != int64(want*len(data)) || multiparts[id] != 0 {
 				t.Fatalf("%d objects, %d open uploads, %d bytes used; want %d objects, all counted, none open", objects[id], multiparts[id], used[id], want)
 			}

@@ -403,7 +403,9 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		// A PUT may take longer than the reservation and the idempotency
 		// claim live (a slow link, a slow bucket): they are renewed as
 		// for a multipart upload, which stops the PUT if either is lost.
-		putCtx, stopPut := context.WithCancelCause(ctx)
+		// The client going does not stop it: its bytes are all here, and
+		// a PUT cut off may still land after the removal that follows.
+		putCtx, stopPut := context.WithCancelCause(context.WithoutCancel(ctx))
 		renewDone := s.keepRenewing(putCtx, a, u.claim, stopPut)
 		start := time.Now()
 		etag, err := b.Put(putCtx, u.in, body)
