@@ -25,6 +25,17 @@ var (
 	errCorrupt     = errors.New("object bytes do not match their sha256")
 )
 
+// unavailableError is a failure neither the client's nor a bucket's (the
+// allocator refused a Commit, a reservation lapsed mid-upload), worth a
+// retry: UNAVAILABLE, in its own words.
+type unavailableError struct{ msg string }
+
+func (e *unavailableError) Error() string { return e.msg }
+
+func unavailable(format string, a ...any) error {
+	return &unavailableError{msg: fmt.Sprintf(format, a...)}
+}
+
 // bucketFault is a bucket's failure in two wordings: Error, for logs,
 // holds the SDK's whole text (operation, endpoint URL, key, request ids);
 // the client's status gets what the bucket did in a few words instead
@@ -46,7 +57,8 @@ func (e *bucketFault) Is(target error) bool { return target == errBucket }
 // forClient is the sentence the client sees.
 func (e *bucketFault) forClient() string {
 	what := objstore.Describe(e.cause)
-	if errors.Is(e.cause, errBucket) {
+	var un *unavailableError
+	if errors.Is(e.cause, errBucket) || errors.As(e.cause, &un) {
 		what = e.cause.Error() // the service's own words already
 	}
 	return e.before + what + e.after
@@ -94,11 +106,14 @@ func toStatus(ctx context.Context, err error) error {
 	}
 	var bad *badRequestError
 	var fault *bucketFault
+	var un *unavailableError
 	switch {
 	case errors.As(err, &bad):
 		return bad.status()
 	case errors.As(err, &fault):
 		return status.Error(codes.Unavailable, fault.forClient())
+	case errors.As(err, &un):
+		return status.Error(codes.Unavailable, un.msg)
 	case errors.Is(err, errUnsupported):
 		return status.Error(codes.Unimplemented, err.Error())
 	case errors.Is(err, errNotFound):

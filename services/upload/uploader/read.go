@@ -95,7 +95,7 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		return fmt.Errorf("%w: offset %d is at or past the end of %s", errOutOfRange, req.GetOffset(), req.GetKey())
 	}
 	if err != nil {
-		return s.storeErr(ctx, b, err, "read")
+		return s.storeErr(ctx, b, req.GetKey(), err, "read")
 	}
 	defer body.Close()
 	sum := info.Metadata[sha256Key]
@@ -121,6 +121,9 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		// buffer is known whole without another read.
 		end := errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) || total == info.ContentLength
 		if rerr != nil && !end {
+			if objstore.Classify(ctx, rerr) != objstore.NotBucketFault {
+				s.logBucketFault(b, req.GetKey(), "read", rerr)
+			}
 			return bucketFailed(rerr, fmt.Sprintf("reading %s from bucket %s broke off: ", req.GetKey(), req.GetBucketId()), "")
 		}
 		if h != nil {

@@ -338,10 +338,10 @@ func (s *Server) DeleteObject(ctx context.Context, req *uploadv1.DeleteObjectReq
 				err = fmt.Errorf("%w: %w", objstore.ErrNoSuchBucket, err)
 			}
 		}
-		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "look up the object"))
+		return nil, toStatus(ctx, s.storeErr(ctx, b, req.GetKey(), err, "look up the object"))
 	}
 	if err := b.Delete(ctx, req.GetKey()); err != nil {
-		return nil, toStatus(ctx, s.storeErr(ctx, b, err, "delete"))
+		return nil, toStatus(ctx, s.storeErr(ctx, b, req.GetKey(), err, "delete"))
 	}
 	return &uploadv1.DeleteObjectResponse{}, nil
 }
@@ -392,18 +392,26 @@ func (s *Server) bucket(t *allocatorv1.BucketTarget) (*objstore.Bucket, error) {
 	return b, nil
 }
 
-func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, err error, op string) error {
+func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, key string, err error, op string) error {
 	if objstore.IsNoSuchBucket(err) {
 		// Not the object's absence: the bucket's spec names a bucket its
 		// endpoint does not have (a typo, a renamed or deleted bucket).
-		s.log.Error("a bucket's S3 bucket does not exist", "bucket", b.Target.ID, "name", b.Target.Name, "op", op, "error", err.Error())
+		s.log.Error("a bucket's S3 bucket does not exist", "bucket", b.Target.ID, "name", b.Target.Name, "key", key, "op", op, "error", err.Error())
 		return fmt.Errorf("%w: could not %s in bucket %s: its S3 bucket does not exist at its endpoint, so its objects cannot be reached until an operator corrects the bucket's spec", errBucket, op, b.Target.ID)
 	}
 	if objstore.IsNotFound(err) {
 		return fmt.Errorf("%w: no such object in bucket %s", errNotFound, b.Target.ID)
 	}
 	if f := objstore.Classify(ctx, err); f != objstore.NotBucketFault {
+		s.logBucketFault(b, key, op, err)
 		return bucketFailed(err, fmt.Sprintf("could not %s in bucket %s: ", op, b.Target.ID), "")
 	}
 	return fmt.Errorf("%s in bucket %s: %w", op, b.Target.ID, err)
+}
+
+// logBucketFault logs a bucket's failure of a read or delete with the
+// SDK's whole text, which the client's few words leave out. (An upload's
+// failures are logged once, as the upload's.)
+func (s *Server) logBucketFault(b *objstore.Bucket, key, op string, err error) {
+	s.log.Warn("a bucket failed a call", "bucket", b.Target.ID, "key", key, "op", op, "error", err.Error())
 }

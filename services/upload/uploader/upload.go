@@ -79,6 +79,8 @@ type upload struct {
 	// digest is the sha256 of the received object once known before its
 	// write (a small object, buffered whole).
 	digest string
+	// bucket is the bucket last granted, for the log of a failure.
+	bucket string
 }
 
 // sha256 is the object's sha256 as far as known before its write: the
@@ -94,10 +96,15 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	ctx := stream.Context()
 	defer s.cfg.Metrics.TrackUploadStream(ctx)()
 	start := time.Now()
-	resp, err := s.upload(ctx, stream)
+	var u *upload
+	resp, err := s.upload(ctx, stream, &u)
 	if err != nil {
 		st := toStatus(ctx, err)
-		s.log.Info("upload failed", "code", status.Code(st).String(), "error", status.Convert(st).Message(), "cause", err.Error())
+		attrs := []any{"code", status.Code(st).String(), "error", status.Convert(st).Message(), "cause", err.Error()}
+		if u != nil {
+			attrs = append(attrs, "key", u.key, "bucket", u.bucket)
+		}
+		s.log.Info("upload failed", attrs...)
 		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st, CallerFault: callerFault(err)})
 		return st
 	}
@@ -117,7 +124,9 @@ func callerFault(err error) bool {
 	return errors.Is(err, errIdle) || errors.As(err, &sf) || status.Code(err) == codes.Aborted
 }
 
-func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer) (*uploadv1.UploadResponse, error) {
+// upload runs one upload; *seen is its state once its header passed, for
+// the log of a failure.
+func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer, seen **upload) (*uploadv1.UploadResponse, error) {
 	rcv := newReceiver(stream, s.cfg.IdleTimeout)
 	defer rcv.close()
 	first := &uploadv1.UploadRequest{}
@@ -139,6 +148,7 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 	if err != nil {
 		return nil, err
 	}
+	*seen = u
 	// An upload that claims its key learns of a record from its Allocate
 	// (see allocate), which spares the first try, the usual case, this
 	// round trip; a replay then answers once the head of the data is in.
@@ -303,6 +313,9 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 		case resp != nil:
 			return nil, &replayed{resp: resp}
 		}
+	}
+	if err == nil {
+		u.bucket = a.GetBucket().GetId()
 	}
 	return a, unreachable(err, "nothing was stored")
 }
@@ -484,7 +497,8 @@ func (s *Server) removeOurs(ctx context.Context, b *objstore.Bucket, u *upload, 
 // because removing it failed (err) or could not be tried (nil), so that
 // operators learn of uncounted objects and open multipart uploads.
 func (s *Server) leftover(ctx context.Context, bucket, key string, kind telemetry.LeftoverKind, msg string, err error) {
-	attrs := []any{"bucket", bucket, "key", key}
+	// "leftover" is the same on every such line, for the runbook's search.
+	attrs := []any{"leftover", string(kind), "bucket", bucket, "key", key}
 	if err != nil {
 		attrs = append(attrs, "error", err.Error())
 	}
@@ -562,7 +576,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	return nil, fmt.Errorf("%w: the object was written but its usage could not be recorded, so it was removed: %v", errBucket, status.Convert(err).Message())
+	return nil, unavailable("the object was written but its usage could not be recorded, so it was removed: %v", status.Convert(err).Message())
 }
 
 // unanswered reports an allocator call that may have been applied.
@@ -1009,7 +1023,7 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			})
 			rcancel()
 			if status.Code(err) == codes.FailedPrecondition {
-				cancel(fmt.Errorf("%w: the reservation for this upload lapsed and the bucket has no room to grant it again", errBucket))
+				cancel(unavailable("the reservation for this upload lapsed and the bucket has no room to grant it again"))
 				return
 			}
 			if status.Code(err) == codes.Aborted {

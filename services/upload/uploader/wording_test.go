@@ -3,15 +3,19 @@ package uploader_test
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
 // A bucket's failure reaches the client as what the bucket did, in a few
@@ -77,6 +81,61 @@ func TestWriteAnsweredWithoutAnETagIsNoSuccess(t *testing.T) {
 		objects, multiparts := st.objects(t)
 		if used, _ := st.usage(t); used[id] != 0 || objects[id] != 0 || multiparts[id] != 0 {
 			t.Fatalf("%s answered without an ETag: %d bytes used, %d objects, %d open uploads; want none", tc.op, used[id], objects[id], multiparts[id])
+		}
+	}
+}
+
+// failingCommits refuses every Commit while on is set.
+type failingCommits struct {
+	uploader.Allocator
+	on atomic.Bool
+}
+
+func (f *failingCommits) Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error) {
+	if f.on.Load() {
+		return nil, status.Error(codes.Internal, "commit refused by the test")
+	}
+	return f.Allocator.Commit(ctx, in, opts...)
+}
+
+// A failure names its object in the log, which the client's few words
+// leave out: a bucket failing a read or a delete is logged with the key
+// and the SDK's whole text, and a failed upload with its key and bucket.
+// A Commit the allocator refused is not worded as a bucket's failure.
+func TestFailuresAreLoggedWithTheirObject(t *testing.T) {
+	fc := &failingCommits{}
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator {
+		fc.Allocator = a
+		return fc
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	stored, err := sendBytes(ctx, t, st, "a.bin", testenv.OpaqueBytes(t, 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := stored.GetBucketId()
+	st.Proxies[id].Set(faultproxy.Error5xx)
+	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: id, Key: stored.GetKey()}); err == nil {
+		t.Fatal("a read from a failing bucket succeeded")
+	}
+	if _, err := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: id, Key: stored.GetKey()}); err == nil {
+		t.Fatal("a delete in a failing bucket succeeded")
+	}
+	st.Proxies[id].Set(faultproxy.Pass)
+	fc.on.Store(true)
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "logged/b.bin", ContentType: "application/octet-stream", Size: 1000}, testenv.OpaqueBytes(t, 1000))
+	if msg := status.Convert(err).Message(); status.Code(err) != codes.Unavailable || strings.Contains(msg, "bucket failed") {
+		t.Fatalf("upload whose Commit was refused: %v, want UNAVAILABLE not blaming the bucket", err)
+	}
+	logs := st.Logs.String()
+	for _, want := range []string{
+		`"op":"read","error":`, `"op":"look up the object","error":`,
+		`"key":"` + stored.GetKey() + `"`,
+		`"msg":"upload failed"`, `"key":"logged/b.bin","bucket":"` + id + `"`,
+	} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("the log holds no %s:\n%s", want, logs)
 		}
 	}
 }
