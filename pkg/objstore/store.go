@@ -657,7 +657,6 @@ func (g *stallGuard) Close() error {
 	return err
 }
 
-// Head returns an object's info.
 // Exists asks the bucket whether it exists (a HeadBucket). A HEAD's 404
 // has no body to say whether the object or the bucket is missing; this
 // tells them apart where it matters.
@@ -674,6 +673,7 @@ func (b *Bucket) Exists(ctx context.Context) (bool, error) {
 	return false, fmt.Errorf("head bucket %s: %w", b.Target.Name, err)
 }
 
+// Head returns an object's info.
 func (b *Bucket) Head(ctx context.Context, key string) (ObjectInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.s.opts.CallTimeout)
 	defer cancel()

@@ -26,3 +26,19 @@ func TestRetryAfterAnyDelay(t *testing.T) {
 		}
 	}
 }
+
+// A connection TLS turned away is not retried; a handshake cut off is a
+// passing fault and is. The messages are grpc-go's, as seen here.
+func TestHandshakeRefusalsAreNotRetried(t *testing.T) {
+	for msg, retry := range map[string]bool{
+		`connection error: desc = "transport: authentication handshake failed: tls: failed to verify certificate: x509: certificate signed by unknown authority"`: false,
+		`connection error: desc = "error reading server preface: remote error: tls: certificate required"`:                                                        false,
+		`connection error: desc = "transport: authentication handshake failed: EOF"`:                                                                              true,
+		`connection error: desc = "transport: authentication handshake failed: read tcp 127.0.0.1:1->127.0.0.1:2: read: connection reset by peer"`:                true,
+		`connection error: desc = "transport: authentication handshake failed: context deadline exceeded"`:                                                        true,
+	} {
+		if _, ok := retryAfter(status.Error(codes.Unavailable, msg), 1); ok != retry {
+			t.Errorf("%s: retried %v, want %v", msg, ok, retry)
+		}
+	}
+}

@@ -253,14 +253,21 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 	return backoff.Delay(250*time.Millisecond, attempt-1), true
 }
 
-// refusedAtHandshake reports a connection that TLS turned away: a CA that
-// did not sign the server's certificate, or a server that wants a client
-// certificate it was not given. grpc-go calls it UNAVAILABLE, but no retry
-// gets past it until the configuration changes. Its words are the only
-// sign: grpc-go has said them for years, for either side's refusal.
+// refusedAtHandshake reports a connection that TLS turned away: a
+// certificate that did not verify (a CA that did not sign the server's),
+// or the other side's alert (a server that wants a client certificate).
+// grpc-go calls it UNAVAILABLE, but no retry gets past it until the
+// configuration changes. Its words are the only sign. A handshake cut off
+// (EOF, a reset, a timeout: a replica stopping) is a passing fault and is
+// retried.
 func refusedAtHandshake(st *status.Status) bool {
 	msg := st.Message()
-	return strings.Contains(msg, "authentication handshake failed") || strings.Contains(msg, "remote error: tls:")
+	for _, sign := range []string{"x509: ", "tls: failed to verify", "remote error: tls: "} {
+		if strings.Contains(msg, sign) {
+			return true
+		}
+	}
+	return false
 }
 
 // rateLimited reports a refusal by the service's rate limit.
