@@ -18,6 +18,7 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -376,6 +377,41 @@ func TestLateWriteLeavesNoUncountedObject(t *testing.T) {
 			if objects[id] != want || used[id] != int64(want*len(data)) || multiparts[id] != 0 {
 				t.Fatalf("%d objects, %d open uploads, %d bytes used; want %d objects, all counted, none open", objects[id], multiparts[id], used[id], want)
 			}
+		})
+	}
+}
+
+// A write the client left behind still runs to its own end (see
+// TestLateWriteLeavesNoUncountedObject), and how it failed is the
+// bucket's: a bucket that hangs every write cools down though each client
+// gave up before the write's timeout.
+func TestAbandonedWritesStillReportTheBucket(t *testing.T) {
+	for _, tc := range []struct {
+		op   string
+		size int
+	}{{"PutObject", 1000}, {"CompleteMultipartUpload", 9 << 20}} {
+		t.Run(tc.op, func(t *testing.T) {
+			st := startStack(t, 1, func(c *uploader.Config) { c.CallTimeout, c.DataTimeout = time.Second, time.Second })
+			id := st.Buckets[0].GetId()
+			p := st.Proxies[id]
+			p.StallFor = time.Minute
+			p.SetFor(tc.op, faultproxy.Stall)
+			data := testenv.OpaqueBytes(t, tc.size)
+			for i := 0; i < 3; i++ {
+				ctx, cancel := context.WithCancel(context.Background())
+				done := make(chan error, 1)
+				go func() {
+					_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "hung.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+					done <- err
+				}()
+				poll(t, 30*time.Second, "the write to reach the bucket", func() bool { return p.Counts()[tc.op] > 0 })
+				cancel()
+				if err := <-done; status.Code(err) != codes.Canceled {
+					t.Fatalf("upload %d: %v, want Canceled", i, err)
+				}
+			}
+			waitFailures(t, st, id, 3)
+			st.waitNoReservations(t)
 		})
 	}
 }

@@ -429,21 +429,24 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		if err == nil {
 			return s.commit(ctx, u, a, b, written{etag: etag, sha256: digest, took: took})
 		}
-		if lost != nil && ctx.Err() == nil {
+		if lost != nil {
 			// The renewal gave up: not the bucket's fault, and the PUT,
 			// cut short, may have landed.
 			return s.dropLost(ctx, b, u, a, lost)
 		}
-		f := objstore.Classify(ctx, err)
+		// The PUT ran to its own end, whether or not the client stayed:
+		// how it failed is the bucket's doing (or its refusal), and
+		// health must hear of it either way.
+		f := objstore.Classify(context.WithoutCancel(ctx), err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, took)
 		if objstore.MayHaveLanded(err) {
 			s.removeOurs(ctx, b, u, mayHaveLanded)
 		}
 		s.release(ctx, a)
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 		if f == objstore.NotBucketFault {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
 			return nil, fmt.Errorf("bucket %s rejected the object: %w", a.GetBucket().GetId(), err)
 		}
 		s.log.Warn("bucket failed; trying another", "bucket", a.GetBucket().GetId(), "attempt", attempt+1, "error", err.Error())
@@ -760,7 +763,8 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	// the bucket's latency.
 	took := (time.Duration(spent.Load()) + time.Since(completing)) / time.Duration(nParts+1)
 	if err != nil {
-		s.report(ctx, bucketID, err, objstore.Classify(ctx, err), took)
+		// Not cut off by the client (see above): its failure is the bucket's.
+		s.report(ctx, bucketID, err, objstore.Classify(context.WithoutCancel(ctx), err), took)
 		failed := bucketFailed(err, fmt.Sprintf("completing the upload on bucket %s failed: ", bucketID), "")
 		if !objstore.MayHaveLanded(err) && !objstore.IsNotFound(err) {
 			return fail(failed)
