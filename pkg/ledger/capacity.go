@@ -206,9 +206,15 @@ type localRes struct {
 	// unapplied is set while the put's outcome is unknown (its answer was
 	// lost) and the janitor has not yet seen the key in etcd: a put on its
 	// way may still apply, so the bytes are held until lateApply after
-	// the reservation's expiry.
+	// the reservation's expiry. The janitor looks again at nextLook, not
+	// on every tick.
 	unapplied bool
+	nextLook  time.Time
 }
+
+// unappliedLook is how often the janitor reads the key of a reservation
+// whose put was never seen, between its expiry and lateApply after it.
+const unappliedLook = 5 * time.Second
 
 // lateApply is how long after a reservation's expiry its bytes stay held
 // when the put's answer was lost and its key was never seen in etcd: well
@@ -1418,7 +1424,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 	blockKey := c.l.blockPrefix(id) + t.owner
 	now := c.l.opts.Now()
 	for rid, r := range bc.res {
-		if !r.written || !now.After(r.exp) {
+		if !r.written || !now.After(r.exp) || now.Before(r.nextLook) {
 			continue
 		}
 		key := c.l.resKey(id, rid)
@@ -1434,7 +1440,8 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 		}
 		kvs := resp.Responses[0].GetResponseRange().Kvs
 		if len(kvs) == 0 && r.unapplied && !now.After(r.exp.Add(lateApply)) {
-			continue // the put may still be on its way
+			r.nextLook = now.Add(unappliedLook) // the put may still be on its way
+			continue
 		}
 		r.unapplied = false
 		if len(kvs) == 0 {

@@ -26,3 +26,15 @@ func (c *Capacity) FoldShards(ctx context.Context) (int, error) { return c.foldS
 // LateApply is how long past its expiry a reservation whose put was never
 // seen in etcd holds its bytes.
 const LateApply = lateApply
+
+// SweepNow runs one janitor round now.
+func (c *Capacity) SweepNow(ctx context.Context) error {
+	t, err := c.wait(ctx)
+	if err != nil {
+		return err
+	}
+	for _, id := range t.bucketIDs() {
+		c.sweep(ctx, t, id)
+	}
+	return nil
+}
