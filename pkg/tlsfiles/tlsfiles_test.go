@@ -1,13 +1,11 @@
 package tlsfiles_test
 
 import (
-	"bytes"
 	"crypto/tls"
 	"log/slog"
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -102,7 +100,7 @@ func TestRotationAndClientCertificates(t *testing.T) {
 func TestMismatchedRotationIsLoggedOnce(t *testing.T) {
 	pki := testenv.NewPKI(t)
 	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	srv, err := tlsfiles.Server(certFile, keyFile, "", slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -140,22 +138,4 @@ func TestMismatchedRotationIsLoggedOnce(t *testing.T) {
 	if got, err := dial(addr, client); err != nil || got == first {
 		t.Fatalf("after a good rotation: certificate %d (the old one is %d), error %v", got, first, err)
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for the server's handshake goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

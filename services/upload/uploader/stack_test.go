@@ -52,25 +52,7 @@ type stack struct {
 	Replicas []*allocReplica
 	Etcd     *etcdembed.Server
 	// Logs is what the upload service logged, as JSON lines.
-	Logs *logBuffer
-}
-
-// logBuffer keeps what a service logs, for the tests that read it.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	Logs *testenv.LogBuffer
 }
 
 func serve(t testing.TB, register func(grpc.ServiceRegistrar), opts ...grpc.ServerOption) *grpc.ClientConn {
@@ -278,7 +260,7 @@ func (st *stack) startUpload(t testing.TB, client uploader.Allocator, tune func(
 	if tune != nil {
 		tune(&cfg)
 	}
-	st.Logs = &logBuffer{}
+	st.Logs = &testenv.LogBuffer{}
 	up, err := uploader.New(cfg, client, slog.New(slog.NewJSONHandler(st.Logs, nil)))
 	if err != nil {
 		t.Fatal(err)
