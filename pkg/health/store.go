@@ -284,6 +284,30 @@ func (s *Store) drain(ctx context.Context, bucket string, q *queue) {
 	go s.drain(ctx, bucket, q)
 }
 
+// ExtendTrial keeps a half-open bucket's trial out while an upload on it
+// is still running (its reservation renewed): a long upload must not let
+// a second trial in after TrialTimeout. It writes only when less than half
+// the timeout is left, so renewals cost about one write per half timeout.
+// The upload renewing may be the trial itself or one let through before
+// the cooldown; either tells whether the bucket recovered when it ends.
+func (s *Store) ExtendTrial(ctx context.Context, bucket string) error {
+	now := s.now()
+	due := func(r Record) bool {
+		return r.HalfOpen(now, s.policy) && now.Before(r.TrialUntil) && r.TrialUntil.Sub(now) < s.policy.TrialTimeout/2
+	}
+	if r, known := s.lookup(bucket); known && !due(r) {
+		return nil
+	}
+	_, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		if !due(*r) {
+			return false
+		}
+		r.TrialUntil = now.Add(s.policy.TrialTimeout)
+		return true
+	})
+	return err
+}
+
 // AbandonTrial gives back a half-open trial that Admit granted but that
 // was never sent (e.g. the reservation on the bucket failed), so that the
 // next Admit may claim it at once instead of after TrialTimeout. Only the

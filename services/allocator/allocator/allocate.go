@@ -185,6 +185,10 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	// A long upload on a half-open bucket keeps its one trial out.
+	if err := s.health.ExtendTrial(ctx, b.GetId()); err != nil {
+		s.log.Warn("could not keep a half-open trial out", "bucket", b.GetId(), "error", err.Error())
+	}
 	if cl := req.GetClaim(); cl != nil {
 		// A record under the key means the upload will learn at its
 		// Commit that another one won; until then nothing is to be held.

@@ -384,6 +384,45 @@ func TestReportedFailuresCoolDownEverywhere(t *testing.T) {
 	}
 }
 
+// A half-open bucket's one trial stays out while its upload runs: the
+// upload's renewals keep it, so a long trial upload does not let a second
+// one in after the trial timeout. Once the renewals stop, the trial lapses
+// and the next upload may probe the bucket.
+func TestRenewalsKeepTheTrialOut(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()) }
+	advance := func(d time.Duration) { now.Add(int64(d)) }
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}, Now: clock, ReservationTTL: time.Hour})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := 0; i < 3; i++ {
+		if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	advance(15*time.Minute + time.Second) // the cooldown is over: half-open
+	trial, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+	if err != nil {
+		t.Fatalf("the trial upload: %v", err)
+	}
+	for i := 0; i < 3; i++ { // 2 minutes of renewals, past the 1-minute trial timeout
+		advance(40 * time.Second)
+		if _, err := r.alloc.Renew(ctx, &allocatorv1.RenewRequest{ReservationId: trial.GetReservationId(), BucketId: "p1", ReservedBytes: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	advance(20 * time.Second)
+	if a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a second upload while the trial runs: %v, %v; want UNAVAILABLE", a.GetBucket().GetId(), err)
+	}
+	advance(2 * time.Minute) // no renewal: the trial's upload is gone
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); err != nil {
+		t.Fatalf("an upload after the trial lapsed: %v", err)
+	}
+}
+
 // A Commit that carries the write's latency records the write as a success
 // for the bucket's health, once: a retried Commit records nothing again,
 // and a Commit without it records nothing at all.
