@@ -125,11 +125,7 @@ func TestWaitingForBuffersIsMeasured(t *testing.T) {
 	}
 	release := holdBudget(t, st)
 	data := testenv.OpaqueBytes(t, 1024)
-	done := make(chan error, 1)
-	go func() {
-		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "budget/waiter.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-		done <- err
-	}()
+	done := sendInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "budget/waiter.bin", ContentType: "application/octet-stream"}, data)
 	for deadline := time.Now().Add(15 * time.Second); waiting() != 1; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("bucketlb_upload_buffer_waiting = %v while an upload waits, want 1", waiting())

@@ -72,11 +72,7 @@ func TestClientGoneDuringCommit(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 4096)
-	done := make(chan error, 1)
-	go func() {
-		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "gone/during-commit.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-		done <- err
-	}()
+	done := sendInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "gone/during-commit.bin", ContentType: "application/octet-stream"}, data)
 	select {
 	case <-gate.applied:
 	case err := <-done:
@@ -353,11 +349,7 @@ func TestLateWriteLeavesNoUncountedObject(t *testing.T) {
 			data := testenv.OpaqueBytes(t, tc.size)
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			done := make(chan error, 1)
-			go func() {
-				_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "late.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-				done <- err
-			}()
+			done := sendInBackground(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "late.bin", ContentType: "application/octet-stream"}, data)
 			select {
 			case <-hc.held:
 			case err := <-done:
@@ -399,11 +391,7 @@ func TestAbandonedWritesStillReportTheBucket(t *testing.T) {
 			data := testenv.OpaqueBytes(t, tc.size)
 			for i := 0; i < 3; i++ {
 				ctx, cancel := context.WithCancel(context.Background())
-				done := make(chan error, 1)
-				go func() {
-					_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "hung.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-					done <- err
-				}()
+				done := sendInBackground(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "hung.bin", ContentType: "application/octet-stream"}, data)
 				poll(t, 30*time.Second, "the write to reach the bucket", func() bool { return p.Counts()[tc.op] > 0 })
 				cancel()
 				if err := <-done; status.Code(err) != codes.Canceled {

@@ -270,11 +270,7 @@ func TestReservationLostDuringCompleteLeavesNothing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 6<<20) // two parts
-	done := make(chan error, 1)
-	go func() {
-		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/complete.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
-		done <- err
-	}()
+	done := sendInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/complete.bin", ContentType: "application/octet-stream"}, data)
 	<-lr.lapsed // the Complete is held and a renewal found the reservation lost
 	close(hc.release)
 	if err := <-done; status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "lapsed") {

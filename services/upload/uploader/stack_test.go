@@ -359,6 +359,18 @@ func send(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.Upl
 	return uploadclient.Upload(ctx, c, hdr, bytes.NewReader(data), uploadclient.Options{ChunkSize: 1 << 20})
 }
 
+// sendInBackground starts an upload of data under hdr (its size set from
+// data) and returns the channel its outcome arrives on.
+func sendInBackground(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, data []byte) <-chan error {
+	hdr.Size = int64(len(data))
+	done := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, c, hdr, data)
+		done <- err
+	}()
+	return done
+}
+
 // openUpload opens an Upload stream and sends hdr, then data in 1 MiB
 // chunks, and leaves the stream open: the caller goes on, stalls or
 // abandons it.
