@@ -279,12 +279,7 @@ func TestClientID(t *testing.T) {
 // they send.
 func TestMutualTLSClientsHaveTheirOwnBuckets(t *testing.T) {
 	pki := testenv.NewPKI(t)
-	certFile, keyFile := pki.Issue(t, "server", []string{"127.0.0.1"})
-	srvTLS, err := tlsfiles.Server(certFile, keyFile, pki.CAFile, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := listen(t, ratelimit.New(0.001, 1, newClock().now), grpc.Creds(credentials.NewTLS(srvTLS)))
+	addr := listen(t, ratelimit.New(0.001, 1, newClock().now), grpc.Creds(credentials.NewTLS(pki.MutualTLS(t, "server"))))
 	dialAs := func(name string) *grpc.ClientConn {
 		cc, ck := pki.Issue(t, name, nil, "spiffe://test/"+name)
 		cliTLS, err := tlsfiles.Client(pki.CAFile, cc, ck)

@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -14,6 +15,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
 // PKI is a throw-away certificate authority whose files live in a test's
@@ -111,4 +114,17 @@ func writePEM(tb testing.TB, path, kind string, der []byte) {
 	if err := os.Rename(tmp, path); err != nil {
 		tb.Fatal(err)
 	}
+}
+
+// MutualTLS is a server configuration for 127.0.0.1 with a certificate
+// issued to name, requiring clients to present a certificate this PKI
+// signed, built as the services build theirs (tlsfiles.Server).
+func (p *PKI) MutualTLS(tb testing.TB, name string) *tls.Config {
+	tb.Helper()
+	certFile, keyFile := p.Issue(tb, name, []string{"127.0.0.1"})
+	cfg, err := tlsfiles.Server(certFile, keyFile, p.CAFile, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cfg
 }

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/bucketlb/bucketlb/pkg/testenv"
-	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
@@ -20,12 +19,7 @@ import (
 // --tls-ca, --tls-cert and --tls-key, and is turned away without them.
 func TestUploadOverMutualTLS(t *testing.T) {
 	pki := testenv.NewPKI(t)
-	certFile, keyFile := pki.Issue(t, "upload", []string{"127.0.0.1"})
-	srv, err := tlsfiles.Server(certFile, keyFile, pki.CAFile, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := e2e.StartWith(t, devstack.Options{UploadTLS: srv})
+	env := e2e.StartWith(t, devstack.Options{UploadTLS: pki.MutualTLS(t, "upload")})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	run := func(args ...string) (string, error) {
