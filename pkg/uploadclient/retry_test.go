@@ -33,6 +33,7 @@ func TestHandshakeRefusalsAreNotRetried(t *testing.T) {
 	for msg, retry := range map[string]bool{
 		`connection error: desc = "transport: authentication handshake failed: tls: failed to verify certificate: x509: certificate signed by unknown authority"`: false,
 		`connection error: desc = "error reading server preface: remote error: tls: certificate required"`:                                                        false,
+		`connection error: desc = "transport: authentication handshake failed: tls: first record does not look like a TLS handshake"`:                             false,
 		`connection error: desc = "transport: authentication handshake failed: EOF"`:                                                                              true,
 		`connection error: desc = "transport: authentication handshake failed: read tcp 127.0.0.1:1->127.0.0.1:2: read: connection reset by peer"`:                true,
 		`connection error: desc = "transport: authentication handshake failed: context deadline exceeded"`:                                                        true,

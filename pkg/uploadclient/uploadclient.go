@@ -255,14 +255,15 @@ func retryAfter(err error, attempt int) (time.Duration, bool) {
 
 // refusedAtHandshake reports a connection that TLS turned away: a
 // certificate that did not verify (a CA that did not sign the server's),
-// or the other side's alert (a server that wants a client certificate).
+// the other side's alert (a server that wants a client certificate), or
+// a server that does not speak TLS at all.
 // grpc-go calls it UNAVAILABLE, but no retry gets past it until the
 // configuration changes. Its words are the only sign. A handshake cut off
 // (EOF, a reset, a timeout: a replica stopping) is a passing fault and is
 // retried.
 func refusedAtHandshake(st *status.Status) bool {
 	msg := st.Message()
-	for _, sign := range []string{"x509: ", "tls: failed to verify", "remote error: tls: "} {
+	for _, sign := range []string{"x509: ", "tls: failed to verify", "remote error: tls: ", "tls: first record does not look like a TLS handshake"} {
 		if strings.Contains(msg, sign) {
 			return true
 		}

@@ -55,3 +55,23 @@ func TestUploadOverMutualTLS(t *testing.T) {
 		t.Fatalf("--tls-key alone: %v (%s), want an error asking for both files", err, out)
 	}
 }
+
+// A TLS client talking to a plain-text service fails at once, saying so:
+// no retry gets past it either.
+func TestTLSClientToPlainTextServiceFailsAtOnce(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	env := e2e.StartWith(t, devstack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := filepath.Join(t.TempDir(), "f.bin")
+	if err := os.WriteFile(src, e2e.RandomBytes(t, 1000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	root := cli.NewRoot(&out, &out)
+	root.SetArgs([]string{"--upload-addr", env.Stack.UploadAddr, "--timeout", "20s", "upload", "-q", src, "--tls-ca", pki.CAFile})
+	err := root.ExecuteContext(ctx)
+	if err == nil || strings.Contains(out.String(), "retrying") || !strings.Contains(err.Error(), "does not look like a TLS handshake") {
+		t.Fatalf("TLS upload to a plain-text service: %v (%s), want one attempt failing on the handshake", err, out.String())
+	}
+}
