@@ -563,6 +563,11 @@ type ObjectInfo struct {
 func (b *Bucket) Get(ctx context.Context, key string, offset, length int64) (io.ReadCloser, ObjectInfo, error) {
 	r := &resumingBody{b: b, ctx: ctx, key: key, left: readAttempts}
 	info, start, err := r.open(offset, length, nil)
+	if offset == 0 && length > 0 && IsInvalidRange(err) {
+		// Only an empty object has no byte 0; S3 refuses any range of it.
+		// Read from its start, it is empty, as a file would be.
+		info, start, err = r.open(0, 0, nil)
+	}
 	if err != nil {
 		return nil, ObjectInfo{}, err
 	}

@@ -548,7 +548,8 @@ func TestMetadataRoundTrip(t *testing.T) {
 }
 
 // An empty object is stored like any other: one PUT, readable back with
-// its type, counted as 0 bytes once, replayed under its idempotency key.
+// its type (whole, or from offset 0 with a length), counted as 0 bytes
+// once, replayed under its idempotency key.
 // Bytes after a declared size of 0 are refused like any excess.
 func TestEmptyObject(t *testing.T) {
 	env := e2e.StartWith(t, devstack.Options{})
@@ -570,6 +571,15 @@ func TestEmptyObject(t *testing.T) {
 	info, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: first.GetBucketId(), Key: first.GetKey()}, &back, nil)
 	if err != nil || back.Len() != 0 || info.GetSize() != 0 || info.GetContentType() != "image/png" || info.GetMetadata()["kind"] != "placeholder" {
 		t.Fatalf("read back %d bytes, info %v, err %v", back.Len(), info, err)
+	}
+	// A read from offset 0 with a length is an empty read, as of a file;
+	// an offset past the end is out of range.
+	info, err = uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: first.GetBucketId(), Key: first.GetKey(), Length: 100}, &back, nil)
+	if err != nil || back.Len() != 0 || info.GetSize() != 0 || info.GetContentLength() != 0 {
+		t.Fatalf("range read from 0: %d bytes, info %v, err %v", back.Len(), info, err)
+	}
+	if _, err := uploadclient.Get(ctx, env.Upload, &uploadv1.GetObjectRequest{BucketId: first.GetBucketId(), Key: first.GetKey(), Offset: 1}, &back, nil); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("read from offset 1: %v, want OutOfRange", err)
 	}
 	again, err := put(ctx, env, nil, hdr())
 	if err != nil || !again.GetReplayed() || again.GetBucketId() != first.GetBucketId() {

@@ -541,7 +541,8 @@ type GetObjectRequest struct {
 	// Object key as returned by Upload.
 	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	// First byte to return (0 for the start). An offset at or past the end of
-	// the object fails with OUT_OF_RANGE.
+	// the object fails with OUT_OF_RANGE; 0 never does (an empty object reads
+	// as empty).
 	Offset int64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
 	// Number of bytes to return; 0 means up to the end of the object.
 	Length        int64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
