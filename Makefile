@@ -74,7 +74,7 @@ manifests-check: $(BIN)/kustomize ## Build both kustomize overlays.
 
 .PHONY: test
 test: proto-check lint manifests-check ## Install tools, check generated code, lint and manifests, run every test with -race.
-	go test $(GO_TEST_FLAGS) $(MODULES)
+	BUCKETLB_KUSTOMIZE=$(BIN)/kustomize go test $(GO_TEST_FLAGS) $(MODULES)
 
 .PHONY: bench
 bench: ## Run the benchmarks and print figures with ratios against same-run baselines.

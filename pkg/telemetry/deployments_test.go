@@ -300,6 +300,31 @@ func TestOverlayManifests(t *testing.T) {
 	})
 }
 
+// checkSecretsReadable fails unless the pod's user can read every secret
+// volume it mounts. The kubelet writes a secret's files as uid 0, with
+// group fsGroup (0 without one) and the volume's defaultMode (0644 when
+// unset); the pod's processes run as runAsUser with fsGroup among their
+// groups. A 0440 file without fsGroup is root's alone, and the process
+// fails at startup reading it.
+func checkSecretsReadable(t *testing.T, name string, pod any) {
+	t.Helper()
+	volumes, _ := dig(pod, "volumes").([]any)
+	for _, v := range volumes {
+		if dig(v, "secret") == nil {
+			continue
+		}
+		mode := 0o644
+		if m, ok := dig(v, "secret", "defaultMode").(float64); ok {
+			mode = int(m)
+		}
+		_, fsGroup := dig(pod, "securityContext", "fsGroup").(float64)
+		if mode&0o004 == 0 && (!fsGroup || mode&0o040 == 0) {
+			t.Errorf("%s: secret volume %s (mode %#o) is not readable by the pod's user: set the pod's securityContext.fsGroup and a group-readable mode",
+				name, str(dig(v, "name")), mode)
+		}
+	}
+}
+
 func stderr(err error) string {
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
@@ -382,6 +407,7 @@ func checkManifests(t *testing.T, overlay string, objs []object) {
 		if dig(pod, "automountServiceAccountToken") != false {
 			t.Errorf("%s: service account token is mounted", name)
 		}
+		checkSecretsReadable(t, name, pod)
 		containers, _ := dig(pod, "containers").([]any)
 		for _, c := range containers {
 			cn := name + "/" + str(dig(c, "name"))
