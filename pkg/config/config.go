@@ -42,9 +42,9 @@ type Allocator struct {
 	AdminTokenFile string `json:"adminTokenFile"`
 	// StopTimeout bounds graceful shutdown.
 	StopTimeout Duration `json:"stopTimeout"`
-	// ProbeBuckets lets the elected replica HEAD every bucket each
-	// ProbeInterval; it then needs the buckets' credentials like the
-	// upload service (environment or CredentialsDir).
+	// ProbeBuckets lets the elected replica read a probe object from every
+	// bucket each ProbeInterval; it then needs the buckets' credentials
+	// like the upload service (environment or CredentialsDir).
 	ProbeBuckets   bool     `json:"probeBuckets"`
 	ProbeInterval  Duration `json:"probeInterval"`
 	CredentialsDir string   `json:"credentialsDir"`

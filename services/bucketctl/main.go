@@ -13,10 +13,15 @@ import (
 	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
 )
 
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := cli.NewRoot(os.Stdout, os.Stderr).ExecuteContext(ctx); err != nil {
+	root := cli.NewRoot(os.Stdout, os.Stderr)
+	root.Version = version
+	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "bucketctl:", err)
 		os.Exit(1)
 	}
