@@ -137,6 +137,9 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			return 0, badRequest("a second header arrived after %d bytes of data; send exactly one header first", r.read)
 		}
 		t := r.target
+		if !t.hit && r.msg.GetPayload() == nil {
+			return 0, notAChunk()
+		}
 		size := len(r.msg.GetChunk())
 		if t.hit {
 			size = t.n + len(t.rest)
@@ -165,6 +168,13 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// notAChunk refuses a message after the header that holds neither a
+// header nor a chunk: an empty one, or one of a kind this server does not
+// know (a newer client's), whose meaning it would otherwise drop unseen.
+func notAChunk() error {
+	return badRequest("a message after the header carried no chunk of data (it was empty, or of a kind this server does not know); every message after the header must carry a chunk")
+}
+
 // advance counts n bytes handed out, refusing any beyond the declared size.
 func (r *chunkReader) advance(n int) (int, error) {
 	if left := r.size - r.read; int64(n) > left {
@@ -190,6 +200,9 @@ func (r *chunkReader) Finish() error {
 		}
 		if msg.GetHeader() != nil {
 			return badRequest("a second header arrived after the data; send exactly one header first")
+		}
+		if msg.GetPayload() == nil {
+			return notAChunk()
 		}
 		if len(msg.GetChunk()) > 0 {
 			return badField("header.size", "the stream carries more than the %d bytes the header declared", r.size)

@@ -22,7 +22,11 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// UploadRequest is one message of the Upload stream.
+// UploadRequest is one message of the Upload stream. Every message after
+// the header carries a chunk (an empty one is allowed); any other message
+// (empty, or of a kind the server does not know) fails the upload with
+// INVALID_ARGUMENT. Like every message, the header must fit in gRPC's
+// 1 MiB + 64 KiB message limit.
 type UploadRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Payload:
@@ -118,6 +122,8 @@ type UploadHeader struct {
 	// trailing "/", no "." or ".." path segment, no control characters.
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
+	// Only its last path segment goes into the key, cut to 128 characters,
+	// each one not an ASCII letter, digit, ".", "-" or "_" made "_".
 	NameHint string `protobuf:"bytes,2,opt,name=name_hint,json=nameHint,proto3" json:"name_hint,omitempty"`
 	// MIME type declared by the client: printable ASCII, at most 256 bytes.
 	// Checked against an allowlist and against the type sniffed from the
