@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	mrand "math/rand/v2"
@@ -167,6 +168,43 @@ func (l *Ledger) PutBucket(ctx context.Context, spec *adminv1.BucketSpec) error 
 		return fmt.Errorf("ledger: put bucket %s: %w", spec.GetId(), err)
 	}
 	return nil
+}
+
+// StoreBucket stores the spec build makes from the stored one (nil when
+// id has none), with compare-and-swap: what build kept of the stored spec
+// (its state, say) is what the bucket has when the write applies, however
+// other writes interleave. An error from build is returned as is.
+func (l *Ledger) StoreBucket(ctx context.Context, id string, build func(cur *adminv1.BucketSpec) (*adminv1.BucketSpec, error)) (*adminv1.BucketSpec, error) {
+	key := l.bucketKey(id)
+	for attempt := 0; attempt < 20; attempt++ {
+		cur, rev, err := l.getBucket(ctx, id)
+		if err != nil && !errors.Is(err, ErrBucketNotFound) {
+			return nil, err
+		}
+		spec, err := build(cur)
+		if err != nil {
+			return nil, err
+		}
+		if spec.GetId() != id {
+			return nil, fmt.Errorf("%w: a spec stored under %q must have that id, not %q", ErrInvalid, id, spec.GetId())
+		}
+		data, err := protojson.Marshal(spec)
+		if err != nil {
+			return nil, fmt.Errorf("ledger: encode bucket: %w", err)
+		}
+		cctx, cancel := l.ctx(ctx)
+		// rev is 0 for a bucket read absent: its key must still be absent.
+		resp, err := l.cli.Txn(cctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
+			Then(clientv3.OpPut(key, string(data))).Commit()
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("ledger: put bucket %s: %w", id, err)
+		}
+		if resp.Succeeded {
+			return spec, nil
+		}
+	}
+	return nil, ErrConflict
 }
 
 // UpdateBucket applies fn to the stored spec with compare-and-swap.

@@ -2,7 +2,6 @@ package allocator
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
@@ -10,7 +9,6 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
-	"github.com/bucketlb/bucketlb/pkg/ledger"
 )
 
 // ListBuckets implements AdminService.
@@ -36,23 +34,22 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 	if req.GetBucket() == nil {
 		return nil, toStatus(ctx, fmt.Errorf("%w: bucket is required", errInvalid))
 	}
-	spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
-	if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED {
-		// A spec sent without a state (to fix an endpoint, say) keeps the
-		// bucket's: an operator's DISABLED must not be undone by it.
-		cur, err := s.ledger.GetBucket(ctx, spec.GetId())
-		switch {
-		case err == nil:
+	spec, err := s.ledger.StoreBucket(ctx, req.GetBucket().GetId(), func(cur *adminv1.BucketSpec) (*adminv1.BucketSpec, error) {
+		spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
+		if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED && cur != nil {
+			// A spec sent without a state (to fix an endpoint, say) keeps
+			// the bucket's, as it is when the write applies: an
+			// operator's DISABLED, even one set a moment before, must not
+			// be undone by it.
 			spec.State = cur.GetState()
-		case !errors.Is(err, ledger.ErrBucketNotFound):
-			return nil, toStatus(ctx, err)
 		}
-	}
-	config.FillDefaults(spec)
-	if err := config.ValidateSpec(spec); err != nil {
-		return nil, toStatus(ctx, fmt.Errorf("%w: %v", errInvalid, err))
-	}
-	if err := s.ledger.PutBucket(ctx, spec); err != nil {
+		config.FillDefaults(spec)
+		if err := config.ValidateSpec(spec); err != nil {
+			return nil, fmt.Errorf("%w: %v", errInvalid, err)
+		}
+		return spec, nil
+	})
+	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
 	s.log.Info("bucket stored", "bucket", spec.GetId(), "state", spec.GetState().String())

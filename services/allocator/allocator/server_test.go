@@ -200,6 +200,44 @@ func TestNoBucketSaysWhy(t *testing.T) {
 	}
 }
 
+// A spec put without a state keeps the state the bucket has when the put
+// applies: an operator's DISABLED set at the same moment, on another
+// replica, is never undone by it. Either order of the two calls ends
+// DISABLED, so both answering OK must too.
+func TestStatelessPutKeepsAConcurrentState(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	other := startReplica(t, cli, allocator.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	actx := adminCtx(ctx, token)
+	for round := range 100 {
+		if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_ACTIVE}); err != nil {
+			t.Fatal(err)
+		}
+		edit := spec("p1", int32(round%5), 1000)
+		edit.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED
+		var wg sync.WaitGroup
+		var disableErr, putErr error
+		wg.Go(func() {
+			_, disableErr = other.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DISABLED})
+		})
+		wg.Go(func() { _, putErr = r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: edit}) })
+		wg.Wait()
+		if disableErr != nil || putErr != nil {
+			t.Fatalf("round %d: disable %v, put %v", round, disableErr, putErr)
+		}
+		got, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: "p1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.GetBucket().GetState() != adminv1.BucketState_BUCKET_STATE_DISABLED || got.GetBucket().GetPriority() != int32(round%5) {
+			t.Fatalf("round %d: both calls answered OK and the bucket is %v with priority %d, want DISABLED with the put's priority %d",
+				round, got.GetBucket().GetState(), got.GetBucket().GetPriority(), round%5)
+		}
+	}
+}
+
 func TestAdminAuthAndVerbs(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
