@@ -77,7 +77,7 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 			continue
 		}
 		if slices.Contains(req.GetExcludeBucketIds(), b.GetId()) {
-			why.add("excluded by the caller")
+			why.add(excluded)
 			continue
 		}
 		rec, _ := s.health.Cached(b.GetId())
@@ -99,6 +99,11 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		})
 	}
 	if !healthyExists {
+		if why.counts["cooling down"] == 0 && why.counts[excluded] == 0 {
+			// Taken out of service by an operator, all of them: a retry
+			// cannot help, unlike with a cooldown that ends by itself.
+			return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoBucketInService, len(buckets), why)
+		}
 		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
 	}
 	ranked := strategy.Rank(placement.Request{Size: req.GetSize(), AffinityKey: req.GetAffinityKey()}, cands)
@@ -146,6 +151,9 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	}
 	return nil, nil, errNoRoom
 }
+
+// excluded is the reason for a bucket the caller asked not to be given.
+const excluded = "excluded by the caller"
 
 // skipped counts why buckets could not take an upload, in the order the
 // reasons first came up, for an error an operator can act on.

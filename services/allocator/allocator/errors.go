@@ -24,9 +24,12 @@ var (
 	// errNoRoomThisPeriod: not even committed bytes leave room in any
 	// active bucket, so no reservation ending can make it.
 	errNoRoomThisPeriod = fmt.Errorf("%w: every active bucket's committed bytes leave less than that", errNoRoom)
-	errInvalid          = errors.New("invalid request")
-	errNoRecord         = errors.New("no upload is recorded under this idempotency key")
-	errDisabled         = errors.New("bucket is disabled")
+	// errNoBucketInService: every bucket is DRAINING or DISABLED (or
+	// there is none): only an operator can help.
+	errNoBucketInService = errors.New("no bucket is in service to take uploads")
+	errInvalid           = errors.New("invalid request")
+	errNoRecord          = errors.New("no upload is recorded under this idempotency key")
+	errDisabled          = errors.New("bucket is disabled")
 )
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
@@ -43,6 +46,11 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, ledger.ErrBucketNotFound), errors.Is(err, errNoRecord):
 		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errNoBucketInService):
+		// No RetryInfo: no bucket comes back into service by itself. No
+		// room is what the caller meets: the capacity alert fires, and
+		// the upload counts as failed, not as the caller's fault.
+		return status.Error(codes.ResourceExhausted, err.Error()+"; an operator must set a bucket ACTIVE or add one")
 	case errors.Is(err, errNoRoomThisPeriod):
 		// No RetryInfo: retrying cannot help before an operator acts.
 		return status.Error(codes.ResourceExhausted, err.Error()+"; add a bucket or raise a limit")

@@ -198,6 +198,22 @@ func TestNoBucketSaysWhy(t *testing.T) {
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), want) {
 		t.Fatalf("allocate with no bucket to take it: %v, want Unavailable ending %q", err, want)
 	}
+	// Every bucket taken out of service by an operator: no retry helps
+	// until one acts, so no RetryInfo, and no room is what the caller
+	// meets (not a passing outage).
+	if _, err := r.admin.SetBucketState(adminCtx(ctx, token), &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
+		t.Fatal(err)
+	}
+	const outOfService = "no bucket is in service to take uploads (of 3 buckets: 2 draining, 1 disabled); an operator must set a bucket ACTIVE or add one"
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+		if status.Convert(err).Message() == outOfService || time.Now().After(deadline) {
+			break
+		}
+	}
+	if status.Code(err) != codes.ResourceExhausted || status.Convert(err).Message() != outOfService || len(status.Convert(err).Details()) != 0 {
+		t.Fatalf("allocate with every bucket out of service: %v %v, want ResourceExhausted %q without RetryInfo", err, status.Convert(err).Details(), outOfService)
+	}
 }
 
 // A spec put without a state keeps the state the bucket has when the put

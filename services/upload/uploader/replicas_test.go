@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -334,15 +334,20 @@ func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
 	}, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// DRAINING takes no upload: "no healthy bucket" until it is set back.
-	if _, err := st.Admin.SetBucketState(st.adminCtx(ctx), &adminv1.SetBucketStateRequest{Id: st.Buckets[0].GetId(), State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
-		t.Fatal(err)
-	}
 	data := testenv.OpaqueBytes(t, 1024)
 	upload := func() error {
 		_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
 		return err
 	}
+	// A bucket cooling down takes no upload: "no healthy bucket" until
+	// its cooldown ends. Three failed uploads start it.
+	st.Proxies[st.Buckets[0].GetName()].Set(faultproxy.Error5xx)
+	for range 3 {
+		if err := upload(); err == nil {
+			t.Fatal("an upload to a failing bucket succeeded")
+		}
+	}
+	st.Proxies[st.Buckets[0].GetName()].Set(faultproxy.Pass)
 	// Both replicas see the state within their watch's delay; calls
 	// alternate between them, so four refusals in a row are both.
 	inARow := 0
@@ -360,7 +365,7 @@ func TestNoHealthyBucketIsAskedOnce(t *testing.T) {
 	}
 	before := refused()
 	if err := upload(); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "no healthy bucket") {
-		t.Fatalf("upload with the only bucket draining: %v", err)
+		t.Fatalf("upload with the only bucket cooling down: %v", err)
 	}
 	if n := refused() - before; n != 1 {
 		t.Fatalf("one upload made %v Allocate calls that found no healthy bucket, want 1", n)

@@ -38,8 +38,9 @@ const (
 type AllocatorServiceClient interface {
 	// Allocate picks a bucket for an object of the given size and reserves
 	// that many bytes against the bucket's monthly budget until expires_at.
-	// RESOURCE_EXHAUSTED when no eligible bucket has room, UNAVAILABLE when no
-	// bucket is healthy or the store cannot be reached. With a claim: ABORTED
+	// RESOURCE_EXHAUSTED when no eligible bucket has room or none is in
+	// service (every one DRAINING or DISABLED), UNAVAILABLE when no bucket is
+	// healthy or the store cannot be reached. With a claim: ABORTED
 	// (with RetryInfo) while another upload holds the idempotency key,
 	// ALREADY_EXISTS once the key has a record (read it with GetUploadRecord).
 	Allocate(ctx context.Context, in *AllocateRequest, opts ...grpc.CallOption) (*AllocateResponse, error)
@@ -167,8 +168,9 @@ func (c *allocatorServiceClient) EndClaim(ctx context.Context, in *EndClaimReque
 type AllocatorServiceServer interface {
 	// Allocate picks a bucket for an object of the given size and reserves
 	// that many bytes against the bucket's monthly budget until expires_at.
-	// RESOURCE_EXHAUSTED when no eligible bucket has room, UNAVAILABLE when no
-	// bucket is healthy or the store cannot be reached. With a claim: ABORTED
+	// RESOURCE_EXHAUSTED when no eligible bucket has room or none is in
+	// service (every one DRAINING or DISABLED), UNAVAILABLE when no bucket is
+	// healthy or the store cannot be reached. With a claim: ABORTED
 	// (with RetryInfo) while another upload holds the idempotency key,
 	// ALREADY_EXISTS once the key has a record (read it with GetUploadRecord).
 	Allocate(context.Context, *AllocateRequest) (*AllocateResponse, error)
