@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -280,4 +281,54 @@ func TestReservationLostDuringCompleteLeavesNothing(t *testing.T) {
 		t.Fatalf("%v objects and %v open multipart uploads left", objects, multiparts)
 	}
 	st.waitNoReservations(t)
+}
+
+// An operator removes the bucket a multipart upload is writing to: the
+// next renewal learns it, and the upload stops there, aborting its parts,
+// instead of sending the bucket every remaining part and a Complete only
+// to remove the object at Commit. The client is told to retry.
+func TestRemovedBucketStopsItsUploads(t *testing.T) {
+	const ttl = 2 * time.Second
+	gw := testenv.S3(t).Endpoint
+	st := startStackAt(t, []string{gw, gw},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.PartSize = 5 << 20 })
+	first := st.Buckets[0]
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 12<<20)
+	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{Key: "removed/big.bin", ContentType: "application/octet-stream", Size: int64(len(data))},
+			body, uploadclient.Options{ChunkSize: 1 << 20})
+		done <- err
+	}()
+	// The first part is in; the second streams as the client sends it.
+	parts := 0
+	poll(t, 20*time.Second, "two parts under way", func() bool {
+		parts += st.Proxies[first.GetName()].Counts()["UploadPart"]
+		return parts == 2
+	})
+	if _, err := st.Admin.DeleteBucket(st.adminCtx(ctx), &adminv1.DeleteBucketRequest{Id: first.GetId()}); err != nil {
+		t.Fatal(err)
+	}
+	st.Proxies[first.GetName()].Counts() // from here on
+	// The client is still holding back the rest: the service stops on
+	// its own, within a renewal period.
+	poll(t, 10*time.Second, "abort of the multipart upload", func() bool {
+		_, multiparts := st.objects(t)
+		return multiparts[first.GetId()] == 0
+	})
+	close(body.open)
+	if err := <-done; status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "was removed from bucketlb") {
+		t.Fatalf("upload to a bucket removed under it: %v, want Unavailable saying the bucket was removed", err)
+	}
+	after := st.Proxies[first.GetName()].Counts()
+	if after["UploadPart"] != 0 || after["CompleteMultipartUpload"] != 0 {
+		t.Fatalf("the removed bucket was sent %v after its removal, want no parts and no Complete", after)
+	}
+	if objects, _ := st.objects(t); objects[first.GetId()] != 0 {
+		t.Fatalf("%d objects left in the removed bucket", objects[first.GetId()])
+	}
 }

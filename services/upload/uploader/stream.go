@@ -1,6 +1,7 @@
 package uploader
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -60,9 +61,19 @@ func oversized(size int) error {
 // within the idle timeout. After that failure the stream is done (the
 // abandoned call may still use m, and a receive its codec target), and
 // every later call fails the same way at once.
-func (p *pacedStream) do(m any) error {
+func (p *pacedStream) do(m any) error { return p.doUntil(nil, m) }
+
+// doUntil is do that also gives up when stop (if not nil) ends, failing
+// with its cause, the same way for good: an upload the service stopped
+// (its reservation or its bucket lost) does not wait on for a client
+// that is slow to send.
+func (p *pacedStream) doUntil(stop context.Context, m any) error {
 	if p.broken != nil {
 		return p.broken
+	}
+	var stopped <-chan struct{}
+	if stop != nil {
+		stopped = stop.Done()
 	}
 	p.ask <- m
 	p.timer.Reset(p.idle)
@@ -73,8 +84,15 @@ func (p *pacedStream) do(m any) error {
 	case <-p.timer.C:
 		p.broken = fmt.Errorf("%w: "+p.abandon, errIdle, p.idle)
 		return p.broken
+	case <-stopped:
+		p.broken = context.Cause(stop)
+		return p.broken
 	}
 }
+
+// abandoned reports a call that was given up on: it may still be running,
+// and owns what it was given.
+func (p *pacedStream) abandoned() bool { return p.broken != nil }
 
 // close lets the goroutine end.
 func (p *pacedStream) close() { close(p.ask) }
@@ -104,6 +122,10 @@ type chunkReader struct {
 	msg    *uploadv1.UploadRequest
 	target *chunkTarget
 	codec  *chunkCodec
+
+	// stop, if set, ends a wait for the client when the upload is
+	// stopped on the service's side (see pacedStream.doUntil).
+	stop context.Context
 }
 
 func (s *Server) newChunkReader(rcv *pacedStream, size int64) *chunkReader {
@@ -125,7 +147,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	for len(r.pending) == 0 {
 		r.target.dst, r.target.hit = p, false
 		err := r.recv(r.msg)
-		if errors.Is(err, errIdle) {
+		if r.rcv.abandoned() {
 			// The abandoned receive still owns the message and target.
 			return 0, err
 		}
@@ -216,7 +238,7 @@ func (r *chunkReader) Finish() error {
 // recv receives the next message, counting the time spent waiting for it.
 func (r *chunkReader) recv(m *uploadv1.UploadRequest) error {
 	t0 := time.Now()
-	err := r.rcv.do(m)
+	err := r.rcv.doUntil(r.stop, m)
 	r.waited += time.Since(t0)
 	return err
 }

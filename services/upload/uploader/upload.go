@@ -659,6 +659,8 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	defer cancel(nil)
 	renewDone := s.keepRenewing(upCtx, a, u.claim, cancel)
 	defer renewDone()
+	// A renewal that stops the upload also ends a wait for the client.
+	u.reader.stop = upCtx
 
 	h := sha256.New()
 	nParts := int((u.size + partSize - 1) / partSize)
@@ -1000,8 +1002,9 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 }
 
 // keepRenewing renews the reservation every third of its lifetime until
-// stopped. If the allocator says the reservation is lost, it cancels the
-// upload: bytes no live reservation covers must not be committed.
+// stopped. If the allocator says the reservation is lost, or its bucket
+// removed, it cancels the upload: bytes no live reservation covers must
+// not be committed.
 func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
 	ttl := time.Until(a.GetExpiresAt().AsTime())
 	if ttl <= 0 {
@@ -1026,8 +1029,18 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(), Claim: claim,
 			})
 			rcancel()
+			if err == nil {
+				continue
+			}
 			if status.Code(err) == codes.FailedPrecondition {
 				cancel(unavailable("the reservation for this upload lapsed and the bucket has no room to grant it again"))
+				return
+			}
+			if status.Code(err) == codes.NotFound {
+				// An operator removed the bucket from bucketlb: no commit
+				// can count the upload there, so sending it more parts
+				// would only be paid for and thrown away.
+				cancel(unavailable("bucket %s was removed from bucketlb during the upload; retry the upload", a.GetBucket().GetId()))
 				return
 			}
 			if status.Code(err) == codes.Aborted {
@@ -1036,9 +1049,7 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 				cancel(status.Error(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
 				return
 			}
-			if err != nil {
-				s.log.Warn("renew failed; will retry", "reservation", a.GetReservationId(), "error", err.Error())
-			}
+			s.log.Warn("renew failed; will retry", "reservation", a.GetReservationId(), "error", err.Error())
 		}
 	}()
 	var once sync.Once
