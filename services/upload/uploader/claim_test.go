@@ -219,3 +219,102 @@ func TestFailoverKeepsTheClaim(t *testing.T) {
 	readBack(ctx, t, st.Upload, resp, data, "failed-over upload")
 	st.waitNoReservations(t)
 }
+
+// unansweredRenew fails every Renew as an allocator out of reach does,
+// once cut is set; with aborted set, as one that found the claim taken
+// over by another upload.
+type unansweredRenew struct {
+	uploader.Allocator
+	cut, aborted atomic.Bool
+}
+
+func (u *unansweredRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	switch {
+	case u.aborted.Load():
+		return nil, status.Error(codes.Aborted, "another upload holds this idempotency key")
+	case u.cut.Load():
+		return nil, status.Error(codes.Unavailable, "connection refused")
+	}
+	return u.Allocator.Renew(ctx, in, opts...)
+}
+
+// An upload under a client's key and an idempotency key whose renewals go
+// unanswered stops before its claim on the key lapses: another upload
+// under the key may then take it over and store the object, and this one,
+// written later over the same key, would replace what that one's record
+// names. The second upload's object stands, and reads back as its bytes.
+func TestUnrenewedClaimStopsItsUpload(t *testing.T) {
+	var cutter *unansweredRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			cutter = &unansweredRenew{Allocator: a}
+			return cutter
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	hdr := func(size int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "orders/1.bin", IdempotencyKey: "order-1", ContentType: "application/octet-stream", Size: int64(size)}
+	}
+	first := testenv.OpaqueBytes(t, 12<<20)
+	stream := openUpload(ctx, t, st.Upload, hdr(len(first)), first[:1<<20])
+	waitReserved(t, st)
+	cutter.cut.Store(true)
+	// Another upload under the key is turned away while the first holds
+	// it, and stores its object once the first gave it up.
+	second := testenv.OpaqueBytes(t, 1000)
+	var stored *uploadv1.UploadResponse
+	poll(t, 20*time.Second, "the second upload stored", func() bool {
+		resp, err := send(ctx, st.Upload, hdr(len(second)), second)
+		if err != nil && status.Code(err) != codes.Aborted {
+			t.Fatalf("second upload: %v, want ABORTED until the key is free, then success", err)
+		}
+		stored = resp
+		return err == nil
+	})
+	// The first client sends the rest: its upload stopped meanwhile.
+	for off := 1 << 20; off < len(first); off += 1 << 20 {
+		if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: first[off:min(off+1<<20, len(first))]}}) != nil {
+			break
+		}
+	}
+	_, err := stream.CloseAndRecv()
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "did not answer this upload's renewals") || !hasRetryInfo(err) {
+		t.Fatalf("first upload, its renewals unanswered: %v, want UNAVAILABLE with RetryInfo saying its renewals went unanswered", err)
+	}
+	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
+	if err != nil || !bytes.Equal(got, second) {
+		t.Fatalf("the object the second upload stored reads back %d bytes (its own: %v), err %v", len(got), bytes.Equal(got, second), err)
+	}
+	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 1 || multiparts[st.Buckets[0].GetId()] != 0 {
+		t.Fatalf("%v objects and %v open multipart uploads, want the second upload's object alone", objects, multiparts)
+	}
+}
+
+// An upload that learns from a renewal that another upload took its
+// idempotency key over stops ABORTED, with RetryInfo like every ABORTED
+// it answers: a retry gets the other upload's result.
+func TestClaimTakenOverIsRetryable(t *testing.T) {
+	var cutter *unansweredRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			cutter = &unansweredRenew{Allocator: a}
+			return cutter
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 12<<20)
+	stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "orders/2.bin", IdempotencyKey: "order-2", ContentType: "application/octet-stream", Size: int64(len(data))}, data[:1<<20])
+	waitReserved(t, st)
+	cutter.aborted.Store(true)
+	// The upload stops at the next renewal, while its client still sends.
+	poll(t, 10*time.Second, "abort of the multipart upload", func() bool {
+		_, multiparts := st.objects(t)
+		return multiparts[st.Buckets[0].GetId()] == 0
+	})
+	_, err := stream.CloseAndRecv()
+	if status.Code(err) != codes.Aborted || !hasRetryInfo(err) {
+		t.Fatalf("upload whose claim was taken over: %v (RetryInfo %v), want ABORTED with RetryInfo", err, hasRetryInfo(err))
+	}
+}

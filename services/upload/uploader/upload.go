@@ -1004,7 +1004,10 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 // keepRenewing renews the reservation every third of its lifetime until
 // stopped. If the allocator says the reservation is lost, or its bucket
 // removed, it cancels the upload: bytes no live reservation covers must
-// not be committed.
+// not be committed. An upload holding an idempotency claim also stops
+// when two renewals in a row go unanswered: its claim then lapses within
+// a third of its lifetime, and another upload under the key may take it
+// over and write the same object; this one must not write over it.
 func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
 	ttl := time.Until(a.GetExpiresAt().AsTime())
 	if ttl <= 0 {
@@ -1012,6 +1015,9 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 	}
 	stop := make(chan struct{})
 	done := make(chan struct{})
+	// held is until when the claim surely holds on the allocator's side:
+	// a renewal's lifetime counts from before it was sent.
+	held := time.Now().Add(ttl)
 	go func() {
 		defer close(done)
 		t := time.NewTicker(max(ttl/3, 500*time.Millisecond))
@@ -1024,12 +1030,14 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 				return
 			case <-t.C:
 			}
-			rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+			sent := time.Now()
+			rctx, rcancel := context.WithTimeout(ctx, min(5*time.Second, ttl/3))
 			_, err := s.alloc.Renew(rctx, &allocatorv1.RenewRequest{
 				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(), Claim: claim,
 			})
 			rcancel()
 			if err == nil {
+				held = sent.Add(ttl)
 				continue
 			}
 			if status.Code(err) == codes.FailedPrecondition {
@@ -1046,7 +1054,12 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			if status.Code(err) == codes.Aborted {
 				// The claim lapsed (the allocator was out of reach) and
 				// another upload holds the key now: both must not write.
-				cancel(status.Error(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
+				cancel(retryLater(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
+				return
+			}
+			if claim != nil && time.Until(held) < ttl/2 {
+				cancel(retryLater(codes.Unavailable, fmt.Sprintf("the allocator did not answer this upload's renewals (%s), so its hold on the idempotency key could lapse and another upload under the key write the same object; it stopped, and nothing of it is kept: retry with the same idempotency key",
+					status.Convert(err).Message())))
 				return
 			}
 			s.log.Warn("renew failed; will retry", "reservation", a.GetReservationId(), "error", err.Error())
