@@ -279,10 +279,10 @@ func BadInput(t *testing.T, e *Env) {
 	WaitNoReservations(t, e, reserved)
 }
 
-// WaitNoReservations polls until no bucket reports reserved bytes held by
-// live reservations, failing after a deadline. Capacity blocks an
-// allocator keeps for itself are not reservations; GetStatus reports the
-// bytes of reservations only.
+// WaitNoReservations polls until no bucket reports reserved bytes,
+// failing after a deadline. GetStatus counts live reservations and the
+// capacity blocks allocators hold (given back after a short idle time),
+// so this waits for both.
 func WaitNoReservations(t *testing.T, e *Env, last map[string]int64) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
