@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -109,6 +111,52 @@ func (g *globals) printJSON(m proto.Message) error {
 	return err
 }
 
+// changed is the stored spec with the fields whose flags were given (set
+// reports which) taken from b; its state stays UNSPECIFIED unless --state
+// was given, so the allocator keeps the bucket's state as it is when the
+// put applies.
+func changed(stored *adminv1.BucketSpec, b *config.Bucket, set func(flag string) bool) (*adminv1.BucketSpec, error) {
+	spec := proto.Clone(stored).(*adminv1.BucketSpec)
+	fields := []struct {
+		flag  string
+		apply func() error
+	}{
+		{"name", func() error { spec.Name = b.Name; return nil }},
+		{"endpoint", func() error { spec.Endpoint = b.Endpoint; return nil }},
+		{"account-id", func() error {
+			spec.AccountId = b.AccountID
+			if !set("endpoint") {
+				spec.Endpoint = "" // derived from the account id again
+			}
+			return nil
+		}},
+		{"region", func() error { spec.Region = b.Region; return nil }},
+		{"credentials-ref", func() error { spec.CredentialsRef = b.CredentialsRef; return nil }},
+		{"public-url", func() error { spec.PublicUrl = b.PublicURL; return nil }},
+		{"monthly-limit", func() error { spec.MonthlyLimitBytes = int64(b.MonthlyLimit); return nil }},
+		{"priority", func() error { spec.Priority = b.Priority; return nil }},
+		{"weight", func() error { spec.Weight = b.Weight; return nil }},
+		{"path-style", func() error { spec.PathStyle = b.PathStyle; return nil }},
+		{"state", func() error {
+			s, err := config.ParseState(b.State)
+			spec.State = s
+			return err
+		}},
+	}
+	for _, f := range fields {
+		if set(f.flag) {
+			if err := f.apply(); err != nil {
+				return nil, fmt.Errorf("--%s: %w", f.flag, err)
+			}
+		}
+	}
+	config.FillDefaults(spec)
+	if !set("state") {
+		spec.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED // keep the bucket's
+	}
+	return spec, nil
+}
+
 func newBucketsCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "buckets", Short: "Administer buckets (needs the admin token)"}
 	admin := func(use, short string, nargs int, fn func(context.Context, adminv1.AdminServiceClient, []string) (proto.Message, error)) *cobra.Command {
@@ -127,12 +175,26 @@ func newBucketsCmd(g *globals) *cobra.Command {
 	}
 	var b config.Bucket
 	var limit string
-	put := admin("put", "Create or replace a bucket", 0, func(ctx context.Context, c adminv1.AdminServiceClient, _ []string) (proto.Message, error) {
+	var put *cobra.Command
+	put = admin("put", "Create a bucket, or change the given fields of one", 0, func(ctx context.Context, c adminv1.AdminServiceClient, _ []string) (proto.Message, error) {
 		n, err := config.ParseByteSize(limit)
 		if err != nil {
 			return nil, fmt.Errorf("--monthly-limit: %w", err)
 		}
 		b.MonthlyLimit = config.ByteSize(n)
+		cur, err := c.GetBucket(ctx, &adminv1.GetBucketRequest{Id: b.ID})
+		switch {
+		case err == nil:
+			// Only the flags given change a stored bucket: a limit
+			// raised must not also reset its priority or endpoint.
+			spec, err := changed(cur.GetBucket(), &b, put.Flags().Changed)
+			if err != nil {
+				return nil, err
+			}
+			return c.PutBucket(ctx, &adminv1.PutBucketRequest{Bucket: spec})
+		case status.Code(err) != codes.NotFound:
+			return nil, err
+		}
 		spec, err := b.Spec()
 		if err != nil {
 			return nil, err
@@ -154,6 +216,7 @@ func newBucketsCmd(g *globals) *cobra.Command {
 	pf.Int32Var(&b.Priority, "priority", 0, "priority (lower wins)")
 	pf.Int32Var(&b.Weight, "weight", 1, "weight for weighted round robin")
 	pf.StringVar(&b.State, "state", "", "active, draining or disabled (default: keep the bucket's, active for a new one)")
+	put.Long = "Create a bucket from the flags (unset ones take their defaults), or, for a bucket that exists, change only the fields whose flags are given."
 	pf.BoolVar(&b.PathStyle, "path-style", false, "path-style addressing")
 
 	cmd.AddCommand(

@@ -11,6 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
@@ -104,6 +108,30 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	stdin = bytes.NewReader(piped)
 	if res := upload("-", "--content-type", "application/octet-stream"); res["sha256"] != e2e.HexSHA(piped) || res["size"] != float64(len(piped)) || !strings.HasSuffix(res["key"].(string), "stdin") {
 		t.Fatalf("upload from standard input: %v", res)
+	}
+
+	// A put of an existing bucket changes only the fields given: a limit
+	// raised keeps its priority, endpoint, region and addressing.
+	before := st.Buckets[0]
+	if _, errOut, err := run("buckets", "put", "--id", before.GetId(), "--monthly-limit", "20GB"); err != nil {
+		t.Fatalf("buckets put of one field: %v (%s)", err, errOut)
+	}
+	out, errOut, err := run("buckets", "get", before.GetId())
+	if err != nil {
+		t.Fatalf("buckets get: %v (%s)", err, errOut)
+	}
+	resp := &adminv1.GetBucketResponse{}
+	if err := protojson.Unmarshal([]byte(out), resp); err != nil {
+		t.Fatalf("buckets get printed %q: %v", out, err)
+	}
+	want := proto.Clone(before).(*adminv1.BucketSpec)
+	want.MonthlyLimitBytes = 20_000_000_000
+	if !proto.Equal(resp.GetBucket(), want) {
+		t.Fatalf("after putting a new limit alone the bucket is\n%v\nwant\n%v", resp.GetBucket(), want)
+	}
+	// A new bucket still needs what no default gives.
+	if _, _, err := run("buckets", "put", "--id", "dev-new", "--monthly-limit", "1GB"); err == nil || !strings.Contains(err.Error(), "name") {
+		t.Fatalf("new bucket without a name: %v, want an error asking for one", err)
 	}
 
 	// A draining bucket takes nothing new.
