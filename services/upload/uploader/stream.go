@@ -61,7 +61,7 @@ func oversized(size int) error {
 // within the idle timeout. After that failure the stream is done (the
 // abandoned call may still use m, and a receive its codec target), and
 // every later call fails the same way at once.
-func (p *pacedStream) do(m any) error { return p.doUntil(nil, m) }
+func (p *pacedStream) do(m any) error { return p.doUntil(context.Background(), m) }
 
 // doUntil is do that also gives up when stop (if not nil) ends, failing
 // with its cause, the same way for good: an upload the service stopped
