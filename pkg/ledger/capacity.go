@@ -919,6 +919,9 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 		// milliseconds for etcd to apply. Anything else reads first.
 		if attempt > 0 || !localReservation(t, bc, resID, p) {
 			done, prev, err := c.readForCommit(ctx, id, resID, p)
+			if done && err == nil {
+				c.forgetCommitted(ctx, t, bc, id, resID)
+			}
 			if err != nil || done {
 				return prev, err
 			}
@@ -949,6 +952,31 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 		// A compare failed: read again and retry.
 	}
 	return CommitResult{}, ErrConflict
+}
+
+// forgetCommitted drops from the view a reservation of ours that another
+// replica committed: its deletion event is not acted on while our own
+// commit of it is in flight (ending), so when that commit then finds the
+// marker, nothing else frees the bytes before the reservation's expiry.
+// As in apply, our block is read at the revision the key is seen gone.
+func (c *Capacity) forgetCommitted(ctx context.Context, t *term, bc *bucketCap, bucketID, resID string) {
+	bc.mu.Lock()
+	r, ok := bc.res[resID]
+	local := ok && r.written && !r.ending
+	bc.mu.Unlock()
+	if !local {
+		return
+	}
+	gctx, cancel := c.l.ctx(ctx)
+	resp, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(c.l.resKey(bucketID, resID)), clientv3.OpGet(c.l.blockPrefix(bucketID)+t.owner)).Commit()
+	cancel()
+	if err != nil || len(resp.Responses[0].GetResponseRange().Kvs) > 0 {
+		return // the janitor frees it at its expiry
+	}
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	observeBlock(bc, resp.Responses[1].GetResponseRange().Kvs, resp.Header.Revision)
+	forget(bc, resID, resp.Header.Revision)
 }
 
 // localReservation fills p from this replica's view of its reservation,

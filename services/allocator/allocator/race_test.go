@@ -107,3 +107,49 @@ func TestNoOvercommitAcrossReplicas(t *testing.T) {
 		}
 	}
 }
+
+// One reservation committed at the same moment on the replica that
+// granted it and on another (a Commit retried elsewhere while the first
+// attempt runs): counted once, and its bytes are not held as reserved
+// until the reservation's expiry, well past the commit.
+func TestRacingCommitsFreeTheReservation(t *testing.T) {
+	srv, cli := testenv.Etcd(t)
+	cfg := allocator.Config{Buckets: []*adminv1.BucketSpec{spec("b", 1, 1<<30)}, ReservationTTL: time.Minute}
+	a := startReplica(t, cli, cfg)
+	b := startReplica(t, testenv.EtcdClient(t, srv.Endpoint), cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const pairs = 40
+	for range pairs {
+		g, err := a.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 300})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		for _, r := range []replica{a, b} {
+			wg.Go(func() {
+				if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: g.GetReservationId(), BucketId: "b", ReservedBytes: 300, Size: 250}); err != nil {
+					t.Errorf("racing commit: %v", err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	// Idle capacity blocks go back within a second; a reservation left in
+	// a replica's view would stay reserved for the minute of its TTL.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		usedA, reservedA := used(t, a, "b")
+		_, reservedB := used(t, b, "b")
+		if reservedA == 0 && reservedB == 0 {
+			if usedA != pairs*250 {
+				t.Fatalf("used %d, want %d (each commit counted once)", usedA, pairs*250)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("15 s after the commits, replicas still show %d and %d bytes reserved", reservedA, reservedB)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
