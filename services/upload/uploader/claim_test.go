@@ -20,6 +20,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/faultproxy"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
@@ -316,5 +317,52 @@ func TestClaimTakenOverIsRetryable(t *testing.T) {
 	_, err := stream.CloseAndRecv()
 	if status.Code(err) != codes.Aborted || !hasRetryInfo(err) {
 		t.Fatalf("upload whose claim was taken over: %v (RetryInfo %v), want ABORTED with RetryInfo", err, hasRetryInfo(err))
+	}
+}
+
+// slowFirstRenew leaves the first Renew unanswered until the caller gives
+// up, as an allocator stalled on etcd does, and answers the rest.
+type slowFirstRenew struct {
+	uploader.Allocator
+	calls, answered atomic.Int32
+}
+
+func (s *slowFirstRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	if s.calls.Add(1) == 1 {
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	resp, err := s.Allocator.Renew(ctx, in, opts...)
+	if err == nil {
+		s.answered.Add(1)
+	}
+	return resp, err
+}
+
+// One renewal that goes unanswered does not stop an upload holding a
+// claim: the renewal is tried again soon, and the upload goes on.
+func TestOneSlowRenewalKeepsTheClaim(t *testing.T) {
+	var slow *slowFirstRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = 6 * time.Second },
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			slow = &slowFirstRenew{Allocator: a}
+			return slow
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 12<<20)
+	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/renew.bin", IdempotencyKey: "slow-1", ContentType: "application/octet-stream", Size: int64(len(data))},
+			body, uploadclient.Options{ChunkSize: 1 << 20})
+		done <- err
+	}()
+	poll(t, 20*time.Second, "a renewal answered after the unanswered one", func() bool { return slow.answered.Load() > 0 })
+	close(body.open)
+	if err := <-done; err != nil {
+		t.Fatalf("upload whose one renewal went unanswered: %v, want success", err)
 	}
 }

@@ -1004,10 +1004,12 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 // keepRenewing renews the reservation every third of its lifetime until
 // stopped. If the allocator says the reservation is lost, or its bucket
 // removed, it cancels the upload: bytes no live reservation covers must
-// not be committed. An upload holding an idempotency claim also stops
-// when two renewals in a row go unanswered: its claim then lapses within
-// a third of its lifetime, and another upload under the key may take it
-// over and write the same object; this one must not write over it.
+// not be committed. A renewal that fails is tried again soon, not a third
+// of the lifetime later. An upload holding an idempotency claim stops
+// when renewals keep failing into the second half of the claim's
+// lifetime (or its last quarter, whatever the count): the claim could then
+// lapse, and another upload under the key take it over and write the
+// same object, which this one must not write over.
 func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
 	ttl := time.Until(a.GetExpiresAt().AsTime())
 	if ttl <= 0 {
@@ -1018,10 +1020,12 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 	// held is until when the claim surely holds on the allocator's side:
 	// a renewal's lifetime counts from before it was sent.
 	held := time.Now().Add(ttl)
+	every, again := max(ttl/3, 500*time.Millisecond), max(ttl/15, 100*time.Millisecond)
 	go func() {
 		defer close(done)
-		t := time.NewTicker(max(ttl/3, 500*time.Millisecond))
+		t := time.NewTimer(every)
 		defer t.Stop()
+		failed := 0 // renewals failed in a row
 		for {
 			select {
 			case <-stop:
@@ -1037,9 +1041,12 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			})
 			rcancel()
 			if err == nil {
-				held = sent.Add(ttl)
+				held, failed = sent.Add(ttl), 0
+				t.Reset(every)
 				continue
 			}
+			failed++
+			t.Reset(again)
 			if status.Code(err) == codes.FailedPrecondition {
 				cancel(unavailable("the reservation for this upload lapsed and the bucket has no room to grant it again"))
 				return
@@ -1057,7 +1064,7 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 				cancel(retryLater(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
 				return
 			}
-			if claim != nil && time.Until(held) < ttl/2 {
+			if left := time.Until(held); claim != nil && (failed >= 2 && left < ttl/2 || left < ttl/4) {
 				cancel(retryLater(codes.Unavailable, fmt.Sprintf("the allocator did not answer this upload's renewals (%s), so its hold on the idempotency key could lapse and another upload under the key write the same object; it stopped, and nothing of it is kept: retry with the same idempotency key",
 					status.Convert(err).Message())))
 				return
