@@ -5,10 +5,12 @@ import (
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 )
 
 // ListBuckets implements AdminService.
@@ -34,8 +36,28 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 	if req.GetBucket() == nil {
 		return nil, toStatus(ctx, fmt.Errorf("%w: bucket is required", errInvalid))
 	}
+	paths := req.GetUpdateMask().GetPaths()
+	fields := req.GetBucket().ProtoReflect().Descriptor().Fields()
+	for _, p := range paths {
+		if f := fields.ByName(protoreflect.Name(p)); f == nil || p == "id" {
+			return nil, toStatus(ctx, fmt.Errorf("%w: update_mask path %q is not a field of a bucket spec that can change", errInvalid, p))
+		}
+	}
 	spec, err := s.ledger.StoreBucket(ctx, req.GetBucket().GetId(), func(cur *adminv1.BucketSpec) (*adminv1.BucketSpec, error) {
 		spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
+		if len(paths) > 0 {
+			// Only the named fields change, on the bucket as stored now.
+			if cur == nil {
+				return nil, fmt.Errorf("%w: %q", ledger.ErrBucketNotFound, spec.GetId())
+			}
+			src := spec.ProtoReflect()
+			spec = proto.Clone(cur).(*adminv1.BucketSpec)
+			dst := spec.ProtoReflect()
+			for _, p := range paths {
+				f := fields.ByName(protoreflect.Name(p))
+				dst.Set(f, src.Get(f))
+			}
+		}
 		if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED && cur != nil {
 			// A spec sent without a state (to fix an endpoint, say) keeps
 			// the bucket's, as it is when the write applies: an

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
@@ -111,50 +112,37 @@ func (g *globals) printJSON(m proto.Message) error {
 	return err
 }
 
-// changed is the stored spec with the fields whose flags were given (set
-// reports which) taken from b; its state stays UNSPECIFIED unless --state
-// was given, so the allocator keeps the bucket's state as it is when the
-// put applies.
-func changed(stored *adminv1.BucketSpec, b *config.Bucket, set func(flag string) bool) (*adminv1.BucketSpec, error) {
-	spec := proto.Clone(stored).(*adminv1.BucketSpec)
-	fields := []struct {
-		flag  string
-		apply func() error
-	}{
-		{"name", func() error { spec.Name = b.Name; return nil }},
-		{"endpoint", func() error { spec.Endpoint = b.Endpoint; return nil }},
-		{"account-id", func() error {
-			spec.AccountId = b.AccountID
-			if !set("endpoint") {
-				spec.Endpoint = "" // derived from the account id again
-			}
-			return nil
-		}},
-		{"region", func() error { spec.Region = b.Region; return nil }},
-		{"credentials-ref", func() error { spec.CredentialsRef = b.CredentialsRef; return nil }},
-		{"public-url", func() error { spec.PublicUrl = b.PublicURL; return nil }},
-		{"monthly-limit", func() error { spec.MonthlyLimitBytes = int64(b.MonthlyLimit); return nil }},
-		{"priority", func() error { spec.Priority = b.Priority; return nil }},
-		{"weight", func() error { spec.Weight = b.Weight; return nil }},
-		{"path-style", func() error { spec.PathStyle = b.PathStyle; return nil }},
-		{"state", func() error {
-			s, err := config.ParseState(b.State)
-			spec.State = s
-			return err
-		}},
+// changes is the bucket b describes with the update mask of the fields
+// whose flags were given (set reports which). An empty --state keeps the
+// bucket's; --account-id without --endpoint derives the endpoint again.
+func changes(b *config.Bucket, set func(flag string) bool) (*adminv1.BucketSpec, *fieldmaskpb.FieldMask, error) {
+	spec := &adminv1.BucketSpec{
+		Id: b.ID, Name: b.Name, Endpoint: b.Endpoint, AccountId: b.AccountID, Region: b.Region,
+		CredentialsRef: b.CredentialsRef, PublicUrl: b.PublicURL, MonthlyLimitBytes: int64(b.MonthlyLimit),
+		Priority: b.Priority, Weight: b.Weight, PathStyle: b.PathStyle,
 	}
-	for _, f := range fields {
+	mask := &fieldmaskpb.FieldMask{}
+	for _, f := range []struct{ flag, field string }{
+		{"name", "name"}, {"endpoint", "endpoint"}, {"account-id", "account_id"}, {"region", "region"},
+		{"credentials-ref", "credentials_ref"}, {"public-url", "public_url"}, {"monthly-limit", "monthly_limit_bytes"},
+		{"priority", "priority"}, {"weight", "weight"}, {"path-style", "path_style"},
+	} {
 		if set(f.flag) {
-			if err := f.apply(); err != nil {
-				return nil, fmt.Errorf("--%s: %w", f.flag, err)
-			}
+			mask.Paths = append(mask.Paths, f.field)
 		}
 	}
-	config.FillDefaults(spec)
-	if !set("state") {
-		spec.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED // keep the bucket's
+	if set("account-id") && !set("endpoint") {
+		mask.Paths = append(mask.Paths, "endpoint") // empty: derived from the account id
 	}
-	return spec, nil
+	if set("state") && b.State != "" {
+		s, err := config.ParseState(b.State)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--state: %w", err)
+		}
+		spec.State = s
+		mask.Paths = append(mask.Paths, "state")
+	}
+	return spec, mask, nil
 }
 
 func newBucketsCmd(g *globals) *cobra.Command {
@@ -182,20 +170,23 @@ func newBucketsCmd(g *globals) *cobra.Command {
 			return nil, fmt.Errorf("--monthly-limit: %w", err)
 		}
 		b.MonthlyLimit = config.ByteSize(n)
-		cur, err := c.GetBucket(ctx, &adminv1.GetBucketRequest{Id: b.ID})
-		switch {
-		case err == nil:
-			// Only the flags given change a stored bucket: a limit
-			// raised must not also reset its priority or endpoint.
-			spec, err := changed(cur.GetBucket(), &b, put.Flags().Changed)
-			if err != nil {
-				return nil, err
-			}
-			return c.PutBucket(ctx, &adminv1.PutBucketRequest{Bucket: spec})
-		case status.Code(err) != codes.NotFound:
+		// A bucket that exists changes only in the fields whose flags are
+		// given (a limit raised must not reset its priority or endpoint),
+		// applied by the allocator to the bucket as it is then.
+		spec, mask, err := changes(&b, put.Flags().Changed)
+		if err != nil {
 			return nil, err
 		}
-		spec, err := b.Spec()
+		var resp proto.Message
+		if len(mask.GetPaths()) > 0 {
+			resp, err = c.PutBucket(ctx, &adminv1.PutBucketRequest{Bucket: spec, UpdateMask: mask})
+		} else {
+			resp, err = c.GetBucket(ctx, &adminv1.GetBucketRequest{Id: b.ID}) // nothing to change
+		}
+		if status.Code(err) != codes.NotFound {
+			return resp, err
+		}
+		spec, err = b.Spec()
 		if err != nil {
 			return nil, err
 		}

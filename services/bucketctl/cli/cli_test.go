@@ -141,6 +141,15 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if res := upload(src, "--key", "docs/second.bin"); res["bucket_id"] != "dev-warm" || res["key"] != "docs/second.bin" {
 		t.Fatalf("upload with dev-hot draining: %v", res)
 	}
+	// An empty --state keeps the bucket's, as its help says.
+	out, errOut, err = run("buckets", "put", "--id", "dev-hot", "--weight", "3", "--state", "")
+	put := &adminv1.PutBucketResponse{}
+	if err == nil {
+		err = protojson.Unmarshal([]byte(out), put)
+	}
+	if err != nil || put.GetBucket().GetState() != adminv1.BucketState_BUCKET_STATE_DRAINING || put.GetBucket().GetWeight() != 3 {
+		t.Fatalf("buckets put --weight 3 --state \"\" of a draining bucket: %v (%s%s), want it draining with weight 3", err, out, errOut)
+	}
 
 	if out, _, err := run("delete", bucket, key); err != nil || !strings.Contains(out, "deleted") {
 		t.Fatalf("delete: %q, %v", out, err)

@@ -9,6 +9,7 @@ package adminv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -407,7 +408,13 @@ func (x *GetBucketResponse) GetBucket() *BucketSpec {
 type PutBucketRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The bucket to create or replace.
-	Bucket        *BucketSpec `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Bucket *BucketSpec `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	// If set, only these fields of bucket (BucketSpec field names, e.g.
+	// "monthly_limit_bytes"; not "id") are applied to the stored bucket,
+	// which must exist (NOT_FOUND otherwise). The change applies to the
+	// bucket as it is when it is written: concurrent changes of other
+	// fields are kept. An UNSPECIFIED state keeps the bucket's.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -445,6 +452,13 @@ func (*PutBucketRequest) Descriptor() ([]byte, []int) {
 func (x *PutBucketRequest) GetBucket() *BucketSpec {
 	if x != nil {
 		return x.Bucket
+	}
+	return nil
+}
+
+func (x *PutBucketRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
 	}
 	return nil
 }
@@ -1223,7 +1237,7 @@ var File_bucketlb_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_bucketlb_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x1dbucketlb/admin/v1/admin.proto\x12\x11bucketlb.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x03\n" +
+	"\x1dbucketlb/admin/v1/admin.proto\x12\x11bucketlb.admin.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x03\n" +
 	"\n" +
 	"BucketSpec\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
@@ -1248,9 +1262,11 @@ const file_bucketlb_admin_v1_admin_proto_rawDesc = "" +
 	"\x10GetBucketRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"J\n" +
 	"\x11GetBucketResponse\x125\n" +
-	"\x06bucket\x18\x01 \x01(\v2\x1d.bucketlb.admin.v1.BucketSpecR\x06bucket\"I\n" +
+	"\x06bucket\x18\x01 \x01(\v2\x1d.bucketlb.admin.v1.BucketSpecR\x06bucket\"\x86\x01\n" +
 	"\x10PutBucketRequest\x125\n" +
-	"\x06bucket\x18\x01 \x01(\v2\x1d.bucketlb.admin.v1.BucketSpecR\x06bucket\"J\n" +
+	"\x06bucket\x18\x01 \x01(\v2\x1d.bucketlb.admin.v1.BucketSpecR\x06bucket\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"J\n" +
 	"\x11PutBucketResponse\x125\n" +
 	"\x06bucket\x18\x01 \x01(\v2\x1d.bucketlb.admin.v1.BucketSpecR\x06bucket\"%\n" +
 	"\x13DeleteBucketRequest\x12\x0e\n" +
@@ -1352,44 +1368,46 @@ var file_bucketlb_admin_v1_admin_proto_goTypes = []any{
 	(*GetStatusRequest)(nil),       // 18: bucketlb.admin.v1.GetStatusRequest
 	(*BucketStatus)(nil),           // 19: bucketlb.admin.v1.BucketStatus
 	(*GetStatusResponse)(nil),      // 20: bucketlb.admin.v1.GetStatusResponse
-	(*timestamppb.Timestamp)(nil),  // 21: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),  // 21: google.protobuf.FieldMask
+	(*timestamppb.Timestamp)(nil),  // 22: google.protobuf.Timestamp
 }
 var file_bucketlb_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: bucketlb.admin.v1.BucketSpec.state:type_name -> bucketlb.admin.v1.BucketState
 	1,  // 1: bucketlb.admin.v1.ListBucketsResponse.buckets:type_name -> bucketlb.admin.v1.BucketSpec
 	1,  // 2: bucketlb.admin.v1.GetBucketResponse.bucket:type_name -> bucketlb.admin.v1.BucketSpec
 	1,  // 3: bucketlb.admin.v1.PutBucketRequest.bucket:type_name -> bucketlb.admin.v1.BucketSpec
-	1,  // 4: bucketlb.admin.v1.PutBucketResponse.bucket:type_name -> bucketlb.admin.v1.BucketSpec
-	0,  // 5: bucketlb.admin.v1.SetBucketStateRequest.state:type_name -> bucketlb.admin.v1.BucketState
-	1,  // 6: bucketlb.admin.v1.SetBucketStateResponse.bucket:type_name -> bucketlb.admin.v1.BucketSpec
-	1,  // 7: bucketlb.admin.v1.BucketStatus.bucket:type_name -> bucketlb.admin.v1.BucketSpec
-	21, // 8: bucketlb.admin.v1.BucketStatus.cooldown_until:type_name -> google.protobuf.Timestamp
-	21, // 9: bucketlb.admin.v1.GetStatusResponse.period_start:type_name -> google.protobuf.Timestamp
-	21, // 10: bucketlb.admin.v1.GetStatusResponse.period_end:type_name -> google.protobuf.Timestamp
-	19, // 11: bucketlb.admin.v1.GetStatusResponse.buckets:type_name -> bucketlb.admin.v1.BucketStatus
-	2,  // 12: bucketlb.admin.v1.AdminService.ListBuckets:input_type -> bucketlb.admin.v1.ListBucketsRequest
-	4,  // 13: bucketlb.admin.v1.AdminService.GetBucket:input_type -> bucketlb.admin.v1.GetBucketRequest
-	6,  // 14: bucketlb.admin.v1.AdminService.PutBucket:input_type -> bucketlb.admin.v1.PutBucketRequest
-	8,  // 15: bucketlb.admin.v1.AdminService.DeleteBucket:input_type -> bucketlb.admin.v1.DeleteBucketRequest
-	10, // 16: bucketlb.admin.v1.AdminService.SetBucketState:input_type -> bucketlb.admin.v1.SetBucketStateRequest
-	12, // 17: bucketlb.admin.v1.AdminService.ResetHealth:input_type -> bucketlb.admin.v1.ResetHealthRequest
-	14, // 18: bucketlb.admin.v1.AdminService.ResetUsage:input_type -> bucketlb.admin.v1.ResetUsageRequest
-	16, // 19: bucketlb.admin.v1.AdminService.CorrectUsage:input_type -> bucketlb.admin.v1.CorrectUsageRequest
-	18, // 20: bucketlb.admin.v1.AdminService.GetStatus:input_type -> bucketlb.admin.v1.GetStatusRequest
-	3,  // 21: bucketlb.admin.v1.AdminService.ListBuckets:output_type -> bucketlb.admin.v1.ListBucketsResponse
-	5,  // 22: bucketlb.admin.v1.AdminService.GetBucket:output_type -> bucketlb.admin.v1.GetBucketResponse
-	7,  // 23: bucketlb.admin.v1.AdminService.PutBucket:output_type -> bucketlb.admin.v1.PutBucketResponse
-	9,  // 24: bucketlb.admin.v1.AdminService.DeleteBucket:output_type -> bucketlb.admin.v1.DeleteBucketResponse
-	11, // 25: bucketlb.admin.v1.AdminService.SetBucketState:output_type -> bucketlb.admin.v1.SetBucketStateResponse
-	13, // 26: bucketlb.admin.v1.AdminService.ResetHealth:output_type -> bucketlb.admin.v1.ResetHealthResponse
-	15, // 27: bucketlb.admin.v1.AdminService.ResetUsage:output_type -> bucketlb.admin.v1.ResetUsageResponse
-	17, // 28: bucketlb.admin.v1.AdminService.CorrectUsage:output_type -> bucketlb.admin.v1.CorrectUsageResponse
-	20, // 29: bucketlb.admin.v1.AdminService.GetStatus:output_type -> bucketlb.admin.v1.GetStatusResponse
-	21, // [21:30] is the sub-list for method output_type
-	12, // [12:21] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	21, // 4: bucketlb.admin.v1.PutBucketRequest.update_mask:type_name -> google.protobuf.FieldMask
+	1,  // 5: bucketlb.admin.v1.PutBucketResponse.bucket:type_name -> bucketlb.admin.v1.BucketSpec
+	0,  // 6: bucketlb.admin.v1.SetBucketStateRequest.state:type_name -> bucketlb.admin.v1.BucketState
+	1,  // 7: bucketlb.admin.v1.SetBucketStateResponse.bucket:type_name -> bucketlb.admin.v1.BucketSpec
+	1,  // 8: bucketlb.admin.v1.BucketStatus.bucket:type_name -> bucketlb.admin.v1.BucketSpec
+	22, // 9: bucketlb.admin.v1.BucketStatus.cooldown_until:type_name -> google.protobuf.Timestamp
+	22, // 10: bucketlb.admin.v1.GetStatusResponse.period_start:type_name -> google.protobuf.Timestamp
+	22, // 11: bucketlb.admin.v1.GetStatusResponse.period_end:type_name -> google.protobuf.Timestamp
+	19, // 12: bucketlb.admin.v1.GetStatusResponse.buckets:type_name -> bucketlb.admin.v1.BucketStatus
+	2,  // 13: bucketlb.admin.v1.AdminService.ListBuckets:input_type -> bucketlb.admin.v1.ListBucketsRequest
+	4,  // 14: bucketlb.admin.v1.AdminService.GetBucket:input_type -> bucketlb.admin.v1.GetBucketRequest
+	6,  // 15: bucketlb.admin.v1.AdminService.PutBucket:input_type -> bucketlb.admin.v1.PutBucketRequest
+	8,  // 16: bucketlb.admin.v1.AdminService.DeleteBucket:input_type -> bucketlb.admin.v1.DeleteBucketRequest
+	10, // 17: bucketlb.admin.v1.AdminService.SetBucketState:input_type -> bucketlb.admin.v1.SetBucketStateRequest
+	12, // 18: bucketlb.admin.v1.AdminService.ResetHealth:input_type -> bucketlb.admin.v1.ResetHealthRequest
+	14, // 19: bucketlb.admin.v1.AdminService.ResetUsage:input_type -> bucketlb.admin.v1.ResetUsageRequest
+	16, // 20: bucketlb.admin.v1.AdminService.CorrectUsage:input_type -> bucketlb.admin.v1.CorrectUsageRequest
+	18, // 21: bucketlb.admin.v1.AdminService.GetStatus:input_type -> bucketlb.admin.v1.GetStatusRequest
+	3,  // 22: bucketlb.admin.v1.AdminService.ListBuckets:output_type -> bucketlb.admin.v1.ListBucketsResponse
+	5,  // 23: bucketlb.admin.v1.AdminService.GetBucket:output_type -> bucketlb.admin.v1.GetBucketResponse
+	7,  // 24: bucketlb.admin.v1.AdminService.PutBucket:output_type -> bucketlb.admin.v1.PutBucketResponse
+	9,  // 25: bucketlb.admin.v1.AdminService.DeleteBucket:output_type -> bucketlb.admin.v1.DeleteBucketResponse
+	11, // 26: bucketlb.admin.v1.AdminService.SetBucketState:output_type -> bucketlb.admin.v1.SetBucketStateResponse
+	13, // 27: bucketlb.admin.v1.AdminService.ResetHealth:output_type -> bucketlb.admin.v1.ResetHealthResponse
+	15, // 28: bucketlb.admin.v1.AdminService.ResetUsage:output_type -> bucketlb.admin.v1.ResetUsageResponse
+	17, // 29: bucketlb.admin.v1.AdminService.CorrectUsage:output_type -> bucketlb.admin.v1.CorrectUsageResponse
+	20, // 30: bucketlb.admin.v1.AdminService.GetStatus:output_type -> bucketlb.admin.v1.GetStatusResponse
+	22, // [22:31] is the sub-list for method output_type
+	13, // [13:22] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_bucketlb_admin_v1_admin_proto_init() }

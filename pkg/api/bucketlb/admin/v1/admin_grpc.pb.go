@@ -42,7 +42,8 @@ type AdminServiceClient interface {
 	ListBuckets(ctx context.Context, in *ListBucketsRequest, opts ...grpc.CallOption) (*ListBucketsResponse, error)
 	// GetBucket returns one bucket spec; NOT_FOUND if unknown.
 	GetBucket(ctx context.Context, in *GetBucketRequest, opts ...grpc.CallOption) (*GetBucketResponse, error)
-	// PutBucket creates or replaces a bucket spec. Takes effect on every
+	// PutBucket creates or replaces a bucket spec, or, with an update_mask,
+	// changes the named fields of an existing one. Takes effect on every
 	// replica within a second.
 	PutBucket(ctx context.Context, in *PutBucketRequest, opts ...grpc.CallOption) (*PutBucketResponse, error)
 	// DeleteBucket removes a bucket spec. Its objects stay in the bucket.
@@ -170,7 +171,8 @@ type AdminServiceServer interface {
 	ListBuckets(context.Context, *ListBucketsRequest) (*ListBucketsResponse, error)
 	// GetBucket returns one bucket spec; NOT_FOUND if unknown.
 	GetBucket(context.Context, *GetBucketRequest) (*GetBucketResponse, error)
-	// PutBucket creates or replaces a bucket spec. Takes effect on every
+	// PutBucket creates or replaces a bucket spec, or, with an update_mask,
+	// changes the named fields of an existing one. Takes effect on every
 	// replica within a second.
 	PutBucket(context.Context, *PutBucketRequest) (*PutBucketResponse, error)
 	// DeleteBucket removes a bucket spec. Its objects stay in the bucket.
