@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"io"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -364,5 +365,80 @@ func TestOneSlowRenewalKeepsTheClaim(t *testing.T) {
 	close(body.open)
 	if err := <-done; err != nil {
 		t.Fatalf("upload whose one renewal went unanswered: %v, want success", err)
+	}
+}
+
+// hungRenew leaves every Renew unanswered until the caller gives up once
+// cut is set, as an allocator stalled on etcd does, and notes when each
+// such call returned.
+type hungRenew struct {
+	uploader.Allocator
+	cut      atomic.Bool
+	mu       sync.Mutex
+	returned []time.Time
+}
+
+func (h *hungRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	if !h.cut.Load() {
+		return h.Allocator.Renew(ctx, in, opts...)
+	}
+	<-ctx.Done()
+	h.mu.Lock()
+	h.returned = append(h.returned, time.Now())
+	h.mu.Unlock()
+	return nil, status.FromContextError(ctx.Err()).Err()
+}
+
+// Renewals that hang rather than fail fast stop an upload holding a claim
+// before the claim lapses too: each is given up on in time. Another
+// upload under the key stores its object only after this one stopped,
+// and that object stands.
+func TestHungRenewalsStopTheUploadBeforeItsClaimLapses(t *testing.T) {
+	var hung *hungRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = 9 * time.Second },
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			hung = &hungRenew{Allocator: a}
+			return hung
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	hdr := func(size int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "orders/hung.bin", IdempotencyKey: "order-hung", ContentType: "application/octet-stream", Size: int64(size)}
+	}
+	first := testenv.OpaqueBytes(t, 12<<20)
+	stream := openUpload(ctx, t, st.Upload, hdr(len(first)), first[:1<<20])
+	waitReserved(t, st)
+	hung.cut.Store(true)
+	second := testenv.OpaqueBytes(t, 1000)
+	var stored *uploadv1.UploadResponse
+	poll(t, 30*time.Second, "the second upload stored", func() bool {
+		resp, err := send(ctx, st.Upload, hdr(len(second)), second)
+		if err != nil && status.Code(err) != codes.Aborted {
+			t.Fatalf("second upload: %v, want ABORTED until the key is free, then success", err)
+		}
+		stored = resp
+		return err == nil
+	})
+	storedAt := time.Now()
+	hung.mu.Lock()
+	for _, r := range hung.returned {
+		if r.After(storedAt) {
+			t.Errorf("the first upload still waited on a renewal (until %v) after another upload took its key and stored the object (%v)", r, storedAt)
+		}
+	}
+	hung.mu.Unlock()
+	for off := 1 << 20; off < len(first); off += 1 << 20 {
+		if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: first[off:min(off+1<<20, len(first))]}}) != nil {
+			break
+		}
+	}
+	if _, err := stream.CloseAndRecv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("first upload, its renewals hung: %v, want UNAVAILABLE", err)
+	}
+	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
+	if err != nil || !bytes.Equal(got, second) {
+		t.Fatalf("the object the second upload stored reads back %d bytes (its own: %v), err %v", len(got), bytes.Equal(got, second), err)
 	}
 }

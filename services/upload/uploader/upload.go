@@ -1007,9 +1007,10 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 // not be committed. A renewal that fails is tried again soon, not a third
 // of the lifetime later. An upload holding an idempotency claim stops
 // when renewals keep failing into the second half of the claim's
-// lifetime (or its last quarter, whatever the count): the claim could then
-// lapse, and another upload under the key take it over and write the
-// same object, which this one must not write over.
+// lifetime, and at the latest with a quarter of it left, whatever the
+// count (its renewals are given up on in time for that): the claim could
+// then lapse, and another upload under the key take it over and write
+// the same object, which this one must not write over.
 func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
 	ttl := time.Until(a.GetExpiresAt().AsTime())
 	if ttl <= 0 {
@@ -1035,7 +1036,15 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			case <-t.C:
 			}
 			sent := time.Now()
-			rctx, rcancel := context.WithTimeout(ctx, min(5*time.Second, ttl/3))
+			timeout := min(5*time.Second, ttl/3)
+			if claim != nil {
+				// Answered or given up on while the claim holds for more
+				// than a quarter of its life: a slow answer must not
+				// delay the stop past the lapse. A sixth leaves room for
+				// one slow renewal and a retry.
+				timeout = max(time.Millisecond, min(timeout, ttl/6, time.Until(held)-ttl/4))
+			}
+			rctx, rcancel := context.WithTimeout(ctx, timeout)
 			_, err := s.alloc.Renew(rctx, &allocatorv1.RenewRequest{
 				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(), Claim: claim,
 			})
@@ -1064,7 +1073,7 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 				cancel(retryLater(codes.Aborted, "this upload lost its hold on the idempotency key to another upload under the same key; retry to get the result"))
 				return
 			}
-			if left := time.Until(held); claim != nil && (failed >= 2 && left < ttl/2 || left < ttl/4) {
+			if left := time.Until(held); claim != nil && (failed >= 2 && left < ttl/2 || left-again < ttl/4+100*time.Millisecond) {
 				cancel(retryLater(codes.Unavailable, fmt.Sprintf("the allocator did not answer this upload's renewals (%s), so its hold on the idempotency key could lapse and another upload under the key write the same object; it stopped, and nothing of it is kept: retry with the same idempotency key",
 					status.Convert(err).Message())))
 				return
