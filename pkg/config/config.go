@@ -360,11 +360,16 @@ func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
 	return s, nil
 }
 
+// R2Endpoint is the S3 endpoint of a Cloudflare account's R2 buckets.
+func R2Endpoint(accountID string) string {
+	return "https://" + accountID + ".r2.cloudflarestorage.com"
+}
+
 // FillDefaults sets R2 defaults: endpoint from account id, region "auto",
 // weight 1, state ACTIVE.
 func FillDefaults(s *adminv1.BucketSpec) {
 	if s.Endpoint == "" && s.AccountId != "" {
-		s.Endpoint = "https://" + s.AccountId + ".r2.cloudflarestorage.com"
+		s.Endpoint = R2Endpoint(s.AccountId)
 	}
 	if s.Region == "" {
 		s.Region = "auto"

@@ -3,6 +3,7 @@ package allocator
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -56,6 +57,12 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 			for _, p := range paths {
 				f := fields.ByName(protoreflect.Name(p))
 				dst.Set(f, src.Get(f))
+			}
+			if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" &&
+				cur.GetEndpoint() == config.R2Endpoint(cur.GetAccountId()) {
+				// The endpoint was the old account's: it follows the
+				// account, as it would have for a spec put whole.
+				spec.Endpoint = ""
 			}
 		}
 		if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED && cur != nil {

@@ -303,6 +303,23 @@ func TestMaskedPutsKeepEachOther(t *testing.T) {
 			t.Fatalf("masked put of %s: %v, want %v", name, err, tc.want)
 		}
 	}
+	// An endpoint derived from the account follows a new account; one set
+	// by hand stays.
+	r2 := &adminv1.BucketSpec{Id: "r2", Name: "r2", AccountId: "0123456789abcdef0123456789abcdef", Region: "auto", CredentialsRef: "R", MonthlyLimitBytes: 1000, Weight: 1}
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: r2}); err != nil {
+		t.Fatal(err)
+	}
+	moved, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", AccountId: "fedcba9876543210fedcba9876543210"}, UpdateMask: mask("account_id")})
+	if err != nil || moved.GetBucket().GetEndpoint() != "https://fedcba9876543210fedcba9876543210.r2.cloudflarestorage.com" {
+		t.Fatalf("masked put of a new account: %v %v, want the new account's endpoint", moved.GetBucket(), err)
+	}
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", Endpoint: "https://s3.example.com"}, UpdateMask: mask("endpoint")}); err != nil {
+		t.Fatal(err)
+	}
+	kept, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", AccountId: "0123456789abcdef0123456789abcdef"}, UpdateMask: mask("account_id")})
+	if err != nil || kept.GetBucket().GetEndpoint() != "https://s3.example.com" {
+		t.Fatalf("masked put of an account beside an endpoint set by hand: %v %v, want that endpoint kept", kept.GetBucket(), err)
+	}
 	// An UNSPECIFIED state in the mask keeps the bucket's.
 	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
 		t.Fatal(err)

@@ -114,7 +114,8 @@ func (g *globals) printJSON(m proto.Message) error {
 
 // changes is the bucket b describes with the update mask of the fields
 // whose flags were given (set reports which). An empty --state keeps the
-// bucket's; --account-id without --endpoint derives the endpoint again.
+// bucket's. An endpoint derived from the old account id follows a new one
+// (the allocator sees to it).
 func changes(b *config.Bucket, set func(flag string) bool) (*adminv1.BucketSpec, *fieldmaskpb.FieldMask, error) {
 	spec := &adminv1.BucketSpec{
 		Id: b.ID, Name: b.Name, Endpoint: b.Endpoint, AccountId: b.AccountID, Region: b.Region,
@@ -130,9 +131,6 @@ func changes(b *config.Bucket, set func(flag string) bool) (*adminv1.BucketSpec,
 		if set(f.flag) {
 			mask.Paths = append(mask.Paths, f.field)
 		}
-	}
-	if set("account-id") && !set("endpoint") {
-		mask.Paths = append(mask.Paths, "endpoint") // empty: derived from the account id
 	}
 	if set("state") && b.State != "" {
 		s, err := config.ParseState(b.State)
