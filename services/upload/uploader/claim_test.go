@@ -265,29 +265,12 @@ func TestUnrenewedClaimStopsItsUpload(t *testing.T) {
 	// Another upload under the key is turned away while the first holds
 	// it, and stores its object once the first gave it up.
 	second := testenv.OpaqueBytes(t, 1000)
-	var stored *uploadv1.UploadResponse
-	poll(t, 20*time.Second, "the second upload stored", func() bool {
-		resp, err := send(ctx, st.Upload, hdr(len(second)), second)
-		if err != nil && status.Code(err) != codes.Aborted {
-			t.Fatalf("second upload: %v, want ABORTED until the key is free, then success", err)
-		}
-		stored = resp
-		return err == nil
-	})
+	stored := takeOver(ctx, t, st, hdr(len(second)), second)
 	// The first client sends the rest: its upload stopped meanwhile.
-	for off := 1 << 20; off < len(first); off += 1 << 20 {
-		if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: first[off:min(off+1<<20, len(first))]}}) != nil {
-			break
-		}
-	}
-	_, err := stream.CloseAndRecv()
-	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "did not answer this upload's renewals") || !hasRetryInfo(err) {
+	if err := finish(stream, first); status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "did not answer this upload's renewals") || !hasRetryInfo(err) {
 		t.Fatalf("first upload, its renewals unanswered: %v, want UNAVAILABLE with RetryInfo saying its renewals went unanswered", err)
 	}
-	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
-	if err != nil || !bytes.Equal(got, second) {
-		t.Fatalf("the object the second upload stored reads back %d bytes (its own: %v), err %v", len(got), bytes.Equal(got, second), err)
-	}
+	readBack(ctx, t, st.Upload, stored, second, "the object the second upload stored")
 	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetId()] != 1 || multiparts[st.Buckets[0].GetId()] != 0 {
 		t.Fatalf("%v objects and %v open multipart uploads, want the second upload's object alone", objects, multiparts)
 	}
@@ -308,7 +291,10 @@ func TestClaimTakenOverIsRetryable(t *testing.T) {
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
 	stream := openUpload(ctx, t, st.Upload, &uploadv1.UploadHeader{Key: "orders/2.bin", IdempotencyKey: "order-2", ContentType: "application/octet-stream", Size: int64(len(data))}, data[:1<<20])
-	waitReserved(t, st)
+	poll(t, 10*time.Second, "the multipart upload created", func() bool {
+		_, multiparts := st.objects(t)
+		return multiparts[st.Buckets[0].GetId()] == 1
+	})
 	cutter.aborted.Store(true)
 	// The upload stops at the next renewal, while its client still sends.
 	poll(t, 10*time.Second, "abort of the multipart upload", func() bool {
@@ -355,12 +341,7 @@ func TestOneSlowRenewalKeepsTheClaim(t *testing.T) {
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
 	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
-	done := make(chan error, 1)
-	go func() {
-		_, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/renew.bin", IdempotencyKey: "slow-1", ContentType: "application/octet-stream", Size: int64(len(data))},
-			body, uploadclient.Options{ChunkSize: 1 << 20})
-		done <- err
-	}()
+	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/renew.bin", IdempotencyKey: "slow-1", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
 	poll(t, 20*time.Second, "a renewal answered after the unanswered one", func() bool { return slow.answered.Load() > 0 })
 	close(body.open)
 	if err := <-done; err != nil {
@@ -412,15 +393,7 @@ func TestHungRenewalsStopTheUploadBeforeItsClaimLapses(t *testing.T) {
 	waitReserved(t, st)
 	hung.cut.Store(true)
 	second := testenv.OpaqueBytes(t, 1000)
-	var stored *uploadv1.UploadResponse
-	poll(t, 30*time.Second, "the second upload stored", func() bool {
-		resp, err := send(ctx, st.Upload, hdr(len(second)), second)
-		if err != nil && status.Code(err) != codes.Aborted {
-			t.Fatalf("second upload: %v, want ABORTED until the key is free, then success", err)
-		}
-		stored = resp
-		return err == nil
-	})
+	stored := takeOver(ctx, t, st, hdr(len(second)), second)
 	storedAt := time.Now()
 	hung.mu.Lock()
 	for _, r := range hung.returned {
@@ -429,16 +402,85 @@ func TestHungRenewalsStopTheUploadBeforeItsClaimLapses(t *testing.T) {
 		}
 	}
 	hung.mu.Unlock()
-	for off := 1 << 20; off < len(first); off += 1 << 20 {
-		if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: first[off:min(off+1<<20, len(first))]}}) != nil {
+	if err := finish(stream, first); status.Code(err) != codes.Unavailable {
+		t.Fatalf("first upload, its renewals hung: %v, want UNAVAILABLE", err)
+	}
+	readBack(ctx, t, st.Upload, stored, second, "the object the second upload stored")
+}
+
+// takeOver stores data under hdr once the key is free, polling: another
+// upload under the idempotency key is turned away (ABORTED) while one
+// holds it.
+func takeOver(ctx context.Context, t *testing.T, st *stack, hdr *uploadv1.UploadHeader, data []byte) *uploadv1.UploadResponse {
+	t.Helper()
+	var stored *uploadv1.UploadResponse
+	poll(t, 30*time.Second, "the second upload stored", func() bool {
+		resp, err := send(ctx, st.Upload, hdr, data)
+		if err != nil && status.Code(err) != codes.Aborted {
+			t.Fatalf("second upload: %v, want ABORTED until the key is free, then success", err)
+		}
+		stored = resp
+		return err == nil
+	})
+	return stored
+}
+
+// finish sends data after its first MiB on stream, as far as the server
+// takes it, and returns the upload's outcome.
+func finish(stream uploadv1.UploadService_UploadClient, data []byte) error {
+	for off := 1 << 20; off < len(data); off += 1 << 20 {
+		if stream.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[off:min(off+1<<20, len(data))]}}) != nil {
 			break
 		}
 	}
-	if _, err := stream.CloseAndRecv(); status.Code(err) != codes.Unavailable {
-		t.Fatalf("first upload, its renewals hung: %v, want UNAVAILABLE", err)
+	_, err := stream.CloseAndRecv()
+	return err
+}
+
+// lateThenHungRenew answers the first Renew late, leaves the second
+// unanswered until the caller gives up, and answers the rest.
+type lateThenHungRenew struct {
+	uploader.Allocator
+	late            time.Duration
+	calls, answered atomic.Int32
+}
+
+func (l *lateThenHungRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opts ...grpc.CallOption) (*allocatorv1.RenewResponse, error) {
+	switch l.calls.Add(1) {
+	case 1:
+		resp, err := l.Allocator.Renew(ctx, in, opts...)
+		time.Sleep(l.late)
+		return resp, err
+	case 2:
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
 	}
-	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: stored.GetBucketId(), Key: stored.GetKey()})
-	if err != nil || !bytes.Equal(got, second) {
-		t.Fatalf("the object the second upload stored reads back %d bytes (its own: %v), err %v", len(got), bytes.Equal(got, second), err)
+	resp, err := l.Allocator.Renew(ctx, in, opts...)
+	if err == nil {
+		l.answered.Add(1)
+	}
+	return resp, err
+}
+
+// Renewals are due a period after the last one was sent, not after its
+// answer came: a late answer followed by one unanswered renewal leaves
+// time for a retry, and the upload holding a claim goes on.
+func TestLateRenewalThenAnUnansweredOneKeepsTheClaim(t *testing.T) {
+	var late *lateThenHungRenew
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			late = &lateThenHungRenew{Allocator: a, late: 290 * time.Millisecond}
+			return late
+		})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 12<<20)
+	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
+	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/late.bin", IdempotencyKey: "late-1", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
+	poll(t, 20*time.Second, "a renewal answered after the unanswered one", func() bool { return late.answered.Load() > 0 })
+	close(body.open)
+	if err := <-done; err != nil {
+		t.Fatalf("upload whose renewal was answered late, then not at all: %v, want success", err)
 	}
 }

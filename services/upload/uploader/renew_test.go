@@ -298,12 +298,7 @@ func TestRemovedBucketStopsItsUploads(t *testing.T) {
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
 	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
-	done := make(chan error, 1)
-	go func() {
-		_, err := uploadclient.Upload(ctx, st.Upload, &uploadv1.UploadHeader{Key: "removed/big.bin", ContentType: "application/octet-stream", Size: int64(len(data))},
-			body, uploadclient.Options{ChunkSize: 1 << 20})
-		done <- err
-	}()
+	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "removed/big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
 	// The first part is in; the second streams as the client sends it.
 	parts := 0
 	poll(t, 20*time.Second, "two parts under way", func() bool {

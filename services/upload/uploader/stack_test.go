@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -366,6 +367,17 @@ func sendInBackground(ctx context.Context, c uploadv1.UploadServiceClient, hdr *
 	done := make(chan error, 1)
 	go func() {
 		_, err := send(ctx, c, hdr, data)
+		done <- err
+	}()
+	return done
+}
+
+// uploadInBackground starts an upload of what body reads, in 1 MiB
+// chunks, and returns the channel its outcome arrives on.
+func uploadInBackground(ctx context.Context, c uploadv1.UploadServiceClient, hdr *uploadv1.UploadHeader, body io.Reader) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := uploadclient.Upload(ctx, c, hdr, body, uploadclient.Options{ChunkSize: 1 << 20})
 		done <- err
 	}()
 	return done

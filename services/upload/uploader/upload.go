@@ -1050,8 +1050,11 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			})
 			rcancel()
 			if err == nil {
+				// The next one is due a period after this one was sent,
+				// as held counts: a late answer must not use up the
+				// slack a failure after it needs.
 				held, failed = sent.Add(ttl), 0
-				t.Reset(every)
+				t.Reset(time.Until(sent.Add(every)))
 				continue
 			}
 			failed++
