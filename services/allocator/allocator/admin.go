@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -59,7 +60,7 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 				dst.Set(f, src.Get(f))
 			}
 			if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" &&
-				cur.GetEndpoint() == config.R2Endpoint(cur.GetAccountId()) {
+				strings.EqualFold(strings.TrimSuffix(cur.GetEndpoint(), "/"), config.R2Endpoint(cur.GetAccountId())) {
 				// The endpoint was the old account's: it follows the
 				// account, as it would have for a spec put whole.
 				spec.Endpoint = ""
