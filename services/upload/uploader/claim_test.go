@@ -246,13 +246,7 @@ func (u *unansweredRenew) Renew(ctx context.Context, in *allocatorv1.RenewReques
 // written later over the same key, would replace what that one's record
 // names. The second upload's object stands, and reads back as its bytes.
 func TestUnrenewedClaimStopsItsUpload(t *testing.T) {
-	var cutter *unansweredRenew
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
-		func(c *uploader.Config) { c.PartSize = 5 << 20 },
-		func(a uploader.Allocator) uploader.Allocator {
-			cutter = &unansweredRenew{Allocator: a}
-			return cutter
-		})
+	st, cutter := renewingThrough(t, 2*time.Second, func(a uploader.Allocator) *unansweredRenew { return &unansweredRenew{Allocator: a} })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	hdr := func(size int) *uploadv1.UploadHeader {
@@ -280,13 +274,7 @@ func TestUnrenewedClaimStopsItsUpload(t *testing.T) {
 // idempotency key over stops ABORTED, with RetryInfo like every ABORTED
 // it answers: a retry gets the other upload's result.
 func TestClaimTakenOverIsRetryable(t *testing.T) {
-	var cutter *unansweredRenew
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
-		func(c *uploader.Config) { c.PartSize = 5 << 20 },
-		func(a uploader.Allocator) uploader.Allocator {
-			cutter = &unansweredRenew{Allocator: a}
-			return cutter
-		})
+	st, cutter := renewingThrough(t, 2*time.Second, func(a uploader.Allocator) *unansweredRenew { return &unansweredRenew{Allocator: a} })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
@@ -329,14 +317,7 @@ func (s *slowFirstRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest
 // One renewal that goes unanswered does not stop an upload holding a
 // claim: the renewal is tried again soon, and the upload goes on.
 func TestOneSlowRenewalKeepsTheClaim(t *testing.T) {
-	var slow *slowFirstRenew
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
-		func(c *allocator.Config) { c.ReservationTTL = 6 * time.Second },
-		func(c *uploader.Config) { c.PartSize = 5 << 20 },
-		func(a uploader.Allocator) uploader.Allocator {
-			slow = &slowFirstRenew{Allocator: a}
-			return slow
-		})
+	st, slow := renewingThrough(t, 6*time.Second, func(a uploader.Allocator) *slowFirstRenew { return &slowFirstRenew{Allocator: a} })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
@@ -375,14 +356,7 @@ func (h *hungRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequest, opt
 // upload under the key stores its object only after this one stopped,
 // and that object stands.
 func TestHungRenewalsStopTheUploadBeforeItsClaimLapses(t *testing.T) {
-	var hung *hungRenew
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
-		func(c *allocator.Config) { c.ReservationTTL = 9 * time.Second },
-		func(c *uploader.Config) { c.PartSize = 5 << 20 },
-		func(a uploader.Allocator) uploader.Allocator {
-			hung = &hungRenew{Allocator: a}
-			return hung
-		})
+	st, hung := renewingThrough(t, 9*time.Second, func(a uploader.Allocator) *hungRenew { return &hungRenew{Allocator: a} })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	hdr := func(size int) *uploadv1.UploadHeader {
@@ -466,13 +440,9 @@ func (l *lateThenHungRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequ
 // answer came: a late answer followed by one unanswered renewal leaves
 // time for a retry, and the upload holding a claim goes on.
 func TestLateRenewalThenAnUnansweredOneKeepsTheClaim(t *testing.T) {
-	var late *lateThenHungRenew
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, replicaTTLs,
-		func(c *uploader.Config) { c.PartSize = 5 << 20 },
-		func(a uploader.Allocator) uploader.Allocator {
-			late = &lateThenHungRenew{Allocator: a, late: 290 * time.Millisecond}
-			return late
-		})
+	st, late := renewingThrough(t, 2*time.Second, func(a uploader.Allocator) *lateThenHungRenew {
+		return &lateThenHungRenew{Allocator: a, late: 290 * time.Millisecond}
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
@@ -483,4 +453,20 @@ func TestLateRenewalThenAnUnansweredOneKeepsTheClaim(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("upload whose renewal was answered late, then not at all: %v, want success", err)
 	}
+}
+
+// renewingThrough starts a stack with 5 MiB parts whose reservations and
+// claims live ttl, and whose upload service calls the allocator through
+// what wrap makes of it.
+func renewingThrough[W uploader.Allocator](t *testing.T, ttl time.Duration, wrap func(uploader.Allocator) W) (*stack, W) {
+	t.Helper()
+	var w W
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.PartSize = 5 << 20 },
+		func(a uploader.Allocator) uploader.Allocator {
+			w = wrap(a)
+			return w
+		})
+	return st, w
 }
