@@ -207,30 +207,16 @@ func (l *Ledger) StoreBucket(ctx context.Context, id string, build func(cur *adm
 	return nil, ErrConflict
 }
 
-// UpdateBucket applies fn to the stored spec with compare-and-swap.
+// UpdateBucket applies fn to the stored spec with compare-and-swap;
+// ErrBucketNotFound if id has none.
 func (l *Ledger) UpdateBucket(ctx context.Context, id string, fn func(*adminv1.BucketSpec)) (*adminv1.BucketSpec, error) {
-	for attempt := 0; attempt < 20; attempt++ {
-		spec, rev, err := l.getBucket(ctx, id)
-		if err != nil {
-			return nil, err
+	return l.StoreBucket(ctx, id, func(cur *adminv1.BucketSpec) (*adminv1.BucketSpec, error) {
+		if cur == nil {
+			return nil, fmt.Errorf("%w: %q", ErrBucketNotFound, id)
 		}
-		fn(spec)
-		data, err := protojson.Marshal(spec)
-		if err != nil {
-			return nil, err
-		}
-		cctx, cancel := l.ctx(ctx)
-		resp, err := l.cli.Txn(cctx).If(clientv3.Compare(clientv3.ModRevision(l.bucketKey(id)), "=", rev)).
-			Then(clientv3.OpPut(l.bucketKey(id), string(data))).Commit()
-		cancel()
-		if err != nil {
-			return nil, fmt.Errorf("ledger: update bucket %s: %w", id, err)
-		}
-		if resp.Succeeded {
-			return spec, nil
-		}
-	}
-	return nil, ErrConflict
+		fn(cur)
+		return cur, nil
+	})
 }
 
 // DeleteBucket removes a spec; ErrBucketNotFound if absent.
