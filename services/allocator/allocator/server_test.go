@@ -218,6 +218,25 @@ func TestNoBucketSaysWhy(t *testing.T) {
 	}
 }
 
+// bothAtOnce runs two admin calls at once, fails the test if either
+// fails, and returns bucket id as stored after both.
+func bothAtOnce(ctx context.Context, t *testing.T, r replica, id string, a, b func() error) *adminv1.BucketSpec {
+	t.Helper()
+	var wg sync.WaitGroup
+	var errA, errB error
+	wg.Go(func() { errA = a() })
+	wg.Go(func() { errB = b() })
+	wg.Wait()
+	if errA != nil || errB != nil {
+		t.Fatalf("calls at once: %v, %v", errA, errB)
+	}
+	got, err := r.admin.GetBucket(ctx, &adminv1.GetBucketRequest{Id: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got.GetBucket()
+}
+
 // A spec put without a state keeps the state the bucket has when the put
 // applies: an operator's DISABLED set at the same moment, on another
 // replica, is never undone by it. Either order of the two calls ends
@@ -235,23 +254,16 @@ func TestStatelessPutKeepsAConcurrentState(t *testing.T) {
 		}
 		edit := spec("p1", int32(round%5), 1000)
 		edit.State = adminv1.BucketState_BUCKET_STATE_UNSPECIFIED
-		var wg sync.WaitGroup
-		var disableErr, putErr error
-		wg.Go(func() {
-			_, disableErr = other.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DISABLED})
+		got := bothAtOnce(actx, t, r, "p1", func() error {
+			_, err := other.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DISABLED})
+			return err
+		}, func() error {
+			_, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: edit})
+			return err
 		})
-		wg.Go(func() { _, putErr = r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: edit}) })
-		wg.Wait()
-		if disableErr != nil || putErr != nil {
-			t.Fatalf("round %d: disable %v, put %v", round, disableErr, putErr)
-		}
-		got, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: "p1"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got.GetBucket().GetState() != adminv1.BucketState_BUCKET_STATE_DISABLED || got.GetBucket().GetPriority() != int32(round%5) {
+		if got.GetState() != adminv1.BucketState_BUCKET_STATE_DISABLED || got.GetPriority() != int32(round%5) {
 			t.Fatalf("round %d: both calls answered OK and the bucket is %v with priority %d, want DISABLED with the put's priority %d",
-				round, got.GetBucket().GetState(), got.GetBucket().GetPriority(), round%5)
+				round, got.GetState(), got.GetPriority(), round%5)
 		}
 	}
 }
@@ -268,26 +280,17 @@ func TestMaskedPutsKeepEachOther(t *testing.T) {
 	actx := adminCtx(ctx, token)
 	mask := func(paths ...string) *fieldmaskpb.FieldMask { return &fieldmaskpb.FieldMask{Paths: paths} }
 	for round := range 50 {
-		var wg sync.WaitGroup
-		var e1, e2 error
-		wg.Go(func() {
-			_, e1 = r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Priority: int32(round)}, UpdateMask: mask("priority")})
+		got := bothAtOnce(actx, t, r, "p1", func() error {
+			_, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Priority: int32(round)}, UpdateMask: mask("priority")})
+			return err
+		}, func() error {
+			_, err := other.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Weight: int32(round + 1)}, UpdateMask: mask("weight")})
+			return err
 		})
-		wg.Go(func() {
-			_, e2 = other.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Weight: int32(round + 1)}, UpdateMask: mask("weight")})
-		})
-		wg.Wait()
-		if e1 != nil || e2 != nil {
-			t.Fatalf("round %d: %v, %v", round, e1, e2)
-		}
-		got, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: "p1"})
-		if err != nil {
-			t.Fatal(err)
-		}
 		want := spec("p1", int32(round), 1000)
 		want.Weight = int32(round + 1)
-		if !proto.Equal(got.GetBucket(), want) {
-			t.Fatalf("round %d: after two masked puts the bucket is %v, want %v", round, got.GetBucket(), want)
+		if !proto.Equal(got, want) {
+			t.Fatalf("round %d: after two masked puts the bucket is %v, want %v", round, got, want)
 		}
 	}
 	for name, tc := range map[string]struct {
