@@ -205,8 +205,8 @@ func newBucketsCmd(g *globals) *cobra.Command {
 	pf.Int32Var(&b.Priority, "priority", 0, "priority (lower wins)")
 	pf.Int32Var(&b.Weight, "weight", 1, "weight for weighted round robin")
 	pf.StringVar(&b.State, "state", "", "active, draining or disabled (default: keep the bucket's, active for a new one)")
-	put.Long = "Create a bucket from the flags (unset ones take their defaults), or, for a bucket that exists, change only the fields whose flags are given."
 	pf.BoolVar(&b.PathStyle, "path-style", false, "path-style addressing")
+	put.Long = "Create a bucket from the flags (unset ones take their defaults), or, for a bucket that exists, change only the fields whose flags are given."
 
 	cmd.AddCommand(
 		admin("list", "List buckets", 0, func(ctx context.Context, c adminv1.AdminServiceClient, _ []string) (proto.Message, error) {

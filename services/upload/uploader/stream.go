@@ -63,17 +63,13 @@ func oversized(size int) error {
 // every later call fails the same way at once.
 func (p *pacedStream) do(m any) error { return p.doUntil(context.Background(), m) }
 
-// doUntil is do that also gives up when stop (if not nil) ends, failing
+// doUntil is do that also gives up when stop ends, failing
 // with its cause, the same way for good: an upload the service stopped
 // (its reservation or its bucket lost) does not wait on for a client
 // that is slow to send.
 func (p *pacedStream) doUntil(stop context.Context, m any) error {
 	if p.broken != nil {
 		return p.broken
-	}
-	var stopped <-chan struct{}
-	if stop != nil {
-		stopped = stop.Done()
 	}
 	p.ask <- m
 	p.timer.Reset(p.idle)
@@ -84,7 +80,7 @@ func (p *pacedStream) doUntil(stop context.Context, m any) error {
 	case <-p.timer.C:
 		p.broken = fmt.Errorf("%w: "+p.abandon, errIdle, p.idle)
 		return p.broken
-	case <-stopped:
+	case <-stop.Done():
 		p.broken = context.Cause(stop)
 		return p.broken
 	}
@@ -123,13 +119,13 @@ type chunkReader struct {
 	target *chunkTarget
 	codec  *chunkCodec
 
-	// stop, if set, ends a wait for the client when the upload is
-	// stopped on the service's side (see pacedStream.doUntil).
+	// stop ends a wait for the client when the upload is stopped on the
+	// service's side (see pacedStream.doUntil); Background until then.
 	stop context.Context
 }
 
 func (s *Server) newChunkReader(rcv *pacedStream, size int64) *chunkReader {
-	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{},
+	r := &chunkReader{rcv: rcv, size: size, msg: &uploadv1.UploadRequest{}, codec: s.codec, target: &chunkTarget{}, stop: context.Background(),
 		minRate: s.cfg.MinDataRate, window: s.cfg.IdleTimeout, minBytes: int64(float64(s.cfg.MinDataRate) * s.cfg.IdleTimeout.Seconds())}
 	s.codec.targets.Store(r.msg, r.target)
 	return r
