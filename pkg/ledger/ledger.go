@@ -156,20 +156,6 @@ func (l *Ledger) ctx(ctx context.Context) (context.Context, context.CancelFunc) 
 
 // ---- buckets ----
 
-// PutBucket creates or replaces a bucket spec.
-func (l *Ledger) PutBucket(ctx context.Context, spec *adminv1.BucketSpec) error {
-	data, err := protojson.Marshal(spec)
-	if err != nil {
-		return fmt.Errorf("ledger: encode bucket: %w", err)
-	}
-	ctx, cancel := l.ctx(ctx)
-	defer cancel()
-	if _, err := l.cli.Put(ctx, l.bucketKey(spec.GetId()), string(data)); err != nil {
-		return fmt.Errorf("ledger: put bucket %s: %w", spec.GetId(), err)
-	}
-	return nil
-}
-
 // StoreBucket stores the spec build makes from the stored one (nil when
 // id has none), with compare-and-swap: what build kept of the stored spec
 // (its state, say) is what the bucket has when the write applies, however

@@ -48,23 +48,10 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 	spec, err := s.ledger.StoreBucket(ctx, req.GetBucket().GetId(), func(cur *adminv1.BucketSpec) (*adminv1.BucketSpec, error) {
 		spec := proto.Clone(req.GetBucket()).(*adminv1.BucketSpec)
 		if len(paths) > 0 {
-			// Only the named fields change, on the bucket as stored now.
 			if cur == nil {
 				return nil, fmt.Errorf("%w: %q", ledger.ErrBucketNotFound, spec.GetId())
 			}
-			src := spec.ProtoReflect()
-			spec = proto.Clone(cur).(*adminv1.BucketSpec)
-			dst := spec.ProtoReflect()
-			for _, p := range paths {
-				f := fields.ByName(protoreflect.Name(p))
-				dst.Set(f, src.Get(f))
-			}
-			if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" &&
-				strings.EqualFold(strings.TrimSuffix(cur.GetEndpoint(), "/"), config.R2Endpoint(cur.GetAccountId())) {
-				// The endpoint was the old account's: it follows the
-				// account, as it would have for a spec put whole.
-				spec.Endpoint = ""
-			}
+			spec = masked(cur, spec, paths)
 		}
 		if spec.GetState() == adminv1.BucketState_BUCKET_STATE_UNSPECIFIED && cur != nil {
 			// A spec sent without a state (to fix an endpoint, say) keeps
@@ -84,6 +71,24 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 	}
 	s.log.Info("bucket stored", "bucket", spec.GetId(), "state", spec.GetState().String())
 	return &adminv1.PutBucketResponse{Bucket: spec}, nil
+}
+
+// masked is cur with the fields paths name (checked to exist) taken from
+// spec. An endpoint derived from cur's account follows a new account, as
+// it would for a spec put whole.
+func masked(cur, spec *adminv1.BucketSpec, paths []string) *adminv1.BucketSpec {
+	out := proto.Clone(cur).(*adminv1.BucketSpec)
+	src, dst := spec.ProtoReflect(), out.ProtoReflect()
+	fields := src.Descriptor().Fields()
+	for _, p := range paths {
+		f := fields.ByName(protoreflect.Name(p))
+		dst.Set(f, src.Get(f))
+	}
+	if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" &&
+		strings.EqualFold(strings.TrimSuffix(cur.GetEndpoint(), "/"), config.R2Endpoint(cur.GetAccountId())) {
+		out.Endpoint = ""
+	}
+	return out
 }
 
 // DeleteBucket implements AdminService.
