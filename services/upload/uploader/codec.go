@@ -66,6 +66,10 @@ type chunkCodec struct {
 	// to its *chunkTarget. gRPC calls Unmarshal on the goroutine that
 	// called RecvMsg, so a target is only ever used by its own reader.
 	targets sync.Map
+	// failed maps an *uploadv1.UploadRequest that did not decode to its
+	// error until its receiver reads it (undecodable): gRPC answers a
+	// decoding error on its own, as INTERNAL, before the handler sees it.
+	failed sync.Map
 }
 
 // chunkTarget says where the next chunk of one stream goes, and how it went.
@@ -92,7 +96,26 @@ func (c *chunkCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	}
 	// Headers, unregistered messages and anything unusual: the standard
 	// decoder.
-	return c.base.Unmarshal(data, v)
+	err := c.base.Unmarshal(data, v)
+	if m, ok := v.(*uploadv1.UploadRequest); ok && err != nil {
+		m.Reset()
+		c.failed.Store(m, err)
+		return nil
+	}
+	return err
+}
+
+// undecodable returns the decoding error of the UploadRequest m last
+// received into, if it had one, once. A nil codec (a server run without
+// ServerOptions) knows of none.
+func (c *chunkCodec) undecodable(m any) error {
+	if c == nil {
+		return nil
+	}
+	if err, ok := c.failed.LoadAndDelete(m); ok {
+		return err.(error)
+	}
+	return nil
 }
 
 // decodeChunk decodes a message that is exactly one chunk field into t.dst

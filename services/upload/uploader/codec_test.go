@@ -26,6 +26,9 @@ func TestChunkCodecDecodesLikeProto(t *testing.T) {
 		if err := c.Unmarshal(data, m); err != nil {
 			return nil, err
 		}
+		if err := c.undecodable(m); err != nil {
+			return nil, err
+		}
 		if !target.hit {
 			return m, nil
 		}
@@ -132,7 +135,7 @@ func TestChunkCodecDecodesIntoTarget(t *testing.T) {
 }
 
 // FuzzChunkCodecAgreesWithProto: for any wire bytes, any split of them into
-// buffers and any target size, the codec fails exactly when the standard
+// buffers and any target size, the codec (with undecodable) fails exactly when the standard
 // decoder fails, and otherwise decodes the same message (a chunk's bytes
 // read back from the target and its rest).
 func FuzzChunkCodecAgreesWithProto(f *testing.F) {
@@ -162,6 +165,10 @@ func FuzzChunkCodecAgreesWithProto(f *testing.F) {
 			data = mem.BufferSlice{mem.SliceBuffer(wire[:s]), mem.SliceBuffer(wire[s:])}
 		}
 		err := c.Unmarshal(data, m)
+		if err == nil {
+			// An UploadRequest's decoding error waits for its receiver.
+			err = c.undecodable(m)
+		}
 		if (err != nil) != (wantErr != nil) {
 			t.Fatalf("codec error %v, proto error %v", err, wantErr)
 		}

@@ -6,9 +6,13 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -123,4 +127,82 @@ func sumOf(m map[string]int64) int64 {
 		total += v
 	}
 	return total
+}
+
+// rawCodec sends and receives messages as the bytes given: a client that
+// puts bytes on the stream which are not an UploadRequest.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	return mem.BufferSlice{mem.SliceBuffer(v.([]byte))}, nil
+}
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	*v.(*[]byte) = data.Materialize()
+	return nil
+}
+func (rawCodec) Name() string { return "proto" }
+
+// Bytes that do not decode as an UploadRequest, first or after the header,
+// are the client's fault (INVALID_ARGUMENT saying so), not an INTERNAL
+// error of the service; nothing is stored and no capacity is held.
+func TestUndecodableMessages(t *testing.T) {
+	st := startStack(t, 1, nil)
+	conn, err := grpc.NewClient(st.UploadAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	data := testenv.OpaqueBytes(t, 100)
+	header, err := proto.Marshal(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+		NameHint: "o.bin", ContentType: "application/octet-stream", Size: int64(len(data))}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk, err := proto.Marshal(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A length-delimited field whose length runs past the message's end.
+	garbage := []byte{0x12, 0x7f, 'x'}
+	for _, tc := range []struct {
+		name string
+		msgs [][]byte
+	}{
+		{"first", [][]byte{garbage, header, chunk}},
+		{"after the header", [][]byte{header, garbage, chunk}},
+		{"inside the data", [][]byte{header, chunk[:60], garbage}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			stream, err := conn.NewStream(ctx, &uploadv1.UploadService_ServiceDesc.Streams[0], uploadv1.UploadService_Upload_FullMethodName,
+				grpc.ForceCodecV2(rawCodec{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range tc.msgs {
+				if err := stream.SendMsg(m); err != nil {
+					break // the server answered already
+				}
+			}
+			if err := stream.CloseSend(); err != nil {
+				t.Fatal(err)
+			}
+			var resp []byte
+			err = stream.RecvMsg(&resp)
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "could not be read as an UploadRequest") {
+				t.Fatalf("answered %v, want INVALID_ARGUMENT saying the message could not be read", err)
+			}
+		})
+	}
+	objects, multiparts := st.objects(t)
+	for id := range objects {
+		if objects[id] != 0 || multiparts[id] != 0 {
+			t.Fatalf("bucket %s holds %d objects and %d open multipart uploads, want none", id, objects[id], multiparts[id])
+		}
+	}
+	if used, _ := st.usage(t); sumOf(used) != 0 {
+		t.Fatalf("usage %v, want none", used)
+	}
+	st.waitNoReservations(t)
 }

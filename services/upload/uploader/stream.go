@@ -45,9 +45,20 @@ func newPacedStream(op func(any) error, idle time.Duration, abandon string) *pac
 	return p
 }
 
-// newReceiver paces an Upload stream's receives.
-func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration) *pacedStream {
-	return newPacedStream(stream.RecvMsg, idle, "nothing arrived from the client for %v, so the upload was abandoned and nothing was stored")
+// newReceiver paces an Upload stream's receives. A message the codec
+// could not decode is the client's fault, INVALID_ARGUMENT: gRPC itself
+// would answer INTERNAL, which sends an operator looking for a bug.
+func newReceiver(stream uploadv1.UploadService_UploadServer, idle time.Duration, codec *chunkCodec) *pacedStream {
+	recv := func(m any) error {
+		if err := stream.RecvMsg(m); err != nil {
+			return err
+		}
+		if err := codec.undecodable(m); err != nil {
+			return badRequest("a message on the stream could not be read as an UploadRequest (%v); send bucketlb.upload.v1.UploadRequest messages encoded as protobuf", err)
+		}
+		return nil
+	}
+	return newPacedStream(recv, idle, "nothing arrived from the client for %v, so the upload was abandoned and nothing was stored")
 }
 
 // oversized is the error for a chunk of size bytes, over MaxChunk, that

@@ -127,7 +127,7 @@ func callerFault(err error) bool {
 // upload runs one upload; *seen is its state once its header passed, for
 // the log of a failure.
 func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_UploadServer, seen **upload) (*uploadv1.UploadResponse, error) {
-	rcv := newReceiver(stream, s.cfg.IdleTimeout)
+	rcv := newReceiver(stream, s.cfg.IdleTimeout, s.codec)
 	defer rcv.close()
 	first := &uploadv1.UploadRequest{}
 	err := rcv.do(first)
