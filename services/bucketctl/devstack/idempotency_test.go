@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -94,8 +95,16 @@ func TestIdempotencyKeyReusedForAnotherObject(t *testing.T) {
 		{"other bytes, no sha256", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1"}},
 		{"other bytes, no sha256, same key", b, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/1.bin"}},
 	} {
-		if _, err := put(ctx, env, c.data, c.hdr); status.Code(err) != codes.FailedPrecondition {
+		_, err := put(ctx, env, c.data, c.hdr)
+		if status.Code(err) != codes.FailedPrecondition {
 			t.Fatalf("%s under a used key: %v, want FailedPrecondition", c.name, err)
+		}
+		// Whoever learns a key must not learn from the refusal what to
+		// state to be handed the first object.
+		for _, recorded := range []string{e2e.HexSHA(a), first.GetKey(), "50000"} {
+			if strings.Contains(status.Convert(err).Message(), recorded) {
+				t.Fatalf("%s under a used key: the refusal %q quotes the recorded %q", c.name, status.Convert(err).Message(), recorded)
+			}
 		}
 	}
 	again, err := put(ctx, env, a, &uploadv1.UploadHeader{IdempotencyKey: "order-1", Key: "orders/1.bin", Sha256: e2e.HexSHA(a)})

@@ -592,23 +592,25 @@ func unanswered(err error) bool {
 // object the key already names: answering with the first object's result
 // would tell the client a file it never stored is safe. Only what the
 // upload states can differ: its size, and its sha256 and object key when
-// given (a generated key is new on every try).
+// given (a generated key is new on every try). The answer names what
+// differs, never the recorded values: with them, anyone who learns a key
+// could state the first object and be handed its location.
 func reusedFor(rec *allocatorv1.UploadRecord, size int64, sha256, key string) error {
 	var diffs []string
 	if size != rec.GetSize() {
-		diffs = append(diffs, fmt.Sprintf("%d bytes, not %d", rec.GetSize(), size))
+		diffs = append(diffs, "its size")
 	}
 	if sha256 != "" && sha256 != rec.GetSha256() {
-		diffs = append(diffs, "sha256 "+rec.GetSha256())
+		diffs = append(diffs, "its sha256")
 	}
 	if key != "" && key != rec.GetKey() {
-		diffs = append(diffs, fmt.Sprintf("object key %q", rec.GetKey()))
+		diffs = append(diffs, "its object key")
 	}
 	if len(diffs) == 0 {
 		return nil
 	}
-	return fmt.Errorf("%w: this idempotency key already names another object (%s); resend that object to get its result, or use a new key for a new object",
-		errKeyReused, strings.Join(diffs, ", "))
+	return fmt.Errorf("%w: this idempotency key already names another object (this upload differs in %s); resend that object to get its result, or use a new key for a new object",
+		errKeyReused, strings.Join(diffs, " and "))
 }
 
 func replay(r *allocatorv1.UploadRecord) *uploadv1.UploadResponse {
