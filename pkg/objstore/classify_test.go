@@ -170,7 +170,12 @@ func TestEnvCredentials(t *testing.T) {
 	if got, err := c.Resolve("R2_B"); err != nil || got.AccessKeyID != "id-b" || got.SecretAccessKey != "secret-b" {
 		t.Fatalf("mounted secret: %+v, %v", got, err)
 	}
-	env["R2_C_ACCESS_KEY_ID"] = "id-c" // secret missing
+	// Values from a Secret made from files end in a newline.
+	env["R2_D_ACCESS_KEY_ID"], env["R2_D_SECRET_ACCESS_KEY"] = "id-d\n", " secret-d\r\n"
+	if got, err := c.Resolve("R2_D"); err != nil || got.AccessKeyID != "id-d" || got.SecretAccessKey != "secret-d" {
+		t.Fatalf("env with surrounding whitespace: %+v, %v", got, err)
+	}
+	env["R2_C_ACCESS_KEY_ID"], env["R2_C_SECRET_ACCESS_KEY"] = "id-c", "\n" // secret missing
 	_, err = c.Resolve("R2_C")
 	if err == nil {
 		t.Fatal("half-configured credentials accepted")

@@ -36,7 +36,10 @@ func (e EnvCredentials) Resolve(ref string) (aws.Credentials, error) {
 	if get == nil {
 		get = os.Getenv
 	}
-	id, secret := get(ref+"_ACCESS_KEY_ID"), get(ref+"_SECRET_ACCESS_KEY")
+	// Trimmed like the mounted files: a Secret made from a file usually
+	// ends in a newline, which S3 would refuse as a wrong signature (or an
+	// invalid header), a fault counted against the bucket on every replica.
+	id, secret := strings.TrimSpace(get(ref+"_ACCESS_KEY_ID")), strings.TrimSpace(get(ref+"_SECRET_ACCESS_KEY"))
 	if id == "" || secret == "" {
 		return aws.Credentials{}, fmt.Errorf("objstore: no credentials for %q: set %s_ACCESS_KEY_ID and %s_SECRET_ACCESS_KEY", ref, ref, ref)
 	}
