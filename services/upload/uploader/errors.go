@@ -54,6 +54,17 @@ func (e *bucketFault) Error() string        { return e.before + e.cause.Error() 
 func (e *bucketFault) Unwrap() error        { return e.cause }
 func (e *bucketFault) Is(target error) bool { return target == errBucket }
 
+// bucketTrouble is a bucket's trouble in the service's own words, which
+// the client reads as they are. It matches errBucket for errors.Is.
+type bucketTrouble struct{ msg string }
+
+func bucketTroublef(format string, a ...any) error {
+	return &bucketTrouble{msg: fmt.Sprintf(format, a...)}
+}
+
+func (e *bucketTrouble) Error() string        { return e.msg }
+func (e *bucketTrouble) Is(target error) bool { return target == errBucket }
+
 // forClient is the sentence the client sees.
 func (e *bucketFault) forClient() string {
 	what := objstore.Describe(e.cause)

@@ -3,6 +3,7 @@ package uploader_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,8 +98,15 @@ func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 	if noKeys, failed := failovers(telemetry.FailoverNoKeys), failovers(telemetry.FailoverBucketFailed); noKeys != 2 || failed != 0 {
 		t.Fatalf("failovers from %s: %v for no_keys and %v for bucket_failed, want 2 and 0", keyless, noKeys, failed)
 	}
-	if _, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: keyless, Key: "any"}); status.Code(err) != codes.Unavailable {
+	_, _, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: keyless, Key: "any"})
+	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("read from %s: %v, want Unavailable", keyless, err)
+	}
+	// The client learns which bucket, in one sentence, not how this
+	// deployment keeps its keys.
+	msg := status.Convert(err).Message()
+	if !strings.Contains(msg, "has no keys for bucket "+keyless) || strings.Contains(msg, "NOT-MOUNTED") || strings.Contains(msg, "bucket failed") {
+		t.Fatalf("read from %s answered %q, want it to say this replica has no keys for the bucket, without the credentials reference", keyless, msg)
 	}
 	st.waitNoReservations(t)
 }

@@ -386,8 +386,10 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 func (s *Server) bucket(t *allocatorv1.BucketTarget) (*objstore.Bucket, error) {
 	b, err := s.store.Bucket(bucketTarget(t))
 	if err != nil {
+		// The client is told which bucket, not where its keys should be
+		// (the credentials reference and variables name the setup).
 		s.log.Error("this replica cannot reach a bucket", "bucket", t.GetId(), "error", err.Error())
-		return nil, fmt.Errorf("%w: this replica has no keys for bucket %s: %v", errBucket, t.GetId(), err)
+		return nil, bucketTroublef("this upload replica has no keys for bucket %s (an operator must give it the bucket's credentials)", t.GetId())
 	}
 	return b, nil
 }
@@ -397,7 +399,7 @@ func (s *Server) storeErr(ctx context.Context, b *objstore.Bucket, key string, e
 		// Not the object's absence: the bucket's spec names a bucket its
 		// endpoint does not have (a typo, a renamed or deleted bucket).
 		s.log.Error("a bucket's S3 bucket does not exist", "bucket", b.Target.ID, "name", b.Target.Name, "key", key, "op", op, "error", err.Error())
-		return fmt.Errorf("%w: could not %s in bucket %s: its S3 bucket does not exist at its endpoint, so its objects cannot be reached until an operator corrects the bucket's spec", errBucket, op, b.Target.ID)
+		return bucketTroublef("could not %s in bucket %s: its S3 bucket does not exist at its endpoint, so its objects cannot be reached until an operator corrects the bucket's spec", op, b.Target.ID)
 	}
 	if objstore.IsNotFound(err) {
 		return fmt.Errorf("%w: no such object in bucket %s", errNotFound, b.Target.ID)
