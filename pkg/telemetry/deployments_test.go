@@ -492,29 +492,41 @@ func checkManifests(t *testing.T, overlay string, objs []object) {
 		t.Error("no HPA for upload")
 	}
 
-	// Only upload pods and operators reach the allocator's gRPC port.
-	np := byKind["NetworkPolicy"]["allocator-ingress"]
-	if np == nil {
-		t.Fatal("no allocator-ingress NetworkPolicy")
-	}
-	grpcRuleFound := false
-	for _, rule := range dig(np, "spec", "ingress").([]any) {
-		ports, _ := dig(rule, "ports").([]any)
-		for _, p := range ports {
-			if dig(p, "port") != float64(7001) {
-				continue
-			}
-			grpcRuleFound = true
-			for _, peer := range dig(rule, "from").([]any) {
-				labels := fmt.Sprint(dig(peer, "podSelector", "matchLabels"))
-				if labels != "map[app:upload]" && labels != "map[bucketlb.io/operator:true]" {
-					t.Errorf("allocator gRPC port open to %v", peer)
+	// Only upload pods and operators reach the allocator's gRPC port, and
+	// only the allocator and operators etcd's client port, all from
+	// bucketlb's own namespace: a pod label is anyone's to set, and
+	// neither the allocator's data calls nor etcd ask who calls.
+	for _, c := range []struct {
+		policy string
+		port   float64
+		peers  []string
+	}{
+		{"allocator-ingress", 7001, []string{"map[app:upload]", "map[bucketlb.io/operator:true]"}},
+		{"etcd-ingress", 2379, []string{"map[app:allocator]", "map[bucketlb.io/operator:true]"}},
+	} {
+		np := byKind["NetworkPolicy"][c.policy]
+		if np == nil {
+			t.Fatalf("no %s NetworkPolicy", c.policy)
+		}
+		ruleFound := false
+		for _, rule := range dig(np, "spec", "ingress").([]any) {
+			ports, _ := dig(rule, "ports").([]any)
+			for _, p := range ports {
+				if dig(p, "port") != c.port {
+					continue
+				}
+				ruleFound = true
+				for _, peer := range dig(rule, "from").([]any) {
+					labels := fmt.Sprint(dig(peer, "podSelector", "matchLabels"))
+					if !slices.Contains(c.peers, labels) || dig(peer, "namespaceSelector") != nil || dig(peer, "ipBlock") != nil {
+						t.Errorf("%s: port %v open to %v, want only pods labelled %v in the namespace", c.policy, c.port, peer, c.peers)
+					}
 				}
 			}
 		}
-	}
-	if !grpcRuleFound {
-		t.Error("allocator-ingress has no rule for port 7001")
+		if !ruleFound {
+			t.Errorf("%s has no rule for port %v", c.policy, c.port)
+		}
 	}
 
 	// Secrets: credentials by env, admin token as a file.
