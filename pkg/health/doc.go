@@ -8,14 +8,22 @@
 // minutes. While cooling down it takes no traffic on any replica. After the
 // cooldown the bucket is half-open: Admit lets exactly one trial request
 // through, claimed with a compare-and-put so that only one caller on one
-// replica wins. The trial's success (any success, in fact) restores full
-// traffic; its failure counts one more consecutive failure and starts a
+// replica wins. The trial's success (any upload's success, in fact)
+// restores full traffic; its failure counts one more consecutive failure and starts a
 // longer cooldown. A trial never reported (its caller died) expires after
 // TrialTimeout, and the next Admit may claim a new one. Outcomes reported
 // while a bucket cools down (requests admitted before it began) count in
 // the score only: they neither end nor lengthen the cooldown, which thus
 // does not depend on how many requests were in flight when the bucket
 // broke.
+//
+// Probes (ReportProbe, AdmitProbe) read; uploads write. A probe's failure
+// counts like any other, but its success proves only that the bucket
+// answers reads: it ends a run of failures only when probes alone made
+// it, and a probe takes a half-open trial only then. A bucket that answers
+// reads and refuses writes thus cools down after three uploads in a row
+// fail there, however many probes pass between them, and its cooldowns
+// grow as its trials (uploads) keep failing.
 //
 // The score (0–100) is the success ratio over the last Window outcomes,
 // less up to 30 points for an EWMA latency between 200 ms and 2 s.

@@ -233,6 +233,79 @@ func TestAbandonedTrialExpires(t *testing.T) {
 	}
 }
 
+// A probe reads: its success does not end a run of failures uploads took
+// part in, nor may a probe take the trial after one, so a bucket that
+// answers reads but refuses writes cools down after three failed uploads
+// however many probes pass between them, and its cooldowns grow as its
+// trial uploads fail. Probes alone still cool a bucket down, take its
+// trial and end the run.
+func TestProbesDoNotVouchForWrites(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	clk := newClock()
+	s := health.NewStore(cli, "", clk.Now, health.Policy{})
+	run(t, s)
+	ctx := testCtx(t)
+	report := func(probe, ok bool) health.Record {
+		t.Helper()
+		var r health.Record
+		var err error
+		if probe {
+			r, err = s.ReportProbe(ctx, "w", ok, time.Millisecond)
+		} else {
+			r, err = s.Report(ctx, "w", ok, time.Millisecond)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	for i := 0; i < 3; i++ {
+		report(false, false) // an upload fails
+		report(true, true)   // a probe passes
+		report(true, true)
+	}
+	r := readRecord(t, cli, "w")
+	if !r.CoolingDown(clk.Now(), s.Policy()) || r.Failures != 3 {
+		t.Fatalf("after three failed uploads between passing probes: %+v, want cooling down after 3 failures", r)
+	}
+	for round, want := range []time.Duration{20 * time.Minute, 25 * time.Minute} {
+		clk.advance(r.CooldownUntil.Sub(clk.Now())) // half-open
+		if ok, err := s.AdmitProbe(ctx, "w"); err != nil || ok {
+			t.Fatalf("round %d: a probe was admitted as the trial (%v, %v) after uploads failed", round, ok, err)
+		}
+		if ok, err := s.Admit(ctx, "w"); err != nil || !ok {
+			t.Fatalf("round %d: no trial for an upload: %v, %v", round, ok, err)
+		}
+		r = report(false, false) // the trial upload fails
+		if got := r.CooldownUntil.Sub(clk.Now()); got != want {
+			t.Fatalf("round %d: cooldown %v after the trial failed, want %v", round, got, want)
+		}
+	}
+	clk.advance(r.CooldownUntil.Sub(clk.Now()))
+	if ok, err := s.Admit(ctx, "w"); err != nil || !ok {
+		t.Fatalf("no trial for an upload: %v, %v", ok, err)
+	}
+	if r = report(false, true); !r.Healthy(s.Policy()) || r.Failures != 0 || r.WriteFailures != 0 {
+		t.Fatalf("a successful trial upload left %+v, want healthy", r)
+	}
+
+	// Probes alone: they cool the bucket down, take its trial, end the run.
+	for i := 0; i < 3; i++ {
+		report(true, false)
+	}
+	r = readRecord(t, cli, "w")
+	if !r.CoolingDown(clk.Now(), s.Policy()) {
+		t.Fatalf("after three failed probes: %+v, want cooling down", r)
+	}
+	clk.advance(r.CooldownUntil.Sub(clk.Now()))
+	if ok, err := s.AdmitProbe(ctx, "w"); err != nil || !ok {
+		t.Fatalf("a probe was not admitted as the trial after probes alone failed: %v, %v", ok, err)
+	}
+	if r = report(true, true); !r.Healthy(s.Policy()) {
+		t.Fatalf("a passing trial probe left %+v, want healthy", r)
+	}
+}
+
 // An abandoned trial (the request was never sent) can be claimed again at
 // once by another replica.
 func TestAbandonedTrialIsReclaimed(t *testing.T) {

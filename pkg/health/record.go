@@ -52,6 +52,7 @@ func (p Policy) Cooldown(failures int) time.Duration {
 // Record is a bucket's shared health, as stored in etcd.
 type Record struct {
 	Failures      int       `json:"failures"`                // consecutive
+	WriteFailures int       `json:"write_failures,omitempty"` // of Failures, those uploads reported (the rest are probes')
 	CooldownUntil time.Time `json:"cooldown_until,omitzero"` // set once Failures reaches the threshold
 	TrialUntil    time.Time `json:"trial_until,omitzero"`    // a half-open trial is out until then
 	Recent        []bool    `json:"recent,omitempty"`        // newest last; true = success
@@ -132,8 +133,9 @@ func pushed(recent []bool, ok bool, n, window int) []bool {
 }
 
 // apply records one outcome at now: observe, then failures and cooldown
-// unless the bucket is cooling down.
-func (r *Record) apply(ok bool, latency time.Duration, now time.Time, p Policy) {
+// unless the bucket is cooling down. A probe's success (a read) does not
+// end a run of failures uploads took part in: it says nothing of writes.
+func (r *Record) apply(ok, probe bool, latency time.Duration, now time.Time, p Policy) {
 	r.observe(ok, latency, p.Window)
 	if r.CoolingDown(now, p) {
 		// A request let through before the cooldown began: its outcome
@@ -141,12 +143,18 @@ func (r *Record) apply(ok bool, latency time.Duration, now time.Time, p Policy) 
 		// the cooldown does not depend on how many requests were in flight.
 		return
 	}
+	if ok && probe && r.WriteFailures > 0 {
+		return
+	}
 	r.TrialUntil = time.Time{}
 	if ok {
-		r.Failures, r.CooldownUntil = 0, time.Time{}
+		r.Failures, r.WriteFailures, r.CooldownUntil = 0, 0, time.Time{}
 		return
 	}
 	r.Failures++
+	if !probe {
+		r.WriteFailures++
+	}
 	if d := p.Cooldown(r.Failures); d > 0 {
 		r.CooldownUntil = now.Add(d)
 	}

@@ -155,12 +155,25 @@ func (s *Store) update(ctx context.Context, bucket string, fn func(r *Record) bo
 // A failed write is not retried by Report; callers should not retry it
 // either (the write may have applied).
 func (s *Store) Report(ctx context.Context, bucket string, ok bool, latency time.Duration) (Record, error) {
+	return s.report(ctx, bucket, ok, false, latency)
+}
+
+// ReportProbe is Report for a probe's read: its success ends a run of
+// failures only when no upload's failure is in it (see the package
+// documentation).
+func (s *Store) ReportProbe(ctx context.Context, bucket string, ok bool, latency time.Duration) (Record, error) {
+	return s.report(ctx, bucket, ok, true, latency)
+}
+
+func (s *Store) report(ctx context.Context, bucket string, ok, probe bool, latency time.Duration) (Record, error) {
 	if ok {
+		// Buffered only while the bucket has no failures, which a probe's
+		// success could not end anyway.
 		if r, buffered := s.buffer(bucket, latency); buffered {
 			return r, nil
 		}
 	}
-	return s.write(ctx, bucket, &outcome{ok: ok, latency: latency, at: s.now()})
+	return s.write(ctx, bucket, &outcome{ok: ok, probe: probe, latency: latency, at: s.now()})
 }
 
 // Admit decides whether one request may go to bucket now: always when
@@ -171,6 +184,17 @@ func (s *Store) Report(ctx context.Context, bucket string, ok bool, latency time
 // Healthy and cooling buckets are answered from the cache when Run is
 // running; claiming a trial is a compare-and-put in etcd.
 func (s *Store) Admit(ctx context.Context, bucket string) (bool, error) {
+	return s.admit(ctx, bucket, false)
+}
+
+// AdmitProbe is Admit for a probe: a half-open bucket's trial goes to a
+// probe only when probes alone cooled it down. Once uploads failed there,
+// only an upload can show that writes work again.
+func (s *Store) AdmitProbe(ctx context.Context, bucket string) (bool, error) {
+	return s.admit(ctx, bucket, true)
+}
+
+func (s *Store) admit(ctx context.Context, bucket string, probe bool) (bool, error) {
 	now := s.now()
 	if r, known := s.lookup(bucket); known {
 		if r.Healthy(s.policy) {
@@ -186,6 +210,9 @@ func (s *Store) Admit(ctx context.Context, bucket string) (bool, error) {
 		}
 		if now.Before(r.TrialUntil) {
 			return false // another caller holds the trial
+		}
+		if probe && r.WriteFailures > 0 {
+			return false
 		}
 		r.TrialUntil = now.Add(s.policy.TrialTimeout)
 		return true
@@ -215,6 +242,7 @@ func (s *Store) Reset(ctx context.Context, bucket string) error {
 // outcome is one reported result waiting to be written.
 type outcome struct {
 	ok      bool
+	probe   bool // a probe's read, not an upload
 	latency time.Duration
 	at      time.Time
 	done    chan struct{}
@@ -267,7 +295,7 @@ func (s *Store) drain(ctx context.Context, bucket string, q *queue) {
 	rec, _, err := s.update(ctx, bucket, func(r *Record) bool {
 		b.applyTo(r, s.policy.Window)
 		for _, o := range group {
-			r.apply(o.ok, o.latency, o.at, s.policy)
+			r.apply(o.ok, o.probe, o.latency, o.at, s.policy)
 		}
 		return true
 	})

@@ -7,7 +7,10 @@
 // cooling down are left alone until their cooldown runs out; a half-open
 // bucket is probed only by claiming its single trial, so a probe can be the
 // trial that restores full traffic (or, failing, starts a longer cooldown)
-// without waiting for an upload to take the risk.
+// without waiting for an upload to take the risk. A probe reads, so its
+// success says nothing of writes: it neither ends a run of failures that
+// uploads took part in nor takes the trial after one (health.ReportProbe,
+// health.AdmitProbe).
 //
 // ReadProber probes through package objstore with a one-byte read of a
 // fixed key, a Class B operation on R2 (far cheaper than a PUT); a missing

@@ -51,8 +51,8 @@ func (j *Job) Run(ctx context.Context) {
 	defer wg.Wait()
 	for _, id := range j.Buckets() {
 		// Healthy: yes. Cooling down: no. Half-open: only if this probe
-		// wins the single trial.
-		ok, err := j.Health.Admit(ctx, id)
+		// wins the single trial, and only if probes alone cooled it down.
+		ok, err := j.Health.AdmitProbe(ctx, id)
 		if err != nil {
 			log.Warn("cannot read bucket health; probe skipped", "bucket", id, "error", err.Error())
 			continue
@@ -79,7 +79,7 @@ func (j *Job) Run(ctx context.Context) {
 			}
 			rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
 			defer rcancel()
-			if _, rerr := j.Health.Report(rctx, id, err == nil, latency); rerr != nil {
+			if _, rerr := j.Health.ReportProbe(rctx, id, err == nil, latency); rerr != nil {
 				log.Warn("could not record probe result", "bucket", id, "error", rerr.Error())
 			}
 			if err != nil {
