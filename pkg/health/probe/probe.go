@@ -2,6 +2,7 @@ package probe
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
 	"time"
@@ -9,10 +10,15 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/health"
 )
 
-// Prober checks one bucket. A nil error means the bucket answered.
+// Prober checks one bucket. A nil error means the bucket answered; an
+// error wrapping ErrNotProbed means the bucket was not asked.
 type Prober interface {
 	Probe(ctx context.Context, bucketID string) error
 }
+
+// ErrNotProbed: the prober could not ask the bucket (e.g. this replica
+// lacks its keys). Nothing is reported about the bucket.
+var ErrNotProbed = errors.New("probe: bucket not probed")
 
 // Job probes buckets and reports the outcomes.
 type Job struct {
@@ -79,6 +85,14 @@ func (j *Job) Run(ctx context.Context) {
 			}
 			rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
 			defer rcancel()
+			if errors.Is(err, ErrNotProbed) {
+				log.Warn("bucket not probed", "bucket", id, "error", err.Error())
+				// A half-open trial this probe may hold goes back at once.
+				if aerr := j.Health.AbandonTrial(rctx, id); aerr != nil {
+					log.Warn("could not give back a probe's trial", "bucket", id, "error", aerr.Error())
+				}
+				return
+			}
 			if _, rerr := j.Health.ReportProbe(rctx, id, err == nil, latency); rerr != nil {
 				log.Warn("could not record probe result", "bucket", id, "error", rerr.Error())
 			}

@@ -2,6 +2,7 @@ package probe_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -75,12 +76,14 @@ func TestProbesDriveHealth(t *testing.T) {
 	live := objstore.Target{ID: "alive", Name: name, Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true}
 	dead := live
 	dead.ID, dead.Endpoint = "dead", "http://127.0.0.1:1" // nothing listens there
-	tg := &targets{m: map[string]objstore.Target{"alive": live, "dead": dead}}
+	keyless := live
+	keyless.ID, keyless.CredentialsRef = "keyless", "NOT-HERE" // keys the allocator lacks
+	tg := &targets{m: map[string]objstore.Target{"alive": live, "dead": dead, "keyless": keyless}}
 	clk := &clock{}
 	clk.ns.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
 	hs := health.NewStore(cli, "", clk.Now, health.Policy{})
 	pr := &counting{Prober: probe.ReadProber{Store: store, Target: tg.get}, n: map[string]int{}}
-	job := &probe.Job{Health: hs, Prober: pr, Buckets: func() []string { return []string{"alive", "dead", "unknown"} }, Timeout: 2 * time.Second}
+	job := &probe.Job{Health: hs, Prober: pr, Buckets: func() []string { return []string{"alive", "dead", "unknown", "keyless"} }, Timeout: 2 * time.Second}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -94,8 +97,11 @@ func TestProbesDriveHealth(t *testing.T) {
 	if r := rec("dead"); r.Failures != 3 || !r.CoolingDown(clk.Now(), hs.Policy()) {
 		t.Fatalf("dead bucket after 3 probes: %+v, want cooling down", r)
 	}
-	if r := rec("unknown"); r.Failures != 3 {
-		t.Fatalf("unknown bucket after 3 probes: %d failures, want 3", r.Failures)
+	// Not this bucket's fault: nothing is reported about it.
+	for _, id := range []string{"unknown", "keyless"} {
+		if r := rec(id); r.Failures != 0 || len(r.Recent) != 0 {
+			t.Fatalf("%s bucket after 3 probes: %+v, want nothing recorded", id, r)
+		}
 	}
 	if r := rec("alive"); r.Failures != 0 || len(r.Recent) != 3 || r.Latency() <= 0 || r.Score() != 100 {
 		t.Fatalf("alive bucket after 3 probes: %+v, want healthy with latency", r)
@@ -107,6 +113,13 @@ func TestProbesDriveHealth(t *testing.T) {
 
 	// Cooldown over, the bucket is back: two overlapping jobs (an old and
 	// a new leader) probe it once between them, and that trial restores it.
+	// keyless cooled down by earlier probes (of a replica with its keys):
+	// a probe here that cannot ask gives the trial back at once.
+	for i := 0; i < 3; i++ {
+		if _, err := hs.ReportProbe(ctx, "keyless", false, time.Millisecond); err != nil {
+			t.Fatal(err)
+		}
+	}
 	clk.advance(15 * time.Minute)
 	live.ID = "dead"
 	tg.set("dead", live)
@@ -125,6 +138,9 @@ func TestProbesDriveHealth(t *testing.T) {
 	}
 	if ok, err := hs.Admit(ctx, "dead"); err != nil || !ok {
 		t.Fatalf("revived bucket does not take traffic: %v, %v", ok, err)
+	}
+	if ok, err := hs.Admit(ctx, "keyless"); err != nil || !ok {
+		t.Fatalf("keyless bucket's trial is held by a probe that could not ask it: %v, %v", ok, err)
 	}
 }
 
@@ -191,9 +207,12 @@ func TestReadProberTellsAMissingBucketFromAMissingKey(t *testing.T) {
 			t.Fatalf("live bucket with a %d-byte probe key: %v", len(body), err)
 		}
 	}
-	for _, id := range []string{"gone", "refused", "unknown"} {
-		if err := pr.Probe(ctx, id); err == nil {
-			t.Fatalf("probe of the %s bucket passed", id)
+	for _, id := range []string{"gone", "refused"} {
+		if err := pr.Probe(ctx, id); err == nil || errors.Is(err, probe.ErrNotProbed) {
+			t.Fatalf("probe of the %s bucket: %v, want a failure", id, err)
 		}
+	}
+	if err := pr.Probe(ctx, "unknown"); !errors.Is(err, probe.ErrNotProbed) {
+		t.Fatalf("probe of an unknown bucket: %v, want ErrNotProbed", err)
 	}
 }

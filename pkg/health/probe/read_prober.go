@@ -12,7 +12,9 @@ const DefaultKey = ".bucketlb-probe"
 
 // ReadProber probes a bucket by reading the first byte of Key (DefaultKey
 // when empty) through an objstore.Store. Target resolves a bucket ID to
-// where it lives; an unknown ID is a probe failure.
+// where it lives. An unknown ID, or a bucket whose keys this replica
+// lacks, is not probed (ErrNotProbed): that is this replica's state, not
+// the bucket's, and upload replicas may well hold the keys.
 //
 // A missing key passes: the bucket answered. It reads rather than HEADs
 // because a HEAD's 404 carries no body, so a deleted bucket would pass as
@@ -29,11 +31,11 @@ var _ Prober = ReadProber{}
 func (p ReadProber) Probe(ctx context.Context, bucketID string) error {
 	t, ok := p.Target(bucketID)
 	if !ok {
-		return fmt.Errorf("probe: unknown bucket %s", bucketID)
+		return fmt.Errorf("%w: unknown bucket %s", ErrNotProbed, bucketID)
 	}
 	b, err := p.Store.Bucket(t)
 	if err != nil {
-		return fmt.Errorf("probe %s: %w", bucketID, err)
+		return fmt.Errorf("%w: bucket %s: %w", ErrNotProbed, bucketID, err)
 	}
 	key := p.Key
 	if key == "" {
