@@ -51,12 +51,12 @@ func (p Policy) Cooldown(failures int) time.Duration {
 
 // Record is a bucket's shared health, as stored in etcd.
 type Record struct {
-	Failures      int       `json:"failures"`                // consecutive
+	Failures      int       `json:"failures"`                 // consecutive
 	WriteFailures int       `json:"write_failures,omitempty"` // of Failures, those uploads reported (the rest are probes')
-	CooldownUntil time.Time `json:"cooldown_until,omitzero"` // set once Failures reaches the threshold
-	TrialUntil    time.Time `json:"trial_until,omitzero"`    // a half-open trial is out until then
-	Recent        []bool    `json:"recent,omitempty"`        // newest last; true = success
-	LatencyMS     float64   `json:"latency_ewma_ms"`         // EWMA, α = 0.2
+	CooldownUntil time.Time `json:"cooldown_until,omitzero"`  // set once Failures reaches the threshold
+	TrialUntil    time.Time `json:"trial_until,omitzero"`     // a half-open trial is out until then
+	Recent        []bool    `json:"recent,omitempty"`         // newest last; true = success
+	LatencyMS     float64   `json:"latency_ewma_ms"`          // EWMA, α = 0.2
 }
 
 // CoolingDown reports whether no traffic may go to the bucket at now.
