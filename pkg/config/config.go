@@ -203,7 +203,9 @@ func (f *File) applyEnv(env func(string) string) error {
 	set("BUCKETLB_ADMIN_TOKEN_FILE", &f.Allocator.AdminTokenFile)
 	set("BUCKETLB_UPLOAD_LISTEN", &f.Upload.Listen)
 	set("BUCKETLB_ALLOCATOR_ADDR", &f.Upload.AllocatorAddr)
+	// Both services read bucket keys (the allocator for its probes).
 	set("BUCKETLB_CREDENTIALS_DIR", &f.Upload.CredentialsDir)
+	set("BUCKETLB_CREDENTIALS_DIR", &f.Allocator.CredentialsDir)
 	set("BUCKETLB_CA_FILE", &f.Upload.CAFile)
 	if v := env("BUCKETLB_ETCD_ENDPOINTS"); v != "" {
 		f.Allocator.EtcdEndpoints = splitList(v)

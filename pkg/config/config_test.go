@@ -79,9 +79,12 @@ buckets:
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f, err := config.Load(path, envOf(map[string]string{"BUCKETLB_ETCD_ENDPOINTS": "http://e1:2379,http://e2:2379"}))
+	f, err := config.Load(path, envOf(map[string]string{"BUCKETLB_ETCD_ENDPOINTS": "http://e1:2379,http://e2:2379", "BUCKETLB_CREDENTIALS_DIR": "/keys"}))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if f.Upload.CredentialsDir != "/keys" || f.Allocator.CredentialsDir != "/keys" {
+		t.Fatalf("BUCKETLB_CREDENTIALS_DIR gave upload %q and allocator %q, want both /keys", f.Upload.CredentialsDir, f.Allocator.CredentialsDir)
 	}
 	if f.Allocator.ReservationTTL.D() != 45*time.Second || f.Allocator.Strategy != "least-used" {
 		t.Fatalf("allocator = %+v", f.Allocator)
