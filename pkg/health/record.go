@@ -55,6 +55,7 @@ type Record struct {
 	WriteFailures int       `json:"write_failures,omitempty"` // of Failures, those uploads reported (the rest are probes')
 	CooldownUntil time.Time `json:"cooldown_until,omitzero"`  // set once Failures reaches the threshold
 	TrialUntil    time.Time `json:"trial_until,omitzero"`     // a half-open trial is out until then
+	TrialBy       string    `json:"trial_by,omitempty"`       // who holds it, once named (HoldTrial)
 	Recent        []bool    `json:"recent,omitempty"`         // newest last; true = success
 	LatencyMS     float64   `json:"latency_ewma_ms"`          // EWMA, α = 0.2
 }
@@ -146,7 +147,7 @@ func (r *Record) apply(ok, probe bool, latency time.Duration, now time.Time, p P
 	if ok && probe && r.WriteFailures > 0 {
 		return
 	}
-	r.TrialUntil = time.Time{}
+	r.TrialUntil, r.TrialBy = time.Time{}, ""
 	if ok {
 		r.Failures, r.WriteFailures, r.CooldownUntil = 0, 0, time.Time{}
 		return

@@ -214,13 +214,46 @@ func (s *Store) admit(ctx context.Context, bucket string, probe bool) (bool, err
 		if probe && r.WriteFailures > 0 {
 			return false
 		}
-		r.TrialUntil = now.Add(s.policy.TrialTimeout)
+		r.TrialUntil, r.TrialBy = now.Add(s.policy.TrialTimeout), ""
 		return true
 	})
 	if err != nil {
 		return false, err
 	}
 	return won || fresh.Healthy(s.policy), nil
+}
+
+// HoldTrial names holder (e.g. a reservation id) as the holder of the
+// half-open trial Admit just granted this caller, so that whoever ends
+// holder without an outcome, on any replica, can give the trial back
+// (ReleaseTrial) instead of blocking the bucket until TrialTimeout.
+func (s *Store) HoldTrial(ctx context.Context, bucket, holder string) error {
+	now := s.now()
+	_, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		if !r.HalfOpen(now, s.policy) || !now.Before(r.TrialUntil) || r.TrialBy != "" {
+			return false
+		}
+		r.TrialBy = holder
+		return true
+	})
+	return err
+}
+
+// ReleaseTrial gives back the half-open trial holder holds, if it still
+// holds it: its request ended without an outcome (e.g. a reservation
+// released unused).
+func (s *Store) ReleaseTrial(ctx context.Context, bucket, holder string) error {
+	if holder == "" {
+		return nil
+	}
+	_, _, err := s.update(ctx, bucket, func(r *Record) bool {
+		if r.TrialBy != holder || r.TrialUntil.IsZero() {
+			return false
+		}
+		r.TrialUntil, r.TrialBy = time.Time{}, ""
+		return true
+	})
+	return err
 }
 
 // Reset clears a bucket's health on every replica: no failures, no
@@ -345,7 +378,7 @@ func (s *Store) AbandonTrial(ctx context.Context, bucket string) error {
 		if r.TrialUntil.IsZero() {
 			return false
 		}
-		r.TrialUntil = time.Time{}
+		r.TrialUntil, r.TrialBy = time.Time{}, ""
 		return true
 	})
 	return err

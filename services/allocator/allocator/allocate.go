@@ -133,6 +133,13 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		if err != nil {
 			return nil, nil, err
 		}
+		if rec, _ := s.health.Cached(c.ID); rec.HalfOpen(s.cfg.Now(), policy) {
+			// This reservation is the trial: a Release of it, on any
+			// replica, gives the trial back (the upload never wrote).
+			if herr := s.health.HoldTrial(context.WithoutCancel(ctx), c.ID, res.ID); herr != nil {
+				s.log.Warn("could not name a half-open trial's reservation", "bucket", c.ID, "error", herr.Error())
+			}
+		}
 		return res, b, nil
 	}
 	if trialsOut > 0 {
@@ -298,6 +305,14 @@ func (s *Server) EndClaim(ctx context.Context, req *allocatorv1.EndClaimRequest)
 func (s *Server) Release(ctx context.Context, req *allocatorv1.ReleaseRequest) (*allocatorv1.ReleaseResponse, error) {
 	if err := s.capacity.Release(ctx, req.GetBucketId(), req.GetReservationId()); err != nil {
 		return nil, toStatus(ctx, err)
+	}
+	// A half-open trial whose reservation goes unused (the upload never
+	// wrote: no keys on its replica, a client gone) goes back at once,
+	// instead of keeping the bucket from every upload for TrialTimeout.
+	if rec, known := s.health.Cached(req.GetBucketId()); known && !rec.Healthy(s.health.Policy()) {
+		if err := s.health.ReleaseTrial(context.WithoutCancel(ctx), req.GetBucketId(), req.GetReservationId()); err != nil {
+			s.log.Warn("could not give back a half-open trial", "bucket", req.GetBucketId(), "error", err.Error())
+		}
 	}
 	return &allocatorv1.ReleaseResponse{}, nil
 }

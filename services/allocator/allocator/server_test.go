@@ -470,6 +470,47 @@ func TestTrialUnderWayIsNotNoRoom(t *testing.T) {
 	}
 }
 
+// A half-open bucket's trial whose reservation is released unused (the
+// upload never wrote) goes back at once, on whichever replica the Release
+// reaches, instead of keeping every upload off the bucket for the trial
+// timeout; releasing another reservation leaves the trial out.
+func TestReleasedTrialIsGivenBack(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()).UTC() }
+	r1 := startReplica(t, cli, allocator.Config{Now: clock, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	r2 := startReplica(t, cli, allocator.Config{Now: clock})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	early, err := r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}) // before the cooldown
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, err := r1.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now.Add(int64(16 * time.Minute)) // half-open
+	trial, err := r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+	if err != nil {
+		t.Fatalf("the trial upload: %v", err)
+	}
+	if _, err := r2.alloc.Release(ctx, &allocatorv1.ReleaseRequest{ReservationId: early.GetReservationId(), BucketId: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r2.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("allocate after another reservation was released: %v, want Unavailable (the trial is still out)", err)
+	}
+	if _, err := r2.alloc.Release(ctx, &allocatorv1.ReleaseRequest{ReservationId: trial.GetReservationId(), BucketId: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r2.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1}); err != nil {
+		t.Fatalf("allocate after the trial's reservation was released: %v, want the next trial", err)
+	}
+}
+
 // A report names a known bucket and a defined outcome: health records are
 // kept for configured buckets only, never under an id a caller made up.
 func TestReportOutcomeChecksItsInput(t *testing.T) {
