@@ -50,6 +50,11 @@ type Options struct {
 	// MaxConnectionAge spreads clients over new replicas after a scale-up
 	// (the DNS resolver does not poll). Zero disables it.
 	MaxConnectionAge time.Duration
+	// MaxConnectionAgeGrace bounds how long calls already running on a
+	// connection past MaxConnectionAge may go on (new calls go to a new
+	// connection at once). Zero: no bound, as an upload of gigabytes must
+	// not be cut only because its connection is old.
+	MaxConnectionAgeGrace time.Duration
 	// ServerOptions are appended (interceptors, stats handlers, creds...).
 	ServerOptions []grpc.ServerOption
 	// UnaryInterceptors and StreamInterceptors run after panic recovery.
@@ -88,7 +93,7 @@ func New(opts Options) *Server {
 	if opts.MaxConnectionAge > 0 {
 		sopts = append(sopts, grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionAge:      opts.MaxConnectionAge,
-			MaxConnectionAgeGrace: opts.StopTimeout,
+			MaxConnectionAgeGrace: opts.MaxConnectionAgeGrace, // gRPC takes zero as infinite
 		}))
 	}
 	sopts = append(sopts, opts.ServerOptions...)

@@ -163,6 +163,73 @@ func TestBlockedHandlersDoNotQueueOthers(t *testing.T) {
 	}
 }
 
+// countingListener counts the connections it accepted.
+type countingListener struct {
+	net.Listener
+	accepted atomic.Int32
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
+
+// A call still running when its connection reaches MaxConnectionAge is not
+// cut (without a grace bound): new calls move to a new connection, and the
+// old call, say an upload of gigabytes, runs to its end.
+func TestAgedConnectionKeepsItsLongCall(t *testing.T) {
+	blocked := &blocker{release: make(chan struct{})}
+	s := grpcserver.New(grpcserver.Options{Logger: slog.New(slog.DiscardHandler), MaxConnectionAge: 200 * time.Millisecond, StopTimeout: 200 * time.Millisecond})
+	s.GRPC.RegisterService(&blockDesc, blocked)
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis := &countingListener{Listener: inner}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() { _ = s.Serve(sctx, lis) }()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	done := make(chan error, 1)
+	go func() { done <- conn.Invoke(ctx, "/test.Block/Wait", &emptypb.Empty{}, &emptypb.Empty{}) }()
+	// Short calls until one has gone over a second connection: the first
+	// has reached its age.
+	hc := healthpb.NewHealthClient(conn)
+	for lis.accepted.Load() < 2 {
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil && ctx.Err() != nil {
+			t.Fatalf("no second connection: %v", err)
+		}
+		if blocked.entered.Load() == 0 {
+			continue
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("the long call ended before its connection aged: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	// Nothing to poll for: the call must still be running well past the
+	// age and what a grace of StopTimeout would have given it.
+	select {
+	case err := <-done:
+		t.Fatalf("the long call was cut when its connection aged: %v", err)
+	case <-time.After(time.Second):
+	}
+	close(blocked.release)
+	if err := <-done; err != nil {
+		t.Fatalf("the long call: %v", err)
+	}
+}
+
 var panicDesc = grpc.ServiceDesc{
 	ServiceName: "test.Panic",
 	HandlerType: (*any)(nil),

@@ -122,13 +122,15 @@ func run(log *slog.Logger) error {
 
 	unary, stream := alloc.Interceptors()
 	srv := grpcserver.New(grpcserver.Options{
-		Logger:             log,
-		DrainDelay:         2 * time.Second,
-		StopTimeout:        cfg.Allocator.StopTimeout.D(),
-		MaxConnectionAge:   5 * time.Minute,
-		ServerOptions:      tel.ServerOptions(),
-		UnaryInterceptors:  []grpc.UnaryServerInterceptor{unary},
-		StreamInterceptors: []grpc.StreamServerInterceptor{stream},
+		Logger:           log,
+		DrainDelay:       2 * time.Second,
+		StopTimeout:      cfg.Allocator.StopTimeout.D(),
+		MaxConnectionAge: 5 * time.Minute,
+		// Its calls are short: one still running after this is stuck.
+		MaxConnectionAgeGrace: cfg.Allocator.StopTimeout.D(),
+		ServerOptions:         tel.ServerOptions(),
+		UnaryInterceptors:     []grpc.UnaryServerInterceptor{unary},
+		StreamInterceptors:    []grpc.StreamServerInterceptor{stream},
 	})
 	alloc.Register(srv.GRPC)
 	srv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
