@@ -15,7 +15,7 @@ import (
 
 // Handler serves GET /metrics (this process's registry, text or
 // OpenMetrics by content negotiation) and GET /healthz (200 until
-// Shutdown, 503 after).
+// Shutdown, 503 after, while Shutdown flushes traces).
 func (t *Telemetry) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(t.registry, promhttp.HandlerOpts{
@@ -73,7 +73,8 @@ func (p slogPrinter) Println(v ...any) {
 // StartService is what a service main needs: telemetry for service,
 // traces exported when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, and
 // /metrics and /healthz served on metricsAddr (empty: not served) until
-// ctx ends. The caller calls Shutdown after its servers have stopped.
+// Shutdown, which the caller calls after its servers have stopped: a
+// service draining its calls after a signal (ctx ended) is still scraped.
 func StartService(ctx context.Context, service, version, metricsAddr string, log *slog.Logger) (*Telemetry, error) {
 	t, err := New(ctx, Options{
 		ServiceName: service, Version: version, Logger: log,
@@ -90,6 +91,19 @@ func StartService(ctx context.Context, service, version, metricsAddr string, log
 		_ = t.Shutdown(ctx)
 		return nil, fmt.Errorf("telemetry: metrics listen: %w", err)
 	}
-	go func() { _ = t.Serve(ctx, lis) }()
+	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	t.metricsAddr, t.stopServing, t.served = lis.Addr(), stop, make(chan struct{})
+	go func() {
+		defer close(t.served)
+		_ = t.Serve(serveCtx, lis)
+	}()
 	return t, nil
+}
+
+// MetricsAddr is where StartService serves /metrics ("" when it does not).
+func (t *Telemetry) MetricsAddr() string {
+	if t.metricsAddr == nil {
+		return ""
+	}
+	return t.metricsAddr.String()
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -195,6 +197,37 @@ func TestHealthz(t *testing.T) {
 	}
 	if code, _ := get(t, base+"/healthz"); code != http.StatusServiceUnavailable {
 		t.Fatalf("GET /healthz after Shutdown = %d, want 503", code)
+	}
+}
+
+// A service's metrics server outlives the signal that stops the service
+// (StartService's ctx): a drain is scraped until Shutdown, which then
+// stops the server.
+func TestMetricsServedUntilShutdown(t *testing.T) {
+	t.Parallel()
+	sig, signalled := context.WithCancel(context.Background())
+	tel, err := telemetry.StartService(sig, "svc", "v", "127.0.0.1:0", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := "http://" + tel.MetricsAddr()
+	signalled()
+	// Nothing to poll for: the server must go on answering. A server
+	// stopped by the signal refuses within moments.
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+		for _, path := range []string{"/metrics", "/healthz"} {
+			if code, _ := get(t, base+path); code != http.StatusOK {
+				t.Fatalf("GET %s after the signal = %d, want 200 until Shutdown", path, code)
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := tel.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := net.Dial("tcp", tel.MetricsAddr()); err == nil {
+		t.Fatal("the metrics server still takes connections after Shutdown")
 	}
 }
 

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -54,7 +56,17 @@ type Telemetry struct {
 	propagator propagation.TextMapPropagator
 	metrics    *Metrics
 	closed     atomic.Bool
+
+	// Set by StartService: the metrics server runs until Shutdown.
+	metricsAddr net.Addr
+	stopServing context.CancelFunc
+	served      chan struct{}
 }
+
+// shutdownTimeout bounds Shutdown: a trace collector that takes
+// connections and never answers must not hold a stopping process past its
+// termination grace period.
+const shutdownTimeout = 5 * time.Second
 
 // New builds the providers. It does not contact the collector: the OTLP
 // exporter connects lazily, so New succeeds while the collector is down.
@@ -155,6 +167,18 @@ func (t *Telemetry) Metrics() *Metrics { return t.metrics }
 func (t *Telemetry) Shutdown(ctx context.Context) error {
 	if t.closed.Swap(true) {
 		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, shutdownTimeout)
+	defer cancel()
+	if t.stopServing != nil {
+		// Last: the metrics of a drain are scraped until the end.
+		defer func() {
+			t.stopServing()
+			select {
+			case <-t.served:
+			case <-ctx.Done():
+			}
+		}()
 	}
 	var errs []error
 	if t.sdkTraces != nil {
