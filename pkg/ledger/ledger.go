@@ -263,26 +263,40 @@ func (l *Ledger) ListBuckets(ctx context.Context) ([]*adminv1.BucketSpec, int64,
 
 // SeedBuckets writes the configured buckets once per cluster: after the
 // first seeding, etcd (changed through the admin API) is the source of
-// truth and later calls do nothing. Reports whether it wrote.
-func (l *Ledger) SeedBuckets(ctx context.Context, specs []*adminv1.BucketSpec) (bool, error) {
+// truth and later calls do nothing. A bucket an operator already stored
+// under a configured id (through the admin API, before the configuration
+// named any bucket) is kept as it is. It returns whether this call
+// seeded, and the configured ids it kept from etcd instead.
+func (l *Ledger) SeedBuckets(ctx context.Context, specs []*adminv1.BucketSpec) (bool, []string, error) {
 	ops := []clientv3.Op{clientv3.OpPut(l.seededKey(), l.opts.Now().UTC().Format(time.RFC3339))}
 	for _, s := range specs {
 		data, err := protojson.Marshal(s)
 		if err != nil {
-			return false, err
+			return false, nil, err
 		}
-		ops = append(ops, clientv3.OpPut(l.bucketKey(s.GetId()), string(data)))
+		key := l.bucketKey(s.GetId())
+		ops = append(ops, clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
+			[]clientv3.Op{clientv3.OpPut(key, string(data))}, nil))
 	}
 	if len(ops) > 128 {
-		return false, fmt.Errorf("ledger: %d buckets exceed etcd's 127 per seeding transaction", len(specs))
+		return false, nil, fmt.Errorf("ledger: %d buckets exceed etcd's 127 per seeding transaction", len(specs))
 	}
 	ctx, cancel := l.ctx(ctx)
 	defer cancel()
 	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(l.seededKey()), "=", 0)).Then(ops...).Commit()
 	if err != nil {
-		return false, fmt.Errorf("ledger: seed buckets: %w", err)
+		return false, nil, fmt.Errorf("ledger: seed buckets: %w", err)
 	}
-	return resp.Succeeded, nil
+	if !resp.Succeeded {
+		return false, nil, nil
+	}
+	var kept []string
+	for i, r := range resp.Responses[1:] {
+		if t := r.GetResponseTxn(); t != nil && !t.Succeeded {
+			kept = append(kept, specs[i].GetId())
+		}
+	}
+	return true, kept, nil
 }
 
 // WatchBuckets calls fn with the full, fresh bucket list at start and

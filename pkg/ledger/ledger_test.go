@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"google.golang.org/protobuf/proto"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -297,13 +299,27 @@ func TestSeedOnce(t *testing.T) {
 	l := ledger.New(cli, ledger.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if ok, err := l.SeedBuckets(ctx, []*adminv1.BucketSpec{bucket("a", 1)}); err != nil || !ok {
-		t.Fatalf("first seed: %v %v", ok, err)
+	// An operator stored "x" through the admin API before the
+	// configuration named any bucket: the first seeding keeps it.
+	byOperator := bucket("x", 1)
+	byOperator.State = adminv1.BucketState_BUCKET_STATE_DISABLED
+	if _, err := l.StoreBucket(ctx, "x", func(*adminv1.BucketSpec) (*adminv1.BucketSpec, error) { return byOperator, nil }); err != nil {
+		t.Fatal(err)
+	}
+	ok, kept, err := l.SeedBuckets(ctx, []*adminv1.BucketSpec{bucket("a", 1), bucket("x", 1)})
+	if err != nil || !ok || !slices.Equal(kept, []string{"x"}) {
+		t.Fatalf("first seed: %v, kept %v, %v; want seeded, x kept", ok, kept, err)
+	}
+	if got, err := l.GetBucket(ctx, "x"); err != nil || !proto.Equal(got, byOperator) {
+		t.Fatalf("the operator's bucket after seeding: %v, %v; want it unchanged", got, err)
 	}
 	if err := l.DeleteBucket(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := l.SeedBuckets(ctx, []*adminv1.BucketSpec{bucket("a", 1), bucket("b", 1)}); err != nil || ok {
+	if err := l.DeleteBucket(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := l.SeedBuckets(ctx, []*adminv1.BucketSpec{bucket("a", 1), bucket("b", 1)}); err != nil || ok {
 		t.Fatalf("second seed wrote (%v, %v); etcd must stay the source of truth", ok, err)
 	}
 	specs, _, err := l.ListBuckets(ctx)

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +20,7 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/backoff"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/health"
 	"github.com/bucketlb/bucketlb/pkg/health/probe"
@@ -151,24 +153,45 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		}
 		s.strategies[kind] = st
 	}
-	if len(cfg.Buckets) > 0 {
-		wrote, err := s.ledger.SeedBuckets(ctx, cfg.Buckets)
-		if err != nil {
-			return nil, fmt.Errorf("allocator: seed buckets: %w", err)
+	// etcd may still be coming up (its StatefulSet forming beside the
+	// allocators): keep trying until ctx ends rather than exit at once.
+	for attempt := 0; ; attempt++ {
+		err := s.loadBuckets(ctx, cfg.Buckets)
+		if err == nil {
+			break
 		}
-		if wrote {
-			log.Info("seeded buckets from configuration", "count", len(cfg.Buckets))
+		if werr := backoff.Wait(ctx, 250*time.Millisecond, attempt); werr != nil {
+			return nil, fmt.Errorf("allocator: etcd at %s did not answer before the start deadline: %w", strings.Join(cli.Endpoints(), ", "), err)
 		}
+		log.Warn("waiting for etcd", "endpoints", cli.Endpoints(), "error", err.Error())
 	}
-	specs, _, err := s.ledger.ListBuckets(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("allocator: load buckets: %w", err)
-	}
-	s.setBuckets(specs)
 	if err := s.observe(); err != nil {
 		return nil, fmt.Errorf("allocator: register gauges: %w", err)
 	}
 	return s, nil
+}
+
+// loadBuckets seeds the configured buckets (the first time for the
+// cluster) and loads the bucket list.
+func (s *Server) loadBuckets(ctx context.Context, configured []*adminv1.BucketSpec) error {
+	if len(configured) > 0 {
+		wrote, kept, err := s.ledger.SeedBuckets(ctx, configured)
+		if err != nil {
+			return fmt.Errorf("seed buckets: %w", err)
+		}
+		if wrote {
+			s.log.Info("seeded buckets from configuration", "count", len(configured)-len(kept))
+		}
+		if len(kept) > 0 {
+			s.log.Warn("configured buckets already stored through the admin API were kept as stored", "buckets", kept)
+		}
+	}
+	specs, _, err := s.ledger.ListBuckets(ctx)
+	if err != nil {
+		return fmt.Errorf("load buckets: %w", err)
+	}
+	s.setBuckets(specs)
+	return nil
 }
 
 // Register adds the AllocatorService and AdminService to r.

@@ -657,6 +657,63 @@ func TestCommitRecordsTheWrite(t *testing.T) {
 	}
 }
 
+// An allocator started before etcd answers (its StatefulSet still
+// forming) waits for it, saying so, and starts once etcd is up; the
+// configured buckets are then seeded.
+func TestStartWaitsForEtcd(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0") // a free port for etcd
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	cli := testenv.EtcdClient(t, "http://"+addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	logs := &testenv.LogBuffer{}
+	started := make(chan error, 1)
+	var a *allocator.Server
+	go func() {
+		var err error
+		a, err = allocator.New(ctx, cli, allocator.Config{AdminToken: token, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}}, slog.New(slog.NewJSONHandler(logs, nil)))
+		started <- err
+	}()
+	for !strings.Contains(logs.String(), "waiting for etcd") {
+		select {
+		case err := <-started:
+			t.Fatalf("the allocator did not wait for etcd: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), ClientAddr: addr, LogLevel: "fatal"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if err := <-started; err != nil {
+		t.Fatalf("start once etcd came up: %v", err)
+	}
+	defer a.Close()
+	resp, err := cli.Get(ctx, "/bucketlb/buckets/p1")
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("configured bucket after the start: %v, %v; want it seeded", resp, err)
+	}
+
+	// Without etcd until the start's deadline, the error says so.
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	sctx, scancel := context.WithTimeout(ctx, time.Second)
+	defer scancel()
+	_, err = allocator.New(sctx, testenv.EtcdClient(t, "http://"+deadAddr), allocator.Config{AdminToken: token}, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "etcd at http://"+deadAddr+" did not answer") {
+		t.Fatalf("start without etcd: %v, want an error naming etcd's endpoint", err)
+	}
+}
+
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers
 // by itself when etcd is back.
 func TestFailClosedWithoutEtcd(t *testing.T) {
