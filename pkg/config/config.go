@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"mime"
 	"net/url"
 	"os"
 	"regexp"
@@ -261,6 +262,29 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.IdleTimeout.D() <= 0 {
 		errs = append(errs, errors.New("upload.idleTimeout: must be positive"))
+	}
+	for _, c := range []struct {
+		name string
+		d    Duration
+	}{{"allocator.stopTimeout", f.Allocator.StopTimeout}, {"upload.stopTimeout", f.Upload.StopTimeout}, {"allocator.probeInterval", f.Allocator.ProbeInterval}} {
+		if c.d.D() < 0 {
+			errs = append(errs, fmt.Errorf("%s: %s must not be negative (0 takes the default)", c.name, c.d.D()))
+		}
+	}
+	for _, c := range []struct{ name, addr string }{
+		{"allocator.listen", f.Allocator.Listen}, {"upload.listen", f.Upload.Listen}, {"upload.allocatorAddr", f.Upload.AllocatorAddr},
+	} {
+		if strings.TrimSpace(c.addr) == "" {
+			errs = append(errs, fmt.Errorf("%s: an address is required", c.name))
+		}
+	}
+	if f.Upload.RateLimit < 0 || f.Upload.RateBurst < 0 {
+		errs = append(errs, fmt.Errorf("upload.rateLimit, upload.rateBurst: %v and %d must not be negative (a rateLimit of 0 turns limits off)", f.Upload.RateLimit, f.Upload.RateBurst))
+	}
+	for _, ct := range f.Upload.AllowedContentTypes {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || strings.Contains(ct, "*") || !strings.Contains(mt, "/") {
+			errs = append(errs, fmt.Errorf("upload.allowedContentTypes: %q is not a media type such as image/png (wildcards are not supported: list each type)", ct))
+		}
 	}
 	seen := map[string]bool{}
 	for i, b := range f.Buckets {
