@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -51,6 +52,8 @@ type Capacity struct {
 	// found it (key to mod revision), under foldMu.
 	foldMu     sync.Mutex
 	shardsSeen map[string]int64
+
+	corrections atomic.Uint64 // see UsageCorrections
 }
 
 // rotatingLease is a lease many keys hang on, replaced every quarter of
@@ -440,9 +443,17 @@ func (c *Capacity) term(ctx context.Context) error {
 	}
 }
 
+// UsageCorrections counts the corrections of base usage (ResetUsage,
+// CorrectUsage, on any replica) this replica has seen on its watch, so a
+// cached estimate of usage can tell that it is out of date.
+func (c *Capacity) UsageCorrections() uint64 { return c.corrections.Load() }
+
 // usageChanged marks the blocks of buckets whose usage was corrected for
 // a recheck: the next carve reads the room left first.
 func (c *Capacity) usageChanged(t *term, evs []*clientv3.Event) {
+	if len(evs) > 0 {
+		c.corrections.Add(1)
+	}
 	for _, ev := range evs {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), c.l.opts.Prefix+"usage/")
 		_, bucket, ok := strings.Cut(rest, "/")

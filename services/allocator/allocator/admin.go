@@ -153,6 +153,9 @@ func (s *Server) setUsage(ctx context.Context, id string, used int64) (int64, er
 	if err == nil {
 		s.log.Info("bucket usage set by admin", "bucket", id, "previous_bytes", prev, "bytes", used)
 	}
+	// Whatever the outcome, this replica's estimate may be out of date
+	// now; other replicas learn of it from their watch (UsageCorrections).
+	s.usage.Store(nil)
 	return prev, err
 }
 

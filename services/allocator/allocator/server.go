@@ -92,10 +92,32 @@ type Server struct {
 }
 
 // usageView is a recent read of every bucket's usage, for placement. The
-// ledger enforces capacity exactly; placement only needs an estimate.
+// ledger enforces capacity exactly; placement only needs an estimate. But
+// an estimate from a period that has ended, or from before an operator
+// reset or corrected usage, would refuse uploads as if no room were left
+// this period (a non-retryable answer): such a view is read again at once.
 type usageView struct {
-	at    time.Time
-	usage map[string]ledger.Usage
+	at          time.Time
+	period      string
+	corrections uint64 // Capacity.UsageCorrections before the read
+	usage       map[string]ledger.Usage
+}
+
+// current reports whether v may still answer.
+func (s *Server) current(v *usageView) bool {
+	return v != nil && time.Since(v.at) < 2*time.Second && v.period == s.ledger.Period().Name &&
+		v.corrections == s.capacity.UsageCorrections()
+}
+
+// readUsage reads every bucket's usage and keeps it as the view.
+func (s *Server) readUsage(ctx context.Context) (map[string]ledger.Usage, error) {
+	corrections := s.capacity.UsageCorrections()
+	u, p, err := s.ledger.Usages(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.usage.Store(&usageView{at: time.Now(), period: p.Name, corrections: corrections, usage: u})
+	return u, nil
 }
 
 // New builds a replica and seeds the configured buckets once per cluster.
@@ -264,9 +286,7 @@ func (s *Server) refreshUsage(ctx context.Context) {
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
 	for {
-		if u, _, err := s.ledger.Usages(ctx); err == nil {
-			s.usage.Store(&usageView{at: time.Now(), usage: u})
-		}
+		_, _ = s.readUsage(ctx) // failing, Allocate reads for itself (fail closed)
 		select {
 		case <-ctx.Done():
 			return
@@ -278,15 +298,10 @@ func (s *Server) refreshUsage(ctx context.Context) {
 // usages returns the placement estimate, reading etcd when it is stale
 // (which also makes Allocate fail closed while etcd is unreachable).
 func (s *Server) usages(ctx context.Context) (map[string]ledger.Usage, error) {
-	if v := s.usage.Load(); v != nil && time.Since(v.at) < 2*time.Second {
+	if v := s.usage.Load(); s.current(v) {
 		return v.usage, nil
 	}
-	u, _, err := s.ledger.Usages(ctx)
-	if err != nil {
-		return nil, err
-	}
-	s.usage.Store(&usageView{at: time.Now(), usage: u})
-	return u, nil
+	return s.readUsage(ctx)
 }
 
 func (s *Server) setBuckets(specs []*adminv1.BucketSpec) {

@@ -172,6 +172,63 @@ func TestAllocateCommitRelease(t *testing.T) {
 	}
 }
 
+// A full bucket takes uploads again as soon as the period turns or an
+// operator resets its usage: the allocator does not answer from its
+// estimate of usage that "no room is left this period" (an answer clients
+// do not retry) once that estimate is of another period, or older than
+// the reset.
+func TestRoomComesBackAtOnce(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
+	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
+		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	fill := func() {
+		t.Helper()
+		a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 1000, Size: 1000}); err != nil {
+			t.Fatal(err)
+		}
+		// Until the allocator's estimate of usage has the commit: then it
+		// answers that committed bytes leave no room this period.
+		for {
+			_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500})
+			if status.Code(err) != codes.ResourceExhausted {
+				t.Fatalf("allocate in a full bucket: %v, want ResourceExhausted", err)
+			}
+			if strings.Contains(status.Convert(err).Message(), "committed bytes leave less than that") {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatal("the estimate of usage never had the commit")
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	fill()
+	now.Store(time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500})
+	if err != nil {
+		t.Fatalf("allocate as the period turned: %v, want room", err)
+	}
+	if _, err := r.alloc.Release(ctx, &allocatorv1.ReleaseRequest{ReservationId: a.GetReservationId(), BucketId: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	fill()
+	if _, err := r.admin.ResetUsage(adminCtx(ctx, token), &adminv1.ResetUsageRequest{Id: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500}); err != nil {
+		t.Fatalf("allocate after ResetUsage: %v, want room", err)
+	}
+}
+
 // With no bucket to take an upload, the error says why, bucket by bucket,
 // so an operator knows whether to wait (cooldown) or act (states).
 func TestNoBucketSaysWhy(t *testing.T) {
