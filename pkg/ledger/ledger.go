@@ -460,6 +460,28 @@ func (l *Ledger) Usages(ctx context.Context) (map[string]Usage, Period, error) {
 	return out, p, nil
 }
 
+// UsedIn returns a bucket's committed bytes in the named period (base plus
+// every replica's shard), which need not be the current one.
+func (l *Ledger) UsedIn(ctx context.Context, period, bucketID string) (int64, error) {
+	ctx, cancel := l.ctx(ctx)
+	defer cancel()
+	resp, err := l.cli.Txn(ctx).Then(
+		clientv3.OpGet(l.usagePrefix(period)+bucketID),
+		clientv3.OpGet(l.shardPrefix(period, bucketID), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("ledger: read usage of %s in %s: %w", bucketID, period, err)
+	}
+	var used int64
+	for _, r := range resp.Responses {
+		for _, kv := range r.GetResponseRange().Kvs {
+			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+			used += n
+		}
+	}
+	return used, nil
+}
+
 // LiveReservations counts the reservation keys of a bucket (for operators
 // and tests; placement never needs it).
 func (l *Ledger) LiveReservations(ctx context.Context, bucketID string) (int64, error) {

@@ -262,13 +262,16 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	// The replica's view may lag this commit by a moment, so the commit's
 	// size is added to it. A repeated commit may be in the view already:
 	// its answer is read afresh (retries are rare), not counted twice.
+	// Either is of the period the bytes were counted in, which a commit
+	// retried after the period turned does not share with the view.
 	used := res.Size
-	if v := s.usage.Load(); v != nil {
+	v := s.usage.Load()
+	if v != nil && v.period == res.Period {
 		used += v.usage[b.GetId()].Used
 	}
-	if res.AlreadyCommitted {
-		if u, _, err := s.ledger.Usages(ctx); err == nil {
-			used = u[b.GetId()].Used
+	if res.AlreadyCommitted || v == nil || v.period != res.Period {
+		if u, err := s.ledger.UsedIn(ctx, res.Period, b.GetId()); err == nil {
+			used = u
 		}
 	}
 	return &allocatorv1.CommitResponse{AlreadyCommitted: res.AlreadyCommitted, Period: res.Period, UsedBytes: used}, nil

@@ -229,6 +229,46 @@ func TestRoomComesBackAtOnce(t *testing.T) {
 	}
 }
 
+// A commit retried after the period turned answers with the period its
+// bytes were counted in and that period's usage, not the new period's.
+func TestRetriedCommitAfterThePeriodTurned(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
+	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
+		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	commit := func(size int64) (*allocatorv1.CommitRequest, *allocatorv1.CommitResponse) {
+		t.Helper()
+		a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: size})
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: size, Size: size}
+		resp, err := r.alloc.Commit(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return req, resp
+	}
+	jan, first := commit(300)
+	if first.GetPeriod() != "2026-01" || first.GetUsedBytes() != 300 {
+		t.Fatalf("January's commit answered %v, want period 2026-01 with 300 bytes used", first)
+	}
+	now.Store(time.Date(2026, 2, 1, 0, 0, 1, 0, time.UTC).UnixNano())
+	if _, feb := commit(100); feb.GetPeriod() != "2026-02" || feb.GetUsedBytes() != 100 {
+		t.Fatalf("February's commit answered %v, want period 2026-02 with 100 bytes used", feb)
+	}
+	again, err := r.alloc.Commit(ctx, jan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again.GetAlreadyCommitted() || again.GetPeriod() != "2026-01" || again.GetUsedBytes() != 300 {
+		t.Fatalf("January's commit retried in February answered %v, want already committed in 2026-01 with 300 bytes used", again)
+	}
+}
+
 // With no bucket to take an upload, the error says why, bucket by bucket,
 // so an operator knows whether to wait (cooldown) or act (states).
 func TestNoBucketSaysWhy(t *testing.T) {

@@ -408,7 +408,10 @@ type AllocateResponse struct {
 	ReservedBytes int64 `protobuf:"varint,3,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
 	// When the reservation lapses unless renewed.
 	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	// Usage period the reservation counts against, e.g. "2026-11".
+	// Usage period current when the reservation was granted, e.g.
+	// "2026-11". The bytes count in the period in which they are committed
+	// (CommitResponse.period), which differs for an upload that runs across
+	// the period's end.
 	Period        string `protobuf:"bytes,5,opt,name=period,proto3" json:"period,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -738,7 +741,7 @@ type CommitResponse struct {
 	AlreadyCommitted bool `protobuf:"varint,1,opt,name=already_committed,json=alreadyCommitted,proto3" json:"already_committed,omitempty"`
 	// Usage period the bytes were counted in.
 	Period string `protobuf:"bytes,2,opt,name=period,proto3" json:"period,omitempty"`
-	// Bucket usage in bytes for the period after this commit, as this
+	// Bucket usage in bytes in that period after this commit, as this
 	// replica last saw it (may lag by a moment).
 	UsedBytes int64 `protobuf:"varint,3,opt,name=used_bytes,json=usedBytes,proto3" json:"used_bytes,omitempty"`
 	// Set when another upload with the same idempotency key committed
