@@ -595,6 +595,14 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 		cancel(nil)
 		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
 	}
+	if aws.ToString(out.ETag) == "" {
+		// S3 and R2 always send one: without it the answer is no
+		// object's (a proxy's empty page), and a resumed read could not
+		// tell the object from another put meanwhile.
+		out.Body.Close()
+		cancel(nil)
+		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, ErrReadNoETag)
+	}
 	info := ObjectInfo{
 		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
 		ETag: aws.ToString(out.ETag), Metadata: decodeMetadata(out.Metadata), Size: aws.ToInt64(out.ContentLength),
@@ -615,6 +623,9 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 	}
 	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, start, nil
 }
+
+// ErrReadNoETag fails a read whose 2xx answer carried no ETag.
+var ErrReadNoETag = errors.New("objstore: the bucket answered the read without an ETag")
 
 // ErrRangeIgnored: a range read was answered with other bytes than those
 // asked for (a server that ignores Range sends the whole object).
@@ -676,6 +687,26 @@ func (b *Bucket) Exists(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("head bucket %s: %w", b.Target.Name, err)
+}
+
+// Missing says which is missing after a not-found err: a 404 that names
+// no missing key (a HEAD's 404 has no body; a host that is not S3 sends a
+// bare 404) is checked with Exists, and a bucket found missing makes err
+// match ErrNoSuchBucket. Any other err is returned as it is. A client
+// told NOT_FOUND drops its record of an object, so a missing bucket must
+// not pass for a missing key.
+func (b *Bucket) Missing(ctx context.Context, err error) error {
+	if !IsNotFound(err) || IsNoSuchBucket(err) {
+		return err
+	}
+	switch apiCode(err) {
+	case "NoSuchKey", "NoSuchUpload":
+		return err // the bucket said it
+	}
+	if ok, berr := b.Exists(ctx); berr == nil && !ok {
+		return fmt.Errorf("%w: %w", ErrNoSuchBucket, err)
+	}
+	return err
 }
 
 // Head returns an object's info.

@@ -3,6 +3,8 @@ package probe_test
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -185,10 +187,13 @@ func TestReadProberTellsAMissingBucketFromAMissingKey(t *testing.T) {
 	}
 	t.Cleanup(store.Close)
 	live := objstore.Target{ID: "live", Name: name, Endpoint: gw.Endpoint, Region: gw.Region, CredentialsRef: "R", PathStyle: true}
-	gone, refused := live, live
+	gone, refused, notS3 := live, live, live
 	gone.ID, gone.Name = "gone", "no-such-bucket-"+name
 	refused.ID, refused.CredentialsRef = "refused", "BAD"
-	tg := &targets{m: map[string]objstore.Target{"live": live, "gone": gone, "refused": refused}}
+	bare404 := httptest.NewServer(http.NotFoundHandler()) // a host that is not S3
+	defer bare404.Close()
+	notS3.ID, notS3.Endpoint = "not-s3", bare404.URL
+	tg := &targets{m: map[string]objstore.Target{"live": live, "gone": gone, "refused": refused, "not-s3": notS3}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	pr := probe.ReadProber{Store: store, Target: tg.get}
@@ -207,7 +212,7 @@ func TestReadProberTellsAMissingBucketFromAMissingKey(t *testing.T) {
 			t.Fatalf("live bucket with a %d-byte probe key: %v", len(body), err)
 		}
 	}
-	for _, id := range []string{"gone", "refused"} {
+	for _, id := range []string{"gone", "refused", "not-s3"} {
 		if err := pr.Probe(ctx, id); err == nil || errors.Is(err, probe.ErrNotProbed) {
 			t.Fatalf("probe of the %s bucket: %v, want a failure", id, err)
 		}

@@ -42,6 +42,7 @@ func (p ReadProber) Probe(ctx context.Context, bucketID string) error {
 		key = DefaultKey
 	}
 	body, _, err := b.Get(ctx, key, 0, 1)
+	err = b.Missing(ctx, err) // a bare 404 (a host that is not S3) is no missing key
 	switch {
 	case err == nil:
 		return body.Close()

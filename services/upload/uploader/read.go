@@ -95,7 +95,7 @@ func (s *Server) read(ctx context.Context, b *objstore.Bucket, req *uploadv1.Get
 		return fmt.Errorf("%w: offset %d is at or past the end of %s", errOutOfRange, req.GetOffset(), req.GetKey())
 	}
 	if err != nil {
-		return s.storeErr(ctx, b, req.GetKey(), err, "read")
+		return s.storeErr(ctx, b, req.GetKey(), b.Missing(ctx, err), "read")
 	}
 	defer body.Close()
 	sum := info.Metadata[sha256Key]

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -214,35 +216,67 @@ func TestDisabledBucketServesNoReads(t *testing.T) {
 // typo, a renamed bucket) is the bucket's fault, not a missing object: a
 // client told NOT_FOUND would drop its record of objects that are there.
 func TestMissingS3BucketIsNotAMissingObject(t *testing.T) {
+	notS3 := httptest.NewServer(http.NotFoundHandler()) // a bare 404, no S3 error
+	defer notS3.Close()
+	for _, tc := range []struct {
+		name   string
+		change func(*adminv1.BucketSpec)
+	}{
+		{"S3 bucket renamed", func(b *adminv1.BucketSpec) { b.Name = "no-such-bucket" }},
+		{"endpoint not S3", func(b *adminv1.BucketSpec) { b.Endpoint = notS3.URL }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := startStack(t, 1, nil)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			req, _ := stored(ctx, t, st.Upload, 1000)
+			var spec *adminv1.BucketSpec
+			for _, b := range st.Buckets {
+				if b.GetId() == req.GetBucketId() {
+					spec = proto.Clone(b).(*adminv1.BucketSpec)
+				}
+			}
+			tc.change(spec)
+			if _, err := st.Admin.PutBucket(st.adminCtx(ctx), &adminv1.PutBucketRequest{Bucket: spec}); err != nil {
+				t.Fatal(err)
+			}
+			// The services learn of the change through their watches.
+			var err error
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				if _, _, err = read(ctx, st.Upload, req); err != nil || time.Now().After(deadline) {
+					break
+				}
+			}
+			_, derr := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()})
+			for what, err := range map[string]error{"read": err, "delete": derr} {
+				if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "S3 bucket does not exist") {
+					t.Errorf("%s in a bucket whose S3 bucket is missing: %v, want UNAVAILABLE naming the missing bucket", what, err)
+				}
+			}
+			if objects, _ := st.objects(t); objects[req.GetBucketId()] != 1 {
+				t.Fatalf("%d objects in the bucket, want the 1 stored", objects[req.GetBucketId()])
+			}
+		})
+	}
+}
+
+// A read answered 2xx without an ETag, which S3 and R2 always send (a
+// proxy's empty page), is no object: it is tried again, and never ends a
+// read as if it were the object (an empty one, say).
+func TestReadAnsweredWithoutAnETagIsNoObject(t *testing.T) {
 	st := startStack(t, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	req, _ := stored(ctx, t, st.Upload, 1000)
-	var spec *adminv1.BucketSpec
-	for _, b := range st.Buckets {
-		if b.GetId() == req.GetBucketId() {
-			spec = proto.Clone(b).(*adminv1.BucketSpec)
-		}
+	req, data := stored(ctx, t, st.Upload, 100_000)
+	proxy := st.Proxies[req.GetBucketId()]
+	proxy.SetForNext("GetObject", faultproxy.Unapplied, 1)
+	if _, got, err := read(ctx, st.Upload, req); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read after one answer without an ETag: %d bytes, %v; want the %d stored", len(got), err, len(data))
 	}
-	spec.Name = "no-such-bucket"
-	if _, err := st.Admin.PutBucket(st.adminCtx(ctx), &adminv1.PutBucketRequest{Bucket: spec}); err != nil {
-		t.Fatal(err)
-	}
-	// The services learn of the change through their watches.
-	var err error
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, _, err = read(ctx, st.Upload, req); err != nil || time.Now().After(deadline) {
-			break
-		}
-	}
-	_, derr := st.Upload.DeleteObject(ctx, &uploadv1.DeleteObjectRequest{BucketId: req.GetBucketId(), Key: req.GetKey()})
-	for what, err := range map[string]error{"read": err, "delete": derr} {
-		if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "S3 bucket does not exist") {
-			t.Errorf("%s in a bucket whose S3 bucket is missing: %v, want UNAVAILABLE naming the missing bucket", what, err)
-		}
-	}
-	if objects, _ := st.objects(t); objects[req.GetBucketId()] != 1 {
-		t.Fatalf("%d objects in the bucket, want the 1 stored", objects[req.GetBucketId()])
+	proxy.SetFor("GetObject", faultproxy.Unapplied)
+	_, got, err := read(ctx, st.Upload, req)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "without an ETag") {
+		t.Fatalf("read answered only without an ETag: %d bytes, %v; want UNAVAILABLE saying so", len(got), err)
 	}
 }
 

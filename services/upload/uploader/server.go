@@ -333,12 +333,7 @@ func (s *Server) DeleteObject(ctx context.Context, req *uploadv1.DeleteObjectReq
 	// asked first (a HEAD, billed as a read), a name that holds nothing is
 	// NOT_FOUND, as the API promises for an unknown object.
 	if _, err := b.Head(ctx, req.GetKey()); err != nil {
-		if objstore.IsNotFound(err) {
-			if ok, berr := b.Exists(ctx); berr == nil && !ok {
-				err = fmt.Errorf("%w: %w", objstore.ErrNoSuchBucket, err)
-			}
-		}
-		return nil, toStatus(ctx, s.storeErr(ctx, b, req.GetKey(), err, "look up the object"))
+		return nil, toStatus(ctx, s.storeErr(ctx, b, req.GetKey(), b.Missing(ctx, err), "look up the object"))
 	}
 	if err := b.Delete(ctx, req.GetKey()); err != nil {
 		return nil, toStatus(ctx, s.storeErr(ctx, b, req.GetKey(), err, "delete"))
