@@ -145,7 +145,7 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 	hdr.Size = st.Size()
 	if hdr.Sha256 == "" {
 		h := sha256.New()
-		if _, err := io.Copy(h, f); err != nil {
+		if _, err := io.Copy(h, ctxReader{ctx, f}); err != nil {
 			return nil, fmt.Errorf("hash %s: %w", path, err)
 		}
 		hdr.Sha256 = hex.EncodeToString(h.Sum(nil))
@@ -180,15 +180,21 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 			return nil, &UploadError{IdempotencyKey: hdr.GetIdempotencyKey(), Attempts: call, First: first, Last: last}
 		}
 		wait, ok := retryAfter(err, failures+1)
+		if ok && rateLimited(err) && limitWait < 0 {
+			return fail(err) // no waiting for the rate limit
+		}
 		if ok && rateLimited(err) && limited+wait <= limitWait {
 			// Refused before it began: waiting for a token does not use
 			// up a retry.
 			limited += wait
 		} else {
 			failures++
-			if !ok && call == 1 {
+			if !ok && call == 1 && ctx.Err() == nil {
 				return nil, err // the request itself was refused: nothing to retry
 			}
+			// Ended by ctx (an interrupt, a deadline), the attempt may have
+			// sent every byte, and the service then stores and counts the
+			// object all the same: the caller needs the key to learn of it.
 			if !ok || failures > retries {
 				return fail(err)
 			}
@@ -209,9 +215,22 @@ func UploadFile(ctx context.Context, c uploadv1.UploadServiceClient, path string
 	}
 }
 
-// UploadError is how UploadFile fails after trying more than once, or
-// after an answer that invited a retry. An attempt may have stored the
-// object although a later one failed (its Commit applied, its answer
+// ctxReader stops a long local read (hashing a large file) once ctx ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// UploadError is how UploadFile fails after trying more than once, after
+// an answer that invited a retry, or when ctx ended an attempt. An attempt
+// may have stored the object although a later one failed (its Commit applied, its answer
 // lost, then the allocator out of reach): another upload under
 // IdempotencyKey, made up when the caller gave none, gets that result
 // instead of storing the file a second time.

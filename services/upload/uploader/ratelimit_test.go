@@ -2,6 +2,9 @@ package uploader_test
 
 import (
 	"context"
+	"errors"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"os"
 	"path/filepath"
 	"sync"
@@ -53,5 +56,30 @@ func TestRateLimitedUploadFilesWaitTheirTurn(t *testing.T) {
 	}
 	if refused.Load() == 0 {
 		t.Fatal("the rate limit never refused an upload: the test proves nothing")
+	}
+}
+
+// RateLimitWait < 0 means no waiting for the rate limit: a refusal by it
+// fails the upload at once, naming the limit, with no retry.
+func TestNoWaitingForTheRateLimit(t *testing.T) {
+	lim := ratelimit.New(0.01, 1, nil) // one call, then none for 100 s
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, nil,
+		grpc.ChainUnaryInterceptor(lim.Unary), grpc.ChainStreamInterceptor(lim.Stream))
+	path := filepath.Join(t.TempDir(), "f.bin")
+	if err := os.WriteFile(path, testenv.OpaqueBytes(t, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream"}
+	if _, err := uploadclient.UploadFile(ctx, st.Upload, path, hdr, uploadclient.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	retries := 0
+	_, err := uploadclient.UploadFile(ctx, st.Upload, path, hdr, uploadclient.Options{RateLimitWait: -1,
+		OnRetry: func(int, error, time.Duration) { retries++ }})
+	var ue *uploadclient.UploadError
+	if !errors.As(err, &ue) || ue.Attempts != 1 || retries != 0 || status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("upload over the rate limit without waiting: %v after %d retries, want RESOURCE_EXHAUSTED at the first attempt", err, retries)
 	}
 }

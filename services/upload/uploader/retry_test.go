@@ -98,6 +98,47 @@ func (l *lossyAllocator) GetUploadRecord(ctx context.Context, in *allocatorv1.Ge
 	return l.Allocator.GetUploadRecord(ctx, in, opts...)
 }
 
+// An upload interrupted once every byte was sent (Ctrl-C, a deadline) may
+// still be stored and counted: the service finishes the write and the
+// Commit without its client. UploadFile then names the idempotency key it
+// made up, and an upload under it returns the object, counted once.
+// Hashing a file, before any byte is sent, stops at once when ctx ends.
+func TestInterruptedUploadFileNamesItsIdempotencyKey(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 3<<20)
+	path := filepath.Join(t.TempDir(), "f.bin")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hdr := &uploadv1.UploadHeader{ContentType: "application/octet-stream", NameHint: "f.bin"}
+	interrupted, interrupt := context.WithCancel(ctx)
+	_, err := uploadclient.UploadFile(interrupted, st.Upload, path, hdr, uploadclient.Options{Progress: func(sent int64) {
+		if sent == int64(len(data)) {
+			interrupt()
+		}
+	}})
+	interrupt()
+	var ue *uploadclient.UploadError
+	if !errors.As(err, &ue) || ue.IdempotencyKey == "" {
+		t.Fatalf("UploadFile interrupted after its last byte: %v, want an UploadError naming its idempotency key", err)
+	}
+	again := &uploadv1.UploadHeader{ContentType: "application/octet-stream", NameHint: "f.bin", IdempotencyKey: ue.IdempotencyKey}
+	resp, err := uploadclient.UploadFile(ctx, st.Upload, path, again, uploadclient.Options{Retries: 20})
+	if err != nil {
+		t.Fatalf("upload again under the key: %v", err)
+	}
+	if used, _ := st.usage(t); sumOf(used) != int64(len(data)) {
+		t.Fatalf("usage %v after the interrupted upload and its retry (replayed %v), want the file counted once (%d bytes)", used, resp.GetReplayed(), len(data))
+	}
+	cancelled, stop := context.WithCancel(ctx)
+	stop()
+	if _, err := uploadclient.UploadFile(cancelled, st.Upload, path, hdr, uploadclient.Options{}); !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "hash") {
+		t.Fatalf("UploadFile with its context ended: %v, want the hashing stopped", err)
+	}
+}
+
 // When UploadFile gives up, an attempt may have stored and counted the
 // file (its Commit applied, the answer lost) although the last one failed
 // otherwise: the error names the idempotency key it made up, and an
