@@ -241,12 +241,19 @@ type UploadError struct {
 }
 
 func (e *UploadError) Error() string {
+	msg := e.Summary()
+	if e.IdempotencyKey != "" {
+		msg += fmt.Sprintf(" (upload again with idempotency key %q: if an attempt stored the object, that returns it rather than storing the file twice)", e.IdempotencyKey)
+	}
+	return msg
+}
+
+// Summary is Error without the advice on IdempotencyKey, for a caller
+// that words it its own way.
+func (e *UploadError) Summary() string {
 	msg := fmt.Sprintf("%d attempt(s) failed, the last with: %v", e.Attempts, e.Last)
 	if e.Attempts > 1 && e.First.Error() != e.Last.Error() {
 		msg += fmt.Sprintf("; the first with: %v", e.First)
-	}
-	if e.IdempotencyKey != "" {
-		msg += fmt.Sprintf(" (upload again with idempotency key %q: if an attempt stored the object, that returns it rather than storing the file twice)", e.IdempotencyKey)
 	}
 	return msg
 }

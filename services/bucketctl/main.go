@@ -19,10 +19,19 @@ var version = "dev"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go func() {
+		// The first Ctrl-C asks the command to stop cleanly (a running
+		// upload releases what it holds); a second one ends the process.
+		<-ctx.Done()
+		stop()
+	}()
 	root := cli.NewRoot(os.Stdout, os.Stderr)
 	root.Version = version
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "bucketctl:", err)
+		if ctx.Err() != nil {
+			os.Exit(130) // interrupted, as shells report it
+		}
 		os.Exit(1)
 	}
 }

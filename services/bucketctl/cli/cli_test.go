@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -204,5 +206,115 @@ func TestUploadTriesEveryFile(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), `"sha256"`) {
 		t.Fatalf("the good file after the missing one was not uploaded: %q", out.String())
+	}
+}
+
+// Downloads and uploads where the paths or streams are not plain files:
+// -o through a symbolic link writes its target and keeps the link; -o to
+// a pipe writes into it rather than replacing it; -o to a directory fails
+// before anything is read. An upload names its file in its result, draws
+// no progress bar into what is not a terminal, reads standard input once,
+// and stops reading it when interrupted.
+func TestTransfersOnAwkwardPaths(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{})
+	st := env.Stack
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	run := func(ctx context.Context, stdin io.Reader, args ...string) (string, string, error) {
+		var out, errOut bytes.Buffer
+		root := cli.NewRoot(&out, &errOut)
+		root.SetIn(stdin)
+		root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
+		err := root.ExecuteContext(ctx)
+		return out.String(), errOut.String(), err
+	}
+	dir := t.TempDir()
+	data := e2e.RandomBytes(t, 300_000)
+	src := filepath.Join(dir, "photo.bin")
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := run(ctx, nil, "upload", src) // no -q: stderr is no terminal
+	if err != nil {
+		t.Fatalf("upload: %v (%s)", err, errOut)
+	}
+	var res map[string]any
+	if err := json.Unmarshal([]byte(out), &res); err != nil || res["file"] != src {
+		t.Fatalf("upload printed %q (%v), want a result naming file %s", out, err, src)
+	}
+	if strings.ContainsAny(errOut, "\r|") {
+		t.Fatalf("upload drew a progress bar into a buffer: %q", errOut)
+	}
+	bucket, key := res["bucket_id"].(string), res["key"].(string)
+
+	target := filepath.Join(dir, "target.bin")
+	if err := os.WriteFile(target, []byte("original"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.bin")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", link); err != nil {
+		t.Fatalf("get -o through a link: %v (%s)", err, errOut)
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("get -o replaced the link %s (%v)", link, err)
+	}
+	if got, err := os.ReadFile(target); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the link's target holds %d bytes (%v), want the object", len(got), err)
+	}
+
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	read := make(chan []byte, 1)
+	go func() {
+		f, err := os.Open(fifo)
+		if err != nil {
+			read <- nil
+			return
+		}
+		defer f.Close()
+		b, _ := io.ReadAll(f)
+		read <- b
+	}()
+	if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", fifo); err != nil {
+		t.Fatalf("get -o a pipe: %v (%s)", err, errOut)
+	}
+	if got := <-read; !bytes.Equal(got, data) {
+		t.Fatalf("the pipe's reader got %d bytes, want the object", len(got))
+	}
+	if fi, err := os.Lstat(fifo); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Fatalf("get -o replaced the pipe %s (%v)", fifo, err)
+	}
+	if _, _, err := run(ctx, nil, "get", "-q", bucket, key, "-o", dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Fatalf("get -o a directory: %v, want it refused as a directory", err)
+	}
+
+	if _, _, err := run(ctx, strings.NewReader("x"), "upload", "-q", "-", "-"); err == nil || !strings.Contains(err.Error(), "read once") {
+		t.Fatalf("upload - -: %v, want it refused", err)
+	}
+	// Standard input that never ends: an interrupt stops the upload.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	interrupted, interrupt := context.WithCancel(ctx)
+	go func() {
+		_, _ = pw.Write([]byte("some bytes"))
+		interrupt()
+	}()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := run(interrupted, pr, "upload", "-q", "--content-type", "application/octet-stream", "-")
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("interrupted upload of standard input: %v, want it cancelled", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("an interrupted upload kept reading standard input")
 	}
 }

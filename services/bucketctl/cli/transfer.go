@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
@@ -37,6 +39,9 @@ func newUploadCmd(g *globals) *cobra.Command {
 				// refused as another object reusing it.
 				return fmt.Errorf("--idempotency-key names one upload; give one file")
 			}
+			if n := countOf(args, "-"); n > 1 {
+				return fmt.Errorf("\"-\" (standard input) is given %d times; it can be read once", n)
+			}
 			ctx, client, done, err := g.uploadClient(cmd.Context())
 			if err != nil {
 				return err
@@ -51,7 +56,7 @@ func newUploadCmd(g *globals) *cobra.Command {
 					// An upload declares its size and sha256 first, which a
 					// pipe cannot tell ahead: it is read into a temporary
 					// file, which then goes like any other.
-					tmp, err := spool(cmd.InOrStdin())
+					tmp, err := spool(ctx, cmd.InOrStdin())
 					if err != nil {
 						return err
 					}
@@ -86,11 +91,11 @@ func newUploadCmd(g *globals) *cobra.Command {
 				if err != nil {
 					var ue *uploadclient.UploadError
 					if errors.As(err, &ue) && ue.IdempotencyKey != "" && idem == "" {
-						return fmt.Errorf("upload %s: %w\nto upload it again without storing it twice, add --idempotency-key %s", arg, err, ue.IdempotencyKey)
+						return fmt.Errorf("upload %s: %s\nto upload it again without storing it twice, add --idempotency-key %s", arg, ue.Summary(), ue.IdempotencyKey)
 					}
 					return fmt.Errorf("upload %s: %w", arg, err)
 				}
-				if err := enc.Encode(resultJSON(resp)); err != nil {
+				if err := enc.Encode(resultJSON(arg, resp)); err != nil {
 					return err
 				}
 				return nil
@@ -142,13 +147,37 @@ func outputMode(path string) os.FileMode {
 	return 0o644
 }
 
-// spool copies r into a new temporary file and returns its path.
-func spool(r io.Reader) (string, error) {
+func countOf(args []string, s string) int {
+	n := 0
+	for _, a := range args {
+		if a == s {
+			n++
+		}
+	}
+	return n
+}
+
+// spool copies r into a new temporary file and returns its path. It
+// gives up when ctx ends (Ctrl-C), even while a read of r blocks (a
+// terminal, a pipe whose writer waits); that read is left behind, as the
+// process is about to end.
+func spool(ctx context.Context, r io.Reader) (string, error) {
 	f, err := os.CreateTemp("", "bucketctl-stdin-")
 	if err != nil {
 		return "", fmt.Errorf("spool standard input: %w", err)
 	}
-	_, err = io.Copy(f, r)
+	copied := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(f, r)
+		copied <- err
+	}()
+	select {
+	case err = <-copied:
+	case <-ctx.Done():
+		err = ctx.Err()
+		// The copy may still write to f: it is closed and removed, and
+		// its writes fail.
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -159,9 +188,11 @@ func spool(r io.Reader) (string, error) {
 	return f.Name(), nil
 }
 
-func resultJSON(r *uploadv1.UploadResponse) map[string]any {
+// resultJSON is one upload's result; file is the argument it came from
+// ("-" for standard input), so a script can match results to files.
+func resultJSON(file string, r *uploadv1.UploadResponse) map[string]any {
 	return map[string]any{
-		"bucket_id": r.GetBucketId(), "bucket_name": r.GetBucketName(), "key": r.GetKey(),
+		"file": file, "bucket_id": r.GetBucketId(), "bucket_name": r.GetBucketName(), "key": r.GetKey(),
 		"size": r.GetSize(), "sha256": r.GetSha256(), "etag": r.GetEtag(),
 		"public_url": r.GetPublicUrl(), "replayed": r.GetReplayed(),
 	}
@@ -185,7 +216,9 @@ func guessContentType(path string) (string, error) {
 }
 
 func newBar(size int64, label string, w io.Writer, quiet bool) *progressbar.ProgressBar {
-	if quiet {
+	if quiet || !terminal(w) {
+		// Redrawn ten times a second, a bar fills a log file or a CI log
+		// with carriage returns.
 		return progressbar.DefaultBytesSilent(size, label)
 	}
 	return progressbar.NewOptions64(size,
@@ -197,6 +230,12 @@ func newBar(size int64, label string, w io.Writer, quiet bool) *progressbar.Prog
 		progressbar.OptionOnCompletion(func() { fmt.Fprintln(w) }),
 		progressbar.OptionFullWidth(),
 	)
+}
+
+// terminal reports whether w is a terminal.
+func terminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }
 
 func newGetCmd(g *globals) *cobra.Command {
@@ -217,14 +256,32 @@ func newGetCmd(g *globals) *cobra.Command {
 			defer done()
 			var w io.Writer = g.out
 			var file *os.File
+			dest, inPlace := output, false
 			if output != "" && output != "-" {
-				// Write to a temporary file and rename, so a failed
-				// download never leaves a truncated file under the name.
-				file, err = os.CreateTemp(filepath.Dir(output), ".bucketctl-get-*")
+				// Through a symbolic link, the download goes to its target.
+				if real, err := filepath.EvalSymlinks(output); err == nil {
+					dest = real
+				}
+				st, err := os.Stat(dest)
+				switch {
+				case err == nil && st.IsDir():
+					return fmt.Errorf("-o %s is a directory; name a file", output)
+				case err == nil && !st.Mode().IsRegular():
+					// A device or a pipe (-o /dev/null) is written to,
+					// never replaced.
+					file, err = os.OpenFile(dest, os.O_WRONLY, 0)
+					inPlace = true
+				default:
+					// Write to a temporary file and rename, so a failed
+					// download never leaves a truncated file under the name.
+					file, err = os.CreateTemp(filepath.Dir(dest), ".bucketctl-get-*")
+					if err == nil {
+						defer os.Remove(file.Name())
+					}
+				}
 				if err != nil {
 					return err
 				}
-				defer os.Remove(file.Name())
 				defer file.Close()
 				w = file
 			}
@@ -246,16 +303,21 @@ func newGetCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("get %s/%s: %w", args[0], args[1], err)
 			}
 			if file != nil {
-				// CreateTemp made the file private (0600); the download
-				// gets the mode a file written in place would have.
-				if err := file.Chmod(outputMode(output)); err != nil {
-					return err
+				if !inPlace {
+					// CreateTemp made the file private (0600); the
+					// download gets the mode a file written in place
+					// would have.
+					if err := file.Chmod(outputMode(dest)); err != nil {
+						return err
+					}
 				}
 				if err := file.Close(); err != nil {
 					return err
 				}
-				if err := os.Rename(file.Name(), output); err != nil {
-					return err
+				if !inPlace {
+					if err := os.Rename(file.Name(), dest); err != nil {
+						return err
+					}
 				}
 				fmt.Fprintf(g.errOut, "wrote %d bytes (%s) to %s\n", info.GetContentLength(), info.GetContentType(), output)
 			}
