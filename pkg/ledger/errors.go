@@ -15,4 +15,7 @@ var (
 	ErrConflict = errors.New("too many concurrent updates; retry")
 	// ErrInvalid: a request that can never succeed as given.
 	ErrInvalid = errors.New("invalid request")
+	// ErrResetDayMismatch: this replica's period reset day is not the
+	// cluster's (AgreeResetDay).
+	ErrResetDayMismatch = errors.New("period reset day differs from the cluster's")
 )

@@ -85,6 +85,33 @@ func (l *Ledger) Period() Period {
 	return p
 }
 
+// AgreeResetDay records this replica's period reset day as the
+// cluster's, the first time, and fails with ErrResetDayMismatch when the
+// cluster already counts from another day. Usage is kept per period name,
+// which the reset day makes: replicas on different days would each grant
+// a bucket's whole limit in periods of their own, and a replica moved to
+// another day would start its period with no usage at all.
+func (l *Ledger) AgreeResetDay(ctx context.Context) error {
+	key := l.opts.Prefix + "periodresetday"
+	day := strconv.Itoa(l.opts.ResetDay)
+	ctx, cancel := l.ctx(ctx)
+	defer cancel()
+	resp, err := l.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, day)).Else(clientv3.OpGet(key)).Commit()
+	if err != nil {
+		return fmt.Errorf("ledger: read the period reset day: %w", err)
+	}
+	if resp.Succeeded {
+		return nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 1 && string(kvs[0].Value) != day {
+		return fmt.Errorf("%w: this replica resets usage on day %s of the month, the cluster on day %s (etcd key %s); every allocator must use the same day. To move the cluster to another day, stop every allocator, delete that key, start them with the new day, and correct each bucket's usage for the new period (CorrectUsage)",
+			ErrResetDayMismatch, day, kvs[0].Value, key)
+	}
+	return nil
+}
+
 func (l *Ledger) bucketKey(id string) string { return l.opts.Prefix + "buckets/" + id }
 func (l *Ledger) bucketsPrefix() string      { return l.opts.Prefix + "buckets/" }
 func (l *Ledger) seededKey() string          { return l.opts.Prefix + "seeded" }

@@ -178,7 +178,13 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	// etcd may still be coming up (its StatefulSet forming beside the
 	// allocators): keep trying until ctx ends rather than exit at once.
 	for attempt := 0; ; attempt++ {
-		err := s.loadBuckets(ctx, cfg.Buckets)
+		err := s.ledger.AgreeResetDay(ctx)
+		if errors.Is(err, ledger.ErrResetDayMismatch) {
+			return nil, fmt.Errorf("allocator: %w", err)
+		}
+		if err == nil {
+			err = s.loadBuckets(ctx, cfg.Buckets)
+		}
 		if err == nil {
 			break
 		}

@@ -2,6 +2,8 @@ package allocator_test
 
 import (
 	"context"
+	"errors"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"log/slog"
 	"net"
 	"strings"
@@ -809,6 +811,26 @@ func TestStartWaitsForEtcd(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "etcd at http://"+deadAddr+" did not answer") {
 		t.Fatalf("start without etcd: %v, want an error naming etcd's endpoint", err)
 	}
+}
+
+// Every allocator counts periods from the same day of the month: usage is
+// kept per period, so a replica on another day would grant every bucket's
+// limit again in periods of its own. One whose day differs from the
+// cluster's refuses to start, saying why and how to move the cluster.
+func TestResetDayIsTheClusters(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	startReplica(t, cli, allocator.Config{ResetDay: 1, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ResetDay: 15}, slog.New(slog.DiscardHandler))
+	if !errors.Is(err, ledger.ErrResetDayMismatch) || !strings.Contains(err.Error(), "day 15") || !strings.Contains(err.Error(), "day 1 ") {
+		t.Fatalf("a replica resetting on day 15 in a cluster on day 1: %v, want it refused naming both days", err)
+	}
+	same, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ResetDay: 1}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatalf("a replica on the cluster's day: %v", err)
+	}
+	_ = same.Close()
 }
 
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers
