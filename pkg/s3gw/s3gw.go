@@ -167,6 +167,13 @@ func resolveAddr(addr string) (string, error) {
 		return "", fmt.Errorf("s3gw: bad listen address %q: %w", addr, err)
 	}
 	if port != "0" {
+		// versitygw reports a bind error only when it stops, and another
+		// S3 server on the port would pass for it: check the port is free.
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return "", fmt.Errorf("s3gw: cannot listen on %s (another process has it? choose another address): %w", addr, err)
+		}
+		_ = l.Close()
 		return addr, nil
 	}
 	// versitygw takes addresses, not listeners, and reports no bound port:

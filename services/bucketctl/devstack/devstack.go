@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,6 +27,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -197,6 +199,11 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 			return nil, err
 		}
 	}
+	if opts.Buckets == nil && opts.Endpoint == nil {
+		if err := s.followGateway(ctx); err != nil {
+			return nil, err
+		}
+	}
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
@@ -256,4 +263,26 @@ func (s *Stack) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// followGateway points the default buckets, as a data dir from an earlier
+// run stored them, at this run's gateway: configured buckets are seeded
+// once, so a gateway moved to another port (--s3-listen) would leave every
+// bucket at the old one. Only an endpoint on a loopback address (an
+// earlier dev gateway) is moved; one an operator set elsewhere stays.
+func (s *Stack) followGateway(ctx context.Context) error {
+	l := ledger.New(s.EtcdClient, ledger.Options{})
+	for _, b := range s.Buckets {
+		_, err := l.UpdateBucket(ctx, b.GetId(), func(cur *adminv1.BucketSpec) {
+			if u, err := url.Parse(cur.GetEndpoint()); err == nil && cur.GetEndpoint() != b.GetEndpoint() {
+				if ip := net.ParseIP(u.Hostname()); ip != nil && ip.IsLoopback() {
+					cur.Endpoint = b.GetEndpoint()
+				}
+			}
+		})
+		if err != nil && !errors.Is(err, ledger.ErrBucketNotFound) {
+			return fmt.Errorf("devstack: point %s at the gateway: %w", b.GetId(), err)
+		}
+	}
+	return nil
 }

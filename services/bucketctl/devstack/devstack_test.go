@@ -1,7 +1,18 @@
 package devstack_test
 
 import (
+	"bytes"
+	"context"
+	"log/slog"
+	"net"
+	"strings"
 	"testing"
+	"time"
+
+	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/s3gw"
+	"github.com/bucketlb/bucketlb/pkg/uploadclient"
+	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
 )
@@ -13,4 +24,53 @@ func TestEndToEnd(t *testing.T) {
 	env := e2e.Start(t, false)
 	t.Run("RoundTrip", func(t *testing.T) { e2e.RoundTrip(t, env) })
 	t.Run("BadInput", func(t *testing.T) { e2e.BadInput(t, env) })
+}
+
+// A data dir from an earlier run works with the gateway on another port
+// (the README tells users to move ports that are taken): the default
+// buckets follow the gateway. A gateway port that is taken fails the
+// start, naming the address, instead of running beside another server.
+func TestRestartWithTheGatewayMoved(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := func(s3Addr string) (*devstack.Stack, error) {
+		return devstack.Start(ctx, devstack.Options{DataDir: dir, Logger: slog.New(slog.DiscardHandler),
+			EtcdAddr: "127.0.0.1:0", AllocatorAddr: "127.0.0.1:0", UploadAddr: "127.0.0.1:0", S3Addr: s3Addr})
+	}
+	first, err := start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	firstS3 := first.S3.Endpoint
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	second, err := start("127.0.0.1:0") // another free port
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if second.S3.Endpoint == firstS3 {
+		t.Skip("the OS gave the gateway the same port again")
+	}
+	conn, err := devstack.Dial(second.UploadAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	data := e2e.RandomBytes(t, 1000)
+	if _, err := uploadclient.Upload(ctx, uploadv1.NewUploadServiceClient(conn), &uploadv1.UploadHeader{
+		NameHint: "f.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, bytes.NewReader(data), uploadclient.Options{}); err != nil {
+		t.Fatalf("upload after the gateway moved from %s to %s: %v", firstS3, second.S3.Endpoint, err)
+	}
+
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	if _, err := s3gw.Start(ctx, s3gw.Options{Dir: t.TempDir(), Addr: taken.Addr().String()}); err == nil || !strings.Contains(err.Error(), taken.Addr().String()) {
+		t.Fatalf("a gateway on a taken port: %v, want it refused naming the address", err)
+	}
 }
