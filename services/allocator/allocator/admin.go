@@ -97,6 +97,11 @@ func (s *Server) DeleteBucket(ctx context.Context, req *adminv1.DeleteBucketRequ
 		return nil, toStatus(ctx, err)
 	}
 	s.log.Info("bucket deleted", "bucket", req.GetId())
+	// Its health goes with it: a bucket added later under the id (another
+	// S3 bucket, say) must not start in the old one's cooldown.
+	if err := s.health.Reset(ctx, req.GetId()); err != nil {
+		s.log.Warn("could not remove a deleted bucket's health record", "bucket", req.GetId(), "error", err.Error())
+	}
 	return &adminv1.DeleteBucketResponse{}, nil
 }
 

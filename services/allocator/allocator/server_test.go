@@ -610,6 +610,38 @@ func TestReleasedTrialIsGivenBack(t *testing.T) {
 	}
 }
 
+// A bucket deleted while cooling down and added again under its id (say,
+// pointed at another S3 bucket) starts healthy: its health went with it.
+func TestDeletedBucketTakesItsHealthAlong(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 3 {
+		if _, err := r.alloc.ReportOutcome(ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR, Latency: durationpb.New(time.Millisecond)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	actx := adminCtx(ctx, token)
+	if _, err := r.admin.DeleteBucket(actx, &adminv1.DeleteBucketRequest{Id: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: spec("p1", 1, 1<<30)}); err != nil {
+		t.Fatal(err)
+	}
+	poll := time.Now().Add(5 * time.Second) // the replica learns of the new bucket through its watch
+	for {
+		_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1})
+		if err == nil {
+			break
+		}
+		if strings.Contains(status.Convert(err).Message(), "cooling down") || time.Now().After(poll) {
+			t.Fatalf("allocate in the bucket added again: %v, want it healthy", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // A report names a known bucket and a defined outcome: health records are
 // kept for configured buckets only, never under an id a caller made up.
 func TestReportOutcomeChecksItsInput(t *testing.T) {
