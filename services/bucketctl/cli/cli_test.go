@@ -293,6 +293,18 @@ func TestTransfersOnAwkwardPaths(t *testing.T) {
 		t.Fatalf("get -o a directory: %v, want it refused as a directory", err)
 	}
 
+	// A named pipe (as <(cmd) and /dev/stdin are) is read once, like "-".
+	go func() {
+		f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+		if err == nil {
+			_, _ = f.Write(data)
+			f.Close()
+		}
+	}()
+	out, errOut, err = run(ctx, nil, "upload", "-q", "--content-type", "application/octet-stream", fifo)
+	if err != nil || !strings.Contains(out, e2e.HexSHA(data)) {
+		t.Fatalf("upload of a named pipe: %v (%s), printed %q; want the bytes written into it stored", err, errOut, out)
+	}
 	if _, _, err := run(ctx, strings.NewReader("x"), "upload", "-q", "-", "-"); err == nil || !strings.Contains(err.Error(), "read once") {
 		t.Fatalf("upload - -: %v, want it refused", err)
 	}

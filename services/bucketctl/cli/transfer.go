@@ -52,16 +52,29 @@ func newUploadCmd(g *globals) *cobra.Command {
 			one := func(arg string) error {
 				// path is the file read; arg, what messages name.
 				path, name := arg, filepath.Base(arg)
+				var pipe io.Reader
 				if arg == "-" {
+					pipe, name = cmd.InOrStdin(), "stdin"
+				} else if st, err := os.Stat(arg); err == nil && !st.Mode().IsRegular() && !st.IsDir() {
+					// A named pipe, <(cmd), /dev/stdin: no size ahead, no
+					// second read.
+					f, err := os.Open(arg)
+					if err != nil {
+						return err
+					}
+					defer f.Close()
+					pipe = f
+				}
+				if pipe != nil {
 					// An upload declares its size and sha256 first, which a
 					// pipe cannot tell ahead: it is read into a temporary
 					// file, which then goes like any other.
-					tmp, err := spool(ctx, cmd.InOrStdin())
+					tmp, err := spool(ctx, pipe)
 					if err != nil {
 						return err
 					}
 					defer os.Remove(tmp)
-					path, name = tmp, "stdin"
+					path = tmp
 				}
 				ct := contentType
 				if ct == "" {
@@ -164,7 +177,7 @@ func countOf(args []string, s string) int {
 func spool(ctx context.Context, r io.Reader) (string, error) {
 	f, err := os.CreateTemp("", "bucketctl-stdin-")
 	if err != nil {
-		return "", fmt.Errorf("spool standard input: %w", err)
+		return "", fmt.Errorf("spool the input: %w", err)
 	}
 	copied := make(chan error, 1)
 	go func() {
@@ -183,7 +196,7 @@ func spool(ctx context.Context, r io.Reader) (string, error) {
 	}
 	if err != nil {
 		_ = os.Remove(f.Name())
-		return "", fmt.Errorf("spool standard input: %w", err)
+		return "", fmt.Errorf("spool the input: %w", err)
 	}
 	return f.Name(), nil
 }
