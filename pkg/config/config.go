@@ -286,6 +286,9 @@ func (f *File) Validate() error {
 			errs = append(errs, fmt.Errorf("upload.allowedContentTypes: %q is not a media type such as image/png (wildcards are not supported: list each type)", ct))
 		}
 	}
+	if len(f.Buckets) > MaxBuckets {
+		errs = append(errs, fmt.Errorf("buckets: %d configured buckets are more than the %d the first start can seed; configure at most %d and add the others with the admin API", len(f.Buckets), MaxBuckets, MaxBuckets))
+	}
 	seen := map[string]bool{}
 	for i, b := range f.Buckets {
 		if _, err := b.Spec(); err != nil {
@@ -311,6 +314,11 @@ const BucketIDRule = "1–63 characters of a-z, 0-9 and '-'"
 // ValidBucketID reports whether id can name a bucket; callers that look
 // buckets up by a client's id refuse others without asking.
 func ValidBucketID(id string) bool { return idPattern.MatchString(id) }
+
+// MaxBuckets is the most buckets a configuration may name: the allocator
+// seeds them in one etcd transaction (ledger.MaxSeedBuckets, which config
+// does not import for the reason below).
+const MaxBuckets = 126
 
 // MaxMonthlyLimit is the largest monthly limit a bucket may have (64 PiB),
 // the ledger's bound on any one commit (ledger.MaxBytes, which config does

@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -136,6 +137,12 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"account id with a slash", "buckets:\n  - {id: a, name: a, accountId: 'x/y', credentialsRef: R, monthlyLimit: 1}\n", "accountId"},
 		{"bad state", "buckets:\n  - {id: a, name: a, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1, state: sleepy}\n", "state"},
 	}
+	var many strings.Builder
+	many.WriteString("buckets:\n")
+	for i := range config.MaxBuckets + 1 {
+		fmt.Fprintf(&many, "  - {id: b%d, name: b%d, endpoint: 'http://x', credentialsRef: R, monthlyLimit: 1}\n", i, i)
+	}
+	cases = append(cases, struct{ name, yaml, wantField string }{"too many buckets", many.String(), "at most 126"})
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "c.yaml")

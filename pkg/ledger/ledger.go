@@ -288,6 +288,11 @@ func (l *Ledger) ListBuckets(ctx context.Context) ([]*adminv1.BucketSpec, int64,
 	return out, resp.Header.Revision, nil
 }
 
+// MaxSeedBuckets is the most buckets a configuration may seed: the
+// seeding is one etcd transaction (at most 128 operations, counted with
+// the nested ones that keep buckets already stored) with its marker.
+const MaxSeedBuckets = 126
+
 // SeedBuckets writes the configured buckets once per cluster: after the
 // first seeding, etcd (changed through the admin API) is the source of
 // truth and later calls do nothing. A bucket an operator already stored
@@ -295,6 +300,9 @@ func (l *Ledger) ListBuckets(ctx context.Context) ([]*adminv1.BucketSpec, int64,
 // named any bucket) is kept as it is. It returns whether this call
 // seeded, and the configured ids it kept from etcd instead.
 func (l *Ledger) SeedBuckets(ctx context.Context, specs []*adminv1.BucketSpec) (bool, []string, error) {
+	if len(specs) > MaxSeedBuckets {
+		return false, nil, fmt.Errorf("%w: %d configured buckets are more than the %d one seeding can write; configure at most %d and add the others with the admin API", ErrInvalid, len(specs), MaxSeedBuckets, MaxSeedBuckets)
+	}
 	ops := []clientv3.Op{clientv3.OpPut(l.seededKey(), l.opts.Now().UTC().Format(time.RFC3339))}
 	for _, s := range specs {
 		data, err := protojson.Marshal(s)
@@ -304,9 +312,6 @@ func (l *Ledger) SeedBuckets(ctx context.Context, specs []*adminv1.BucketSpec) (
 		key := l.bucketKey(s.GetId())
 		ops = append(ops, clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
 			[]clientv3.Op{clientv3.OpPut(key, string(data))}, nil))
-	}
-	if len(ops) > 128 {
-		return false, nil, fmt.Errorf("ledger: %d buckets exceed etcd's 127 per seeding transaction", len(specs))
 	}
 	ctx, cancel := l.ctx(ctx)
 	defer cancel()

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/ledger/ledgertest"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
@@ -325,6 +326,31 @@ func TestSeedOnce(t *testing.T) {
 	specs, _, err := l.ListBuckets(ctx)
 	if err != nil || len(specs) != 0 {
 		t.Fatalf("buckets after reseed = %v, %v; want none", specs, err)
+	}
+}
+
+// As many buckets as a configuration may seed go in one seeding; more are
+// refused at once as invalid, not sent to etcd to fail there.
+func TestSeedAsManyAsAllowed(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l := ledger.New(cli, ledger.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if ledger.MaxSeedBuckets != config.MaxBuckets {
+		t.Fatalf("config lets %d buckets be configured, the ledger seeds %d", config.MaxBuckets, ledger.MaxSeedBuckets)
+	}
+	specs := make([]*adminv1.BucketSpec, ledger.MaxSeedBuckets+1)
+	for i := range specs {
+		specs[i] = bucket(fmt.Sprintf("b%03d", i), 1)
+	}
+	if _, _, err := l.SeedBuckets(ctx, specs); !errors.Is(err, ledger.ErrInvalid) {
+		t.Fatalf("seeding %d buckets: %v, want ErrInvalid", len(specs), err)
+	}
+	if ok, _, err := l.SeedBuckets(ctx, specs[:ledger.MaxSeedBuckets]); err != nil || !ok {
+		t.Fatalf("seeding %d buckets: %v, %v", ledger.MaxSeedBuckets, ok, err)
+	}
+	if got, _, err := l.ListBuckets(ctx); err != nil || len(got) != ledger.MaxSeedBuckets {
+		t.Fatalf("%d buckets stored (%v), want %d", len(got), err, ledger.MaxSeedBuckets)
 	}
 }
 

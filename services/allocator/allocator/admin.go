@@ -160,7 +160,7 @@ func (s *Server) setUsage(ctx context.Context, id string, used int64) (int64, er
 	}
 	// Whatever the outcome, this replica's estimate may be out of date
 	// now; other replicas learn of it from their watch (UsageCorrections).
-	s.usage.Store(nil)
+	s.markUsageStale()
 	return prev, err
 }
 

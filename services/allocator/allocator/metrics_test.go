@@ -96,6 +96,14 @@ func TestGaugesFollowTheReplicasView(t *testing.T) {
 	if cr, err := r.alloc.Commit(ctx, commit); err != nil || !cr.GetAlreadyCommitted() || cr.GetUsedBytes() != 4000 {
 		t.Fatalf("retried commit: %v %v, want already committed with 4000 bytes used", cr, err)
 	}
+	// An operator's correction of another bucket's usage leaves the
+	// gauges as they were until the next read.
+	if _, err := r.admin.CorrectUsage(adminCtx(ctx, token), &adminv1.CorrectUsageRequest{Id: "p2", UsedBytes: 10}); err != nil {
+		t.Fatal(err)
+	}
+	if used, up := gauge("bucketlb_bucket_used_bytes", p1), gauge("bucketlb_etcd_up", nil); used != 4000 || up != 1 {
+		t.Fatalf("right after CorrectUsage of p2: p1 used %v, etcd up %v; want 4000 and 1", used, up)
+	}
 
 	stopEtcd()
 	for gauge("bucketlb_etcd_up", nil) != 0 {

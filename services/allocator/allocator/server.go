@@ -100,12 +100,23 @@ type usageView struct {
 	at          time.Time
 	period      string
 	corrections uint64 // Capacity.UsageCorrections before the read
+	stale       bool   // this replica changed usage since (markUsageStale)
 	usage       map[string]ledger.Usage
+}
+
+// markUsageStale makes the next Allocate read usage again, while the
+// gauges go on showing the last read.
+func (s *Server) markUsageStale() {
+	if v := s.usage.Load(); v != nil && !v.stale {
+		c := *v
+		c.stale = true
+		s.usage.CompareAndSwap(v, &c)
+	}
 }
 
 // current reports whether v may still answer.
 func (s *Server) current(v *usageView) bool {
-	return v != nil && time.Since(v.at) < 2*time.Second && v.period == s.ledger.Period().Name &&
+	return v != nil && !v.stale && time.Since(v.at) < 2*time.Second && v.period == s.ledger.Period().Name &&
 		v.corrections == s.capacity.UsageCorrections()
 }
 
@@ -179,14 +190,14 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	// allocators): keep trying until ctx ends rather than exit at once.
 	for attempt := 0; ; attempt++ {
 		err := s.ledger.AgreeResetDay(ctx)
-		if errors.Is(err, ledger.ErrResetDayMismatch) {
-			return nil, fmt.Errorf("allocator: %w", err)
-		}
 		if err == nil {
 			err = s.loadBuckets(ctx, cfg.Buckets)
 		}
 		if err == nil {
 			break
+		}
+		if errors.Is(err, ledger.ErrResetDayMismatch) || errors.Is(err, ledger.ErrInvalid) {
+			return nil, fmt.Errorf("allocator: %w", err) // no retry mends it
 		}
 		if werr := backoff.Wait(ctx, 250*time.Millisecond, attempt); werr != nil {
 			return nil, fmt.Errorf("allocator: etcd at %s did not answer before the start deadline: %w", strings.Join(cli.Endpoints(), ", "), err)
