@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
@@ -17,20 +18,24 @@ import (
 var version = "dev"
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	var got atomic.Value // the signal that ended ctx
 	go func() {
-		// The first Ctrl-C asks the command to stop cleanly (a running
+		// The first signal asks the command to stop cleanly (a running
 		// upload releases what it holds); a second one ends the process.
-		<-ctx.Done()
-		stop()
+		got.Store(<-sigs)
+		signal.Stop(sigs)
+		cancel()
 	}()
 	root := cli.NewRoot(os.Stdout, os.Stderr)
 	root.Version = version
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "bucketctl:", err)
-		if ctx.Err() != nil {
-			os.Exit(130) // interrupted, as shells report it
+		if sig, ok := got.Load().(syscall.Signal); ok {
+			os.Exit(128 + int(sig)) // as shells report a process a signal ended
 		}
 		os.Exit(1)
 	}

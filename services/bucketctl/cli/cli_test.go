@@ -265,6 +265,30 @@ func TestTransfersOnAwkwardPaths(t *testing.T) {
 		t.Fatalf("the link's target holds %d bytes (%v), want the object", len(got), err)
 	}
 
+	// A link to what does not exist yet: the download makes its target.
+	later := filepath.Join(dir, "later", "v2.bin")
+	if err := os.Mkdir(filepath.Dir(later), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	dangling := filepath.Join(dir, "latest.bin")
+	if err := os.Symlink(later, dangling); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", dangling); err != nil {
+		t.Fatalf("get -o a link to nothing yet: %v (%s)", err, errOut)
+	}
+	if fi, err := os.Lstat(dangling); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("get -o replaced the link %s (%v)", dangling, err)
+	}
+	if got, err := os.ReadFile(later); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the link's new target holds %d bytes (%v), want the object", len(got), err)
+	}
+	// -o /dev/stdout is standard output as the command has it, never a
+	// file opened again (a redirected one would be replaced).
+	if out, _, err := run(ctx, nil, "get", "-q", bucket, key, "-o", "/dev/stdout"); err != nil || out != string(data) {
+		t.Fatalf("get -o /dev/stdout wrote %d bytes to standard output (%v), want the object", len(out), err)
+	}
+
 	fifo := filepath.Join(dir, "fifo")
 	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
 		t.Fatal(err)

@@ -245,6 +245,27 @@ func newBar(size int64, label string, w io.Writer, quiet bool) *progressbar.Prog
 	)
 }
 
+// linkTarget follows path's symbolic links, even to a target that does
+// not exist yet (which a download then makes, as a shell's "> link"
+// would).
+func linkTarget(path string) (string, error) {
+	for range 40 {
+		fi, err := os.Lstat(path)
+		if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			return path, nil
+		}
+		to, err := os.Readlink(path)
+		if err != nil {
+			return "", err
+		}
+		if !filepath.IsAbs(to) {
+			to = filepath.Join(filepath.Dir(path), to)
+		}
+		path = to
+	}
+	return "", fmt.Errorf("%s: too many levels of symbolic links", path)
+}
+
 // terminal reports whether w is a terminal.
 func terminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
@@ -270,10 +291,19 @@ func newGetCmd(g *globals) *cobra.Command {
 			var w io.Writer = g.out
 			var file *os.File
 			dest, inPlace := output, false
+			switch output {
+			case "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1":
+				// Opened again, standard output redirected to a file would
+				// be replaced, or written from its start.
+				output = "-"
+			case "/dev/stderr", "/dev/fd/2", "/proc/self/fd/2":
+				output, w = "-", g.errOut
+			}
 			if output != "" && output != "-" {
-				// Through a symbolic link, the download goes to its target.
-				if real, err := filepath.EvalSymlinks(output); err == nil {
-					dest = real
+				// Through symbolic links, the download goes to their
+				// target, made if it does not exist yet.
+				if dest, err = linkTarget(output); err != nil {
+					return err
 				}
 				st, err := os.Stat(dest)
 				switch {
