@@ -174,17 +174,24 @@ func TestAllocateCommitRelease(t *testing.T) {
 	}
 }
 
+// replicaAtMonthEnd runs a replica with one 1000-byte bucket, p1, on a
+// clock set two seconds before January ends; set now to move it.
+func replicaAtMonthEnd(t *testing.T) (replica, *atomic.Int64) {
+	_, cli := testenv.Etcd(t)
+	now := &atomic.Int64{}
+	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
+	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
+		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	return r, now
+}
+
 // A full bucket takes uploads again as soon as the period turns or an
 // operator resets its usage: the allocator does not answer from its
 // estimate of usage that "no room is left this period" (an answer clients
 // do not retry) once that estimate is of another period, or older than
 // the reset.
 func TestRoomComesBackAtOnce(t *testing.T) {
-	_, cli := testenv.Etcd(t)
-	var now atomic.Int64
-	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
-	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
-		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	r, now := replicaAtMonthEnd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	fill := func() {
@@ -234,11 +241,7 @@ func TestRoomComesBackAtOnce(t *testing.T) {
 // A commit retried after the period turned answers with the period its
 // bytes were counted in and that period's usage, not the new period's.
 func TestRetriedCommitAfterThePeriodTurned(t *testing.T) {
-	_, cli := testenv.Etcd(t)
-	var now atomic.Int64
-	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
-	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
-		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	r, now := replicaAtMonthEnd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	commit := func(size int64) (*allocatorv1.CommitRequest, *allocatorv1.CommitResponse) {

@@ -255,15 +255,21 @@ func TestTransfersOnAwkwardPaths(t *testing.T) {
 	if err := os.Symlink(target, link); err != nil {
 		t.Fatal(err)
 	}
-	if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", link); err != nil {
-		t.Fatalf("get -o through a link: %v (%s)", err, errOut)
+	// getThrough downloads to link and requires the link kept and the
+	// object in target.
+	getThrough := func(link, target string) {
+		t.Helper()
+		if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", link); err != nil {
+			t.Fatalf("get -o %s: %v (%s)", link, err, errOut)
+		}
+		if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			t.Fatalf("get -o replaced the link %s (%v)", link, err)
+		}
+		if got, err := os.ReadFile(target); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("the link's target %s holds %d bytes (%v), want the object", target, len(got), err)
+		}
 	}
-	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
-		t.Fatalf("get -o replaced the link %s (%v)", link, err)
-	}
-	if got, err := os.ReadFile(target); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("the link's target holds %d bytes (%v), want the object", len(got), err)
-	}
+	getThrough(link, target)
 
 	// A link to what does not exist yet: the download makes its target.
 	later := filepath.Join(dir, "later", "v2.bin")
@@ -274,15 +280,7 @@ func TestTransfersOnAwkwardPaths(t *testing.T) {
 	if err := os.Symlink(later, dangling); err != nil {
 		t.Fatal(err)
 	}
-	if _, errOut, err := run(ctx, nil, "get", "-q", bucket, key, "-o", dangling); err != nil {
-		t.Fatalf("get -o a link to nothing yet: %v (%s)", err, errOut)
-	}
-	if fi, err := os.Lstat(dangling); err != nil || fi.Mode()&os.ModeSymlink == 0 {
-		t.Fatalf("get -o replaced the link %s (%v)", dangling, err)
-	}
-	if got, err := os.ReadFile(later); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("the link's new target holds %d bytes (%v), want the object", len(got), err)
-	}
+	getThrough(dangling, later)
 	// -o /dev/stdout is standard output as the command has it, never a
 	// file opened again (a redirected one would be replaced).
 	if out, _, err := run(ctx, nil, "get", "-q", bucket, key, "-o", "/dev/stdout"); err != nil || out != string(data) {

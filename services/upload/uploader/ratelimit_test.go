@@ -20,18 +20,24 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 )
 
-// Many uploads of one client over its rate limit all get through in
-// their turn: each refusal says when a token is back, the client spreads
-// its retries past that, and waiting for the limit does not use up the
-// attempts kept for failures. 30 uploads at 5/s (burst 5) take about 5 s.
-func TestRateLimitedUploadFilesWaitTheirTurn(t *testing.T) {
-	lim := ratelimit.New(5, 5, nil)
+// rateLimitedStack is a stack whose upload service runs lim, and a
+// 1000-byte file to upload.
+func rateLimitedStack(t *testing.T, lim *ratelimit.Limiter) (*stack, string) {
 	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, nil,
 		grpc.ChainUnaryInterceptor(lim.Unary), grpc.ChainStreamInterceptor(lim.Stream))
 	path := filepath.Join(t.TempDir(), "f.bin")
 	if err := os.WriteFile(path, testenv.OpaqueBytes(t, 1000), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return st, path
+}
+
+// Many uploads of one client over its rate limit all get through in
+// their turn: each refusal says when a token is back, the client spreads
+// its retries past that, and waiting for the limit does not use up the
+// attempts kept for failures. 30 uploads at 5/s (burst 5) take about 5 s.
+func TestRateLimitedUploadFilesWaitTheirTurn(t *testing.T) {
+	st, path := rateLimitedStack(t, ratelimit.New(5, 5, nil))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var refused atomic.Int64
@@ -62,13 +68,7 @@ func TestRateLimitedUploadFilesWaitTheirTurn(t *testing.T) {
 // RateLimitWait < 0 means no waiting for the rate limit: a refusal by it
 // fails the upload at once, naming the limit, with no retry.
 func TestNoWaitingForTheRateLimit(t *testing.T) {
-	lim := ratelimit.New(0.01, 1, nil) // one call, then none for 100 s
-	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, nil,
-		grpc.ChainUnaryInterceptor(lim.Unary), grpc.ChainStreamInterceptor(lim.Stream))
-	path := filepath.Join(t.TempDir(), "f.bin")
-	if err := os.WriteFile(path, testenv.OpaqueBytes(t, 1000), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	st, path := rateLimitedStack(t, ratelimit.New(0.01, 1, nil)) // one call, then none for 100 s
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream"}
