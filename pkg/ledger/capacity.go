@@ -54,11 +54,17 @@ type Capacity struct {
 	shardsSeen map[string]int64
 
 	corrections atomic.Uint64 // see UsageCorrections
+
+	// suspect is signalled when etcd refused a write for a lease it does
+	// not have: the term's lease may be gone before its keepalive says so
+	// (a pause longer than the TTL), and every write until then would fail.
+	suspect chan struct{}
 }
 
-// rotatingLease is a lease many keys hang on, replaced every quarter of
-// its TTL, so each key lives between 3/4 of the TTL and the TTL without a
-// lease grant per key.
+// rotatingLease is a lease many keys hang on, without a lease grant per
+// key: granted for 5/4 of the TTL and replaced after a quarter of it, so
+// each key lives between the TTL (which config promises: a retry within
+// it finds the commit marker or the upload's record) and 5/4 of it.
 type rotatingLease struct {
 	mu sync.Mutex
 	id clientv3.LeaseID
@@ -71,7 +77,7 @@ func (r *rotatingLease) get(ctx context.Context, l *Ledger, ttl time.Duration) (
 	if r.id != 0 && time.Since(r.at) < ttl/4 {
 		return r.id, nil
 	}
-	id, err := l.grant(ctx, ttl)
+	id, err := l.grant(ctx, ttl+ttl/4)
 	if err != nil {
 		return 0, err
 	}
@@ -147,6 +153,10 @@ func (t *term) rereadAll() {
 		}
 	}
 }
+
+// errLeaseGone ends a term whose lease etcd no longer has, found before
+// the keepalive noticed; a new term starts at once.
+var errLeaseGone = errors.New("etcd no longer has this replica's lease")
 
 // errLeaseLost ends operations of a term whose lease is gone.
 var errLeaseLost = fmt.Errorf("allocator replica lost its etcd lease: %w", ErrConflict)
@@ -325,7 +335,7 @@ func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog
 		leaseTTL = 10 * time.Second
 	}
 	return &Capacity{l: l, id: replicaID, leaseTTL: leaseTTL, log: log,
-		ready: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{})}
+		ready: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{}), suspect: make(chan struct{}, 1)}
 }
 
 // Run keeps the replica lease alive, batches reservation writes, watches
@@ -345,6 +355,9 @@ func (c *Capacity) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		if err := c.term(ctx); err != nil && ctx.Err() == nil {
 			c.log.Warn("capacity lease lost; starting over", "error", err.Error())
+			if errors.Is(err, errLeaseGone) {
+				continue // etcd answers: no reason to wait
+			}
 			select {
 			case <-ctx.Done():
 			case <-time.After(200 * time.Millisecond):
@@ -424,6 +437,13 @@ func (c *Capacity) term(ctx context.Context) error {
 		case _, ok := <-ka:
 			if !ok {
 				return errors.New("keepalive channel closed")
+			}
+		case <-c.suspect:
+			gctx, cancel := c.l.ctx(ctx)
+			ttl, err := c.l.cli.TimeToLive(gctx, g.ID)
+			cancel()
+			if err == nil && ttl.TTL <= 0 {
+				return errLeaseGone
 			}
 		case wr, ok := <-watch:
 			if !ok || wr.Err() != nil {
@@ -598,6 +618,22 @@ var errNotSent = errors.New("ledger: the write was not sent")
 // under a lease it no longer has), so none of it applied.
 var errNotApplied = errors.New("ledger: etcd refused the write")
 
+// noteLease checks err for etcd's "lease not found" and, finding it, has
+// the term check its lease at once (see suspect).
+func (c *Capacity) noteLease(err error) {
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		select {
+		case c.suspect <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// LeaseLost reports an error of a write etcd refused because a lease it
+// carried is gone: the write did not apply, and a retry (on this replica
+// once it has a new lease, or on another) may succeed.
+func LeaseLost(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
+
 // send writes batch in one transaction: the revision it applied at, or
 // its error.
 func (c *Capacity) send(ctx context.Context, batch []*write) (int64, error) {
@@ -608,6 +644,7 @@ func (c *Capacity) send(ctx context.Context, batch []*write) (int64, error) {
 	tctx, cancel := c.l.ctx(ctx)
 	defer cancel()
 	resp, err := c.l.cli.Txn(tctx).Then(ops...).Commit()
+	c.noteLease(err)
 	switch {
 	case err == nil:
 		return resp.Header.Revision, nil
@@ -747,6 +784,7 @@ func (c *Capacity) txn(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3
 	tctx, cancel := c.l.ctx(ctx)
 	defer cancel()
 	resp, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	c.noteLease(err)
 	if err != nil {
 		return nil, fmt.Errorf("ledger: capacity write: %w", err)
 	}
@@ -1214,6 +1252,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	tctx, cancel := c.l.ctx(ctx)
 	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
 	cancel()
+	c.noteLease(err)
 
 	bc.mu.Lock()
 	bc.carved -= need
@@ -1329,6 +1368,7 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	tctx, cancel := c.l.ctx(ctx)
 	tr, err := c.l.cli.Txn(tctx).If(cmps...).Then(ops...).Else(elseOps...).Commit()
 	cancel()
+	c.noteLease(err)
 	if err != nil || !tr.Succeeded {
 		c.resync(ctx, t, bc, period, id)
 		if err == nil && len(elseOps) > 0 {

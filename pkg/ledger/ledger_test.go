@@ -354,6 +354,40 @@ func TestSeedAsManyAsAllowed(t *testing.T) {
 	}
 }
 
+// A commit's marker and its upload's record last at least as long as
+// configured: they hang on leases shared for a quarter of the TTL, which
+// are therefore granted for 5/4 of it. Granted for the TTL alone, a key
+// written late in a lease's quarter lived 3/4 of it, and a retry inside
+// the TTL was counted again.
+func TestCommitKeysLiveTheirTTL(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	const ttl = 40 * time.Second
+	_, c := replicaCapWith(t, cli, "r1", ledger.Options{CommitMarkerTTL: ttl, IdempotencyTTL: 2 * ttl})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	b := bucket("b1", 10000)
+	r, err := c.Reserve(ctx, b, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Commit(ctx, b, r.ID, 100, &ledger.Idempotency{Key: "k1", Record: []byte(`{"size":100}`)}); err != nil {
+		t.Fatal(err)
+	}
+	for prefix, want := range map[string]time.Duration{"/bucketlb/commits/": ttl, "/bucketlb/idem/": 2 * ttl} {
+		resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix())
+		if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+			t.Fatalf("keys under %s: %v, %v; want one on a lease", prefix, resp, err)
+		}
+		l, err := cli.TimeToLive(ctx, clientv3.LeaseID(resp.Kvs[0].Lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if granted := time.Duration(l.GrantedTTL) * time.Second; granted < want+want/4 {
+			t.Fatalf("the lease of %s was granted for %v; with a quarter of %v shared, its keys could live only %v", resp.Kvs[0].Key, granted, want, granted-want/4)
+		}
+	}
+}
+
 func TestPeriod(t *testing.T) {
 	cases := []struct {
 		at   string
