@@ -72,6 +72,10 @@ func toStatus(ctx context.Context, err error) error {
 		return withRetry(codes.Unavailable, err.Error(), 5*time.Second)
 	case errors.Is(err, ledger.ErrConflict):
 		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)
+	case ledger.LeaseLost(err):
+		// Nothing applied; this replica takes a new lease at once, and
+		// another replica may answer meanwhile.
+		return withRetry(codes.Unavailable, "this allocator replica's etcd lease ended (a pause longer than its TTL?); retry", 100*time.Millisecond)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		errors.Is(err, rpctypes.ErrNoLeader), errors.Is(err, rpctypes.ErrTimeout),
 		status.Code(err) == codes.Unavailable:

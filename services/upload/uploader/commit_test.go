@@ -3,9 +3,12 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -401,5 +404,62 @@ func TestAbandonedWritesStillReportTheBucket(t *testing.T) {
 			waitFailures(t, st, id, 3)
 			st.waitNoReservations(t)
 		})
+	}
+}
+
+// leaseEndsBeforeCommit revokes the allocator replica's etcd lease right
+// before the first Commit it forwards, as when the replica paused for
+// longer than the lease's TTL and has not yet noticed.
+type leaseEndsBeforeCommit struct {
+	uploader.Allocator
+	cli *clientv3.Client
+	on  atomic.Bool
+	err atomic.Value // the Commit answers it saw fail
+}
+
+func (l *leaseEndsBeforeCommit) Commit(ctx context.Context, in *allocatorv1.CommitRequest, opts ...grpc.CallOption) (*allocatorv1.CommitResponse, error) {
+	if l.on.CompareAndSwap(true, false) {
+		// A reservation id is "<replica>.<lease id, hex>~<random>".
+		owner, _, _ := strings.Cut(in.GetReservationId(), "~")
+		id, err := strconv.ParseInt(owner[strings.LastIndex(owner, ".")+1:], 16, 64)
+		if err == nil {
+			_, err = l.cli.Revoke(ctx, clientv3.LeaseID(id))
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	resp, err := l.Allocator.Commit(ctx, in, opts...)
+	if err != nil {
+		l.err.Store(err)
+	}
+	return resp, err
+}
+
+// An allocator replica whose etcd lease ended before it noticed (a pause
+// longer than the TTL) answers UNAVAILABLE, which the upload retries, and
+// takes a new lease at once: the upload is stored and counted, not
+// removed after an INTERNAL error.
+func TestCommitAfterTheReplicasLeaseEnded(t *testing.T) {
+	w := &leaseEndsBeforeCommit{}
+	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator { w.Allocator = a; return w })
+	w.cli = testenv.EtcdClient(t, st.Etcd.Endpoint)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 4000)
+	hdr := &uploadv1.UploadHeader{NameHint: "f.bin", ContentType: "application/octet-stream", Size: int64(len(data))}
+	w.on.Store(true)
+	resp, err := send(ctx, st.Upload, hdr, data)
+	if err != nil {
+		t.Fatalf("upload whose allocator lost its lease before the Commit: %v", err)
+	}
+	if e, ok := w.err.Load().(error); ok && status.Code(e) != codes.Unavailable {
+		t.Fatalf("the allocator answered the Commit %v, want UNAVAILABLE", e)
+	}
+	if _, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back: %d bytes, %v", len(got), err)
+	}
+	if used, _ := st.usage(t); sumOf(used) != int64(len(data)) {
+		t.Fatalf("usage %v, want the %d bytes once", used, len(data))
 	}
 }
