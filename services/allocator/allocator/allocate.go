@@ -67,11 +67,8 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 	healthyExists := false
 	var why skipped
 	buckets := sortedBuckets(s.bucketMap())
-	roomThisPeriod := false // an ACTIVE bucket's committed bytes leave room
+	roomThisPeriod := roomLeft(buckets, usage, req.GetSize())
 	for _, b := range buckets {
-		if b.GetState() == adminv1.BucketState_BUCKET_STATE_ACTIVE && usage[b.GetId()].Used+req.GetSize() <= b.GetMonthlyLimitBytes() {
-			roomThisPeriod = true
-		}
 		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE {
 			why.add(strings.ToLower(strings.TrimPrefix(b.GetState().String(), "BUCKET_STATE_")))
 			continue
@@ -89,7 +86,7 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		u := usage[b.GetId()]
 		// Committed bytes alone decide here: capacity held in blocks may be
 		// this replica's own. Reserve enforces the exact limit.
-		if u.Used+req.GetSize() > b.GetMonthlyLimitBytes() {
+		if !fits(b, u, req.GetSize()) {
 			continue
 		}
 		specs[b.GetId()] = b
@@ -151,12 +148,37 @@ func (s *Server) allocate(ctx context.Context, req *allocatorv1.AllocateRequest)
 		}
 		return nil, nil, fmt.Errorf("%w (of %d buckets: %s)", errNoHealthyBucket, len(buckets), why)
 	}
+	if roomThisPeriod {
+		// The estimate of usage may predate the commits that took the
+		// room (it is read every 200 ms): before telling the caller that
+		// reservations hold it and a retry may find it, read usage again.
+		if fresh, err := s.readUsage(ctx); err == nil {
+			roomThisPeriod = roomLeft(buckets, fresh, req.GetSize())
+		}
+	}
 	if !roomThisPeriod {
 		// Only an operator, or the next period, makes room: a retry
 		// would only wait.
 		return nil, nil, errNoRoomThisPeriod
 	}
 	return nil, nil, errNoRoom
+}
+
+// fits reports whether size bytes fit in b beside its committed bytes
+// (written so that no size overflows the sum).
+func fits(b *adminv1.BucketSpec, u ledger.Usage, size int64) bool {
+	return size <= b.GetMonthlyLimitBytes()-u.Used
+}
+
+// roomLeft reports whether an ACTIVE bucket's committed bytes leave room
+// for size bytes this period.
+func roomLeft(buckets []*adminv1.BucketSpec, usage map[string]ledger.Usage, size int64) bool {
+	for _, b := range buckets {
+		if b.GetState() == adminv1.BucketState_BUCKET_STATE_ACTIVE && fits(b, usage[b.GetId()], size) {
+			return true
+		}
+	}
+	return false
 }
 
 // excluded is the reason for a bucket the caller asked not to be given.

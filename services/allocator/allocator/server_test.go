@@ -1,6 +1,7 @@
 package allocator_test
 
 import (
+	"math"
 	"context"
 	"errors"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
@@ -235,6 +236,30 @@ func TestRoomComesBackAtOnce(t *testing.T) {
 	}
 	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500}); err != nil {
 		t.Fatalf("allocate after ResetUsage: %v, want room", err)
+	}
+}
+
+// An upload that committed bytes leave no room for is told so at once,
+// without RetryInfo, however recent the commits that took the room: a
+// RetryInfo would have clients wait and retry for nothing. Sizes near the
+// int64 limit do not overflow into "room".
+func TestNoRoomLeftIsToldAtOnce(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 100)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 80, Size: 80}); err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int64{80, math.MaxInt64} {
+		_, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: size})
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "committed bytes leave less than that") || len(status.Convert(err).Details()) != 0 {
+			t.Fatalf("allocate %d bytes where 20 are left: %v %v, want RESOURCE_EXHAUSTED saying committed bytes leave no room, without RetryInfo", size, err, status.Convert(err).Details())
+		}
 	}
 }
 
