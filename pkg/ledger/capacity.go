@@ -917,6 +917,13 @@ func (c *Capacity) Renew(ctx context.Context, bucket *adminv1.BucketSpec, resID 
 		// now would hold the bytes in our block as well as its owner's.
 		return time.Time{}, false, fmt.Errorf("ledger: renew %s: %w", resID, ErrConflict)
 	}
+	// Gone because it was committed (the commit deleted it and wrote its
+	// marker in one transaction): nothing to bring back.
+	if _, committed, err := c.l.readMarker(ctx, resID); err != nil {
+		return time.Time{}, false, err
+	} else if committed {
+		return time.Time{}, false, fmt.Errorf("%w: reservation %s was committed; there is nothing to renew", ErrInvalid, resID)
+	}
 	r, err := c.carve(ctx, t, bucket, resID, size, ttl, absent)
 	if errors.Is(err, ErrNoRoom) {
 		return time.Time{}, false, ErrReservationLost

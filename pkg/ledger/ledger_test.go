@@ -99,6 +99,11 @@ func TestReserveCommitRelease(t *testing.T) {
 	if err != nil || !again.AlreadyCommitted {
 		t.Fatalf("retried commit = %+v, %v; want the first answer, flagged", again, err)
 	}
+	// A committed reservation is over: a late Renew does not bring it
+	// back to hold the room again.
+	if _, _, err := c.Renew(ctx, b, r1.ID, 600, 10*time.Second); !errors.Is(err, ledger.ErrInvalid) {
+		t.Fatalf("renew of a committed reservation: %v, want ErrInvalid", err)
+	}
 	r2, err := c.Reserve(ctx, b, 450, 10*time.Second)
 	if err != nil {
 		t.Fatalf("reserve the remaining 450: %v", err)
