@@ -1,11 +1,11 @@
 package allocator_test
 
 import (
-	"math"
 	"context"
 	"errors"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"log/slog"
+	"math"
 	"net"
 	"strings"
 	"sync"
