@@ -12,6 +12,7 @@ GRPCURL_VERSION := v1.9.4
 # v5.8.3+ needs Go 1.27.
 KUSTOMIZE_VERSION := v5.8.2
 STATICCHECK_VERSION := v0.8.2
+PROMTOOL_VERSION := v0.316.0
 
 MODULES := ./pkg/... ./services/allocator/... ./services/upload/... ./services/bucketctl/...
 GO_TEST_FLAGS ?= -race -count=1 -timeout 20m
@@ -34,6 +35,8 @@ $(BIN)/grpcurl:
 	GOBIN=$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 $(BIN)/kustomize:
 	GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+$(BIN)/promtool:
+	GOBIN=$(BIN) go install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION)
 
 .PHONY: tools
 tools: $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc ## Install the pinned build tools into ./bin.
@@ -72,8 +75,13 @@ manifests-check: $(BIN)/kustomize ## Build both kustomize overlays.
 	$(BIN)/kustomize build deployments/overlays/dev >/dev/null
 	$(BIN)/kustomize build deployments/overlays/production >/dev/null
 
+.PHONY: rules-check
+rules-check: $(BIN)/promtool ## Check the Prometheus rules and run their unit tests (deployments/monitoring).
+	$(BIN)/promtool check rules deployments/monitoring/bucketlb.rules.yaml
+	$(BIN)/promtool test rules deployments/monitoring/bucketlb.rules_test.yaml
+
 .PHONY: test
-test: proto-check lint manifests-check ## Install tools, check generated code, lint and manifests, run every test with -race.
+test: proto-check lint manifests-check rules-check ## Install tools, check generated code, lint, manifests and alert rules, run every test with -race.
 	BUCKETLB_KUSTOMIZE=$(BIN)/kustomize go test $(GO_TEST_FLAGS) $(MODULES)
 
 .PHONY: bench
