@@ -141,7 +141,7 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 		metric.WithDescription("Uploads and reads on this replica waiting for buffer room (upload.bufferBudget); for long above 0, the replica needs company."), metric.WithUnit("{call}"))
 	check(err)
 	m.failovers, err = mt.Int64Counter("bucketlb.upload.failovers",
-		metric.WithDescription("Uploads moved away from a bucket that failed mid-upload, by the bucket left."), metric.WithUnit("{failover}"))
+		metric.WithDescription("Buckets an upload left, by the bucket and why (it failed, or this replica lacks its keys), whether or not another bucket then took the upload."), metric.WithUnit("{failover}"))
 	check(err)
 	m.leftovers, err = mt.Int64Counter("bucketlb.upload.leftovers",
 		metric.WithDescription("What failed uploads may have left in a bucket because removing it failed, by bucket and kind (object: bytes no usage counts; multipart: parts until the bucket's lifecycle rule aborts them)."), metric.WithUnit("{leftover}"))

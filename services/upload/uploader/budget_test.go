@@ -3,6 +3,7 @@ package uploader_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
@@ -264,8 +265,9 @@ func TestClientShareKeepsRoomForOthers(t *testing.T) {
 // Uploads that fail through their client's own doing count as rejected in
 // bucketlb_uploads_total, not as failures of the service, so a
 // misbehaving client cannot trip the success-rate alert: one cut off for
-// sending nothing, one over its share of the buffers, and one under a
-// running upload's idempotency key. The replica's own budget running out
+// sending nothing, one asking for a resumable upload, one over its share
+// of the buffers, and one under a running upload's idempotency key. The
+// replica's own budget running out
 // still counts as unavailable.
 func TestCallerFaultsCountAsRejected(t *testing.T) {
 	st, reg := startMeasuredStack(t, func(c *uploader.Config) {
@@ -297,6 +299,10 @@ func TestCallerFaultsCountAsRejected(t *testing.T) {
 
 	idle := openUpload(ctx, t, st.Upload, hdr("faults/idle.bin"), nil)
 	expect("an idle client", idle.RecvMsg(&uploadv1.UploadResponse{}), codes.DeadlineExceeded, 1, 0)
+	// Asking for what the service does not offer (a resumable upload) is
+	// the caller's doing too. Counted from here on one more.
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/resumable.bin", ContentType: "application/octet-stream", Size: int64(len(small)), Resumable: true}, small)
+	expect("a resumable upload", err, codes.Unimplemented, 2, 0)
 
 	// A large upload holds the key, and its client's whole share.
 	holder, stopHolder := context.WithCancel(asClient(ctx, "holder"))
@@ -305,10 +311,10 @@ func TestCallerFaultsCountAsRejected(t *testing.T) {
 		testenv.OpaqueBytes(t, 1<<20))
 	waitHeld(t, st, 2*budgetPart)
 	waitReserved(t, st)
-	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
-	expect("an upload under a running upload's key", err, codes.Aborted, 2, 0)
+	_, err = send(ctx, st.Upload, &uploadv1.UploadHeader{Key: "faults/held.bin", IdempotencyKey: "k-held", ContentType: "application/octet-stream", Size: int64(len(small))}, small)
+	expect("an upload under a running upload's key", err, codes.Aborted, 3, 0)
 	_, err = send(asClient(ctx, "holder"), st.Upload, hdr("faults/share.bin"), small)
-	expect("an upload over its client's share", err, codes.ResourceExhausted, 3, 0)
+	expect("an upload over its client's share", err, codes.ResourceExhausted, 4, 0)
 
 	// Another client fills the rest of the replica's budget: running out
 	// of that is the service's failure.
@@ -318,7 +324,27 @@ func TestCallerFaultsCountAsRejected(t *testing.T) {
 		testenv.OpaqueBytes(t, 1<<20))
 	waitHeld(t, st, 4*budgetPart)
 	_, err = send(ctx, st.Upload, hdr("faults/full.bin"), small)
-	expect("an upload into a full replica", err, codes.Unavailable, 3, 1)
+	expect("an upload into a full replica", err, codes.Unavailable, 4, 1)
+
+	// The log says the same: the caller's faults at INFO, the service's
+	// failure at WARN, each with its client and idempotency key.
+	levels := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(st.Logs.String()), "\n") {
+		var rec map[string]any
+		if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "upload failed" {
+			continue
+		}
+		key, _ := rec["key"].(string)
+		levels[key] = fmt.Sprint(rec["level"])
+		if key == "faults/share.bin" && (rec["client"] != "id:holder" || rec["idempotency_key"] != "k-faults/share.bin") {
+			t.Fatalf("the log of an upload over its share: %v, want its client and idempotency key", rec)
+		}
+	}
+	for key, want := range map[string]string{"faults/idle.bin": "INFO", "faults/share.bin": "INFO", "faults/full.bin": "WARN"} {
+		if levels[key] != want {
+			t.Fatalf("upload %s logged its failure at %q, want %s (all: %v)", key, levels[key], want, levels)
+		}
+	}
 }
 
 // waitReserved polls until the stack's bucket holds a reservation.

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"log/slog"
 	"maps"
 	"regexp"
 	"strings"
@@ -28,6 +29,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
 )
 
@@ -100,11 +102,19 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 	resp, err := s.upload(ctx, stream, &u)
 	if err != nil {
 		st := toStatus(ctx, err)
-		attrs := []any{"code", status.Code(st).String(), "error", status.Convert(st).Message(), "cause", err.Error()}
+		attrs := []any{"code", status.Code(st).String(), "error", status.Convert(st).Message(), "cause", err.Error(),
+			"client", ratelimit.ClientID(ctx)}
 		if u != nil {
-			attrs = append(attrs, "key", u.key, "bucket", u.bucket)
+			attrs = append(attrs, "key", u.key, "bucket", u.bucket, "idempotency_key", u.hdr.GetIdempotencyKey())
 		}
-		s.log.Info("upload failed", attrs...)
+		// The caller's mistakes and departures are routine; the rest is
+		// the service's to answer for, and log alerts look for it.
+		level := slog.LevelWarn
+		switch o := telemetry.Outcome(st); {
+		case callerFault(err), o == telemetry.OutcomeRejected, o == telemetry.OutcomeCanceled:
+			level = slog.LevelInfo
+		}
+		s.log.Log(ctx, level, "upload failed", attrs...)
 		s.cfg.Metrics.RecordUpload(ctx, telemetry.Upload{Duration: time.Since(start), Err: st, CallerFault: callerFault(err)})
 		return st
 	}
@@ -118,10 +128,11 @@ func (s *Server) Upload(stream uploadv1.UploadService_UploadServer) error {
 // say so: a client cut off for sending nothing or too little
 // (DEADLINE_EXCEEDED), one over its own share of the buffers
 // (RESOURCE_EXHAUSTED), a second upload under a running upload's
-// idempotency key (ABORTED, the only use of that code here).
+// idempotency key (ABORTED, the only use of that code here), a feature
+// this service does not offer (UNIMPLEMENTED: resumable uploads).
 func callerFault(err error) bool {
 	var sf *shareFull
-	return errors.Is(err, errIdle) || errors.As(err, &sf) || status.Code(err) == codes.Aborted
+	return errors.Is(err, errIdle) || errors.As(err, &sf) || status.Code(err) == codes.Aborted || errors.Is(err, errUnsupported)
 }
 
 // upload runs one upload; *seen is its state once its header passed, for
