@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -77,8 +78,7 @@ func toStatus(ctx context.Context, err error) error {
 		// another replica may answer meanwhile.
 		return withRetry(codes.Unavailable, "this allocator replica's etcd lease ended (a pause longer than its TTL?); retry", 100*time.Millisecond)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
-		errors.Is(err, rpctypes.ErrNoLeader), errors.Is(err, rpctypes.ErrTimeout),
-		status.Code(err) == codes.Unavailable:
+		etcdUnavailable(err), status.Code(err) == codes.Unavailable:
 		// etcd did not answer in time: fail closed rather than guess.
 		return withRetry(codes.Unavailable, "the allocator cannot reach etcd; retry shortly", time.Second)
 	}
@@ -91,4 +91,16 @@ func withRetry(c codes.Code, msg string, after time.Duration) error {
 		return status.Error(c, msg)
 	}
 	return st.Err()
+}
+
+// etcdUnavailable reports etcd's own ways of saying it cannot answer now:
+// no leader, a leader change or timeout, a member stopping (all codes
+// Unavailable in etcd's errors), and raft stopping under a request, which
+// reaches the client as an Unknown status with only its text.
+func etcdUnavailable(err error) bool {
+	var ee rpctypes.EtcdError
+	if errors.As(err, &ee) && (ee.Code() == codes.Unavailable || ee.Code() == codes.DeadlineExceeded) {
+		return true
+	}
+	return strings.Contains(err.Error(), "raft: stopped")
 }
