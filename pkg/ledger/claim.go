@@ -63,8 +63,8 @@ func (c *Capacity) Claim(ctx context.Context, key, token string, ttl time.Durati
 	if err := checkClaim(key, token); err != nil {
 		return time.Time{}, err
 	}
-	// A key lives at least 3/4 of its lease's TTL after its last write,
-	// longer than the claim itself.
+	// A key lives at least 4/5 of its lease's TTL after its last write
+	// (see rotatingLease), longer than the claim itself.
 	lease, err := c.claims.get(ctx, c.l, 2*ttl+time.Minute)
 	if err != nil {
 		return time.Time{}, err
@@ -80,6 +80,7 @@ func (c *Capacity) Claim(ctx context.Context, key, token string, ttl time.Durati
 			clientv3.Compare(clientv3.ModRevision(ck), "=", seen),
 		).Then(clientv3.OpPut(ck, val, clientv3.WithLease(lease))).Else(clientv3.OpGet(rec, clientv3.WithCountOnly()), clientv3.OpGet(ck)).Commit()
 		cancel()
+		c.noteLease(err)
 		if err != nil {
 			// Ambiguous: the caller's EndClaim with the same token removes
 			// a claim that did apply.

@@ -74,9 +74,9 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.Is(err, ledger.ErrConflict):
 		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)
 	case ledger.LeaseLost(err):
-		// Nothing applied; this replica takes a new lease at once, and
-		// another replica may answer meanwhile.
-		return withRetry(codes.Unavailable, "this allocator replica's etcd lease ended (a pause longer than its TTL?); retry", 100*time.Millisecond)
+		// Nothing applied; the replica takes a new lease for the next
+		// try, and another replica may answer meanwhile.
+		return withRetry(codes.Unavailable, "an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		etcdUnavailable(err), status.Code(err) == codes.Unavailable:
 		// etcd did not answer in time: fail closed rather than guess.

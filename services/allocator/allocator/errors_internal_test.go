@@ -19,6 +19,7 @@ func TestEtcdTroubleIsUnavailable(t *testing.T) {
 		rpctypes.ErrLeaderChanged, rpctypes.ErrStopped, rpctypes.ErrNoLeader, rpctypes.ErrTimeout,
 		rpctypes.ErrTimeoutDueToLeaderFail, rpctypes.ErrTimeoutDueToConnectionLost,
 		status.Error(codes.Unknown, "raft: stopped"),
+		rpctypes.ErrLeaseNotFound, // a write under a lease that ended: nothing applied
 	} {
 		wrapped := fmt.Errorf("ledger: write reservation: %w", err)
 		if got := status.Code(toStatus(context.Background(), wrapped)); got != codes.Unavailable {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"log/slog"
 	"math"
 	"net"
@@ -891,6 +892,49 @@ func TestResetDayIsTheClusters(t *testing.T) {
 		t.Fatalf("a replica on the cluster's day: %v", err)
 	}
 	_ = same.Close()
+}
+
+// The shared leases commit markers and claims hang on can vanish from
+// etcd (a restore from a backup taken before they were granted, a revoke
+// by hand). The next Commit and claim take new ones: at most the first
+// try is refused (UNAVAILABLE, retried), not every try until the lease
+// would have been replaced (up to hours).
+func TestVanishedSharedLeasesAreReplaced(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	upload := func(key string) error {
+		var err error
+		for try := 0; try < 2; try++ {
+			var a *allocatorv1.AllocateResponse
+			a, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10, Claim: &allocatorv1.IdempotencyClaim{IdempotencyKey: key, Token: "t-" + key}})
+			if err == nil {
+				_, err = r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 10, Size: 10, IdempotencyKey: key, Key: key})
+			}
+			if status.Code(err) != codes.Unavailable {
+				return err
+			}
+		}
+		return err
+	}
+	if err := upload("k0"); err != nil {
+		t.Fatal(err)
+	}
+	for _, prefix := range []string{"/bucketlb/commits/", "/bucketlb/idem/", "/bucketlb/idemclaim/"} {
+		resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix())
+		if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].Lease == 0 {
+			t.Fatalf("keys under %s: %v, %v", prefix, resp, err)
+		}
+		if _, err := cli.Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			t.Fatal(err)
+		}
+	}
+	for _, key := range []string{"k1", "k2", "k3"} {
+		if err := upload(key); err != nil {
+			t.Fatalf("upload %s after the shared leases vanished: %v", key, err)
+		}
+	}
 }
 
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers

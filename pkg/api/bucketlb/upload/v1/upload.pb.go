@@ -139,8 +139,9 @@ type UploadHeader struct {
 	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	// Optional client-chosen key that makes retries safe: an upload repeated
 	// with the same idempotency key returns the first result and is counted
-	// once, for allocator.idempotencyTTL after the first upload (24 h by
-	// default); after that the key is free, and a repeat is a new upload.
+	// once, for at least allocator.idempotencyTTL after the first upload
+	// (24 h by default; the record goes within a quarter of that more),
+	// after which a repeat is a new upload.
 	// Reusing the key for another object (another size, sha256 or key) fails
 	// with FAILED_PRECONDITION and stores nothing. The bytes are compared by
 	// sha256: the declared one, else, for an object of at most one part, the
