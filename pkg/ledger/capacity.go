@@ -85,6 +85,15 @@ func (r *rotatingLease) get(ctx context.Context, l *Ledger, ttl time.Duration) (
 	return id, nil
 }
 
+// drop forgets the lease, so the next get grants a new one: etcd no
+// longer has it (restored from a backup taken before its grant, or
+// revoked by hand), and every write hung on it would fail until it aged.
+func (r *rotatingLease) drop() {
+	r.mu.Lock()
+	r.id = 0
+	r.mu.Unlock()
+}
+
 // leases are what a commit's keys hang on: its marker, and the upload's
 // record when it carries an idempotency key.
 type leases struct{ marker, idem clientv3.LeaseID }
@@ -619,9 +628,14 @@ var errNotSent = errors.New("ledger: the write was not sent")
 var errNotApplied = errors.New("ledger: etcd refused the write")
 
 // noteLease checks err for etcd's "lease not found" and, finding it, has
-// the term check its lease at once (see suspect).
+// the term check its lease at once (see suspect), and forgets the shared
+// leases commit markers, idempotency records and claims hang on, which
+// may be the one missing: the next write under each takes a new lease.
 func (c *Capacity) noteLease(err error) {
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		c.markers.drop()
+		c.idems.drop()
+		c.claims.drop()
 		select {
 		case c.suspect <- struct{}{}:
 		default:
@@ -630,8 +644,9 @@ func (c *Capacity) noteLease(err error) {
 }
 
 // LeaseLost reports an error of a write etcd refused because a lease it
-// carried is gone: the write did not apply, and a retry (on this replica
-// once it has a new lease, or on another) may succeed.
+// carried is gone (the replica's own, or a shared one its commit records
+// or claims hang on): the write did not apply, and a retry, which takes a
+// new lease, may succeed.
 func LeaseLost(err error) bool { return errors.Is(err, rpctypes.ErrLeaseNotFound) }
 
 // send writes batch in one transaction: the revision it applied at, or
@@ -1491,13 +1506,25 @@ func (c *Capacity) janitor(ctx context.Context) {
 		}
 		if t := c.current(); t != nil {
 			for _, id := range t.bucketIDs() {
-				c.sweep(ctx, t, id)
+				if !c.sweep(ctx, t, id) {
+					// etcd does not answer: a sweep holds the bucket's
+					// locks across its calls, and Reserve and Commit wait
+					// on them, so the next round waits for etcd longer.
+					select {
+					case <-ctx.Done():
+					case <-time.After(2 * time.Second):
+					}
+					break
+				}
 			}
 		}
 	}
 }
 
-func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
+// sweep frees the bucket's expired reservations and returns an idle
+// block's bytes. It reports false when an etcd call failed: it stops at
+// the first, since the caller's Reserve and Commit wait on its locks.
+func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 	bc := t.bucket(id)
 	bc.wmu.Lock()
 	defer bc.wmu.Unlock()
@@ -1505,7 +1532,9 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 	defer bc.mu.Unlock()
 	if bc.unsure {
 		// Bytes a lost answer left in our block go back below.
-		c.resync(ctx, t, bc, c.l.Period().Name, id)
+		if c.resync(ctx, t, bc, c.l.Period().Name, id); bc.unsure {
+			return false
+		}
 	}
 	blockKey := c.l.blockPrefix(id) + t.owner
 	now := c.l.opts.Now()
@@ -1522,7 +1551,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 		resp, err := c.l.cli.Txn(gctx).Then(clientv3.OpGet(key), clientv3.OpGet(blockKey)).Commit()
 		cancel()
 		if err != nil {
-			return
+			return false
 		}
 		kvs := resp.Responses[0].GetResponseRange().Kvs
 		if len(kvs) == 0 && r.unapplied && !now.After(r.exp.Add(lateApply)) {
@@ -1540,7 +1569,10 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 			continue
 		}
 		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", kvs[0].ModRevision)}, clientv3.OpDelete(key))
-		if err != nil || !tr.Succeeded {
+		if err != nil {
+			return false
+		}
+		if !tr.Succeeded {
 			continue
 		}
 		// The key existed unchanged until our delete: nobody committed it
@@ -1555,16 +1587,23 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) {
 			op = clientv3.OpPut(blockKey, strconv.FormatInt(bc.carved, 10), clientv3.WithLease(t.lease))
 		}
 		tr, err := c.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(blockKey), "=", bc.blockRev)}, op)
-		if err == nil && tr.Succeeded {
+		switch {
+		case err == nil && tr.Succeeded:
 			rev := tr.Header.Revision
 			bc.block, bc.blockRev, bc.blockSeen = bc.carved, rev, rev
 			if bc.carved == 0 {
 				bc.blockRev = 0
 			}
-		} else {
+		case err == nil:
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
+		default:
+			// The write may have applied: the block is read again before
+			// it is trusted, as after any unanswered write of it.
+			bc.unsure = true
+			return false
 		}
 	}
+	return true
 }
 
 // foldEvery is how often a replica folds idle usage shards: a shard no one
