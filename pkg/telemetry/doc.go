@@ -39,6 +39,8 @@
 //	bucketlb_upload_failovers_total{bucket,reason}   counter   RecordFailover (bucket left: bucket_failed, no_keys)
 //	bucketlb_upload_leftovers_total{bucket,kind}     counter   RecordLeftover (removal failed: object, multipart)
 //	bucketlb_upload_corrupt_reads_total{bucket}      counter   RecordCorruptRead (bytes not matching the stored sha256)
+//	bucketlb_upload_last_leftover_seconds{bucket,kind}  gauge  RecordLeftover (unix time of the last, for alerts)
+//	bucketlb_upload_last_corrupt_read_seconds{bucket}   gauge  RecordCorruptRead (unix time of the last, for alerts)
 //
 // Recorded by the allocator service:
 //

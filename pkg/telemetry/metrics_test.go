@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"testing"
@@ -299,5 +300,36 @@ func TestOutcome(t *testing.T) {
 				t.Errorf("Outcome(%v) = %q, want %q", tc.err, got, tc.want)
 			}
 		})
+	}
+}
+
+// A leftover and a corrupt read also set the time of the last one, per
+// bucket (and kind): the alerts on these rare events read those gauges.
+func TestLastEventTimes(t *testing.T) {
+	t.Parallel()
+	tel, base := start(t, telemetry.Options{})
+	before := float64(time.Now().Unix())
+	tel.Metrics().RecordCorruptRead(context.Background(), "b1")
+	tel.Metrics().RecordLeftover(context.Background(), "b2", telemetry.LeftoverMultipart)
+	after := float64(time.Now().Unix() + 1)
+	fams := scrape(t, base)
+	for name, labels := range map[string]map[string]string{
+		"bucketlb_upload_last_corrupt_read_seconds": {"bucket": "b1"},
+		"bucketlb_upload_last_leftover_seconds":     {"bucket": "b2", "kind": "multipart"},
+	} {
+		fam := fams[name]
+		if fam == nil || len(fam.GetMetric()) != 1 {
+			t.Fatalf("%s: %v, want one series", name, fam)
+		}
+		m := fam.GetMetric()[0]
+		got := map[string]string{}
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "bucket" || l.GetName() == "kind" {
+				got[l.GetName()] = l.GetValue()
+			}
+		}
+		if v := m.GetGauge().GetValue(); v < before || v > after || !maps.Equal(got, labels) {
+			t.Fatalf("%s%v = %v, want %v between %v and %v", name, got, v, labels, before, after)
+		}
 	}
 }
