@@ -972,17 +972,19 @@ func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID
 	if err != nil {
 		return CommitResult{}, err
 	}
-	ls, err := c.leasesFor(ctx, idem)
-	if err != nil {
-		return CommitResult{}, err
-	}
-	return c.commit(ctx, t, bucket, resID, actual, idem, ls)
+	return c.commit(ctx, t, bucket, resID, actual, idem)
 }
 
-func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency, ls leases) (CommitResult, error) {
+func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
 	id := bucket.GetId()
 	bc := t.bucket(id)
 	for attempt := 0; attempt < 50; attempt++ {
+		// Taken again on every try: a lease etcd no longer has is dropped
+		// (noteLease), and the next try must not carry it again.
+		ls, err := c.leasesFor(ctx, idem)
+		if err != nil {
+			return CommitResult{}, err
+		}
 		p := &pendingCommit{bucket: bucket, resID: resID, actual: actual, idem: idem, leases: ls, done: make(chan commitOutcome, 1)}
 		// A reservation carved here is known with its revision: the commit
 		// transaction's compares (no marker yet, key unchanged) stand in

@@ -393,6 +393,41 @@ func TestCommitKeysLiveTheirTTL(t *testing.T) {
 	}
 }
 
+// A shared lease commit markers hang on that etcd no longer has (restored
+// from an older backup, revoked by hand) costs one refused try inside a
+// Commit, which then takes a new lease: the Commit itself succeeds.
+func TestCommitReplacesAVanishedMarkerLease(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	l, c := replicaCap(t, cli, "r1")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 10000)
+	commit := func() error {
+		r, err := c.Reserve(ctx, b, 100, time.Minute)
+		if err != nil {
+			return err
+		}
+		_, err = c.Commit(ctx, b, r.ID, 100, nil)
+		return err
+	}
+	if err := commit(); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(ctx, l.Prefix()+"commits/", clientv3.WithPrefix())
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("commit markers: %v, %v", resp, err)
+	}
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+		t.Fatal(err)
+	}
+	if err := commit(); err != nil {
+		t.Fatalf("a commit after its marker lease vanished: %v", err)
+	}
+	if u := usage(t, l, "b1"); u.Used != 200 {
+		t.Fatalf("usage %d, want 200", u.Used)
+	}
+}
+
 func TestPeriod(t *testing.T) {
 	cases := []struct {
 		at   string
