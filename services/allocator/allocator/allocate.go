@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"slices"
 	"strings"
 	"unicode/utf8"
@@ -227,9 +229,14 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 		s.log.Warn("could not keep a half-open trial out", "bucket", b.GetId(), "error", err.Error())
 	}
 	if cl := req.GetClaim(); cl != nil {
-		// A record under the key means the upload will learn at its
-		// Commit that another one won; until then nothing is to be held.
-		if _, err := s.capacity.Claim(ctx, cl.GetIdempotencyKey(), cl.GetToken(), s.cfg.ReservationTTL); err != nil && !errors.Is(err, ledger.ErrRecorded) {
+		_, err := s.capacity.Claim(ctx, cl.GetIdempotencyKey(), cl.GetToken(), s.cfg.ReservationTTL)
+		if errors.Is(err, ledger.ErrRecorded) {
+			// The claim lapsed and another upload under the key finished:
+			// its object stands under the client's key, which this one's
+			// writes would replace. Both must not write: this one stops.
+			return nil, status.Error(codes.Aborted, "another upload under this idempotency key finished while this one's hold on the key had lapsed; this upload must stop: retry to get that upload's result")
+		}
+		if err != nil {
 			return nil, toStatus(ctx, err)
 		}
 	}

@@ -937,6 +937,39 @@ func TestVanishedSharedLeasesAreReplaced(t *testing.T) {
 	}
 }
 
+// An upload whose hold on an idempotency key lapsed, while another upload
+// under the key finished and recorded its object, is told to stop at its
+// next renewal (ABORTED): it writes under the client's key, and going on
+// would replace the recorded object.
+func TestRenewAfterTheKeyWasRecordedStopsTheUpload(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	var now atomic.Int64
+	now.Store(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC).UnixNano())
+	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
+		ReservationTTL: time.Hour, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<30)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	claim := func(token string) *allocatorv1.IdempotencyClaim {
+		return &allocatorv1.IdempotencyClaim{IdempotencyKey: "order-9", Token: token}
+	}
+	slow, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 100, Claim: claim("slow")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now.Add(int64(2 * time.Hour)) // the slow upload's hold lapses
+	fast, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10, Claim: claim("fast")})
+	if err != nil {
+		t.Fatalf("a second upload after the first one's hold lapsed: %v", err)
+	}
+	if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: fast.GetReservationId(), BucketId: "p1", ReservedBytes: 10, Size: 10, IdempotencyKey: "order-9", Key: "orders/9.bin"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = r.alloc.Renew(ctx, &allocatorv1.RenewRequest{ReservationId: slow.GetReservationId(), BucketId: "p1", ReservedBytes: 100, Claim: claim("slow")})
+	if status.Code(err) != codes.Aborted {
+		t.Fatalf("renewal of the upload whose key was recorded meanwhile: %v, want ABORTED", err)
+	}
+}
+
 // Without etcd the allocator refuses within 2 s (fail closed) and recovers
 // by itself when etcd is back.
 func TestFailClosedWithoutEtcd(t *testing.T) {
