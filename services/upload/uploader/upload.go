@@ -662,16 +662,18 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 			s.leftover(ctx, bucketID, u.key, telemetry.LeftoverMultipart, "abort failed; the bucket's lifecycle rule removes the parts", err)
 		}
 	}
-	fail := func(err error) (*uploadv1.UploadResponse, error) {
-		abort()
-		s.release(ctx, a)
-		return nil, err
-	}
-
 	upCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	renewDone := s.keepRenewing(upCtx, a, u.claim, cancel)
 	defer renewDone()
+	fail := func(err error) (*uploadv1.UploadResponse, error) {
+		abort()
+		// Renewals end before the release: one applied after it would
+		// bring the reservation back to hold the room for a TTL.
+		renewDone()
+		s.release(ctx, a)
+		return nil, err
+	}
 	// A renewal that stops the upload also ends a wait for the client.
 	u.reader.stop = upCtx
 
@@ -791,6 +793,7 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		// it made is there for the removal to find.
 		abort()
 		s.removeOurs(ctx, b, u, mayHaveLanded)
+		renewDone()
 		s.release(ctx, a)
 		return nil, failed
 	}
