@@ -165,3 +165,28 @@ func TestSlowSteadyClientIsNotTheBucketsFault(t *testing.T) {
 		t.Fatalf("write latency %v reported for an upload the client took %v over: it includes the client's pace", reports.latency, took)
 	}
 }
+
+// A Complete the bucket refuses outright once (HTTP 500, or 429 slowing
+// down: it did not happen) is sent again, as a part would be: the upload
+// is stored and counted once, not thrown away with all its bytes.
+func TestOneRefusedCompleteIsSentAgain(t *testing.T) {
+	for _, mode := range []faultproxy.Mode{faultproxy.Error5xx, faultproxy.Throttle} {
+		st := startStack(t, 1, func(c *uploader.Config) { c.PartSize = 5 << 20 })
+		id := st.Buckets[0].GetId()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		data := testenv.OpaqueBytes(t, 12<<20)
+		st.Proxies[id].SetForNext("CompleteMultipartUpload", mode, 1)
+		resp, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "c.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+		if err != nil {
+			cancel()
+			t.Fatalf("upload whose Complete was refused once (mode %v): %v", mode, err)
+		}
+		if _, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: resp.GetBucketId(), Key: resp.GetKey()}); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read back: %d bytes, %v", len(got), err)
+		}
+		if used, _ := st.usage(t); used[id] != int64(len(data)) {
+			t.Fatalf("usage %v, want the %d bytes once", used, len(data))
+		}
+		cancel()
+	}
+}

@@ -473,6 +473,9 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 const (
 	commitTimeout  = 30 * time.Second
 	commitAttempts = 3
+	// completeRetries is how often a Complete the bucket refused outright
+	// is sent again.
+	completeRetries = 2
 )
 
 // mayHaveLanded is the leftover message when what a write whose answer was
@@ -775,6 +778,17 @@ func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadRe
 	// cut off, it may still finish at the bucket after the cleanup below
 	// looked, and leave an object nothing counts.
 	etag, err := b.CompleteMultipart(context.WithoutCancel(ctx), u.key, mpID, parts)
+	// A Complete the bucket refused outright (a 5xx or 429 answer: it did
+	// not happen) is sent again, as a part would be, rather than throwing
+	// away every byte of the upload. A repeat of one that did happen
+	// finds no such upload, which the branch below settles.
+	for try := 0; err != nil && try < completeRetries && !objstore.MayHaveLanded(err) && upCtx.Err() == nil &&
+		objstore.Classify(context.WithoutCancel(ctx), err) != objstore.NotBucketFault; try++ {
+		if s.backoff(context.WithoutCancel(ctx), try) != nil {
+			break
+		}
+		etag, err = b.CompleteMultipart(context.WithoutCancel(ctx), u.key, mpID, parts)
+	}
 	// Per request, the bucket's time on the parts and the completion: not
 	// the client's pace, which a slow sender would otherwise charge to
 	// the bucket's latency.
