@@ -99,12 +99,10 @@ type Metrics struct {
 	// counter is born with its first event at its count, where
 	// increase() sees no rise, and a gap in scrapes makes an old series
 	// look new.
-	lastMu       sync.Mutex
-	lastLeftover map[[2]string]time.Time // bucket, kind
-	lastCorrupt  map[string]time.Time
-	reservations metric.Int64Counter
-	commits      metric.Int64Counter
-	panics       metric.Int64Counter
+	lastLeftover, lastCorrupt lastEvents
+	reservations              metric.Int64Counter
+	commits                   metric.Int64Counter
+	panics                    metric.Int64Counter
 
 	bucketUsed     metric.Int64ObservableGauge
 	bucketReserved metric.Int64ObservableGauge
@@ -159,28 +157,13 @@ func NewMetrics(mp metric.MeterProvider) (*Metrics, error) {
 	m.corruptReads, err = mt.Int64Counter("bucketlb.upload.corrupt_reads",
 		metric.WithDescription("Whole-object reads whose bytes did not match the sha256 the object was stored with, by bucket (each try of a read counts)."), metric.WithUnit("{read}"))
 	check(err)
-	m.lastLeftover, m.lastCorrupt = map[[2]string]time.Time{}, map[string]time.Time{}
 	_, err = mt.Float64ObservableGauge("bucketlb.upload.last_leftover",
 		metric.WithDescription("Unix time of the last leftover (see bucketlb.upload.leftovers) this replica counted, by bucket and kind."), metric.WithUnit("s"),
-		metric.WithFloat64Callback(func(_ context.Context, o metric.Float64Observer) error {
-			m.lastMu.Lock()
-			defer m.lastMu.Unlock()
-			for k, at := range m.lastLeftover {
-				o.Observe(unixSeconds(at), metric.WithAttributes(attribute.String("bucket", k[0]), attribute.String("kind", k[1])))
-			}
-			return nil
-		}))
+		metric.WithFloat64Callback(m.lastLeftover.observe))
 	check(err)
 	_, err = mt.Float64ObservableGauge("bucketlb.upload.last_corrupt_read",
 		metric.WithDescription("Unix time of the last corrupt read (see bucketlb.upload.corrupt_reads) this replica counted, by bucket."), metric.WithUnit("s"),
-		metric.WithFloat64Callback(func(_ context.Context, o metric.Float64Observer) error {
-			m.lastMu.Lock()
-			defer m.lastMu.Unlock()
-			for bucket, at := range m.lastCorrupt {
-				o.Observe(unixSeconds(at), metric.WithAttributes(attribute.String("bucket", bucket)))
-			}
-			return nil
-		}))
+		metric.WithFloat64Callback(m.lastCorrupt.observe))
 	check(err)
 	m.reservations, err = mt.Int64Counter("bucketlb.allocator.reservations",
 		metric.WithDescription("Allocate calls by the bucket chosen (empty when none) and outcome."), metric.WithUnit("{reservation}"))
@@ -337,13 +320,35 @@ func (m *Metrics) RecordLeftover(ctx context.Context, bucket string, kind Leftov
 	if m == nil {
 		return
 	}
-	m.leftovers.Add(context.WithoutCancel(ctx), 1, metric.WithAttributes(attribute.String("bucket", bucket), attribute.String("kind", string(kind))))
-	m.lastMu.Lock()
-	m.lastLeftover[[2]string{bucket, string(kind)}] = time.Now()
-	m.lastMu.Unlock()
+	attrs := attribute.NewSet(attribute.String("bucket", bucket), attribute.String("kind", string(kind)))
+	m.leftovers.Add(context.WithoutCancel(ctx), 1, metric.WithAttributeSet(attrs))
+	m.lastLeftover.note(attrs)
 }
 
-func unixSeconds(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
+// lastEvents keeps when an event last happened, per attribute set, for a
+// gauge of its Unix time.
+type lastEvents struct {
+	mu sync.Mutex
+	at map[attribute.Set]time.Time
+}
+
+func (l *lastEvents) note(attrs attribute.Set) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.at == nil {
+		l.at = map[attribute.Set]time.Time{}
+	}
+	l.at[attrs] = time.Now()
+}
+
+func (l *lastEvents) observe(_ context.Context, o metric.Float64Observer) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for attrs, at := range l.at {
+		o.Observe(float64(at.UnixNano())/1e9, metric.WithAttributeSet(attrs))
+	}
+	return nil
+}
 
 // RecordCorruptRead counts a read of a whole object from bucket whose
 // bytes did not hash to the object's stored sha256 (upload service).
@@ -351,10 +356,9 @@ func (m *Metrics) RecordCorruptRead(ctx context.Context, bucket string) {
 	if m == nil {
 		return
 	}
-	m.corruptReads.Add(context.WithoutCancel(ctx), 1, metric.WithAttributes(attribute.String("bucket", bucket)))
-	m.lastMu.Lock()
-	m.lastCorrupt[bucket] = time.Now()
-	m.lastMu.Unlock()
+	attrs := attribute.NewSet(attribute.String("bucket", bucket))
+	m.corruptReads.Add(context.WithoutCancel(ctx), 1, metric.WithAttributeSet(attrs))
+	m.lastCorrupt.note(attrs)
 }
 
 // RecordReservation counts an Allocate call: the bucket chosen (empty on
