@@ -22,6 +22,17 @@ import (
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
 )
 
+// runAgainst runs bucketctl with args against the dev stack st, reading
+// stdin, and returns what it printed to stdout and stderr.
+func runAgainst(ctx context.Context, st *devstack.Stack, stdin io.Reader, args ...string) (string, string, error) {
+	var out, errOut bytes.Buffer
+	root := cli.NewRoot(&out, &errOut)
+	root.SetIn(stdin)
+	root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
+	err := root.ExecuteContext(ctx)
+	return out.String(), errOut.String(), err
+}
+
 // bucketctl's commands as an operator types them after `make run`, against
 // a real dev stack: upload, get (to a file, to stdout, a range), status,
 // bucket state, delete, and the errors an operator meets.
@@ -31,14 +42,7 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var stdin io.Reader = strings.NewReader("")
-	run := func(args ...string) (string, string, error) {
-		var out, errOut bytes.Buffer
-		root := cli.NewRoot(&out, &errOut)
-		root.SetIn(stdin)
-		root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
-		err := root.ExecuteContext(ctx)
-		return out.String(), errOut.String(), err
-	}
+	run := func(args ...string) (string, string, error) { return runAgainst(ctx, st, stdin, args...) }
 	upload := func(path string, args ...string) map[string]any {
 		t.Helper()
 		out, errOut, err := run(append([]string{"upload", "-q", path}, args...)...)
@@ -221,12 +225,7 @@ func TestTransfersOnAwkwardPaths(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	run := func(ctx context.Context, stdin io.Reader, args ...string) (string, string, error) {
-		var out, errOut bytes.Buffer
-		root := cli.NewRoot(&out, &errOut)
-		root.SetIn(stdin)
-		root.SetArgs(append([]string{"--upload-addr", st.UploadAddr, "--allocator-addr", st.AllocatorAddr, "--token-file", st.TokenFile}, args...))
-		err := root.ExecuteContext(ctx)
-		return out.String(), errOut.String(), err
+		return runAgainst(ctx, st, stdin, args...)
 	}
 	dir := t.TempDir()
 	data := e2e.RandomBytes(t, 300_000)
