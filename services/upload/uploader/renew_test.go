@@ -203,6 +203,57 @@ func TestSlowPutKeepsItsReservationAndClaim(t *testing.T) {
 	}
 }
 
+// createMultipart matches a CreateMultipartUpload.
+func createMultipart(r *http.Request) bool {
+	return r.Method == http.MethodPost && r.URL.Query().Has("uploads")
+}
+
+// A CreateMultipartUpload that outlasts the reservation TTL keeps the
+// reservation and the idempotency claim: renewals start with the grant,
+// not after the create. Before, neither was renewed while the create ran:
+// both lapsed, a second upload under the key was let in, and the first
+// one, once the create answered, lost its claim and failed.
+func TestSlowCreateKeepsItsReservationAndClaim(t *testing.T) {
+	const ttl = 2 * time.Second
+	hp := hold(createMultipart)
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ReservationTTL = ttl },
+		func(c *uploader.Config) { c.HTTPClient = hp; c.PartSize = 5 << 20 })
+	bucket := st.Buckets[0].GetId()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 6<<20)
+	hdr := func(size int) *uploadv1.UploadHeader {
+		return &uploadv1.UploadHeader{Key: "slow/create.bin", IdempotencyKey: "slow-create", ContentType: "application/octet-stream", Size: int64(size)}
+	}
+	first := make(chan error, 1)
+	go func() {
+		_, err := send(ctx, st.Upload, hdr(len(data)), data)
+		first <- err
+	}()
+	<-hp.started
+	for deadline := time.Now().Add(ttl * 5 / 2); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if _, reserved := st.usage(t); reserved[bucket] < int64(len(data)) {
+			t.Fatalf("reserved %d during the create, want at least %d: the reservation lapsed", reserved[bucket], len(data))
+		}
+	}
+	other := testenv.OpaqueBytes(t, 1024)
+	if _, err := send(ctx, st.Upload, hdr(len(other)), other); status.Code(err) != codes.Aborted {
+		t.Fatalf("second upload under the key while the first creates its upload: %v, want Aborted", err)
+	}
+	close(hp.release)
+	if err := <-first; err != nil {
+		t.Fatalf("the upload with the slow create: %v", err)
+	}
+	_, got, err := read(ctx, st.Upload, &uploadv1.GetObjectRequest{BucketId: bucket, Key: "slow/create.bin"})
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the object after the slow create: %d bytes, %v; want its bytes", len(got), err)
+	}
+	if used, _ := st.usage(t); used[bucket] != int64(len(data)) {
+		t.Fatalf("used %d, want %d", used[bucket], len(data))
+	}
+}
+
 // lapsingRenew answers every Renew once armed is closed as the allocator
 // does a reservation that lapsed with no room to grant it again, and
 // closes lapsed on the first such answer.

@@ -83,6 +83,11 @@ type upload struct {
 	digest string
 	// bucket is the bucket last granted, for the log of a failure.
 	bucket string
+	// granted is when the last Allocate answered, and ttl the lifetime
+	// its reservation had left then: renewals are timed from the grant,
+	// however long the work before their start took.
+	granted time.Time
+	ttl     time.Duration
 }
 
 // sha256 is the object's sha256 as far as known before its write: the
@@ -327,6 +332,7 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 	}
 	if err == nil {
 		u.bucket = a.GetBucket().GetId()
+		u.granted, u.ttl = time.Now(), time.Until(a.GetExpiresAt().AsTime())
 	}
 	return a, unreachable(err, "nothing was stored")
 }
@@ -430,7 +436,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		// The client going does not stop it: its bytes are all here, and
 		// a PUT cut off may still land after the removal that follows.
 		putCtx, stopPut := context.WithCancelCause(context.WithoutCancel(ctx))
-		renewDone := s.keepRenewing(putCtx, a, u.claim, stopPut)
+		renewDone := s.keepRenewing(putCtx, a, u, stopPut)
 		start := time.Now()
 		etag, err := b.Put(putCtx, u.in, body)
 		took := time.Since(start)
@@ -655,20 +661,19 @@ func partSizeFor(base, size int64) int64 {
 // a client holding the whole object would have.
 func (s *Server) uploadLarge(ctx context.Context, u *upload) (*uploadv1.UploadResponse, error) {
 	partSize := s.partSize(u.size)
-	a, b, mpID, err := s.startMultipart(ctx, u)
+	m, err := s.startMultipart(ctx, u)
 	if err != nil {
 		return nil, err
 	}
+	a, b, mpID, upCtx, cancel, renewDone := m.a, m.b, m.id, m.ctx, m.cancel, m.renewDone
+	defer cancel(nil)
+	defer renewDone()
 	bucketID := a.GetBucket().GetId()
 	abort := func() {
 		if err := b.AbortMultipart(ctx, u.key, mpID); err != nil {
 			s.leftover(ctx, bucketID, u.key, telemetry.LeftoverMultipart, "abort failed; the bucket's lifecycle rule removes the parts", err)
 		}
 	}
-	upCtx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	renewDone := s.keepRenewing(upCtx, a, u.claim, cancel)
-	defer renewDone()
 	fail := func(err error) (*uploadv1.UploadResponse, error) {
 		abort()
 		// Renewals end before the release: one applied after it would
@@ -863,24 +868,36 @@ func fillHashingMD5(r *chunkReader, buf []byte, from int, body *partBody, sum ch
 	return nil
 }
 
+// multipart is a started multipart upload and what keeps it alive.
+type multipart struct {
+	a  *allocatorv1.AllocateResponse
+	b  *objstore.Bucket
+	id string
+	// ctx ends when a renewal loses the reservation or the claim (its
+	// cause says which) or cancel is called; renewDone stops renewals.
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	renewDone func()
+}
+
 // startMultipart allocates and creates the multipart upload, failing over
 // to other buckets: no part has been sent yet, so nothing is lost.
-func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.AllocateResponse, *objstore.Bucket, string, error) {
+func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, error) {
 	var exclude []string
 	var lastErr error
 	for attempt := 0; attempt < s.cfg.MaxBucketAttempts; attempt++ {
 		if attempt > 0 {
 			if err := s.backoff(ctx, attempt-1); err != nil {
-				return nil, nil, "", err
+				return nil, err
 			}
 		}
 		a, err := s.allocate(ctx, u, exclude)
 		if err != nil {
 			if lastErr != nil {
-				return nil, nil, "", bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
+				return nil, bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
 					"; no other bucket is available: "+status.Convert(err).Message())
 			}
-			return nil, nil, "", err
+			return nil, err
 		}
 		b, err := s.openGranted(ctx, a)
 		if err != nil {
@@ -888,12 +905,19 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			exclude = append(exclude, a.GetBucket().GetId())
 			continue
 		}
+		// Renewals start before the create: a slow one (up to its call
+		// timeout) must not let the reservation or the claim lapse.
+		upCtx, cancel := context.WithCancelCause(ctx)
+		renewDone := s.keepRenewing(upCtx, a, u, cancel)
 		t0 := time.Now()
-		id, err := b.CreateMultipart(ctx, u.in)
-		f := objstore.Classify(ctx, err)
+		id, err := b.CreateMultipart(upCtx, u.in)
 		if err == nil {
-			return a, b, id, nil
+			return &multipart{a: a, b: b, id: id, ctx: upCtx, cancel: cancel, renewDone: renewDone}, nil
 		}
+		renewDone()
+		lost := context.Cause(upCtx)
+		cancel(nil)
+		f := objstore.Classify(upCtx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
 		switch {
 		case objstore.MayHaveLanded(err) && u.ownKey():
@@ -910,14 +934,19 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*allocatorv1.Al
 			s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
 		}
 		s.release(ctx, a)
+		if lost != nil && ctx.Err() == nil {
+			// A renewal lost the reservation or the claim: that, not the
+			// create it cut off, is the upload's failure.
+			return nil, lost
+		}
 		if f == objstore.NotBucketFault {
-			return nil, nil, "", err
+			return nil, err
 		}
 		lastErr = err
 		exclude = append(exclude, a.GetBucket().GetId())
 		s.cfg.Metrics.RecordFailover(ctx, a.GetBucket().GetId(), telemetry.FailoverBucketFailed)
 	}
-	return nil, nil, "", bucketFailed(lastErr, fmt.Sprintf("could not start the upload on %d buckets, the last (%s) with ", len(exclude), exclude[len(exclude)-1]), "")
+	return nil, bucketFailed(lastErr, fmt.Sprintf("could not start the upload on %d buckets, the last (%s) with ", len(exclude), exclude[len(exclude)-1]), "")
 }
 
 // streamParts says whether parts for this bucket may stream: not when the
@@ -1041,8 +1070,11 @@ func (s *Server) uploadPart(ctx context.Context, b *objstore.Bucket, key, mpID s
 // count (its renewals are given up on in time for that): the claim could
 // then lapse, and another upload under the key take it over and write
 // the same object, which this one must not write over.
-func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, claim *allocatorv1.IdempotencyClaim, cancel context.CancelCauseFunc) func() {
-	ttl := time.Until(a.GetExpiresAt().AsTime())
+func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateResponse, u *upload, cancel context.CancelCauseFunc) func() {
+	// The schedule counts from the grant, with the lifetime the grant
+	// gave: renewals started late (after a slow create) are due at once,
+	// and each still leaves the whole slack a failure after it needs.
+	claim, ttl := u.claim, u.ttl
 	if ttl <= 0 {
 		ttl = 3 * time.Second
 	}
@@ -1050,11 +1082,11 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 	done := make(chan struct{})
 	// held is until when the claim surely holds on the allocator's side:
 	// a renewal's lifetime counts from before it was sent.
-	held := time.Now().Add(ttl)
+	held := u.granted.Add(ttl)
 	every, again := max(ttl/3, 500*time.Millisecond), max(ttl/15, 100*time.Millisecond)
 	go func() {
 		defer close(done)
-		t := time.NewTimer(every)
+		t := time.NewTimer(time.Until(u.granted.Add(every)))
 		defer t.Stop()
 		failed := 0 // renewals failed in a row
 		for {
