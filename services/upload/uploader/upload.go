@@ -915,9 +915,10 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 			return &multipart{a: a, b: b, id: id, ctx: upCtx, cancel: cancel, renewDone: renewDone}, nil
 		}
 		renewDone()
-		lost := context.Cause(upCtx)
+		// Classified before cancel: a create the renewals did not cut
+		// short is the bucket's to answer for.
+		lost, f := context.Cause(upCtx), objstore.Classify(upCtx, err)
 		cancel(nil)
-		f := objstore.Classify(upCtx, err)
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
 		switch {
 		case objstore.MayHaveLanded(err) && u.ownKey():
