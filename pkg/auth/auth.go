@@ -4,34 +4,34 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
 // LoadToken returns the token from the environment variable envName, or
 // else from file, trimmed of surrounding white space. Neither set is an
-// error: the admin API must not run open. Errors never contain the token.
+// error: a guarded API must not run open. Errors never contain the token.
 func LoadToken(envName, file string) (string, error) {
 	if v := strings.TrimSpace(os.Getenv(envName)); v != "" {
 		return v, nil
 	}
 	if file == "" {
-		return "", fmt.Errorf("auth: no admin token: set %s or an admin token file", envName)
+		return "", fmt.Errorf("auth: no token: set %s or its token file", envName)
 	}
 	data, err := os.ReadFile(file)
 	if err != nil {
-		return "", fmt.Errorf("auth: read admin token file: %w", err)
+		return "", fmt.Errorf("auth: read the token file for %s: %w", envName, err)
 	}
 	tok := strings.TrimSpace(string(data))
 	if tok == "" {
-		return "", errors.New("auth: admin token file is empty")
+		return "", fmt.Errorf("auth: the token file %s (for %s) is empty", file, envName)
 	}
 	return tok, nil
 }
@@ -39,15 +39,16 @@ func LoadToken(envName, file string) (string, error) {
 // Bearer checks "authorization: Bearer <token>" on methods whose full name
 // starts with a prefix (e.g. "/bucketlb.admin.v1.AdminService/").
 type Bearer struct {
+	name   string // what the token is for, in refusals: "admin"
 	prefix string
 	sum    [32]byte
 	open   bool // a token is configured
 }
 
-// NewBearer guards methods under prefix with token. An empty token makes
-// every guarded call fail.
-func NewBearer(prefix, token string) *Bearer {
-	return &Bearer{prefix: prefix, sum: sha256.Sum256([]byte(token)), open: token != ""}
+// NewBearer guards methods under prefix with token; name says what the
+// token is for in refusals. An empty token makes every guarded call fail.
+func NewBearer(name, prefix, token string) *Bearer {
+	return &Bearer{name: name, prefix: prefix, sum: sha256.Sum256([]byte(token)), open: token != ""}
 }
 
 // Check returns nil when method is not guarded or ctx carries the token,
@@ -59,7 +60,7 @@ func (b *Bearer) Check(ctx context.Context, method string) error {
 	md, _ := metadata.FromIncomingContext(ctx)
 	vals := md.Get("authorization")
 	if len(vals) == 0 {
-		return status.Error(codes.Unauthenticated, "this admin call needs an \"authorization: Bearer <token>\" header")
+		return status.Errorf(codes.Unauthenticated, "this %s call needs an \"authorization: Bearer <token>\" header", b.name)
 	}
 	scheme, tok, ok := strings.Cut(strings.TrimSpace(vals[0]), " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
@@ -68,23 +69,50 @@ func (b *Bearer) Check(ctx context.Context, method string) error {
 	// Hashing first makes the comparison constant-time in the length too.
 	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
 	if subtle.ConstantTimeCompare(got[:], b.sum[:]) != 1 || !b.open {
-		return status.Error(codes.PermissionDenied, "the admin token is not valid; check the token this server was configured with")
+		return status.Errorf(codes.PermissionDenied, "the %s token is not valid; check the token this server was configured with", b.name)
+	}
+	return nil
+}
+
+// Guards are the Bearers of one server, each for its own methods.
+type Guards []*Bearer
+
+// Check returns the first guard's refusal of the call, or nil.
+func (g Guards) Check(ctx context.Context, method string) error {
+	for _, b := range g {
+		if err := b.Check(ctx, method); err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
 // Unary is the unary server interceptor.
-func (b *Bearer) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	if err := b.Check(ctx, info.FullMethod); err != nil {
+func (g Guards) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if err := g.Check(ctx, info.FullMethod); err != nil {
 		return nil, err
 	}
 	return h(ctx, req)
 }
 
 // Stream is the stream server interceptor.
-func (b *Bearer) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	if err := b.Check(ss.Context(), info.FullMethod); err != nil {
+func (g Guards) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if err := g.Check(ss.Context(), info.FullMethod); err != nil {
 		return err
 	}
 	return h(srv, ss)
 }
+
+// Credentials sends token as "authorization: Bearer <token>" on every
+// call of a client connection. It does not ask for transport security:
+// the services talk plain text inside the cluster, where the token keeps
+// out callers that merely reach the port.
+func Credentials(token string) credentials.PerRPCCredentials { return bearerCredentials(token) }
+
+type bearerCredentials string
+
+func (c bearerCredentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(c)}, nil
+}
+
+func (bearerCredentials) RequireTransportSecurity() bool { return false }

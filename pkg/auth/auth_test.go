@@ -33,13 +33,14 @@ func (adminStub) ListBuckets(context.Context, *adminv1.ListBucketsRequest) (*adm
 
 // serve starts a real gRPC server on loopback with the admin stub and grpc
 // health, guarded by b, and returns a client connection.
-func serve(t *testing.T, b *auth.Bearer) *grpc.ClientConn {
+func serve(t *testing.T, b ...*auth.Bearer) *grpc.ClientConn {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(b.Unary), grpc.ChainStreamInterceptor(b.Stream))
+	g := auth.Guards(b)
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(g.Unary), grpc.ChainStreamInterceptor(g.Stream))
 	adminv1.RegisterAdminServiceServer(srv, adminStub{})
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	go srv.Serve(lis)
@@ -60,7 +61,7 @@ func withAuth(ctx context.Context, v string) context.Context {
 }
 
 func TestUnaryAdminCalls(t *testing.T) {
-	conn := serve(t, auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", token))
+	conn := serve(t, auth.NewBearer("admin", "/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", token))
 	admin := adminv1.NewAdminServiceClient(conn)
 	cases := []struct {
 		name   string
@@ -107,7 +108,7 @@ func TestUnaryAdminCalls(t *testing.T) {
 
 // Methods outside the prefix (health, here) need no token.
 func TestUnguardedMethodsPass(t *testing.T) {
-	conn := serve(t, auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", token))
+	conn := serve(t, auth.NewBearer("admin", "/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", token))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
@@ -117,7 +118,7 @@ func TestUnguardedMethodsPass(t *testing.T) {
 
 // The stream interceptor guards streaming methods (health Watch here).
 func TestStreamCalls(t *testing.T) {
-	conn := serve(t, auth.NewBearer("/grpc.health.v1.Health/", token))
+	conn := serve(t, auth.NewBearer("health", "/grpc.health.v1.Health/", token))
 	hc := healthpb.NewHealthClient(conn)
 	for _, tc := range []struct {
 		header string
@@ -137,7 +138,7 @@ func TestStreamCalls(t *testing.T) {
 
 // A Bearer with no configured token fails closed, even for "Bearer x".
 func TestEmptyTokenFailsClosed(t *testing.T) {
-	b := auth.NewBearer("/svc/", "")
+	b := auth.NewBearer("svc", "/svc/", "")
 	ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("authorization", "Bearer x"))
 	if got := status.Code(b.Check(ctx, "/svc/M")); got != codes.PermissionDenied {
 		t.Fatalf("code %v, want PermissionDenied", got)
@@ -180,5 +181,37 @@ func TestLoadToken(t *testing.T) {
 				t.Fatalf("error reveals a token: %v", err)
 			}
 		})
+	}
+}
+
+// Each guard takes only its own token: a client that sends the service
+// token on every call (Credentials) passes the service's guard and is
+// refused by the admin guard, which names its token.
+func TestGuardsKeepTokensApart(t *testing.T) {
+	const serviceToken = "service-t0ken-value"
+	conn := serve(t,
+		auth.NewBearer("admin", "/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", token),
+		auth.NewBearer("service", "/grpc.health.v1.Health/", serviceToken))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); status.Code(err) != codes.Unauthenticated ||
+		!strings.Contains(status.Convert(err).Message(), "service call") {
+		t.Fatalf("service call without a token: %v, want Unauthenticated naming the service token", err)
+	}
+	withToken, err := grpc.NewClient(conn.Target(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(auth.Credentials(serviceToken)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer withToken.Close()
+	if _, err := healthpb.NewHealthClient(withToken).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("service call with the service token: %v", err)
+	}
+	_, err = adminv1.NewAdminServiceClient(withToken).ListBuckets(ctx, &adminv1.ListBucketsRequest{})
+	if status.Code(err) != codes.PermissionDenied || !strings.Contains(status.Convert(err).Message(), "admin token") {
+		t.Fatalf("admin call with the service token: %v, want PermissionDenied naming the admin token", err)
+	}
+	if _, err := adminv1.NewAdminServiceClient(conn).ListBuckets(withAuth(ctx, "Bearer "+token), &adminv1.ListBucketsRequest{}); err != nil {
+		t.Fatalf("admin call with the admin token: %v", err)
 	}
 }

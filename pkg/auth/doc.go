@@ -10,8 +10,13 @@
 // PERMISSION_DENIED; both with a sentence a person can act on. The token is
 // compared in constant time (of SHA-256 digests, so the length does not
 // leak either), is never logged and never appears in an error. A Bearer
-// built with an empty token rejects every guarded call: the admin API must
+// built with an empty token rejects every guarded call: a guarded API must
 // not run open by accident.
+//
+// A server's Guards chain its Bearers: the allocator guards its admin API
+// with the admin token and its data API (called by the upload service)
+// with the service token. Credentials is the client side: it sends a
+// token on every call of a connection.
 //
 // LoadToken reads the token from an environment variable or a file (a
 // mounted Kubernetes secret).

@@ -41,6 +41,9 @@ type Allocator struct {
 	PeriodResetDay int `json:"periodResetDay"`
 	// AdminTokenFile holds the admin bearer token; BUCKETLB_ADMIN_TOKEN wins.
 	AdminTokenFile string `json:"adminTokenFile"`
+	// ServiceTokenFile holds the token the upload service must send on
+	// every AllocatorService call; BUCKETLB_SERVICE_TOKEN wins.
+	ServiceTokenFile string `json:"serviceTokenFile"`
 	// StopTimeout bounds graceful shutdown.
 	StopTimeout Duration `json:"stopTimeout"`
 	// ProbeBuckets lets the elected replica read a probe object from every
@@ -70,6 +73,9 @@ type Upload struct {
 	CredentialsDir string `json:"credentialsDir"`
 	// CAFile is an extra PEM bundle to trust for S3 endpoints.
 	CAFile string `json:"caFile"`
+	// ServiceTokenFile holds the token sent on every call to the
+	// allocator (allocator.serviceTokenFile's); BUCKETLB_SERVICE_TOKEN wins.
+	ServiceTokenFile string `json:"serviceTokenFile"`
 	// BufferParts sends each multipart part only once whole, with a
 	// Content-MD5 the store checks, instead of streaming it and checking
 	// its ETag after (see uploader.Config.BufferParts).
@@ -158,9 +164,11 @@ func Defaults() File {
 			BufferWait:        Duration(10 * time.Second),
 			IdleTimeout:       Duration(time.Minute),
 			MinDataRate:       1 << 10,
-			StopTimeout:       Duration(60 * time.Second),
-			RateLimit:         50,
-			RateBurst:         100,
+			// With the 2 s drain and up to 5 s of cleanup, within the
+			// manifests' 60 s termination grace period.
+			StopTimeout: Duration(50 * time.Second),
+			RateLimit:   50,
+			RateBurst:   100,
 		},
 	}
 }
@@ -187,6 +195,18 @@ func Load(path string, env func(string) string) (*File, error) {
 		return nil, err
 	}
 	f.Buckets = append(f.Buckets, envBuckets...)
+	// A duration set to 0 takes its default, as Validate's refusals of
+	// negative ones say: 0 is no bound to stop within, nor a period.
+	def := Defaults()
+	for _, d := range []struct{ got, def *Duration }{
+		{&f.Allocator.StopTimeout, &def.Allocator.StopTimeout},
+		{&f.Upload.StopTimeout, &def.Upload.StopTimeout},
+		{&f.Allocator.ProbeInterval, &def.Allocator.ProbeInterval},
+	} {
+		if *d.got == 0 {
+			*d.got = *d.def
+		}
+	}
 	if err := f.Validate(); err != nil {
 		return nil, err
 	}
@@ -202,6 +222,9 @@ func (f *File) applyEnv(env func(string) string) error {
 	set("BUCKETLB_ALLOCATOR_LISTEN", &f.Allocator.Listen)
 	set("BUCKETLB_STRATEGY", &f.Allocator.Strategy)
 	set("BUCKETLB_ADMIN_TOKEN_FILE", &f.Allocator.AdminTokenFile)
+	// Both services read the service token: one sends it, one checks it.
+	set("BUCKETLB_SERVICE_TOKEN_FILE", &f.Allocator.ServiceTokenFile)
+	set("BUCKETLB_SERVICE_TOKEN_FILE", &f.Upload.ServiceTokenFile)
 	set("BUCKETLB_UPLOAD_LISTEN", &f.Upload.Listen)
 	set("BUCKETLB_ALLOCATOR_ADDR", &f.Upload.AllocatorAddr)
 	// Both services read bucket keys (the allocator for its probes).

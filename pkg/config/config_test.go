@@ -80,12 +80,16 @@ buckets:
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f, err := config.Load(path, envOf(map[string]string{"BUCKETLB_ETCD_ENDPOINTS": "http://e1:2379,http://e2:2379", "BUCKETLB_CREDENTIALS_DIR": "/keys"}))
+	f, err := config.Load(path, envOf(map[string]string{"BUCKETLB_ETCD_ENDPOINTS": "http://e1:2379,http://e2:2379", "BUCKETLB_CREDENTIALS_DIR": "/keys",
+		"BUCKETLB_SERVICE_TOKEN_FILE": "/tok"}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if f.Upload.CredentialsDir != "/keys" || f.Allocator.CredentialsDir != "/keys" {
 		t.Fatalf("BUCKETLB_CREDENTIALS_DIR gave upload %q and allocator %q, want both /keys", f.Upload.CredentialsDir, f.Allocator.CredentialsDir)
+	}
+	if f.Upload.ServiceTokenFile != "/tok" || f.Allocator.ServiceTokenFile != "/tok" {
+		t.Fatalf("BUCKETLB_SERVICE_TOKEN_FILE gave upload %q and allocator %q, want both /tok", f.Upload.ServiceTokenFile, f.Allocator.ServiceTokenFile)
 	}
 	if f.Allocator.ReservationTTL.D() != 45*time.Second || f.Allocator.Strategy != "least-used" {
 		t.Fatalf("allocator = %+v", f.Allocator)
@@ -186,5 +190,29 @@ func TestParseByteSize(t *testing.T) {
 		if _, err := config.ParseByteSize(bad); err == nil {
 			t.Errorf("ParseByteSize(%q) accepted", bad)
 		}
+	}
+}
+
+// A duration set to 0 takes its default (the refusal of a negative one
+// says so), rather than meaning no bound: an allocator with stopTimeout 0
+// let old connections' calls run on for ever.
+func TestZeroDurationsTakeTheirDefaults(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "zero.yaml")
+	yaml := "allocator:\n  stopTimeout: 0s\n  probeInterval: 0s\nupload:\n  stopTimeout: 0s\n"
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := config.Load(path, envOf(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	def := config.Defaults()
+	if f.Allocator.StopTimeout != def.Allocator.StopTimeout || f.Upload.StopTimeout != def.Upload.StopTimeout || f.Allocator.ProbeInterval != def.Allocator.ProbeInterval {
+		t.Fatalf("stop timeouts %s, %s and probe interval %s; want the defaults %s, %s, %s",
+			f.Allocator.StopTimeout.D(), f.Upload.StopTimeout.D(), f.Allocator.ProbeInterval.D(),
+			def.Allocator.StopTimeout.D(), def.Upload.StopTimeout.D(), def.Allocator.ProbeInterval.D())
+	}
+	if f.Allocator.StopTimeout == 0 || f.Upload.StopTimeout == 0 {
+		t.Fatal("a default stop timeout is 0")
 	}
 }

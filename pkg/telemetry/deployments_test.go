@@ -232,6 +232,31 @@ func TestDeploymentConfigLoads(t *testing.T) {
 	checkConfig(t, cfg)
 }
 
+// Where the manifests mount the token Secrets.
+const (
+	adminTokenDir   = "/var/run/secrets/bucketlb/admin"
+	serviceTokenDir = "/var/run/secrets/bucketlb/service"
+)
+
+// secretMountPath is where a Deployment's first container mounts the
+// Secret whose name starts with secret ("" if it does not).
+func secretMountPath(deployment any, secret string) string {
+	spec := dig(deployment, "spec", "template", "spec")
+	vols, _ := dig(spec, "volumes").([]any)
+	for _, v := range vols {
+		if !strings.HasPrefix(str(dig(v, "secret", "secretName")), secret) {
+			continue
+		}
+		mounts, _ := dig(spec, "containers", 0, "volumeMounts").([]any)
+		for _, m := range mounts {
+			if dig(m, "name") == dig(v, "name") {
+				return str(dig(m, "mountPath"))
+			}
+		}
+	}
+	return ""
+}
+
 func checkConfig(t *testing.T, cfg *config.File) {
 	t.Helper()
 	if cfg.Allocator.Listen != ":7001" || cfg.Upload.Listen != ":7002" {
@@ -240,8 +265,11 @@ func checkConfig(t *testing.T, cfg *config.File) {
 	if !strings.HasPrefix(cfg.Upload.AllocatorAddr, "dns:///") {
 		t.Errorf("upload.allocatorAddr %q does not use the dns resolver (round_robin needs every address)", cfg.Upload.AllocatorAddr)
 	}
-	if cfg.Allocator.AdminTokenFile != "/var/run/secrets/bucketlb/admin/token" {
+	if cfg.Allocator.AdminTokenFile != adminTokenDir+"/token" {
 		t.Errorf("allocator.adminTokenFile %q is not where the Secret is mounted", cfg.Allocator.AdminTokenFile)
+	}
+	if cfg.Allocator.ServiceTokenFile != serviceTokenDir+"/token" || cfg.Upload.ServiceTokenFile != serviceTokenDir+"/token" {
+		t.Errorf("serviceTokenFile %q (allocator), %q (upload): not where the Secret is mounted", cfg.Allocator.ServiceTokenFile, cfg.Upload.ServiceTokenFile)
 	}
 	if len(cfg.Allocator.EtcdEndpoints) != 3 {
 		t.Errorf("allocator.etcdEndpoints %v, want the three StatefulSet members", cfg.Allocator.EtcdEndpoints)
@@ -529,23 +557,23 @@ func checkManifests(t *testing.T, overlay string, objs []object) {
 		}
 	}
 
-	// Secrets: credentials by env, admin token as a file.
+	// Secrets: credentials by env, tokens as files where the config
+	// looks for them (see checkConfig).
 	up := dig(byKind["Deployment"]["upload"], "spec", "template", "spec", "containers", 0)
 	if !strings.HasPrefix(str(dig(up, "envFrom", 0, "secretRef", "name")), "bucket-credentials") {
 		t.Error("upload does not take bucket-credentials as environment")
 	}
-	alloc := dig(byKind["Deployment"]["allocator"], "spec", "template", "spec")
-	tokenMounted := false
-	for _, v := range dig(alloc, "volumes").([]any) {
-		if strings.HasPrefix(str(dig(v, "secret", "secretName")), "bucketlb-admin-token") {
-			tokenMounted = true
+	for _, m := range []struct{ deployment, secret, dir string }{
+		{"allocator", "bucketlb-admin-token", adminTokenDir},
+		{"allocator", "bucketlb-service-token", serviceTokenDir},
+		{"upload", "bucketlb-service-token", serviceTokenDir},
+	} {
+		if got := secretMountPath(byKind["Deployment"][m.deployment], m.secret); got != m.dir {
+			t.Errorf("%s mounts the %s Secret at %q, want %q", m.deployment, m.secret, got, m.dir)
 		}
 	}
-	if !tokenMounted {
-		t.Error("the admin token Secret is not mounted in the allocator")
-	}
 	if overlay == "dev" {
-		for _, prefix := range []string{"bucket-credentials", "bucketlb-admin-token"} {
+		for _, prefix := range []string{"bucket-credentials", "bucketlb-admin-token", "bucketlb-service-token"} {
 			found := false
 			for name := range byKind["Secret"] {
 				found = found || strings.HasPrefix(name, prefix)

@@ -65,6 +65,10 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", cfg.Allocator.ServiceTokenFile)
+	if err != nil {
+		return err
+	}
 	strategy, err := placement.Parse(cfg.Allocator.Strategy)
 	if err != nil {
 		return fmt.Errorf("config: allocator.strategy: %w", err)
@@ -100,6 +104,7 @@ func run(log *slog.Logger) error {
 	acfg := allocator.Config{
 		Buckets:        specs,
 		AdminToken:     token,
+		ServiceToken:   serviceToken,
 		ReservationTTL: cfg.Allocator.ReservationTTL.D(),
 		IdempotencyTTL: cfg.Allocator.IdempotencyTTL.D(),
 		Strategy:       strategy,

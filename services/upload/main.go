@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -73,11 +75,14 @@ func run(log *slog.Logger) error {
 	// Shut down after the servers that record through it have stopped.
 	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
 
-	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr, append([]grpc.DialOption{
+	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", cfg.Upload.ServiceTokenFile)
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr, slices.Concat([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
-	}, tel.DialOptions()...)...)
+	}, uploader.AllocatorDialOptions(serviceToken), tel.DialOptions())...)
 	if err != nil {
 		return fmt.Errorf("allocator client: %w", err)
 	}

@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.opentelemetry.io/otel/metric"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
@@ -37,6 +38,11 @@ type Config struct {
 	Buckets []*adminv1.BucketSpec
 	// AdminToken guards the AdminService. Required.
 	AdminToken string
+	// ServiceToken guards the AllocatorService, which the upload service
+	// calls: without it anyone who reaches the port could cool buckets
+	// down, hold their room or read upload records. Required, and not
+	// the admin token: upload pods must not hold admin rights.
+	ServiceToken string
 	// ReservationTTL is a reservation's life without renewal; default 30s.
 	ReservationTTL time.Duration
 	// CommitMarkerTTL and IdempotencyTTL keep commit markers and upload
@@ -80,7 +86,7 @@ type Server struct {
 	log        *slog.Logger
 	ledger     *ledger.Ledger
 	health     *health.Store
-	auth       *auth.Bearer
+	auth       auth.Guards
 	strategies map[allocatorv1.Strategy]placement.Strategy
 
 	buckets  atomic.Pointer[map[string]*adminv1.BucketSpec]
@@ -136,6 +142,12 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	if cfg.AdminToken == "" {
 		return nil, fmt.Errorf("allocator: an admin token is required")
 	}
+	if cfg.ServiceToken == "" {
+		return nil, fmt.Errorf("allocator: a service token is required")
+	}
+	if cfg.ServiceToken == cfg.AdminToken {
+		return nil, fmt.Errorf("allocator: the service token must differ from the admin token, or every upload pod holds admin rights")
+	}
 	if cfg.ReservationTTL == 0 {
 		cfg.ReservationTTL = 30 * time.Second
 	}
@@ -150,8 +162,11 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 		log: log,
 		ledger: ledger.New(cli, ledger.Options{Prefix: cfg.Prefix, ResetDay: cfg.ResetDay, Now: cfg.Now,
 			CommitMarkerTTL: cfg.CommitMarkerTTL, IdempotencyTTL: cfg.IdempotencyTTL}),
-		health:     health.NewStore(cli, cfg.Prefix, cfg.Now, cfg.Health),
-		auth:       auth.NewBearer("/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", cfg.AdminToken),
+		health: health.NewStore(cli, cfg.Prefix, cfg.Now, cfg.Health),
+		auth: auth.Guards{
+			auth.NewBearer("admin", "/"+adminv1.AdminService_ServiceDesc.ServiceName+"/", cfg.AdminToken),
+			auth.NewBearer("service", "/"+allocatorv1.AllocatorService_ServiceDesc.ServiceName+"/", cfg.ServiceToken),
+		},
 		strategies: map[allocatorv1.Strategy]placement.Strategy{},
 	}
 	if cfg.ProbeEvery == 0 {
@@ -200,6 +215,9 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 			return nil, fmt.Errorf("allocator: %w", err) // no retry mends it
 		}
 		if werr := backoff.Wait(ctx, 250*time.Millisecond, attempt); werr != nil {
+			if errors.Is(werr, context.Canceled) {
+				return nil, fmt.Errorf("allocator: stopped while waiting for etcd at %s: %w", strings.Join(cli.Endpoints(), ", "), err)
+			}
 			return nil, fmt.Errorf("allocator: etcd at %s did not answer before the start deadline: %w", strings.Join(cli.Endpoints(), ", "), err)
 		}
 		log.Warn("waiting for etcd", "endpoints", cli.Endpoints(), "error", err.Error())
@@ -229,8 +247,35 @@ func (s *Server) loadBuckets(ctx context.Context, configured []*adminv1.BucketSp
 	if err != nil {
 		return fmt.Errorf("load buckets: %w", err)
 	}
+	s.logUnseeded(configured, specs)
 	s.setBuckets(specs)
 	return nil
+}
+
+// logUnseeded tells an operator who added a bucket to the configuration,
+// or changed one, after the cluster's first seeding that etcd did not
+// take it: the configuration seeds once, the admin API changes buckets.
+func (s *Server) logUnseeded(configured, stored []*adminv1.BucketSpec) {
+	byID := make(map[string]*adminv1.BucketSpec, len(stored))
+	for _, b := range stored {
+		byID[b.GetId()] = b
+	}
+	var missing, differ []string
+	for _, c := range configured {
+		switch b, ok := byID[c.GetId()]; {
+		case !ok:
+			missing = append(missing, c.GetId())
+		case !proto.Equal(b, c):
+			differ = append(differ, c.GetId())
+		}
+	}
+	if len(missing) > 0 {
+		s.log.Warn("configured buckets are not in etcd and were not added: the configuration seeds buckets once per cluster; add them with the admin API (bucketctl buckets put)",
+			"buckets", missing)
+	}
+	if len(differ) > 0 {
+		s.log.Info("configured buckets differ from etcd, which wins: change them with the admin API", "buckets", differ)
+	}
 }
 
 // Register adds the AllocatorService and AdminService to r.
@@ -239,8 +284,8 @@ func (s *Server) Register(r grpc.ServiceRegistrar) {
 	adminv1.RegisterAdminServiceServer(r, s)
 }
 
-// Interceptors return the admin authentication interceptors; install them
-// on the gRPC server that serves Register's services.
+// Interceptors return the interceptors that check the admin and service
+// tokens; install them on the gRPC server that serves Register's services.
 func (s *Server) Interceptors() (grpc.UnaryServerInterceptor, grpc.StreamServerInterceptor) {
 	return s.auth.Unary, s.auth.Stream
 }

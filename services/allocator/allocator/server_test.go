@@ -2,18 +2,19 @@ package allocator_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
-	"github.com/bucketlb/bucketlb/pkg/ledger"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"log/slog"
 	"math"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -27,17 +28,23 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
 
-const token = "test-admin-token"
+const (
+	token        = "test-admin-token"
+	serviceToken = "test-service-token"
+)
 
 type replica struct {
 	alloc allocatorv1.AllocatorServiceClient
 	admin adminv1.AdminServiceClient
+	addr  string
 	// stop shuts the replica down (also done at cleanup).
 	stop func()
 }
@@ -52,7 +59,7 @@ func startReplica(t testing.TB, cli *clientv3.Client, cfg allocator.Config) repl
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	cfg.AdminToken = token
+	cfg.AdminToken, cfg.ServiceToken = token, serviceToken
 	log := slog.New(slog.DiscardHandler)
 	a, err := allocator.New(ctx, cli, cfg, log)
 	if err != nil {
@@ -69,14 +76,29 @@ func startReplica(t testing.TB, cli *clientv3.Client, cfg allocator.Config) repl
 	done := make(chan struct{}, 2)
 	go func() { _ = a.Run(ctx); done <- struct{}{} }()
 	go func() { _ = srv.Serve(ctx, lis); done <- struct{}{} }()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// As in production: the upload service's connection sends the service
+	// token on every call, an operator's call carries the admin token.
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(auth.Credentials(serviceToken)))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
 	}
-	stop := sync.OnceFunc(func() { conn.Close(); cancel(); <-done; <-done; _ = a.Close() })
+	aconn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	stop := sync.OnceFunc(func() {
+		conn.Close()
+		aconn.Close()
+		cancel()
+		<-done
+		<-done
+		_ = a.Close()
+	})
 	t.Cleanup(stop)
-	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(conn), stop: stop}
+	return replica{alloc: allocatorv1.NewAllocatorServiceClient(conn), admin: adminv1.NewAdminServiceClient(aconn), addr: lis.Addr().String(), stop: stop}
 }
 
 func adminCtx(ctx context.Context, tok string) context.Context {
@@ -469,6 +491,61 @@ func TestMaskedPutsKeepEachOther(t *testing.T) {
 	}
 }
 
+// The data API takes the service token only: without a token, with a
+// wrong one, or with the admin token (which upload pods must not need),
+// a call is refused before it can reserve, report or read anything.
+func TestDataCallsNeedTheServiceToken(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	bare := allocatorv1.NewAllocatorServiceClient(conn)
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+		want codes.Code
+	}{
+		{"no token", ctx, codes.Unauthenticated},
+		{"wrong token", adminCtx(ctx, "wrong"), codes.PermissionDenied},
+		{"the admin token", adminCtx(ctx, token), codes.PermissionDenied},
+	} {
+		if _, err := bare.Allocate(tc.ctx, &allocatorv1.AllocateRequest{Size: 10}); status.Code(err) != tc.want {
+			t.Fatalf("Allocate with %s: %v, want %v", tc.name, err, tc.want)
+		}
+		_, err := bare.ReportOutcome(tc.ctx, &allocatorv1.ReportOutcomeRequest{BucketId: "p1", Outcome: allocatorv1.Outcome_OUTCOME_ERROR})
+		if status.Code(err) != tc.want {
+			t.Fatalf("ReportOutcome with %s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	if used, reserved := used(t, r, "p1"); used != 0 || reserved != 0 {
+		t.Fatalf("after refused calls: used %d reserved %d, want nothing", used, reserved)
+	}
+	if f := failures(t, r, "p1"); f != 0 {
+		t.Fatalf("after refused reports: %d failures, want 0", f)
+	}
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10}); err != nil {
+		t.Fatalf("Allocate with the service token: %v", err)
+	}
+}
+
+// A replica refuses to start without a service token, or with the admin
+// token as its service token.
+func TestServiceTokenRequired(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, tok := range []string{"", token} {
+		if _, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: tok}, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "service token") {
+			t.Fatalf("service token %q: %v, want a refusal naming the service token", tok, err)
+		}
+	}
+}
+
 func TestAdminAuthAndVerbs(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
@@ -835,7 +912,7 @@ func TestStartWaitsForEtcd(t *testing.T) {
 	var a *allocator.Server
 	go func() {
 		var err error
-		a, err = allocator.New(ctx, cli, allocator.Config{AdminToken: token, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}}, slog.New(slog.NewJSONHandler(logs, nil)))
+		a, err = allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: serviceToken, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}}, slog.New(slog.NewJSONHandler(logs, nil)))
 		started <- err
 	}()
 	for !strings.Contains(logs.String(), "waiting for etcd") {
@@ -868,9 +945,59 @@ func TestStartWaitsForEtcd(t *testing.T) {
 	dead.Close()
 	sctx, scancel := context.WithTimeout(ctx, time.Second)
 	defer scancel()
-	_, err = allocator.New(sctx, testenv.EtcdClient(t, "http://"+deadAddr), allocator.Config{AdminToken: token}, slog.New(slog.DiscardHandler))
+	_, err = allocator.New(sctx, testenv.EtcdClient(t, "http://"+deadAddr), allocator.Config{AdminToken: token, ServiceToken: serviceToken}, slog.New(slog.DiscardHandler))
 	if err == nil || !strings.Contains(err.Error(), "etcd at http://"+deadAddr+" did not answer") {
 		t.Fatalf("start without etcd: %v, want an error naming etcd's endpoint", err)
+	}
+	// Stopped (SIGTERM) while it waits, it says so, not that etcd missed
+	// the start's deadline.
+	cctx, ccancel := context.WithCancel(ctx)
+	time.AfterFunc(300*time.Millisecond, ccancel)
+	_, err = allocator.New(cctx, testenv.EtcdClient(t, "http://"+deadAddr), allocator.Config{AdminToken: token, ServiceToken: serviceToken}, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "stopped while waiting for etcd at http://"+deadAddr) {
+		t.Fatalf("stopped while waiting for etcd: %v, want an error saying it was stopped", err)
+	}
+}
+
+// Buckets are seeded from the configuration once per cluster. A bucket
+// added to the configuration later, or one changed there, is not taken,
+// and the allocator says so (it said nothing before), naming them.
+func TestLaterConfigurationIsNamed(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000), spec("p2", 2, 1000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	logs := &testenv.LogBuffer{}
+	a, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: serviceToken,
+		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000), spec("p2", 2, 5000), spec("p3", 3, 1000)}}, slog.New(slog.NewJSONHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	type line struct {
+		Level   string   `json:"level"`
+		Msg     string   `json:"msg"`
+		Buckets []string `json:"buckets"`
+	}
+	var notAdded, differ []string
+	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var got line
+		if err := json.Unmarshal([]byte(l), &got); err != nil {
+			t.Fatalf("log line %q: %v", l, err)
+		}
+		switch {
+		case got.Level == "WARN" && strings.Contains(got.Msg, "not in etcd"):
+			notAdded = got.Buckets
+		case strings.Contains(got.Msg, "differ from etcd"):
+			differ = got.Buckets
+		}
+	}
+	if !slices.Equal(notAdded, []string{"p3"}) || !slices.Equal(differ, []string{"p2"}) {
+		t.Fatalf("logged not added %v, differing %v; want [p3] and [p2]:\n%s", notAdded, differ, logs.String())
+	}
+	resp, err := cli.Get(ctx, "/bucketlb/buckets/p3")
+	if err != nil || len(resp.Kvs) != 0 {
+		t.Fatalf("p3 in etcd: %v %v, want absent", resp, err)
 	}
 }
 
@@ -883,11 +1010,11 @@ func TestResetDayIsTheClusters(t *testing.T) {
 	startReplica(t, cli, allocator.Config{ResetDay: 1, Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	_, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ResetDay: 15}, slog.New(slog.DiscardHandler))
+	_, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: serviceToken, ResetDay: 15}, slog.New(slog.DiscardHandler))
 	if !errors.Is(err, ledger.ErrResetDayMismatch) || !strings.Contains(err.Error(), "day 15") || !strings.Contains(err.Error(), "day 1 ") {
 		t.Fatalf("a replica resetting on day 15 in a cluster on day 1: %v, want it refused naming both days", err)
 	}
-	same, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ResetDay: 1}, slog.New(slog.DiscardHandler))
+	same, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: serviceToken, ResetDay: 1}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatalf("a replica on the cluster's day: %v", err)
 	}

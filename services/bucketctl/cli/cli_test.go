@@ -188,6 +188,24 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if err := root.ExecuteContext(ctx); err == nil || !strings.Contains(err.Error(), "no admin token") {
 		t.Fatalf("status without a token: %v", err)
 	}
+
+	// BUCKETLB_ADMIN_TOKEN wins over the default token file, not over a
+	// --token-file given on the command line; an empty file is no token.
+	t.Setenv("BUCKETLB_ADMIN_TOKEN", "stale-token")
+	statusWith := func(args ...string) error {
+		root := cli.NewRoot(io.Discard, io.Discard)
+		root.SetArgs(append([]string{"--allocator-addr", st.AllocatorAddr}, append(args, "status")...))
+		return root.ExecuteContext(ctx)
+	}
+	if err := statusWith("--token-file", st.TokenFile); err != nil {
+		t.Fatalf("status with --token-file and a stale BUCKETLB_ADMIN_TOKEN: %v", err)
+	}
+	if err := statusWith(); err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
+		t.Fatalf("status with a stale BUCKETLB_ADMIN_TOKEN and the default file: %v, want PermissionDenied", err)
+	}
+	if err := statusWith("--token-file", empty); err == nil || !strings.Contains(err.Error(), "is empty") {
+		t.Fatalf("status with an empty token file: %v, want it named empty", err)
+	}
 }
 
 // A failed file does not stop the others: each is tried, each success

@@ -30,9 +30,12 @@ const (
 type globals struct {
 	uploadAddr    string
 	allocatorAddr string
-	token         string
+	token         string // BUCKETLB_ADMIN_TOKEN
 	tokenFile     string
-	timeout       time.Duration
+	// tokenFileSet is --token-file given on the command line: it then
+	// wins over BUCKETLB_ADMIN_TOKEN, which wins over the default file.
+	tokenFileSet func() bool
+	timeout      time.Duration
 	// TLS to the upload service: a CA to trust (else the system's) and a
 	// client certificate for mutual TLS.
 	tlsCA, tlsCert, tlsKey string
@@ -53,12 +56,13 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.uploadAddr, "upload-addr", envOr("BUCKETLB_UPLOAD_ADDR", defaultUploadAddr), "upload service gRPC address (env BUCKETLB_UPLOAD_ADDR)")
 	pf.StringVar(&g.allocatorAddr, "allocator-addr", envOr("BUCKETLB_ALLOCATOR_ADDR", defaultAllocatorAddr), "allocator service gRPC address, for admin commands (env BUCKETLB_ALLOCATOR_ADDR)")
-	pf.StringVar(&g.tokenFile, "token-file", envOr("BUCKETLB_ADMIN_TOKEN_FILE", filepath.Join(".data", "admin-token")), "file holding the admin token (env BUCKETLB_ADMIN_TOKEN_FILE)")
+	pf.StringVar(&g.tokenFile, "token-file", envOr("BUCKETLB_ADMIN_TOKEN_FILE", filepath.Join(".data", "admin-token")), "file holding the admin token (env BUCKETLB_ADMIN_TOKEN_FILE; env BUCKETLB_ADMIN_TOKEN, the token itself, wins over the default but not over this flag)")
 	pf.DurationVar(&g.timeout, "timeout", 0, "overall deadline for the command (0 = none for transfers, 10s for admin calls)")
 	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("BUCKETLB_TLS_CA"), "reach the upload service over TLS, trusting this CA file (env BUCKETLB_TLS_CA)")
 	pf.StringVar(&g.tlsCert, "tls-cert", os.Getenv("BUCKETLB_TLS_CERT"), "client certificate for mutual TLS with the upload service (env BUCKETLB_TLS_CERT)")
 	pf.StringVar(&g.tlsKey, "tls-key", os.Getenv("BUCKETLB_TLS_KEY"), "key of --tls-cert (env BUCKETLB_TLS_KEY)")
-	g.token = os.Getenv("BUCKETLB_ADMIN_TOKEN")
+	g.token = strings.TrimSpace(os.Getenv("BUCKETLB_ADMIN_TOKEN"))
+	g.tokenFileSet = func() bool { return pf.Changed("token-file") }
 
 	root.AddCommand(
 		newDevCmd(g),
@@ -93,12 +97,14 @@ func dial(addr string, creds credentials.TransportCredentials) (*grpc.ClientConn
 // adminContext adds the bearer token and a deadline.
 func (g *globals) adminContext(ctx context.Context) (context.Context, context.CancelFunc, error) {
 	tok := g.token
-	if tok == "" {
+	if tok == "" || g.tokenFileSet() {
 		data, err := os.ReadFile(g.tokenFile)
 		if err != nil {
 			return nil, nil, fmt.Errorf("no admin token: set BUCKETLB_ADMIN_TOKEN or --token-file (%w)", err)
 		}
-		tok = strings.TrimSpace(string(data))
+		if tok = strings.TrimSpace(string(data)); tok == "" {
+			return nil, nil, fmt.Errorf("no admin token: the token file %s is empty", g.tokenFile)
+		}
 	}
 	timeout := g.timeout
 	if timeout == 0 {

@@ -75,7 +75,11 @@ type Stack struct {
 	UploadAddr    string
 	AdminToken    string
 	TokenFile     string
-	Buckets       []*adminv1.BucketSpec
+	// ServiceToken is what the upload service sends the allocator; it is
+	// kept in the data dir as service-token, for an upload service run
+	// outside the stack (BUCKETLB_SERVICE_TOKEN_FILE).
+	ServiceToken string
+	Buckets      []*adminv1.BucketSpec
 
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -133,9 +137,10 @@ func (o *Options) defaults() error {
 	return nil
 }
 
-// loadToken returns the admin token kept in dir, creating it on first use.
-func loadToken(dir string) (token, file string, err error) {
-	file = filepath.Join(dir, "admin-token")
+// loadToken returns the token kept in dir under name ("admin-token"),
+// creating it on first use.
+func loadToken(dir, name string) (token, file string, err error) {
+	file = filepath.Join(dir, name)
 	if data, err := os.ReadFile(file); err == nil && len(strings.TrimSpace(string(data))) > 0 {
 		return strings.TrimSpace(string(data)), file, nil
 	}
@@ -145,7 +150,7 @@ func loadToken(dir string) (token, file string, err error) {
 	}
 	token = hex.EncodeToString(b)
 	if err := os.WriteFile(file, []byte(token+"\n"), 0o600); err != nil {
-		return "", "", fmt.Errorf("devstack: write admin token: %w", err)
+		return "", "", fmt.Errorf("devstack: write %s: %w", name, err)
 	}
 	return token, file, nil
 }
@@ -164,7 +169,10 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 			s.Close()
 		}
 	}()
-	if s.AdminToken, s.TokenFile, err = loadToken(opts.DataDir); err != nil {
+	if s.AdminToken, s.TokenFile, err = loadToken(opts.DataDir, "admin-token"); err != nil {
+		return nil, err
+	}
+	if s.ServiceToken, _, err = loadToken(opts.DataDir, "service-token"); err != nil {
 		return nil, err
 	}
 

@@ -24,6 +24,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	acfg := allocator.Config{
 		Buckets:        s.Buckets,
 		AdminToken:     s.AdminToken,
+		ServiceToken:   s.ServiceToken,
 		ReservationTTL: opts.ReservationTTL,
 	}
 	ucfg := uploader.Config{
@@ -63,7 +64,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	}
 
 	// The upload service's connection is wired as in production.
-	conn, err := Dial(s.AllocatorAddr, grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
+	conn, err := Dial(s.AllocatorAddr, uploader.AllocatorDialOptions(s.ServiceToken)...)
 	if err != nil {
 		return fmt.Errorf("devstack: dial allocator: %w", err)
 	}

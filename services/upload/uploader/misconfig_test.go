@@ -110,3 +110,25 @@ func TestBucketWithoutKeysOnThisReplica(t *testing.T) {
 	}
 	st.waitNoReservations(t)
 }
+
+// An upload service whose service token the allocator refuses (a token
+// rotated on one side only) answers UNAVAILABLE naming the service token,
+// not PERMISSION_DENIED, which a client would take for its own
+// credentials; nothing is stored and nothing counted.
+func TestRefusedServiceToken(t *testing.T) {
+	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
+		func(c *allocator.Config) { c.ServiceToken = "the-rotated-token" }, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1024)
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "t.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "service token") {
+		t.Fatalf("upload through a refused service token: %v, want Unavailable naming the service token", err)
+	}
+	if used, reserved := st.usage(t); used[st.Buckets[0].GetId()] != 0 || reserved[st.Buckets[0].GetId()] != 0 {
+		t.Fatalf("used %v reserved %v, want nothing", used, reserved)
+	}
+	if objects, multiparts := st.objects(t); objects[st.Buckets[0].GetName()]+multiparts[st.Buckets[0].GetName()] != 0 {
+		t.Fatalf("left in the bucket: objects %v, multipart uploads %v", objects, multiparts)
+	}
+}

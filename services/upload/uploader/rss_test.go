@@ -33,7 +33,8 @@ func TestHelperUploadServer(t *testing.T) {
 	if addr == "" {
 		t.Skip("runs only as BenchmarkServiceOverhead's upload service process")
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, append(uploader.AllocatorDialOptions(serviceToken),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,7 +34,10 @@ import (
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
 
-const adminToken = "test-admin-token"
+const (
+	adminToken   = "test-admin-token"
+	serviceToken = "test-service-token"
+)
 
 // stack is an allocator (on a fresh embedded etcd) and an upload service,
 // each on its own real gRPC server on 127.0.0.1:0, over the process-wide
@@ -101,8 +104,8 @@ func startStackWrapped(t testing.TB, endpoints []string, tuneAlloc func(*allocat
 	t.Helper()
 	st, etcd := newStack(t, endpoints)
 	r := st.startAllocator(t, etcd, tuneAlloc)
-	aconn, err := grpc.NewClient(r.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(uploader.AllocatorServiceConfig))
+	aconn, err := grpc.NewClient(r.Addr, append(uploader.AllocatorDialOptions(serviceToken),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,14 +137,22 @@ func startReplicatedStackWith(t testing.TB, endpoints []string, n int, tuneAlloc
 		addrs = append(addrs, resolver.Address{Addr: st.startAllocator(t, etcd, tuneAlloc).Addr})
 	}
 	res.InitialState(resolver.State{Addresses: addrs})
-	aconn, err := grpc.NewClient(res.Scheme()+":///allocator", grpc.WithResolvers(res),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(serviceConfig))
+	aconn, err := grpc.NewClient(res.Scheme()+":///allocator", append(uploader.AllocatorDialOptions(serviceToken),
+		grpc.WithResolvers(res), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(serviceConfig))...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = aconn.Close() })
-	st.Admin = adminv1.NewAdminServiceClient(aconn) // any live replica answers
+	// Any live replica answers an operator, whose calls carry the admin
+	// token instead of the service token.
+	adminConn, err := grpc.NewClient(res.Scheme()+":///allocator", grpc.WithResolvers(res),
+		grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithDefaultServiceConfig(serviceConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = adminConn.Close() })
+	st.Admin = adminv1.NewAdminServiceClient(adminConn)
 	st.startUpload(t, allocatorv1.NewAllocatorServiceClient(aconn), tune)
 	return st
 }
@@ -207,7 +218,7 @@ type allocReplica struct {
 func (st *stack) startAllocator(t testing.TB, etcd *etcdembed.Server, tune func(*allocator.Config)) *allocReplica {
 	t.Helper()
 	r := &allocReplica{ID: fmt.Sprintf("replica-%d", len(st.Replicas))}
-	cfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken, Identity: r.ID}
+	cfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken, ServiceToken: serviceToken, Identity: r.ID}
 	if tune != nil {
 		tune(&cfg)
 	}

@@ -1,0 +1,35 @@
+package uploader
+
+import (
+	"context"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/bucketlb/bucketlb/pkg/auth"
+)
+
+// AllocatorDialOptions are the options of the upload service's connection
+// to the allocator: its service config (AllocatorServiceConfig), and the
+// service token sent on every call.
+func AllocatorDialOptions(serviceToken string) []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithDefaultServiceConfig(AllocatorServiceConfig),
+		grpc.WithPerRPCCredentials(auth.Credentials(serviceToken)),
+		grpc.WithChainUnaryInterceptor(tokenRefused),
+	}
+}
+
+// tokenRefused turns the allocator's refusal of the service token into
+// UNAVAILABLE for the client: the refusal is about this service's
+// configuration, not the client's credentials, and during a rotation of
+// the token another upload replica may be set right.
+func tokenRefused(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	if c := status.Code(err); c == codes.Unauthenticated || c == codes.PermissionDenied {
+		return status.Errorf(codes.Unavailable, "the allocator refused this upload service's service token (%s); an operator must give both services the same token",
+			status.Convert(err).Message())
+	}
+	return err
+}
