@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math"
 	"net"
@@ -1167,5 +1168,43 @@ func TestNoRoomSaysWhetherToRetry(t *testing.T) {
 	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1500})
 	if status.Code(err) != codes.ResourceExhausted || retryDelay(err) {
 		t.Fatalf("more than any bucket's limit: %v, want ResourceExhausted without RetryInfo", err)
+	}
+}
+
+// etcd out of space (its NOSPACE alarm raised at the quota) takes no
+// writes: Allocate answers UNAVAILABLE saying so, with a retry delay, not
+// INTERNAL, which sent operators looking for a bug and which clients do
+// not retry.
+func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal", QuotaBytes: 16 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	cli := testenv.EtcdClient(t, srv.Endpoint)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<40)}})
+	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10}); err != nil {
+		t.Fatalf("Allocate before etcd fills: %v", err)
+	}
+	filler := strings.Repeat("x", 256<<10)
+	for i := 0; ; i++ {
+		_, err := cli.Put(ctx, fmt.Sprintf("/filler/%d", i), filler)
+		if errors.Is(err, rpctypes.ErrNoSpace) {
+			break
+		}
+		if err != nil || i > 200 {
+			t.Fatalf("filling etcd, put %d: %v", i, err)
+		}
+	}
+	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "etcd is out of space") {
+		t.Fatalf("Allocate with etcd out of space: %v, want Unavailable saying etcd is out of space", err)
+	}
+	if d := status.Convert(err).Details(); len(d) != 1 {
+		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo", d)
+	} else if ri, ok := d[0].(*errdetails.RetryInfo); !ok || ri.GetRetryDelay().AsDuration() <= 0 {
+		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo with a delay", d)
 	}
 }
