@@ -348,37 +348,51 @@ const MaxBuckets = 126
 // not import: the upload service uses config and must not link etcd).
 const MaxMonthlyLimit = 1 << 56
 
-// ValidateSpec checks a bucket spec as stored in etcd or sent by an admin.
+// SpecError is a bucket spec's field a check refused. Its Error names
+// the field as the admin API does (monthly_limit_bytes); a configuration
+// file names it as YAML does (monthlyLimit, see Bucket.Spec).
+type SpecError struct {
+	Field, YAMLField string
+	Msg              string
+}
+
+func (e *SpecError) Error() string { return e.Field + ": " + e.Msg }
+
+// ValidateSpec checks a bucket spec as stored in etcd or sent by an
+// admin; its errors are *SpecError.
 func ValidateSpec(s *adminv1.BucketSpec) error {
+	bad := func(field, yamlField, format string, args ...any) error {
+		return &SpecError{Field: field, YAMLField: yamlField, Msg: fmt.Sprintf(format, args...)}
+	}
 	switch {
 	case !ValidBucketID(s.GetId()):
-		return fmt.Errorf("id: %q must be %s", s.GetId(), BucketIDRule)
+		return bad("id", "id", "%q must be %s", s.GetId(), BucketIDRule)
 	case s.GetName() == "":
-		return fmt.Errorf("name: bucket %q needs an S3 bucket name", s.GetId())
+		return bad("name", "name", "bucket %q needs an S3 bucket name", s.GetId())
 	case s.GetEndpoint() == "" && s.GetAccountId() == "":
-		return fmt.Errorf("endpoint: bucket %q needs an endpoint URL or an R2 account id", s.GetId())
+		return bad("endpoint", "endpoint", "bucket %q needs an endpoint URL or an R2 account id", s.GetId())
 	case s.GetMonthlyLimitBytes() <= 0:
-		return fmt.Errorf("monthlyLimit: bucket %q needs a positive monthly limit", s.GetId())
+		return bad("monthly_limit_bytes", "monthlyLimit", "bucket %q needs a positive monthly limit", s.GetId())
 	case s.GetMonthlyLimitBytes() > MaxMonthlyLimit:
-		return fmt.Errorf("monthlyLimit: bucket %q has a monthly limit of %d bytes; at most %d (64 PiB) is allowed", s.GetId(), s.GetMonthlyLimitBytes(), int64(MaxMonthlyLimit))
+		return bad("monthly_limit_bytes", "monthlyLimit", "bucket %q has a monthly limit of %d bytes; at most %d (64 PiB) is allowed", s.GetId(), s.GetMonthlyLimitBytes(), int64(MaxMonthlyLimit))
 	case s.GetWeight() < 0:
-		return fmt.Errorf("weight: bucket %q has negative weight %d", s.GetId(), s.GetWeight())
+		return bad("weight", "weight", "bucket %q has negative weight %d", s.GetId(), s.GetWeight())
 	case s.GetCredentialsRef() == "":
-		return fmt.Errorf("credentialsRef: bucket %q needs a credentials reference", s.GetId())
+		return bad("credentials_ref", "credentialsRef", "bucket %q needs a credentials reference", s.GetId())
 	case !credRefPattern.MatchString(s.GetCredentialsRef()):
 		// It names environment variables and a directory of mounted
 		// secrets: no path separators, nothing a shell would mangle.
-		return fmt.Errorf("credentialsRef: bucket %q has %q; a reference is 1–128 characters of A-Z, a-z, 0-9, '_' and '-'", s.GetId(), s.GetCredentialsRef())
+		return bad("credentials_ref", "credentialsRef", "bucket %q has %q; a reference is 1–128 characters of A-Z, a-z, 0-9, '_' and '-'", s.GetId(), s.GetCredentialsRef())
 	case !bucketNamePattern.MatchString(s.GetName()):
-		return fmt.Errorf("name: bucket %q has S3 name %q; an S3 bucket name is at most 63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit", s.GetId(), s.GetName())
+		return bad("name", "name", "bucket %q has S3 name %q; an S3 bucket name is at most 63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit", s.GetId(), s.GetName())
 	case s.GetAccountId() != "" && !accountPattern.MatchString(s.GetAccountId()):
-		return fmt.Errorf("accountId: bucket %q has %q; an R2 account id is letters and digits (32 hex characters)", s.GetId(), s.GetAccountId())
+		return bad("account_id", "accountId", "bucket %q has %q; an R2 account id is letters and digits (32 hex characters)", s.GetId(), s.GetAccountId())
 	case !ValidState(s.GetState()):
-		return fmt.Errorf("state: bucket %q has state %v; it must be ACTIVE, DRAINING or DISABLED", s.GetId(), s.GetState())
+		return bad("state", "state", "bucket %q has state %v; it must be ACTIVE, DRAINING or DISABLED", s.GetId(), s.GetState())
 	}
 	if e := s.GetEndpoint(); e != "" {
 		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return fmt.Errorf("endpoint: bucket %q has %q; an endpoint is an http:// or https:// URL with a host", s.GetId(), e)
+			return bad("endpoint", "endpoint", "bucket %q has %q; an endpoint is an http:// or https:// URL with a host", s.GetId(), e)
 		}
 	}
 	return nil
@@ -412,6 +426,10 @@ func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
 	s.State = state
 	FillDefaults(s)
 	if err := ValidateSpec(s); err != nil {
+		var se *SpecError
+		if errors.As(err, &se) {
+			return nil, fmt.Errorf("%s: %s", se.YAMLField, se.Msg)
+		}
 		return nil, err
 	}
 	return s, nil

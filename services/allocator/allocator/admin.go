@@ -62,7 +62,8 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 		}
 		config.FillDefaults(spec)
 		if err := config.ValidateSpec(spec); err != nil {
-			return nil, fmt.Errorf("%w: %v", errInvalid, err)
+			// Named as the request's field: bucket.monthly_limit_bytes.
+			return nil, fmt.Errorf("%w: bucket.%v", errInvalid, err)
 		}
 		return spec, nil
 	})

@@ -564,19 +564,25 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 		t.Fatalf("invalid spec: %v, want InvalidArgument", err)
 	}
 	// Specs no bucket could work with are refused when put, not found out
-	// at the first upload; states outside the enum are refused too.
-	for name, edit := range map[string]func(*adminv1.BucketSpec){
-		"S3 name with spaces":       func(b *adminv1.BucketSpec) { b.Name = "Bad Name!!" },
-		"endpoint not http(s)":      func(b *adminv1.BucketSpec) { b.Endpoint = "ftp://x" },
-		"endpoint not a URL":        func(b *adminv1.BucketSpec) { b.Endpoint = "not a url" },
-		"credentials ref with path": func(b *adminv1.BucketSpec) { b.CredentialsRef = "../../etc" },
-		"state outside the enum":    func(b *adminv1.BucketSpec) { b.State = 42 },
-		"limit over 64 PiB":         func(b *adminv1.BucketSpec) { b.MonthlyLimitBytes = 1 << 60 },
+	// at the first upload; states outside the enum are refused too. The
+	// refusal names the field as the API does.
+	for name, c := range map[string]struct {
+		edit  func(*adminv1.BucketSpec)
+		field string
+	}{
+		"S3 name with spaces":       {func(b *adminv1.BucketSpec) { b.Name = "Bad Name!!" }, "name"},
+		"endpoint not http(s)":      {func(b *adminv1.BucketSpec) { b.Endpoint = "ftp://x" }, "endpoint"},
+		"endpoint not a URL":        {func(b *adminv1.BucketSpec) { b.Endpoint = "not a url" }, "endpoint"},
+		"credentials ref with path": {func(b *adminv1.BucketSpec) { b.CredentialsRef = "../../etc" }, "credentials_ref"},
+		"state outside the enum":    {func(b *adminv1.BucketSpec) { b.State = 42 }, "state"},
+		"limit over 64 PiB":         {func(b *adminv1.BucketSpec) { b.MonthlyLimitBytes = 1 << 60 }, "monthly_limit_bytes"},
+		"account id with a slash":   {func(b *adminv1.BucketSpec) { b.AccountId = "x/y" }, "account_id"},
 	} {
 		b := spec("px", 0, 1000)
-		edit(b)
-		if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: b}); status.Code(err) != codes.InvalidArgument {
-			t.Fatalf("PutBucket with %s: %v, want InvalidArgument", name, err)
+		c.edit(b)
+		_, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: b})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "bucket."+c.field+": ") {
+			t.Fatalf("PutBucket with %s: %v, want InvalidArgument naming bucket.%s", name, err, c.field)
 		}
 	}
 	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: 99}); status.Code(err) != codes.InvalidArgument {
