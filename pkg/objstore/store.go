@@ -342,7 +342,11 @@ func ContentTypeProblem(ct string) string {
 //
 // An ASCII value holding "=?" is encoded too, so that one that looks like
 // an encoded word reads back as sent rather than decoded.
+//
+// Leading and trailing spaces and tabs go first: HTTP drops an ASCII
+// value's, and every value must read back the same way.
 func encodeValue(v string) string {
+	v = strings.Trim(v, " \t")
 	if !strings.Contains(v, "=?") {
 		return mime.BEncoding.Encode("utf-8", v)
 	}
