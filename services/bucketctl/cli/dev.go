@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 )
 
@@ -70,6 +71,9 @@ across restarts. Ctrl-C stops everything cleanly.`,
 	f.StringVar(&opts.UploadAddr, "upload-listen", "127.0.0.1:7002", "upload service gRPC listen address")
 	f.StringVar(&opts.S3Addr, "s3-listen", "127.0.0.1:7070", "local S3 gateway listen address")
 	f.BoolVar(&opts.S3TLS, "s3-tls", false, "serve the local S3 gateway over HTTPS (self-signed)")
+	def := config.Defaults().Upload
+	f.Float64Var(&opts.RateLimit, "rate-limit", def.RateLimit, "upload calls per second per client, as upload.rateLimit (0: no limit)")
+	f.IntVar(&opts.RateBurst, "rate-burst", def.RateBurst, "burst of --rate-limit, as upload.rateBurst")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

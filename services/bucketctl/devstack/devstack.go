@@ -61,6 +61,11 @@ type Options struct {
 	Endpoint func(bucketID, gatewayEndpoint string) string
 	// Tune adjusts the services' configuration before they start.
 	Tune func(*allocator.Config, *uploader.Config)
+	// RateLimit is upload calls per second per client, RateBurst its
+	// bucket size, as upload.rateLimit and upload.rateBurst; 0 is no limit
+	// (tests), `bucketctl dev` takes the configuration's defaults.
+	RateLimit float64
+	RateBurst int
 	// UploadTLS, if set, serves the upload API over TLS (mutual TLS when
 	// it requires client certificates).
 	UploadTLS *tls.Config

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
@@ -72,5 +75,26 @@ func TestRestartWithTheGatewayMoved(t *testing.T) {
 	defer taken.Close()
 	if _, err := s3gw.Start(ctx, s3gw.Options{Dir: t.TempDir(), Addr: taken.Addr().String()}); err == nil || !strings.Contains(err.Error(), taken.Addr().String()) {
 		t.Fatalf("a gateway on a taken port: %v, want it refused naming the address", err)
+	}
+}
+
+// The dev stack limits each client's upload calls as production does,
+// when asked to (`bucketctl dev` asks with the configuration's defaults):
+// past the burst, a call gets RESOURCE_EXHAUSTED before anything is stored.
+func TestRateLimit(t *testing.T) {
+	env := e2e.StartWith(t, devstack.Options{RateLimit: 0.01, RateBurst: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	data := []byte("hello")
+	hdr := &uploadv1.UploadHeader{NameHint: "r.txt", ContentType: "text/plain", Size: int64(len(data))}
+	if _, err := uploadclient.Upload(ctx, env.Upload, hdr, bytes.NewReader(data), uploadclient.Options{}); err != nil {
+		t.Fatalf("first upload: %v", err)
+	}
+	_, err := uploadclient.Upload(ctx, env.Upload, hdr, bytes.NewReader(data), uploadclient.Options{})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("second upload past the burst: %v, want ResourceExhausted", err)
+	}
+	if objects, _ := env.ObjectCount(t); objects != 1 {
+		t.Fatalf("%d objects stored, want the first upload's only", objects)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
+	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
 )
@@ -78,7 +79,14 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	if opts.UploadTLS != nil {
 		uopts = append(uopts, grpc.Creds(credentials.NewTLS(opts.UploadTLS)))
 	}
-	usrv := grpcserver.New(grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: uopts})
+	sopts := grpcserver.Options{Logger: log.With("service", "upload"), StopTimeout: 30 * time.Second, ServerOptions: uopts}
+	if opts.RateLimit > 0 {
+		// As the upload service's main installs it.
+		lim := ratelimit.New(opts.RateLimit, max(opts.RateBurst, 1), nil)
+		sopts.UnaryInterceptors = append(sopts.UnaryInterceptors, lim.Unary)
+		sopts.StreamInterceptors = append(sopts.StreamInterceptors, lim.Stream)
+	}
+	usrv := grpcserver.New(sopts)
 	up.Register(usrv.GRPC)
 	usrv.SetServing("bucketlb.upload.v1.UploadService")
 	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv.Serve); err != nil {
