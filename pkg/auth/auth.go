@@ -16,22 +16,24 @@ import (
 )
 
 // LoadToken returns the token from the environment variable envName, or
-// else from file, trimmed of surrounding white space. Neither set is an
-// error: a guarded API must not run open. Errors never contain the token.
-func LoadToken(envName, file string) (string, error) {
+// else from file, trimmed of surrounding white space; fileSetting names
+// where file is configured, for errors ("allocator.adminTokenFile").
+// Neither set is an error: a guarded API must not run open. Errors never
+// contain the token.
+func LoadToken(envName, fileSetting, file string) (string, error) {
 	if v := strings.TrimSpace(os.Getenv(envName)); v != "" {
 		return v, nil
 	}
 	if file == "" {
-		return "", fmt.Errorf("auth: no token: set %s or its token file", envName)
+		return "", fmt.Errorf("auth: no token: set %s to it, or %s to a file holding it", envName, fileSetting)
 	}
 	data, err := os.ReadFile(file)
 	if err != nil {
-		return "", fmt.Errorf("auth: read the token file for %s: %w", envName, err)
+		return "", fmt.Errorf("auth: read %s: %w", fileSetting, err)
 	}
 	tok := strings.TrimSpace(string(data))
 	if tok == "" {
-		return "", fmt.Errorf("auth: the token file %s (for %s) is empty", file, envName)
+		return "", fmt.Errorf("auth: %s names %s, which is empty", fileSetting, file)
 	}
 	return tok, nil
 }

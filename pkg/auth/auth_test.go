@@ -173,9 +173,12 @@ func TestLoadToken(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("BUCKETLB_TEST_TOKEN", tc.env)
-			got, err := auth.LoadToken("BUCKETLB_TEST_TOKEN", tc.file)
+			got, err := auth.LoadToken("BUCKETLB_TEST_TOKEN", "test.tokenFile", tc.file)
 			if (err != nil) != tc.wantErr || got != tc.want {
 				t.Fatalf("LoadToken = %q, %v; want %q, error %v", got, err, tc.want, tc.wantErr)
+			}
+			if err != nil && !strings.Contains(err.Error(), "test.tokenFile") {
+				t.Fatalf("error %v does not name the setting", err)
 			}
 			if err != nil && strings.Contains(err.Error(), "from-") {
 				t.Fatalf("error reveals a token: %v", err)

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 )
 
 // ClientIDKey is the metadata key naming the client when there is no mTLS.
@@ -34,14 +36,6 @@ const ClientIDKey = "x-client-id"
 // are cheap to make up (a new x-client-id, a new IPv6 address), and
 // memory and the time under the lock must not grow with them.
 const MaxClients = 1 << 16
-
-// ReasonRateLimited is the ErrorInfo reason of a refusal by the limiter,
-// so that a client can tell it from a full bucket (also
-// RESOURCE_EXHAUSTED) and wait its turn instead of giving up.
-const ReasonRateLimited = "RATE_LIMITED"
-
-// ErrorDomain is the ErrorInfo domain of bucketlb's refusals.
-const ErrorDomain = "bucketlb"
 
 // Limiter holds one token bucket per client, for at most MaxClients
 // clients.
@@ -149,12 +143,13 @@ func (l *Limiter) check(ctx context.Context) error {
 	if ok {
 		return nil
 	}
+	// The ErrorInfo lets a client tell this from a full bucket (also
+	// RESOURCE_EXHAUSTED) and wait its turn instead of giving up.
 	st := status.New(codes.ResourceExhausted, fmt.Sprintf("rate limit reached for this client; retry in %s", wait.Round(time.Millisecond)))
-	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)},
-		&errdetails.ErrorInfo{Reason: ReasonRateLimited, Domain: ErrorDomain}); err == nil {
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)}); err == nil {
 		st = d
 	}
-	return st.Err()
+	return errinfo.With(st, errinfo.RateLimited).Err()
 }
 
 // exempt reports whether a method is outside every client's limit: health

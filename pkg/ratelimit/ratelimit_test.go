@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 	"github.com/bucketlb/bucketlb/pkg/ratelimit"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
@@ -141,8 +142,8 @@ func refusal(t *testing.T, err error) time.Duration {
 			reason = d.GetReason()
 		}
 	}
-	if reason != ratelimit.ReasonRateLimited {
-		t.Fatalf("ErrorInfo reason %q, want %q", reason, ratelimit.ReasonRateLimited)
+	if reason != errinfo.RateLimited {
+		t.Fatalf("ErrorInfo reason %q, want %q", reason, errinfo.RateLimited)
 	}
 	return delay
 }

@@ -23,7 +23,7 @@ import (
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/backoff"
-	"github.com/bucketlb/bucketlb/pkg/ratelimit"
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 )
 
 // DefaultChunkSize is the data carried per message. gRPC lets a whole
@@ -299,16 +299,7 @@ func refusedAtHandshake(st *status.Status) bool {
 
 // rateLimited reports a refusal by the service's rate limit.
 func rateLimited(err error) bool {
-	st, _ := status.FromError(err)
-	if st.Code() != codes.ResourceExhausted {
-		return false
-	}
-	for _, d := range st.Details() {
-		if ei, ok := d.(*errdetails.ErrorInfo); ok && ei.GetReason() == ratelimit.ReasonRateLimited && ei.GetDomain() == ratelimit.ErrorDomain {
-			return true
-		}
-	}
-	return false
+	return status.Code(err) == codes.ResourceExhausted && errinfo.Has(err, errinfo.RateLimited)
 }
 
 // ErrChecksumMismatch: the bytes of a whole object read back do not hash

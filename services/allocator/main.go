@@ -61,11 +61,11 @@ func run(log *slog.Logger) error {
 	if *listen != "" {
 		cfg.Allocator.Listen = *listen
 	}
-	token, err := auth.LoadToken("BUCKETLB_ADMIN_TOKEN", cfg.Allocator.AdminTokenFile)
+	token, err := auth.LoadToken("BUCKETLB_ADMIN_TOKEN", "allocator.adminTokenFile (BUCKETLB_ADMIN_TOKEN_FILE)", cfg.Allocator.AdminTokenFile)
 	if err != nil {
 		return err
 	}
-	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", cfg.Allocator.ServiceTokenFile)
+	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", "allocator.serviceTokenFile (BUCKETLB_SERVICE_TOKEN_FILE)", cfg.Allocator.ServiceTokenFile)
 	if err != nil {
 		return err
 	}

@@ -75,7 +75,7 @@ func run(log *slog.Logger) error {
 	// Shut down after the servers that record through it have stopped.
 	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
 
-	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", cfg.Upload.ServiceTokenFile)
+	serviceToken, err := auth.LoadToken("BUCKETLB_SERVICE_TOKEN", "upload.serviceTokenFile (BUCKETLB_SERVICE_TOKEN_FILE)", cfg.Upload.ServiceTokenFile)
 	if err != nil {
 		return err
 	}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 )
 
@@ -72,16 +73,18 @@ func toStatus(ctx context.Context, err error) error {
 		_ = grpc.SetTrailer(ctx, metadata.Pairs("grpc-retry-pushback-ms", "-1"))
 		return withRetry(codes.Unavailable, err.Error(), 5*time.Second)
 	case errors.Is(err, ledger.ErrConflict):
+		// Not marked not-applied: a commit whose replica lost its term
+		// while the batch was in flight ends here too, outcome unknown.
 		return withRetry(codes.Unavailable, err.Error(), 100*time.Millisecond)
 	case ledger.LeaseLost(err):
 		// Nothing applied; the replica takes a new lease for the next
 		// try, and another replica may answer meanwhile.
-		return withRetry(codes.Unavailable, "an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
+		return notApplied("an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
 	case errors.Is(err, rpctypes.ErrNoSpace), errors.Is(err, rpctypes.ErrGRPCNoSpace):
 		// etcd refuses writes until an operator acts; reads still
 		// work. Not INTERNAL: nothing is wrong with the request or with
 		// the allocator, and an upload may be retried once etcd has room.
-		return withRetry(codes.Unavailable, "etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
+		return notApplied("etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		etcdUnavailable(err), status.Code(err) == codes.Unavailable:
 		// etcd did not answer in time: fail closed rather than guess.
@@ -91,11 +94,22 @@ func toStatus(ctx context.Context, err error) error {
 }
 
 func withRetry(c codes.Code, msg string, after time.Duration) error {
+	return retryStatus(c, msg, after).Err()
+}
+
+func retryStatus(c codes.Code, msg string, after time.Duration) *status.Status {
 	st, err := status.New(c, msg).WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(after)})
 	if err != nil {
-		return status.Error(c, msg)
+		return status.New(c, msg)
 	}
-	return st.Err()
+	return st
+}
+
+// notApplied is UNAVAILABLE for a call etcd refused before it changed
+// anything: marked so, a caller need not treat it as a lost answer (an
+// upload whose Commit was refused removes its object).
+func notApplied(msg string, after time.Duration) error {
+	return errinfo.With(retryStatus(codes.Unavailable, msg, after), errinfo.NotApplied).Err()
 }
 
 // etcdUnavailable reports etcd's own ways of saying it cannot answer now:

@@ -30,6 +30,7 @@ import (
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
@@ -1208,9 +1209,15 @@ func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "etcd is out of space") {
 		t.Fatalf("Allocate with etcd out of space: %v, want Unavailable saying etcd is out of space", err)
 	}
-	if d := status.Convert(err).Details(); len(d) != 1 {
-		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo", d)
-	} else if ri, ok := d[0].(*errdetails.RetryInfo); !ok || ri.GetRetryDelay().AsDuration() <= 0 {
-		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo with a delay", d)
+	// With a delay to retry after, and marked as applying nothing (an
+	// upload whose Commit is refused so removes its object).
+	var delay time.Duration
+	for _, d := range status.Convert(err).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			delay = ri.GetRetryDelay().AsDuration()
+		}
+	}
+	if delay <= 0 || !errinfo.Has(err, errinfo.NotApplied) {
+		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo with a delay and the reason NOT_APPLIED", status.Convert(err).Details())
 	}
 }

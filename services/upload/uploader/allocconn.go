@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/bucketlb/bucketlb/pkg/auth"
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 )
 
 // AllocatorDialOptions are the options of the upload service's connection
@@ -28,8 +29,9 @@ func AllocatorDialOptions(serviceToken string) []grpc.DialOption {
 func tokenRefused(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	err := invoker(ctx, method, req, reply, cc, opts...)
 	if c := status.Code(err); c == codes.Unauthenticated || c == codes.PermissionDenied {
-		return status.Errorf(codes.Unavailable, "the allocator refused this upload service's service token (%s); an operator must give both services the same token",
-			status.Convert(err).Message())
+		// Refused before it ran: a Commit refused so did not count.
+		return errinfo.With(status.Newf(codes.Unavailable, "the allocator refused this upload service's service token (%s); an operator must give both services the same token",
+			status.Convert(err).Message()), errinfo.NotApplied).Err()
 	}
 	return err
 }

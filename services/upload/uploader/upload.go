@@ -26,6 +26,7 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 	"github.com/bucketlb/bucketlb/pkg/mimecheck"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -554,6 +555,9 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
 	defer cancel()
 	var err error
+	// mayHaveApplied: some try's answer was lost, not a refusal the
+	// allocator marked as applying nothing (etcd out of space, say).
+	mayHaveApplied := false
 	for attempt := 0; attempt < commitAttempts; attempt++ {
 		// Commit is idempotent, so an ambiguous failure is simply retried.
 		var cr *allocatorv1.CommitResponse
@@ -578,13 +582,14 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 				PublicUrl: objectkey.PublicURL(a.GetBucket().GetPublicUrl(), u.key), Size: u.size, Sha256: w.sha256, Etag: w.etag,
 			}, nil
 		}
+		mayHaveApplied = mayHaveApplied || unanswered(err) && !errinfo.Has(err, errinfo.NotApplied)
 		if !unanswered(err) || attempt == commitAttempts-1 || s.backoff(cctx, attempt) != nil {
 			break
 		}
 	}
 	s.release(ctx, a)
 	s.report(ctx, a.GetBucket().GetId(), nil, objstore.NotBucketFault, w.took)
-	if unanswered(err) && u.hdr.GetIdempotencyKey() != "" {
+	if mayHaveApplied && u.hdr.GetIdempotencyKey() != "" {
 		// The allocator may have applied the Commit and recorded this
 		// object under the idempotency key; a retry with the key would
 		// then be answered with it, so it must not be removed. If the

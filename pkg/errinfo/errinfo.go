@@ -1,0 +1,47 @@
+// Package errinfo names the reasons bucketlb's services give in the
+// ErrorInfo detail of a gRPC status. A caller tests a reason, not the
+// wording of a message, to tell refusals that share a code apart.
+package errinfo
+
+import (
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/status"
+)
+
+// Domain is the ErrorInfo domain of bucketlb's reasons.
+const Domain = "bucketlb"
+
+const (
+	// RateLimited is a refusal by a service's per-client rate limit
+	// (RESOURCE_EXHAUSTED, as a full bucket is): wait and call again.
+	RateLimited = "RATE_LIMITED"
+	// NotApplied marks an UNAVAILABLE that is no lost answer: the call
+	// was refused before it changed anything (etcd out of space, a lease
+	// that had ended, a conflicting write, the caller's token refused).
+	// An upload whose Commit was refused so knows its bytes are not
+	// counted, and must not keep its object for a retry.
+	NotApplied = "NOT_APPLIED"
+)
+
+// With returns st with an ErrorInfo of reason added, or st unchanged if
+// it cannot carry one.
+func With(st *status.Status, reason string) *status.Status {
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: Domain}); err == nil {
+		return d
+	}
+	return st
+}
+
+// Has reports whether err is a status whose ErrorInfo gives reason.
+func Has(err error, reason string) bool {
+	st, ok := status.FromError(err)
+	if !ok {
+		return false
+	}
+	for _, d := range st.Details() {
+		if ei, ok := d.(*errdetails.ErrorInfo); ok && ei.GetReason() == reason && ei.GetDomain() == Domain {
+			return true
+		}
+	}
+	return false
+}
