@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 )
 
 // LoadToken returns the token from the environment variable envName, or
@@ -62,16 +64,16 @@ func (b *Bearer) Check(ctx context.Context, method string) error {
 	md, _ := metadata.FromIncomingContext(ctx)
 	vals := md.Get("authorization")
 	if len(vals) == 0 {
-		return status.Errorf(codes.Unauthenticated, "this %s call needs an \"authorization: Bearer <token>\" header", b.name)
+		return errinfo.MarkNotApplied(ctx, status.Newf(codes.Unauthenticated, "this %s call needs an \"authorization: Bearer <token>\" header", b.name)).Err()
 	}
 	scheme, tok, ok := strings.Cut(strings.TrimSpace(vals[0]), " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
-		return status.Error(codes.Unauthenticated, "the authorization header must have the form \"Bearer <token>\"")
+		return errinfo.MarkNotApplied(ctx, status.New(codes.Unauthenticated, "the authorization header must have the form \"Bearer <token>\"")).Err()
 	}
 	// Hashing first makes the comparison constant-time in the length too.
 	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
 	if subtle.ConstantTimeCompare(got[:], b.sum[:]) != 1 || !b.open {
-		return status.Errorf(codes.PermissionDenied, "the %s token is not valid; check the token this server was configured with", b.name)
+		return errinfo.MarkNotApplied(ctx, status.Newf(codes.PermissionDenied, "the %s token is not valid; check the token this server was configured with", b.name)).Err()
 	}
 	return nil
 }

@@ -7,7 +7,8 @@
 // open services such as grpc.health.v1.
 //
 // Without the header a call fails with UNAUTHENTICATED; with a wrong token,
-// PERMISSION_DENIED; both with a sentence a person can act on. The token is
+// PERMISSION_DENIED; both with a sentence a person can act on, and marked
+// as applying nothing (errinfo.NotApplied) on a call's first attempt. The token is
 // compared in constant time (of SHA-256 digests, so the length does not
 // leak either), is never logged and never appears in an error. A Bearer
 // built with an empty token rejects every guarded call: a guarded API must

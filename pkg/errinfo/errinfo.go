@@ -4,7 +4,10 @@
 package errinfo
 
 import (
+	"context"
+
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -30,6 +33,18 @@ func With(st *status.Status, reason string) *status.Status {
 		return d
 	}
 	return st
+}
+
+// MarkNotApplied returns st marked NotApplied, unless ctx's call is an
+// attempt gRPC's retry policy made after an earlier one failed: that one
+// may have applied with its answer lost, and a refusal of this attempt
+// says nothing of it. Call it on the server, with the call's context.
+func MarkNotApplied(ctx context.Context, st *status.Status) *status.Status {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get("grpc-previous-rpc-attempts"); len(v) > 0 && v[0] != "0" {
+		return st
+	}
+	return With(st, NotApplied)
 }
 
 // Has reports whether err is a status whose ErrorInfo gives reason.

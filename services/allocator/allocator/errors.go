@@ -79,12 +79,15 @@ func toStatus(ctx context.Context, err error) error {
 	case ledger.LeaseLost(err):
 		// Nothing applied; the replica takes a new lease for the next
 		// try, and another replica may answer meanwhile.
-		return notApplied("an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
+		return notApplied(ctx, "an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
 	case errors.Is(err, rpctypes.ErrNoSpace), errors.Is(err, rpctypes.ErrGRPCNoSpace):
 		// etcd refuses writes until an operator acts; reads still
 		// work. Not INTERNAL: nothing is wrong with the request or with
 		// the allocator, and an upload may be retried once etcd has room.
-		return notApplied("etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
+		// Every replica shares etcd: the caller's gRPC retry policy is
+		// told not to ask another now, so the answer keeps its mark.
+		_ = grpc.SetTrailer(ctx, metadata.Pairs("grpc-retry-pushback-ms", "-1"))
+		return notApplied(ctx, "etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		etcdUnavailable(err), status.Code(err) == codes.Unavailable:
 		// etcd did not answer in time: fail closed rather than guess.
@@ -106,10 +109,11 @@ func retryStatus(c codes.Code, msg string, after time.Duration) *status.Status {
 }
 
 // notApplied is UNAVAILABLE for a call etcd refused before it changed
-// anything: marked so, a caller need not treat it as a lost answer (an
-// upload whose Commit was refused removes its object).
-func notApplied(msg string, after time.Duration) error {
-	return errinfo.With(retryStatus(codes.Unavailable, msg, after), errinfo.NotApplied).Err()
+// anything: marked so (unless gRPC retried the call, whose earlier attempt
+// may have applied), a caller need not treat it as a lost answer: an
+// upload whose Commit was refused removes its object.
+func notApplied(ctx context.Context, msg string, after time.Duration) error {
+	return errinfo.MarkNotApplied(ctx, retryStatus(codes.Unavailable, msg, after)).Err()
 }
 
 // etcdUnavailable reports etcd's own ways of saying it cannot answer now:

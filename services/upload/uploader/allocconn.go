@@ -29,9 +29,14 @@ func AllocatorDialOptions(serviceToken string) []grpc.DialOption {
 func tokenRefused(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	err := invoker(ctx, method, req, reply, cc, opts...)
 	if c := status.Code(err); c == codes.Unauthenticated || c == codes.PermissionDenied {
-		// Refused before it ran: a Commit refused so did not count.
-		return errinfo.With(status.Newf(codes.Unavailable, "the allocator refused this upload service's service token (%s); an operator must give both services the same token",
-			status.Convert(err).Message()), errinfo.NotApplied).Err()
+		st := status.Newf(codes.Unavailable, "the allocator refused this upload service's service token (%s); an operator must give both services the same token",
+			status.Convert(err).Message())
+		if errinfo.Has(err, errinfo.NotApplied) {
+			// The allocator marks a refusal that applied nothing, unless
+			// gRPC retried the call after an attempt that may have.
+			st = errinfo.With(st, errinfo.NotApplied)
+		}
+		return st.Err()
 	}
 	return err
 }
