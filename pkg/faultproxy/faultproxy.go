@@ -77,6 +77,7 @@ const (
 // Proxy is a running fault-injecting proxy.
 type Proxy struct {
 	srv      *httptest.Server
+	upstream *http.Transport // to the proxied server
 	mode     atomic.Int32
 	StallFor time.Duration
 
@@ -98,13 +99,14 @@ func New(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{StallFor: time.Minute, counts: map[string]int{}, closed: make(chan struct{})}
+	p := &Proxy{StallFor: time.Minute, counts: map[string]int{}, closed: make(chan struct{}),
+		upstream: &http.Transport{MaxIdleConnsPerHost: 64, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext}}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(u)
 			pr.Out.Host = pr.In.Host // the Host the client signed (SigV4 signs it)
 		},
-		Transport: &http.Transport{MaxIdleConnsPerHost: 64, DialContext: (&net.Dialer{Timeout: 5 * time.Second}).DialContext},
+		Transport: p.upstream,
 	}
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		op := p.count(r)
@@ -279,6 +281,9 @@ func (p *Proxy) Close() {
 	p.closeOnce.Do(func() { close(p.closed) })
 	p.srv.CloseClientConnections()
 	p.srv.Close()
+	// Its connections to the upstream would otherwise live as long as
+	// the upstream, a gateway shared by a whole test binary.
+	p.upstream.CloseIdleConnections()
 }
 
 // SetFor switches the fault mode for one S3 operation only (as named by

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -212,5 +213,38 @@ func TestCorruptAnswer(t *testing.T) {
 	}
 	if got, _ := get(); !bytes.Equal(got, stored) {
 		t.Fatal("the answer after the limited fault was corrupted too")
+	}
+}
+
+// A closed proxy leaves no connection to its upstream behind: the shared
+// gateway of a test binary outlives every proxy in front of it. Found by
+// the soak review.
+func TestCloseLeavesNoUpstreamConnections(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") }))
+	defer up.Close()
+	readLoops := func() int {
+		buf := make([]byte, 1<<20)
+		return strings.Count(string(buf[:runtime.Stack(buf, true)]), "net/http.(*persistConn).readLoop")
+	}
+	before := readLoops()
+	for i := 0; i < 3; i++ {
+		p, err := faultproxy.New(up.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &http.Client{Transport: &http.Transport{}}
+		resp, err := c.Get(p.URL() + "/b/k")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		c.CloseIdleConnections()
+		p.Close()
+	}
+	for deadline := time.Now().Add(5 * time.Second); readLoops() > before; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections to the upstream outlive their closed proxies", readLoops()-before)
+		}
 	}
 }
