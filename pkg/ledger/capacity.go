@@ -972,7 +972,28 @@ func (c *Capacity) Commit(ctx context.Context, bucket *adminv1.BucketSpec, resID
 	if err != nil {
 		return CommitResult{}, err
 	}
-	return c.commit(ctx, t, bucket, resID, actual, idem)
+	res, err := c.commit(ctx, t, bucket, resID, actual, idem)
+	if IsNoSpace(err) {
+		// etcd applies the write that crosses its quota and only then
+		// answers NOSPACE, and a commit already recorded may be refused
+		// a lease before its marker is read. What stands in etcd settles
+		// it (reads still work): a caller told "out of space" must be
+		// able to trust that the commit did not apply.
+		done, prev, rerr := c.readForCommit(ctx, bucket.GetId(), resID, &pendingCommit{})
+		switch {
+		case rerr != nil:
+			return CommitResult{}, fmt.Errorf("ledger: commit refused for lack of space, and whether it applied could not be read: %w", rerr)
+		case done:
+			c.forgetCommitted(ctx, t, t.bucket(bucket.GetId()), bucket.GetId(), resID)
+			return prev, nil
+		}
+	}
+	return res, err
+}
+
+// IsNoSpace reports etcd's refusal for lack of space (its NOSPACE alarm).
+func IsNoSpace(err error) bool {
+	return errors.Is(err, rpctypes.ErrNoSpace) || errors.Is(err, rpctypes.ErrGRPCNoSpace)
 }
 
 func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
@@ -1324,6 +1345,12 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 		}
 	}
 	for _, p := range batch {
+		if IsNoSpace(err) {
+			// No passing conflict that a retry gets past: the caller
+			// settles it by reading what stands (see Commit).
+			p.done <- commitOutcome{err: err}
+			continue
+		}
 		p.done <- commitOutcome{}
 	}
 }

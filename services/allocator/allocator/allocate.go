@@ -16,6 +16,7 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
+	"github.com/bucketlb/bucketlb/pkg/errinfo"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/placement"
@@ -268,7 +269,12 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	}
 	res, err := s.capacity.Commit(ctx, b, req.GetReservationId(), req.GetSize(), idem)
 	if err != nil {
-		err = toStatus(ctx, err)
+		// Capacity.Commit answers out of space only once it has read
+		// that the commit did not apply.
+		settled := ledger.IsNoSpace(err)
+		if err = toStatus(ctx, err); settled {
+			err = errinfo.MarkNotApplied(ctx, status.Convert(err)).Err()
+		}
 	}
 	s.cfg.Metrics.RecordCommit(ctx, b.GetId(), res.AlreadyCommitted || res.DuplicateOf != nil, err)
 	if err != nil {

@@ -80,14 +80,17 @@ func toStatus(ctx context.Context, err error) error {
 		// Nothing applied; the replica takes a new lease for the next
 		// try, and another replica may answer meanwhile.
 		return notApplied(ctx, "an etcd lease the allocator's write carried had ended (the replica's own after a pause, or one its records hang on); retry", 100*time.Millisecond)
-	case errors.Is(err, rpctypes.ErrNoSpace), errors.Is(err, rpctypes.ErrGRPCNoSpace):
+	case ledger.IsNoSpace(err):
 		// etcd refuses writes until an operator acts; reads still
 		// work. Not INTERNAL: nothing is wrong with the request or with
 		// the allocator, and an upload may be retried once etcd has room.
 		// Every replica shares etcd: the caller's gRPC retry policy is
-		// told not to ask another now, so the answer keeps its mark.
+		// told not to ask another now. Not marked NOT_APPLIED here: etcd
+		// applies the write that crosses its quota and then answers
+		// NOSPACE (Commit marks its own answer, once it has read what
+		// stands).
 		_ = grpc.SetTrailer(ctx, metadata.Pairs("grpc-retry-pushback-ms", "-1"))
-		return notApplied(ctx, "etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
+		return withRetry(codes.Unavailable, "etcd is out of space (its NOSPACE alarm is raised) and takes no writes; an operator must defragment it and disarm the alarm", 30*time.Second)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
 		etcdUnavailable(err), status.Code(err) == codes.Unavailable:
 		// etcd did not answer in time: fail closed rather than guess.

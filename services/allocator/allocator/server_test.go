@@ -1181,7 +1181,11 @@ func TestNoRoomSaysWhetherToRetry(t *testing.T) {
 // etcd out of space (its NOSPACE alarm raised at the quota) takes no
 // writes: Allocate answers UNAVAILABLE saying so, with a retry delay, not
 // INTERNAL, which sent operators looking for a bug and which clients do
-// not retry.
+// not retry. A Commit refused so is marked as applying nothing (its
+// upload removes the object), and a Commit already recorded is answered
+// as such, even on a replica that must take a lease first: etcd applies
+// the write that crosses its quota and then answers NOSPACE, so the
+// refusal alone proves nothing.
 func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -1191,9 +1195,23 @@ func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 	}
 	defer srv.Close()
 	cli := testenv.EtcdClient(t, srv.Endpoint)
-	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<40)}})
-	if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10}); err != nil {
+	buckets := []*adminv1.BucketSpec{spec("p1", 1, 1<<40)}
+	r1 := startReplica(t, testenv.EtcdClient(t, srv.Endpoint), allocator.Config{Buckets: buckets})
+	r2 := startReplica(t, testenv.EtcdClient(t, srv.Endpoint), allocator.Config{Buckets: buckets})
+	commit := func(a *allocatorv1.AllocateResponse, key string) *allocatorv1.CommitRequest {
+		return &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
+			Size: 10, Key: key, Etag: `"e"`, IdempotencyKey: key}
+	}
+	recorded, err := r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+	if err != nil {
 		t.Fatalf("Allocate before etcd fills: %v", err)
+	}
+	if _, err := r1.alloc.Commit(ctx, commit(recorded, "k/recorded")); err != nil {
+		t.Fatal(err)
+	}
+	pending, err := r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+	if err != nil {
+		t.Fatal(err)
 	}
 	filler := strings.Repeat("x", 256<<10)
 	for i := 0; ; i++ {
@@ -1205,19 +1223,27 @@ func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 			t.Fatalf("filling etcd, put %d: %v", i, err)
 		}
 	}
-	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+	_, err = r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "etcd is out of space") {
 		t.Fatalf("Allocate with etcd out of space: %v, want Unavailable saying etcd is out of space", err)
 	}
-	// With a delay to retry after, and marked as applying nothing (an
-	// upload whose Commit is refused so removes its object).
 	var delay time.Duration
 	for _, d := range status.Convert(err).Details() {
 		if ri, ok := d.(*errdetails.RetryInfo); ok {
 			delay = ri.GetRetryDelay().AsDuration()
 		}
 	}
-	if delay <= 0 || !errinfo.Has(err, errinfo.NotApplied) {
-		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo with a delay and the reason NOT_APPLIED", status.Convert(err).Details())
+	if delay <= 0 {
+		t.Fatalf("Allocate with etcd out of space: details %v, want a RetryInfo with a delay", status.Convert(err).Details())
+	}
+	_, err = r1.alloc.Commit(ctx, commit(pending, "k/pending"))
+	if status.Code(err) != codes.Unavailable || !errinfo.Has(err, errinfo.NotApplied) {
+		t.Fatalf("Commit with etcd out of space: %v %v, want Unavailable marked NOT_APPLIED", err, status.Convert(err).Details())
+	}
+	for name, r := range map[string]replica{"the committing replica": r1, "another replica": r2} {
+		resp, err := r.alloc.Commit(ctx, commit(recorded, "k/recorded"))
+		if err != nil || !resp.GetAlreadyCommitted() {
+			t.Fatalf("recorded Commit repeated on %s with etcd out of space: %v, %v; want already committed", name, resp, err)
+		}
 	}
 }
