@@ -996,9 +996,18 @@ func IsNoSpace(err error) bool {
 	return errors.Is(err, rpctypes.ErrNoSpace) || errors.Is(err, rpctypes.ErrGRPCNoSpace)
 }
 
-func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (CommitResult, error) {
+func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, idem *Idempotency) (res CommitResult, err error) {
 	id := bucket.GetId()
 	bc := t.bucket(id)
+	unsure := false // a try's transaction failed without an answer
+	defer func() {
+		if unsure && (LeaseLost(err) || IsNoSpace(err)) {
+			// A refusal of this try says nothing of that one, which
+			// may yet apply: the caller must not take it for "nothing
+			// applied".
+			err = fmt.Errorf("%w (then: %v)", ErrOutcomeUnknown, err)
+		}
+	}()
 	for attempt := 0; attempt < 50; attempt++ {
 		// Taken again on every try: a lease etcd no longer has is dropped
 		// (noteLease), and the next try must not carry it again.
@@ -1027,6 +1036,7 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 		if err != nil {
 			return CommitResult{}, err
 		}
+		unsure = unsure || out.unsure
 		switch {
 		case out.err != nil:
 			return CommitResult{}, out.err
@@ -1134,6 +1144,10 @@ type commitOutcome struct {
 	dup    []byte
 	noRoom bool
 	err    error
+	// unsure: the batch's transaction failed without an answer (it may
+	// yet apply); the caller reads again, but must not later call the
+	// commit unapplied on a refusal of another try.
+	unsure bool
 }
 
 // enqueue hands p to the bucket's committer, which batches concurrent
@@ -1351,7 +1365,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 			p.done <- commitOutcome{err: err}
 			continue
 		}
-		p.done <- commitOutcome{}
+		p.done <- commitOutcome{unsure: err != nil && !LeaseLost(err)}
 	}
 }
 

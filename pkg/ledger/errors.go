@@ -11,6 +11,9 @@ var (
 	// ErrReservationLost: the reservation expired and could not be
 	// re-established against current capacity.
 	ErrReservationLost = errors.New("reservation expired and the bucket has no room to grant it again")
+	// ErrOutcomeUnknown: a commit's try failed without an answer and a
+	// later try was refused; the first may yet apply. Retry the commit.
+	ErrOutcomeUnknown = errors.New("an earlier try of this commit got no answer from etcd, so whether it applied is unknown; retry")
 	// ErrConflict: too many concurrent writers; retry later.
 	ErrConflict = errors.New("too many concurrent updates; retry")
 	// ErrInvalid: a request that can never succeed as given.

@@ -72,6 +72,9 @@ func toStatus(ctx context.Context, err error) error {
 		// caller's gRPC retry policy is told not to ask another one now.
 		_ = grpc.SetTrailer(ctx, metadata.Pairs("grpc-retry-pushback-ms", "-1"))
 		return withRetry(codes.Unavailable, err.Error(), 5*time.Second)
+	case errors.Is(err, ledger.ErrOutcomeUnknown):
+		// Not marked not-applied: an earlier try may yet apply.
+		return withRetry(codes.Unavailable, err.Error(), time.Second)
 	case errors.Is(err, ledger.ErrConflict):
 		// Not marked not-applied: a commit whose replica lost its term
 		// while the batch was in flight ends here too, outcome unknown.
