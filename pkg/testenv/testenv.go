@@ -8,6 +8,7 @@ package testenv
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
@@ -28,14 +30,37 @@ import (
 // connected client. Both are closed when the test ends.
 func Etcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
 	t.Helper()
+	return EtcdWithQuota(t, 0)
+}
+
+// EtcdWithQuota is Etcd with a storage quota of quota bytes (0: etcd's
+// default), for a test that fills it.
+func EtcdWithQuota(t testing.TB, quota int64) (*etcdembed.Server, *clientv3.Client) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal"})
+	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal", QuotaBytes: quota})
 	if err != nil {
 		t.Fatalf("start embedded etcd: %v", err)
 	}
 	t.Cleanup(srv.Close)
 	return srv, EtcdClient(t, srv.Endpoint)
+}
+
+// FillEtcd writes 256 KiB values under /filler/ until etcd refuses one
+// for lack of space (its NOSPACE alarm is then raised).
+func FillEtcd(ctx context.Context, t testing.TB, cli *clientv3.Client) {
+	t.Helper()
+	filler := strings.Repeat("x", 256<<10)
+	for i := 0; ; i++ {
+		_, err := cli.Put(ctx, fmt.Sprintf("/filler/%d", i), filler)
+		if errors.Is(err, rpctypes.ErrNoSpace) {
+			return
+		}
+		if err != nil || i > 1000 {
+			t.Fatalf("filling etcd, put %d: %v", i, err)
+		}
+	}
 }
 
 // EtcdClient connects a new client to endpoint, closed when the test ends.

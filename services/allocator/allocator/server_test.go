@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
 	"math"
 	"net"
@@ -1189,12 +1188,7 @@ func TestNoRoomSaysWhetherToRetry(t *testing.T) {
 func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	srv, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal", QuotaBytes: 16 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	cli := testenv.EtcdClient(t, srv.Endpoint)
+	srv, cli := testenv.EtcdWithQuota(t, 16<<20)
 	buckets := []*adminv1.BucketSpec{spec("p1", 1, 1<<40)}
 	r1 := startReplica(t, testenv.EtcdClient(t, srv.Endpoint), allocator.Config{Buckets: buckets})
 	r2 := startReplica(t, testenv.EtcdClient(t, srv.Endpoint), allocator.Config{Buckets: buckets})
@@ -1213,16 +1207,7 @@ func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	filler := strings.Repeat("x", 256<<10)
-	for i := 0; ; i++ {
-		_, err := cli.Put(ctx, fmt.Sprintf("/filler/%d", i), filler)
-		if errors.Is(err, rpctypes.ErrNoSpace) {
-			break
-		}
-		if err != nil || i > 200 {
-			t.Fatalf("filling etcd, put %d: %v", i, err)
-		}
-	}
+	testenv.FillEtcd(ctx, t, cli)
 	_, err = r1.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "etcd is out of space") {
 		t.Fatalf("Allocate with etcd out of space: %v, want Unavailable saying etcd is out of space", err)

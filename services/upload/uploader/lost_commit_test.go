@@ -2,10 +2,6 @@ package uploader_test
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"log/slog"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -13,7 +9,6 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -24,7 +19,6 @@ import (
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
-	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -35,18 +29,6 @@ import (
 // before its answer leaves: the answer is lost, the commit is recorded.
 func startCrashingAllocator(t *testing.T, st *stack, etcd *etcdembed.Server) (addr string, applied <-chan struct{}, crash func()) {
 	t.Helper()
-	cfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken, ServiceToken: serviceToken, Identity: "replica-crashing"}
-	cli := testenv.EtcdClient(t, etcd.Endpoint)
-	ctx, cancel := context.WithCancel(context.Background())
-	alloc, err := allocator.New(ctx, cli, cfg, slog.New(slog.DiscardHandler))
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ap := make(chan struct{})
 	var once sync.Once
 	hook := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -58,22 +40,10 @@ func startCrashingAllocator(t *testing.T, st *stack, etcd *etcdembed.Server) (ad
 		}
 		return resp, err
 	}
-	unary, streamI := alloc.Interceptors()
-	srv := grpcserver.New(grpcserver.Options{Logger: slog.New(slog.DiscardHandler), DrainDelay: 300 * time.Millisecond, StopTimeout: 5 * time.Second,
-		UnaryInterceptors: []grpc.UnaryServerInterceptor{hook, unary}, StreamInterceptors: []grpc.StreamServerInterceptor{streamI}})
-	alloc.Register(srv.GRPC)
-	srv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
-	done := make(chan struct{})
-	go func() { defer close(done); _ = alloc.Serve(ctx, srv, lis) }()
-	crash = sync.OnceFunc(func() { _ = cli.Close(); srv.GRPC.Stop(); cancel() })
-	t.Cleanup(func() { crash(); <-done; _ = alloc.Close() })
-	return lis.Addr().String(), ap, crash
+	r := st.startAllocatorWith(t, etcd, nil, hook)
+	return r.Addr, ap, r.Crash
 }
 
-// A Commit that APPLIED on replica A, whose answer was lost (A crashed),
-// is retried by the connection's own retry policy (UNAVAILABLE) on
-// replica B. B's answer is marked NOT_APPLIED, the upload service removes
-// the object, and the idempotency record names an object that is gone.
 // A Commit that applied on a replica that died before answering is tried
 // again by gRPC on another replica, out of the upload service's sight. The
 // second attempt is refused (the replica has a rotated service token, or
@@ -87,12 +57,7 @@ func TestLostCommitAnswerThenARefusal(t *testing.T) {
 			defer cancel()
 			st, etcd := newStack(t, []string{testenv.S3(t).Endpoint})
 			if variant == "nospace" {
-				var err error
-				etcd, err = etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal", QuotaBytes: 16 << 20})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(etcd.Close)
+				etcd, _ = testenv.EtcdWithQuota(t, 16<<20)
 				st.Etcd = etcd
 			}
 			bToken := serviceToken
@@ -126,18 +91,7 @@ func TestLostCommitAnswerThenARefusal(t *testing.T) {
 			}
 			t.Log("replica A applied the Commit; its answer is not sent")
 			if variant == "nospace" {
-				cli := testenv.EtcdClient(t, etcd.Endpoint)
-				filler := strings.Repeat("x", 256<<10)
-				for i := 0; ; i++ {
-					_, err := cli.Put(ctx, fmt.Sprintf("/filler/%d", i), filler)
-					if errors.Is(err, rpctypes.ErrNoSpace) {
-						break
-					}
-					if err != nil || i > 200 {
-						t.Fatalf("filling etcd, put %d: %v", i, err)
-					}
-				}
-				t.Log("etcd is now out of space")
+				testenv.FillEtcd(ctx, t, testenv.EtcdClient(t, etcd.Endpoint))
 			}
 			// A's pod goes away: the endpoints list B only, and A's death
 			// ends the call in flight to it. gRPC tries it again, on B

@@ -2,13 +2,10 @@ package uploader_test
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
 
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -17,7 +14,6 @@ import (
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
-	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 	"github.com/bucketlb/bucketlb/services/upload/uploader"
@@ -44,11 +40,7 @@ func TestCommitRefusedForSpaceRemovesTheObject(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	st, _ := newStack(t, []string{testenv.S3(t).Endpoint})
-	etcd, err := etcdembed.Start(ctx, etcdembed.Options{Dir: t.TempDir(), LogLevel: "fatal", QuotaBytes: 16 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(etcd.Close)
+	etcd, cli := testenv.EtcdWithQuota(t, 16<<20)
 	st.Etcd = etcd
 	r := st.startAllocator(t, etcd, nil)
 	hp := hold(singlePut)
@@ -58,19 +50,9 @@ func TestCommitRefusedForSpaceRemovesTheObject(t *testing.T) {
 	hdr := &uploadv1.UploadHeader{NameHint: "nospace.bin", ContentType: "application/octet-stream", Size: int64(len(data)), IdempotencyKey: "nospace-key"}
 	done := sendInBackground(ctx, st.Upload, hdr, data)
 	<-hp.started // reserved and claimed: the PUT is on its way
-	cli := testenv.EtcdClient(t, etcd.Endpoint)
-	filler := strings.Repeat("x", 256<<10)
-	for i := 0; ; i++ {
-		_, err := cli.Put(ctx, fmt.Sprintf("/filler/%d", i), filler)
-		if errors.Is(err, rpctypes.ErrNoSpace) {
-			break
-		}
-		if err != nil || i > 200 {
-			t.Fatalf("filling etcd, put %d: %v", i, err)
-		}
-	}
+	testenv.FillEtcd(ctx, t, cli)
 	close(hp.release)
-	err = <-done
+	err := <-done
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "so it was removed") {
 		t.Fatalf("upload whose Commit etcd refused: %v, want Unavailable saying the object was removed", err)
 	}

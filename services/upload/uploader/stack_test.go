@@ -217,6 +217,13 @@ type allocReplica struct {
 // unless the caller sets it.
 func (st *stack) startAllocator(t testing.TB, etcd *etcdembed.Server, tune func(*allocator.Config)) *allocReplica {
 	t.Helper()
+	return st.startAllocatorWith(t, etcd, tune, nil)
+}
+
+// startAllocatorWith is startAllocator with hook (when set) first among
+// the replica's unary interceptors, e.g. to lose an answer.
+func (st *stack) startAllocatorWith(t testing.TB, etcd *etcdembed.Server, tune func(*allocator.Config), hook grpc.UnaryServerInterceptor) *allocReplica {
+	t.Helper()
 	r := &allocReplica{ID: fmt.Sprintf("replica-%d", len(st.Replicas))}
 	cfg := allocator.Config{Buckets: st.Buckets, AdminToken: adminToken, ServiceToken: serviceToken, Identity: r.ID}
 	if tune != nil {
@@ -234,8 +241,12 @@ func (st *stack) startAllocator(t testing.TB, etcd *etcdembed.Server, tune func(
 		t.Fatal(err)
 	}
 	unary, streamI := alloc.Interceptors()
+	unaries := []grpc.UnaryServerInterceptor{unary}
+	if hook != nil {
+		unaries = append([]grpc.UnaryServerInterceptor{hook}, unaries...)
+	}
 	srv := grpcserver.New(grpcserver.Options{Logger: slog.New(slog.DiscardHandler), DrainDelay: 300 * time.Millisecond, StopTimeout: 5 * time.Second,
-		UnaryInterceptors: []grpc.UnaryServerInterceptor{unary}, StreamInterceptors: []grpc.StreamServerInterceptor{streamI}})
+		UnaryInterceptors: unaries, StreamInterceptors: []grpc.StreamServerInterceptor{streamI}})
 	alloc.Register(srv.GRPC)
 	srv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
 	done := make(chan struct{})
