@@ -45,14 +45,29 @@ func LoadToken(envName, fileSetting, file string) (string, error) {
 type Bearer struct {
 	name   string // what the token is for, in refusals: "admin"
 	prefix string
-	sum    [32]byte
-	open   bool // a token is configured
+	sums   [][32]byte // of the tokens taken
 }
 
-// NewBearer guards methods under prefix with token; name says what the
-// token is for in refusals. An empty token makes every guarded call fail.
-func NewBearer(name, prefix, token string) *Bearer {
-	return &Bearer{name: name, prefix: prefix, sum: sha256.Sum256([]byte(token)), open: token != ""}
+// NewBearer guards methods under prefix with tokens, a white-space
+// separated list of which any is taken: during a rotation the list holds
+// the new token and the old one (see First). name says what the token is
+// for in refusals. No token makes every guarded call fail.
+func NewBearer(name, prefix, tokens string) *Bearer {
+	b := &Bearer{name: name, prefix: prefix}
+	for _, t := range strings.Fields(tokens) {
+		b.sums = append(b.sums, sha256.Sum256([]byte(t)))
+	}
+	return b
+}
+
+// First is the token a client sends from a list that NewBearer takes:
+// its first. Rotating a token is then three rollouts of one Secret,
+// "old new" to the servers, "new old" to the clients, "new" to all.
+func First(tokens string) string {
+	if f := strings.Fields(tokens); len(f) > 0 {
+		return f[0]
+	}
+	return ""
 }
 
 // Check returns nil when method is not guarded or ctx carries the token,
@@ -70,9 +85,14 @@ func (b *Bearer) Check(ctx context.Context, method string) error {
 	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
 		return errinfo.MarkNotApplied(ctx, status.New(codes.Unauthenticated, "the authorization header must have the form \"Bearer <token>\"")).Err()
 	}
-	// Hashing first makes the comparison constant-time in the length too.
+	// Hashing first makes the comparison constant-time in the length too;
+	// every token is compared, so the time does not tell which matched.
 	got := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	if subtle.ConstantTimeCompare(got[:], b.sum[:]) != 1 || !b.open {
+	match := 0
+	for _, sum := range b.sums {
+		match |= subtle.ConstantTimeCompare(got[:], sum[:])
+	}
+	if match != 1 {
 		return errinfo.MarkNotApplied(ctx, status.Newf(codes.PermissionDenied, "the %s token is not valid; check the token this server was configured with", b.name)).Err()
 	}
 	return nil
@@ -107,11 +127,13 @@ func (g Guards) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInf
 	return h(srv, ss)
 }
 
-// Credentials sends token as "authorization: Bearer <token>" on every
-// call of a client connection. It does not ask for transport security:
+// Credentials sends First(tokens) as "authorization: Bearer <token>" on
+// every call of a client connection. It does not ask for transport security:
 // the services talk plain text inside the cluster, where the token keeps
 // out callers that merely reach the port.
-func Credentials(token string) credentials.PerRPCCredentials { return bearerCredentials(token) }
+func Credentials(tokens string) credentials.PerRPCCredentials {
+	return bearerCredentials(First(tokens))
+}
 
 type bearerCredentials string
 

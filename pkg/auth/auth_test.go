@@ -218,3 +218,26 @@ func TestGuardsKeepTokensApart(t *testing.T) {
 		t.Fatalf("admin call with the admin token: %v", err)
 	}
 }
+
+// A token is rotated without a window of refusals: a server configured
+// with "new old" takes both, and a client configured with "new old" (the
+// same Secret) sends the first.
+func TestRotation(t *testing.T) {
+	conn := serve(t, auth.NewBearer("service", "/grpc.health.v1.Health/", "new-token\nold-token"))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		header string
+		want   codes.Code
+	}{{"Bearer new-token", codes.OK}, {"Bearer old-token", codes.OK}, {"Bearer other", codes.PermissionDenied}, {"Bearer new-token old-token", codes.PermissionDenied}} {
+		if _, err := healthpb.NewHealthClient(conn).Check(withAuth(ctx, tc.header), &healthpb.HealthCheckRequest{}); status.Code(err) != tc.want {
+			t.Fatalf("%q: %v, want %v", tc.header, err, tc.want)
+		}
+	}
+	if got := auth.First(" new-token \n old-token\n"); got != "new-token" {
+		t.Fatalf("First = %q, want new-token", got)
+	}
+	if b := auth.NewBearer("svc", "/svc/", " \n "); b.Check(metadata.NewIncomingContext(ctx, metadata.Pairs("authorization", "Bearer x")), "/svc/M") == nil {
+		t.Fatal("a Bearer without tokens let a call in")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -41,7 +42,9 @@ type Config struct {
 	// ServiceToken guards the AllocatorService, which the upload service
 	// calls: without it anyone who reaches the port could cool buckets
 	// down, hold their room or read upload records. Required, and not
-	// the admin token: upload pods must not hold admin rights.
+	// the admin token: upload pods must not hold admin rights. Both may
+	// list several tokens, separated by white space, any of which is
+	// taken (a rotation, see auth.First).
 	ServiceToken string
 	// ReservationTTL is a reservation's life without renewal; default 30s.
 	ReservationTTL time.Duration
@@ -145,8 +148,10 @@ func New(ctx context.Context, cli *clientv3.Client, cfg Config, log *slog.Logger
 	if cfg.ServiceToken == "" {
 		return nil, fmt.Errorf("allocator: a service token is required")
 	}
-	if cfg.ServiceToken == cfg.AdminToken {
-		return nil, fmt.Errorf("allocator: the service token must differ from the admin token, or every upload pod holds admin rights")
+	for _, t := range strings.Fields(cfg.ServiceToken) {
+		if slices.Contains(strings.Fields(cfg.AdminToken), t) {
+			return nil, fmt.Errorf("allocator: the service token must differ from the admin token, or every upload pod holds admin rights")
+		}
 	}
 	if cfg.ReservationTTL == 0 {
 		cfg.ReservationTTL = 30 * time.Second

@@ -540,7 +540,7 @@ func TestServiceTokenRequired(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	for _, tok := range []string{"", token} {
+	for _, tok := range []string{"", token, "rotated-service-token " + token} {
 		if _, err := allocator.New(ctx, cli, allocator.Config{AdminToken: token, ServiceToken: tok}, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "service token") {
 			t.Fatalf("service token %q: %v, want a refusal naming the service token", tok, err)
 		}

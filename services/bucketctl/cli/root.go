@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -18,6 +17,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
@@ -61,7 +61,7 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("BUCKETLB_TLS_CA"), "reach the upload service over TLS, trusting this CA file (env BUCKETLB_TLS_CA)")
 	pf.StringVar(&g.tlsCert, "tls-cert", os.Getenv("BUCKETLB_TLS_CERT"), "client certificate for mutual TLS with the upload service (env BUCKETLB_TLS_CERT)")
 	pf.StringVar(&g.tlsKey, "tls-key", os.Getenv("BUCKETLB_TLS_KEY"), "key of --tls-cert (env BUCKETLB_TLS_KEY)")
-	g.token = strings.TrimSpace(os.Getenv("BUCKETLB_ADMIN_TOKEN"))
+	g.token = auth.First(os.Getenv("BUCKETLB_ADMIN_TOKEN"))
 	g.tokenFileSet = func() bool { return pf.Changed("token-file") }
 
 	root.AddCommand(
@@ -102,7 +102,7 @@ func (g *globals) adminContext(ctx context.Context) (context.Context, context.Ca
 		if err != nil {
 			return nil, nil, fmt.Errorf("no admin token: set BUCKETLB_ADMIN_TOKEN or --token-file (%w)", err)
 		}
-		if tok = strings.TrimSpace(string(data)); tok == "" {
+		if tok = auth.First(string(data)); tok == "" {
 			return nil, nil, fmt.Errorf("no admin token: the token file %s is empty", g.tokenFile)
 		}
 	}
