@@ -1001,10 +1001,11 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 	bc := t.bucket(id)
 	unsure := false // a try's transaction failed without an answer
 	defer func() {
-		if unsure && (LeaseLost(err) || IsNoSpace(err)) {
-			// A refusal of this try says nothing of that one, which
-			// may yet apply: the caller must not take it for "nothing
-			// applied".
+		if unsure && err != nil && ctx.Err() == nil {
+			// Whatever refused a later try says nothing of that one,
+			// which may yet apply: the caller must not take a refusal
+			// (a lease gone, no room, out of space) for "nothing
+			// applied" and remove the object.
 			err = fmt.Errorf("%w (then: %v)", ErrOutcomeUnknown, err)
 		}
 	}()
@@ -1046,7 +1047,8 @@ func (c *Capacity) commit(ctx context.Context, t *term, bucket *adminv1.BucketSp
 			return CommitResult{DuplicateOf: out.dup}, nil
 		case out.noRoom && p.exists:
 			// No room of our own: move the bytes out of the owner's block.
-			res, done, err := c.commitFromOwner(ctx, t, bucket, resID, actual, p.rec, p.resRev, idem, ls)
+			res, done, lost, err := c.commitFromOwner(ctx, t, bucket, resID, actual, p.rec, p.resRev, idem, ls)
+			unsure = unsure || lost
 			if err != nil || done {
 				return res, err
 			}
@@ -1373,12 +1375,14 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 // bytes from the owner's block into our shard, compared on the owner's
 // block revision (the owner compares it on every write too). done=false
 // means a compare failed: the caller starts over.
-func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, ls leases) (CommitResult, bool, error) {
+//
+// unsure says its transaction failed without an answer: it may yet apply.
+func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1.BucketSpec, resID string, actual int64, rec resRecord, resRev int64, idem *Idempotency, ls leases) (_ CommitResult, done, unsure bool, _ error) {
 	if ownerOf(resID) != rec.Replica {
 		// A reservation re-established under another term's id is not
 		// under its owner's watch: the owner would not learn that its
 		// block shrank. Fail cleanly; the upload is aborted.
-		return CommitResult{}, true, ErrReservationLost
+		return CommitResult{}, true, false, ErrReservationLost
 	}
 	id := bucket.GetId()
 	period := c.l.Period().Name
@@ -1387,10 +1391,10 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	resp, err := c.l.cli.Get(gctx, ownerKey)
 	cancel()
 	if err != nil {
-		return CommitResult{}, false, fmt.Errorf("ledger: read owner block: %w", err)
+		return CommitResult{}, false, false, fmt.Errorf("ledger: read owner block: %w", err)
 	}
 	if len(resp.Kvs) == 0 {
-		return CommitResult{}, false, nil // owner gone: its reservation will vanish too
+		return CommitResult{}, false, false, nil // owner gone: its reservation will vanish too
 	}
 	ownerBlock, _ := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
 	if ownerBlock < rec.Size {
@@ -1398,7 +1402,7 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		// it was committed meanwhile (the caller reads again and finds
 		// its marker). Moving its bytes out would drive the block
 		// negative and hide bytes from every replica's sum.
-		return CommitResult{}, false, nil
+		return CommitResult{}, false, false, nil
 	}
 	bc := t.bucket(id)
 	bc.wmu.Lock()
@@ -1436,18 +1440,22 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 	c.noteLease(err)
 	if err != nil || !tr.Succeeded {
 		c.resync(ctx, t, bc, period, id)
+		if IsNoSpace(err) {
+			// Settled by the caller's read of what stands (see Commit).
+			return CommitResult{}, true, false, err
+		}
 		if err == nil && len(elseOps) > 0 {
 			// Another upload recorded the idempotency key first: that is
 			// the answer (as from commitBatch), not a race to retry.
 			if dup := c.recordedFirst(ctx, tr, resID); dup != nil {
-				return CommitResult{DuplicateOf: dup}, true, nil
+				return CommitResult{DuplicateOf: dup}, true, false, nil
 			}
 		}
-		return CommitResult{}, false, nil
+		return CommitResult{}, false, err != nil && !LeaseLost(err), nil
 	}
 	bc.shard += actual
 	bc.shardRev = tr.Header.Revision
-	return res, true, nil
+	return res, true, false, nil
 }
 
 // recordedFirst returns the idempotency record that a commit transaction
