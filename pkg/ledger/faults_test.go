@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -477,5 +478,50 @@ func TestCommitFromOwnerAnswersWithTheRecordedDuplicate(t *testing.T) {
 	}
 	if u := usage(t, l, "b1"); u.Used != 100 {
 		t.Fatalf("used %d, want the first upload's 100 alone", u.Used)
+	}
+}
+
+// isCommit matches a commit's transaction: one that puts a commit marker.
+func isCommit(req any) bool {
+	tr, ok := req.(*etcdserverpb.TxnRequest)
+	if !ok {
+		return false
+	}
+	for _, op := range tr.Success {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/commits/") {
+			return true
+		}
+	}
+	return false
+}
+
+// A commit whose transaction failed without an answer (it may yet apply,
+// a proposal in flight through a leader change) and whose later tries
+// etcd refused ends in ErrOutcomeUnknown, not in what refused them: a
+// caller told so might take it that nothing applied and remove the object
+// the first try may yet count and record.
+func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	var commits atomic.Int32
+	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if isCommit(req) {
+			if commits.Add(1) == 1 {
+				return status.Error(codes.Unavailable, "connection reset: the answer is lost")
+			}
+			return rpctypes.ErrGRPCLeaseNotFound
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+	_, c := replicaCap(t, cli, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	r, err := c.Reserve(ctx, bk, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Commit(ctx, bk, r.ID, 100, nil)
+	if !errors.Is(err, ledger.ErrOutcomeUnknown) || ledger.LeaseLost(err) || commits.Load() < 2 {
+		t.Fatalf("commit refused after an unanswered try (%d tries): %v, want ErrOutcomeUnknown", commits.Load(), err)
 	}
 }
