@@ -51,6 +51,10 @@ type AllocatorServiceClient interface {
 	Renew(ctx context.Context, in *RenewRequest, opts ...grpc.CallOption) (*RenewResponse, error)
 	// Commit records the bytes actually written and ends the reservation.
 	// Idempotent: a retried commit is applied once and returns the same answer.
+	// UNAVAILABLE and DEADLINE_EXCEEDED may have applied (retry to learn),
+	// unless the status carries google.rpc.ErrorInfo reason "NOT_APPLIED"
+	// (domain "bucketlb"): then nothing was recorded. Every other code applied
+	// nothing.
 	Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error)
 	// Release ends a reservation without recording usage, returning its bytes.
 	// Releasing an unknown or already released reservation succeeds.
@@ -181,6 +185,10 @@ type AllocatorServiceServer interface {
 	Renew(context.Context, *RenewRequest) (*RenewResponse, error)
 	// Commit records the bytes actually written and ends the reservation.
 	// Idempotent: a retried commit is applied once and returns the same answer.
+	// UNAVAILABLE and DEADLINE_EXCEEDED may have applied (retry to learn),
+	// unless the status carries google.rpc.ErrorInfo reason "NOT_APPLIED"
+	// (domain "bucketlb"): then nothing was recorded. Every other code applied
+	// nothing.
 	Commit(context.Context, *CommitRequest) (*CommitResponse, error)
 	// Release ends a reservation without recording usage, returning its bytes.
 	// Releasing an unknown or already released reservation succeeds.
