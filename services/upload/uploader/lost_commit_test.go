@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -121,5 +122,36 @@ func TestLostCommitAnswerThenARefusal(t *testing.T) {
 				t.Fatalf("used %d, want %d", used[st.Buckets[0].GetId()], len(data))
 			}
 		})
+	}
+}
+
+// gRPC's retry policy does not retry Commit: the upload service tries it
+// again itself, and must see every try's answer. A try whose answer was
+// lost (it may yet apply) hidden by gRPC, followed by another replica's
+// refusal, had the upload service remove an object that then counted
+// (found by the fourth regression review). Other calls are still retried
+// on UNAVAILABLE.
+func TestCommitIsNotRetriedByGRPC(t *testing.T) {
+	st, etcd := newStack(t, []string{testenv.S3(t).Endpoint})
+	var commits, allocates atomic.Int32
+	hook := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		switch {
+		case strings.HasSuffix(info.FullMethod, "/Commit") && commits.Add(1) == 1,
+			strings.HasSuffix(info.FullMethod, "/Allocate") && allocates.Add(1) == 1:
+			return nil, status.Error(codes.Unavailable, "the answer is lost")
+		}
+		return handler(ctx, req)
+	}
+	r := st.startAllocatorWith(t, etcd, nil, hook)
+	alloc := dialAllocator(t, r.Addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	a, err := alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 10})
+	if err != nil || allocates.Load() != 2 {
+		t.Fatalf("Allocate after one lost answer: %v after %d attempts, want it retried once and granted", err, allocates.Load())
+	}
+	_, err = alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: 10, Size: 10, Key: "k", Etag: `"e"`})
+	if status.Code(err) != codes.Unavailable || commits.Load() != 1 {
+		t.Fatalf("Commit after one lost answer: %v after %d attempts, want UNAVAILABLE after one", err, commits.Load())
 	}
 }

@@ -27,11 +27,14 @@ import (
 // balanced round robin over the replicas (a headless Service's addresses,
 // dns:///allocator:7001). A call that fails UNAVAILABLE, as every call in
 // flight to a replica that dies or restarts does, is tried again, on
-// another replica, so a client never sees a replica go. Every call may
-// be tried again: Commit is idempotent, and an Allocate whose answer was
-// lost leaves a reservation that lapses by itself. Allocator calls are
-// small, well within gRPC's 256 KiB retry buffer. Throttling stops retries
-// when most calls fail (no replica left), instead of tripling the load.
+// another replica, so a client never sees a replica go: an Allocate whose
+// answer was lost leaves a reservation that lapses by itself. Commit is
+// the exception: the upload service tries it again itself (commit), as it
+// must see every try's answer. A try whose answer was lost may yet apply,
+// and a later try's refusal must not then be taken for "nothing applied",
+// which removes the object. Allocator calls are small, well within gRPC's
+// 256 KiB retry buffer. Throttling stops retries when most calls fail (no
+// replica left), instead of tripling the load.
 const AllocatorServiceConfig = `{
   "loadBalancingConfig": [{"round_robin": {}}],
   "methodConfig": [
@@ -44,6 +47,9 @@ const AllocatorServiceConfig = `{
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"]
       }
+    },
+    {
+      "name": [{"service": "bucketlb.allocator.v1.AllocatorService", "method": "Commit"}]
     }
   ],
   "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1}

@@ -479,7 +479,9 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 // the tries run on after the client has gone.
 const (
 	commitTimeout  = 30 * time.Second
-	commitAttempts = 3
+	// Tries of a Commit, each on the next replica (gRPC does not retry
+	// Commit, see AllocatorServiceConfig).
+	commitAttempts = 5
 	// completeRetries is how often a Complete the bucket refused outright
 	// is sent again.
 	completeRetries = 2
