@@ -478,7 +478,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 // An upload's Commit is tried commitAttempts times within commitTimeout;
 // the tries run on after the client has gone.
 const (
-	commitTimeout  = 30 * time.Second
+	commitTimeout = 30 * time.Second
 	// Tries of a Commit, each on the next replica (gRPC does not retry
 	// Commit, see AllocatorServiceConfig).
 	commitAttempts = 5
