@@ -1346,6 +1346,10 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 			r.ending = false
 		}
 	}
+	unsure := err != nil && !LeaseLost(err) && !IsNoSpace(err)
+	if unsure && blockRev > 0 {
+		unsure = !c.fence(ctx, t, blockKey, block, blockRev)
+	}
 	c.resync(ctx, t, bc, period, id)
 	bc.mu.Unlock()
 	if err == nil && len(batch) > 1 {
@@ -1367,8 +1371,26 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 			p.done <- commitOutcome{err: err}
 			continue
 		}
-		p.done <- commitOutcome{unsure: err != nil && !LeaseLost(err)}
+		p.done <- commitOutcome{unsure: unsure}
 	}
+}
+
+// fence settles a commit transaction that got no answer, which could
+// otherwise still apply later (a proposal in flight through a leader
+// change) and write a block value computed before: reservations carved
+// since would then overrun the block. It writes the block's own value on
+// the revision that transaction compared. If the fence applies, that
+// transaction's compare can never pass; if its compare fails, the block
+// moved on: that transaction applied (the caller's read of the markers
+// finds it) or can never apply either. It reports whether the fence got
+// an answer, and with it the transaction's fate.
+func (c *Capacity) fence(ctx context.Context, t *term, blockKey string, block, blockRev int64) bool {
+	fctx, cancel := c.l.ctx(ctx)
+	defer cancel()
+	_, err := c.l.cli.Txn(fctx).If(clientv3.Compare(clientv3.ModRevision(blockKey), "=", blockRev)).
+		Then(clientv3.OpPut(blockKey, strconv.FormatInt(block, 10), clientv3.WithLease(t.lease))).Commit()
+	c.noteLease(err)
+	return err == nil
 }
 
 // commitFromOwner commits another replica's reservation by moving its

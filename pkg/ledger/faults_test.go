@@ -495,15 +495,22 @@ func isCommit(req any) bool {
 	return false
 }
 
+// isFence matches the write that settles a commit transaction that got
+// no answer: one put on a block, on one compare.
+func isFence(req any) bool { return putsUnder(req, 1, "/cap/blocks/") }
+
 // A commit whose transaction failed without an answer (it may yet apply,
-// a proposal in flight through a leader change) and whose later tries
-// etcd refused ends in ErrOutcomeUnknown, not in what refused them: a
-// caller told so might take it that nothing applied and remove the object
-// the first try may yet count and record.
+// a proposal in flight through a leader change), which no fence could
+// settle, and whose later tries etcd refused ends in ErrOutcomeUnknown,
+// not in what refused them: a caller told so might take it that nothing
+// applied and remove the object the first try may yet count and record.
 func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
 	srv, _ := testenv.Etcd(t)
 	var commits atomic.Int32
 	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if isFence(req) {
+			return status.Error(codes.Unavailable, "connection reset: the fence's answer is lost too")
+		}
 		if isCommit(req) {
 			if commits.Add(1) == 1 {
 				return status.Error(codes.Unavailable, "connection reset: the answer is lost")
@@ -523,5 +530,50 @@ func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
 	_, err = c.Commit(ctx, bk, r.ID, 100, nil)
 	if !errors.Is(err, ledger.ErrOutcomeUnknown) || ledger.LeaseLost(err) || commits.Load() < 2 {
 		t.Fatalf("commit refused after an unanswered try (%d tries): %v, want ErrOutcomeUnknown", commits.Load(), err)
+	}
+}
+
+// A commit transaction that got no answer is fenced: held back and
+// delivered after the commit has ended (its later tries refused), it no
+// longer applies. Before, it applied then, writing the block value it
+// computed before and counting bytes for an upload that had been told its
+// commit failed (third regression review: 1,000 committed plus 1,853
+// reserved on a 2,000-byte bucket).
+func TestUnansweredCommitIsFenced(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	var commits atomic.Int32
+	var held atomic.Pointer[etcdserverpb.TxnRequest]
+	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if isCommit(req) {
+			if commits.Add(1) == 1 {
+				held.Store(req.(*etcdserverpb.TxnRequest))
+				return status.Error(codes.Unavailable, "connection reset: the answer is lost")
+			}
+			return rpctypes.ErrGRPCLeaseNotFound
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+	l, c := replicaCap(t, cli, "a")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	r, err := c.Reserve(ctx, bk, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, cerr := c.Commit(ctx, bk, r.ID, 100, nil)
+	// Delivered now, past the interceptor.
+	resp, err := etcdserverpb.NewKVClient(testenv.EtcdClient(t, srv.Endpoint).ActiveConnection()).Txn(ctx, held.Load())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetSucceeded() {
+		t.Fatalf("the commit transaction held back applied after its commit had ended (%v)", cerr)
+	}
+	if cerr == nil || errors.Is(cerr, ledger.ErrOutcomeUnknown) {
+		t.Fatalf("commit whose tries were all refused after a fenced one: %v, want a refusal, not an unknown outcome", cerr)
+	}
+	if u := usage(t, l, "b1"); u.Used != 0 {
+		t.Fatalf("used %d after a commit that was told it failed, want 0", u.Used)
 	}
 }
