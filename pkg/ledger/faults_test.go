@@ -499,56 +499,24 @@ func isCommit(req any) bool {
 // no answer: one put on a block, on one compare.
 func isFence(req any) bool { return putsUnder(req, 1, "/cap/blocks/") }
 
-// A commit whose transaction failed without an answer (it may yet apply,
-// a proposal in flight through a leader change), which no fence could
-// settle, and whose later tries etcd refused ends in ErrOutcomeUnknown,
-// not in what refused them: a caller told so might take it that nothing
-// applied and remove the object the first try may yet count and record.
-func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
-	srv, _ := testenv.Etcd(t)
-	var commits atomic.Int32
-	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		if isFence(req) {
-			return status.Error(codes.Unavailable, "connection reset: the fence's answer is lost too")
-		}
-		if isCommit(req) {
-			if commits.Add(1) == 1 {
-				return status.Error(codes.Unavailable, "connection reset: the answer is lost")
-			}
-			return rpctypes.ErrGRPCLeaseNotFound
-		}
-		return invoker(ctx, method, req, reply, cc, opts...)
-	})
-	_, c := replicaCap(t, cli, "a")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	bk := bucket("b1", 1000)
-	r, err := c.Reserve(ctx, bk, 100, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Commit(ctx, bk, r.ID, 100, nil)
-	if !errors.Is(err, ledger.ErrOutcomeUnknown) || ledger.LeaseLost(err) || commits.Load() < 2 {
-		t.Fatalf("commit refused after an unanswered try (%d tries): %v, want ErrOutcomeUnknown", commits.Load(), err)
-	}
-}
-
-// A commit transaction that got no answer is fenced: held back and
-// delivered after the commit has ended (its later tries refused), it no
-// longer applies. Before, it applied then, writing the block value it
-// computed before and counting bytes for an upload that had been told its
-// commit failed (third regression review: 1,000 committed plus 1,853
-// reserved on a 2,000-byte bucket).
-func TestUnansweredCommitIsFenced(t *testing.T) {
-	srv, _ := testenv.Etcd(t)
+// unansweredCommit runs a 100-byte commit on a replica whose etcd client
+// loses its first commit transaction's answer (the transaction is held
+// back, not sent) and refuses every later one; with loseFence, the fence's
+// answer is lost too. It returns the held transaction, a client past the
+// interception, the replica's ledger, and the commit's error.
+func unansweredCommit(t *testing.T, loseFence bool) (*etcdserverpb.TxnRequest, *clientv3.Client, *ledger.Ledger, error) {
+	t.Helper()
+	srv, plain := testenv.Etcd(t)
 	var commits atomic.Int32
 	var held atomic.Pointer[etcdserverpb.TxnRequest]
 	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		if isCommit(req) {
-			if commits.Add(1) == 1 {
-				held.Store(req.(*etcdserverpb.TxnRequest))
-				return status.Error(codes.Unavailable, "connection reset: the answer is lost")
-			}
+		switch {
+		case loseFence && isFence(req):
+			return status.Error(codes.Unavailable, "connection reset: the fence's answer is lost too")
+		case isCommit(req) && commits.Add(1) == 1:
+			held.Store(req.(*etcdserverpb.TxnRequest))
+			return status.Error(codes.Unavailable, "connection reset: the answer is lost")
+		case isCommit(req):
 			return rpctypes.ErrGRPCLeaseNotFound
 		}
 		return invoker(ctx, method, req, reply, cc, opts...)
@@ -561,9 +529,36 @@ func TestUnansweredCommitIsFenced(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, cerr := c.Commit(ctx, bk, r.ID, 100, nil)
-	// Delivered now, past the interceptor.
-	resp, err := etcdserverpb.NewKVClient(testenv.EtcdClient(t, srv.Endpoint).ActiveConnection()).Txn(ctx, held.Load())
+	_, err = c.Commit(ctx, bk, r.ID, 100, nil)
+	if commits.Load() < 2 {
+		t.Fatalf("the commit made %d tries, want more than the unanswered one", commits.Load())
+	}
+	return held.Load(), plain, l, err
+}
+
+// A commit whose transaction failed without an answer (it may yet apply,
+// a proposal in flight through a leader change), which no fence could
+// settle, and whose later tries etcd refused ends in ErrOutcomeUnknown,
+// not in what refused them: a caller told so might take it that nothing
+// applied and remove the object the first try may yet count and record.
+func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
+	_, _, _, err := unansweredCommit(t, true)
+	if !errors.Is(err, ledger.ErrOutcomeUnknown) || ledger.LeaseLost(err) {
+		t.Fatalf("commit refused after an unanswered try: %v, want ErrOutcomeUnknown", err)
+	}
+}
+
+// A commit transaction that got no answer is fenced: held back and
+// delivered after the commit has ended (its later tries refused), it no
+// longer applies. Before, it applied then, writing the block value it
+// computed before and counting bytes for an upload that had been told its
+// commit failed (third regression review: 1,000 committed plus 1,853
+// reserved on a 2,000-byte bucket).
+func TestUnansweredCommitIsFenced(t *testing.T) {
+	held, plain, l, cerr := unansweredCommit(t, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := etcdserverpb.NewKVClient(plain.ActiveConnection()).Txn(ctx, held)
 	if err != nil {
 		t.Fatal(err)
 	}
