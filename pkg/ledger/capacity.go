@@ -200,6 +200,11 @@ type bucketCap struct {
 	// (bytes carve must not use). Carving then reads the block first, and
 	// the janitor reads it again.
 	unsure bool
+	// fenceRev, when set, is the revision a shrinking write of our block
+	// compared whose outcome is unknown: it may still apply, and a read
+	// that shows the block at that revision does not settle it. Only a
+	// fence (see fence) or a later revision does.
+	fenceRev int64
 
 	queueOnce sync.Once
 	queue     chan *pendingCommit // see enqueue
@@ -508,6 +513,13 @@ func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
 		bc.block, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
 		bc.blockRev = kvs[0].ModRevision
 	}
+	if bc.fenceRev != 0 {
+		if bc.blockRev == bc.fenceRev {
+			bc.unsure = true // carving goes through grow, which fences
+		} else {
+			bc.fenceRev = 0 // the write applied, or can no longer
+		}
+	}
 	bc.blockSeen = rev
 }
 
@@ -739,6 +751,16 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		var ours int64 // our block as etcd holds it at rev
 		if len(mine) > 0 {
 			ours, _ = strconv.ParseInt(string(mine[0].Value), 10, 64)
+		}
+		if bc.fenceRev != 0 {
+			// A shrinking write of our block whose outcome is unknown
+			// compared this revision: settled before the block is used,
+			// or it could apply on top of what is carved from it.
+			if err := c.fence(context.WithoutCancel(ctx), t, myBlock, ours, bc.fenceRev); err != nil {
+				return fmt.Errorf("ledger: settle an unanswered write of the block of %s: %w", id, err)
+			}
+			bc.fenceRev = 0
+			continue // read again
 		}
 		// setBlock writes our block as n if nothing changed since rev:
 		// the usage, the shards and every block. Not cancelled with the
@@ -1348,7 +1370,9 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	}
 	unsure := err != nil && !LeaseLost(err) && !IsNoSpace(err)
 	if unsure && blockRev > 0 {
-		unsure = !c.fence(ctx, t, blockKey, block, blockRev)
+		if unsure = c.fence(ctx, t, blockKey, block, blockRev) != nil; unsure {
+			bc.fenceRev = blockRev // grow fences before the block is used
+		}
 	}
 	c.resync(ctx, t, bc, period, id)
 	bc.mu.Unlock()
@@ -1384,13 +1408,13 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 // moved on: that transaction applied (the caller's read of the markers
 // finds it) or can never apply either. It reports whether the fence got
 // an answer, and with it the transaction's fate.
-func (c *Capacity) fence(ctx context.Context, t *term, blockKey string, block, blockRev int64) bool {
+func (c *Capacity) fence(ctx context.Context, t *term, blockKey string, block, blockRev int64) error {
 	fctx, cancel := c.l.ctx(ctx)
 	defer cancel()
 	_, err := c.l.cli.Txn(fctx).If(clientv3.Compare(clientv3.ModRevision(blockKey), "=", blockRev)).
 		Then(clientv3.OpPut(blockKey, strconv.FormatInt(block, 10), clientv3.WithLease(t.lease))).Commit()
 	c.noteLease(err)
-	return err == nil
+	return err
 }
 
 // commitFromOwner commits another replica's reservation by moving its
@@ -1670,9 +1694,9 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 		case err == nil:
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		default:
-			// The write may have applied: the block is read again before
-			// it is trusted, as after any unanswered write of it.
-			bc.unsure = true
+			// The write may have applied, or may yet: the block is
+			// fenced before it is used again (see grow).
+			bc.unsure, bc.fenceRev = true, bc.blockRev
 			return false
 		}
 	}
