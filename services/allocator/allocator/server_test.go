@@ -709,6 +709,13 @@ func TestReleasedTrialIsGivenBack(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the trial upload: %v", err)
 	}
+	// r2 learns of the failures through its watch of the health records
+	// (a replica whose cache lags takes the bucket for healthy: known).
+	for deadline := time.Now().Add(10 * time.Second); failures(t, r2, "p1") < 3; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("r2 did not see the bucket's failures")
+		}
+	}
 	if _, err := r2.alloc.Release(ctx, &allocatorv1.ReleaseRequest{ReservationId: early.GetReservationId(), BucketId: "p1"}); err != nil {
 		t.Fatal(err)
 	}
