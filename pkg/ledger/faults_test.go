@@ -499,19 +499,34 @@ func isCommit(req any) bool {
 // no answer: one put on a block, on one compare.
 func isFence(req any) bool { return putsUnder(req, 1, "/cap/blocks/") }
 
-// unansweredCommit runs a 100-byte commit on a replica whose etcd client
-// loses its first commit transaction's answer (the transaction is held
-// back, not sent) and refuses every later one; with loseFence, the fence's
-// answer is lost too. It returns the held transaction, a client past the
-// interception, the replica's ledger, and the commit's error.
-func unansweredCommit(t *testing.T, loseFence bool) (*etcdserverpb.TxnRequest, *clientv3.Client, *ledger.Ledger, error) {
+// lostCommit is a commit on a replica whose etcd client loses its first
+// commit transaction's answer (the transaction is held back, not sent)
+// and refuses every later one; with loseFence, the fence's answer is lost
+// too. With vanished, the reservation is released first, so the commit's
+// bytes come from the replica's own block.
+type lostCommit struct {
+	loseFence, vanished bool
+	size                int64
+}
+
+// lostCommitRun is what run left: the held transaction, a client past
+// the interception, the replica, and the commit's error.
+type lostCommitRun struct {
+	held  *etcdserverpb.TxnRequest
+	plain *clientv3.Client
+	l     *ledger.Ledger
+	c     *ledger.Capacity
+	err   error
+}
+
+func (lc lostCommit) run(t *testing.T) lostCommitRun {
 	t.Helper()
 	srv, plain := testenv.Etcd(t)
 	var commits atomic.Int32
 	var held atomic.Pointer[etcdserverpb.TxnRequest]
 	cli := interceptedClient(t, srv.Endpoint, func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		switch {
-		case loseFence && isFence(req):
+		case lc.loseFence && isFence(req):
 			return status.Error(codes.Unavailable, "connection reset: the fence's answer is lost too")
 		case isCommit(req) && commits.Add(1) == 1:
 			held.Store(req.(*etcdserverpb.TxnRequest))
@@ -525,15 +540,31 @@ func unansweredCommit(t *testing.T, loseFence bool) (*etcdserverpb.TxnRequest, *
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	bk := bucket("b1", 1000)
-	r, err := c.Reserve(ctx, bk, 100, time.Minute)
+	r, err := c.Reserve(ctx, bk, lc.size, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = c.Commit(ctx, bk, r.ID, 100, nil)
+	if lc.vanished {
+		if err := c.Release(ctx, "b1", r.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = c.Commit(ctx, bk, r.ID, lc.size, nil)
 	if commits.Load() < 2 {
 		t.Fatalf("the commit made %d tries, want more than the unanswered one", commits.Load())
 	}
-	return held.Load(), plain, l, err
+	return lostCommitRun{held: held.Load(), plain: plain, l: l, c: c, err: err}
+}
+
+// deliver sends the held transaction to etcd now, past the interception,
+// and reports whether it applied.
+func (r lostCommitRun) deliver(ctx context.Context, t *testing.T) bool {
+	t.Helper()
+	resp, err := etcdserverpb.NewKVClient(r.plain.ActiveConnection()).Txn(ctx, r.held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.GetSucceeded()
 }
 
 // A commit whose transaction failed without an answer (it may yet apply,
@@ -542,7 +573,7 @@ func unansweredCommit(t *testing.T, loseFence bool) (*etcdserverpb.TxnRequest, *
 // not in what refused them: a caller told so might take it that nothing
 // applied and remove the object the first try may yet count and record.
 func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
-	_, _, _, err := unansweredCommit(t, true)
+	err := lostCommit{loseFence: true, size: 100}.run(t).err
 	if !errors.Is(err, ledger.ErrOutcomeUnknown) || ledger.LeaseLost(err) {
 		t.Fatalf("commit refused after an unanswered try: %v, want ErrOutcomeUnknown", err)
 	}
@@ -555,20 +586,16 @@ func TestRefusalAfterAnUnansweredCommitTry(t *testing.T) {
 // commit failed (third regression review: 1,000 committed plus 1,853
 // reserved on a 2,000-byte bucket).
 func TestUnansweredCommitIsFenced(t *testing.T) {
-	held, plain, l, cerr := unansweredCommit(t, false)
+	r := lostCommit{size: 100}.run(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	resp, err := etcdserverpb.NewKVClient(plain.ActiveConnection()).Txn(ctx, held)
-	if err != nil {
-		t.Fatal(err)
+	if r.deliver(ctx, t) {
+		t.Fatalf("the commit transaction held back applied after its commit had ended (%v)", r.err)
 	}
-	if resp.GetSucceeded() {
-		t.Fatalf("the commit transaction held back applied after its commit had ended (%v)", cerr)
+	if r.err == nil || errors.Is(r.err, ledger.ErrOutcomeUnknown) {
+		t.Fatalf("commit whose tries were all refused after a fenced one: %v, want a refusal, not an unknown outcome", r.err)
 	}
-	if cerr == nil || errors.Is(cerr, ledger.ErrOutcomeUnknown) {
-		t.Fatalf("commit whose tries were all refused after a fenced one: %v, want a refusal, not an unknown outcome", cerr)
-	}
-	if u := usage(t, l, "b1"); u.Used != 0 {
+	if u := usage(t, r.l, "b1"); u.Used != 0 {
 		t.Fatalf("used %d after a commit that was told it failed, want 0", u.Used)
 	}
 }
