@@ -158,6 +158,42 @@ func TestClientsCachedPerAccount(t *testing.T) {
 	}
 }
 
+// A client whose account settings are no longer asked for (a bucket moved
+// to another endpoint, say) is dropped after an hour unused; one in use
+// stays.
+func TestIdleClientsAreDropped(t *testing.T) {
+	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"A": {"k", "s"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	now := time.Unix(1_700_000_000, 0)
+	objstore.SetClock(s, func() time.Time { return now })
+	old := objstore.Target{ID: "1", Endpoint: "https://old.example", CredentialsRef: "A"}
+	moved := old
+	moved.Endpoint = "https://new.example"
+	kept, _ := s.Bucket(moved)
+	if _, err := s.Bucket(old); err != nil {
+		t.Fatal(err)
+	}
+	if n := objstore.CachedClients(s); n != 2 {
+		t.Fatalf("%d clients cached, want 2", n)
+	}
+	for range 3 { // the moved bucket stays in use, the old settings do not
+		now = now.Add(40 * time.Minute)
+		if _, err := s.Bucket(moved); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := objstore.CachedClients(s); n != 1 {
+		t.Fatalf("%d clients cached after 2 h, want 1 (the unused one dropped)", n)
+	}
+	again, _ := s.Bucket(moved)
+	if !objstore.SameClient(kept, again) {
+		t.Fatal("the client in use was dropped")
+	}
+}
+
 func TestEnvCredentials(t *testing.T) {
 	dir := t.TempDir()
 	env := map[string]string{"R2_A_ACCESS_KEY_ID": "id-a", "R2_A_SECRET_ACCESS_KEY": "secret-a"}

@@ -1,5 +1,7 @@
 package objstore
 
+import "time"
+
 // Test-only views of unexported state.
 
 // SameClient reports whether two handles share one s3.Client.
@@ -13,3 +15,13 @@ const RemoveAttempts = removeAttempts
 
 // ReadAttempts is how many GETs one read may take.
 const ReadAttempts = readAttempts
+
+// SetClock makes the store read time from now.
+func SetClock(s *Store, now func() time.Time) { s.now = now }
+
+// CachedClients is how many clients the store holds.
+func CachedClients(s *Store) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.clients)
+}

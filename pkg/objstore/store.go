@@ -86,15 +86,25 @@ type Store struct {
 	http      aws.HTTPClient
 	transport *http.Transport
 
+	now func() time.Time // time.Now; tests move it
+
 	mu      sync.Mutex
 	clients map[clientKey]*cachedClient
+	swept   time.Time // when clients was last pruned
 }
+
+// clientIdle is how long a client may go unused before it is dropped: an
+// account whose endpoint, region, key reference or path style changed is
+// never asked for again under its old settings, and a client holds its
+// middleware stack and signing keys.
+const clientIdle = time.Hour
 
 // cachedClient is an account's client and the keys it signs with.
 type cachedClient struct {
 	c        *s3.Client
 	creds    aws.Credentials
 	resolved time.Time
+	used     time.Time
 }
 
 type clientKey struct {
@@ -139,7 +149,7 @@ func New(opts Options) (*Store, error) {
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		hc = &http.Client{Transport: tr}
 	}
-	return &Store{opts: opts, http: hc, transport: tr, clients: map[clientKey]*cachedClient{}}, nil
+	return &Store{opts: opts, http: hc, transport: tr, now: time.Now, clients: map[clientKey]*cachedClient{}}, nil
 }
 
 // rootCAs is the system pool plus AWS_CA_BUNDLE (honoured like the SDK's
@@ -180,8 +190,12 @@ func (s *Store) client(t Target) (*s3.Client, error) {
 	k := clientKey{t.Endpoint, t.Region, t.CredentialsRef, t.PathStyle}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.now()
+	s.prune(now)
 	cc := s.clients[k]
-	now := time.Now()
+	if cc != nil {
+		cc.used = now
+	}
 	if cc != nil && now.Sub(cc.resolved) < s.opts.CredentialsTTL {
 		return cc.c, nil
 	}
@@ -198,8 +212,22 @@ func (s *Store) client(t Target) (*s3.Client, error) {
 		return cc.c, nil
 	}
 	c := s.newClient(t, cr)
-	s.clients[k] = &cachedClient{c: c, creds: cr, resolved: now}
+	s.clients[k] = &cachedClient{c: c, creds: cr, resolved: now, used: now}
 	return c, nil
+}
+
+// prune drops clients unused for clientIdle, at most once per clientIdle.
+// Called with s.mu held.
+func (s *Store) prune(now time.Time) {
+	if now.Sub(s.swept) < clientIdle {
+		return
+	}
+	s.swept = now
+	for k, cc := range s.clients {
+		if now.Sub(cc.used) >= clientIdle {
+			delete(s.clients, k)
+		}
+	}
 }
 
 func (s *Store) newClient(t Target, cr aws.Credentials) *s3.Client {
