@@ -136,6 +136,30 @@ type Bucket struct {
 	Weight         int32    `json:"weight"`
 	State          string   `json:"state"`
 	PathStyle      bool     `json:"pathStyle"`
+
+	// envPrefix is "R2_<ENTRY>" for a bucket seeded from the environment,
+	// whose errors name the variables the operator set.
+	envPrefix, envEntry string
+}
+
+// envVars names the seed variables behind each field a spec check may
+// refuse (see BucketsFromEnv).
+var envVars = map[string]string{
+	"name": "_NAME", "endpoint": "_ENDPOINT or _ACCOUNT_ID", "accountId": "_ACCOUNT_ID",
+	"monthlyLimit": "_MONTHLY_LIMIT", "weight": "_WEIGHT", "publicUrl": "_PUBLIC_URL",
+}
+
+// where names a refused field of the i-th bucket as its operator wrote it:
+// a YAML path, or the R2_* variables of a seeded one.
+func (b Bucket) where(i int, yamlField string) string {
+	if b.envPrefix == "" {
+		return fmt.Sprintf("buckets[%d].%s", i, yamlField)
+	}
+	if v, ok := envVars[yamlField]; ok {
+		return b.envPrefix + strings.ReplaceAll(v, " or _", " or "+b.envPrefix+"_")
+	}
+	// The id and the credentials reference come from the R2_BUCKETS entry.
+	return fmt.Sprintf("R2_BUCKETS entry %q", b.envEntry)
 }
 
 // minBufferBudget holds one large upload's two parts at the default part
@@ -314,12 +338,17 @@ func (f *File) Validate() error {
 	}
 	seen := map[string]bool{}
 	for i, b := range f.Buckets {
-		if _, err := b.Spec(); err != nil {
-			errs = append(errs, fmt.Errorf("buckets[%d]: %w", i, err))
+		if _, err := b.spec(); err != nil {
+			var se *SpecError
+			if errors.As(err, &se) {
+				errs = append(errs, fmt.Errorf("%s: %s", b.where(i, se.YAMLField), se.Msg))
+			} else {
+				errs = append(errs, fmt.Errorf("%s: %w", strings.TrimSuffix(b.where(i, ""), "."), err))
+			}
 			continue
 		}
 		if seen[b.ID] {
-			errs = append(errs, fmt.Errorf("buckets[%d].id: %q is used by another bucket", i, b.ID))
+			errs = append(errs, fmt.Errorf("%s: %q is used by another bucket", b.where(i, "id"), b.ID))
 		}
 		seen[b.ID] = true
 	}
@@ -404,8 +433,19 @@ var (
 	accountPattern    = regexp.MustCompile(`^[A-Za-z0-9]{1,64}$`)
 )
 
-// Spec converts the YAML form to the API form, filling R2 defaults.
+// Spec converts the YAML form to the API form, filling R2 defaults; its
+// errors name YAML fields.
 func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
+	s, err := b.spec()
+	var se *SpecError
+	if errors.As(err, &se) {
+		return nil, fmt.Errorf("%s: %s", se.YAMLField, se.Msg)
+	}
+	return s, err
+}
+
+// spec is Spec with the checks' *SpecError unwrapped.
+func (b Bucket) spec() (*adminv1.BucketSpec, error) {
 	s := &adminv1.BucketSpec{
 		Id:                b.ID,
 		Name:              b.Name,
@@ -426,10 +466,6 @@ func (b Bucket) Spec() (*adminv1.BucketSpec, error) {
 	s.State = state
 	FillDefaults(s)
 	if err := ValidateSpec(s); err != nil {
-		var se *SpecError
-		if errors.As(err, &se) {
-			return nil, fmt.Errorf("%s: %s", se.YAMLField, se.Msg)
-		}
 		return nil, err
 	}
 	return s, nil
@@ -516,6 +552,8 @@ func BucketsFromEnv(env func(string) string) ([]Bucket, error) {
 			Endpoint:       get("ENDPOINT"),
 			PublicURL:      get("PUBLIC_URL"),
 			CredentialsRef: prefix,
+			envPrefix:      prefix,
+			envEntry:       entry,
 		}
 		if b.Name == "" {
 			return nil, fmt.Errorf("config: %s_NAME is required for %q listed in R2_BUCKETS", prefix, entry)

@@ -2,6 +2,7 @@ package config_test
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -164,16 +165,40 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 	}
 }
 
+// Refusals of R2_* seeds name the variable the operator set, not the
+// YAML position the seed was turned into.
 func TestSeedEnvErrors(t *testing.T) {
-	cases := map[string]map[string]string{
-		"missing name": {"R2_BUCKETS": "b1"},
-		"bad limit":    {"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a", "R2_B1_MONTHLY_LIMIT": "ten"},
-		"bad priority": {"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a", "R2_B1_PRIORITY": "first"},
+	ok := map[string]string{"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a"}
+	with := func(kv ...string) map[string]string {
+		env := maps.Clone(ok)
+		for i := 0; i < len(kv); i += 2 {
+			env[kv[i]] = kv[i+1]
+		}
+		return env
 	}
-	for name, env := range cases {
+	cases := map[string]struct {
+		env  map[string]string
+		want string
+	}{
+		"missing name":    {map[string]string{"R2_BUCKETS": "b1"}, "R2_B1_NAME"},
+		"bad limit":       {with("R2_B1_MONTHLY_LIMIT", "ten"), "R2_B1_MONTHLY_LIMIT"},
+		"bad priority":    {with("R2_B1_PRIORITY", "first"), "R2_B1_PRIORITY"},
+		"bad name":        {with("R2_B1_NAME", "Not_A_Bucket"), "R2_B1_NAME"},
+		"bad account":     {with("R2_B1_ACCOUNT_ID", "ab-cd"), "R2_B1_ACCOUNT_ID"},
+		"bad endpoint":    {with("R2_B1_ENDPOINT", "ftp://host"), "R2_B1_ENDPOINT"},
+		"no endpoint":     {with("R2_B1_ACCOUNT_ID", ""), "R2_B1_ENDPOINT or R2_B1_ACCOUNT_ID"},
+		"negative weight": {with("R2_B1_WEIGHT", "-2"), "R2_B1_WEIGHT"},
+		"bad entry":       {with("R2_BUCKETS", "b1,b.2", "R2_B.2_NAME", "x", "R2_B.2_ACCOUNT_ID", "a"), `R2_BUCKETS entry "b.2"`},
+		"listed twice":    {with("R2_BUCKETS", "b1,B1"), `R2_BUCKETS entry "B1"`},
+	}
+	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
-			if _, err := config.Load("", envOf(env)); err == nil {
+			_, err := config.Load("", envOf(tc.env))
+			if err == nil {
 				t.Fatal("accepted invalid R2_* environment")
+			}
+			if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "buckets[") {
+				t.Fatalf("error %q does not name %s alone", err, tc.want)
 			}
 		})
 	}
