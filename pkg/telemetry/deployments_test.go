@@ -232,6 +232,44 @@ func TestDeploymentConfigLoads(t *testing.T) {
 	checkConfig(t, cfg)
 }
 
+// TestDeploymentConfigBucketExample: the commented bucket example in the
+// ConfigMap's bucketlb.yaml, uncommented, loads and gives the bucket it
+// describes.
+func TestDeploymentConfigBucketExample(t *testing.T) {
+	t.Parallel()
+	data, err := os.ReadFile(filepath.Join(deploymentsDir(t), "base", "bucketlb.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(data)
+	start := strings.Index(text, "\n# buckets:\n")
+	end := strings.Index(text, "\nbuckets: []")
+	if start < 0 || end < start {
+		t.Fatal("bucketlb.yaml has no commented bucket example before buckets: []")
+	}
+	var example []string
+	for _, line := range strings.Split(text[start+1:end], "\n") {
+		example = append(example, strings.TrimPrefix(strings.TrimPrefix(line, "#"), " "))
+	}
+	path := filepath.Join(t.TempDir(), "bucketlb.yaml")
+	yaml := text[:start+1] + strings.Join(example, "\n") + text[end+len("\nbuckets: []"):]
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(path, func(string) string { return "" })
+	if err != nil {
+		t.Fatalf("the example does not load: %v", err)
+	}
+	specs, err := cfg.Specs()
+	if err != nil || len(specs) != 1 {
+		t.Fatalf("the example gives %d buckets (%v), want 1", len(specs), err)
+	}
+	s := specs[0]
+	if s.GetId() != "r2-primary" || s.GetMonthlyLimitBytes() != 10e9 || s.GetWeight() != 3 || s.GetEndpoint() != "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com" {
+		t.Fatalf("the example gives %v", s)
+	}
+}
+
 // Where the manifests mount the token Secrets.
 const (
 	adminTokenDir   = "/var/run/secrets/bucketlb/admin"
