@@ -15,6 +15,12 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	// Clients may compress their messages with gzip (grpc-go's
+	// UseCompressor, grpc-java's and others' settings); without the
+	// codec every such call ended UNIMPLEMENTED. Replies to them are
+	// compressed the same way. Decompressed messages are still held to
+	// the receive size limit.
+	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -132,6 +133,22 @@ func TestPanicBecomesInternal(t *testing.T) {
 	// The server survives the panic.
 	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
 		t.Fatalf("server unusable after panic: %v", err)
+	}
+}
+
+// A client that compresses its messages with gzip is served. The codec
+// registers itself for the whole process, so this test, which does not
+// import it, fails unless the server package does.
+func TestGzipClientsAreServed(t *testing.T) {
+	if encoding.GetCompressor("gzip") == nil {
+		t.Fatal("no gzip codec: clients compressing with gzip get UNIMPLEMENTED")
+	}
+	_, conn, _, _ := start(t, grpcserver.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.UseCompressor("gzip"))
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("gzip call: %v, %v", resp, err)
 	}
 }
 
