@@ -52,6 +52,10 @@ type Allocator struct {
 	ProbeBuckets   bool     `json:"probeBuckets"`
 	ProbeInterval  Duration `json:"probeInterval"`
 	CredentialsDir string   `json:"credentialsDir"`
+	// TLS serves the AllocatorService and the AdminService over TLS (files
+	// read again when rotated). With clientCAFile, upload replicas and
+	// bucketctl must present a certificate that CA signed.
+	TLS TLSFiles `json:"tls"`
 }
 
 // Upload configures the data plane.
@@ -76,6 +80,9 @@ type Upload struct {
 	// ServiceTokenFile holds the token sent on every call to the
 	// allocator (allocator.serviceTokenFile's); BUCKETLB_SERVICE_TOKEN wins.
 	ServiceTokenFile string `json:"serviceTokenFile"`
+	// AllocatorTLS reaches the allocator over TLS, for an allocator that
+	// serves it (allocator.tls).
+	AllocatorTLS ClientTLS `json:"allocatorTLS"`
 	// BufferParts sends each multipart part only once whole, with a
 	// Content-MD5 the store checks, instead of streaming it and checking
 	// its ETag after (see uploader.Config.BufferParts).
@@ -120,6 +127,40 @@ type TLSFiles struct {
 	CertFile     string `json:"certFile"`
 	KeyFile      string `json:"keyFile"`
 	ClientCAFile string `json:"clientCAFile"`
+}
+
+// ClientTLS is how a service dials another over TLS.
+type ClientTLS struct {
+	// Enabled turns TLS on; the files are optional.
+	Enabled bool `json:"enabled"`
+	// CAFile is the CA bundle to trust (the system's roots when empty).
+	CAFile string `json:"caFile"`
+	// CertFile and KeyFile are a client certificate, for a server that
+	// requires one (mutual TLS).
+	CertFile string `json:"certFile"`
+	KeyFile  string `json:"keyFile"`
+	// ServerName is the name the server's certificate must carry; empty:
+	// the host of the address dialled.
+	ServerName string `json:"serverName"`
+}
+
+// check reports a client TLS setting that would not do what it says.
+func (t ClientTLS) check(field string) error {
+	switch {
+	case !t.Enabled && (t.CAFile != "" || t.CertFile != "" || t.KeyFile != "" || t.ServerName != ""):
+		return fmt.Errorf("%s: files or a server name are set but enabled is false, so the connection would be plain text; set enabled: true", field)
+	case (t.CertFile == "") != (t.KeyFile == ""):
+		return fmt.Errorf("%s: certFile and keyFile go together", field)
+	}
+	return nil
+}
+
+// check reports server TLS files that do not go together.
+func (t TLSFiles) check(field string) error {
+	if (t.CertFile == "") != (t.KeyFile == "") || (t.ClientCAFile != "" && t.CertFile == "") {
+		return fmt.Errorf("%s: certFile and keyFile go together, and clientCAFile needs them", field)
+	}
+	return nil
 }
 
 // Bucket is one bucket seed as written in YAML.
@@ -286,8 +327,10 @@ func (f *File) Validate() error {
 	if f.Allocator.ReservationTTL.D() < 2*time.Second {
 		errs = append(errs, fmt.Errorf("allocator.reservationTTL: %s is shorter than etcd's 2s minimum lease", f.Allocator.ReservationTTL.D()))
 	}
-	if t := f.Upload.TLS; (t.CertFile == "") != (t.KeyFile == "") || (t.ClientCAFile != "" && t.CertFile == "") {
-		errs = append(errs, errors.New("upload.tls: certFile and keyFile go together, and clientCAFile needs them"))
+	for _, err := range []error{f.Upload.TLS.check("upload.tls"), f.Allocator.TLS.check("allocator.tls"), f.Upload.AllocatorTLS.check("upload.allocatorTLS")} {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if f.Upload.MaxObjectSize <= 0 {
 		errs = append(errs, errors.New("upload.maxObjectSize: must be positive"))

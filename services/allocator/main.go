@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/placement"
 	"github.com/bucketlb/bucketlb/pkg/telemetry"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 	"github.com/bucketlb/bucketlb/services/allocator/allocator"
 )
 
@@ -125,6 +127,11 @@ func run(log *slog.Logger) error {
 	}
 	defer alloc.Close()
 
+	t := cfg.Allocator.TLS
+	tlsOpts, err := tlsfiles.ServerOptions(t.CertFile, t.KeyFile, t.ClientCAFile, log)
+	if err != nil {
+		return err
+	}
 	unary, stream := alloc.Interceptors()
 	srv := grpcserver.New(grpcserver.Options{
 		Logger:           log,
@@ -133,7 +140,7 @@ func run(log *slog.Logger) error {
 		MaxConnectionAge: 5 * time.Minute,
 		// Its calls are short: one still running after this is stuck.
 		MaxConnectionAgeGrace: cfg.Allocator.StopTimeout.D(),
-		ServerOptions:         tel.ServerOptions(),
+		ServerOptions:         slices.Concat(tel.ServerOptions(), tlsOpts),
 		UnaryInterceptors:     []grpc.UnaryServerInterceptor{unary},
 		StreamInterceptors:    []grpc.StreamServerInterceptor{stream},
 	})
@@ -143,7 +150,8 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	log.Info("allocator serving", "addr", lis.Addr().String(), "etcd", cfg.Allocator.EtcdEndpoints, "strategy", cfg.Allocator.Strategy)
+	log.Info("allocator serving", "addr", lis.Addr().String(), "etcd", cfg.Allocator.EtcdEndpoints, "strategy", cfg.Allocator.Strategy,
+		"tls", t.CertFile != "", "mtls", t.ClientCAFile != "")
 
 	serveErr := alloc.Serve(ctx, srv, lis)
 	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {

@@ -18,8 +18,6 @@ import (
 	"github.com/KimMachineGun/automemlimit/memlimit"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
@@ -79,8 +77,13 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	at := cfg.Upload.AllocatorTLS
+	allocCreds, err := tlsfiles.DialCredentials(at.Enabled, at.CAFile, at.CertFile, at.KeyFile, at.ServerName)
+	if err != nil {
+		return fmt.Errorf("upload.allocatorTLS: %w", err)
+	}
 	conn, err := grpc.NewClient(cfg.Upload.AllocatorAddr, slices.Concat([]grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(allocCreds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
 	}, uploader.AllocatorDialOptions(serviceToken), tel.DialOptions())...)
 	if err != nil {
@@ -119,13 +122,12 @@ func run(log *slog.Logger) error {
 		MaxConnectionAge: 10 * time.Minute,
 		ServerOptions:    append(tel.ServerOptions(), up.ServerOptions()...),
 	}
-	if t := cfg.Upload.TLS; t.CertFile != "" {
-		tc, err := tlsfiles.Server(t.CertFile, t.KeyFile, t.ClientCAFile, log)
-		if err != nil {
-			return err
-		}
-		opts.ServerOptions = append(opts.ServerOptions, grpc.Creds(credentials.NewTLS(tc)))
+	t := cfg.Upload.TLS
+	tlsOpts, err := tlsfiles.ServerOptions(t.CertFile, t.KeyFile, t.ClientCAFile, log)
+	if err != nil {
+		return err
 	}
+	opts.ServerOptions = append(opts.ServerOptions, tlsOpts...)
 	if cfg.Upload.RateLimit > 0 {
 		lim := ratelimit.New(cfg.Upload.RateLimit, max(cfg.Upload.RateBurst, 1), nil)
 		opts.UnaryInterceptors = append(opts.UnaryInterceptors, lim.Unary)
@@ -139,7 +141,7 @@ func run(log *slog.Logger) error {
 		return fmt.Errorf("listen: %w", err)
 	}
 	log.Info("upload service serving", "addr", lis.Addr().String(), "allocator", cfg.Upload.AllocatorAddr,
-		"tls", cfg.Upload.TLS.CertFile != "", "mtls", cfg.Upload.TLS.ClientCAFile != "")
+		"tls", cfg.Upload.TLS.CertFile != "", "mtls", cfg.Upload.TLS.ClientCAFile != "", "allocator_tls", at.Enabled)
 	if err := srv.Serve(ctx, lis); err != nil {
 		return err
 	}

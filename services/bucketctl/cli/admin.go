@@ -9,7 +9,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -17,11 +16,16 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
 // withAdmin dials the allocator and runs fn with an authenticated context.
 func (g *globals) withAdmin(ctx context.Context, fn func(context.Context, adminv1.AdminServiceClient) error) error {
-	conn, err := dial(g.allocatorAddr, insecure.NewCredentials())
+	creds, err := tlsfiles.DialCredentials(g.allocTLSCA != "" || g.allocTLSCert != "" || g.allocTLSKey != "", g.allocTLSCA, g.allocTLSCert, g.allocTLSKey, "")
+	if err != nil {
+		return err
+	}
+	conn, err := dial(g.allocatorAddr, creds)
 	if err != nil {
 		return err
 	}

@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 
@@ -39,7 +38,9 @@ type globals struct {
 	// TLS to the upload service: a CA to trust (else the system's) and a
 	// client certificate for mutual TLS.
 	tlsCA, tlsCert, tlsKey string
-	out, errOut            io.Writer
+	// The same for the allocator (admin commands).
+	allocTLSCA, allocTLSCert, allocTLSKey string
+	out, errOut                           io.Writer
 }
 
 // NewRoot builds the command tree writing to out and errOut.
@@ -61,6 +62,9 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("BUCKETLB_TLS_CA"), "reach the upload service over TLS, trusting this CA file (env BUCKETLB_TLS_CA)")
 	pf.StringVar(&g.tlsCert, "tls-cert", os.Getenv("BUCKETLB_TLS_CERT"), "client certificate for mutual TLS with the upload service (env BUCKETLB_TLS_CERT)")
 	pf.StringVar(&g.tlsKey, "tls-key", os.Getenv("BUCKETLB_TLS_KEY"), "key of --tls-cert (env BUCKETLB_TLS_KEY)")
+	pf.StringVar(&g.allocTLSCA, "allocator-tls-ca", os.Getenv("BUCKETLB_ALLOCATOR_TLS_CA"), "reach the allocator over TLS, trusting this CA file (env BUCKETLB_ALLOCATOR_TLS_CA)")
+	pf.StringVar(&g.allocTLSCert, "allocator-tls-cert", os.Getenv("BUCKETLB_ALLOCATOR_TLS_CERT"), "client certificate for mutual TLS with the allocator (env BUCKETLB_ALLOCATOR_TLS_CERT)")
+	pf.StringVar(&g.allocTLSKey, "allocator-tls-key", os.Getenv("BUCKETLB_ALLOCATOR_TLS_KEY"), "key of --allocator-tls-cert (env BUCKETLB_ALLOCATOR_TLS_KEY)")
 	g.token = auth.First(os.Getenv("BUCKETLB_ADMIN_TOKEN"))
 	g.tokenFileSet = func() bool { return pf.Changed("token-file") }
 
@@ -119,13 +123,9 @@ func (g *globals) adminContext(ctx context.Context) (context.Context, context.Ca
 func (g *globals) uploadClient(ctx context.Context) (context.Context, uploadv1.UploadServiceClient, func(), error) {
 	// Plain text unless asked: bucketlb runs inside the cluster network
 	// (or on loopback in dev), where a mesh may provide TLS instead.
-	creds := insecure.NewCredentials()
-	if g.tlsCA != "" || g.tlsCert != "" || g.tlsKey != "" {
-		tc, err := tlsfiles.Client(g.tlsCA, g.tlsCert, g.tlsKey)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		creds = credentials.NewTLS(tc)
+	creds, err := tlsfiles.DialCredentials(g.tlsCA != "" || g.tlsCert != "" || g.tlsKey != "", g.tlsCA, g.tlsCert, g.tlsKey, "")
+	if err != nil {
+		return nil, nil, nil, err
 	}
 	conn, err := dial(g.uploadAddr, creds)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 	"github.com/bucketlb/bucketlb/services/bucketctl/cli"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 	"github.com/bucketlb/bucketlb/services/bucketctl/internal/e2e"
@@ -73,5 +74,45 @@ func TestTLSClientToPlainTextServiceFailsAtOnce(t *testing.T) {
 	err := root.ExecuteContext(ctx)
 	if err == nil || strings.Contains(out.String(), "retrying") || !strings.Contains(err.Error(), "does not look like a TLS handshake") {
 		t.Fatalf("TLS upload to a plain-text service: %v (%s), want one attempt failing on the handshake", err, out.String())
+	}
+}
+
+// An allocator that requires mutual TLS serves the upload service that
+// presents a certificate (uploads work end to end) and bucketctl's admin
+// commands given --allocator-tls-*; a plain-text admin call is turned away.
+func TestAllocatorOverMutualTLS(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	uc, uk := pki.Issue(t, "upload", nil, "spiffe://test/upload")
+	client, err := tlsfiles.Client(pki.CAFile, uc, uk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := e2e.StartWith(t, devstack.Options{AllocatorTLS: pki.MutualTLS(t, "allocator"), AllocatorClientTLS: client})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := filepath.Join(t.TempDir(), "f.bin")
+	if err := os.WriteFile(src, e2e.RandomBytes(t, 1000), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) (string, error) {
+		var out bytes.Buffer
+		root := cli.NewRoot(&out, &out)
+		root.SetArgs(append([]string{"--upload-addr", env.Stack.UploadAddr, "--allocator-addr", env.Stack.AllocatorAddr,
+			"--token-file", env.Stack.TokenFile, "--timeout", "20s"}, args...))
+		err := root.ExecuteContext(ctx)
+		return out.String(), err
+	}
+	if out, err := run("upload", "-q", src); err != nil || !strings.Contains(out, "sha256") {
+		t.Fatalf("upload through an allocator over mutual TLS: %v (%s)", err, out)
+	}
+	ac, ak := pki.Issue(t, "operator", nil, "spiffe://test/operator")
+	if out, err := run("status", "--allocator-tls-ca", pki.CAFile, "--allocator-tls-cert", ac, "--allocator-tls-key", ak); err != nil || !strings.Contains(out, "dev-") {
+		t.Fatalf("status over mutual TLS: %v (%s)", err, out)
+	}
+	if out, err := run("status"); err == nil {
+		t.Fatalf("status in plain text to an allocator that requires TLS succeeded: %s", out)
+	}
+	if out, err := run("status", "--allocator-tls-ca", pki.CAFile); err == nil {
+		t.Fatalf("status without a client certificate succeeded: %s", out)
 	}
 }

@@ -69,6 +69,10 @@ type Options struct {
 	// UploadTLS, if set, serves the upload API over TLS (mutual TLS when
 	// it requires client certificates).
 	UploadTLS *tls.Config
+	// AllocatorTLS, if set, serves the allocator's APIs over TLS, and
+	// AllocatorClientTLS is then how the upload service (and the test
+	// environment's admin client) reaches them.
+	AllocatorTLS, AllocatorClientTLS *tls.Config
 }
 
 // Stack is a running dev system.

@@ -52,8 +52,12 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	}
 	s.closers = append(s.closers, alloc.Close)
 	unary, stream := alloc.Interceptors()
+	var aopts []grpc.ServerOption
+	if opts.AllocatorTLS != nil {
+		aopts = append(aopts, grpc.Creds(credentials.NewTLS(opts.AllocatorTLS)))
+	}
 	asrv := grpcserver.New(grpcserver.Options{
-		Logger: log.With("service", "allocator"), StopTimeout: 5 * time.Second,
+		Logger: log.With("service", "allocator"), StopTimeout: 5 * time.Second, ServerOptions: aopts,
 		UnaryInterceptors: []grpc.UnaryServerInterceptor{unary}, StreamInterceptors: []grpc.StreamServerInterceptor{stream},
 	})
 	alloc.Register(asrv.GRPC)
@@ -65,7 +69,11 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	}
 
 	// The upload service's connection is wired as in production.
-	conn, err := Dial(s.AllocatorAddr, uploader.AllocatorDialOptions(s.ServiceToken)...)
+	dopts := uploader.AllocatorDialOptions(s.ServiceToken)
+	if opts.AllocatorTLS != nil {
+		dopts = append(dopts, grpc.WithTransportCredentials(credentials.NewTLS(opts.AllocatorClientTLS)))
+	}
+	conn, err := Dial(s.AllocatorAddr, dopts...)
 	if err != nil {
 		return fmt.Errorf("devstack: dial allocator: %w", err)
 	}

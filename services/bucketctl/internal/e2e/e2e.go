@@ -16,7 +16,9 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -70,7 +72,11 @@ func StartWith(t testing.TB, opts devstack.Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { uc.Close() })
-	ac, err := devstack.Dial(st.AllocatorAddr)
+	var aopts []grpc.DialOption
+	if opts.AllocatorTLS != nil {
+		aopts = append(aopts, grpc.WithTransportCredentials(credentials.NewTLS(opts.AllocatorClientTLS)))
+	}
+	ac, err := devstack.Dial(st.AllocatorAddr, aopts...)
 	if err != nil {
 		t.Fatal(err)
 	}

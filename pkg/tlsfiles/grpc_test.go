@@ -1,0 +1,73 @@
+package tlsfiles_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/bucketlb/bucketlb/pkg/testenv"
+	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
+)
+
+// A gRPC server given ServerOptions with a client CA serves only clients
+// whose DialCredentials present a certificate that CA signed and expect
+// the name the server's certificate carries.
+func TestGRPCOverMutualTLS(t *testing.T) {
+	pki := testenv.NewPKI(t)
+	cert, key := pki.Issue(t, "allocator", []string{"allocator.test"})
+	opts, err := tlsfiles.ServerOptions(cert, key, pki.CAFile, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(opts...)
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+
+	check := func(enabled bool, ca, cert, key, serverName string) error {
+		creds, err := tlsfiles.DialCredentials(enabled, ca, cert, key, serverName)
+		if err != nil {
+			return err
+		}
+		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	}
+	cc, ck := pki.Issue(t, "upload", nil, "spiffe://test/upload")
+	if err := check(true, pki.CAFile, cc, ck, "allocator.test"); err != nil {
+		t.Fatalf("client with a certificate: %v", err)
+	}
+	for name, err := range map[string]error{
+		"no client certificate": check(true, pki.CAFile, "", "", "allocator.test"),
+		"plain text":            check(false, "", "", "", ""),
+		"another server name":   check(true, pki.CAFile, cc, ck, "other.test"),
+		"another CA":            check(true, testenv.NewPKI(t).CAFile, cc, ck, "allocator.test"),
+	} {
+		if err == nil {
+			t.Errorf("%s: served", name)
+		}
+	}
+	if err := check(true, pki.CAFile, cc, "", ""); err == nil || !strings.Contains(err.Error(), "both") {
+		t.Errorf("a certificate without its key: %v, want an error asking for both", err)
+	}
+	if opts, err := tlsfiles.ServerOptions("", "", "", nil); err != nil || len(opts) != 0 {
+		t.Errorf("no certificate: %d options, %v; want plain text", len(opts), err)
+	}
+}
