@@ -200,10 +200,11 @@ type bucketCap struct {
 	// (bytes carve must not use). Carving then reads the block first, and
 	// the janitor reads it again.
 	unsure bool
-	// fenceRev, when set, is the revision a shrinking write of our block
-	// compared whose outcome is unknown: it may still apply, and a read
+	// fencing is set when a write of our block got no answer: it compared
+	// fenceRev (0: the block was absent) and may still apply, so a read
 	// that shows the block at that revision does not settle it. Only a
 	// fence (see fence) or a later revision does.
+	fencing  bool
 	fenceRev int64
 
 	queueOnce sync.Once
@@ -513,14 +514,20 @@ func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
 		bc.block, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
 		bc.blockRev = kvs[0].ModRevision
 	}
-	if bc.fenceRev != 0 {
+	if bc.fencing {
 		if bc.blockRev == bc.fenceRev {
 			bc.unsure = true // carving goes through grow, which fences
 		} else {
-			bc.fenceRev = 0 // the write applied, or can no longer
+			bc.fencing, bc.fenceRev = false, 0 // the write applied, or can no longer
 		}
 	}
 	bc.blockSeen = rev
+}
+
+// needFence notes a write of our block, compared on rev (0: absent),
+// whose answer was lost. Called with bc.mu held.
+func (bc *bucketCap) needFence(rev int64) {
+	bc.unsure, bc.fencing, bc.fenceRev = true, true, rev
 }
 
 // deletedBy reports whether a deletion of the key at revision rev can be
@@ -538,6 +545,13 @@ func forget(bc *bucketCap, id string, rev int64) {
 	r, ok := bc.res[id]
 	if !ok || !r.written || !r.deletedBy(rev) {
 		return // a newer reservation under the same id, or its put is in flight
+	}
+	if r.unapplied {
+		// Its put got no answer and may apply after this deletion, and
+		// the key would then hold bytes the view had freed: the janitor
+		// frees them once it has seen the key, or at lateApply (see
+		// sweep).
+		return
 	}
 	delete(bc.res, id)
 	bc.carved -= r.size
@@ -752,28 +766,42 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		if len(mine) > 0 {
 			ours, _ = strconv.ParseInt(string(mine[0].Value), 10, 64)
 		}
-		if bc.fenceRev != 0 {
-			// A shrinking write of our block whose outcome is unknown
-			// compared this revision: settled before the block is used,
-			// or it could apply on top of what is carved from it.
+		if bc.fencing {
+			// A write of our block whose outcome is unknown compared
+			// this revision: settled before the block is used, or it
+			// could apply on top of what is carved from it.
 			if err := c.fence(context.WithoutCancel(ctx), t, myBlock, ours, bc.fenceRev); err != nil {
 				return fmt.Errorf("ledger: settle an unanswered write of the block of %s: %w", id, err)
 			}
-			bc.fenceRev = 0
+			bc.fencing, bc.fenceRev = false, 0
 			continue // read again
+		}
+		var oursRev int64 // 0: absent
+		if len(mine) > 0 {
+			oursRev = mine[0].ModRevision
 		}
 		// setBlock writes our block as n if nothing changed since rev:
 		// the usage, the shards and every block. Not cancelled with the
 		// caller: a client giving up must not leave the outcome unknown.
+		// Our block is compared exactly, as the prefix compares pass
+		// when a key was deleted: a write whose answer was lost must not
+		// bring back a block the janitor removed since.
 		setBlock := func(n int64) (bool, error) {
 			resp, err := c.txn(context.WithoutCancel(ctx),
 				[]clientv3.Cmp{
 					clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
 					clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
 					clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
+					clientv3.Compare(clientv3.ModRevision(myBlock), "=", oursRev),
 				},
 				clientv3.OpPut(myBlock, strconv.FormatInt(n, 10), clientv3.WithLease(t.lease)))
 			if err != nil {
+				// It may yet apply, on a block carved meanwhile (a give-
+				// back would shrink it below its reservations): fenced
+				// before the block is used again.
+				if !LeaseLost(err) && !IsNoSpace(err) {
+					bc.needFence(oursRev)
+				}
 				c.resync(context.WithoutCancel(ctx), t, bc, period, id)
 				return false, err
 			}
@@ -1371,7 +1399,7 @@ func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batc
 	unsure := err != nil && !LeaseLost(err) && !IsNoSpace(err)
 	if unsure && blockRev > 0 {
 		if unsure = c.fence(ctx, t, blockKey, block, blockRev) != nil; unsure {
-			bc.fenceRev = blockRev // grow fences before the block is used
+			bc.needFence(blockRev) // grow fences before the block is used
 		}
 	}
 	c.resync(ctx, t, bc, period, id)
@@ -1627,13 +1655,22 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 	defer bc.wmu.Unlock()
 	bc.mu.Lock()
 	defer bc.mu.Unlock()
+	blockKey := c.l.blockPrefix(id) + t.owner
 	if bc.unsure {
-		// Bytes a lost answer left in our block go back below.
-		if c.resync(ctx, t, bc, c.l.Period().Name, id); bc.unsure {
+		// Bytes a lost answer left in our block go back below, once a
+		// write that may still apply is fenced.
+		c.resync(ctx, t, bc, c.l.Period().Name, id)
+		if bc.unsure && bc.fencing && bc.blockRev == bc.fenceRev {
+			if c.fence(ctx, t, blockKey, bc.block, bc.fenceRev) != nil {
+				return false
+			}
+			bc.fencing, bc.fenceRev = false, 0
+			c.resync(ctx, t, bc, c.l.Period().Name, id)
+		}
+		if bc.unsure {
 			return false
 		}
 	}
-	blockKey := c.l.blockPrefix(id) + t.owner
 	now := c.l.opts.Now()
 	for rid, r := range bc.res {
 		if !r.written || !now.After(r.exp) || now.Before(r.nextLook) {
@@ -1696,7 +1733,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 		default:
 			// The write may have applied, or may yet: the block is
 			// fenced before it is used again (see grow).
-			bc.unsure, bc.fenceRev = true, bc.blockRev
+			bc.needFence(bc.blockRev)
 			return false
 		}
 	}

@@ -154,7 +154,7 @@ func TestCommitBatchesWriteEachKeyOnce(t *testing.T) {
 }
 
 // isGrow matches the compare-and-put that grows a replica's block.
-func isGrow(req any) bool { return putsUnder(req, 3, "/cap/blocks/") }
+func isGrow(req any) bool { return putsUnder(req, 4, "/cap/blocks/") }
 
 // putsUnder reports a transaction with that many compares putting a key
 // that contains part.

@@ -232,18 +232,33 @@ func (l *Ledger) UpdateBucket(ctx context.Context, id string, fn func(*adminv1.B
 	})
 }
 
-// DeleteBucket removes a spec; ErrBucketNotFound if absent.
+// DeleteBucket removes a spec; ErrBucketNotFound if absent. The delete is
+// compared on the spec it read: one whose answer was lost and that
+// applies late must not remove a spec an operator wrote after it.
 func (l *Ledger) DeleteBucket(ctx context.Context, id string) error {
-	ctx, cancel := l.ctx(ctx)
-	defer cancel()
-	resp, err := l.cli.Delete(ctx, l.bucketKey(id))
-	if err != nil {
-		return fmt.Errorf("ledger: delete bucket %s: %w", id, err)
+	key := l.bucketKey(id)
+	for attempt := 0; attempt < 10; attempt++ {
+		gctx, cancel := l.ctx(ctx)
+		got, err := l.cli.Get(gctx, key)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("ledger: read bucket %s: %w", id, err)
+		}
+		if len(got.Kvs) == 0 {
+			return fmt.Errorf("%w: %q", ErrBucketNotFound, id)
+		}
+		tctx, cancel := l.ctx(ctx)
+		resp, err := l.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", got.Kvs[0].ModRevision)).
+			Then(clientv3.OpDelete(key)).Commit()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("ledger: delete bucket %s: %w", id, err)
+		}
+		if resp.Succeeded {
+			return nil
+		}
 	}
-	if resp.Deleted == 0 {
-		return fmt.Errorf("%w: %q", ErrBucketNotFound, id)
-	}
-	return nil
+	return ErrConflict
 }
 
 // GetBucket returns one spec.
