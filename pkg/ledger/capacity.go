@@ -206,6 +206,10 @@ type bucketCap struct {
 	// fence (see fence) or a later revision does.
 	fencing  bool
 	fenceRev int64
+	// keepUntil: such a write compared our block absent, so it could
+	// apply whenever the block is absent again; until lateApply has
+	// passed, an idle block is shrunk to 0 rather than deleted.
+	keepUntil time.Time
 
 	queueOnce sync.Once
 	queue     chan *pendingCommit // see enqueue
@@ -528,6 +532,9 @@ func observeBlock(bc *bucketCap, kvs []*mvccpb.KeyValue, rev int64) {
 // whose answer was lost. Called with bc.mu held.
 func (bc *bucketCap) needFence(rev int64) {
 	bc.unsure, bc.fencing, bc.fenceRev = true, true, rev
+	if rev == 0 {
+		bc.keepUntil = time.Now().Add(lateApply)
+	}
 }
 
 // deletedBy reports whether a deletion of the key at revision rev can be
@@ -1715,7 +1722,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 	}
 	if bc.block > bc.carved && time.Since(bc.touched) > idleBlock {
 		var op clientv3.Op
-		if bc.carved == 0 {
+		if bc.carved == 0 && time.Now().After(bc.keepUntil) {
 			op = clientv3.OpDelete(blockKey)
 		} else {
 			op = clientv3.OpPut(blockKey, strconv.FormatInt(bc.carved, 10), clientv3.WithLease(t.lease))
@@ -1725,7 +1732,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 		case err == nil && tr.Succeeded:
 			rev := tr.Header.Revision
 			bc.block, bc.blockRev, bc.blockSeen = bc.carved, rev, rev
-			if bc.carved == 0 {
+			if op.IsDelete() {
 				bc.blockRev = 0
 			}
 		case err == nil:

@@ -203,6 +203,45 @@ func TestUnansweredGrowCannotReviveADeletedBlock(t *testing.T) {
 	}
 }
 
+// The same for the usual grow, the one that creates the block: its held
+// write compares the block absent, which it is again whenever the janitor
+// deletes the idle block, however long after the fence that settled it.
+func TestUnansweredFirstGrowCannotReviveTheBlock(t *testing.T) {
+	srv, _ := testenv.Etcd(t)
+	plain := testenv.EtcdClient(t, srv.Endpoint)
+	cli, armed, deliver := holding(t, srv.Endpoint, isGrow)
+	_, a := replicaCap(t, cli, "a")
+	_, b := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "b")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	bk := bucket("b1", 1000)
+	armed.Store(true)
+	if _, err := a.Reserve(ctx, bk, 500, time.Minute); err == nil {
+		t.Fatal("a reservation was granted while its grow's answer was lost")
+	}
+	r, err := a.Reserve(ctx, bk, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Release(ctx, "b1", r.ID); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 10*time.Second, "a's idle block to go back", func() bool {
+		for _, n := range blocksOf(t, plain) {
+			if n != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if deliver() {
+		t.Errorf("the first grow applied after the block went back: blocks %v", blocksOf(t, plain))
+	}
+	if _, err := b.Reserve(ctx, bk, 1000, time.Minute); err != nil {
+		t.Fatalf("the whole bucket is not free for another replica: %v (blocks %v)", err, blocksOf(t, plain))
+	}
+}
+
 // A Renew re-establishes a lapsed reservation and its put gets no answer;
 // the upload then releases it, and the put applies. The bytes must stay
 // held until the janitor knows: freed at the release, they would be
