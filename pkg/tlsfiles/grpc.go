@@ -1,7 +1,11 @@
 package tlsfiles
 
 import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"log/slog"
+	"net"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -28,10 +32,37 @@ func DialCredentials(enabled bool, caFile, certFile, keyFile, serverName string)
 	if !enabled {
 		return insecure.NewCredentials(), nil
 	}
-	tc, err := Client(caFile, certFile, keyFile)
+	tc, cas, err := client(caFile, certFile, keyFile)
 	if err != nil {
 		return nil, err
 	}
 	tc.ServerName = serverName
-	return credentials.NewTLS(tc), nil
+	if cas == nil {
+		return credentials.NewTLS(tc), nil
+	}
+	return &rotatingRoots{TransportCredentials: credentials.NewTLS(tc), cfg: tc, cas: cas}, nil
+}
+
+// rotatingRoots are TLS credentials whose handshakes trust the CA bundle
+// as its file holds it now: a long-running client (the upload service
+// dialling the allocator) must follow a CA rotation, which crypto/tls's
+// fixed RootCAs would not.
+type rotatingRoots struct {
+	credentials.TransportCredentials
+	cfg *tls.Config
+	cas *reloading[*x509.CertPool]
+}
+
+func (r *rotatingRoots) ClientHandshake(ctx context.Context, authority string, conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	cfg := r.cfg.Clone()
+	roots, err := r.cas.get()
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg.RootCAs = roots
+	return credentials.NewTLS(cfg).ClientHandshake(ctx, authority, conn)
+}
+
+func (r *rotatingRoots) Clone() credentials.TransportCredentials {
+	return &rotatingRoots{TransportCredentials: r.TransportCredentials.Clone(), cfg: r.cfg, cas: r.cas}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -69,5 +71,63 @@ func TestGRPCOverMutualTLS(t *testing.T) {
 	}
 	if opts, err := tlsfiles.ServerOptions("", "", "", nil); err != nil || len(opts) != 0 {
 		t.Errorf("no certificate: %d options, %v; want plain text", len(opts), err)
+	}
+}
+
+// A long-running client follows a rotation of its CA file: after the
+// server's certificate and the client's CA file both move to a new CA,
+// the credentials built before still connect.
+func TestDialCredentialsFollowACARotation(t *testing.T) {
+	old, next := testenv.NewPKI(t), testenv.NewPKI(t)
+	dir := t.TempDir()
+	certFile, keyFile, caFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt")
+	install := func(p *testenv.PKI) {
+		t.Helper()
+		c, k := p.Issue(t, "allocator", []string{"127.0.0.1"})
+		for src, dst := range map[string]string{c: certFile, k: keyFile, p.CAFile: caFile} {
+			data, err := os.ReadFile(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(dst, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	install(old)
+	opts, err := tlsfiles.ServerOptions(certFile, keyFile, "", slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(opts...)
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	creds, err := tlsfiles.DialCredentials(true, caFile, "", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func() error {
+		// A new connection each time: a rotation concerns handshakes.
+		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	}
+	if err := check(); err != nil {
+		t.Fatalf("before the rotation: %v", err)
+	}
+	install(next)
+	if err := check(); err != nil {
+		t.Fatalf("after the CA rotation, the credentials built before: %v", err)
 	}
 }

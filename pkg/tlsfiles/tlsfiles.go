@@ -54,25 +54,33 @@ func Server(certFile, keyFile, clientCAFile string, log *slog.Logger) (*tls.Conf
 // Client is a client configuration trusting caFile (the system's roots
 // when empty) and presenting certFile/keyFile when given.
 func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
+	cfg, _, err := client(caFile, certFile, keyFile)
+	return cfg, err
+}
+
+// client is Client, with the CA bundle for callers that follow its
+// rotation (nil without caFile).
+func client(caFile, certFile, keyFile string) (*tls.Config, *reloading[*x509.CertPool], error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	var cas *reloading[*x509.CertPool]
 	if caFile != "" {
-		cas, err := caPool(caFile, nil)
-		if err != nil {
-			return nil, err
+		var err error
+		if cas, err = caPool(caFile, nil); err != nil {
+			return nil, nil, err
 		}
 		cfg.RootCAs, _ = cas.get()
 	}
 	if (certFile == "") != (keyFile == "") {
-		return nil, errors.New("tlsfiles: a client certificate needs both its certificate and its key file")
+		return nil, nil, errors.New("tlsfiles: a client certificate needs both its certificate and its key file")
 	}
 	if certFile != "" {
 		kp, err := keyPair(certFile, keyFile, nil)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return kp.get() }
 	}
-	return cfg, nil
+	return cfg, cas, nil
 }
 
 // keyPair is a certificate and its key, read now and again when either
