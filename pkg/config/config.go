@@ -332,6 +332,15 @@ func (f *File) Validate() error {
 			errs = append(errs, err)
 		}
 	}
+	// Both services read one file in the manifests: an allocator serving
+	// TLS that its upload service does not speak fails every upload, with
+	// nothing saying why but "the allocator could not be reached".
+	switch at := f.Upload.AllocatorTLS; {
+	case f.Allocator.TLS.CertFile != "" && !at.Enabled:
+		errs = append(errs, errors.New("upload.allocatorTLS: the allocator serves TLS (allocator.tls) but the upload service would dial it in plain text; set upload.allocatorTLS.enabled and its caFile"))
+	case f.Allocator.TLS.ClientCAFile != "" && at.CertFile == "":
+		errs = append(errs, errors.New("upload.allocatorTLS: the allocator requires a client certificate (allocator.tls.clientCAFile) but the upload service has none; set upload.allocatorTLS.certFile and keyFile"))
+	}
 	if f.Upload.MaxObjectSize <= 0 {
 		errs = append(errs, errors.New("upload.maxObjectSize: must be positive"))
 	}
@@ -603,8 +612,10 @@ func BucketsFromEnv(env func(string) string) ([]Bucket, error) {
 		}
 		if v := get("MONTHLY_LIMIT"); v != "" {
 			gb, err := strconv.ParseFloat(v, 64)
-			if err != nil || gb <= 0 {
-				return nil, fmt.Errorf("config: %s_MONTHLY_LIMIT: %q is not a positive number of GB", prefix, v)
+			if err != nil || !(gb > 0) || gb*1e9 > MaxMonthlyLimit {
+				// !(gb > 0) also refuses NaN; the bound, Inf and sizes that
+				// would overflow the byte count.
+				return nil, fmt.Errorf("config: %s_MONTHLY_LIMIT: %q is not a number of GB between 0 and %d", prefix, v, MaxMonthlyLimit/1_000_000_000)
 			}
 			b.MonthlyLimit = ByteSize(gb * 1e9)
 		} else {

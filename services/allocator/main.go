@@ -130,7 +130,7 @@ func run(log *slog.Logger) error {
 	t := cfg.Allocator.TLS
 	tlsOpts, err := tlsfiles.ServerOptions(t.CertFile, t.KeyFile, t.ClientCAFile, log)
 	if err != nil {
-		return err
+		return fmt.Errorf("allocator.tls: %w", err)
 	}
 	unary, stream := alloc.Interceptors()
 	srv := grpcserver.New(grpcserver.Options{

@@ -125,7 +125,7 @@ func run(log *slog.Logger) error {
 	t := cfg.Upload.TLS
 	tlsOpts, err := tlsfiles.ServerOptions(t.CertFile, t.KeyFile, t.ClientCAFile, log)
 	if err != nil {
-		return err
+		return fmt.Errorf("upload.tls: %w", err)
 	}
 	opts.ServerOptions = append(opts.ServerOptions, tlsOpts...)
 	if cfg.Upload.RateLimit > 0 {

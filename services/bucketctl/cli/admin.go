@@ -16,12 +16,11 @@ import (
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
-	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
 
 // withAdmin dials the allocator and runs fn with an authenticated context.
 func (g *globals) withAdmin(ctx context.Context, fn func(context.Context, adminv1.AdminServiceClient) error) error {
-	creds, err := tlsfiles.DialCredentials(g.allocTLSCA != "" || g.allocTLSCert != "" || g.allocTLSKey != "", g.allocTLSCA, g.allocTLSCert, g.allocTLSKey, "")
+	creds, err := g.allocTLS.credentials()
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
@@ -37,10 +38,32 @@ type globals struct {
 	timeout      time.Duration
 	// TLS to the upload service: a CA to trust (else the system's) and a
 	// client certificate for mutual TLS.
-	tlsCA, tlsCert, tlsKey string
-	// The same for the allocator (admin commands).
-	allocTLSCA, allocTLSCert, allocTLSKey string
-	out, errOut                           io.Writer
+	upTLS, allocTLS tlsFlags // to the upload service, to the allocator (admin commands)
+	out, errOut     io.Writer
+}
+
+// tlsFlags say how to reach a service over TLS: on when asked or when any
+// file or name is given; a CA to trust (else the system's), a client
+// certificate for mutual TLS, and the name the server's certificate must
+// carry (else the dialled host).
+type tlsFlags struct {
+	on                        bool
+	ca, cert, key, serverName string
+}
+
+func (f tlsFlags) credentials() (credentials.TransportCredentials, error) {
+	on := f.on || f.ca != "" || f.cert != "" || f.key != "" || f.serverName != ""
+	return tlsfiles.DialCredentials(on, f.ca, f.cert, f.key, f.serverName)
+}
+
+// add registers the flags under prefix ("tls" or "allocator-tls") and
+// their environment variables under envPrefix.
+func (f *tlsFlags) add(pf *pflag.FlagSet, prefix, envPrefix, service string) {
+	pf.BoolVar(&f.on, prefix, os.Getenv(envPrefix) == "true", "reach the "+service+" over TLS, trusting the system's CAs unless --"+prefix+"-ca is given (env "+envPrefix+"=true)")
+	pf.StringVar(&f.ca, prefix+"-ca", os.Getenv(envPrefix+"_CA"), "reach the "+service+" over TLS, trusting this CA file (env "+envPrefix+"_CA)")
+	pf.StringVar(&f.cert, prefix+"-cert", os.Getenv(envPrefix+"_CERT"), "client certificate for mutual TLS with the "+service+" (env "+envPrefix+"_CERT)")
+	pf.StringVar(&f.key, prefix+"-key", os.Getenv(envPrefix+"_KEY"), "key of --"+prefix+"-cert (env "+envPrefix+"_KEY)")
+	pf.StringVar(&f.serverName, prefix+"-server-name", os.Getenv(envPrefix+"_SERVER_NAME"), "name the "+service+"'s certificate must carry, when it differs from the address's host (env "+envPrefix+"_SERVER_NAME)")
 }
 
 // NewRoot builds the command tree writing to out and errOut.
@@ -59,12 +82,8 @@ func NewRoot(out, errOut io.Writer) *cobra.Command {
 	pf.StringVar(&g.allocatorAddr, "allocator-addr", envOr("BUCKETLB_ALLOCATOR_ADDR", defaultAllocatorAddr), "allocator service gRPC address, for admin commands (env BUCKETLB_ALLOCATOR_ADDR)")
 	pf.StringVar(&g.tokenFile, "token-file", envOr("BUCKETLB_ADMIN_TOKEN_FILE", filepath.Join(".data", "admin-token")), "file holding the admin token (env BUCKETLB_ADMIN_TOKEN_FILE; env BUCKETLB_ADMIN_TOKEN, the token itself, wins over the default but not over this flag)")
 	pf.DurationVar(&g.timeout, "timeout", 0, "overall deadline for the command (0 = none for transfers, 10s for admin calls)")
-	pf.StringVar(&g.tlsCA, "tls-ca", os.Getenv("BUCKETLB_TLS_CA"), "reach the upload service over TLS, trusting this CA file (env BUCKETLB_TLS_CA)")
-	pf.StringVar(&g.tlsCert, "tls-cert", os.Getenv("BUCKETLB_TLS_CERT"), "client certificate for mutual TLS with the upload service (env BUCKETLB_TLS_CERT)")
-	pf.StringVar(&g.tlsKey, "tls-key", os.Getenv("BUCKETLB_TLS_KEY"), "key of --tls-cert (env BUCKETLB_TLS_KEY)")
-	pf.StringVar(&g.allocTLSCA, "allocator-tls-ca", os.Getenv("BUCKETLB_ALLOCATOR_TLS_CA"), "reach the allocator over TLS, trusting this CA file (env BUCKETLB_ALLOCATOR_TLS_CA)")
-	pf.StringVar(&g.allocTLSCert, "allocator-tls-cert", os.Getenv("BUCKETLB_ALLOCATOR_TLS_CERT"), "client certificate for mutual TLS with the allocator (env BUCKETLB_ALLOCATOR_TLS_CERT)")
-	pf.StringVar(&g.allocTLSKey, "allocator-tls-key", os.Getenv("BUCKETLB_ALLOCATOR_TLS_KEY"), "key of --allocator-tls-cert (env BUCKETLB_ALLOCATOR_TLS_KEY)")
+	g.upTLS.add(pf, "tls", "BUCKETLB_TLS", "upload service")
+	g.allocTLS.add(pf, "allocator-tls", "BUCKETLB_ALLOCATOR_TLS", "allocator")
 	g.token = auth.First(os.Getenv("BUCKETLB_ADMIN_TOKEN"))
 	g.tokenFileSet = func() bool { return pf.Changed("token-file") }
 
@@ -123,7 +142,7 @@ func (g *globals) adminContext(ctx context.Context) (context.Context, context.Ca
 func (g *globals) uploadClient(ctx context.Context) (context.Context, uploadv1.UploadServiceClient, func(), error) {
 	// Plain text unless asked: bucketlb runs inside the cluster network
 	// (or on loopback in dev), where a mesh may provide TLS instead.
-	creds, err := tlsfiles.DialCredentials(g.tlsCA != "" || g.tlsCert != "" || g.tlsKey != "", g.tlsCA, g.tlsCert, g.tlsKey, "")
+	creds, err := g.upTLS.credentials()
 	if err != nil {
 		return nil, nil, nil, err
 	}

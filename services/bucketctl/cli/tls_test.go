@@ -87,7 +87,15 @@ func TestAllocatorOverMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := e2e.StartWith(t, devstack.Options{AllocatorTLS: pki.MutualTLS(t, "allocator"), AllocatorClientTLS: client})
+	// The allocator's certificate names its Service, not the address
+	// dialled (as through a port-forward).
+	client.ServerName = "allocator.test"
+	sc, sk := pki.Issue(t, "allocator", []string{"allocator.test"})
+	server, err := tlsfiles.Server(sc, sk, pki.CAFile, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := e2e.StartWith(t, devstack.Options{AllocatorTLS: server, AllocatorClientTLS: client})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	src := filepath.Join(t.TempDir(), "f.bin")
@@ -106,8 +114,12 @@ func TestAllocatorOverMutualTLS(t *testing.T) {
 		t.Fatalf("upload through an allocator over mutual TLS: %v (%s)", err, out)
 	}
 	ac, ak := pki.Issue(t, "operator", nil, "spiffe://test/operator")
-	if out, err := run("status", "--allocator-tls-ca", pki.CAFile, "--allocator-tls-cert", ac, "--allocator-tls-key", ak); err != nil || !strings.Contains(out, "dev-") {
+	withCert := []string{"--allocator-tls-ca", pki.CAFile, "--allocator-tls-cert", ac, "--allocator-tls-key", ak}
+	if out, err := run(append([]string{"status", "--allocator-tls-server-name", "allocator.test"}, withCert...)...); err != nil || !strings.Contains(out, "dev-") {
 		t.Fatalf("status over mutual TLS: %v (%s)", err, out)
+	}
+	if out, err := run(append([]string{"status"}, withCert...)...); err == nil || !strings.Contains(err.Error(), "127.0.0.1") {
+		t.Fatalf("status expecting the address's name in the certificate: %v (%s), want a refusal naming it", err, out)
 	}
 	if out, err := run("status"); err == nil {
 		t.Fatalf("status in plain text to an allocator that requires TLS succeeded: %s", out)
