@@ -172,73 +172,60 @@ func TestUnansweredGiveBackAfterAReplicaStops(t *testing.T) {
 }
 
 // A grow whose answer was lost must not bring back, when it applies late,
-// the block the janitor deleted once it was idle: etcd would hold bytes
-// for a block the replica does not know, and never hand them back.
-func TestUnansweredGrowCannotReviveADeletedBlock(t *testing.T) {
-	srv, _ := testenv.Etcd(t)
-	plain := testenv.EtcdClient(t, srv.Endpoint)
-	cli, armed, deliver := holding(t, srv.Endpoint, isGrow)
-	_, a := replicaCap(t, cli, "a")
-	_, b := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "b")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	bk := bucket("b1", 1000)
-	r, err := a.Reserve(ctx, bk, 100, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	armed.Store(true)
-	if _, err := a.Reserve(ctx, bk, 500, time.Minute); err == nil {
-		t.Fatal("a reservation was granted while its grow's answer was lost")
-	}
-	if err := a.Release(ctx, "b1", r.ID); err != nil {
-		t.Fatal(err)
-	}
-	poll(t, 10*time.Second, "a's idle block to be deleted", func() bool { return len(blocksOf(t, plain)) == 0 })
-	if deliver() {
-		t.Errorf("the grow applied after the block was deleted: blocks %v", blocksOf(t, plain))
-	}
-	if _, err := b.Reserve(ctx, bk, 1000, time.Minute); err != nil {
-		t.Fatalf("the whole bucket is not free for another replica: %v (blocks %v)", err, blocksOf(t, plain))
-	}
-}
-
-// The same for the usual grow, the one that creates the block: its held
-// write compares the block absent, which it is again whenever the janitor
-// deletes the idle block, however long after the fence that settled it.
-func TestUnansweredFirstGrowCannotReviveTheBlock(t *testing.T) {
-	srv, _ := testenv.Etcd(t)
-	plain := testenv.EtcdClient(t, srv.Endpoint)
-	cli, armed, deliver := holding(t, srv.Endpoint, isGrow)
-	_, a := replicaCap(t, cli, "a")
-	_, b := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "b")
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	bk := bucket("b1", 1000)
-	armed.Store(true)
-	if _, err := a.Reserve(ctx, bk, 500, time.Minute); err == nil {
-		t.Fatal("a reservation was granted while its grow's answer was lost")
-	}
-	r, err := a.Reserve(ctx, bk, 100, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Release(ctx, "b1", r.ID); err != nil {
-		t.Fatal(err)
-	}
-	poll(t, 10*time.Second, "a's idle block to go back", func() bool {
-		for _, n := range blocksOf(t, plain) {
-			if n != 0 {
-				return false
+// the block the janitor gave back once it was idle: etcd would hold bytes
+// for a block the replica does not know, and never hand them back. For a
+// grow of an existing block ("enlarge"), the block is deleted; for the
+// usual grow, the one that creates the block ("create"), whose held write
+// compares the block absent, the block must stay (at 0) for that write
+// never to find it absent again.
+func TestUnansweredGrowCannotReviveTheBlock(t *testing.T) {
+	for _, creates := range []bool{false, true} {
+		t.Run(map[bool]string{false: "enlarge", true: "create"}[creates], func(t *testing.T) {
+			srv, _ := testenv.Etcd(t)
+			plain := testenv.EtcdClient(t, srv.Endpoint)
+			cli, armed, deliver := holding(t, srv.Endpoint, isGrow)
+			_, a := replicaCap(t, cli, "a")
+			_, b := replicaCap(t, testenv.EtcdClient(t, srv.Endpoint), "b")
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			bk := bucket("b1", 1000)
+			reserve := func() *ledger.Reservation {
+				t.Helper()
+				r, err := a.Reserve(ctx, bk, 100, time.Minute)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return r
 			}
-		}
-		return true
-	})
-	if deliver() {
-		t.Errorf("the first grow applied after the block went back: blocks %v", blocksOf(t, plain))
-	}
-	if _, err := b.Reserve(ctx, bk, 1000, time.Minute); err != nil {
-		t.Fatalf("the whole bucket is not free for another replica: %v (blocks %v)", err, blocksOf(t, plain))
+			var r *ledger.Reservation
+			if !creates {
+				r = reserve()
+			}
+			armed.Store(true)
+			if _, err := a.Reserve(ctx, bk, 500, time.Minute); err == nil {
+				t.Fatal("a reservation was granted while its grow's answer was lost")
+			}
+			if creates {
+				r = reserve()
+			}
+			if err := a.Release(ctx, "b1", r.ID); err != nil {
+				t.Fatal(err)
+			}
+			poll(t, 10*time.Second, "a's idle block to go back", func() bool {
+				for _, n := range blocksOf(t, plain) {
+					if n != 0 {
+						return false
+					}
+				}
+				return true
+			})
+			if deliver() {
+				t.Errorf("the grow applied after the block went back: blocks %v", blocksOf(t, plain))
+			}
+			if _, err := b.Reserve(ctx, bk, 1000, time.Minute); err != nil {
+				t.Fatalf("the whole bucket is not free for another replica: %v (blocks %v)", err, blocksOf(t, plain))
+			}
+		})
 	}
 }
 

@@ -11,12 +11,41 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/bucketlb/bucketlb/pkg/testenv"
 	"github.com/bucketlb/bucketlb/pkg/tlsfiles"
 )
+
+// serveHealth serves the gRPC health service with opts on loopback until
+// the test ends, and returns its address.
+func serveHealth(t *testing.T, opts []grpc.ServerOption) string {
+	t.Helper()
+	srv := grpc.NewServer(opts...)
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	return lis.Addr().String()
+}
+
+// checkHealth makes one health check on a new connection to addr.
+func checkHealth(addr string, creds credentials.TransportCredentials) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	return err
+}
 
 // A gRPC server given ServerOptions with a client CA serves only clients
 // whose DialCredentials present a certificate that CA signed and expect
@@ -28,29 +57,13 @@ func TestGRPCOverMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer(opts...)
-	healthpb.RegisterHealthServer(srv, health.NewServer())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
-
+	addr := serveHealth(t, opts)
 	check := func(enabled bool, ca, cert, key, serverName string) error {
 		creds, err := tlsfiles.DialCredentials(enabled, ca, cert, key, serverName)
 		if err != nil {
 			return err
 		}
-		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-		return err
+		return checkHealth(addr, creds)
 	}
 	cc, ck := pki.Issue(t, "upload", nil, "spiffe://test/upload")
 	if err := check(true, pki.CAFile, cc, ck, "allocator.test"); err != nil {
@@ -99,35 +112,17 @@ func TestDialCredentialsFollowACARotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := grpc.NewServer(opts...)
-	healthpb.RegisterHealthServer(srv, health.NewServer())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
+	addr := serveHealth(t, opts)
 	creds, err := tlsfiles.DialCredentials(true, caFile, "", "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	check := func() error {
-		// A new connection each time: a rotation concerns handshakes.
-		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(creds))
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-		return err
-	}
-	if err := check(); err != nil {
+	// A new connection each time: a rotation concerns handshakes.
+	if err := checkHealth(addr, creds); err != nil {
 		t.Fatalf("before the rotation: %v", err)
 	}
 	install(next)
-	if err := check(); err != nil {
+	if err := checkHealth(addr, creds); err != nil {
 		t.Fatalf("after the CA rotation, the credentials built before: %v", err)
 	}
 }
