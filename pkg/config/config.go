@@ -129,6 +129,21 @@ type TLSFiles struct {
 	ClientCAFile string `json:"clientCAFile"`
 }
 
+// CheckAllocatorTLS refuses a file whose allocator section serves TLS that
+// its upload section would not speak. The upload service calls it: when
+// one file feeds both services (as in the manifests), every upload would
+// otherwise fail with nothing saying why but "the allocator could not be
+// reached". An allocator's own file need not say how others dial it.
+func (f *File) CheckAllocatorTLS() error {
+	switch at := f.Upload.AllocatorTLS; {
+	case f.Allocator.TLS.CertFile != "" && !at.Enabled:
+		return errors.New("config: upload.allocatorTLS: the allocator serves TLS (allocator.tls in this file) but the upload service would dial it in plain text; set upload.allocatorTLS.enabled and its caFile")
+	case f.Allocator.TLS.ClientCAFile != "" && at.CertFile == "":
+		return errors.New("config: upload.allocatorTLS: the allocator requires a client certificate (allocator.tls.clientCAFile in this file) but the upload service has none; set upload.allocatorTLS.certFile and keyFile")
+	}
+	return nil
+}
+
 // ClientTLS is how a service dials another over TLS.
 type ClientTLS struct {
 	// Enabled turns TLS on; the files are optional.
@@ -331,15 +346,6 @@ func (f *File) Validate() error {
 		if err != nil {
 			errs = append(errs, err)
 		}
-	}
-	// Both services read one file in the manifests: an allocator serving
-	// TLS that its upload service does not speak fails every upload, with
-	// nothing saying why but "the allocator could not be reached".
-	switch at := f.Upload.AllocatorTLS; {
-	case f.Allocator.TLS.CertFile != "" && !at.Enabled:
-		errs = append(errs, errors.New("upload.allocatorTLS: the allocator serves TLS (allocator.tls) but the upload service would dial it in plain text; set upload.allocatorTLS.enabled and its caFile"))
-	case f.Allocator.TLS.ClientCAFile != "" && at.CertFile == "":
-		errs = append(errs, errors.New("upload.allocatorTLS: the allocator requires a client certificate (allocator.tls.clientCAFile) but the upload service has none; set upload.allocatorTLS.certFile and keyFile"))
 	}
 	if f.Upload.MaxObjectSize <= 0 {
 		errs = append(errs, errors.New("upload.maxObjectSize: must be positive"))
@@ -615,7 +621,7 @@ func BucketsFromEnv(env func(string) string) ([]Bucket, error) {
 			if err != nil || !(gb > 0) || gb*1e9 > MaxMonthlyLimit {
 				// !(gb > 0) also refuses NaN; the bound, Inf and sizes that
 				// would overflow the byte count.
-				return nil, fmt.Errorf("config: %s_MONTHLY_LIMIT: %q is not a number of GB between 0 and %d", prefix, v, MaxMonthlyLimit/1_000_000_000)
+				return nil, fmt.Errorf("config: %s_MONTHLY_LIMIT: %q is not a number of GB above 0 and at most 2^56 bytes (64 PiB)", prefix, v)
 			}
 			b.MonthlyLimit = ByteSize(gb * 1e9)
 		} else {

@@ -125,8 +125,6 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"allocator TLS key without its certificate", "allocator:\n  tls:\n    keyFile: /tls/tls.key\n", "allocator.tls"},
 		{"allocator TLS files while off", "upload:\n  allocatorTLS:\n    caFile: /tls/ca.crt\n", "upload.allocatorTLS"},
 		{"allocator client certificate without its key", "upload:\n  allocatorTLS:\n    enabled: true\n    certFile: /tls/c.crt\n", "upload.allocatorTLS"},
-		{"allocator TLS the upload service does not speak", "allocator:\n  tls:\n    certFile: /tls/tls.crt\n    keyFile: /tls/tls.key\n", "would dial it in plain text"},
-		{"allocator mTLS without an upload certificate", "allocator:\n  tls:\n    certFile: /tls/tls.crt\n    keyFile: /tls/tls.key\n    clientCAFile: /tls/ca.crt\nupload:\n  allocatorTLS:\n    enabled: true\n", "requires a client certificate"},
 		{"no idle timeout", "upload:\n  idleTimeout: 0s\n", "idleTimeout"},
 		{"reset day", "allocator:\n  periodResetDay: 31\n", "periodResetDay"},
 		{"negative stop timeout", "upload:\n  stopTimeout: -5s\n", "upload.stopTimeout"},
@@ -172,6 +170,37 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 
 // Refusals of R2_* seeds name the variable the operator set, not the
 // YAML position the seed was turned into.
+// A file whose allocator serves TLS its upload section would not speak is
+// refused by CheckAllocatorTLS, which the upload service runs; an
+// allocator's own file, without the upload section, loads.
+func TestCheckAllocatorTLS(t *testing.T) {
+	load := func(yaml string) *config.File {
+		t.Helper()
+		path := filepath.Join(t.TempDir(), "bucketlb.yaml")
+		if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := config.Load(path, envOf(nil))
+		if err != nil {
+			t.Fatalf("an allocator's own file with TLS is refused: %v", err)
+		}
+		return f
+	}
+	serves := "allocator:\n  tls:\n    certFile: /tls/tls.crt\n    keyFile: /tls/tls.key\n"
+	mutual := serves + "    clientCAFile: /tls/ca.crt\n"
+	for _, tc := range []struct{ yaml, want string }{
+		{serves, "would dial it in plain text"},
+		{mutual + "upload:\n  allocatorTLS:\n    enabled: true\n", "requires a client certificate"},
+		{mutual + "upload:\n  allocatorTLS:\n    enabled: true\n    certFile: /tls/c.crt\n    keyFile: /tls/c.key\n", ""},
+		{"upload:\n  allocatorTLS:\n    enabled: true\n", ""},
+	} {
+		err := load(tc.yaml).CheckAllocatorTLS()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%q: %v, want %q", tc.yaml, err, tc.want)
+		}
+	}
+}
+
 func TestSeedEnvErrors(t *testing.T) {
 	ok := map[string]string{"R2_BUCKETS": "b1", "R2_B1_NAME": "x", "R2_B1_ACCOUNT_ID": "a"}
 	with := func(kv ...string) map[string]string {

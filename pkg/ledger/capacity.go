@@ -1720,7 +1720,9 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 		// from our block.
 		forget(bc, rid, tr.Header.Revision)
 	}
-	if bc.block > bc.carved && time.Since(bc.touched) > idleBlock {
+	// A block kept at 0 (see keepUntil) goes once its time is up.
+	keptEmpty := bc.blockRev != 0 && bc.block == 0 && bc.carved == 0 && time.Now().After(bc.keepUntil)
+	if (bc.block > bc.carved || keptEmpty) && time.Since(bc.touched) > idleBlock {
 		var op clientv3.Op
 		if bc.carved == 0 && time.Now().After(bc.keepUntil) {
 			op = clientv3.OpDelete(blockKey)

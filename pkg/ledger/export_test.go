@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"context"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -36,5 +37,19 @@ func (c *Capacity) SweepNow(ctx context.Context) error {
 	for _, id := range t.bucketIDs() {
 		c.sweep(ctx, t, id)
 	}
+	return nil
+}
+
+// EndKeep ends the time a bucket's block is kept at 0 after an unanswered
+// grow that created it (see keepUntil), as lateApply passing would.
+func (c *Capacity) EndKeep(ctx context.Context, bucket string) error {
+	t, err := c.wait(ctx)
+	if err != nil {
+		return err
+	}
+	bc := t.bucket(bucket)
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	bc.keepUntil = time.Time{}
 	return nil
 }

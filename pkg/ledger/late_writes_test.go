@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -225,6 +226,18 @@ func TestUnansweredGrowCannotReviveTheBlock(t *testing.T) {
 			if _, err := b.Reserve(ctx, bk, 1000, time.Minute); err != nil {
 				t.Fatalf("the whole bucket is not free for another replica: %v (blocks %v)", err, blocksOf(t, plain))
 			}
+			// Once no late apply is plausible, the kept block goes.
+			if err := a.EndKeep(ctx, "b1"); err != nil {
+				t.Fatal(err)
+			}
+			poll(t, 10*time.Second, "a's kept block to be deleted", func() bool {
+				for k := range blocksOf(t, plain) {
+					if strings.Contains(k, "/a.") {
+						return false
+					}
+				}
+				return true
+			})
 		})
 	}
 }

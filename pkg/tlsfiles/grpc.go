@@ -27,12 +27,14 @@ func ServerOptions(certFile, keyFile, clientCAFile string, log *slog.Logger) ([]
 
 // DialCredentials are plain text unless enabled; then TLS trusting caFile,
 // presenting certFile/keyFile when given (see Client), and expecting
-// serverName in the server's certificate (empty: the dialled host).
-func DialCredentials(enabled bool, caFile, certFile, keyFile, serverName string) (credentials.TransportCredentials, error) {
+// serverName in the server's certificate (empty: the dialled host). A
+// rotation of the files that cannot be loaded is logged to log (nil: not
+// logged); the last good files stay in use.
+func DialCredentials(enabled bool, caFile, certFile, keyFile, serverName string, log *slog.Logger) (credentials.TransportCredentials, error) {
 	if !enabled {
 		return insecure.NewCredentials(), nil
 	}
-	tc, cas, err := client(caFile, certFile, keyFile)
+	tc, cas, err := client(caFile, certFile, keyFile, log)
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package tlsfiles_test
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net"
@@ -59,7 +60,7 @@ func TestGRPCOverMutualTLS(t *testing.T) {
 	}
 	addr := serveHealth(t, opts)
 	check := func(enabled bool, ca, cert, key, serverName string) error {
-		creds, err := tlsfiles.DialCredentials(enabled, ca, cert, key, serverName)
+		creds, err := tlsfiles.DialCredentials(enabled, ca, cert, key, serverName, nil)
 		if err != nil {
 			return err
 		}
@@ -113,7 +114,9 @@ func TestDialCredentialsFollowACARotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := serveHealth(t, opts)
-	creds, err := tlsfiles.DialCredentials(true, caFile, "", "", "")
+	var logged bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logged, nil))
+	creds, err := tlsfiles.DialCredentials(true, caFile, "", "", "", log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,5 +127,16 @@ func TestDialCredentialsFollowACARotation(t *testing.T) {
 	install(next)
 	if err := checkHealth(addr, creds); err != nil {
 		t.Fatalf("after the CA rotation, the credentials built before: %v", err)
+	}
+	// A CA file that stops loading (a rotation gone wrong) is logged, and
+	// the last good CA stays in service.
+	if err := os.WriteFile(caFile, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkHealth(addr, creds); err != nil {
+		t.Fatalf("with a broken CA file, the last good CA: %v", err)
+	}
+	if !strings.Contains(logged.String(), caFile) {
+		t.Fatalf("a CA file that no longer loads was not logged (log: %q)", logged.String())
 	}
 }

@@ -54,18 +54,18 @@ func Server(certFile, keyFile, clientCAFile string, log *slog.Logger) (*tls.Conf
 // Client is a client configuration trusting caFile (the system's roots
 // when empty) and presenting certFile/keyFile when given.
 func Client(caFile, certFile, keyFile string) (*tls.Config, error) {
-	cfg, _, err := client(caFile, certFile, keyFile)
+	cfg, _, err := client(caFile, certFile, keyFile, nil)
 	return cfg, err
 }
 
 // client is Client, with the CA bundle for callers that follow its
 // rotation (nil without caFile).
-func client(caFile, certFile, keyFile string) (*tls.Config, *reloading[*x509.CertPool], error) {
+func client(caFile, certFile, keyFile string, log *slog.Logger) (*tls.Config, *reloading[*x509.CertPool], error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	var cas *reloading[*x509.CertPool]
 	if caFile != "" {
 		var err error
-		if cas, err = caPool(caFile, nil); err != nil {
+		if cas, err = caPool(caFile, log); err != nil {
 			return nil, nil, err
 		}
 		cfg.RootCAs, _ = cas.get()
@@ -74,7 +74,7 @@ func client(caFile, certFile, keyFile string) (*tls.Config, *reloading[*x509.Cer
 		return nil, nil, errors.New("tlsfiles: a client certificate needs both its certificate and its key file")
 	}
 	if certFile != "" {
-		kp, err := keyPair(certFile, keyFile, nil)
+		kp, err := keyPair(certFile, keyFile, log)
 		if err != nil {
 			return nil, nil, err
 		}

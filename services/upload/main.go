@@ -60,6 +60,9 @@ func run(log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if err := cfg.CheckAllocatorTLS(); err != nil {
+		return err
+	}
 	if *listen != "" {
 		cfg.Upload.Listen = *listen
 	}
@@ -78,7 +81,7 @@ func run(log *slog.Logger) error {
 		return err
 	}
 	at := cfg.Upload.AllocatorTLS
-	allocCreds, err := tlsfiles.DialCredentials(at.Enabled, at.CAFile, at.CertFile, at.KeyFile, at.ServerName)
+	allocCreds, err := tlsfiles.DialCredentials(at.Enabled, at.CAFile, at.CertFile, at.KeyFile, at.ServerName, log)
 	if err != nil {
 		return fmt.Errorf("upload.allocatorTLS: %w", err)
 	}

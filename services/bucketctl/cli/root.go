@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -42,24 +43,31 @@ type globals struct {
 	out, errOut     io.Writer
 }
 
-// tlsFlags say how to reach a service over TLS: on when asked or when any
-// file or name is given; a CA to trust (else the system's), a client
-// certificate for mutual TLS, and the name the server's certificate must
-// carry (else the dialled host).
+// tlsFlags say how to reach a service over TLS: a CA to trust (else the
+// system's), a client certificate for mutual TLS, and the name the
+// server's certificate must carry (else the dialled host). TLS is on when
+// --tls (or --allocator-tls) says so, or, when that is not given, when any
+// file or name is.
 type tlsFlags struct {
 	on                        bool
+	onSet                     func() bool // --tls given, or its variable set
 	ca, cert, key, serverName string
 }
 
 func (f tlsFlags) credentials() (credentials.TransportCredentials, error) {
-	on := f.on || f.ca != "" || f.cert != "" || f.key != "" || f.serverName != ""
-	return tlsfiles.DialCredentials(on, f.ca, f.cert, f.key, f.serverName)
+	on := f.on
+	if !f.onSet() {
+		on = f.ca != "" || f.cert != "" || f.key != "" || f.serverName != ""
+	}
+	return tlsfiles.DialCredentials(on, f.ca, f.cert, f.key, f.serverName, nil)
 }
 
 // add registers the flags under prefix ("tls" or "allocator-tls") and
 // their environment variables under envPrefix.
 func (f *tlsFlags) add(pf *pflag.FlagSet, prefix, envPrefix, service string) {
-	pf.BoolVar(&f.on, prefix, os.Getenv(envPrefix) == "true", "reach the "+service+" over TLS, trusting the system's CAs unless --"+prefix+"-ca is given (env "+envPrefix+"=true)")
+	env, envErr := strconv.ParseBool(os.Getenv(envPrefix))
+	pf.BoolVar(&f.on, prefix, env, "reach the "+service+" over TLS (false: plain text, whatever files are given); trusts the system's CAs unless --"+prefix+"-ca is given (env "+envPrefix+")")
+	f.onSet = func() bool { return pf.Changed(prefix) || envErr == nil }
 	pf.StringVar(&f.ca, prefix+"-ca", os.Getenv(envPrefix+"_CA"), "reach the "+service+" over TLS, trusting this CA file (env "+envPrefix+"_CA)")
 	pf.StringVar(&f.cert, prefix+"-cert", os.Getenv(envPrefix+"_CERT"), "client certificate for mutual TLS with the "+service+" (env "+envPrefix+"_CERT)")
 	pf.StringVar(&f.key, prefix+"-key", os.Getenv(envPrefix+"_KEY"), "key of --"+prefix+"-cert (env "+envPrefix+"_KEY)")

@@ -75,6 +75,14 @@ func TestTLSClientToPlainTextServiceFailsAtOnce(t *testing.T) {
 	if err == nil || strings.Contains(out.String(), "retrying") || !strings.Contains(err.Error(), "does not look like a TLS handshake") {
 		t.Fatalf("TLS upload to a plain-text service: %v (%s), want one attempt failing on the handshake", err, out.String())
 	}
+	// --tls=false turns TLS off even with a CA named in the environment.
+	t.Setenv("BUCKETLB_TLS_CA", pki.CAFile)
+	out.Reset()
+	root = cli.NewRoot(&out, &out)
+	root.SetArgs([]string{"--upload-addr", env.Stack.UploadAddr, "--timeout", "20s", "--tls=false", "upload", "-q", src})
+	if err := root.ExecuteContext(ctx); err != nil {
+		t.Fatalf("--tls=false with BUCKETLB_TLS_CA set: %v (%s), want plain text", err, out.String())
+	}
 }
 
 // An allocator that requires mutual TLS serves the upload service that
