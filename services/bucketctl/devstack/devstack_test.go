@@ -98,3 +98,60 @@ func TestRateLimit(t *testing.T) {
 		t.Fatalf("%d objects stored, want the first upload's only", objects)
 	}
 }
+
+// Stopping the stack (Ctrl-C in make run) while an upload still streams
+// lets it finish: the allocator stops only once the upload service has
+// drained, so the upload's Commit still reaches it, and the object stays.
+func TestStopLetsRunningUploadsCommit(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st, err := devstack.Start(ctx, devstack.Options{DataDir: t.TempDir(), Logger: slog.New(slog.DiscardHandler),
+		EtcdAddr: "127.0.0.1:0", AllocatorAddr: "127.0.0.1:0", UploadAddr: "127.0.0.1:0", S3Addr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := devstack.Dial(st.UploadAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := uploadv1.NewUploadServiceClient(conn).Upload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := e2e.RandomBytes(t, 2048)
+	send := func(msg *uploadv1.UploadRequest) {
+		t.Helper()
+		if err := stream.Send(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Header{Header: &uploadv1.UploadHeader{
+		NameHint: "s.bin", ContentType: "application/octet-stream", Size: int64(len(data))}}})
+	send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[:1024]}})
+	closed := make(chan error, 1)
+	go func() { closed <- st.Close() }()
+	// The upload service takes no new connections once it drains; the
+	// allocator, with no call running, would be gone by then.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		c, err := net.DialTimeout("tcp", st.UploadAddr, time.Second)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("the upload service still takes connections 10 s after the stack began to stop")
+		}
+	}
+	send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data[1024:]}})
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		t.Fatalf("an upload streaming when the stack stopped: %v, want it stored", err)
+	}
+	if err := <-closed; err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	if resp.GetSize() != int64(len(data)) {
+		t.Fatalf("stored %d bytes, want %d", resp.GetSize(), len(data))
+	}
+}

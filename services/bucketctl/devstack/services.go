@@ -62,7 +62,24 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	})
 	alloc.Register(asrv.GRPC)
 	asrv.SetServing("bucketlb.allocator.v1.AllocatorService", "bucketlb.admin.v1.AdminService")
-	if s.AllocatorAddr, err = s.listenAndServe(ctx, opts.AllocatorAddr, func(ctx context.Context, lis net.Listener) error {
+	// The allocator stops once the upload service has: uploads still
+	// draining when the stack stops (Ctrl-C in make run) must reach it for
+	// their Commit, or their objects are removed. In production the two
+	// are separate deployments, each drained on its own.
+	allocCtx, stopAlloc := context.WithCancel(context.WithoutCancel(ctx))
+	uploadStopped := make(chan struct{})
+	uploadServing := false
+	defer func() {
+		if !uploadServing {
+			close(uploadStopped)
+		}
+	}()
+	go func() {
+		<-ctx.Done()
+		<-uploadStopped
+		stopAlloc()
+	}()
+	if s.AllocatorAddr, err = s.listenAndServe(allocCtx, opts.AllocatorAddr, func(ctx context.Context, lis net.Listener) error {
 		return alloc.Serve(ctx, asrv, lis)
 	}); err != nil {
 		return err
@@ -97,8 +114,12 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	usrv := grpcserver.New(sopts)
 	up.Register(usrv.GRPC)
 	usrv.SetServing("bucketlb.upload.v1.UploadService")
-	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, usrv.Serve); err != nil {
+	if s.UploadAddr, err = s.listenAndServe(ctx, opts.UploadAddr, func(ctx context.Context, lis net.Listener) error {
+		defer close(uploadStopped)
+		return usrv.Serve(ctx, lis)
+	}); err != nil {
 		return err
 	}
+	uploadServing = true
 	return nil
 }
