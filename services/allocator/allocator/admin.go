@@ -76,7 +76,8 @@ func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (
 
 // masked is cur with the fields paths name (checked to exist) taken from
 // spec. An endpoint derived from cur's account follows a new account, as
-// it would for a spec put whole.
+// it would for a spec put whole, keeping its jurisdiction (an EU or
+// FedRAMP bucket's endpoint has .eu. or .fedramp. after the account).
 func masked(cur, spec *adminv1.BucketSpec, paths []string) *adminv1.BucketSpec {
 	out := proto.Clone(cur).(*adminv1.BucketSpec)
 	src, dst := spec.ProtoReflect(), out.ProtoReflect()
@@ -85,11 +86,27 @@ func masked(cur, spec *adminv1.BucketSpec, paths []string) *adminv1.BucketSpec {
 		f := fields.ByName(protoreflect.Name(p))
 		dst.Set(f, src.Get(f))
 	}
-	if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" &&
-		strings.EqualFold(strings.TrimSuffix(cur.GetEndpoint(), "/"), config.R2Endpoint(cur.GetAccountId())) {
-		out.Endpoint = ""
+	if slices.Contains(paths, "account_id") && !slices.Contains(paths, "endpoint") && cur.GetAccountId() != "" {
+		if rest, ok := r2EndpointOf(cur.GetEndpoint(), cur.GetAccountId()); ok {
+			out.Endpoint = ""
+			if out.GetAccountId() != "" {
+				out.Endpoint = "https://" + out.GetAccountId() + rest
+			}
+		}
 	}
 	return out
+}
+
+// r2EndpointOf reports whether endpoint is account's R2 endpoint, in any
+// jurisdiction, and returns what follows the account in its host
+// (".r2.cloudflarestorage.com", ".eu.r2.cloudflarestorage.com").
+func r2EndpointOf(endpoint, account string) (string, bool) {
+	e := strings.ToLower(strings.TrimSuffix(endpoint, "/"))
+	rest, ok := strings.CutPrefix(e, "https://"+strings.ToLower(account)+".")
+	if !ok || !strings.HasSuffix(rest, "r2.cloudflarestorage.com") || strings.ContainsAny(rest, "/:?#") {
+		return "", false
+	}
+	return "." + rest, true
 }
 
 // DeleteBucket implements AdminService.

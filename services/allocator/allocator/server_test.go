@@ -475,6 +475,14 @@ func TestMaskedPutsKeepEachOther(t *testing.T) {
 	if err != nil || moved.GetBucket().GetEndpoint() != "https://00000000000000000000000000000000.r2.cloudflarestorage.com" {
 		t.Fatalf("masked put of a new account beside its old endpoint written in another form: %v %v, want the new account's endpoint", moved.GetBucket(), err)
 	}
+	// An EU bucket's endpoint keeps its jurisdiction.
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", Endpoint: "https://00000000000000000000000000000000.eu.r2.cloudflarestorage.com"}, UpdateMask: mask("endpoint")}); err != nil {
+		t.Fatal(err)
+	}
+	moved, err = r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", AccountId: "fedcba9876543210fedcba9876543210"}, UpdateMask: mask("account_id")})
+	if err != nil || moved.GetBucket().GetEndpoint() != "https://fedcba9876543210fedcba9876543210.eu.r2.cloudflarestorage.com" {
+		t.Fatalf("masked put of a new account beside an EU endpoint: %v %v, want the new account's EU endpoint", moved.GetBucket(), err)
+	}
 	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "r2", Endpoint: "https://s3.example.com"}, UpdateMask: mask("endpoint")}); err != nil {
 		t.Fatal(err)
 	}
