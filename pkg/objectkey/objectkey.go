@@ -18,9 +18,27 @@ import (
 // MaxLen is the S3 key limit in bytes.
 const MaxLen = 1024
 
-// Validate checks a key against bucketlb's rules: valid UTF-8, 1–1024
-// bytes, no leading "/", no "." or ".." path segment, no control characters.
+// Validate checks a key to write against bucketlb's rules: Readable's,
+// and no invisible characters (see below).
 func Validate(key string) error {
+	if err := Readable(key); err != nil {
+		return err
+	}
+	for _, r := range key {
+		if unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp) && r != zwnj && r != zwj {
+			// Bidi overrides, zero-width spaces, BOMs and line separators
+			// are invisible: a key holding one shows as another key (one
+			// ending ".exe" as ".jpg") in logs, listings and URLs.
+			return fmt.Errorf("object key contains invisible character %U (a format or separator character such as a bidi control), which would make it look like another key", r)
+		}
+	}
+	return nil
+}
+
+// Readable checks a key to read or delete: valid UTF-8, 1–1024 bytes, no
+// leading "/", no "." or ".." path segment, no control characters. Keys
+// written before Validate refused invisible characters stay reachable.
+func Readable(key string) error {
 	switch {
 	case key == "":
 		return errors.New("object key is empty")
@@ -47,6 +65,13 @@ func Validate(key string) error {
 	}
 	return nil
 }
+
+// Joiners are part of how some scripts (Persian, Indic) and emoji are
+// written, so keys keep them.
+const (
+	zwnj = '\u200c' // zero width non-joiner
+	zwj  = '\u200d' // zero width joiner
+)
 
 // FromName builds a key "<yyyy>/<mm>/<dd>/<random>-<name>" from a file
 // name hint. The 128-bit random part makes keys collision-free, which R2's

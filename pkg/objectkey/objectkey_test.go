@@ -10,7 +10,8 @@ import (
 )
 
 func TestValidate(t *testing.T) {
-	good := []string{"a", "photos/2026/cat.png", "with space/ü.txt", "a..b/c", strings.Repeat("k", 1024)}
+	good := []string{"a", "photos/2026/cat.png", "with space/ü.txt", "a..b/c", strings.Repeat("k", 1024),
+		"می\u200cخواهم.txt", "family-\U0001F468\u200d\U0001F469.png"}
 	for _, k := range good {
 		if err := objectkey.Validate(k); err != nil {
 			t.Errorf("Validate(%q) = %v, want ok", k, err)
@@ -28,11 +29,24 @@ func TestValidate(t *testing.T) {
 		"del":           "a\x7fb",
 		"too long":      strings.Repeat("k", 1025),
 		"bad utf8":      "a\xffb",
+		"bidi override": "inv\u202egpj.exe",
+		"zero width":    "a\u200bb",
+		"bom":           "\ufeffa",
+		"line sep":      "a\u2028b",
+		"para sep":      "a\u2029b",
 	}
 	for name, k := range bad {
 		if err := objectkey.Validate(k); err == nil {
 			t.Errorf("%s: Validate(%q) accepted", name, k)
 		}
+	}
+	// Keys with invisible characters written before Validate refused
+	// them stay readable.
+	if err := objectkey.Readable("inv\u202egpj.exe"); err != nil {
+		t.Errorf("Readable refused a key written under the earlier rules: %v", err)
+	}
+	if err := objectkey.Readable("a/../b"); err == nil {
+		t.Error("Readable accepted a .. segment")
 	}
 }
 

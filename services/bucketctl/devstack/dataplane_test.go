@@ -258,6 +258,7 @@ func TestBadInputTable(t *testing.T) {
 		{"leading slash key", png, &uploadv1.UploadHeader{Key: "/abs.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
 		{"key ending in a slash", png, &uploadv1.UploadHeader{Key: "photos/", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
 		{"dotdot key", png, &uploadv1.UploadHeader{Key: "a/../b.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
+		{"bidi override in key", png, &uploadv1.UploadHeader{Key: "inv\u202egnp.exe", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
 		{"control char key", png, &uploadv1.UploadHeader{Key: "a\x01.png", ContentType: "image/png"}, codes.InvalidArgument, "header.key"},
 		{"type not allowed", elf, &uploadv1.UploadHeader{ContentType: "application/x-msdownload"}, codes.InvalidArgument, "header.content_type"},
 		{"executable posing as binary", elf, &uploadv1.UploadHeader{ContentType: "application/octet-stream"}, codes.InvalidArgument, "header.content_type"},

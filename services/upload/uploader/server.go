@@ -366,7 +366,7 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	// Upload wrote no key that breaks these rules; checked here, a key a
 	// bucket would refuse (too long, say) is the caller's error, not an
 	// internal one.
-	if err := objectkey.Validate(key); err != nil {
+	if err := objectkey.Readable(key); err != nil {
 		return nil, badField("key", "%v", err)
 	}
 	t := s.targets.get(bucketID)

@@ -119,7 +119,9 @@ type UploadHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Exact object key. Optional: when empty, the server derives a collision-free
 	// key from name_hint. Rules: at most 1024 bytes of UTF-8, no leading or
-	// trailing "/", no "." or ".." path segment, no control characters.
+	// trailing "/", no "." or ".." path segment, no control characters, and no
+	// invisible format or separator characters (bidi controls, zero-width
+	// spaces, BOMs, line separators; zero-width joiners are allowed).
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
 	// Only its last path segment goes into the key, cut to 128 characters,
