@@ -97,6 +97,13 @@ type Upload struct {
 	// a client past it waits, then gets RESOURCE_EXHAUSTED. Default (0) a
 	// quarter of bufferBudget; set it to bufferBudget for no bound.
 	ClientBufferShare ByteSize `json:"clientBufferShare"`
+	// ClientInFlightBytes bounds the sizes one client's running uploads
+	// declare on a replica together: the allocator holds each declared
+	// size reserved for as long as its upload runs, and a client trickling
+	// data just above minDataRate would otherwise hold every bucket's
+	// room for days. A client past it gets RESOURCE_EXHAUSTED. 0: no
+	// bound. Default 16GiB (three of the largest default objects).
+	ClientInFlightBytes ByteSize `json:"clientInFlightBytes"`
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable).
 	BufferWait Duration `json:"bufferWait"`
@@ -236,14 +243,15 @@ func Defaults() File {
 			ProbeInterval:  Duration(30 * time.Second),
 		},
 		Upload: Upload{
-			Listen:            "127.0.0.1:7002",
-			AllocatorAddr:     "127.0.0.1:7001",
-			MaxObjectSize:     5 << 30,
-			MaxBucketAttempts: 3,
-			BufferBudget:      512 << 20,
-			BufferWait:        Duration(10 * time.Second),
-			IdleTimeout:       Duration(time.Minute),
-			MinDataRate:       1 << 10,
+			Listen:              "127.0.0.1:7002",
+			AllocatorAddr:       "127.0.0.1:7001",
+			MaxObjectSize:       5 << 30,
+			MaxBucketAttempts:   3,
+			BufferBudget:        512 << 20,
+			ClientInFlightBytes: 16 << 30,
+			BufferWait:          Duration(10 * time.Second),
+			IdleTimeout:         Duration(time.Minute),
+			MinDataRate:         1 << 10,
 			// With the 2 s drain and up to 5 s of cleanup, within the
 			// manifests' 60 s termination grace period.
 			StopTimeout: Duration(50 * time.Second),
@@ -355,6 +363,9 @@ func (f *File) Validate() error {
 	}
 	if f.Upload.BufferBudget < minBufferBudget {
 		errs = append(errs, fmt.Errorf("upload.bufferBudget: %d bytes is less than one large upload's two 8 MiB part buffers (16MiB)", f.Upload.BufferBudget))
+	}
+	if f.Upload.ClientInFlightBytes < 0 {
+		errs = append(errs, fmt.Errorf("upload.clientInFlightBytes: %d bytes must not be negative (0: no bound)", f.Upload.ClientInFlightBytes))
 	}
 	if f.Upload.ClientBufferShare < 0 || f.Upload.ClientBufferShare > f.Upload.BufferBudget {
 		errs = append(errs, fmt.Errorf("upload.clientBufferShare: %d bytes is not between 0 (a quarter of upload.bufferBudget) and upload.bufferBudget (%d bytes)", f.Upload.ClientBufferShare, f.Upload.BufferBudget))

@@ -107,6 +107,7 @@ func run(log *slog.Logger) error {
 		BufferParts:         cfg.Upload.BufferParts,
 		BufferBudget:        int64(cfg.Upload.BufferBudget),
 		ClientBufferShare:   int64(cfg.Upload.ClientBufferShare),
+		ClientInFlightBytes: int64(cfg.Upload.ClientInFlightBytes),
 		BufferWait:          cfg.Upload.BufferWait.D(),
 		IdleTimeout:         cfg.Upload.IdleTimeout.D(),
 		MinDataRate:         minDataRate(int64(cfg.Upload.MinDataRate)),

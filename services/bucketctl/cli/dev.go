@@ -74,6 +74,7 @@ across restarts. Ctrl-C stops everything cleanly.`,
 	def := config.Defaults().Upload
 	f.Float64Var(&opts.RateLimit, "rate-limit", def.RateLimit, "upload calls per second per client, as upload.rateLimit (0: no limit)")
 	f.IntVar(&opts.RateBurst, "rate-burst", def.RateBurst, "burst of --rate-limit, as upload.rateBurst")
+	f.Int64Var(&opts.ClientInFlightBytes, "client-in-flight-bytes", int64(def.ClientInFlightBytes), "bytes one client's running uploads may declare together, as upload.clientInFlightBytes (0: no bound)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -66,6 +66,9 @@ type Options struct {
 	// (tests), `bucketctl dev` takes the configuration's defaults.
 	RateLimit float64
 	RateBurst int
+	// ClientInFlightBytes is upload.clientInFlightBytes; 0 (tests) is no
+	// bound, `bucketctl dev` takes the configuration's default.
+	ClientInFlightBytes int64
 	// UploadTLS, if set, serves the upload API over TLS (mutual TLS when
 	// it requires client certificates).
 	UploadTLS *tls.Config

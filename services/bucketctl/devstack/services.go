@@ -43,6 +43,7 @@ func (s *Stack) startServices(ctx context.Context, opts Options) error {
 	}
 	s.closers = append(s.closers, func() error { probeStore.Close(); return nil })
 	acfg.ProbeStore = probeStore
+	ucfg.ClientInFlightBytes = opts.ClientInFlightBytes
 	if opts.Tune != nil {
 		opts.Tune(&acfg, &ucfg)
 	}

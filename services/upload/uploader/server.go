@@ -107,6 +107,11 @@ type Config struct {
 	// RESOURCE_EXHAUSTED. Default a quarter of BufferBudget; set it to
 	// BufferBudget for no per-client bound.
 	ClientBufferShare int64
+	// ClientInFlightBytes bounds the sizes one client's running uploads
+	// declare on this replica together, which the allocator holds
+	// reserved while they run: a client past it gets RESOURCE_EXHAUSTED.
+	// 0: no bound.
+	ClientInFlightBytes int64
 	// BufferWait is how long an upload waits for buffer room before it
 	// fails with UNAVAILABLE (retryable); default 10s.
 	BufferWait time.Duration
@@ -153,7 +158,8 @@ type Server struct {
 	log   *slog.Logger
 	codec *chunkCodec
 	// buffers bounds the memory that upload buffers take across streams.
-	buffers *bufferBudget
+	buffers  *bufferBudget
+	inFlight *inFlight
 	// targets remembers where buckets live for reads and deletes.
 	targets *targetCache
 	// plainETags holds the ids of buckets whose part ETags turned out not
@@ -248,6 +254,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
 		codec:       newChunkCodec(),
 		buffers:     newBufferBudget(cfg.BufferBudget, cfg.ClientBufferShare, cfg.BufferWait, cfg.Metrics, log),
+		inFlight:    newInFlight(cfg.ClientInFlightBytes),
 		targets:     newTargetCache(cfg.Now),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }

@@ -179,6 +179,13 @@ func (s *Server) upload(ctx context.Context, stream uploadv1.UploadService_Uploa
 			return resp, err
 		}
 	}
+	// Checked before any byte is read or reserved: the declared size is
+	// what the allocator will hold for as long as the upload runs.
+	done, err := s.inFlight.take(ratelimit.ClientID(ctx), max(u.size, 1))
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	need := u.size
 	if !small {
 		need = 2 * s.partSize(u.size) // the two part buffers
