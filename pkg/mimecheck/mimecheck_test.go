@@ -77,6 +77,8 @@ func TestCheck(t *testing.T) {
 		{"csv sniffs as text", def, "text/csv", text, true},
 		{"pdf declared as png", def, "image/png", pdf, false},
 		{"random bytes as png", def, "image/png", rnd, false},
+		{"svg by default (it can carry script)", def, "image/svg+xml", []byte(`<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>`), false},
+		{"svg when listed", mimecheck.New([]string{"image/svg+xml"}), "image/svg+xml", []byte(`<svg xmlns="http://www.w3.org/2000/svg"><circle r="1"/></svg>`), true},
 		{"executable as octet-stream", withBinary, "application/octet-stream", elf, false},
 		{"random bytes as octet-stream when allowed", withBinary, "application/octet-stream", rnd, true},
 		{"text as octet-stream", withBinary, "application/octet-stream", text, true},
