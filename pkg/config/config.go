@@ -364,8 +364,8 @@ func (f *File) Validate() error {
 	if f.Upload.BufferBudget < minBufferBudget {
 		errs = append(errs, fmt.Errorf("upload.bufferBudget: %d bytes is less than one large upload's two 8 MiB part buffers (16MiB)", f.Upload.BufferBudget))
 	}
-	if f.Upload.ClientInFlightBytes < 0 {
-		errs = append(errs, fmt.Errorf("upload.clientInFlightBytes: %d bytes must not be negative (0: no bound)", f.Upload.ClientInFlightBytes))
+	if b := f.Upload.ClientInFlightBytes; b < 0 || b > 0 && b < f.Upload.MaxObjectSize {
+		errs = append(errs, fmt.Errorf("upload.clientInFlightBytes: %d bytes is neither 0 (no bound) nor at least upload.maxObjectSize (%d bytes): the largest uploads could never run", b, f.Upload.MaxObjectSize))
 	}
 	if f.Upload.ClientBufferShare < 0 || f.Upload.ClientBufferShare > f.Upload.BufferBudget {
 		errs = append(errs, fmt.Errorf("upload.clientBufferShare: %d bytes is not between 0 (a quarter of upload.bufferBudget) and upload.bufferBudget (%d bytes)", f.Upload.ClientBufferShare, f.Upload.BufferBudget))

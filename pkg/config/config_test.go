@@ -133,6 +133,7 @@ func TestInvalidConfigNamesTheField(t *testing.T) {
 		{"empty allocator address", "upload:\n  allocatorAddr: ''\n", "upload.allocatorAddr"},
 		{"negative rate limit", "upload:\n  rateLimit: -10\n", "upload.rateLimit"},
 		{"negative in-flight bytes", "upload:\n  clientInFlightBytes: -1\n", "upload.clientInFlightBytes"},
+		{"in-flight bytes below the largest object", "upload:\n  clientInFlightBytes: 1GiB\n", "upload.clientInFlightBytes"},
 		{"negative rate burst", "upload:\n  rateBurst: -10\n", "upload.rateBurst"},
 		{"content type wildcard", "upload:\n  allowedContentTypes: ['image/*']\n", "wildcards"},
 		{"content type without a subtype", "upload:\n  allowedContentTypes: ['image']\n", "allowedContentTypes"},

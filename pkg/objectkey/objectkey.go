@@ -25,14 +25,31 @@ func Validate(key string) error {
 		return err
 	}
 	for _, r := range key {
-		if unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp) && r != zwnj && r != zwj {
-			// Bidi overrides, zero-width spaces, BOMs and line separators
-			// are invisible: a key holding one shows as another key (one
-			// ending ".exe" as ".jpg") in logs, listings and URLs.
-			return fmt.Errorf("object key contains invisible character %U (a format or separator character such as a bidi control), which would make it look like another key", r)
+		if invisible(r) {
+			// A key holding one shows as another key (one ending ".exe"
+			// as ".jpg") in logs, listings and URLs.
+			return fmt.Errorf("object key contains invisible character %U (a bidi control, zero-width space, byte order mark or line separator), which would make it look like another key", r)
 		}
 	}
 	return nil
+}
+
+// invisible reports the characters that change how a key reads without
+// showing: bidi controls, zero-width spaces and word joiners, invisible
+// operators, byte order marks, line and paragraph separators, and
+// interlinear annotation marks. Other format characters stay allowed:
+// the zero-width joiners of Persian, Indic scripts and emoji, the tags
+// of flag emoji, the soft hyphen of pasted names, Arabic number signs.
+func invisible(r rune) bool {
+	switch {
+	case r == '\u061c', r == '\u180e', r == '\u200b', r == '\u200e', r == '\u200f', r == '\ufeff',
+		r == '\u2028', r == '\u2029':
+		return true
+	case r >= '\u202a' && r <= '\u202e', r >= '\u2060' && r <= '\u2064', r >= '\u2066' && r <= '\u2069',
+		r >= '\ufff9' && r <= '\ufffb':
+		return true
+	}
+	return false
 }
 
 // Readable checks a key to read or delete: valid UTF-8, 1–1024 bytes, no
@@ -65,13 +82,6 @@ func Readable(key string) error {
 	}
 	return nil
 }
-
-// Joiners are part of how some scripts (Persian, Indic) and emoji are
-// written, so keys keep them.
-const (
-	zwnj = '\u200c' // zero width non-joiner
-	zwj  = '\u200d' // zero width joiner
-)
 
 // FromName builds a key "<yyyy>/<mm>/<dd>/<random>-<name>" from a file
 // name hint. The 128-bit random part makes keys collision-free, which R2's

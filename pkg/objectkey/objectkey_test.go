@@ -11,7 +11,9 @@ import (
 
 func TestValidate(t *testing.T) {
 	good := []string{"a", "photos/2026/cat.png", "with space/ü.txt", "a..b/c", strings.Repeat("k", 1024),
-		"می\u200cخواهم.txt", "family-\U0001F468\u200d\U0001F469.png"}
+		"می\u200cخواهم.txt", "family-\U0001F468\u200d\U0001F469.png",
+		"flags/\U0001F3F4\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F.png", // England
+		"reports/Jahres\u00adbericht.pdf", "invoices/\u0600\u0661\u0662.pdf"}
 	for _, k := range good {
 		if err := objectkey.Validate(k); err != nil {
 			t.Errorf("Validate(%q) = %v, want ok", k, err)
@@ -34,6 +36,8 @@ func TestValidate(t *testing.T) {
 		"bom":           "\ufeffa",
 		"line sep":      "a\u2028b",
 		"para sep":      "a\u2029b",
+		"word joiner":   "a\u2060b",
+		"isolate":       "a\u2067b",
 	}
 	for name, k := range bad {
 		if err := objectkey.Validate(k); err == nil {

@@ -153,9 +153,12 @@ func (e *shareFull) Error() string              { return e.err.Error() }
 func (e *shareFull) GRPCStatus() *status.Status { return status.Convert(e.err) }
 
 // retryLater is a status with a one-second retry delay in its details.
-func retryLater(code codes.Code, msg string) error {
+func retryLater(code codes.Code, msg string) error { return retryAfter(code, time.Second, msg) }
+
+// retryAfter is a status with a retry delay of d in its details.
+func retryAfter(code codes.Code, d time.Duration, msg string) error {
 	st := status.New(code, msg)
-	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)}); err == nil {
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(d)}); err == nil {
 		st = d
 	}
 	return st.Err()

@@ -68,12 +68,14 @@ func TestClientInFlightBytesAreBounded(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("a second upload past the client's bound: %v, want RESOURCE_EXHAUSTED", err)
 	}
-	retry := false
-	for _, d := range status.Convert(err).Details() {
-		_, retry = d.(*errdetails.RetryInfo)
+	// It suggests waiting long enough for a dead connection's upload to be
+	// dropped, not a second.
+	if d := retryDelay(err); d <= time.Second {
+		t.Errorf("the refusal suggests retrying in %v: %v", d, err)
 	}
-	if !retry {
-		t.Errorf("the refusal has no RetryInfo: %v", err)
+	// An upload larger than the bound by itself is refused for good.
+	if err := small("other", 31<<20); status.Code(err) != codes.ResourceExhausted || retryDelay(err) != 0 {
+		t.Errorf("an upload over the bound alone: %v (retry in %v), want RESOURCE_EXHAUSTED without RetryInfo", err, retryDelay(err))
 	}
 	if err := small("slow", 4<<20); err != nil {
 		t.Fatalf("an upload within the client's bound: %v", err)
@@ -97,4 +99,14 @@ func TestClientInFlightBytesAreBounded(t *testing.T) {
 			t.Fatalf("the client's bound after its slow upload ended: %v", err)
 		}
 	}
+}
+
+// retryDelay is the RetryInfo delay of err's status, 0 without one.
+func retryDelay(err error) time.Duration {
+	for _, d := range status.Convert(err).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			return ri.GetRetryDelay().AsDuration()
+		}
+	}
+	return 0
 }

@@ -254,7 +254,7 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 	return &Server{cfg: cfg, alloc: alloc, store: store, mime: mimecheck.New(cfg.AllowedContentTypes), log: log,
 		codec:       newChunkCodec(),
 		buffers:     newBufferBudget(cfg.BufferBudget, cfg.ClientBufferShare, cfg.BufferWait, cfg.Metrics, log),
-		inFlight:    newInFlight(cfg.ClientInFlightBytes),
+		inFlight:    newInFlight(cfg.ClientInFlightBytes, cfg.IdleTimeout/2),
 		targets:     newTargetCache(cfg.Now),
 		reportSlots: make(chan struct{}, maxBackgroundReports)}, nil
 }

@@ -120,8 +120,9 @@ type UploadHeader struct {
 	// Exact object key. Optional: when empty, the server derives a collision-free
 	// key from name_hint. Rules: at most 1024 bytes of UTF-8, no leading or
 	// trailing "/", no "." or ".." path segment, no control characters, and no
-	// invisible format or separator characters (bidi controls, zero-width
-	// spaces, BOMs, line separators; zero-width joiners are allowed).
+	// invisible characters that make a key read as another (bidi controls,
+	// zero-width spaces and word joiners, BOMs, line separators; the zero-width
+	// joiners of scripts and emoji, flag tags and soft hyphens are allowed).
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// File name used to build a key when key is empty (for example "cat.png").
 	// Only its last path segment goes into the key, cut to 128 characters,
