@@ -20,7 +20,10 @@ import (
 // object or in the middle of a multipart upload; its reservation and
 // buffers return and nothing is left in the bucket.
 func TestIdleClientIsCutOff(t *testing.T) {
-	const idle = 300 * time.Millisecond
+	// Long enough that sending the first 7 MiB never pauses that long on a
+	// loaded machine (300 ms did once in CI, cutting the client off while
+	// it was still sending).
+	const idle = time.Second
 	st := startStack(t, 1, func(c *uploader.Config) {
 		c.PartSize, c.IdleTimeout = 5<<20, idle
 	})
@@ -52,7 +55,7 @@ func TestIdleClientIsCutOff(t *testing.T) {
 // upload ended, and must not turn the answer into a bucket failure.
 func TestIdleClientWhilePartIsStuck(t *testing.T) {
 	st := startStack(t, 1, func(c *uploader.Config) {
-		c.PartSize, c.IdleTimeout, c.BufferParts = 5<<20, 300*time.Millisecond, true
+		c.PartSize, c.IdleTimeout, c.BufferParts = 5<<20, time.Second, true // see TestIdleClientIsCutOff
 	})
 	st.Proxies[st.Buckets[0].GetId()].SetForNext("UploadPart", faultproxy.Stall, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
