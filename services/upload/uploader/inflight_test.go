@@ -21,7 +21,12 @@ import (
 // bound is refused before anything is reserved, with RetryInfo; another
 // client is not affected, and the room comes back when the first ends.
 func TestClientInFlightBytesAreBounded(t *testing.T) {
-	st := startStack(t, 1, func(c *uploader.Config) { c.ClientInFlightBytes = 30 << 20 })
+	st := startStack(t, 1, func(c *uploader.Config) {
+		c.ClientInFlightBytes = 30 << 20
+		// The slow upload below sends one chunk and then nothing: neither
+		// timeout may end it on a loaded machine before the test is done.
+		c.IdleTimeout, c.MinDataRate = 2*time.Minute, -1
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	as := func(client string) context.Context {
@@ -42,6 +47,21 @@ func TestClientInFlightBytesAreBounded(t *testing.T) {
 	}
 	if err := slow.Send(&uploadv1.UploadRequest{Payload: &uploadv1.UploadRequest_Chunk{Chunk: data}}); err != nil {
 		t.Fatal(err)
+	}
+	// Its bytes are counted before they are reserved: once the allocator
+	// holds them, the bound counts them too.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, reserved := st.usage(t)
+		var n int64
+		for _, b := range reserved {
+			n += b
+		}
+		if n >= 20<<20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the slow upload reserved %d bytes, want its 20 MiB", n)
+		}
 	}
 	small := func(client string, size int) error {
 		s, err := st.Upload.Upload(as(client))
