@@ -777,10 +777,9 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 			// A write of our block whose outcome is unknown compared
 			// this revision: settled before the block is used, or it
 			// could apply on top of what is carved from it.
-			if err := c.fence(context.WithoutCancel(ctx), t, myBlock, ours, bc.fenceRev); err != nil {
+			if err := c.settleFence(context.WithoutCancel(ctx), t, bc, myBlock, ours); err != nil {
 				return fmt.Errorf("ledger: settle an unanswered write of the block of %s: %w", id, err)
 			}
-			bc.fencing, bc.fenceRev = false, 0
 			continue // read again
 		}
 		var oursRev int64 // 0: absent
@@ -1452,6 +1451,17 @@ func (c *Capacity) fence(ctx context.Context, t *term, blockKey string, block, b
 	return err
 }
 
+// settleFence fences our block at value on the revision a write whose
+// answer was lost compared (bc.fenceRev), and clears the note once the
+// fence is answered. Called with bc.wmu and bc.mu held.
+func (c *Capacity) settleFence(ctx context.Context, t *term, bc *bucketCap, blockKey string, value int64) error {
+	if err := c.fence(ctx, t, blockKey, value, bc.fenceRev); err != nil {
+		return err
+	}
+	bc.fencing, bc.fenceRev = false, 0
+	return nil
+}
+
 // commitFromOwner commits another replica's reservation by moving its
 // bytes from the owner's block into our shard, compared on the owner's
 // block revision (the owner compares it on every write too). done=false
@@ -1668,10 +1678,9 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 		// write that may still apply is fenced.
 		c.resync(ctx, t, bc, c.l.Period().Name, id)
 		if bc.unsure && bc.fencing && bc.blockRev == bc.fenceRev {
-			if c.fence(ctx, t, blockKey, bc.block, bc.fenceRev) != nil {
+			if c.settleFence(ctx, t, bc, blockKey, bc.block) != nil {
 				return false
 			}
-			bc.fencing, bc.fenceRev = false, 0
 			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		}
 		if bc.unsure {
