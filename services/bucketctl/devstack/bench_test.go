@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"strings"
 	"testing"
 	"text/tabwriter"
 	"time"
 
+	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
 	"github.com/bucketlb/bucketlb/pkg/objectkey"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
@@ -128,6 +130,19 @@ func BenchmarkUploadPath(b *testing.B) {
 	// the path under load. The load is 40% of what the service sustained
 	// at c=16 in this run, not a fixed rate: a fixed 1,000/s was 40% on
 	// one machine and 85% (queueing, p50 +10 ms) on one half as fast.
+	// The allocator's two calls alone, made as the upload service makes
+	// them on every upload: Allocate, then Commit of the same size. Each
+	// answers once its etcd write is durable (invariants 1 and 4), so
+	// together they are the floor of what the path adds to a PUT.
+	allocCalls := allocatorCalls(b, env, 1024)
+	var allocRuns []testenv.LoadResult
+	for range 2 {
+		allocRuns = append(allocRuns, testenv.Load(1, time.Second, allocCalls))
+	}
+	alloc1 := testenv.Merge(allocRuns...)
+	if alloc1.FirstErr != nil {
+		b.Fatal(alloc1.FirstErr)
+	}
 	offered := max(50, math.Round(0.4*svc1k.Rate/50)*50)
 	directOpen, svcOpen := smallLoadAt(16, offered, 4)
 	// etcd makes two writes durable on each upload's path (the
@@ -151,9 +166,39 @@ func BenchmarkUploadPath(b *testing.B) {
 			fmt.Fprintf(tw, "1 KiB p%.0f latency at %s\t%s\t%s\t+%s\t\n", p*100, row.load, d.Round(10*time.Microsecond), s.Round(10*time.Microsecond), (s - d).Round(10*time.Microsecond))
 		}
 	}
+	for _, p := range []float64{.5, .99} {
+		fmt.Fprintf(tw, "Allocate + Commit alone (no PUT), p%.0f at c=1\t\t%s\t\t\n", p*100, alloc1.Quantile(p).Round(10*time.Microsecond))
+	}
 	fmt.Fprintf(tw, "etcd's disk: 4 KiB write + fsync (2 per upload)\t\t%s\t\t\n", fsync.Round(time.Microsecond))
 	tw.Flush()
 	b.ReportMetric(serviceMBs/directMBs, "large-ratio")
 	b.ReportMetric(svc1k.Rate/direct1k.Rate, "small-ratio")
 	b.ReportMetric(float64(svcOpen.Quantile(.99)-directOpen.Quantile(.99))/float64(time.Millisecond), "small-open-p99-added-ms")
+}
+
+// allocatorCalls returns a load function that reserves size bytes and
+// commits them through the stack's allocator, with the service token, as
+// the upload service does for one small object.
+func allocatorCalls(b *testing.B, env *e2e.Env, size int64) func(w, i int) error {
+	conn, err := devstack.Dial(env.Stack.AllocatorAddr, uploader.AllocatorDialOptions(env.Stack.ServiceToken)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = conn.Close() })
+	alloc := allocatorv1.NewAllocatorServiceClient(conn)
+	return func(w, i int) error {
+		ctx := context.Background()
+		a, err := alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: size})
+		if err != nil {
+			return fmt.Errorf("allocate: %w", err)
+		}
+		_, err = alloc.Commit(ctx, &allocatorv1.CommitRequest{
+			ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
+			Size: size, Key: fmt.Sprintf("bench/alloc/%d/%d", w, i), Etag: `"bench"`, Sha256: strings.Repeat("0", 64),
+		})
+		if err != nil {
+			return fmt.Errorf("commit: %w", err)
+		}
+		return nil
+	}
 }
