@@ -8,6 +8,7 @@ package faultproxy
 
 import (
 	"io"
+	"log"
 	"maps"
 	"net"
 	"net/http"
@@ -107,6 +108,10 @@ func New(target string) (*Proxy, error) {
 			pr.Out.Host = pr.In.Host // the Host the client signed (SigV4 signs it)
 		},
 		Transport: p.upstream,
+		// A client that goes mid-body (a cancelled upload, a test's end)
+		// is routine here; the standard logger would print each one into
+		// test and benchmark output.
+		ErrorLog: log.New(io.Discard, "", 0),
 	}
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		op := p.count(r)
