@@ -210,6 +210,9 @@ func MayHaveLanded(err error) bool {
 	if err == nil {
 		return false
 	}
+	if neverSent(err) {
+		return false
+	}
 	// The SDK wraps transport failures in a ResponseError too, with
 	// status 0: only a real status code means the server answered.
 	var re *awshttp.ResponseError
@@ -218,6 +221,23 @@ func MayHaveLanded(err error) bool {
 	}
 	code := re.HTTPStatusCode()
 	return code < 100 || (code >= 200 && code < 300)
+}
+
+// neverSent reports a request that never reached the bucket: no
+// connection could be made (refused, unreachable, no such host, a proxy
+// that would not connect). Counted as possibly landed, every upload
+// during a bucket's outage would log and count a leftover, and the
+// leftovers alert would send operators after objects that cannot exist.
+// A request the SDK tried more than once is not vouched for: an earlier
+// try may have been sent.
+func neverSent(err error) bool {
+	var tries *retry.MaxAttemptsError
+	if errors.As(err, &tries) && tries.Attempt > 1 {
+		return false
+	}
+	var dns *net.DNSError
+	var op *net.OpError
+	return errors.As(err, &dns) || errors.As(err, &op) && (op.Op == "dial" || op.Op == "proxyconnect")
 }
 
 // noThrottleRetry tells the SDK's retryer never to retry a throttled

@@ -2,6 +2,7 @@ package objstore_test
 
 import (
 	"context"
+	"net"
 	"testing"
 	"time"
 
@@ -271,4 +272,45 @@ func onePart(ctx context.Context, t *testing.T, b *objstore.Bucket, key string) 
 		t.Fatal(err)
 	}
 	return id, []objstore.Part{{Number: 1, ETag: etag}}
+}
+
+// A write to a bucket no connection reaches (its endpoint refuses, as
+// during an outage) sent nothing, so it did not land: the caller fails
+// over without a cleanup that cannot succeed and without counting a
+// leftover for every upload that tried the bucket. It is still the
+// bucket's fault.
+func TestWritesThatNeverConnectedDidNotLand(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := "http://" + l.Addr().String()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := objstore.New(objstore.Options{Credentials: objstore.StaticCredentials{"R": {"key", "secret"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	b, err := s.Bucket(objstore.Target{ID: "down", Name: "down", Endpoint: closed, Region: "us-east-1", CredentialsRef: "R", PathStyle: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, putErr := b.Put(ctx, objstore.PutInput{Key: "p", ContentType: "application/octet-stream"}, []byte("hello"))
+	_, createErr := b.CreateMultipart(ctx, objstore.PutInput{Key: "c", ContentType: "application/octet-stream"})
+	_, completeErr := b.CompleteMultipart(ctx, "c", "some-upload", nil)
+	for op, err := range map[string]error{"put": putErr, "create": createErr, "complete": completeErr} {
+		if err == nil {
+			t.Fatalf("%s to a closed port succeeded", op)
+		}
+		if objstore.MayHaveLanded(err) {
+			t.Errorf("%s that could not connect (%v) may have landed, want not", op, err)
+		}
+		if objstore.Classify(ctx, err) == objstore.NotBucketFault {
+			t.Errorf("%s that could not connect (%v) is not the bucket's fault, want a bucket fault", op, err)
+		}
+	}
 }
