@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	"github.com/bucketlb/bucketlb/pkg/config"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
 )
@@ -51,7 +52,15 @@ across restarts. Ctrl-C stops everything cleanly.`,
 			if err != nil {
 				return err
 			}
-			printBanner(g.out, st, tokenFile)
+			// What etcd holds, not the configured seed: after the first
+			// run, buckets changed through the admin API are the ones in
+			// effect.
+			buckets, err := st.StoredBuckets(ctx)
+			if err != nil {
+				fmt.Fprintf(g.errOut, "could not list the buckets in etcd (%v); showing the configured ones\n", err)
+				buckets = st.Buckets
+			}
+			printBanner(g.out, st, buckets, tokenFile)
 			<-ctx.Done()
 			fmt.Fprintln(g.errOut, "\nstopping: draining gRPC servers, then S3 gateway and etcd...")
 			if err := st.Close(); err != nil {
@@ -79,10 +88,10 @@ across restarts. Ctrl-C stops everything cleanly.`,
 	return cmd
 }
 
-func printBanner(w io.Writer, st *devstack.Stack, tokenFile string) {
-	names := make([]string, 0, len(st.Buckets))
-	for _, b := range st.Buckets {
-		names = append(names, fmt.Sprintf("%s (priority %d, limit %s)", b.GetName(), b.GetPriority(), human(b.GetMonthlyLimitBytes())))
+func printBanner(w io.Writer, st *devstack.Stack, buckets []*adminv1.BucketSpec, tokenFile string) {
+	example := "<bucket>"
+	if len(buckets) > 0 {
+		example = buckets[0].GetName()
 	}
 	fmt.Fprintf(w, `
 bucketlb dev stack is running. Ctrl-C stops it.
@@ -109,8 +118,25 @@ Look inside the buckets with any S3 tool, e.g.
 `,
 		st.UploadAddr, st.AllocatorAddr, st.Etcd.Endpoint,
 		st.S3.Endpoint, st.S3.AccessKey, st.S3.SecretKey, st.S3.Region,
-		strings.Join(names, ", "), st.AdminToken, st.TokenFile,
-		bucketctlCommand(st, tokenFile), st.Buckets[0].GetName())
+		bucketList(buckets), st.AdminToken, st.TokenFile,
+		bucketctlCommand(st, tokenFile), example)
+}
+
+// bucketList is the banner's line of buckets: each with its priority,
+// limit and, unless ACTIVE, its state.
+func bucketList(buckets []*adminv1.BucketSpec) string {
+	if len(buckets) == 0 {
+		return "none: add one with bucketctl buckets put"
+	}
+	names := make([]string, 0, len(buckets))
+	for _, b := range buckets {
+		line := fmt.Sprintf("%s (priority %d, limit %s", b.GetId(), b.GetPriority(), human(b.GetMonthlyLimitBytes()))
+		if b.GetState() != adminv1.BucketState_BUCKET_STATE_ACTIVE {
+			line += ", " + stateName(b.GetState())
+		}
+		names = append(names, line+")")
+	}
+	return strings.Join(names, ", ")
 }
 
 // bucketctlCommand is how to call bucketctl against st: with its addresses

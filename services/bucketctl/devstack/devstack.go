@@ -285,6 +285,16 @@ func (s *Stack) Close() error {
 	return errors.Join(errs...)
 }
 
+// StoredBuckets returns the buckets etcd holds, which are the ones in
+// effect: the configured ones are only seeded on the first run.
+func (s *Stack) StoredBuckets(ctx context.Context) ([]*adminv1.BucketSpec, error) {
+	buckets, _, err := ledger.New(s.EtcdClient, ledger.Options{}).ListBuckets(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("devstack: list buckets: %w", err)
+	}
+	return buckets, nil
+}
+
 // followGateway points the default buckets, as a data dir from an earlier
 // run stored them, at this run's gateway: configured buckets are seeded
 // once, so a gateway moved to another port (--s3-listen) would leave every

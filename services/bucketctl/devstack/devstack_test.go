@@ -12,7 +12,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
+	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
 	"github.com/bucketlb/bucketlb/pkg/uploadclient"
 	"github.com/bucketlb/bucketlb/services/bucketctl/devstack"
@@ -46,6 +48,11 @@ func TestRestartWithTheGatewayMoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	firstS3 := first.S3.Endpoint
+	// An operator's change (as through the admin API) outlives the
+	// restart, and the stack reports it, not the configured seed.
+	if _, err := ledger.New(first.EtcdClient, ledger.Options{}).UpdateBucket(ctx, "dev-hot", func(b *adminv1.BucketSpec) { b.MonthlyLimitBytes = 20 << 30 }); err != nil {
+		t.Fatal(err)
+	}
 	if err := first.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -54,6 +61,18 @@ func TestRestartWithTheGatewayMoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer second.Close()
+	stored, err := second.StoredBuckets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range stored {
+		if b.GetId() == "dev-hot" && b.GetMonthlyLimitBytes() != 20<<30 {
+			t.Fatalf("stored dev-hot has a limit of %d bytes, want the 20 GiB set before the restart", b.GetMonthlyLimitBytes())
+		}
+	}
+	if len(stored) != 3 {
+		t.Fatalf("%d buckets stored, want the 3 defaults", len(stored))
+	}
 	if second.S3.Endpoint == firstS3 {
 		t.Skip("the OS gave the gateway the same port again")
 	}
