@@ -530,7 +530,7 @@ func (b Bucket) spec() (*adminv1.BucketSpec, error) {
 	}
 	state, err := ParseState(b.State)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("state: %w", err)
 	}
 	s.State = state
 	FillDefaults(s)
@@ -582,7 +582,7 @@ func ParseState(v string) (adminv1.BucketState, error) {
 	case "disabled":
 		return adminv1.BucketState_BUCKET_STATE_DISABLED, nil
 	}
-	return 0, fmt.Errorf("state: %q is not one of active, draining, disabled", v)
+	return 0, fmt.Errorf("%q is not one of active, draining, disabled", v)
 }
 
 // Specs converts every YAML bucket.

@@ -225,7 +225,7 @@ func newBucketsCmd(g *globals) *cobra.Command {
 		admin("state ID active|draining|disabled", "Set a bucket's state", 2, func(ctx context.Context, c adminv1.AdminServiceClient, a []string) (proto.Message, error) {
 			s, err := config.ParseState(a[1])
 			if err != nil {
-				return nil, err
+				return nil, fmt.Errorf("state: %w", err)
 			}
 			return c.SetBucketState(ctx, &adminv1.SetBucketStateRequest{Id: a[0], State: s})
 		}),

@@ -167,6 +167,17 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if _, err := os.Stat(missing); !os.IsNotExist(err) {
 		t.Fatalf("a failed get left %s behind (%v)", missing, err)
 	}
+	// Mistakes are told in the user's terms: the -o they gave, not a
+	// temporary file of ours, and a flag's name once.
+	noDir := filepath.Join(dir, "no-such-dir", "x.bin")
+	if _, _, err := run("get", "-q", "dev-warm", "docs/second.bin", "-o", noDir); err == nil || !strings.Contains(err.Error(), "-o "+noDir) || strings.Contains(err.Error(), ".bucketctl-get") {
+		t.Fatalf("get -o into a missing directory: %v, want an error naming -o %s", err, noDir)
+	}
+	for _, args := range [][]string{{"buckets", "put", "--id", "dev-hot", "--state", "paused"}, {"buckets", "state", "dev-hot", "paused"}} {
+		if _, _, err := run(args...); err == nil || !strings.Contains(err.Error(), `"paused" is not one of active, draining, disabled`) || strings.Count(err.Error(), "state") != 1 {
+			t.Fatalf("%v: %v, want the state refused, naming it once", args, err)
+		}
+	}
 
 	empty := filepath.Join(dir, "empty.txt")
 	if err := os.WriteFile(empty, nil, 0o600); err != nil {

@@ -323,7 +323,13 @@ func newGetCmd(g *globals) *cobra.Command {
 					}
 				}
 				if err != nil {
-					return err
+					// In the user's terms: the temporary file's name
+					// would only puzzle.
+					var pe *os.PathError
+					if errors.As(err, &pe) {
+						err = pe.Err
+					}
+					return fmt.Errorf("cannot write -o %s: %w", output, err)
 				}
 				defer file.Close()
 				w = file
