@@ -24,6 +24,11 @@ const (
 	// An upload whose Commit was refused so knows its bytes are not
 	// counted, and must not keep its object for a retry.
 	NotApplied = "NOT_APPLIED"
+	// BucketChanged is a Renew or Commit refused (FAILED_PRECONDITION)
+	// because an operator disabled the upload's bucket, or pointed it at
+	// another S3 bucket or endpoint, while the upload ran: the upload
+	// must stop, and a retry goes where the bucket points now.
+	BucketChanged = "BUCKET_CHANGED"
 )
 
 // With returns st with an ErrorInfo of reason added, or st unchanged if

@@ -461,6 +461,14 @@ func (l *Ledger) readMarker(ctx context.Context, resID string) (CommitResult, bo
 	return r, true, nil
 }
 
+// Committed reports whether a commit of reservation resID applied: its
+// marker stands (kept for CommitMarkerTTL, longer than an upload retries
+// its commit).
+func (l *Ledger) Committed(ctx context.Context, resID string) (bool, error) {
+	_, ok, err := l.readMarker(ctx, resID)
+	return ok, err
+}
+
 // Usage is one bucket's accounting in a period.
 type Usage struct {
 	Used, Reserved int64

@@ -221,6 +221,9 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
+	if err := changedUnder(b, req.GetBucketName(), req.GetEndpoint()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	exp, re, err := s.capacity.Renew(ctx, b, req.GetReservationId(), req.GetReservedBytes(), s.cfg.ReservationTTL)
 	if err != nil {
 		return nil, toStatus(ctx, err)
@@ -247,6 +250,25 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 	return &allocatorv1.RenewResponse{ExpiresAt: timestamppb.New(exp), Reestablished: re}, nil
 }
 
+// changedUnder reports an upload granted bucket b, as S3 bucket name at
+// endpoint, that can no longer be counted there: an operator disabled b,
+// or pointed it at another S3 bucket or endpoint (a move), while the
+// upload ran. Its success would name a bucket that serves nothing, or
+// one that does not hold the object. DRAINING is no change: running
+// uploads finish. Empty name and endpoint (older callers) are not
+// compared.
+func changedUnder(b *adminv1.BucketSpec, name, endpoint string) error {
+	switch {
+	case b.GetState() == adminv1.BucketState_BUCKET_STATE_DISABLED:
+		return fmt.Errorf("%w: bucket %s was disabled by an operator during the upload", errBucketChanged, b.GetId())
+	case name != "" && name != b.GetName():
+		return fmt.Errorf("%w: bucket %s was pointed at S3 bucket %q by an operator during the upload, which wrote to %q", errBucketChanged, b.GetId(), b.GetName(), name)
+	case endpoint != "" && endpoint != b.GetEndpoint():
+		return fmt.Errorf("%w: bucket %s was pointed at another endpoint by an operator during the upload", errBucketChanged, b.GetId())
+	}
+	return nil
+}
+
 // Commit implements AllocatorService.
 func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*allocatorv1.CommitResponse, error) {
 	if req.GetReservedBytes() > 0 && req.GetSize() > req.GetReservedBytes() {
@@ -255,6 +277,17 @@ func (s *Server) Commit(ctx context.Context, req *allocatorv1.CommitRequest) (*a
 	b, err := s.bucket(ctx, req.GetBucketId())
 	if err != nil {
 		return nil, toStatus(ctx, err)
+	}
+	if err := changedUnder(b, req.GetBucketName(), req.GetEndpoint()); err != nil {
+		// A retry of a commit that applied before the change gets the
+		// answer it would have had; any other commit is refused.
+		done, merr := s.ledger.Committed(ctx, req.GetReservationId())
+		if merr != nil {
+			return nil, toStatus(ctx, merr)
+		}
+		if !done {
+			return nil, errinfo.MarkNotApplied(ctx, status.Convert(toStatus(ctx, err))).Err()
+		}
 	}
 	var idem *ledger.Idempotency
 	if k := req.GetIdempotencyKey(); k != "" {

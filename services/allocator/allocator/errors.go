@@ -32,6 +32,9 @@ var (
 	errInvalid           = errors.New("invalid request")
 	errNoRecord          = errors.New("no upload is recorded under this idempotency key")
 	errDisabled          = errors.New("bucket is disabled")
+	// errBucketChanged: the bucket an upload was granted was disabled or
+	// moved while it ran (see changedUnder).
+	errBucketChanged = errors.New("the upload's bucket changed")
 )
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
@@ -65,6 +68,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.AlreadyExists, err.Error()+"; read it with GetUploadRecord")
 	case errors.Is(err, errDisabled):
 		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, errBucketChanged):
+		return errinfo.With(status.New(codes.FailedPrecondition, strings.TrimPrefix(err.Error(), errBucketChanged.Error()+": ")), errinfo.BucketChanged).Err()
 	case errors.Is(err, ledger.ErrReservationLost):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
 	case errors.Is(err, errNoHealthyBucket):

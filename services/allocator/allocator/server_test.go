@@ -1247,3 +1247,140 @@ func TestEtcdOutOfSpaceIsUnavailable(t *testing.T) {
 		}
 	}
 }
+
+// An upload's bucket disabled, or pointed at another S3 bucket or
+// endpoint, while the upload runs: its renewals and its commit are
+// refused (BUCKET_CHANGED; the commit also NOT_APPLIED), so no client is
+// told its object is in a bucket that serves nothing or does not hold
+// it. A commit that applied before the change is answered as before;
+// DRAINING lets running uploads finish; callers that do not say where
+// they wrote are not compared.
+func TestRenewAndCommitRefuseAChangedBucket(t *testing.T) {
+	_, cli := testenv.Etcd(t)
+	r := startReplica(t, cli, allocator.Config{Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1<<20)}})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	actx := adminCtx(ctx, token)
+	allocate := func() *allocatorv1.AllocateResponse {
+		t.Helper()
+		a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 100})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	where := func(a *allocatorv1.AllocateResponse) (string, string) {
+		return a.GetBucket().GetName(), a.GetBucket().GetEndpoint()
+	}
+	commitReq := func(a *allocatorv1.AllocateResponse) *allocatorv1.CommitRequest {
+		name, endpoint := where(a)
+		return &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 100, Size: 100,
+			Key: "k-" + a.GetReservationId(), BucketName: name, Endpoint: endpoint}
+	}
+	renew := func(a *allocatorv1.AllocateResponse) error {
+		name, endpoint := where(a)
+		_, err := r.alloc.Renew(ctx, &allocatorv1.RenewRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 100, BucketName: name, Endpoint: endpoint})
+		return err
+	}
+	changed := func(err error) bool {
+		return status.Code(err) == codes.FailedPrecondition && errinfo.Has(err, errinfo.BucketChanged)
+	}
+	// Each replica learns of a change from its watch, within a moment.
+	refusedRenew := func(a *allocatorv1.AllocateResponse, what string) {
+		t.Helper()
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if err = renew(a); changed(err) || time.Now().After(deadline) {
+				break
+			}
+		}
+		if !changed(err) {
+			t.Fatalf("renewal after %s: %v, want FAILED_PRECONDITION with reason BUCKET_CHANGED", what, err)
+		}
+	}
+	refusedCommit := func(a *allocatorv1.AllocateResponse, what string) {
+		t.Helper()
+		_, err := r.alloc.Commit(ctx, commitReq(a))
+		if !changed(err) || !errinfo.Has(err, errinfo.NotApplied) {
+			t.Fatalf("commit after %s: %v, want FAILED_PRECONDITION with reasons BUCKET_CHANGED and NOT_APPLIED", what, err)
+		}
+	}
+
+	done, inFlight := allocate(), allocate()
+	first, err := r.alloc.Commit(ctx, commitReq(done))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DISABLED}); err != nil {
+		t.Fatal(err)
+	}
+	refusedRenew(inFlight, "the bucket was disabled")
+	refusedCommit(inFlight, "the bucket was disabled")
+	again, err := r.alloc.Commit(ctx, commitReq(done))
+	if err != nil || !again.GetAlreadyCommitted() || again.GetUsedBytes() != first.GetUsedBytes() {
+		t.Fatalf("a commit applied before the bucket was disabled, retried: %v %v, want it answered as before (%v)", again, err, first)
+	}
+
+	// DRAINING takes nothing new, but running uploads finish.
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_ACTIVE}); err != nil {
+		t.Fatal(err)
+	}
+	var running *allocatorv1.AllocateResponse
+	for deadline := time.Now().Add(5 * time.Second); running == nil; time.Sleep(10 * time.Millisecond) {
+		if a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 100}); err == nil {
+			running = a
+		} else if time.Now().After(deadline) {
+			t.Fatalf("allocate once the bucket is active again: %v", err)
+		}
+	}
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_DRAINING}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 100}); err != nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("the bucket still takes new uploads while draining")
+		}
+	}
+	if err := renew(running); err != nil {
+		t.Fatalf("renewal while the bucket drains: %v", err)
+	}
+	if _, err := r.alloc.Commit(ctx, commitReq(running)); err != nil {
+		t.Fatalf("commit while the bucket drains: %v", err)
+	}
+
+	// Moved: another S3 bucket name, then another endpoint.
+	if _, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: "p1", State: adminv1.BucketState_BUCKET_STATE_ACTIVE}); err != nil {
+		t.Fatal(err)
+	}
+	var renamed, unnamed *allocatorv1.AllocateResponse
+	for deadline := time.Now().Add(5 * time.Second); unnamed == nil; time.Sleep(10 * time.Millisecond) {
+		if a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 100}); err == nil {
+			renamed, unnamed = a, allocate()
+		} else if time.Now().After(deadline) {
+			t.Fatalf("allocate once the bucket is active again: %v", err)
+		}
+	}
+	mask := func(path string) *fieldmaskpb.FieldMask { return &fieldmaskpb.FieldMask{Paths: []string{path}} }
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Name: "p1-elsewhere"}, UpdateMask: mask("name")}); err != nil {
+		t.Fatal(err)
+	}
+	refusedRenew(renamed, "the bucket was renamed")
+	refusedCommit(renamed, "the bucket was renamed")
+	// A caller that does not say where it wrote is not compared.
+	if _, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: unnamed.GetReservationId(), BucketId: "p1", ReservedBytes: 100, Size: 100}); err != nil {
+		t.Fatalf("commit without a bucket name or endpoint after a rename: %v", err)
+	}
+	moved := allocate()
+	if _, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: "p1", Endpoint: "http://127.0.0.1:2"}, UpdateMask: mask("endpoint")}); err != nil {
+		t.Fatal(err)
+	}
+	refusedRenew(moved, "the bucket's endpoint changed")
+	refusedCommit(moved, "the bucket's endpoint changed")
+
+	// Counted: the first commit, the draining one and the uncompared one.
+	if u, _ := used(t, r, "p1"); u != 300 {
+		t.Fatalf("p1 used %d bytes, want 300", u)
+	}
+}

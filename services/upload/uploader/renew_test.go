@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
 	allocatorv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/allocator/v1"
@@ -334,47 +335,73 @@ func TestReservationLostDuringCompleteLeavesNothing(t *testing.T) {
 	st.waitNoReservations(t)
 }
 
-// An operator removes the bucket a multipart upload is writing to: the
-// next renewal learns it, and the upload stops there, aborting its parts,
-// instead of sending the bucket every remaining part and a Complete only
-// to remove the object at Commit. The client is told to retry.
-func TestRemovedBucketStopsItsUploads(t *testing.T) {
-	const ttl = 2 * time.Second
-	gw := testenv.S3(t).Endpoint
-	st := startStackAt(t, []string{gw, gw},
-		func(c *allocator.Config) { c.ReservationTTL = ttl },
-		func(c *uploader.Config) { c.PartSize = 5 << 20 })
-	first := st.Buckets[0]
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	data := testenv.OpaqueBytes(t, 12<<20)
-	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
-	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "removed/big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
-	// The first part is in; the second streams as the client sends it.
-	parts := 0
-	poll(t, 20*time.Second, "two parts under way", func() bool {
-		parts += st.Proxies[first.GetName()].Counts()["UploadPart"]
-		return parts == 2
-	})
-	if _, err := st.Admin.DeleteBucket(st.adminCtx(ctx), &adminv1.DeleteBucketRequest{Id: first.GetId()}); err != nil {
-		t.Fatal(err)
-	}
-	st.Proxies[first.GetName()].Counts() // from here on
-	// The client is still holding back the rest: the service stops on
-	// its own, within a renewal period.
-	poll(t, 10*time.Second, "abort of the multipart upload", func() bool {
-		_, multiparts := st.objects(t)
-		return multiparts[first.GetId()] == 0
-	})
-	close(body.open)
-	if err := <-done; status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "was removed from bucketlb") {
-		t.Fatalf("upload to a bucket removed under it: %v, want Unavailable saying the bucket was removed", err)
-	}
-	after := st.Proxies[first.GetName()].Counts()
-	if after["UploadPart"] != 0 || after["CompleteMultipartUpload"] != 0 {
-		t.Fatalf("the removed bucket was sent %v after its removal, want no parts and no Complete", after)
-	}
-	if objects, _ := st.objects(t); objects[first.GetId()] != 0 {
-		t.Fatalf("%d objects left in the removed bucket", objects[first.GetId()])
+// An operator removes, disables or moves (points at another S3 bucket)
+// the bucket a multipart upload is writing to: the next renewal learns
+// it, and the upload stops there, aborting its parts, instead of sending
+// the bucket every remaining part and a Complete only to remove the
+// object at Commit. The client is told to retry.
+func TestChangedBucketStopsItsUploads(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		change func(ctx context.Context, st *stack, id string) error
+		says   string
+	}{
+		{"removed", func(ctx context.Context, st *stack, id string) error {
+			_, err := st.Admin.DeleteBucket(st.adminCtx(ctx), &adminv1.DeleteBucketRequest{Id: id})
+			return err
+		}, "was removed from bucketlb"},
+		{"disabled", func(ctx context.Context, st *stack, id string) error {
+			_, err := st.Admin.SetBucketState(st.adminCtx(ctx), &adminv1.SetBucketStateRequest{Id: id, State: adminv1.BucketState_BUCKET_STATE_DISABLED})
+			return err
+		}, "was disabled by an operator"},
+		{"moved", func(ctx context.Context, st *stack, id string) error {
+			_, err := st.Admin.PutBucket(st.adminCtx(ctx), &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: id, Name: "elsewhere"},
+				UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"name"}}})
+			return err
+		}, `was pointed at S3 bucket "elsewhere"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			const ttl = 2 * time.Second
+			gw := testenv.S3(t).Endpoint
+			st := startStackAt(t, []string{gw, gw},
+				func(c *allocator.Config) { c.ReservationTTL = ttl },
+				func(c *uploader.Config) { c.PartSize = 5 << 20 })
+			first := st.Buckets[0]
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			data := testenv.OpaqueBytes(t, 12<<20)
+			body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
+			done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "changed/big.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
+			// The first part is in; the second streams as the client sends it.
+			parts := 0
+			poll(t, 20*time.Second, "two parts under way", func() bool {
+				parts += st.Proxies[first.GetName()].Counts()["UploadPart"]
+				return parts == 2
+			})
+			if err := c.change(ctx, st, first.GetId()); err != nil {
+				t.Fatal(err)
+			}
+			st.Proxies[first.GetName()].Counts() // from here on
+			// The client is still holding back the rest: the service stops on
+			// its own, within a renewal period.
+			poll(t, 10*time.Second, "abort of the multipart upload", func() bool {
+				_, multiparts := st.objects(t)
+				return multiparts[first.GetId()] == 0
+			})
+			close(body.open)
+			if err := <-done; status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), c.says) {
+				t.Fatalf("upload to a bucket %s under it: %v, want Unavailable saying it %s", c.name, err, c.says)
+			}
+			after := st.Proxies[first.GetName()].Counts()
+			if after["UploadPart"] != 0 || after["CompleteMultipartUpload"] != 0 {
+				t.Fatalf("the %s bucket was sent %v after the change, want no parts and no Complete", c.name, after)
+			}
+			if objects, _ := st.objects(t); objects[first.GetId()] != 0 {
+				t.Fatalf("%d objects left in the %s bucket", objects[first.GetId()], c.name)
+			}
+			if used, _ := st.usage(t); used[first.GetId()] != 0 {
+				t.Fatalf("%d bytes counted on the %s bucket, want none", used[first.GetId()], c.name)
+			}
+		})
 	}
 }

@@ -556,7 +556,7 @@ func (s *Server) commit(ctx context.Context, u *upload, a *allocatorv1.AllocateR
 	req := &allocatorv1.CommitRequest{
 		ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(),
 		Size: u.size, Key: u.key, Etag: w.etag, Sha256: w.sha256, IdempotencyKey: u.hdr.GetIdempotencyKey(),
-		WriteLatency: durationpb.New(w.took),
+		WriteLatency: durationpb.New(w.took), BucketName: a.GetBucket().GetName(), Endpoint: a.GetBucket().GetEndpoint(),
 	}
 	// The commit runs to its end even if the client goes away meanwhile: a
 	// Commit the allocator applied but whose answer was lost is settled by
@@ -1124,6 +1124,7 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			rctx, rcancel := context.WithTimeout(ctx, timeout)
 			_, err := s.alloc.Renew(rctx, &allocatorv1.RenewRequest{
 				ReservationId: a.GetReservationId(), BucketId: a.GetBucket().GetId(), ReservedBytes: a.GetReservedBytes(), Claim: claim,
+				BucketName: a.GetBucket().GetName(), Endpoint: a.GetBucket().GetEndpoint(),
 			})
 			rcancel()
 			if err == nil {
@@ -1136,6 +1137,12 @@ func (s *Server) keepRenewing(ctx context.Context, a *allocatorv1.AllocateRespon
 			}
 			failed++
 			t.Reset(again)
+			if errinfo.Has(err, errinfo.BucketChanged) {
+				// Disabled or moved: a commit could not count the upload
+				// there, so more parts would be paid for and thrown away.
+				cancel(unavailable("%s; retry the upload", status.Convert(err).Message()))
+				return
+			}
 			if status.Code(err) == codes.FailedPrecondition {
 				cancel(unavailable("the reservation for this upload lapsed and the bucket has no room to grant it again"))
 				return

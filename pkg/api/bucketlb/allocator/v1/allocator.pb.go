@@ -494,7 +494,14 @@ type RenewRequest struct {
 	ReservedBytes int64 `protobuf:"varint,3,opt,name=reserved_bytes,json=reservedBytes,proto3" json:"reserved_bytes,omitempty"`
 	// The upload's idempotency claim, if it took one: renewed with the
 	// reservation. ABORTED if it lapsed and another upload took the key.
-	Claim         *IdempotencyClaim `protobuf:"bytes,4,opt,name=claim,proto3" json:"claim,omitempty"`
+	Claim *IdempotencyClaim `protobuf:"bytes,4,opt,name=claim,proto3" json:"claim,omitempty"`
+	// Optional: the S3 bucket name and endpoint the upload writes to, as
+	// Allocate answered. FAILED_PRECONDITION with ErrorInfo reason
+	// BUCKET_CHANGED when the bucket was disabled, or now names another
+	// S3 bucket or endpoint: the upload should stop.
+	BucketName string `protobuf:"bytes,5,opt,name=bucket_name,json=bucketName,proto3" json:"bucket_name,omitempty"`
+	// See bucket_name.
+	Endpoint      string `protobuf:"bytes,6,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -555,6 +562,20 @@ func (x *RenewRequest) GetClaim() *IdempotencyClaim {
 		return x.Claim
 	}
 	return nil
+}
+
+func (x *RenewRequest) GetBucketName() string {
+	if x != nil {
+		return x.BucketName
+	}
+	return ""
+}
+
+func (x *RenewRequest) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
 }
 
 // RenewResponse reports the new expiry.
@@ -636,7 +657,17 @@ type CommitRequest struct {
 	// the allocator records it as a success outcome for the bucket, as
 	// ReportOutcome would, so the caller saves that call on its hot path.
 	// A commit already applied by an earlier call records nothing again.
-	WriteLatency  *durationpb.Duration `protobuf:"bytes,9,opt,name=write_latency,json=writeLatency,proto3" json:"write_latency,omitempty"`
+	WriteLatency *durationpb.Duration `protobuf:"bytes,9,opt,name=write_latency,json=writeLatency,proto3" json:"write_latency,omitempty"`
+	// Optional: the S3 bucket name and endpoint the object was written to,
+	// as Allocate answered. The commit is refused, FAILED_PRECONDITION with
+	// ErrorInfo reasons BUCKET_CHANGED and NOT_APPLIED, when the bucket was
+	// disabled or an operator pointed it at another S3 bucket or endpoint
+	// while the upload ran: success would name a bucket that does not hold
+	// the object, or one that serves nothing. A commit that applied before
+	// the change is answered as before.
+	BucketName string `protobuf:"bytes,10,opt,name=bucket_name,json=bucketName,proto3" json:"bucket_name,omitempty"`
+	// See bucket_name.
+	Endpoint      string `protobuf:"bytes,11,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -732,6 +763,20 @@ func (x *CommitRequest) GetWriteLatency() *durationpb.Duration {
 		return x.WriteLatency
 	}
 	return nil
+}
+
+func (x *CommitRequest) GetBucketName() string {
+	if x != nil {
+		return x.BucketName
+	}
+	return ""
+}
+
+func (x *CommitRequest) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
 }
 
 // CommitResponse confirms the commit.
@@ -1436,16 +1481,19 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x0ereserved_bytes\x18\x03 \x01(\x03R\rreservedBytes\x129\n" +
 	"\n" +
 	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x16\n" +
-	"\x06period\x18\x05 \x01(\tR\x06period\"\xb8\x01\n" +
+	"\x06period\x18\x05 \x01(\tR\x06period\"\xf5\x01\n" +
 	"\fRenewRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\x12%\n" +
 	"\x0ereserved_bytes\x18\x03 \x01(\x03R\rreservedBytes\x12=\n" +
-	"\x05claim\x18\x04 \x01(\v2'.bucketlb.allocator.v1.IdempotencyClaimR\x05claim\"p\n" +
+	"\x05claim\x18\x04 \x01(\v2'.bucketlb.allocator.v1.IdempotencyClaimR\x05claim\x12\x1f\n" +
+	"\vbucket_name\x18\x05 \x01(\tR\n" +
+	"bucketName\x12\x1a\n" +
+	"\bendpoint\x18\x06 \x01(\tR\bendpoint\"p\n" +
 	"\rRenewResponse\x129\n" +
 	"\n" +
 	"expires_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12$\n" +
-	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xb5\x02\n" +
+	"\rreestablished\x18\x02 \x01(\bR\rreestablished\"\xf2\x02\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12\x1b\n" +
 	"\tbucket_id\x18\x02 \x01(\tR\bbucketId\x12%\n" +
@@ -1455,7 +1503,11 @@ const file_bucketlb_allocator_v1_allocator_proto_rawDesc = "" +
 	"\x04etag\x18\x06 \x01(\tR\x04etag\x12\x16\n" +
 	"\x06sha256\x18\a \x01(\tR\x06sha256\x12'\n" +
 	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\x12>\n" +
-	"\rwrite_latency\x18\t \x01(\v2\x19.google.protobuf.DurationR\fwriteLatency\"\xbc\x01\n" +
+	"\rwrite_latency\x18\t \x01(\v2\x19.google.protobuf.DurationR\fwriteLatency\x12\x1f\n" +
+	"\vbucket_name\x18\n" +
+	" \x01(\tR\n" +
+	"bucketName\x12\x1a\n" +
+	"\bendpoint\x18\v \x01(\tR\bendpoint\"\xbc\x01\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\x11already_committed\x18\x01 \x01(\bR\x10alreadyCommitted\x12\x16\n" +
 	"\x06period\x18\x02 \x01(\tR\x06period\x12\x1d\n" +
