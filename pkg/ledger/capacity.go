@@ -730,37 +730,44 @@ func (c *Capacity) submit(ctx context.Context, op clientv3.Op) (int64, error) {
 // Called with bc.wmu and bc.mu held.
 func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec, bc *bucketCap, need int64) error {
 	id := bucket.GetId()
-	period := c.l.Period().Name
+	// Near a period's turn, the room of both periods (see turnMargin).
+	commitTo, periods := c.l.turnAt(c.l.opts.Now())
 	limit := bucket.GetMonthlyLimitBytes()
 	for attempt := 0; attempt < 100; attempt++ {
+		var reads []clientv3.Op
+		for _, p := range periods {
+			reads = append(reads, clientv3.OpGet(c.l.usageKey(p.Name, id)), clientv3.OpGet(c.l.shardPrefix(p.Name, id), clientv3.WithPrefix()))
+		}
 		rctx, cancel := c.l.ctx(ctx)
-		resp, err := c.l.cli.Txn(rctx).Then(
-			clientv3.OpGet(c.l.usageKey(period, id)),
-			clientv3.OpGet(c.l.shardPrefix(period, id), clientv3.WithPrefix()),
-			clientv3.OpGet(c.l.blockPrefix(id), clientv3.WithPrefix()),
-		).Commit()
+		resp, err := c.l.cli.Txn(rctx).Then(append(reads, clientv3.OpGet(c.l.blockPrefix(id), clientv3.WithPrefix()))...).Commit()
 		cancel()
 		if err != nil {
 			return fmt.Errorf("ledger: read capacity of %s: %w", id, err)
 		}
 		rev := resp.Header.Revision
-		var used, held, usageRev int64
-		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-			used, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
-			usageRev = kvs[0].ModRevision
-		}
-		myShardKey := c.l.shardPrefix(period, id) + c.id
-		bc.shard, bc.shardRev, bc.shardOf = 0, 0, period
-		for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
-			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
-			used += n
-			if string(kv.Key) == myShardKey {
-				bc.shard, bc.shardRev = n, kv.ModRevision
+		// used is the most any of the periods has committed.
+		var used, held int64
+		usageRevs := make([]int64, len(periods))
+		bc.shard, bc.shardRev, bc.shardOf = 0, 0, commitTo.Name
+		for i, p := range periods {
+			var u int64
+			if kvs := resp.Responses[2*i].GetResponseRange().Kvs; len(kvs) > 0 {
+				u, _ = strconv.ParseInt(string(kvs[0].Value), 10, 64)
+				usageRevs[i] = kvs[0].ModRevision
 			}
+			myShardKey := c.l.shardPrefix(p.Name, id) + c.id
+			for _, kv := range resp.Responses[2*i+1].GetResponseRange().Kvs {
+				n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
+				u += n
+				if p.Name == commitTo.Name && string(kv.Key) == myShardKey {
+					bc.shard, bc.shardRev = n, kv.ModRevision
+				}
+			}
+			used = max(used, u)
 		}
 		myBlock := c.l.blockPrefix(id) + t.owner
 		var mine []*mvccpb.KeyValue
-		for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		for _, kv := range resp.Responses[2*len(periods)].GetResponseRange().Kvs {
 			n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
 			held += n
 			if string(kv.Key) == myBlock {
@@ -792,14 +799,17 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 		// Our block is compared exactly, as the prefix compares pass
 		// when a key was deleted: a write whose answer was lost must not
 		// bring back a block the janitor removed since.
+		cmps := []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
+			clientv3.Compare(clientv3.ModRevision(myBlock), "=", oursRev),
+		}
+		for i, p := range periods {
+			cmps = append(cmps,
+				clientv3.Compare(clientv3.ModRevision(c.l.usageKey(p.Name, id)), "=", usageRevs[i]),
+				clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(p.Name, id)).WithPrefix(), "<", rev+1))
+		}
 		setBlock := func(n int64) (bool, error) {
-			resp, err := c.txn(context.WithoutCancel(ctx),
-				[]clientv3.Cmp{
-					clientv3.Compare(clientv3.ModRevision(c.l.usageKey(period, id)), "=", usageRev),
-					clientv3.Compare(clientv3.ModRevision(c.l.shardPrefix(period, id)).WithPrefix(), "<", rev+1),
-					clientv3.Compare(clientv3.ModRevision(c.l.blockPrefix(id)).WithPrefix(), "<", rev+1),
-					clientv3.Compare(clientv3.ModRevision(myBlock), "=", oursRev),
-				},
+			resp, err := c.txn(context.WithoutCancel(ctx), cmps,
 				clientv3.OpPut(myBlock, strconv.FormatInt(n, 10), clientv3.WithLease(t.lease)))
 			if err != nil {
 				// It may yet apply, on a block carved meanwhile (a give-
@@ -808,7 +818,7 @@ func (c *Capacity) grow(ctx context.Context, t *term, bucket *adminv1.BucketSpec
 				if !LeaseLost(err) && !IsNoSpace(err) {
 					bc.needFence(oursRev)
 				}
-				c.resync(context.WithoutCancel(ctx), t, bc, period, id)
+				c.resync(context.WithoutCancel(ctx), t, bc, commitTo.Name, id)
 				return false, err
 			}
 			if resp.Succeeded {
@@ -1290,7 +1300,7 @@ func distinct(batch []*pendingCommit) (now, later []*pendingCommit) {
 func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batch []*pendingCommit) {
 	bucket := batch[0].bucket
 	id := bucket.GetId()
-	period := c.l.Period().Name
+	period := c.l.commitPeriod()
 	bc.mu.Lock()
 	if bc.shardOf != period {
 		c.resync(ctx, t, bc, period, id)
@@ -1476,7 +1486,7 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		return CommitResult{}, true, false, ErrReservationLost
 	}
 	id := bucket.GetId()
-	period := c.l.Period().Name
+	period := c.l.commitPeriod()
 	ownerKey := c.l.blockPrefix(id) + rec.Replica
 	gctx, cancel := c.l.ctx(ctx)
 	resp, err := c.l.cli.Get(gctx, ownerKey)
@@ -1676,12 +1686,12 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 	if bc.unsure {
 		// Bytes a lost answer left in our block go back below, once a
 		// write that may still apply is fenced.
-		c.resync(ctx, t, bc, c.l.Period().Name, id)
+		c.resync(ctx, t, bc, c.l.commitPeriod(), id)
 		if bc.unsure && bc.fencing && bc.blockRev == bc.fenceRev {
 			if c.settleFence(ctx, t, bc, blockKey, bc.block) != nil {
 				return false
 			}
-			c.resync(ctx, t, bc, c.l.Period().Name, id)
+			c.resync(ctx, t, bc, c.l.commitPeriod(), id)
 		}
 		if bc.unsure {
 			return false
@@ -1747,7 +1757,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 				bc.blockRev = 0
 			}
 		case err == nil:
-			c.resync(ctx, t, bc, c.l.Period().Name, id)
+			c.resync(ctx, t, bc, c.l.commitPeriod(), id)
 		default:
 			// The write may have applied, or may yet: the block is
 			// fenced before it is used again (see grow).
@@ -1792,16 +1802,19 @@ func (c *Capacity) foldShards(ctx context.Context) (int, error) {
 		n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
 		bases[strings.TrimPrefix(string(kv.Key), c.l.opts.Prefix+"usage/")] = &base{used: n, rev: kv.ModRevision}
 	}
-	current := c.l.Period().Name
+	// Shards of the period commits count in now, and of the current one,
+	// may still be written; others are folded at once.
+	current, commitTo := c.l.Period().Name, c.l.commitPeriod()
 	seen := make(map[string]int64, len(c.shardsSeen))
 	folded := 0
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		key := string(kv.Key)
 		parts := strings.Split(strings.TrimPrefix(key, c.l.opts.Prefix+"ushard/"), "/")
-		if len(parts) != 3 || (parts[0] == current && parts[2] == c.id) {
+		live := len(parts) == 3 && (parts[0] == current || parts[0] == commitTo)
+		if len(parts) != 3 || (live && parts[2] == c.id) {
 			continue // ours is written without a read
 		}
-		if parts[0] == current && c.shardsSeen[key] != kv.ModRevision {
+		if live && c.shardsSeen[key] != kv.ModRevision {
 			seen[key] = kv.ModRevision // written since the last fold
 			continue
 		}

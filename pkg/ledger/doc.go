@@ -28,7 +28,8 @@
 // Invariant (no overcommit): for every bucket, base usage plus all usage
 // shards plus all blocks never exceeds the monthly limit, at every etcd
 // revision. A block only grows by a compare-and-put guarded by the mod
-// revisions of every usage key and every block of the bucket; a commit
+// revisions of every usage key and every block of the bucket (near the
+// turn of a period, those of both periods: see turnMargin); a commit
 // moves bytes from the committing replica's block into its own shard in
 // one transaction, so the sum never grows. Reservations are carved inside
 // blocks without compares (in batches), so the hot bucket has no hot key.

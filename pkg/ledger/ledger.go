@@ -85,6 +85,38 @@ func (l *Ledger) Period() Period {
 	return p
 }
 
+// turnMargin is how far apart the replicas' clocks may be around the turn
+// of a period without either period's usage passing a bucket's limit.
+// Without it, a replica already in the new period grew its block within
+// the new period's room, and one still in the old counted what it carved
+// there against the old, full period. So commits in a period's last
+// turnMargin count in the next period (a replica behind still counts in
+// the old one, one ahead already in the new), and a block grows in the
+// period's last two turnMargins only within the room both leave: every
+// grow that either kind of commit could meet checks the period it counts
+// in.
+const turnMargin = time.Minute
+
+// turnAt returns, for the time now, the period commits count in and the
+// periods whose room a block's growth must stay within (see turnMargin).
+func (l *Ledger) turnAt(now time.Time) (commit Period, room []Period) {
+	cur := PeriodAt(now, l.opts.ResetDay)
+	if !now.Before(cur.End.Add(-2 * turnMargin)) {
+		next := PeriodAt(cur.End, l.opts.ResetDay)
+		if !now.Before(cur.End.Add(-turnMargin)) {
+			return next, []Period{cur, next}
+		}
+		return cur, []Period{cur, next}
+	}
+	return cur, []Period{cur}
+}
+
+// commitPeriod is the name of the period commits count in now.
+func (l *Ledger) commitPeriod() string {
+	p, _ := l.turnAt(l.opts.Now())
+	return p.Name
+}
+
 // AgreeResetDay records this replica's period reset day as the
 // cluster's, the first time, and fails with ErrResetDayMismatch when the
 // cluster already counts from another day. Usage is kept per period name,

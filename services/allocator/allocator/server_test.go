@@ -200,11 +200,13 @@ func TestAllocateCommitRelease(t *testing.T) {
 }
 
 // replicaAtMonthEnd runs a replica with one 1000-byte bucket, p1, on a
-// clock set two seconds before January ends; set now to move it.
+// clock set just before January's last two minutes (in the last one,
+// commits count in February: see the ledger's turnMargin); set now to
+// move it.
 func replicaAtMonthEnd(t *testing.T) (replica, *atomic.Int64) {
 	_, cli := testenv.Etcd(t)
 	now := &atomic.Int64{}
-	now.Store(time.Date(2026, 1, 31, 23, 59, 58, 0, time.UTC).UnixNano())
+	now.Store(time.Date(2026, 1, 31, 23, 57, 58, 0, time.UTC).UnixNano())
 	r := startReplica(t, cli, allocator.Config{Now: func() time.Time { return time.Unix(0, now.Load()).UTC() },
 		Buckets: []*adminv1.BucketSpec{spec("p1", 1, 1000)}})
 	return r, now
