@@ -5,6 +5,7 @@ package mimecheck
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"mime"
 	"slices"
 	"strings"
@@ -83,9 +84,15 @@ func (c *Checker) CheckDeclared(declared string) error {
 		return fmt.Errorf("content type %q is malformed: %v", declared, err)
 	}
 	if want := base(declared); !c.allowed[want] {
-		return fmt.Errorf("content type %q is not allowed here", mediaType(declared))
+		return fmt.Errorf("content type %q is not allowed here; allowed are %s", mediaType(declared), c.list())
 	}
 	return nil
+}
+
+// list names the allowed types, sorted, for a refusal: a client learns
+// what to send instead (a .log file is text/plain here, say).
+func (c *Checker) list() string {
+	return strings.Join(slices.Sorted(maps.Keys(c.allowed)), ", ")
 }
 
 // mediaType is a content type without its parameters, as the client wrote

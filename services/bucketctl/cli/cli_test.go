@@ -93,6 +93,15 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 	if _, errOut, err := run("upload", src, "--content-type", "application/x-msdownload"); err == nil || strings.Contains(errOut, "100%") {
 		t.Fatalf("refused upload: %v, progress shown %q; want an error and no full bar", err, errOut)
 	}
+	// A type bucketctl guessed, refused: the refusal lists what is
+	// allowed, and bucketctl says the type was its guess.
+	page := filepath.Join(dir, "page.html")
+	if err := os.WriteFile(page, []byte("<html><body>hi</body></html>"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := run("upload", "-q", page); err == nil || !strings.Contains(err.Error(), "allowed are ") || !strings.Contains(err.Error(), "bucketctl took text/html") || !strings.Contains(err.Error(), "--content-type") {
+		t.Fatalf("upload of a type bucketctl guessed and the service refuses: %v, want the allowed types and a hint to pass --content-type", err)
+	}
 	if out, _, err := run("get", bucket, key, "--offset", "10", "--length", "5"); err != nil || out != string(data[10:15]) {
 		t.Fatalf("ranged get to stdout: %q, %v", out, err)
 	}

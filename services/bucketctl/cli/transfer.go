@@ -15,6 +15,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/status"
 
 	uploadv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/upload/v1"
@@ -105,6 +106,9 @@ func newUploadCmd(g *globals) *cobra.Command {
 					var ue *uploadclient.UploadError
 					if errors.As(err, &ue) && ue.IdempotencyKey != "" && idem == "" {
 						return fmt.Errorf("upload %s: %s\nto upload it again without storing it twice, add --idempotency-key %s", arg, ue.Summary(), ue.IdempotencyKey)
+					}
+					if contentType == "" && refusedField(err, "header.content_type") {
+						return fmt.Errorf("upload %s: %w\nbucketctl took %s from the file; pass --content-type with a type the service allows", arg, err, ct)
 					}
 					return fmt.Errorf("upload %s: %w", arg, err)
 				}
@@ -209,6 +213,25 @@ func resultJSON(file string, r *uploadv1.UploadResponse) map[string]any {
 		"size": r.GetSize(), "sha256": r.GetSha256(), "etag": r.GetEtag(),
 		"public_url": r.GetPublicUrl(), "replayed": r.GetReplayed(),
 	}
+}
+
+// refusedField reports a refusal of the request's field (a BadRequest
+// field violation).
+func refusedField(err error, field string) bool {
+	st, ok := status.FromError(err)
+	if !ok {
+		return false
+	}
+	for _, d := range st.Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok {
+			for _, v := range br.GetFieldViolations() {
+				if v.GetField() == field {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 func guessContentType(path string) (string, error) {
