@@ -31,16 +31,25 @@ func aprilAt(hour, minute, second int) time.Time {
 	return time.Date(2026, 3, 31, hour, minute, second, 0, time.UTC)
 }
 
+// skewedPair starts two replicas on one etcd, a on the clock ahead and b
+// on the one behind, both set by the test.
+func skewedPair(t *testing.T, aheadAt, behindAt time.Time) (l *ledger.Ledger, a, b *ledger.Capacity, behind *settableClock) {
+	t.Helper()
+	_, cli := testenv.Etcd(t)
+	ahead := clockAt(aheadAt)
+	behind = clockAt(behindAt)
+	l, a = replicaCapWith(t, cli, "a", ledger.Options{Now: ahead.now})
+	_, b = replicaCapWith(t, cli, "b", ledger.Options{Now: behind.now})
+	return l, a, b, behind
+}
+
 // Replicas whose clocks straddle the turn of a month (by less than a
 // minute) keep both months within the limit. Before, a replica already in
 // April granted April's room, and a replica still in March committed those
 // bytes into a full March: 2,000 bytes in March on a 1,000-byte bucket,
 // and April then granted its 1,000 again.
 func TestSkewedClocksAtTheTurnKeepBothMonthsWithinTheLimit(t *testing.T) {
-	_, cli := testenv.Etcd(t)
-	ahead, behind := clockAt(aprilAt(0, 0, 1)), clockAt(aprilAt(23, 57, 0))
-	l, a := replicaCapWith(t, cli, "a", ledger.Options{Now: ahead.now})
-	_, b := replicaCapWith(t, cli, "b", ledger.Options{Now: behind.now})
+	l, a, b, behind := skewedPair(t, aprilAt(0, 0, 1), aprilAt(23, 57, 0))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	bk := bucket("b1", 1000)
@@ -87,10 +96,7 @@ func TestSkewedClocksAtTheTurnKeepBothMonthsWithinTheLimit(t *testing.T) {
 // into April. Before, it took March's room alone, and after its own turn
 // it committed what it had carved into April, 800 bytes over the limit.
 func TestAGrowBeforeTheTurnLeavesTheNextMonthsRoom(t *testing.T) {
-	_, cli := testenv.Etcd(t)
-	ahead, behind := clockAt(aprilAt(0, 0, 10)), clockAt(aprilAt(23, 59, 20))
-	l, a := replicaCapWith(t, cli, "a", ledger.Options{Now: ahead.now})
-	_, b := replicaCapWith(t, cli, "b", ledger.Options{Now: behind.now})
+	l, a, b, behind := skewedPair(t, aprilAt(0, 0, 10), aprilAt(23, 59, 20))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	bk := bucket("b1", 1000)
