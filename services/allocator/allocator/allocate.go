@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"net/url"
 	"slices"
 	"strings"
 	"unicode/utf8"
@@ -263,10 +264,33 @@ func changedUnder(b *adminv1.BucketSpec, name, endpoint string) error {
 		return fmt.Errorf("%w: bucket %s was disabled by an operator during the upload", errBucketChanged, b.GetId())
 	case name != "" && name != b.GetName():
 		return fmt.Errorf("%w: bucket %s was pointed at S3 bucket %q by an operator during the upload, which wrote to %q", errBucketChanged, b.GetId(), b.GetName(), name)
-	case endpoint != "" && endpoint != b.GetEndpoint():
+	case endpoint != "" && !sameEndpoint(endpoint, b.GetEndpoint()):
 		return fmt.Errorf("%w: bucket %s was pointed at another endpoint by an operator during the upload", errBucketChanged, b.GetId())
 	}
 	return nil
+}
+
+// sameEndpoint reports whether two endpoint URLs name the same place, as
+// a client reaches it: an operator's edit that only changes how it is
+// written (case, a trailing slash, the scheme's default port) must not
+// stop every upload running on the bucket.
+func sameEndpoint(a, b string) bool {
+	if a == b {
+		return true
+	}
+	ua, erra := url.Parse(a)
+	ub, errb := url.Parse(b)
+	if erra != nil || errb != nil {
+		return false
+	}
+	port := func(u *url.URL) string {
+		if p := u.Port(); p != "" {
+			return p
+		}
+		return map[string]string{"http": "80", "https": "443"}[strings.ToLower(u.Scheme)]
+	}
+	return strings.EqualFold(ua.Scheme, ub.Scheme) && strings.EqualFold(ua.Hostname(), ub.Hostname()) && port(ua) == port(ub) &&
+		strings.TrimRight(ua.EscapedPath(), "/") == strings.TrimRight(ub.EscapedPath(), "/")
 }
 
 // Commit implements AllocatorService.
