@@ -1300,7 +1300,7 @@ func distinct(batch []*pendingCommit) (now, later []*pendingCommit) {
 func (c *Capacity) commitBatch(ctx context.Context, t *term, bc *bucketCap, batch []*pendingCommit) {
 	bucket := batch[0].bucket
 	id := bucket.GetId()
-	period := c.l.commitPeriod()
+	period := c.l.Period().Name
 	bc.mu.Lock()
 	if bc.shardOf != period {
 		c.resync(ctx, t, bc, period, id)
@@ -1486,7 +1486,7 @@ func (c *Capacity) commitFromOwner(ctx context.Context, t *term, bucket *adminv1
 		return CommitResult{}, true, false, ErrReservationLost
 	}
 	id := bucket.GetId()
-	period := c.l.commitPeriod()
+	period := c.l.Period().Name
 	ownerKey := c.l.blockPrefix(id) + rec.Replica
 	gctx, cancel := c.l.ctx(ctx)
 	resp, err := c.l.cli.Get(gctx, ownerKey)
@@ -1686,12 +1686,12 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 	if bc.unsure {
 		// Bytes a lost answer left in our block go back below, once a
 		// write that may still apply is fenced.
-		c.resync(ctx, t, bc, c.l.commitPeriod(), id)
+		c.resync(ctx, t, bc, c.l.Period().Name, id)
 		if bc.unsure && bc.fencing && bc.blockRev == bc.fenceRev {
 			if c.settleFence(ctx, t, bc, blockKey, bc.block) != nil {
 				return false
 			}
-			c.resync(ctx, t, bc, c.l.commitPeriod(), id)
+			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		}
 		if bc.unsure {
 			return false
@@ -1757,7 +1757,7 @@ func (c *Capacity) sweep(ctx context.Context, t *term, id string) bool {
 				bc.blockRev = 0
 			}
 		case err == nil:
-			c.resync(ctx, t, bc, c.l.commitPeriod(), id)
+			c.resync(ctx, t, bc, c.l.Period().Name, id)
 		default:
 			// The write may have applied, or may yet: the block is
 			// fenced before it is used again (see grow).
@@ -1802,19 +1802,16 @@ func (c *Capacity) foldShards(ctx context.Context) (int, error) {
 		n, _ := strconv.ParseInt(string(kv.Value), 10, 64)
 		bases[strings.TrimPrefix(string(kv.Key), c.l.opts.Prefix+"usage/")] = &base{used: n, rev: kv.ModRevision}
 	}
-	// Shards of the period commits count in now, and of the current one,
-	// may still be written; others are folded at once.
-	current, commitTo := c.l.Period().Name, c.l.commitPeriod()
+	current := c.l.Period().Name
 	seen := make(map[string]int64, len(c.shardsSeen))
 	folded := 0
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		key := string(kv.Key)
 		parts := strings.Split(strings.TrimPrefix(key, c.l.opts.Prefix+"ushard/"), "/")
-		live := len(parts) == 3 && (parts[0] == current || parts[0] == commitTo)
-		if len(parts) != 3 || (live && parts[2] == c.id) {
+		if len(parts) != 3 || (parts[0] == current && parts[2] == c.id) {
 			continue // ours is written without a read
 		}
-		if live && c.shardsSeen[key] != kv.ModRevision {
+		if parts[0] == current && c.shardsSeen[key] != kv.ModRevision {
 			seen[key] = kv.ModRevision // written since the last fold
 			continue
 		}

@@ -77,10 +77,12 @@ func New(cli *clientv3.Client, opts Options) *Ledger {
 // Period returns the current usage period.
 func (l *Ledger) Period() Period {
 	now := l.opts.Now()
-	if p := l.period.Load(); p != nil && !now.Before(p.Start) && now.Before(p.End) {
+	// The ledger turns a turnMargin early: commits, usage, status and
+	// corrections in a period's last minute are the next period's.
+	if p := l.period.Load(); p != nil && !now.Before(p.Start.Add(-turnMargin)) && now.Before(p.End.Add(-turnMargin)) {
 		return *p
 	}
-	p := PeriodAt(now, l.opts.ResetDay)
+	p := PeriodAt(now.Add(turnMargin), l.opts.ResetDay)
 	l.period.Store(&p)
 	return p
 }
@@ -89,32 +91,23 @@ func (l *Ledger) Period() Period {
 // of a period without either period's usage passing a bucket's limit.
 // Without it, a replica already in the new period grew its block within
 // the new period's room, and one still in the old counted what it carved
-// there against the old, full period. So commits in a period's last
-// turnMargin count in the next period (a replica behind still counts in
-// the old one, one ahead already in the new), and a block grows in the
-// period's last two turnMargins only within the room both leave: every
-// grow that either kind of commit could meet checks the period it counts
-// in.
+// there against the old, full period. So the ledger turns a turnMargin
+// before the period's end (a replica behind still counts in the old
+// period, one ahead already in the new), and a block grows in the
+// period's last two turnMargins only within the room both periods leave:
+// every grow that either kind of commit could meet checks the period it
+// counts in.
 const turnMargin = time.Minute
 
 // turnAt returns, for the time now, the period commits count in and the
 // periods whose room a block's growth must stay within (see turnMargin).
 func (l *Ledger) turnAt(now time.Time) (commit Period, room []Period) {
-	cur := PeriodAt(now, l.opts.ResetDay)
-	if !now.Before(cur.End.Add(-2 * turnMargin)) {
-		next := PeriodAt(cur.End, l.opts.ResetDay)
-		if !now.Before(cur.End.Add(-turnMargin)) {
-			return next, []Period{cur, next}
-		}
-		return cur, []Period{cur, next}
+	commit = PeriodAt(now.Add(turnMargin), l.opts.ResetDay)
+	cal := PeriodAt(now, l.opts.ResetDay)
+	if now.Before(cal.End.Add(-2 * turnMargin)) {
+		return commit, []Period{cal}
 	}
-	return cur, []Period{cur}
-}
-
-// commitPeriod is the name of the period commits count in now.
-func (l *Ledger) commitPeriod() string {
-	p, _ := l.turnAt(l.opts.Now())
-	return p.Name
+	return commit, []Period{cal, PeriodAt(cal.End, l.opts.ResetDay)}
 }
 
 // AgreeResetDay records this replica's period reset day as the

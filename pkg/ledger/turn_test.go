@@ -132,13 +132,13 @@ func TestAGrowBeforeTheTurnLeavesTheNextMonthsRoom(t *testing.T) {
 	}
 }
 
-// Commits in a period's last minute count in the next (see the tests
-// above); a commit retried later still answers with its period, and the
-// months before and after the window keep theirs.
+// The ledger turns a minute early: commits in a period's last minute
+// count in the next (see the tests above), and so do usage, status and
+// corrections; a commit retried later still answers with its period.
 func TestCommitsInAPeriodsLastMinuteCountInTheNext(t *testing.T) {
 	_, cli := testenv.Etcd(t)
 	clock := clockAt(aprilAt(23, 58, 59))
-	_, c := replicaCapWith(t, cli, "a", ledger.Options{Now: clock.now})
+	l, c := replicaCapWith(t, cli, "a", ledger.Options{Now: clock.now})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	bk := bucket("b1", 1000)
@@ -160,5 +160,14 @@ func TestCommitsInAPeriodsLastMinuteCountInTheNext(t *testing.T) {
 		if err != nil || !again.AlreadyCommitted || again.Period != step.want {
 			t.Fatalf("commit at %s retried later: %+v %v, want it answered with %s", step.at.Format(time.TimeOnly), again, err, step.want)
 		}
+	}
+	// In the last minute, usage, status and corrections are of the period
+	// commits count in.
+	clock.set(aprilAt(23, 59, 30))
+	if u, p, err := l.Usages(ctx); err != nil || p.Name != "2026-04" || u["b1"].Used != 200 {
+		t.Fatalf("usage in March's last minute: %v in %s (%v), want April's 200 bytes", u["b1"], p.Name, err)
+	}
+	if prev, err := l.SetUsage(ctx, "b1", 0); err != nil || prev != 200 {
+		t.Fatalf("usage corrected in March's last minute: previous %d (%v), want April's 200", prev, err)
 	}
 }

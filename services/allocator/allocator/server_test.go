@@ -265,6 +265,43 @@ func TestRoomComesBackAtOnce(t *testing.T) {
 	}
 }
 
+// In a period's last minute the allocator already counts in the next
+// period (the ledger turns a minute early, for replicas whose clocks
+// differ), and says so everywhere: status, refusals and resets are of the
+// period its commits count in.
+func TestTheLastMinuteIsTheNextPeriods(t *testing.T) {
+	r, now := replicaAtMonthEnd(t)
+	now.Store(time.Date(2026, 1, 31, 23, 59, 10, 0, time.UTC).UnixNano())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	a, err := r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cr, err := r.alloc.Commit(ctx, &allocatorv1.CommitRequest{ReservationId: a.GetReservationId(), BucketId: "p1", ReservedBytes: 1000, Size: 1000})
+	if err != nil || cr.GetPeriod() != "2026-02" || cr.GetUsedBytes() != 1000 {
+		t.Fatalf("commit at 23:59:10 on January 31: %v %v, want it counted in 2026-02", cr, err)
+	}
+	st, err := r.admin.GetStatus(adminCtx(ctx, token), &adminv1.GetStatusRequest{})
+	if err != nil || st.GetPeriod() != "2026-02" || st.GetBuckets()[0].GetUsedBytes() != 1000 {
+		t.Fatalf("status in January's last minute: %v %v, want 2026-02 with 1000 bytes used", st, err)
+	}
+	// Refused as full for the period (no retry helps), not as held by
+	// reservations.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 500})
+		if strings.Contains(status.Convert(err).Message(), "committed bytes leave less than that") || time.Now().After(deadline) {
+			break
+		}
+	}
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "committed bytes leave less than that") {
+		t.Fatalf("allocate in a bucket full for the period: %v, want it told committed bytes leave no room", err)
+	}
+	if rs, err := r.admin.ResetUsage(adminCtx(ctx, token), &adminv1.ResetUsageRequest{Id: "p1"}); err != nil || rs.GetPreviousUsedBytes() != 1000 {
+		t.Fatalf("ResetUsage in January's last minute: %v %v, want February's 1000 bytes reset", rs, err)
+	}
+}
+
 // An upload that committed bytes leave no room for is told so at once,
 // without RetryInfo, however recent the commits that took the room: a
 // RetryInfo would have clients wait and retry for nothing. Sizes near the
