@@ -55,6 +55,9 @@ const (
 	// sends the whole object instead, which a reader must not take for
 	// the range it asked for).
 	DropContentRange
+	// DropContentLength forwards the request and answers without a
+	// Content-Length, chunked, as a proxy on the way may.
+	DropContentLength
 	// CorruptAnswer forwards the request and answers with one bit of the
 	// body flipped, as a bit flip on the way back would.
 	CorruptAnswer
@@ -169,6 +172,15 @@ func New(target string) (*Proxy, error) {
 			rec := forward(rp, w, r)
 			w.WriteHeader(rec.Code)
 			_, _ = io.Copy(w, &flipReader{r: rec.Body, at: int64(rec.Body.Len() / 2)})
+			return
+		case DropContentLength:
+			rec := forward(rp, w, r)
+			w.Header().Del("Content-Length")
+			w.WriteHeader(rec.Code)
+			if f, ok := w.(http.Flusher); ok {
+				f.Flush() // headers out first: the body goes chunked
+			}
+			_, _ = w.Write(rec.Body.Bytes())
 			return
 		case DropContentRange:
 			rec := forward(rp, w, r)

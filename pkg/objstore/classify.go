@@ -83,7 +83,7 @@ func Classify(callerCtx context.Context, err error) Failure {
 // failed without an answer. The SDK's text (operation, endpoint URL, key,
 // request ids) is for logs.
 func Describe(err error) string {
-	for _, own := range []error{ErrReadStalled, ErrTruncated, ErrRangeIgnored, ErrObjectChanged, ErrNoETag, ErrReadNoETag} {
+	for _, own := range []error{ErrReadStalled, ErrTruncated, ErrRangeIgnored, ErrObjectChanged, ErrNoETag, ErrReadNoETag, ErrReadNoLength} {
 		if errors.Is(err, own) {
 			return strings.TrimPrefix(own.Error(), "objstore: ")
 		}

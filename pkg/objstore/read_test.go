@@ -97,3 +97,33 @@ func TestReadsRideOverPassingFaults(t *testing.T) {
 		t.Fatalf("read on after the object was replaced: %v, want ErrObjectChanged", err)
 	}
 }
+
+// An answer without a Content-Length (chunked, as a proxy on the way may
+// send it) gives a range its length from its Content-Range, so a read that
+// breaks off resumes within its range; a whole object's answer without
+// one is refused, since whatever came would pass for the object. Before,
+// the length was taken as 0: reads announced 0 bytes and sent more, and a
+// resumed range read went on to the object's end.
+func TestReadsWithoutAContentLength(t *testing.T) {
+	b, proxy := newBucket(t, objstore.Options{}, true)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	data := testenv.OpaqueBytes(t, 1<<20)
+	if _, err := b.Put(ctx, objstore.PutInput{Key: "obj", ContentType: "application/octet-stream"}, data); err != nil {
+		t.Fatal(err)
+	}
+	proxy.SetFor("GetObject", faultproxy.DropContentLength)
+	body, info, err := b.Get(ctx, "obj", 1000, 600_000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(body)
+	body.Close()
+	if err != nil || info.ContentLength != 600_000 || info.Size != int64(len(data)) || !bytes.Equal(got, data[1000:601_000]) {
+		t.Fatalf("range read answered without a length: info %+v, %d bytes (%v), want 600000 of a %d-byte object", info, len(got), err, len(data))
+	}
+	_, _, err = b.Get(ctx, "obj", 0, 0)
+	if !errors.Is(err, objstore.ErrReadNoLength) || objstore.Classify(ctx, err) == objstore.NotBucketFault {
+		t.Fatalf("whole read answered without a length: %v, want ErrReadNoLength, the bucket's fault", err)
+	}
+}

@@ -646,6 +646,18 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 			ranged = false
 		}
 	}
+	if out.ContentLength == nil {
+		// A chunked answer without a length (a proxy on the way; S3 and
+		// R2 send one): a range's Content-Range still gives it. A whole
+		// object's extent is unknown, and whatever came would pass for it,
+		// and a resumed read would ask for a range of its own making.
+		if !ranged {
+			out.Body.Close()
+			cancel(nil)
+			return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, ErrReadNoLength)
+		}
+		info.ContentLength = end - start + 1
+	}
 	if in.Range != nil && (!ranged || start != offset) {
 		// Bytes from elsewhere in the object must never pass for the range.
 		out.Body.Close()
@@ -658,6 +670,10 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 
 // ErrReadNoETag fails a read whose 2xx answer carried no ETag.
 var ErrReadNoETag = errors.New("objstore: the bucket answered the read without an ETag")
+
+// ErrReadNoLength fails a read of a whole object whose 2xx answer carried
+// no Content-Length.
+var ErrReadNoLength = errors.New("objstore: the bucket answered the read without a Content-Length")
 
 // ErrRangeIgnored: a range read was answered with other bytes than those
 // asked for (a server that ignores Range sends the whole object).
