@@ -51,8 +51,11 @@ func (s *Server) GetObject(req *uploadv1.GetObjectRequest, stream uploadv1.Uploa
 	}
 	defer release()
 	// A client that stops reading is let go after the idle timeout, like
-	// one that stops sending an upload, so it cannot pin the buffers.
-	snd := newPacedStream(stream.SendMsg, s.cfg.IdleTimeout, "the client read nothing for %v, so the read was ended")
+	// one that stops sending an upload, so it cannot pin the buffers. A
+	// message goes once flow control lets it, so a reader must take one
+	// message's worth (getChunk) per idle timeout: 4.4 KB/s at the
+	// defaults, as an upload must send upload.minDataRate.
+	snd := newPacedStream(stream.SendMsg, s.cfg.IdleTimeout, fmt.Sprintf("the client took less than one message (%d KiB) in %%v, so the read was ended", getChunk>>10))
 	defer snd.close()
 	for try := 1; ; try++ {
 		err := s.read(ctx, b, req, snd)
