@@ -20,8 +20,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
-	"go.uber.org/zap"
 
+	"github.com/bucketlb/bucketlb/pkg/etcdclient"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
 )
@@ -66,11 +66,7 @@ func FillEtcd(ctx context.Context, t testing.TB, cli *clientv3.Client) {
 // EtcdClient connects a new client to endpoint, closed when the test ends.
 func EtcdClient(t testing.TB, endpoint string) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{endpoint},
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(), // ambiguous-write retries are expected in race tests
-	})
+	cli, err := etcdclient.New([]string{endpoint})
 	if err != nil {
 		t.Fatalf("etcd client: %v", err)
 	}

@@ -17,12 +17,11 @@ import (
 	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 
 	"github.com/bucketlb/bucketlb/pkg/auth"
 	"github.com/bucketlb/bucketlb/pkg/config"
+	"github.com/bucketlb/bucketlb/pkg/etcdclient"
 	"github.com/bucketlb/bucketlb/pkg/grpcserver"
 	"github.com/bucketlb/bucketlb/pkg/objstore"
 	"github.com/bucketlb/bucketlb/pkg/placement"
@@ -90,11 +89,7 @@ func run(log *slog.Logger) error {
 	// Shut down after the servers that record through it have stopped.
 	defer func() { _ = tel.Shutdown(context.WithoutCancel(ctx)) }()
 
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   cfg.Allocator.EtcdEndpoints,
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := etcdclient.New(cfg.Allocator.EtcdEndpoints)
 	if err != nil {
 		return fmt.Errorf("etcd client: %w", err)
 	}

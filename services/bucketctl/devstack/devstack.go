@@ -21,11 +21,11 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	adminv1 "github.com/bucketlb/bucketlb/pkg/api/bucketlb/admin/v1"
+	"github.com/bucketlb/bucketlb/pkg/etcdclient"
 	"github.com/bucketlb/bucketlb/pkg/etcdembed"
 	"github.com/bucketlb/bucketlb/pkg/ledger"
 	"github.com/bucketlb/bucketlb/pkg/s3gw"
@@ -193,7 +193,7 @@ func Start(ctx context.Context, opts Options) (_ *Stack, err error) {
 		return nil, err
 	}
 	s.closers = append(s.closers, func() error { s.Etcd.Close(); return nil })
-	s.EtcdClient, err = clientv3.New(clientv3.Config{Endpoints: []string{s.Etcd.Endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	s.EtcdClient, err = etcdclient.New([]string{s.Etcd.Endpoint})
 	if err != nil {
 		return nil, fmt.Errorf("devstack: etcd client: %w", err)
 	}
