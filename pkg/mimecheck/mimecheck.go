@@ -89,10 +89,32 @@ func (c *Checker) CheckDeclared(declared string) error {
 	return nil
 }
 
-// list names the allowed types, sorted, for a refusal: a client learns
-// what to send instead (a .log file is text/plain here, say).
+// list names the allowed types for a refusal, so a client learns what to
+// send instead (a .log file is text/plain here, say): sorted, vendor types
+// (the office formats, with long names) last, and only as many as keep
+// the refusal a sentence.
 func (c *Checker) list() string {
-	return strings.Join(slices.Sorted(maps.Keys(c.allowed)), ", ")
+	types := slices.Sorted(maps.Keys(c.allowed))
+	vendor := func(t string) int {
+		if strings.Contains(t, "/vnd.") {
+			return 1
+		}
+		return 0
+	}
+	slices.SortStableFunc(types, func(a, b string) int { return vendor(a) - vendor(b) })
+	const room = 250
+	var b strings.Builder
+	for i, t := range types {
+		if i > 0 && b.Len()+len(t) > room {
+			fmt.Fprintf(&b, " and %d more", len(types)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(t)
+	}
+	return b.String()
 }
 
 // mediaType is a content type without its parameters, as the client wrote

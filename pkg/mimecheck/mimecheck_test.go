@@ -148,8 +148,10 @@ func TestMessagesNameTheDeclaredType(t *testing.T) {
 	for _, tc := range []struct{ declared, want string }{
 		{"text/plain; charset=", "is malformed"},
 		{"application/x-msdownload; x=1", `"application/x-msdownload" is not allowed`},
-		// What to send instead: the allowed types, sorted.
-		{"text/x-log", `not allowed here; allowed are application/json, application/msword, `},
+		// What to send instead: the allowed types, sorted, vendor types
+		// last, as many as a sentence holds.
+		{"text/x-log", `not allowed here; allowed are application/json, application/msword, application/pdf, image/avif, `},
+		{"text/x-log", `text/plain, application/vnd.ms-excel, application/vnd.ms-powerpoint and 5 more`},
 	} {
 		if err := c.CheckDeclared(tc.declared); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("CheckDeclared(%q) = %v, want it to say %q", tc.declared, err, tc.want)
