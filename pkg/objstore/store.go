@@ -627,13 +627,17 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 		cancel(nil)
 		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, err)
 	}
+	// refuse gives up an answer that must not pass for the object.
+	refuse := func(why error) (io.ReadCloser, ObjectInfo, int64, error) {
+		out.Body.Close()
+		cancel(nil)
+		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, why)
+	}
 	if aws.ToString(out.ETag) == "" {
 		// S3 and R2 always send one: without it the answer is no
 		// object's (a proxy's empty page), and a resumed read could not
 		// tell the object from another put meanwhile.
-		out.Body.Close()
-		cancel(nil)
-		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, ErrReadNoETag)
+		return refuse(ErrReadNoETag)
 	}
 	info := ObjectInfo{
 		ContentLength: aws.ToInt64(out.ContentLength), ContentType: aws.ToString(out.ContentType),
@@ -646,24 +650,19 @@ func (b *Bucket) get(ctx context.Context, key string, offset, length int64) (io.
 			ranged = false
 		}
 	}
+	if in.Range != nil && (!ranged || start != offset) {
+		// Bytes from elsewhere in the object must never pass for the range.
+		return refuse(fmt.Errorf("asked for %s, the bucket answered with %q: %w", *in.Range, aws.ToString(out.ContentRange), ErrRangeIgnored))
+	}
 	if out.ContentLength == nil {
 		// A chunked answer without a length (a proxy on the way; S3 and
 		// R2 send one): a range's Content-Range still gives it. A whole
 		// object's extent is unknown, and whatever came would pass for it,
 		// and a resumed read would ask for a range of its own making.
 		if !ranged {
-			out.Body.Close()
-			cancel(nil)
-			return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: %w", b.Target.Name, key, ErrReadNoLength)
+			return refuse(ErrReadNoLength)
 		}
 		info.ContentLength = end - start + 1
-	}
-	if in.Range != nil && (!ranged || start != offset) {
-		// Bytes from elsewhere in the object must never pass for the range.
-		out.Body.Close()
-		cancel(nil)
-		return nil, ObjectInfo{}, 0, fmt.Errorf("get %s/%s: asked for %s, the bucket answered with %q: %w",
-			b.Target.Name, key, *in.Range, aws.ToString(out.ContentRange), ErrRangeIgnored)
 	}
 	return newStallGuard(ctx, cancel, out.Body, b.s.opts.ReadIdleTimeout), info, start, nil
 }
