@@ -261,11 +261,11 @@ func (s *Server) Renew(ctx context.Context, req *allocatorv1.RenewRequest) (*all
 func changedUnder(b *adminv1.BucketSpec, name, endpoint string) error {
 	switch {
 	case b.GetState() == adminv1.BucketState_BUCKET_STATE_DISABLED:
-		return fmt.Errorf("%w: bucket %s was disabled by an operator during the upload", errBucketChanged, b.GetId())
+		return &bucketChanged{fmt.Sprintf("bucket %s was disabled by an operator during the upload", b.GetId())}
 	case name != "" && name != b.GetName():
-		return fmt.Errorf("%w: bucket %s was pointed at S3 bucket %q by an operator during the upload, which wrote to %q", errBucketChanged, b.GetId(), b.GetName(), name)
+		return &bucketChanged{fmt.Sprintf("bucket %s was pointed at S3 bucket %q by an operator during the upload, which wrote to %q", b.GetId(), b.GetName(), name)}
 	case endpoint != "" && !sameEndpoint(endpoint, b.GetEndpoint()):
-		return fmt.Errorf("%w: bucket %s was pointed at another endpoint by an operator during the upload", errBucketChanged, b.GetId())
+		return &bucketChanged{fmt.Sprintf("bucket %s was pointed at another endpoint by an operator during the upload", b.GetId())}
 	}
 	return nil
 }

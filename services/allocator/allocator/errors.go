@@ -32,10 +32,13 @@ var (
 	errInvalid           = errors.New("invalid request")
 	errNoRecord          = errors.New("no upload is recorded under this idempotency key")
 	errDisabled          = errors.New("bucket is disabled")
-	// errBucketChanged: the bucket an upload was granted was disabled or
-	// moved while it ran (see changedUnder).
-	errBucketChanged = errors.New("the upload's bucket changed")
 )
+
+// bucketChanged: the bucket an upload was granted was disabled or moved
+// while it ran (see changedUnder); why is the sentence the caller gets.
+type bucketChanged struct{ why string }
+
+func (e *bucketChanged) Error() string { return e.why }
 
 // toStatus is the ONE place where domain errors become gRPC statuses.
 // ctx is the caller's: when it ended, its own code is returned.
@@ -46,6 +49,7 @@ func toStatus(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return status.FromContextError(ctx.Err()).Err()
 	}
+	var changed *bucketChanged
 	switch {
 	case errors.Is(err, ledger.ErrInvalid), errors.Is(err, errInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
@@ -68,8 +72,8 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.AlreadyExists, err.Error()+"; read it with GetUploadRecord")
 	case errors.Is(err, errDisabled):
 		return status.Error(codes.FailedPrecondition, err.Error())
-	case errors.Is(err, errBucketChanged):
-		return errinfo.With(status.New(codes.FailedPrecondition, strings.TrimPrefix(err.Error(), errBucketChanged.Error()+": ")), errinfo.BucketChanged).Err()
+	case errors.As(err, &changed):
+		return errinfo.With(status.New(codes.FailedPrecondition, changed.why), errinfo.BucketChanged).Err()
 	case errors.Is(err, ledger.ErrReservationLost):
 		return status.Error(codes.FailedPrecondition, err.Error()+"; abort the upload and remove its object")
 	case errors.Is(err, errNoHealthyBucket):
