@@ -39,9 +39,12 @@ type Capacity struct {
 	leaseTTL time.Duration
 	log      *slog.Logger
 
-	mu    sync.Mutex
-	cur   *term // nil while the replica holds no lease
-	ready chan struct{}
+	mu  sync.Mutex
+	cur *term // nil while the replica holds no lease
+	// started is closed when a term starts, and replaced when it ends;
+	// hadTerm says one has (see wait).
+	started chan struct{}
+	hadTerm bool
 
 	writes  chan *write
 	stopped chan struct{} // closed when Run returns
@@ -354,7 +357,7 @@ func (l *Ledger) NewCapacity(replicaID string, leaseTTL time.Duration, log *slog
 		leaseTTL = 10 * time.Second
 	}
 	return &Capacity{l: l, id: replicaID, leaseTTL: leaseTTL, log: log,
-		ready: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{}), suspect: make(chan struct{}, 1)}
+		started: make(chan struct{}), writes: make(chan *write, 4096), stopped: make(chan struct{}), suspect: make(chan struct{}, 1)}
 }
 
 // Run keeps the replica lease alive, batches reservation writes, watches
@@ -433,16 +436,12 @@ func (c *Capacity) term(ctx context.Context) error {
 		t.rereadAll()
 	}
 	c.mu.Lock()
-	c.cur = t
-	select {
-	case <-c.ready:
-	default:
-		close(c.ready)
-	}
+	c.cur, c.hadTerm = t, true
+	close(c.started)
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.cur = nil
+		c.cur, c.started = nil, make(chan struct{})
 		c.mu.Unlock()
 		close(t.done)
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
@@ -607,17 +606,33 @@ func (c *Capacity) current() *term {
 	return c.cur
 }
 
-// wait returns the live term once the replica has its first lease.
+// wait returns the live term once the replica has its first lease. A
+// replica between terms (its lease was lost, the next is being granted)
+// is waited for up to one etcd call's timeout: a call that came in
+// meanwhile would otherwise fail at once, and a caller retrying quickly
+// could run out of tries in a gap of a few milliseconds.
 func (c *Capacity) wait(ctx context.Context) (*term, error) {
-	select {
-	case <-c.ready:
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	var gap <-chan time.Time // set once a term has ended
+	for {
+		c.mu.Lock()
+		t, started, had := c.cur, c.started, c.hadTerm
+		c.mu.Unlock()
+		if t != nil {
+			return t, nil
+		}
+		if had && gap == nil {
+			timer := time.NewTimer(c.l.opts.OpTimeout)
+			defer timer.Stop()
+			gap = timer.C
+		}
+		select {
+		case <-started:
+		case <-gap:
+			return nil, fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
-	if t := c.current(); t != nil {
-		return t, nil
-	}
-	return nil, fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
 }
 
 // writer batches reservation puts into transactions without compares:

@@ -428,6 +428,69 @@ func TestCommitReplacesAVanishedMarkerLease(t *testing.T) {
 	}
 }
 
+// heldGrants holds grants of ttl-second leases, once hold is set, until
+// open is closed; blocked receives each grant it holds.
+type heldGrants struct {
+	clientv3.Lease
+	ttl     int64
+	hold    atomic.Bool
+	open    chan struct{}
+	blocked chan struct{}
+}
+
+func (h *heldGrants) Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error) {
+	if ttl == h.ttl && h.hold.Load() {
+		select {
+		case h.blocked <- struct{}{}:
+		default:
+		}
+		select {
+		case <-h.open:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return h.Lease.Grant(ctx, ttl)
+}
+
+// A replica whose lease ended is without one until etcd grants the next:
+// a call in that gap waits for the new lease rather than failing at once
+// (an upload's Commit, retried within milliseconds, ran out of tries in
+// such a gap under load).
+func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
+	srv, admin := testenv.Etcd(t)
+	cli := testenv.EtcdClient(t, srv.Endpoint)
+	held := &heldGrants{Lease: cli.Lease, ttl: 2, open: make(chan struct{}), blocked: make(chan struct{}, 1)}
+	cli.Lease = held
+	_, c := replicaCap(t, cli, "r1") // its lease is granted for 2 s
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 10000)
+	r, err := c.Reserve(ctx, b, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.hold.Store(true)
+	if _, err := admin.Revoke(ctx, r.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	select { // the term ended and the next grant is held
+	case <-held.blocked:
+	case <-ctx.Done():
+		t.Fatal("the replica never asked for a new lease after its own was revoked")
+	}
+	// The gap lasts longer than a call that fails at once takes; the wait
+	// for the next lease is bounded by one etcd call's timeout (2 s).
+	time.AfterFunc(200*time.Millisecond, func() { close(held.open) })
+	r, err = c.Reserve(ctx, b, 100, time.Minute)
+	if err != nil {
+		t.Fatalf("a reservation asked for between two leases: %v", err)
+	}
+	if _, err := c.Commit(ctx, b, r.ID, 100, nil); err != nil {
+		t.Fatalf("its commit: %v", err)
+	}
+}
+
 func TestPeriod(t *testing.T) {
 	cases := []struct {
 		at   string
