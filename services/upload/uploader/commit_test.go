@@ -57,17 +57,7 @@ func (l *lostCommitAnswer) Commit(ctx context.Context, in *allocatorv1.CommitReq
 // whose bytes the allocator had already counted).
 func TestClientGoneDuringCommit(t *testing.T) {
 	gate := &lostCommitAnswer{applied: make(chan struct{}), release: make(chan struct{})}
-	// Closed once the server has seen the client go (its stream's context
-	// ended), so the test knows when to let the held answer go.
-	serverSawCancel := make(chan struct{})
-	var seen sync.Once
-	watch := grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-		go func() {
-			<-ss.Context().Done()
-			seen.Do(func() { close(serverSawCancel) })
-		}()
-		return h(srv, ss)
-	})
+	watch, serverSawCancel := streamEnded()
 	st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil, nil, func(a uploader.Allocator) uploader.Allocator {
 		gate.Allocator = a
 		return gate

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -401,6 +402,87 @@ func TestChangedBucketStopsItsUploads(t *testing.T) {
 			}
 			if used, _ := st.usage(t); used[first.GetId()] != 0 {
 				t.Fatalf("%d bytes counted on the %s bucket, want none", used[first.GetId()], c.name)
+			}
+		})
+	}
+}
+
+// answerHeld sends the first request match picks at once, so it lands at
+// the bucket, and holds its answer until release is closed; if the
+// request's own context ends first, the answer is lost to the caller, as
+// one still on its way when the caller gave up.
+type answerHeld struct {
+	c       *http.Client
+	match   func(*http.Request) bool
+	once    sync.Once
+	landed  chan struct{}
+	release chan struct{}
+}
+
+func holdAnswer(match func(*http.Request) bool) *answerHeld {
+	return &answerHeld{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, match: match,
+		landed: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (h *answerHeld) Do(r *http.Request) (*http.Response, error) {
+	first := false
+	if h.match(r) {
+		h.once.Do(func() { first = true })
+	}
+	if !first {
+		return h.c.Do(r)
+	}
+	resp, err := h.c.Do(r.Clone(context.WithoutCancel(r.Context())))
+	close(h.landed)
+	select {
+	case <-h.release:
+		return resp, err
+	case <-r.Context().Done():
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
+		}
+		return nil, r.Context().Err()
+	}
+}
+
+// A client that goes while CreateMultipartUpload is on its way does not
+// cut the create off: its upload id comes back and the upload is aborted.
+// Before, the create was cancelled with the client, its id was lost, and
+// under a client's key (which an abort by key could share with another
+// writer) the open upload was left to the bucket's lifecycle rule, counted
+// as a leftover.
+func TestClientGoneDuringTheCreateLeavesNoUpload(t *testing.T) {
+	for _, hdr := range []*uploadv1.UploadHeader{
+		{Key: "gone/create.bin", ContentType: "application/octet-stream"},
+		{Key: "gone/create.bin", IdempotencyKey: "gone-create", ContentType: "application/octet-stream"},
+	} {
+		t.Run("idempotency key "+strconv.Quote(hdr.GetIdempotencyKey()), func(t *testing.T) {
+			h := holdAnswer(createMultipart)
+			watch, serverSawCancel := streamEnded()
+			st := startStackWrapped(t, []string{testenv.S3(t).Endpoint}, nil,
+				func(c *uploader.Config) { c.HTTPClient, c.PartSize = h, 5<<20 }, nil, watch)
+			id := st.Buckets[0].GetId()
+			data := testenv.OpaqueBytes(t, 11<<20)
+			hdr.Size = int64(len(data))
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			stream := openUpload(ctx, t, st.Upload, hdr, data[:1<<20])
+			<-h.landed
+			cancel()
+			if _, err := stream.CloseAndRecv(); status.Code(err) != codes.Canceled {
+				t.Fatalf("the client that went: %v, want Canceled", err)
+			}
+			<-serverSawCancel
+			close(h.release)
+			st.waitNoReservations(t)
+			objects, multiparts := st.objects(t)
+			if used, _ := st.usage(t); objects[id] != 0 || multiparts[id] != 0 || used[id] != 0 {
+				t.Fatalf("%d objects, %d open uploads, %d bytes used; want none", objects[id], multiparts[id], used[id])
+			}
+			t.Log(st.Logs.String())
+			if n := strings.Count(st.Logs.String(), "leftover"); n != 0 {
+				t.Fatalf("%d leftovers logged for an upload the service could abort:\n%s", n, st.Logs.String())
 			}
 		})
 	}

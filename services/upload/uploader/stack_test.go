@@ -271,6 +271,21 @@ func (st *stack) startAllocatorWith(t testing.TB, etcd *etcdembed.Server, tune f
 	return r
 }
 
+// streamEnded returns a server option, and a channel it closes once the
+// server has seen a stream's context end (its client gone): a test then
+// knows when to let a held answer go.
+func streamEnded() (grpc.ServerOption, <-chan struct{}) {
+	ended := make(chan struct{})
+	var once sync.Once
+	return grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		go func() {
+			<-ss.Context().Done()
+			once.Do(func() { close(ended) })
+		}()
+		return h(srv, ss)
+	}), ended
+}
+
 // startUpload runs the upload service over client.
 func (st *stack) startUpload(t testing.TB, client uploader.Allocator, tune func(*uploader.Config), opts ...grpc.ServerOption) {
 	t.Helper()

@@ -924,13 +924,18 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		upCtx, cancel := context.WithCancelCause(ctx)
 		renewDone := s.keepRenewing(upCtx, a, u, cancel)
 		t0 := time.Now()
-		id, err := b.CreateMultipart(upCtx, u.in)
+		// The create runs to its answer even if the client goes or a
+		// renewal fails meanwhile (the SDK's call timeout bounds it):
+		// cut off, it may still open an upload whose id never comes
+		// back, which under a client's key nothing could then abort.
+		// With the id, the failure that follows aborts it.
+		id, err := b.CreateMultipart(context.WithoutCancel(upCtx), u.in)
 		if err == nil {
 			return &multipart{a: a, b: b, id: id, ctx: upCtx, cancel: cancel, renewDone: renewDone}, nil
 		}
 		renewDone()
-		// Classified before cancel: a create the renewals did not cut
-		// short is the bucket's to answer for.
+		// Classified before cancel: a create that failed while the
+		// upload was still wanted is the bucket's to answer for.
 		lost, f := context.Cause(upCtx), objstore.Classify(upCtx, err)
 		cancel(nil)
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
