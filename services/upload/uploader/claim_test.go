@@ -323,7 +323,7 @@ func TestOneSlowRenewalKeepsTheClaim(t *testing.T) {
 	data := testenv.OpaqueBytes(t, 12<<20)
 	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
 	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/renew.bin", IdempotencyKey: "slow-1", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
-	poll(t, 20*time.Second, "a renewal answered after the unanswered one", func() bool { return slow.answered.Load() > 0 })
+	poll(t, 20*time.Second, "renewal answered after the unanswered one", func() bool { return slow.answered.Load() > 0 })
 	close(body.open)
 	if err := <-done; err != nil {
 		t.Fatalf("upload whose one renewal went unanswered: %v, want success", err)
@@ -440,15 +440,20 @@ func (l *lateThenHungRenew) Renew(ctx context.Context, in *allocatorv1.RenewRequ
 // answer came: a late answer followed by one unanswered renewal leaves
 // time for a retry, and the upload holding a claim goes on.
 func TestLateRenewalThenAnUnansweredOneKeepsTheClaim(t *testing.T) {
-	st, late := renewingThrough(t, 2*time.Second, func(a uploader.Allocator) *lateThenHungRenew {
-		return &lateThenHungRenew{Allocator: a, late: 290 * time.Millisecond}
+	// With a claim a renewal may take a sixth of the TTL: 500 ms here,
+	// which the retry after the unanswered one needs on a loaded machine
+	// (at a 2 s TTL, 333 ms was sometimes too little). The late answer
+	// scales with the TTL: scheduled from the answer, the retry would
+	// get only 115 ms.
+	st, late := renewingThrough(t, 3*time.Second, func(a uploader.Allocator) *lateThenHungRenew {
+		return &lateThenHungRenew{Allocator: a, late: 435 * time.Millisecond}
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	data := testenv.OpaqueBytes(t, 12<<20)
 	body := &gatedReader{r: bytes.NewReader(data), left: 6 << 20, open: make(chan struct{})}
 	done := uploadInBackground(ctx, st.Upload, &uploadv1.UploadHeader{Key: "slow/late.bin", IdempotencyKey: "late-1", ContentType: "application/octet-stream", Size: int64(len(data))}, body)
-	poll(t, 20*time.Second, "a renewal answered after the unanswered one", func() bool { return late.answered.Load() > 0 })
+	poll(t, 20*time.Second, "renewal answered after the unanswered one", func() bool { return late.answered.Load() > 0 })
 	close(body.open)
 	if err := <-done; err != nil {
 		t.Fatalf("upload whose renewal was answered late, then not at all: %v, want success", err)

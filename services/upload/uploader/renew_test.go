@@ -166,7 +166,7 @@ func singlePut(r *http.Request) bool {
 // it. Before, both lapsed after one TTL: the second upload was let in and
 // answered OK, and the first then overwrote its object.
 func TestSlowPutKeepsItsReservationAndClaim(t *testing.T) {
-	const ttl = 2 * time.Second
+	const ttl = 3 * time.Second // a renewal may take ttl/6 with a claim: 500 ms, for a loaded machine
 	hp := hold(singlePut)
 	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
 		func(c *allocator.Config) { c.ReservationTTL = ttl },
@@ -216,7 +216,7 @@ func createMultipart(r *http.Request) bool {
 // both lapsed, a second upload under the key was let in, and the first
 // one, once the create answered, lost its claim and failed.
 func TestSlowCreateKeepsItsReservationAndClaim(t *testing.T) {
-	const ttl = 2 * time.Second
+	const ttl = 3 * time.Second // see TestSlowPutKeepsItsReservationAndClaim
 	hp := hold(createMultipart)
 	st := startStackAt(t, []string{testenv.S3(t).Endpoint},
 		func(c *allocator.Config) { c.ReservationTTL = ttl },
