@@ -128,13 +128,18 @@ func TestLongUploadKeepsItsReservation(t *testing.T) {
 }
 
 // heldRequests holds every request match picks until release is closed,
-// telling on started when the first arrives: a slow link or bucket.
+// telling on started when the first arrives: a slow link or bucket. With
+// landFirst, each is sent at once, so it lands at the bucket, and its
+// answer is held instead (started then tells the first has landed); if
+// the request's own context ends first, the answer is lost to the caller,
+// as one still on its way when the caller gave up.
 type heldRequests struct {
-	c       *http.Client
-	match   func(*http.Request) bool
-	once    sync.Once
-	started chan struct{}
-	release chan struct{}
+	c         *http.Client
+	match     func(*http.Request) bool
+	landFirst bool
+	once      sync.Once
+	started   chan struct{}
+	release   chan struct{}
 }
 
 func hold(match func(*http.Request) bool) *heldRequests {
@@ -142,14 +147,34 @@ func hold(match func(*http.Request) bool) *heldRequests {
 		started: make(chan struct{}), release: make(chan struct{})}
 }
 
+// holdAnswer is hold with landFirst.
+func holdAnswer(match func(*http.Request) bool) *heldRequests {
+	h := hold(match)
+	h.landFirst = true
+	return h
+}
+
 func (h *heldRequests) Do(r *http.Request) (*http.Response, error) {
-	if h.match(r) {
-		h.once.Do(func() { close(h.started) })
-		select {
-		case <-h.release:
-		case <-r.Context().Done():
-			return nil, r.Context().Err()
+	if !h.match(r) {
+		return h.c.Do(r)
+	}
+	var resp *http.Response
+	var err error
+	if h.landFirst {
+		resp, err = h.c.Do(r.Clone(context.WithoutCancel(r.Context())))
+	}
+	h.once.Do(func() { close(h.started) })
+	select {
+	case <-h.release:
+	case <-r.Context().Done():
+		if resp != nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			_ = resp.Body.Close()
 		}
+		return nil, r.Context().Err()
+	}
+	if h.landFirst {
+		return resp, err
 	}
 	return h.c.Do(r)
 }
@@ -407,45 +432,6 @@ func TestChangedBucketStopsItsUploads(t *testing.T) {
 	}
 }
 
-// answerHeld sends the first request match picks at once, so it lands at
-// the bucket, and holds its answer until release is closed; if the
-// request's own context ends first, the answer is lost to the caller, as
-// one still on its way when the caller gave up.
-type answerHeld struct {
-	c       *http.Client
-	match   func(*http.Request) bool
-	once    sync.Once
-	landed  chan struct{}
-	release chan struct{}
-}
-
-func holdAnswer(match func(*http.Request) bool) *answerHeld {
-	return &answerHeld{c: &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}, match: match,
-		landed: make(chan struct{}), release: make(chan struct{})}
-}
-
-func (h *answerHeld) Do(r *http.Request) (*http.Response, error) {
-	first := false
-	if h.match(r) {
-		h.once.Do(func() { first = true })
-	}
-	if !first {
-		return h.c.Do(r)
-	}
-	resp, err := h.c.Do(r.Clone(context.WithoutCancel(r.Context())))
-	close(h.landed)
-	select {
-	case <-h.release:
-		return resp, err
-	case <-r.Context().Done():
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			_ = resp.Body.Close()
-		}
-		return nil, r.Context().Err()
-	}
-}
-
 // A client that goes while CreateMultipartUpload is on its way does not
 // cut the create off: its upload id comes back and the upload is aborted.
 // Before, the create was cancelled with the client, its id was lost, and
@@ -468,7 +454,7 @@ func TestClientGoneDuringTheCreateLeavesNoUpload(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			stream := openUpload(ctx, t, st.Upload, hdr, data[:1<<20])
-			<-h.landed
+			<-h.started
 			cancel()
 			if _, err := stream.CloseAndRecv(); status.Code(err) != codes.Canceled {
 				t.Fatalf("the client that went: %v, want Canceled", err)
