@@ -170,6 +170,9 @@ type Server struct {
 	// and track those reports.
 	reportSlots chan struct{}
 	reports     sync.WaitGroup
+	// background tracks cleanups that outlive their upload (see
+	// createMultipart).
+	background sync.WaitGroup
 }
 
 // maxBackgroundReports bounds success reports in flight; beyond it they
@@ -262,10 +265,11 @@ func New(cfg Config, alloc Allocator, log *slog.Logger) (*Server, error) {
 // Register adds the UploadService to r.
 func (s *Server) Register(r grpc.ServiceRegistrar) { uploadv1.RegisterUploadServiceServer(r, s) }
 
-// Close waits for outcome reports still in flight and drops idle S3
-// connections.
+// Close waits for outcome reports and cleanups still in flight and drops
+// idle S3 connections.
 func (s *Server) Close() error {
 	s.reports.Wait()
+	s.background.Wait()
 	s.store.Close()
 	return nil
 }

@@ -894,6 +894,60 @@ type multipart struct {
 	renewDone func()
 }
 
+// createMultipart opens the upload's multipart upload. The create is not
+// cut off when upCtx ends (the client went, or a renewal failed): cut
+// off, it may still open an upload whose id never comes back, which under
+// a client's key nothing could then abort. Nor is it waited for: the
+// upload ends at once, and the create's answer is awaited in the
+// background (the SDK's call timeout bounds it), where an upload it
+// opened is aborted by its id. pending says the create was left so.
+func (s *Server) createMultipart(upCtx context.Context, a *allocatorv1.AllocateResponse, b *objstore.Bucket, u *upload) (id string, pending bool, err error) {
+	type created struct {
+		id  string
+		err error
+	}
+	answer := make(chan created, 1)
+	cctx := context.WithoutCancel(upCtx)
+	go func() {
+		id, err := b.CreateMultipart(cctx, u.in)
+		answer <- created{id, err}
+	}()
+	select {
+	case r := <-answer:
+		return r.id, false, r.err
+	case <-upCtx.Done():
+	}
+	s.background.Go(func() {
+		r := <-answer
+		if r.err != nil {
+			s.createFailed(cctx, a, b, u, r.err)
+			return
+		}
+		if err := b.AbortMultipart(cctx, u.key, r.id); err != nil {
+			s.leftover(cctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "abort of an upload whose client went during its create failed; the bucket's lifecycle rule removes it", err)
+		}
+	})
+	return "", true, context.Cause(upCtx)
+}
+
+// createFailed cleans up after a create that failed: one whose answer was
+// lost may have opened an upload with its id unknown.
+func (s *Server) createFailed(ctx context.Context, a *allocatorv1.AllocateResponse, b *objstore.Bucket, u *upload, err error) {
+	switch {
+	case objstore.MayHaveLanded(err) && u.ownKey():
+		// The key was made for this upload alone, so whatever upload it
+		// has is this one's.
+		if _, aerr := b.AbortUploads(ctx, u.key); aerr != nil {
+			s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "could not abort a possibly created upload", aerr)
+		}
+	case objstore.MayHaveLanded(err):
+		// Under a client's key another writer's upload may be open,
+		// which an abort by key would break: one this upload may have
+		// created is left to the bucket's lifecycle rule.
+		s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
+	}
+}
+
 // startMultipart allocates and creates the multipart upload, failing over
 // to other buckets: no part has been sent yet, so nothing is lost.
 func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, error) {
@@ -924,12 +978,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		upCtx, cancel := context.WithCancelCause(ctx)
 		renewDone := s.keepRenewing(upCtx, a, u, cancel)
 		t0 := time.Now()
-		// The create runs to its answer even if the client goes or a
-		// renewal fails meanwhile (the SDK's call timeout bounds it):
-		// cut off, it may still open an upload whose id never comes
-		// back, which under a client's key nothing could then abort.
-		// With the id, the failure that follows aborts it.
-		id, err := b.CreateMultipart(context.WithoutCancel(upCtx), u.in)
+		id, pending, err := s.createMultipart(upCtx, a, b, u)
 		if err == nil {
 			return &multipart{a: a, b: b, id: id, ctx: upCtx, cancel: cancel, renewDone: renewDone}, nil
 		}
@@ -939,24 +988,13 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		lost, f := context.Cause(upCtx), objstore.Classify(upCtx, err)
 		cancel(nil)
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
-		switch {
-		case objstore.MayHaveLanded(err) && u.ownKey():
-			// The upload may have been created with its id lost. The key
-			// was made for this upload alone, so whatever upload it has
-			// is this one's.
-			if _, aerr := b.AbortUploads(ctx, u.key); aerr != nil {
-				s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "could not abort a possibly created upload", aerr)
-			}
-		case objstore.MayHaveLanded(err):
-			// Under a client's key another writer's upload may be open,
-			// which an abort by key would break: one this upload may have
-			// created is left to the bucket's lifecycle rule.
-			s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
+		if !pending {
+			s.createFailed(ctx, a, b, u, err)
 		}
 		s.release(ctx, a)
 		if lost != nil && ctx.Err() == nil {
 			// A renewal lost the reservation or the claim: that, not the
-			// create it cut off, is the upload's failure.
+			// create it ended or left behind, is the upload's failure.
 			return nil, lost
 		}
 		if f == objstore.NotBucketFault {
