@@ -42,9 +42,11 @@ type Capacity struct {
 	mu  sync.Mutex
 	cur *term // nil while the replica holds no lease
 	// started is closed when a term starts, and replaced when it ends;
-	// hadTerm says one has (see wait).
+	// hadTerm says one has, and endedAt when the last one ended (see
+	// wait).
 	started chan struct{}
 	hadTerm bool
+	endedAt time.Time
 
 	writes  chan *write
 	stopped chan struct{} // closed when Run returns
@@ -441,7 +443,7 @@ func (c *Capacity) term(ctx context.Context) error {
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.cur, c.started = nil, make(chan struct{})
+		c.cur, c.started, c.endedAt = nil, make(chan struct{}), time.Now()
 		c.mu.Unlock()
 		close(t.done)
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
@@ -606,29 +608,47 @@ func (c *Capacity) current() *term {
 	return c.cur
 }
 
+// leaseGap is how long after a term ends calls wait for the next one:
+// time for etcd to grant a new lease, which takes milliseconds when etcd
+// answers.
+const leaseGap = time.Second
+
+// errNoLease refuses a call while the replica holds no lease; the
+// allocator answers it UNAVAILABLE, which callers retry on another
+// replica.
+var errNoLease = fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
+
 // wait returns the live term once the replica has its first lease. A
-// replica between terms (its lease was lost, the next is being granted)
-// is waited for up to one etcd call's timeout: a call that came in
-// meanwhile would otherwise fail at once, and a caller retrying quickly
-// could run out of tries in a gap of a few milliseconds.
+// call that comes in the moment between two terms (the lease was lost,
+// the next is being granted) waits for the next, until leaseGap after the
+// last term ended: failing at once, a caller retrying within milliseconds
+// could run out of tries in that gap. It does not wait when its deadline
+// comes first, when the gap has lasted longer (the replica cannot reach
+// etcd), or once Run has returned: then it is refused at once, so the
+// caller's retry goes to another replica in time.
 func (c *Capacity) wait(ctx context.Context) (*term, error) {
-	var gap <-chan time.Time // set once a term has ended
 	for {
 		c.mu.Lock()
-		t, started, had := c.cur, c.started, c.hadTerm
+		t, started, had, until := c.cur, c.started, c.hadTerm, c.endedAt.Add(leaseGap)
 		c.mu.Unlock()
 		if t != nil {
 			return t, nil
 		}
-		if had && gap == nil {
-			timer := time.NewTimer(c.l.opts.OpTimeout)
+		var gap <-chan time.Time
+		if had {
+			if d, ok := ctx.Deadline(); ok && d.Before(until) || !time.Now().Before(until) {
+				return nil, errNoLease
+			}
+			timer := time.NewTimer(time.Until(until))
 			defer timer.Stop()
 			gap = timer.C
 		}
 		select {
 		case <-started:
 		case <-gap:
-			return nil, fmt.Errorf("allocator replica has no etcd lease: %w", context.DeadlineExceeded)
+			return nil, errNoLease
+		case <-c.stopped:
+			return nil, errNoLease
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}

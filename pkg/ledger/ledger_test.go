@@ -491,6 +491,44 @@ func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
 	}
 }
 
+// A replica that cannot get its next lease refuses calls rather than
+// holding them: a call whose deadline comes before the moment's wait for
+// the next lease would end is refused at once, while it can still be
+// retried on another replica, and a call with time to spare is refused
+// once the moment has passed.
+func TestAReplicaWithoutALeaseRefusesCalls(t *testing.T) {
+	srv, admin := testenv.Etcd(t)
+	cli := testenv.EtcdClient(t, srv.Endpoint)
+	held := &heldGrants{Lease: cli.Lease, ttl: 2, open: make(chan struct{}), blocked: make(chan struct{}, 1)}
+	cli.Lease = held
+	defer close(held.open)
+	_, c := replicaCap(t, cli, "r1")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	b := bucket("b1", 10000)
+	r, err := c.Reserve(ctx, b, 100, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held.hold.Store(true)
+	if _, err := admin.Revoke(ctx, r.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-held.blocked:
+	case <-ctx.Done():
+		t.Fatal("the replica never asked for a new lease after its own was revoked")
+	}
+	for _, d := range []time.Duration{300 * time.Millisecond, 10 * time.Second} {
+		cctx, ccancel := context.WithTimeout(ctx, d)
+		_, err := c.Reserve(cctx, b, 100, time.Minute)
+		if err == nil || cctx.Err() != nil {
+			t.Fatalf("a reservation with %v to spare from a replica without a lease: %v (its context: %v); want a refusal before its deadline", d, err, cctx.Err())
+		}
+		ccancel()
+	}
+}
+
 func TestPeriod(t *testing.T) {
 	cases := []struct {
 		at   string
