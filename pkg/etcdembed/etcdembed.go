@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -30,7 +31,8 @@ type Options struct {
 
 // Server is a running embedded etcd.
 type Server struct {
-	etcd *embed.Etcd
+	etcd   *embed.Etcd
+	closed sync.Once
 	// Endpoint is the client URL, e.g. http://127.0.0.1:40123.
 	Endpoint string
 }
@@ -89,9 +91,10 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	return &Server{etcd: e, Endpoint: "http://" + e.Clients[0].Addr().String()}, nil
 }
 
-// Close stops the server.
+// Close stops the server; closing it again does nothing (a test may stop
+// etcd before its cleanup does).
 func (s *Server) Close() {
-	s.etcd.Close()
+	s.closed.Do(s.etcd.Close)
 }
 
 // Err reports a fatal server error after start.

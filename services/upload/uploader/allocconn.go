@@ -2,6 +2,7 @@ package uploader
 
 import (
 	"context"
+	"errors"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -18,8 +19,21 @@ func AllocatorDialOptions(serviceToken string) []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithDefaultServiceConfig(AllocatorServiceConfig),
 		grpc.WithPerRPCCredentials(auth.Credentials(serviceToken)),
-		grpc.WithChainUnaryInterceptor(tokenRefused),
+		grpc.WithChainUnaryInterceptor(tokenRefused, plainStatus),
 	}
+}
+
+// plainStatus returns the status a failed call's error wraps, without the
+// text gRPC's retries put in front of it ("max retries exhausted: failed
+// after 3 attempts: rpc error: code = Unavailable desc = "): the
+// allocator's own sentence is what a client is told.
+func plainStatus(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	err := invoker(ctx, method, req, reply, cc, opts...)
+	var st interface{ GRPCStatus() *status.Status }
+	if err != nil && errors.As(err, &st) {
+		return st.GRPCStatus().Err()
+	}
+	return err
 }
 
 // tokenRefused turns the allocator's refusal of the service token into

@@ -174,12 +174,14 @@ func refused(r objstore.Refusal) error {
 // the allocator itself sends says what happened (its UNAVAILABLE ones
 // carry a retry delay) and passes through. A bare UNAVAILABLE is the gRPC
 // client's own: the call got no answer even after its retries on other
-// replicas, and its message ("error reading from server: EOF") is about a
-// connection, not the request.
-func unreachable(err error, consequence string) error {
+// replicas, and its message ("connection error: ... dial tcp
+// 10.0.3.7:7001: connect: connection refused") is about a connection
+// inside the system, not the request: it is logged, not sent.
+func (s *Server) unreachable(ctx context.Context, err error, consequence string) error {
 	st, ok := status.FromError(err)
 	if !ok || st.Code() != codes.Unavailable || len(st.Details()) > 0 {
 		return err
 	}
-	return retryLater(codes.Unavailable, fmt.Sprintf("the allocator could not be reached (%s); %s; retry shortly", st.Message(), consequence))
+	s.log.WarnContext(ctx, "the allocator could not be reached", "error", st.Message())
+	return retryLater(codes.Unavailable, fmt.Sprintf("the allocator could not be reached; %s; retry shortly", consequence))
 }

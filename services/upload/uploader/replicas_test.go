@@ -321,6 +321,37 @@ func wantUnreachable(t *testing.T, err error, consequence string) {
 		!strings.HasPrefix(st.Message(), "the allocator could not be reached") || !strings.Contains(st.Message(), consequence) {
 		t.Fatalf("got %v (retry delay %v), want UNAVAILABLE with a retry delay saying the allocator could not be reached and %s", err, hasRetryInfo(err), consequence)
 	}
+	noConnectionText(t, st.Message())
+}
+
+// noConnectionText fails when a client's message carries gRPC's text about
+// its retries or connections (and with it the addresses inside the
+// system) rather than only the allocator's or the service's sentence.
+func noConnectionText(t *testing.T, msg string) {
+	t.Helper()
+	for _, s := range []string{"max retries exhausted", "rpc error", "desc =", "dial tcp", "transport:"} {
+		if strings.Contains(msg, s) {
+			t.Fatalf("the client was told %q, which carries gRPC's own text (%q)", msg, s)
+		}
+	}
+}
+
+// An allocator that cannot reach etcd refuses uploads in its own words,
+// which reach the client as they are after gRPC's retries on the other
+// replicas: not behind "max retries exhausted: failed after 3 attempts:
+// rpc error: code = Unavailable desc = ".
+func TestEtcdOutageIsToldInTheAllocatorsWords(t *testing.T) {
+	st := startStack(t, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st.Etcd.Close()
+	data := testenv.OpaqueBytes(t, 1024)
+	_, err := send(ctx, st.Upload, &uploadv1.UploadHeader{NameHint: "a.bin", ContentType: "application/octet-stream", Size: int64(len(data))}, data)
+	msg := status.Convert(err).Message()
+	if status.Code(err) != codes.Unavailable || !hasRetryInfo(err) || !strings.HasPrefix(msg, "the allocator cannot reach etcd") {
+		t.Fatalf("upload while etcd is down: %v, want UNAVAILABLE with a retry delay, in the allocator's words", err)
+	}
+	noConnectionText(t, msg)
 }
 
 // When no bucket is healthy, every replica would say so (health is shared):

@@ -384,7 +384,7 @@ func (s *Server) lookup(ctx context.Context, bucketID, key string) (*objstore.Bu
 	if t == nil {
 		resp, err := s.alloc.LookupBucket(ctx, &allocatorv1.LookupBucketRequest{BucketId: bucketID})
 		if err != nil {
-			return nil, unreachable(err, "the bucket could not be looked up")
+			return nil, s.unreachable(ctx, err, "the bucket could not be looked up")
 		}
 		t = resp.GetBucket()
 		s.targets.put(bucketID, t)

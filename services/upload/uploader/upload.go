@@ -342,7 +342,7 @@ func (s *Server) allocate(ctx context.Context, u *upload, exclude []string) (*al
 		u.bucket = a.GetBucket().GetId()
 		u.granted, u.ttl = time.Now(), time.Until(a.GetExpiresAt().AsTime())
 	}
-	return a, unreachable(err, "nothing was stored")
+	return a, s.unreachable(ctx, err, "nothing was stored")
 }
 
 // recorded answers an upload whose idempotency key has a record: with
@@ -354,7 +354,7 @@ func (s *Server) recorded(ctx context.Context, u *upload) (*uploadv1.UploadRespo
 		return nil, nil
 	}
 	if err != nil {
-		return nil, unreachable(err, "nothing was stored")
+		return nil, s.unreachable(ctx, err, "nothing was stored")
 	}
 	if err := reusedFor(rec.GetRecord(), u.size, u.sha256(), u.hdr.GetKey()); err != nil {
 		return nil, err
