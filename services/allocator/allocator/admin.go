@@ -26,6 +26,9 @@ func (s *Server) ListBuckets(ctx context.Context, _ *adminv1.ListBucketsRequest)
 
 // GetBucket implements AdminService.
 func (s *Server) GetBucket(ctx context.Context, req *adminv1.GetBucketRequest) (*adminv1.GetBucketResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	b, err := s.ledger.GetBucket(ctx, req.GetId())
 	if err != nil {
 		return nil, toStatus(ctx, err)
@@ -37,6 +40,9 @@ func (s *Server) GetBucket(ctx context.Context, req *adminv1.GetBucketRequest) (
 func (s *Server) PutBucket(ctx context.Context, req *adminv1.PutBucketRequest) (*adminv1.PutBucketResponse, error) {
 	if req.GetBucket() == nil {
 		return nil, toStatus(ctx, fmt.Errorf("%w: bucket is required", errInvalid))
+	}
+	if err := checkID("bucket.id", req.GetBucket().GetId()); err != nil {
+		return nil, toStatus(ctx, err)
 	}
 	paths := req.GetUpdateMask().GetPaths()
 	fields := req.GetBucket().ProtoReflect().Descriptor().Fields()
@@ -111,6 +117,9 @@ func r2EndpointOf(endpoint, account string) (string, bool) {
 
 // DeleteBucket implements AdminService.
 func (s *Server) DeleteBucket(ctx context.Context, req *adminv1.DeleteBucketRequest) (*adminv1.DeleteBucketResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	if err := s.ledger.DeleteBucket(ctx, req.GetId()); err != nil {
 		return nil, toStatus(ctx, err)
 	}
@@ -125,6 +134,9 @@ func (s *Server) DeleteBucket(ctx context.Context, req *adminv1.DeleteBucketRequ
 
 // SetBucketState implements AdminService.
 func (s *Server) SetBucketState(ctx context.Context, req *adminv1.SetBucketStateRequest) (*adminv1.SetBucketStateResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	if !config.ValidState(req.GetState()) {
 		return nil, toStatus(ctx, fmt.Errorf("%w: state must be ACTIVE, DRAINING or DISABLED", errInvalid))
 	}
@@ -138,6 +150,9 @@ func (s *Server) SetBucketState(ctx context.Context, req *adminv1.SetBucketState
 
 // ResetHealth implements AdminService.
 func (s *Server) ResetHealth(ctx context.Context, req *adminv1.ResetHealthRequest) (*adminv1.ResetHealthResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	if _, err := s.ledger.GetBucket(ctx, req.GetId()); err != nil {
 		return nil, toStatus(ctx, err)
 	}
@@ -149,6 +164,9 @@ func (s *Server) ResetHealth(ctx context.Context, req *adminv1.ResetHealthReques
 
 // ResetUsage implements AdminService.
 func (s *Server) ResetUsage(ctx context.Context, req *adminv1.ResetUsageRequest) (*adminv1.ResetUsageResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	prev, err := s.setUsage(ctx, req.GetId(), 0)
 	if err != nil {
 		return nil, toStatus(ctx, err)
@@ -158,6 +176,9 @@ func (s *Server) ResetUsage(ctx context.Context, req *adminv1.ResetUsageRequest)
 
 // CorrectUsage implements AdminService.
 func (s *Server) CorrectUsage(ctx context.Context, req *adminv1.CorrectUsageRequest) (*adminv1.CorrectUsageResponse, error) {
+	if err := checkID("id", req.GetId()); err != nil {
+		return nil, toStatus(ctx, err)
+	}
 	if req.GetUsedBytes() < 0 || req.GetUsedBytes() > config.MaxMonthlyLimit {
 		return nil, toStatus(ctx, fmt.Errorf("%w: used_bytes must be between 0 and %d, got %d", errInvalid, int64(config.MaxMonthlyLimit), req.GetUsedBytes()))
 	}
@@ -224,4 +245,13 @@ func percent(n, d int64) float64 {
 		return 0
 	}
 	return float64(n) * 100 / float64(d)
+}
+
+// checkID refuses a bucket id no bucket can have (an empty one, say) as
+// the request's fault, before it is looked up and answered NOT_FOUND.
+func checkID(field, id string) error {
+	if config.ValidBucketID(id) {
+		return nil
+	}
+	return fmt.Errorf("%w: %s: %q must be %s", errInvalid, field, id, config.BucketIDRule)
 }

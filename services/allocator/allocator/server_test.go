@@ -695,6 +695,29 @@ func TestAdminAuthAndVerbs(t *testing.T) {
 	if _, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: "nope"}); status.Code(err) != codes.NotFound {
 		t.Fatalf("unknown bucket: %v, want NotFound", err)
 	}
+	// An id no bucket can have is the request's fault, not an unknown
+	// bucket, on every call that names one.
+	for _, id := range []string{"", "Bad Id!"} {
+		for name, call := range map[string]func() error{
+			"GetBucket":    func() error { _, err := r.admin.GetBucket(actx, &adminv1.GetBucketRequest{Id: id}); return err },
+			"DeleteBucket": func() error { _, err := r.admin.DeleteBucket(actx, &adminv1.DeleteBucketRequest{Id: id}); return err },
+			"ResetHealth":  func() error { _, err := r.admin.ResetHealth(actx, &adminv1.ResetHealthRequest{Id: id}); return err },
+			"ResetUsage":   func() error { _, err := r.admin.ResetUsage(actx, &adminv1.ResetUsageRequest{Id: id}); return err },
+			"CorrectUsage": func() error { _, err := r.admin.CorrectUsage(actx, &adminv1.CorrectUsageRequest{Id: id}); return err },
+			"SetBucketState": func() error {
+				_, err := r.admin.SetBucketState(actx, &adminv1.SetBucketStateRequest{Id: id, State: adminv1.BucketState_BUCKET_STATE_DRAINING})
+				return err
+			},
+			"a masked PutBucket": func() error {
+				_, err := r.admin.PutBucket(actx, &adminv1.PutBucketRequest{Bucket: &adminv1.BucketSpec{Id: id, Weight: 2}, UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"weight"}}})
+				return err
+			},
+		} {
+			if err := call(); status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "must be 1–63 characters") {
+				t.Fatalf("%s with id %q: %v, want INVALID_ARGUMENT naming what an id must be", name, id, err)
+			}
+		}
+	}
 	if _, err := r.admin.DeleteBucket(actx, &adminv1.DeleteBucketRequest{Id: "p0"}); err != nil {
 		t.Fatal(err)
 	}
