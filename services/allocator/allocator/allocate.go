@@ -185,8 +185,9 @@ func roomLeft(buckets []*adminv1.BucketSpec, usage map[string]ledger.Usage, size
 	return false
 }
 
-// excluded is the reason for a bucket the caller asked not to be given.
-const excluded = "excluded by the caller"
+// excluded is the reason for a bucket the caller asked not to be given:
+// the upload service excludes the buckets an upload already tried.
+const excluded = "already tried by this upload"
 
 // skipped counts why buckets could not take an upload, in the order the
 // reasons first came up, for an error an operator can act on.

@@ -195,7 +195,7 @@ func TestAllocateCommitRelease(t *testing.T) {
 	}
 	// Excluding p1 and p2 leaves no bucket.
 	_, err = r.alloc.Allocate(ctx, &allocatorv1.AllocateRequest{Size: 1, ExcludeBucketIds: []string{"p1", "p2"}})
-	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "(of 2 buckets: 2 excluded by the caller)") {
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "(of 2 buckets: 2 already tried by this upload)") {
 		t.Fatalf("all excluded: %v, want Unavailable saying why", err)
 	}
 }

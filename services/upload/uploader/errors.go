@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -43,11 +44,40 @@ func unavailable(format string, a ...any) error {
 type bucketFault struct {
 	before, after string
 	cause         error
+	// retry is the retry delay the client is given; 0 means a second.
+	retry time.Duration
 }
 
 // bucketFailed words cause between before and after.
 func bucketFailed(cause error, before, after string) error {
 	return &bucketFault{before: before, after: after, cause: cause}
+}
+
+// noOtherBucket is an upload's failure when the buckets it tried (tried,
+// the last failing with cause) failed and the allocator then had no other
+// (refusal): in the allocator's words, with its retry delay when it gave
+// one.
+func noOtherBucket(cause error, tried []string, refusal error) error {
+	n := fmt.Sprintf("%d buckets", len(tried))
+	if len(tried) == 1 {
+		n = "1 bucket"
+	}
+	f := &bucketFault{before: fmt.Sprintf("%s failed, the last (%s) with ", n, tried[len(tried)-1]),
+		after: "; no other bucket is available: " + status.Convert(refusal).Message(), cause: cause}
+	for _, d := range status.Convert(refusal).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok {
+			f.retry = ri.GetRetryDelay().AsDuration()
+		}
+	}
+	return f
+}
+
+// retryDelay is the retry delay the client is given.
+func (e *bucketFault) retryDelay() time.Duration {
+	if e.retry > 0 {
+		return e.retry
+	}
+	return time.Second
 }
 
 func (e *bucketFault) Error() string        { return e.before + e.cause.Error() + e.after }
@@ -122,7 +152,9 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.As(err, &bad):
 		return bad.status()
 	case errors.As(err, &fault):
-		return status.Error(codes.Unavailable, fault.forClient())
+		// Buckets fail and recover (or cool down) by themselves: a retry
+		// may be placed on one that works.
+		return retryAfter(codes.Unavailable, fault.retryDelay(), fault.forClient())
 	case errors.As(err, &un):
 		return status.Error(codes.Unavailable, un.msg)
 	case errors.Is(err, errUnsupported):

@@ -427,8 +427,7 @@ func (s *Server) uploadSmall(ctx context.Context, u *upload) (*uploadv1.UploadRe
 		a, err := s.allocate(ctx, u, exclude)
 		if err != nil {
 			if lastErr != nil && status.Code(err) != codes.InvalidArgument {
-				return nil, bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
-					"; no other bucket is available: "+status.Convert(err).Message())
+				return nil, noOtherBucket(lastErr, exclude, err)
 			}
 			return nil, err
 		}
@@ -962,8 +961,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		a, err := s.allocate(ctx, u, exclude)
 		if err != nil {
 			if lastErr != nil {
-				return nil, bucketFailed(lastErr, fmt.Sprintf("%d bucket(s) failed, the last (%s) with ", attempt, exclude[len(exclude)-1]),
-					"; no other bucket is available: "+status.Convert(err).Message())
+				return nil, noOtherBucket(lastErr, exclude, err)
 			}
 			return nil, err
 		}

@@ -35,6 +35,16 @@ func TestBucketFailuresAreWordedForClients(t *testing.T) {
 	check := func(what string, err error, want string) {
 		t.Helper()
 		checkWorded(t, what, err, codes.Unavailable, want)
+		// Retryable, as every bucket failure is: a retry may find a
+		// bucket that works. Worded for the client, not the allocator.
+		if !hasRetryInfo(err) {
+			t.Fatalf("%s: %v, want a retry delay", what, err)
+		}
+		for _, s := range []string{"bucket(s)", "excluded by the caller"} {
+			if strings.Contains(status.Convert(err).Message(), s) {
+				t.Fatalf("%s: %q says %q", what, status.Convert(err).Message(), s)
+			}
+		}
 	}
 	_, err = sendBytes(ctx, t, st, "b.bin", testenv.OpaqueBytes(t, 1000))
 	check("one PUT", err, "HTTP 500 (InternalError)")
