@@ -33,7 +33,7 @@ func main() {
 	root := cli.NewRoot(os.Stdout, os.Stderr)
 	root.Version = version
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "bucketctl:", err)
+		fmt.Fprintln(os.Stderr, "bucketctl:", cli.Describe(err))
 		if sig, ok := got.Load().(syscall.Signal); ok {
 			os.Exit(128 + int(sig)) // as shells report a process a signal ended
 		}

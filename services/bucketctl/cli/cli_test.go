@@ -170,8 +170,13 @@ func TestCommandsAgainstTheDevStack(t *testing.T) {
 		t.Fatalf("delete: %q, %v", out, err)
 	}
 	missing := filepath.Join(dir, "missing.bin")
-	if _, _, err := run("get", "-q", bucket, key, "-o", missing); err == nil || !strings.Contains(err.Error(), "NotFound") {
+	_, _, err = run("get", "-q", bucket, key, "-o", missing)
+	if err == nil || !strings.Contains(err.Error(), "NotFound") {
 		t.Fatalf("get of a deleted object: %v, want NotFound", err)
+	}
+	// What an operator reads: the sentence, then the code.
+	if d := cli.Describe(err); !strings.HasSuffix(d, "(NotFound)") || strings.Contains(d, "rpc error") || !strings.Contains(d, "no such object") {
+		t.Fatalf("get of a deleted object is told as %q, want the service's sentence followed by (NotFound)", d)
 	}
 	if _, err := os.Stat(missing); !os.IsNotExist(err) {
 		t.Fatalf("a failed get left %s behind (%v)", missing, err)
