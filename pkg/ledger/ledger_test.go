@@ -429,13 +429,14 @@ func TestCommitReplacesAVanishedMarkerLease(t *testing.T) {
 }
 
 // heldGrants holds grants of ttl-second leases, once hold is set, until
-// open is closed; blocked receives each grant it holds.
+// released; blocked receives each grant it holds.
 type heldGrants struct {
 	clientv3.Lease
-	ttl     int64
-	hold    atomic.Bool
-	open    chan struct{}
-	blocked chan struct{}
+	ttl      int64
+	hold     atomic.Bool
+	open     chan struct{}
+	openOnce sync.Once
+	blocked  chan struct{}
 }
 
 func (h *heldGrants) Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error) {
@@ -453,18 +454,20 @@ func (h *heldGrants) Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrant
 	return h.Lease.Grant(ctx, ttl)
 }
 
-// A replica whose lease ended is without one until etcd grants the next:
-// a call in that gap waits for the new lease rather than failing at once
-// (an upload's Commit, retried within milliseconds, ran out of tries in
-// such a gap under load).
-func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
+// release lets held grants through.
+func (h *heldGrants) release() { h.openOnce.Do(func() { close(h.open) }) }
+
+// betweenLeases starts a replica, revokes its lease, and returns it once
+// its grant of the next lease is held (until the test releases it), with
+// a bucket it has reserved on.
+func betweenLeases(ctx context.Context, t *testing.T) (*ledger.Capacity, *heldGrants, *adminv1.BucketSpec) {
+	t.Helper()
 	srv, admin := testenv.Etcd(t)
 	cli := testenv.EtcdClient(t, srv.Endpoint)
 	held := &heldGrants{Lease: cli.Lease, ttl: 2, open: make(chan struct{}), blocked: make(chan struct{}, 1)}
 	cli.Lease = held
 	_, c := replicaCap(t, cli, "r1") // its lease is granted for 2 s
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	t.Cleanup(held.release)          // before the replica stops (cleanups run last first)
 	b := bucket("b1", 10000)
 	r, err := c.Reserve(ctx, b, 100, time.Minute)
 	if err != nil {
@@ -479,10 +482,21 @@ func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the replica never asked for a new lease after its own was revoked")
 	}
-	// The gap lasts longer than a call that fails at once takes; the wait
-	// for the next lease is bounded by one etcd call's timeout (2 s).
-	time.AfterFunc(200*time.Millisecond, func() { close(held.open) })
-	r, err = c.Reserve(ctx, b, 100, time.Minute)
+	return c, held, b
+}
+
+// A replica whose lease ended is without one until etcd grants the next:
+// a call in that gap waits for the new lease rather than failing at once
+// (an upload's Commit, retried within milliseconds, ran out of tries in
+// such a gap under load).
+func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, held, b := betweenLeases(ctx, t)
+	// The gap lasts longer than a call that fails at once takes, and less
+	// than the second a call waits for the next lease.
+	time.AfterFunc(200*time.Millisecond, held.release)
+	r, err := c.Reserve(ctx, b, 100, time.Minute)
 	if err != nil {
 		t.Fatalf("a reservation asked for between two leases: %v", err)
 	}
@@ -497,28 +511,9 @@ func TestACallBetweenLeasesWaitsForTheNext(t *testing.T) {
 // retried on another replica, and a call with time to spare is refused
 // once the moment has passed.
 func TestAReplicaWithoutALeaseRefusesCalls(t *testing.T) {
-	srv, admin := testenv.Etcd(t)
-	cli := testenv.EtcdClient(t, srv.Endpoint)
-	held := &heldGrants{Lease: cli.Lease, ttl: 2, open: make(chan struct{}), blocked: make(chan struct{}, 1)}
-	cli.Lease = held
-	defer close(held.open)
-	_, c := replicaCap(t, cli, "r1")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	b := bucket("b1", 10000)
-	r, err := c.Reserve(ctx, b, 100, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	held.hold.Store(true)
-	if _, err := admin.Revoke(ctx, r.LeaseID); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-held.blocked:
-	case <-ctx.Done():
-		t.Fatal("the replica never asked for a new lease after its own was revoked")
-	}
+	c, _, b := betweenLeases(ctx, t)
 	for _, d := range []time.Duration{300 * time.Millisecond, 10 * time.Second} {
 		cctx, ccancel := context.WithTimeout(ctx, d)
 		_, err := c.Reserve(cctx, b, 100, time.Minute)
