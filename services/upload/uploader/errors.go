@@ -62,9 +62,10 @@ func noOtherBucket(cause error, tried []string, refusal error) error {
 	if len(tried) == 1 {
 		n = "1 bucket"
 	}
+	st := status.Convert(refusal)
 	f := &bucketFault{before: fmt.Sprintf("%s failed, the last (%s) with ", n, tried[len(tried)-1]),
-		after: "; no other bucket is available: " + status.Convert(refusal).Message(), cause: cause}
-	for _, d := range status.Convert(refusal).Details() {
+		after: "; no other bucket is available: " + st.Message(), cause: cause}
+	for _, d := range st.Details() {
 		if ri, ok := d.(*errdetails.RetryInfo); ok {
 			f.retry = ri.GetRetryDelay().AsDuration()
 		}

@@ -900,7 +900,7 @@ type multipart struct {
 // upload ends at once, and the create's answer is awaited in the
 // background (the SDK's call timeout bounds it), where an upload it
 // opened is aborted by its id. pending says the create was left so.
-func (s *Server) createMultipart(upCtx context.Context, a *allocatorv1.AllocateResponse, b *objstore.Bucket, u *upload) (id string, pending bool, err error) {
+func (s *Server) createMultipart(upCtx context.Context, b *objstore.Bucket, u *upload) (id string, pending bool, err error) {
 	type created struct {
 		id  string
 		err error
@@ -919,11 +919,11 @@ func (s *Server) createMultipart(upCtx context.Context, a *allocatorv1.AllocateR
 	s.background.Go(func() {
 		r := <-answer
 		if r.err != nil {
-			s.createFailed(cctx, a, b, u, r.err)
+			s.createFailed(cctx, b, u, r.err)
 			return
 		}
 		if err := b.AbortMultipart(cctx, u.key, r.id); err != nil {
-			s.leftover(cctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "abort of an upload whose client went during its create failed; the bucket's lifecycle rule removes it", err)
+			s.leftover(cctx, b.Target.ID, u.key, telemetry.LeftoverMultipart, "abort of an upload whose client went during its create failed; the bucket's lifecycle rule removes it", err)
 		}
 	})
 	return "", true, context.Cause(upCtx)
@@ -931,19 +931,19 @@ func (s *Server) createMultipart(upCtx context.Context, a *allocatorv1.AllocateR
 
 // createFailed cleans up after a create that failed: one whose answer was
 // lost may have opened an upload with its id unknown.
-func (s *Server) createFailed(ctx context.Context, a *allocatorv1.AllocateResponse, b *objstore.Bucket, u *upload, err error) {
+func (s *Server) createFailed(ctx context.Context, b *objstore.Bucket, u *upload, err error) {
 	switch {
 	case objstore.MayHaveLanded(err) && u.ownKey():
 		// The key was made for this upload alone, so whatever upload it
 		// has is this one's.
 		if _, aerr := b.AbortUploads(ctx, u.key); aerr != nil {
-			s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "could not abort a possibly created upload", aerr)
+			s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverMultipart, "could not abort a possibly created upload", aerr)
 		}
 	case objstore.MayHaveLanded(err):
 		// Under a client's key another writer's upload may be open,
 		// which an abort by key would break: one this upload may have
 		// created is left to the bucket's lifecycle rule.
-		s.leftover(ctx, a.GetBucket().GetId(), u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
+		s.leftover(ctx, b.Target.ID, u.key, telemetry.LeftoverMultipart, "a possibly created upload under a client's key is left to the bucket's lifecycle rule", nil)
 	}
 }
 
@@ -976,7 +976,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		upCtx, cancel := context.WithCancelCause(ctx)
 		renewDone := s.keepRenewing(upCtx, a, u, cancel)
 		t0 := time.Now()
-		id, pending, err := s.createMultipart(upCtx, a, b, u)
+		id, pending, err := s.createMultipart(upCtx, b, u)
 		if err == nil {
 			return &multipart{a: a, b: b, id: id, ctx: upCtx, cancel: cancel, renewDone: renewDone}, nil
 		}
@@ -987,7 +987,7 @@ func (s *Server) startMultipart(ctx context.Context, u *upload) (*multipart, err
 		cancel(nil)
 		s.report(ctx, a.GetBucket().GetId(), err, f, time.Since(t0))
 		if !pending {
-			s.createFailed(ctx, a, b, u, err)
+			s.createFailed(ctx, b, u, err)
 		}
 		s.release(ctx, a)
 		if lost != nil && ctx.Err() == nil {
